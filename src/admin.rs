@@ -1,0 +1,338 @@
+//! The admin API: health, integrations and connections. JSON in and out,
+//! problem+json errors, bearer tokens (global or org-scoped). No response
+//! ever contains a credential value.
+//!
+//! Uses `creds`; nothing imports this module.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ring::digest;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::AdminToken;
+use crate::creds::{Connections, CreateError, NewConnection};
+use crate::problem::{Problem, ProxyErrorType};
+use crate::secret::SecretValue;
+use crate::store::{ConnectionMeta, StoreError};
+
+pub struct AdminState {
+    pub connections: Arc<Connections>,
+    /// SHA-256 of each token with its scope; compared in constant time.
+    tokens: Vec<([u8; 32], Scope)>,
+}
+
+impl AdminState {
+    pub fn new(connections: Arc<Connections>, tokens: &[AdminToken]) -> Self {
+        let tokens = tokens
+            .iter()
+            .map(|t| {
+                let scope = t.org_id.clone().map_or(Scope::Global, Scope::Org);
+                (sha256(t.token.expose().as_bytes()), scope)
+            })
+            .collect();
+        Self { connections, tokens }
+    }
+
+    fn scope_for(&self, presented: &str) -> Option<Scope> {
+        let h = sha256(presented.as_bytes());
+        let mut found = None;
+        // Check every token so timing does not depend on which one matched.
+        for (t, scope) in &self.tokens {
+            let diff = t.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if diff == 0 {
+                found = Some(scope.clone());
+            }
+        }
+        found
+    }
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, b);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// What an admin token may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Org(String),
+}
+
+impl Scope {
+    fn org(&self) -> Option<&str> {
+        match self {
+            Scope::Global => None,
+            Scope::Org(o) => Some(o),
+        }
+    }
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/integrations", get(list_integrations))
+        .route("/v1/connections", get(list_connections).post(create_connection))
+        .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(v1)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+/// A problem+json error from the admin API.
+#[derive(Debug)]
+pub struct ApiError(Problem);
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        Self(Problem::new(status, code, title, detail.into(), ProxyErrorType::HttpRequestError))
+    }
+
+    fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, "Invalid request", detail)
+    }
+
+    fn not_found(detail: &'static str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "Not found", detail)
+    }
+
+    fn connection_not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "connection_not_found", "Connection not found", "no connection with this id is visible to this token")
+    }
+
+    fn store(e: StoreError) -> Self {
+        tracing::error!(error = %e, "admin: store error");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable", "the store cannot be reached; retry later")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.0.to_response().map(Body::from)
+    }
+}
+
+async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented.and_then(|t| st.scope_for(t)) {
+        Some(scope) => {
+            req.extensions_mut().insert(scope);
+            next.run(req).await
+        }
+        None => {
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "send Authorization: Bearer <admin token>").into_response();
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credproxy-admin\""));
+            r
+        }
+    }
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
+    st.connections.store().ping().await.map_err(ApiError::store)?;
+    Ok(Json(json!({"status": "ready"})))
+}
+
+async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {
+    let items: Vec<Value> = st
+        .connections
+        .integrations()
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id,
+                "name": i.name,
+                "allowed_hosts": i.allowed_hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "upstream_scheme": i.upstream_scheme.as_str(),
+                "base_url": i.base_url,
+                "auth_methods": i.auth_methods.iter().map(|m| json!({
+                    "id": m.id, "type": m.kind_name(), "fields": m.fields,
+                })).collect::<Vec<_>>(),
+                "has_test": i.test.is_some(),
+            })
+        })
+        .collect();
+    Json(json!({ "integrations": items }))
+}
+
+/// The public view of a connection: metadata and the names of its fields.
+#[derive(Serialize)]
+struct ConnectionView {
+    id: String,
+    integration: String,
+    auth_method: String,
+    org_id: String,
+    user_id: String,
+    state: &'static str,
+    created_at: String,
+    updated_at: String,
+    credential_fields: Vec<String>,
+}
+
+fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
+    let fields = st
+        .connections
+        .integrations()
+        .get(&m.integration)
+        .and_then(|i| i.auth_method(&m.auth_method))
+        .map(|a| a.fields.clone())
+        .unwrap_or_default();
+    ConnectionView {
+        state: m.state.as_str(),
+        created_at: rfc3339(m.created_at),
+        updated_at: rfc3339(m.updated_at),
+        id: m.id,
+        integration: m.integration,
+        auth_method: m.auth_method,
+        org_id: m.org_id,
+        user_id: m.user_id,
+        credential_fields: fields,
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    integration: String,
+    auth_method: String,
+    org_id: String,
+    user_id: String,
+    credentials: serde_json::Map<String, Value>,
+}
+
+async fn create_connection(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let req: CreateBody = serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    if let Some(org) = scope.org() {
+        if org != req.org_id {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_org", "Forbidden", "this admin token is scoped to another organization"));
+        }
+    }
+    let mut credentials = BTreeMap::new();
+    for (k, v) in req.credentials {
+        match v {
+            Value::String(s) => {
+                credentials.insert(k, SecretValue::new(s));
+            }
+            _ => return Err(ApiError::bad_request("invalid_credentials", format!("credentials.{k}: must be a string"))),
+        }
+    }
+    let meta = st
+        .connections
+        .create(NewConnection {
+            integration: req.integration,
+            auth_method: req.auth_method,
+            org_id: req.org_id,
+            user_id: req.user_id,
+            credentials,
+        })
+        .await
+        .map_err(|e| match e {
+            CreateError::UnknownIntegration(_) => ApiError::bad_request("unknown_integration", e.to_string()),
+            CreateError::UnknownAuthMethod { .. } => ApiError::bad_request("unknown_auth_method", e.to_string()),
+            CreateError::InvalidId { .. } => ApiError::bad_request("invalid_request", e.to_string()),
+            CreateError::Credential(c) => ApiError::bad_request("invalid_credentials", c.to_string()),
+            CreateError::Store(s) => ApiError::store(s),
+            CreateError::Crypto(c) => {
+                tracing::error!(error = %c, "admin: sealing a credential failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "sealing the credential failed; see the log")
+            }
+        })?;
+    tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "connection created");
+    Ok((StatusCode::CREATED, Json(view(&st, meta))))
+}
+
+/// serde messages can quote the offending value ("invalid type: string
+/// \"...\""); keep only the kind of problem.
+fn redact_serde(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    if s.contains("unknown field") || s.contains("missing field") {
+        // These quote field names, which are ours, not the caller's values.
+        s.split(" at line").next().unwrap_or(&s).to_owned()
+    } else {
+        "invalid value".to_owned()
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    org_id: Option<String>,
+}
+
+async fn list_connections(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let org = match (scope.org(), q.org_id) {
+        (Some(s), Some(q)) if s != q => {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_org", "Forbidden", "this admin token is scoped to another organization"))
+        }
+        (_, Some(q)) => q,
+        (Some(s), None) => s.to_owned(),
+        (None, None) => return Err(ApiError::bad_request("invalid_request", "org_id query parameter is required")),
+    };
+    let items = st.connections.list(&org).await.map_err(ApiError::store)?;
+    let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
+    Ok(Json(json!({ "connections": items })))
+}
+
+async fn get_connection(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<ConnectionView>, ApiError> {
+    let meta = st.connections.get_meta(scope.org(), &id).await.map_err(ApiError::store)?;
+    meta.map(|m| Json(view(&st, m))).ok_or_else(ApiError::connection_not_found)
+}
+
+async fn delete_connection(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    st.connections
+        .get_meta(scope.org(), &id)
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(ApiError::connection_not_found)?;
+    let deleted = st.connections.delete(&id).await.map_err(ApiError::store)?;
+    if !deleted {
+        return Err(ApiError::connection_not_found());
+    }
+    tracing::info!(connection = %id, "connection deleted");
+    // Static credentials have nothing to revoke at a provider.
+    Ok(Json(json!({ "id": id, "deleted": true, "provider_revocation": "not_applicable" })))
+}

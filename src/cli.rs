@@ -1,0 +1,234 @@
+//! The `credproxy` command line: `serve`, `check-config`, and `connections`
+//! subcommands that drive the admin API. The binary's edge: it may print and
+//! use `anyhow`-style reporting; library code below it may not.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "the CLI talks to a terminal")]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use http::Method;
+use serde_json::{json, Value};
+
+use crate::admin_client::AdminClient;
+use crate::config::{self, Config, ConfigError};
+use crate::integrations::Integrations;
+use crate::secret::SecretValue;
+use crate::server::{self, Listeners, StartError};
+
+/// Exit status for configuration errors (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "credproxy", version, about = "Credential-injecting forward proxy for integration workflows")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and admin listeners.
+    Serve {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Load and validate the configuration and integrations, then exit.
+    CheckConfig {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Manage connections through the admin API.
+    Connections {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: ConnCommand,
+    },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, env = "CREDPROXY_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    admin_url: String,
+    /// Admin bearer token.
+    #[arg(long, env = "CREDPROXY_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    admin_token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ConnCommand {
+    /// Create a connection. Credential values: `name=value`, `name=@file`, or `name=@-` (stdin).
+    Create {
+        #[arg(long)]
+        integration: String,
+        #[arg(long)]
+        auth_method: String,
+        #[arg(long = "org")]
+        org_id: String,
+        #[arg(long = "user")]
+        user_id: String,
+        #[arg(long = "credential", value_name = "NAME=VALUE")]
+        credentials: Vec<String>,
+    },
+    /// List an organization's connections.
+    List {
+        #[arg(long = "org")]
+        org_id: Option<String>,
+    },
+    /// Show one connection.
+    Get { id: String },
+    /// Delete a connection.
+    Delete { id: String },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("credproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(&config).await,
+            Command::CheckConfig { config } => match load(&config) {
+                Ok((_, ints)) => {
+                    println!("{}: ok ({} integrations)", config.display(), ints.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(&e),
+            },
+            Command::Connections { admin, command } => connections(admin, command).await,
+        }
+    })
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("credproxy: configuration error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn load(path: &Path) -> Result<(Config, Integrations), ConfigError> {
+    let env = config::process_env();
+    let cfg = Config::load(path, &env)?;
+    let ints = Integrations::load_dir(&cfg.integrations.dir, &env)?;
+    Ok((cfg, ints))
+}
+
+async fn serve(path: &Path) -> ExitCode {
+    let (cfg, ints) = match load(path) {
+        Ok(x) => x,
+        Err(e) => return config_error(&e),
+    };
+    crate::telemetry::init(&cfg.log.level);
+    let started = async {
+        let listeners = Listeners::bind(&cfg).await?;
+        server::start(listeners, &cfg, ints).await
+    };
+    let running = match started.await {
+        Ok(r) => r,
+        Err(StartError::Config(e)) => return config_error(&e),
+        Err(e) => {
+            eprintln!("credproxy: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
+    let Some(token) = admin.admin_token.filter(|t| !t.is_empty()) else {
+        eprintln!("credproxy: set CREDPROXY_ADMIN_TOKEN or pass --admin-token");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let client = match AdminClient::new(&admin.admin_url, SecretValue::new(token)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = match command {
+        ConnCommand::Create { integration, auth_method, org_id, user_id, credentials } => {
+            let creds = match parse_credentials(&credentials) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("credproxy: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let body = json!({
+                "integration": integration, "auth_method": auth_method,
+                "org_id": org_id, "user_id": user_id, "credentials": creds,
+            });
+            client.call(Method::POST, "/v1/connections", Some(&body)).await
+        }
+        ConnCommand::List { org_id } => {
+            let path = match org_id {
+                Some(o) => format!("/v1/connections?org_id={}", form_urlencoded::byte_serialize(o.as_bytes()).collect::<String>()),
+                None => "/v1/connections".to_owned(),
+            };
+            client.call(Method::GET, &path, None).await
+        }
+        ConnCommand::Get { id } => client.call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None).await,
+        ConnCommand::Delete { id } => client.call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None).await,
+    };
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn path_segment(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+}
+
+fn parse_credentials(items: &[String]) -> Result<BTreeMap<String, Value>, String> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (name, raw) = item.split_once('=').ok_or_else(|| format!("--credential {:?}: expected NAME=VALUE", item.split('=').next().unwrap_or("")))?;
+        let value = if raw == "@-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
+            s.trim_end_matches(['\r', '\n']).to_owned()
+        } else if let Some(file) = raw.strip_prefix('@') {
+            let s = std::fs::read_to_string(file).map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;
+            s.trim_end_matches(['\r', '\n']).to_owned()
+        } else {
+            raw.to_owned()
+        };
+        out.insert(name.to_owned(), Value::String(value));
+    }
+    Ok(out)
+}

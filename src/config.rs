@@ -1,0 +1,592 @@
+//! `credproxy.toml`: typed settings with documented defaults, `CREDPROXY_*`
+//! environment overrides, `${VAR}` substitution, and validation whose errors
+//! name the file, the key and the reason.
+//!
+//! Leaf module: imports nothing from the crate but `secret`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::secret::SecretValue;
+
+pub const DEFAULT_CONFIG_PATH: &str = "config/credproxy.toml";
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_STORE_URL: &str = "sqlite://data/credproxy.db";
+pub const DEFAULT_KEY_FILE: &str = "data/master.key";
+pub const DEFAULT_INTEGRATIONS_DIR: &str = "config/integrations";
+pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 1024 * 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
+pub const DEFAULT_CACHE_TTL_SECS: u64 = 300;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
+pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// Environment variable that adds one global admin token.
+pub const ADMIN_TOKEN_ENV: &str = "CREDPROXY_ADMIN_TOKEN";
+const ENV_PREFIX: &str = "CREDPROXY_";
+
+/// A configuration error: where (file or environment variable), which key, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {key}: {reason}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(
+        source_name: impl fmt::Display,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            source_name: source_name.to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub crypto: CryptoConfig,
+    pub cache: CacheConfig,
+    pub egress: EgressConfig,
+    pub upstream: UpstreamConfig,
+    pub integrations: IntegrationsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address of the proxy listener (`HTTP_PROXY` points here).
+    pub listen: SocketAddr,
+    /// Organization this sidecar serves. Required: shared-mode run tokens are
+    /// not implemented yet, so every caller is this organization.
+    pub org_id: Option<String>,
+    /// Largest request body (bytes) buffered for body placements of the
+    /// `custom` auth method; larger bodies get 413.
+    pub max_buffered_body: u64,
+    /// Time (milliseconds) a client gets to send a complete request head.
+    pub header_read_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_PROXY_LISTEN.parse().expect("valid default"),
+            org_id: None,
+            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API listener.
+    pub listen: SocketAddr,
+    /// Bearer tokens accepted by the admin API. `CREDPROXY_ADMIN_TOKEN` adds
+    /// one global token.
+    pub tokens: Vec<AdminToken>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// The bearer token (use `${VAR}` to keep it out of the file).
+    #[serde(deserialize_with = "deserialize_secret")]
+    pub token: SecretValue,
+    /// Restrict the token to one organization; absent = global.
+    #[serde(default)]
+    pub org_id: Option<String>,
+}
+
+fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretValue, D::Error> {
+    String::deserialize(d).map(SecretValue::new)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (relative to the working directory). PostgreSQL comes
+    /// with the shared-deployment work.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_STORE_URL.to_owned(),
+        }
+    }
+}
+
+impl StoreConfig {
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        self.url.strip_prefix("sqlite://").map(Path::new)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyProviderKind {
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CryptoConfig {
+    /// Key provider that wraps each connection's data key.
+    pub provider: KeyProviderKind,
+    /// `local` provider: 32-byte master key, created 0600 on first start;
+    /// refused if group or others can read it.
+    pub key_file: PathBuf,
+}
+
+impl Default for CryptoConfig {
+    fn default() -> Self {
+        Self {
+            provider: KeyProviderKind::Local,
+            key_file: PathBuf::from(DEFAULT_KEY_FILE),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Most decrypted connections held in memory.
+    pub max_entries: u64,
+    /// Seconds a decrypted connection stays cached.
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_CACHE_MAX_ENTRIES,
+            ttl_secs: DEFAULT_CACHE_TTL_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Destinations normally refused by the SSRF guard (loopback, private,
+    /// link-local, ...) that are allowed anyway, e.g. `["10.1.0.0/16"]`.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Forward requests that carry no `X-Connection-Id` (still SSRF-guarded).
+    pub allow_passthrough: bool,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            allow_cidrs: Vec::new(),
+            allow_passthrough: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Milliseconds to establish a TCP connection upstream.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds from sending a request to receiving the response head.
+    pub response_header_timeout_ms: u64,
+    /// Seconds an idle pooled upstream connection is kept.
+    pub pool_idle_timeout_secs: u64,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            response_header_timeout_ms: DEFAULT_RESPONSE_HEADER_TIMEOUT_MS,
+            pool_idle_timeout_secs: DEFAULT_POOL_IDLE_TIMEOUT_SECS,
+            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrationsConfig {
+    /// Directory of integration files (`*.toml`, one integration each).
+    pub dir: PathBuf,
+}
+
+impl Default for IntegrationsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_INTEGRATIONS_DIR),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter (e.g. `info`, `credproxy=debug`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            proxy: ProxyConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+            crypto: CryptoConfig::default(),
+            cache: CacheConfig::default(),
+            egress: EgressConfig::default(),
+            upstream: UpstreamConfig::default(),
+            integrations: IntegrationsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `CREDPROXY_*` overrides from `env`, substitutes
+    /// `${VAR}`, deserializes and validates.
+    pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&name, "(file)", format!("cannot read: {e}")))?;
+        Self::from_toml_str(&name, &text, env)
+    }
+
+    pub fn from_toml_str(
+        name: &str,
+        text: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            ConfigError::new(name, "(syntax)", e.message().to_owned() + &line_of(text, e.span()))
+        })?;
+        apply_env_overrides(&mut value, env)?;
+        substitute_env(&mut value, env, name, "")?;
+        let mut cfg: Config = deserialize_value(name, value)?;
+        if let Some(token) = env.get(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty()) {
+            cfg.admin.tokens.push(AdminToken {
+                token: SecretValue::new(token.clone()),
+                org_id: None,
+            });
+        }
+        cfg.validate(name)?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks the types cannot express. Always called by the loader.
+    pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        match &self.proxy.org_id {
+            None => {
+                return Err(ConfigError::new(
+                    name,
+                    "proxy.org_id",
+                    "required: the organization this proxy serves (shared-mode run tokens are not available yet)",
+                ))
+            }
+            Some(org) if !crate::ids::is_valid_external_id(org) => {
+                return Err(ConfigError::new(
+                    name,
+                    "proxy.org_id",
+                    "must be 1-128 characters of [A-Za-z0-9_.:@-]",
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.store.sqlite_path().is_none() {
+            return Err(ConfigError::new(
+                name,
+                "store.url",
+                "only sqlite://PATH is supported by this build",
+            ));
+        }
+        if self.admin.tokens.is_empty() {
+            return Err(ConfigError::new(
+                name,
+                "admin.tokens",
+                format!("no admin token: add [[admin.tokens]] or set {ADMIN_TOKEN_ENV}"),
+            ));
+        }
+        for (i, t) in self.admin.tokens.iter().enumerate() {
+            if t.token.expose().len() < 16 {
+                return Err(ConfigError::new(
+                    name,
+                    format!("admin.tokens[{i}].token"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if let Some(org) = &t.org_id {
+                if !crate::ids::is_valid_external_id(org) {
+                    return Err(ConfigError::new(
+                        name,
+                        format!("admin.tokens[{i}].org_id"),
+                        "must be 1-128 characters of [A-Za-z0-9_.:@-]",
+                    ));
+                }
+            }
+        }
+        for (key, v) in [
+            ("cache.max_entries", self.cache.max_entries),
+            ("cache.ttl_secs", self.cache.ttl_secs),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            (
+                "upstream.response_header_timeout_ms",
+                self.upstream.response_header_timeout_ms,
+            ),
+            ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(name, key, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes a TOML value, reporting the failing key path.
+pub fn deserialize_value<T: serde::de::DeserializeOwned>(
+    name: &str,
+    value: toml::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "(top level)".to_owned() } else { path };
+        ConfigError::new(name, key, e.into_inner().to_string())
+    })
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => format!(
+            " (line {})",
+            text[..r.start.min(text.len())].matches('\n').count() + 1
+        ),
+        None => String::new(),
+    }
+}
+
+/// `CREDPROXY_SECTION__KEY=value` sets `section.key`. The value is read as a
+/// TOML literal when it is one (`8080`, `true`, `["10.0.0.0/8"]`, `"123"`),
+/// otherwise as a string. `CREDPROXY_ADMIN_TOKEN` is handled separately.
+fn apply_env_overrides(
+    root: &mut toml::Value,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let table = root
+            .as_table_mut()
+            .expect("a parsed document is a table")
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(table) = table.as_table_mut() else {
+            return Err(ConfigError::new(
+                format!("environment {var}"),
+                section,
+                "is not a section",
+            ));
+        };
+        table.insert(key, value);
+    }
+    Ok(())
+}
+
+/// Replaces `${VAR}` in every string value; `$$` is a literal `$`.
+/// An undefined variable is an error naming the key.
+pub fn substitute_env(
+    value: &mut toml::Value,
+    env: &BTreeMap<String, String>,
+    name: &str,
+    path: &str,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) if s.contains('$') => {
+            *s = substitute_str(s, env).map_err(|reason| ConfigError::new(name, path, reason))?;
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                substitute_env(item, env, name, &format!("{path}[{i}]"))?;
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                substitute_env(v, env, name, &p)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn substitute_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = after.strip_prefix('{') {
+            let end = after
+                .find('}')
+                .ok_or_else(|| "unterminated ${...}".to_owned())?;
+            let var = &after[..end];
+            let val = env
+                .get(var)
+                .ok_or_else(|| format!("environment variable {var} is not set"))?;
+            out.push_str(val);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The process environment as a map (tests pass their own).
+pub fn process_env() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const MIN: &str = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn shipped_config_file_parses_with_an_admin_token() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let cfg = Config::load(&path, &env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123")])).unwrap();
+        assert_eq!(cfg.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
+        assert_eq!(cfg.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(cfg.store.url, DEFAULT_STORE_URL);
+        assert_eq!(cfg.cache.ttl_secs, DEFAULT_CACHE_TTL_SECS);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = Config::from_toml_str("c.toml", &format!("{MIN}[cache]\nttl = 3\n"), &env(&[]))
+            .unwrap_err();
+        assert_eq!(err.source_name, "c.toml");
+        assert_eq!(err.key, "cache.ttl");
+        assert!(err.reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let err = Config::from_toml_str(
+            "c.toml",
+            &format!("{MIN}[egress]\nallow_cidrs = [\"nope\"]\n"),
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "egress.allow_cidrs[0]");
+    }
+
+    #[test]
+    fn env_overrides_and_admin_token() {
+        let cfg = Config::from_toml_str(
+            "c.toml",
+            "[proxy]\norg_id = \"org_a\"\n",
+            &env(&[
+                ("CREDPROXY_PROXY__LISTEN", "127.0.0.1:9999"),
+                ("CREDPROXY_CACHE__TTL_SECS", "7"),
+                ("CREDPROXY_EGRESS__ALLOW_CIDRS", "[\"127.0.0.0/8\"]"),
+                (ADMIN_TOKEN_ENV, "an-admin-token-from-env"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.proxy.listen.port(), 9999);
+        assert_eq!(cfg.cache.ttl_secs, 7);
+        assert_eq!(cfg.egress.allow_cidrs.len(), 1);
+        assert_eq!(cfg.admin.tokens[0].token.expose(), "an-admin-token-from-env");
+    }
+
+    #[test]
+    fn substitution_and_missing_variable() {
+        let text = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"${TOK}\"\n";
+        let cfg =
+            Config::from_toml_str("c.toml", text, &env(&[("TOK", "from-the-environment")])).unwrap();
+        assert_eq!(cfg.admin.tokens[0].token.expose(), "from-the-environment");
+        let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
+        assert_eq!(err.key, "admin.tokens[0].token");
+        assert!(err.reason.contains("TOK"));
+        assert_eq!(substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(), "a$b1c");
+    }
+
+    #[test]
+    fn missing_org_and_tokens_are_reported() {
+        let err = Config::from_toml_str("c.toml", "", &env(&[])).unwrap_err();
+        assert_eq!(err.key, "proxy.org_id");
+        let err = Config::from_toml_str("c.toml", "[proxy]\norg_id=\"o\"\n", &env(&[])).unwrap_err();
+        assert_eq!(err.key, "admin.tokens");
+    }
+
+    #[test]
+    fn admin_token_debug_is_redacted() {
+        let cfg = Config::from_toml_str("c.toml", MIN, &env(&[])).unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+    }
+}

@@ -1,0 +1,402 @@
+//! Connections and their credentials: validating new credentials, sealing and
+//! storing them, and resolving `(org, connection id)` on the request path
+//! through a bounded cache → store → decrypt.
+//!
+//! Uses `store`, `crypto` and `integrations`; must not import `proxy` or `admin`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moka::future::Cache;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, Envelope, Sealed};
+use crate::ids;
+use crate::integrations::{AuthKind, AuthMethod, Integration, Integrations};
+use crate::secret::SecretValue;
+use crate::store::{ConnectionMeta, ConnectionRow, ConnectionState, Store, StoreError};
+
+/// A decrypted credential: one value per field of its auth method, in the
+/// method's field order (templates index into it).
+#[derive(Clone, Debug)]
+pub struct Credential {
+    values: Vec<SecretValue>,
+}
+
+/// A field-level validation failure. Names the field, never the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("credentials.{field}: {reason}")]
+pub struct CredentialError {
+    pub field: String,
+    pub reason: &'static str,
+}
+
+impl Credential {
+    /// Validates supplied fields against the auth method: every field present,
+    /// no unknown field, no empty value, no control character (CR, LF, NUL, ...).
+    pub fn from_fields(
+        method: &AuthMethod,
+        mut input: BTreeMap<String, SecretValue>,
+    ) -> Result<Self, CredentialError> {
+        if let Some(unknown) = input.keys().find(|k| !method.fields.contains(k)) {
+            return Err(CredentialError {
+                field: unknown.clone(),
+                reason: "unknown field for this auth method",
+            });
+        }
+        let mut values = Vec::with_capacity(method.fields.len());
+        for f in &method.fields {
+            let v = input.remove(f).ok_or_else(|| CredentialError {
+                field: f.clone(),
+                reason: "missing",
+            })?;
+            let s = v.expose();
+            if s.is_empty() {
+                return Err(CredentialError { field: f.clone(), reason: "must not be empty" });
+            }
+            if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(CredentialError {
+                    field: f.clone(),
+                    reason: "must not contain CR, LF or NUL",
+                });
+            }
+            if s.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                return Err(CredentialError {
+                    field: f.clone(),
+                    reason: "must not contain control characters",
+                });
+            }
+            if matches!(method.kind, AuthKind::Basic) && f == "username" && s.contains(':') {
+                return Err(CredentialError {
+                    field: f.clone(),
+                    reason: "must not contain ':' (HTTP Basic)",
+                });
+            }
+            values.push(v);
+        }
+        Ok(Self { values })
+    }
+
+    pub fn value(&self, index: usize) -> &SecretValue {
+        &self.values[index]
+    }
+
+    pub fn values(&self) -> &[SecretValue] {
+        &self.values
+    }
+
+    fn to_plaintext(&self, method: &AuthMethod) -> Zeroizing<Vec<u8>> {
+        let map: BTreeMap<&str, &str> = method
+            .fields
+            .iter()
+            .map(String::as_str)
+            .zip(self.values.iter().map(SecretValue::expose))
+            .collect();
+        Zeroizing::new(serde_json::to_vec(&map).expect("string maps serialize"))
+    }
+
+    fn from_plaintext(method: &AuthMethod, bytes: &[u8]) -> Result<Self, String> {
+        let map: BTreeMap<String, String> =
+            serde_json::from_slice(bytes).map_err(|_| "stored credential is not a JSON object of strings".to_owned())?;
+        let fields = map.into_iter().map(|(k, v)| (k, SecretValue::new(v))).collect();
+        Self::from_fields(method, fields)
+            .map_err(|e| format!("stored credential no longer fits auth method {:?}: {e}", method.id))
+    }
+}
+
+/// A connection ready for the request path.
+#[derive(Debug)]
+pub struct Resolved {
+    pub meta: ConnectionMeta,
+    pub integration: Arc<Integration>,
+    pub method: Arc<AuthMethod>,
+    pub credential: Credential,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    /// Unknown, or not visible to this organization: deliberately one case.
+    #[error("connection not found")]
+    NotFound,
+    #[error("connection is {}", .0.as_str())]
+    NotActive(ConnectionState),
+    #[error("connection {id}: {reason}")]
+    Misconfigured { id: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("connection {id}: {source}")]
+    Crypto {
+        id: String,
+        #[source]
+        source: CryptoError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("unknown integration {0:?}")]
+    UnknownIntegration(String),
+    #[error("integration {integration:?} has no auth method {method:?}")]
+    UnknownAuthMethod { integration: String, method: String },
+    #[error("{field}: must be 1-128 characters of [A-Za-z0-9_.:@-]")]
+    InvalidId { field: &'static str },
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+pub struct NewConnection {
+    pub integration: String,
+    pub auth_method: String,
+    pub org_id: String,
+    pub user_id: String,
+    pub credentials: BTreeMap<String, SecretValue>,
+}
+
+/// Connection service shared by the proxy and the admin API.
+pub struct Connections {
+    store: Arc<dyn Store>,
+    envelope: Envelope,
+    integrations: Arc<Integrations>,
+    cache: Cache<String, Arc<Resolved>>,
+}
+
+impl Connections {
+    pub fn new(
+        store: Arc<dyn Store>,
+        envelope: Envelope,
+        integrations: Arc<Integrations>,
+        max_entries: u64,
+        ttl: Duration,
+    ) -> Self {
+        let cache = Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
+        Self { store, envelope, integrations, cache }
+    }
+
+    pub fn integrations(&self) -> &Arc<Integrations> {
+        &self.integrations
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Resolves a connection for `org`. Returns the connection and whether it
+    /// came from the cache. Unknown and other-org ids are the same `NotFound`.
+    pub async fn resolve(&self, org: &str, id: &str) -> Result<(Arc<Resolved>, bool), ResolveError> {
+        let (resolved, hit) = match self.cache.get(id).await {
+            Some(r) => (r, true),
+            None => {
+                // try_get_with coalesces concurrent misses for one id into one load.
+                let r = self
+                    .cache
+                    .try_get_with_by_ref(id, self.load(id))
+                    .await
+                    .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone()))?;
+                (r, false)
+            }
+        };
+        if resolved.meta.org_id != org {
+            return Err(ResolveError::NotFound);
+        }
+        if resolved.meta.state != ConnectionState::Active {
+            return Err(ResolveError::NotActive(resolved.meta.state));
+        }
+        Ok((resolved, hit))
+    }
+
+    async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
+        let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
+        let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
+        let integration = self
+            .integrations
+            .get(&row.meta.integration)
+            .cloned()
+            .ok_or_else(|| misconfigured(format!("integration {:?} is no longer configured", row.meta.integration)))?;
+        let method = integration
+            .auth_method(&row.meta.auth_method)
+            .cloned()
+            .ok_or_else(|| misconfigured(format!("auth method {:?} is no longer configured", row.meta.auth_method)))?;
+        let ctx = crypto::Context { org_id: &row.meta.org_id, connection_id: &row.meta.id };
+        let sealed = Sealed {
+            key_id: row.key_id,
+            wrapped_key: row.wrapped_key,
+            nonce: row.nonce,
+            ciphertext: row.ciphertext,
+        };
+        let plaintext = self
+            .envelope
+            .open(ctx, &sealed)
+            .await
+            .map_err(|source| ResolveError::Crypto { id: id.to_owned(), source })?;
+        let credential = Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?;
+        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential }))
+    }
+
+    pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
+        if !ids::is_valid_external_id(&new.org_id) {
+            return Err(CreateError::InvalidId { field: "org_id" });
+        }
+        if !ids::is_valid_external_id(&new.user_id) {
+            return Err(CreateError::InvalidId { field: "user_id" });
+        }
+        let integration = self
+            .integrations
+            .get(&new.integration)
+            .ok_or_else(|| CreateError::UnknownIntegration(new.integration.clone()))?;
+        let method = integration.auth_method(&new.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
+            integration: new.integration.clone(),
+            method: new.auth_method.clone(),
+        })?;
+        let credential = Credential::from_fields(method, new.credentials)?;
+        let id = ids::new_connection_id();
+        let now = unix_now();
+        let meta = ConnectionMeta {
+            id,
+            org_id: new.org_id,
+            user_id: new.user_id,
+            integration: new.integration,
+            auth_method: new.auth_method,
+            state: ConnectionState::Active,
+            created_at: now,
+            updated_at: now,
+        };
+        let ctx = crypto::Context { org_id: &meta.org_id, connection_id: &meta.id };
+        let sealed = self.envelope.seal(ctx, &credential.to_plaintext(method)).await?;
+        let row = ConnectionRow {
+            meta: meta.clone(),
+            key_id: sealed.key_id,
+            wrapped_key: sealed.wrapped_key,
+            nonce: sealed.nonce,
+            ciphertext: sealed.ciphertext,
+        };
+        self.store.insert_connection(&row).await?;
+        Ok(meta)
+    }
+
+    /// Metadata of a connection visible to `org` (`None` for both unknown
+    /// and other-org). `org = None` is a global admin.
+    pub async fn get_meta(&self, org: Option<&str>, id: &str) -> Result<Option<ConnectionMeta>, StoreError> {
+        let row = self.store.get_connection(id).await?;
+        Ok(row.map(|r| r.meta).filter(|m| org.is_none_or(|o| o == m.org_id)))
+    }
+
+    pub async fn list(&self, org: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
+        self.store.list_connections(org).await
+    }
+
+    /// Deletes the row and evicts the cached credential.
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let deleted = self.store.delete_connection(id).await?;
+        self.cache.invalidate(id).await;
+        Ok(deleted)
+    }
+
+    pub fn cached_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::LocalKeyProvider;
+    use crate::store::sqlite::SqliteStore;
+
+    const GH: &str = "id = \"gh\"\nname = \"GH\"\nallowed_hosts = [\"api.github.com\"]\n[[auth_methods]]\nid = \"pat\"\ntype = \"bearer\"\n[[auth_methods]]\nid = \"basic\"\ntype = \"basic\"\n";
+
+    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, SecretValue> {
+        pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()
+    }
+
+    async fn service(dir: &std::path::Path) -> (Connections, SqliteStore) {
+        let store = SqliteStore::open(&dir.join("db.sqlite")).unwrap();
+        let keys = LocalKeyProvider::open_or_create(&dir.join("master.key")).unwrap();
+        let mut ints = Integrations::default();
+        ints.add(Integration::from_toml_str("gh.toml", GH, &BTreeMap::new()).unwrap(), "gh.toml").unwrap();
+        let c = Connections::new(
+            Arc::new(store.clone()),
+            Envelope::new(Arc::new(keys)),
+            Arc::new(ints),
+            100,
+            Duration::from_secs(60),
+        );
+        (c, store)
+    }
+
+    fn new_conn(org: &str, creds: &[(&str, &str)]) -> NewConnection {
+        NewConnection {
+            integration: "gh".into(),
+            auth_method: "pat".into(),
+            org_id: org.into(),
+            user_id: "u1".into(),
+            credentials: fields(creds),
+        }
+    }
+
+    #[tokio::test]
+    async fn create_resolve_cache_and_org_scoping() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _) = service(dir.path()).await;
+        let meta = svc.create(new_conn("org_a", &[("token", "tok-123")])).await.unwrap();
+        let (r, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
+        assert!(!hit);
+        assert_eq!(r.credential.value(0).expose(), "tok-123");
+        let (_, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
+        assert!(hit);
+        assert!(matches!(svc.resolve("org_b", &meta.id).await, Err(ResolveError::NotFound)));
+        assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
+        assert!(svc.delete(&meta.id).await.unwrap());
+        assert!(matches!(svc.resolve("org_a", &meta.id).await, Err(ResolveError::NotFound)));
+    }
+
+    #[tokio::test]
+    async fn validation_names_field_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store) = service(dir.path()).await;
+        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+            (&[], "token", "missing"),
+            (&[("token", "a"), ("extra", "b")], "extra", "unknown field for this auth method"),
+            (&[("token", "a\r\nX-Evil: 1")], "token", "must not contain CR, LF or NUL"),
+            (&[("token", "a\0b")], "token", "must not contain CR, LF or NUL"),
+            (&[("token", "")], "token", "must not be empty"),
+        ];
+        for (creds, field, reason) in cases {
+            match svc.create(new_conn("org_a", creds)).await {
+                Err(CreateError::Credential(e)) => {
+                    assert_eq!((e.field.as_str(), e.reason), (*field, *reason));
+                }
+                other => panic!("{creds:?}: {other:?}"),
+            }
+        }
+        assert!(store.list_connections("org_a").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn copied_ciphertext_does_not_open_on_another_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store) = service(dir.path()).await;
+        let a = svc.create(new_conn("org_a", &[("token", "token-of-a")])).await.unwrap();
+        let b = svc.create(new_conn("org_a", &[("token", "token-of-b")])).await.unwrap();
+        // Move a's sealed credential onto b's row (same org, other id).
+        let row_a = store.get_connection(&a.id).await.unwrap().unwrap();
+        let mut row_b = store.get_connection(&b.id).await.unwrap().unwrap();
+        row_b.key_id = row_a.key_id;
+        row_b.wrapped_key = row_a.wrapped_key;
+        row_b.nonce = row_a.nonce;
+        row_b.ciphertext = row_a.ciphertext;
+        store.delete_connection(&b.id).await.unwrap();
+        store.insert_connection(&row_b).await.unwrap();
+        let err = svc.resolve("org_a", &b.id).await.unwrap_err();
+        assert!(matches!(err, ResolveError::Crypto { source: CryptoError::Open, .. }), "{err:?}");
+        assert!(!format!("{err} {err:?}").contains("token-of"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Envelope encryption of credentials.
+//!
+//! Each credential is sealed with AES-256-GCM under its own random data key;
+//! the data key is wrapped by a [`KeyProvider`]. The associated data binds the
+//! ciphertext to its organization and connection id, so a sealed blob copied
+//! onto another row fails to open.
+//!
+//! Must not import `store` (and `store` never imports this module).
+
+pub mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+pub use local::LocalKeyProvider;
+
+const AAD_DOMAIN: &[u8] = b"credproxy.credential.v1";
+pub const DATA_KEY_LEN: usize = 32;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CryptoError {
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error("record was wrapped by key {0:?}, which is not configured")]
+    UnknownKey(String),
+    #[error("decryption failed: wrong key, or the record does not belong to this organization/connection")]
+    Open,
+    #[error("encryption failed")]
+    Seal,
+    #[error("random source failed")]
+    Random,
+}
+
+/// What a ciphertext is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub org_id: &'a str,
+    pub connection_id: &'a str,
+}
+
+impl Context<'_> {
+    /// Length-prefixed so that no two contexts share an encoding.
+    pub fn aad(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(AAD_DOMAIN.len() + 8 + self.org_id.len() + self.connection_id.len());
+        v.extend_from_slice(AAD_DOMAIN);
+        for part in [self.org_id, self.connection_id] {
+            v.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            v.extend_from_slice(part.as_bytes());
+        }
+        v
+    }
+}
+
+/// Wraps and unwraps data keys.
+#[async_trait]
+pub trait KeyProvider: Send + Sync + 'static {
+    /// Id of the key new records are wrapped with (stored with each record).
+    fn current_key_id(&self) -> &str;
+    async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError>;
+    async fn unwrap(
+        &self,
+        key_id: &str,
+        wrapped: &[u8],
+        ctx: Context<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError>;
+}
+
+/// A sealed credential, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: String,
+    pub wrapped_key: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Clone)]
+pub struct Envelope {
+    provider: Arc<dyn KeyProvider>,
+    rng: SystemRandom,
+}
+
+impl Envelope {
+    pub fn new(provider: Arc<dyn KeyProvider>) -> Self {
+        Self { provider, rng: SystemRandom::new() }
+    }
+
+    pub async fn seal(&self, ctx: Context<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
+        let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
+        self.rng.fill(&mut data_key[..]).map_err(|_| CryptoError::Random)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
+        let ciphertext = aead_seal(&data_key[..], &nonce, &ctx.aad(), plaintext)?;
+        let wrapped_key = self.provider.wrap(&data_key[..], ctx).await?;
+        Ok(Sealed {
+            key_id: self.provider.current_key_id().to_owned(),
+            wrapped_key,
+            nonce: nonce.to_vec(),
+            ciphertext,
+        })
+    }
+
+    pub async fn open(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let data_key = self.provider.unwrap(&sealed.key_id, &sealed.wrapped_key, ctx).await?;
+        aead_open(&data_key, &sealed.nonce, &ctx.aad(), &sealed.ciphertext)
+    }
+}
+
+pub(crate) fn aead_seal(key: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Seal)?);
+    let mut buf = plaintext.to_vec();
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| CryptoError::Seal)?;
+    Ok(buf)
+}
+
+pub(crate) fn aead_open(key: &[u8], nonce: &[u8], aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Open)?);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Open)?;
+    let mut buf = Zeroizing::new(ciphertext.to_vec());
+    let len = key
+        .open_in_place(nonce, Aad::from(aad), &mut buf[..])
+        .map_err(|_| CryptoError::Open)?
+        .len();
+    buf.truncate(len);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn envelope(dir: &std::path::Path) -> Envelope {
+        let p = LocalKeyProvider::open_or_create(&dir.join("master.key")).unwrap();
+        Envelope::new(Arc::new(p))
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = envelope(dir.path()).await;
+        let a = Context { org_id: "org_a", connection_id: "conn_1" };
+        let sealed = env.seal(a, b"{\"token\":\"s3cret\"}").await.unwrap();
+        assert!(!sealed.ciphertext.windows(6).any(|w| w == b"s3cret"));
+        assert_eq!(&env.open(a, &sealed).await.unwrap()[..], b"{\"token\":\"s3cret\"}");
+        // Same blob, another row: must not open.
+        for other in [
+            Context { org_id: "org_b", connection_id: "conn_1" },
+            Context { org_id: "org_a", connection_id: "conn_2" },
+            Context { org_id: "org_aconn_", connection_id: "1" },
+        ] {
+            assert!(matches!(env.open(other, &sealed).await, Err(CryptoError::Open)), "{other:?}");
+        }
+        // Tampering is detected.
+        let mut bad = sealed.clone();
+        bad.ciphertext[0] ^= 1;
+        assert!(env.open(a, &bad).await.is_err());
+        // Two seals of one plaintext differ (fresh data key and nonce).
+        let again = env.seal(a, b"{\"token\":\"s3cret\"}").await.unwrap();
+        assert_ne!(again.ciphertext, sealed.ciphertext);
+        assert_ne!(again.wrapped_key, sealed.wrapped_key);
+    }
+
+    #[tokio::test]
+    async fn another_master_key_cannot_open() {
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let e1 = envelope(d1.path()).await;
+        let e2 = envelope(d2.path()).await;
+        let ctx = Context { org_id: "o", connection_id: "c" };
+        let sealed = e1.seal(ctx, b"x").await.unwrap();
+        assert!(matches!(e2.open(ctx, &sealed).await, Err(CryptoError::UnknownKey(_))));
+    }
+}

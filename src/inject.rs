@@ -1,0 +1,331 @@
+//! Credential injection as pure functions: an auth method plus a credential
+//! give [`Edits`]; edits are applied to request parts (headers, query, cookies)
+//! and, for body placements, to a buffered body. No I/O here.
+//!
+//! Imports `integrations` (auth method shapes) and `creds::Credential` only.
+
+use std::fmt;
+
+use base64::Engine as _;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use zeroize::Zeroizing;
+
+use crate::creds::Credential;
+use crate::integrations::{AuthKind, AuthMethod, Part, Placement, Target, Template};
+
+/// What to change in a request. `Debug` never shows values.
+#[derive(Default)]
+pub struct Edits {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub query: Vec<(String, Zeroizing<String>)>,
+    pub cookies: Vec<(String, Zeroizing<String>)>,
+    pub json_fields: Vec<(String, Zeroizing<String>)>,
+    pub form_fields: Vec<(String, Zeroizing<String>)>,
+}
+
+impl fmt::Debug for Edits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = |v: &[(String, Zeroizing<String>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        f.debug_struct("Edits")
+            .field("headers", &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
+            .field("query", &names(&self.query))
+            .field("cookies", &names(&self.cookies))
+            .field("json_fields", &names(&self.json_fields))
+            .field("form_fields", &names(&self.form_fields))
+            .finish()
+    }
+}
+
+impl Edits {
+    pub fn edits_body(&self) -> bool {
+        !self.json_fields.is_empty() || !self.form_fields.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("the credential cannot be placed in {0}: it contains characters that are not allowed there")]
+    InvalidValue(&'static str),
+    #[error("this connection places a credential in a JSON body field, but the request body is not a JSON object")]
+    BodyNotJson,
+    #[error("this connection places a credential in a form field, but the request body is not application/x-www-form-urlencoded")]
+    BodyNotForm,
+    #[error("the request URI cannot carry the credential query parameter")]
+    BadUri,
+}
+
+fn render(t: &Template, cred: &Credential) -> Zeroizing<String> {
+    let mut out = Zeroizing::new(String::new());
+    for part in t.parts() {
+        match part {
+            Part::Lit(s) => out.push_str(s),
+            Part::Field(i) => out.push_str(cred.value(*i).expose()),
+        }
+    }
+    out
+}
+
+fn sensitive(value: &str, place: &'static str) -> Result<HeaderValue, InjectError> {
+    let mut v = HeaderValue::from_str(value).map_err(|_| InjectError::InvalidValue(place))?;
+    // Keeps it out of HPACK tables and marks it for any header dumper.
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// The edits an auth method makes with a credential.
+pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectError> {
+    let mut e = Edits::default();
+    match &method.kind {
+        AuthKind::Bearer => {
+            let v = Zeroizing::new(format!("Bearer {}", cred.value(0).expose()));
+            e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
+        }
+        AuthKind::Basic => {
+            let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
+            let v = Zeroizing::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())));
+            e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
+        }
+        AuthKind::ApiKey(p) => place(&mut e, p, cred)?,
+        AuthKind::Custom(ps) => {
+            for p in ps {
+                place(&mut e, p, cred)?;
+            }
+        }
+    }
+    Ok(e)
+}
+
+fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectError> {
+    let value = render(&p.template, cred);
+    match &p.target {
+        Target::Header(name) => e.headers.push((name.clone(), sensitive(&value, "a header")?)),
+        Target::Query(name) => e.query.push((name.clone(), value)),
+        Target::Cookie(name) => {
+            if value.bytes().any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f) {
+                return Err(InjectError::InvalidValue("a cookie"));
+            }
+            e.cookies.push((name.clone(), value));
+        }
+        Target::JsonField(name) => e.json_fields.push((name.clone(), value)),
+        Target::FormField(name) => e.form_fields.push((name.clone(), value)),
+    }
+    Ok(())
+}
+
+/// Applies header, query and cookie edits. A header the caller sent under the
+/// same name (e.g. `Authorization`) is replaced, never duplicated.
+pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &Edits) -> Result<(), InjectError> {
+    for (name, value) in &e.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    if !e.query.is_empty() {
+        *uri = with_query(uri, &e.query)?;
+    }
+    if !e.cookies.is_empty() {
+        let mut pairs: Vec<String> = Vec::new();
+        for v in headers.get_all(COOKIE) {
+            let Ok(s) = v.to_str() else { continue };
+            for pair in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
+                if !e.cookies.iter().any(|(n, _)| n == name) {
+                    pairs.push(pair.to_owned());
+                }
+            }
+        }
+        let mut out = Zeroizing::new(pairs.join("; "));
+        for (n, v) in &e.cookies {
+            if !out.is_empty() {
+                out.push_str("; ");
+            }
+            out.push_str(n);
+            out.push('=');
+            out.push_str(v);
+        }
+        headers.insert(COOKIE, sensitive(&out, "a cookie")?);
+    }
+    Ok(())
+}
+
+/// Replaces same-named query parameters, keeping the caller's other
+/// parameters byte for byte.
+fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, InjectError> {
+    let path = uri.path();
+    let mut q = Zeroizing::new(String::new());
+    if let Some(existing) = uri.query() {
+        for seg in existing.split('&').filter(|s| !s.is_empty()) {
+            let name = form_urlencoded::parse(seg.as_bytes()).next().map(|(n, _)| n.into_owned()).unwrap_or_default();
+            if !params.iter().any(|(n, _)| *n == name) {
+                if !q.is_empty() {
+                    q.push('&');
+                }
+                q.push_str(seg);
+            }
+        }
+    }
+    for (n, v) in params {
+        if !q.is_empty() {
+            q.push('&');
+        }
+        q.extend(form_urlencoded::byte_serialize(n.as_bytes()));
+        q.push('=');
+        q.extend(form_urlencoded::byte_serialize(v.as_bytes()));
+    }
+    let pq = Zeroizing::new(format!("{path}?{}", q.as_str()));
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(pq.as_str()).map_err(|_| InjectError::BadUri)?);
+    Uri::from_parts(parts).map_err(|_| InjectError::BadUri)
+}
+
+/// Applies JSON / form body edits to a buffered body. Returns the new body and
+/// the content type to set when the caller sent none (empty body).
+pub fn apply_body(
+    headers: &HeaderMap,
+    body: &[u8],
+    e: &Edits,
+) -> Result<(Zeroizing<Vec<u8>>, Option<HeaderValue>), InjectError> {
+    let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let mut out = Zeroizing::new(body.to_vec());
+    let mut set_type = None;
+    if !e.json_fields.is_empty() {
+        let is_json = ctype.starts_with("application/json") || (ctype.starts_with("application/") && ctype.contains("+json"));
+        let mut obj = if body.iter().all(u8::is_ascii_whitespace) && (ctype.is_empty() || is_json) {
+            if ctype.is_empty() {
+                set_type = Some(HeaderValue::from_static("application/json"));
+            }
+            serde_json::Map::new()
+        } else if is_json {
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err(InjectError::BodyNotJson),
+            }
+        } else {
+            return Err(InjectError::BodyNotJson);
+        };
+        for (n, v) in &e.json_fields {
+            obj.insert(n.clone(), serde_json::Value::String(v.to_string()));
+        }
+        out = Zeroizing::new(serde_json::to_vec(&obj).map_err(|_| InjectError::BodyNotJson)?);
+    }
+    if !e.form_fields.is_empty() {
+        let is_form = ctype.starts_with("application/x-www-form-urlencoded");
+        if !is_form && !(ctype.is_empty() && body.is_empty()) {
+            return Err(InjectError::BodyNotForm);
+        }
+        if ctype.is_empty() {
+            set_type = Some(HeaderValue::from_static("application/x-www-form-urlencoded"));
+        }
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (n, v) in form_urlencoded::parse(&out) {
+            if !e.form_fields.iter().any(|(f, _)| *f == n) {
+                ser.append_pair(&n, &v);
+            }
+        }
+        for (n, v) in &e.form_fields {
+            ser.append_pair(n, v);
+        }
+        out = Zeroizing::new(ser.finish().into_bytes());
+    }
+    Ok((out, set_type))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrations::Integration;
+    use crate::secret::SecretValue;
+    use std::collections::BTreeMap;
+
+    fn method(toml_methods: &str) -> std::sync::Arc<AuthMethod> {
+        let text = format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{toml_methods}");
+        let i = Integration::from_toml_str("t.toml", &text, &BTreeMap::new()).unwrap();
+        i.auth_methods[0].clone()
+    }
+
+    fn cred(m: &AuthMethod, pairs: &[(&str, &str)]) -> Credential {
+        Credential::from_fields(m, pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()).unwrap()
+    }
+
+    fn run(m: &AuthMethod, c: &Credential, uri: &str, hdrs: &[(&str, &str)]) -> (Uri, HeaderMap) {
+        let mut uri: Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        for (k, v) in hdrs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        apply_head(&mut uri, &mut h, &edits(m, c).unwrap()).unwrap();
+        (uri, h)
+    }
+
+    #[test]
+    fn bearer_replaces_callers_authorization() {
+        let m = method("[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n");
+        let c = cred(&m, &[("token", "tkn")]);
+        let (_, h) = run(&m, &c, "http://x.test/", &[("authorization", "Bearer caller"), ("authorization", "Basic x")]);
+        let all: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(all, ["Bearer tkn"]);
+        assert!(all[0].is_sensitive());
+    }
+
+    #[test]
+    fn basic() {
+        let m = method("[[auth_methods]]\nid = \"b\"\ntype = \"basic\"\n");
+        let c = cred(&m, &[("username", "aladdin"), ("password", "open sesame")]);
+        let (_, h) = run(&m, &c, "http://x.test/", &[]);
+        assert_eq!(h[AUTHORIZATION], "Basic YWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+    }
+
+    #[test]
+    fn api_key_header_query_cookie() {
+        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"X-Api-Key\"\ntemplate = \"Token {api_key}\"\n");
+        let (_, h) = run(&m, &cred(&m, &[("api_key", "k1")]), "http://x.test/", &[("x-api-key", "caller")]);
+        assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), ["Token k1"]);
+
+        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"query\"\nname = \"api_key\"\n");
+        let (u, _) = run(&m, &cred(&m, &[("api_key", "a b&c")]), "http://x.test/p?x=1&api_key=caller&y=%20", &[]);
+        assert_eq!(u.to_string(), "http://x.test/p?x=1&y=%20&api_key=a+b%26c");
+        let (u, _) = run(&m, &cred(&m, &[("api_key", "k")]), "http://x.test/p", &[]);
+        assert_eq!(u.to_string(), "http://x.test/p?api_key=k");
+
+        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"cookie\"\nname = \"sid\"\n");
+        let (_, h) = run(&m, &cred(&m, &[("api_key", "k1")]), "http://x.test/", &[("cookie", "a=1; sid=caller"), ("cookie", "b=2")]);
+        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2; sid=k1"]);
+        let e = edits(&m, &cred(&m, &[("api_key", "x;y")])).unwrap_err();
+        assert_eq!(e, InjectError::InvalidValue("a cookie"));
+    }
+
+    const CUSTOM: &str = "[[auth_methods]]\nid = \"c\"\ntype = \"custom\"\nfields = [\"account\", \"secret\"]\n\
+        [[auth_methods.placements]]\nin = \"header\"\nname = \"X-Account\"\ntemplate = \"{account}\"\n\
+        [[auth_methods.placements]]\nin = \"json\"\nname = \"api_secret\"\ntemplate = \"{secret}\"\n\
+        [[auth_methods.placements]]\nin = \"form\"\nname = \"sig\"\ntemplate = \"{account}:{secret}\"\n";
+
+    #[test]
+    fn custom_json_and_form_bodies() {
+        let m = method(CUSTOM);
+        let c = cred(&m, &[("account", "acct-7"), ("secret", "s&=x")]);
+        let e = edits(&m, &c).unwrap();
+        assert!(e.edits_body());
+        assert!(!format!("{e:?}").contains("acct-7"));
+
+        let mut only_json = edits(&m, &c).unwrap();
+        only_json.form_fields.clear();
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, "application/json".parse().unwrap());
+        let (b, t) = apply_body(&h, br#"{"a":1,"api_secret":"caller"}"#, &only_json).unwrap();
+        assert_eq!(&b[..], br#"{"a":1,"api_secret":"s&=x"}"#);
+        assert!(t.is_none());
+        let (b, t) = apply_body(&HeaderMap::new(), b"", &only_json).unwrap();
+        assert_eq!(&b[..], br#"{"api_secret":"s&=x"}"#);
+        assert_eq!(t.unwrap(), "application/json");
+        assert_eq!(apply_body(&h, b"[1]", &only_json).unwrap_err(), InjectError::BodyNotJson);
+
+        let mut only_form = edits(&m, &c).unwrap();
+        only_form.json_fields.clear();
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
+        let (b, _) = apply_body(&h, b"q=1&sig=caller", &only_form).unwrap();
+        assert_eq!(&b[..], b"q=1&sig=acct-7%3As%26%3Dx");
+        h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert_eq!(apply_body(&h, b"x", &only_form).unwrap_err(), InjectError::BodyNotForm);
+    }
+}

@@ -1,0 +1,573 @@
+//! Integration definitions: `config/integrations/*.toml`, one integration per
+//! file, compiled at start-up into [`Integration`]s whose templates and host
+//! patterns are already parsed, so the request path does no parsing.
+//!
+//! Imports only `config` (errors, substitution) and `policy::hosts`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::config::{deserialize_value, substitute_env, ConfigError};
+use crate::policy::hosts::HostPattern;
+
+/// All integrations, by id.
+#[derive(Debug, Default)]
+pub struct Integrations {
+    by_id: HashMap<String, Arc<Integration>>,
+}
+
+impl Integrations {
+    pub fn get(&self, id: &str) -> Option<&Arc<Integration>> {
+        self.by_id.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Integration>> {
+        let mut v: Vec<_> = self.by_id.values().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v.into_iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Loads every `*.toml` in `dir` (sorted by file name).
+    pub fn load_dir(dir: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let read = std::fs::read_dir(dir).map_err(|e| {
+            ConfigError::new(dir.display(), "integrations.dir", format!("cannot read directory: {e}"))
+        })?;
+        let mut paths: Vec<_> = read
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut out = Self::default();
+        for path in paths {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::new(&name, "(file)", format!("cannot read: {e}")))?;
+            out.add(Integration::from_toml_str(&name, &text, env)?, &name)?;
+        }
+        Ok(out)
+    }
+
+    pub fn add(&mut self, integration: Integration, source: &str) -> Result<(), ConfigError> {
+        if self.by_id.contains_key(&integration.id) {
+            return Err(ConfigError::new(
+                source,
+                "id",
+                format!("integration {:?} is defined twice", integration.id),
+            ));
+        }
+        self.by_id.insert(integration.id.clone(), Arc::new(integration));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+
+    pub fn default_port(self) -> u16 {
+        match self {
+            Self::Http => 80,
+            Self::Https => 443,
+        }
+    }
+}
+
+/// One external service.
+#[derive(Debug)]
+pub struct Integration {
+    pub id: String,
+    pub name: String,
+    pub allowed_hosts: Vec<HostPattern>,
+    /// Scheme used upstream; `https` upgrades a caller's `http://` request.
+    pub upstream_scheme: Scheme,
+    pub base_url: Option<String>,
+    pub auth_methods: Vec<Arc<AuthMethod>>,
+    pub test: Option<TestRequest>,
+}
+
+impl Integration {
+    pub fn auth_method(&self, id: &str) -> Option<&Arc<AuthMethod>> {
+        self.auth_methods.iter().find(|m| m.id == id)
+    }
+
+    pub fn host_allowed(&self, host: &str, port: u16) -> bool {
+        self.allowed_hosts.iter().any(|p| p.matches(host, port))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestRequest {
+    #[serde(default = "default_test_method")]
+    pub method: String,
+    pub path: String,
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+}
+
+fn default_test_method() -> String {
+    "GET".into()
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+
+/// How an integration authenticates, compiled.
+#[derive(Debug)]
+pub struct AuthMethod {
+    pub id: String,
+    pub kind: AuthKind,
+    /// Credential fields a connection of this method must supply, in the
+    /// order templates refer to them.
+    pub fields: Vec<String>,
+}
+
+impl AuthMethod {
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            AuthKind::ApiKey(_) => "api_key",
+            AuthKind::Basic => "basic",
+            AuthKind::Bearer => "bearer",
+            AuthKind::Custom(_) => "custom",
+        }
+    }
+
+    /// True if injecting needs the request body buffered.
+    pub fn edits_body(&self) -> bool {
+        match &self.kind {
+            AuthKind::Custom(ps) => ps
+                .iter()
+                .any(|p| matches!(p.target, Target::JsonField(_) | Target::FormField(_))),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum AuthKind {
+    /// One placement of field `api_key`.
+    ApiKey(Placement),
+    /// `Authorization: Basic base64(username:password)`.
+    Basic,
+    /// `Authorization: Bearer {token}`.
+    Bearer,
+    /// Named fields, each placement rendered from a template.
+    Custom(Vec<Placement>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub target: Target,
+    pub template: Template,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Header(HeaderName),
+    Query(String),
+    Cookie(String),
+    /// A top-level field of a JSON object body.
+    JsonField(String),
+    /// A field of an `application/x-www-form-urlencoded` body.
+    FormField(String),
+}
+
+/// `Token {api_key}`: literal text and credential-field references.
+/// `{{` and `}}` are literal braces.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Lit(String),
+    /// Index into [`AuthMethod::fields`].
+    Field(usize),
+}
+
+impl fmt::Debug for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(&self.parts).finish()
+    }
+}
+
+impl Template {
+    pub fn parse(s: &str, fields: &[String]) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(format!("unclosed `{{` in template {s:?}")),
+                        }
+                    }
+                    let idx = fields.iter().position(|f| *f == name).ok_or_else(|| {
+                        format!("template {s:?} refers to unknown field {name:?} (fields: {fields:?})")
+                    })?;
+                    if !lit.is_empty() {
+                        parts.push(Part::Lit(std::mem::take(&mut lit)));
+                    }
+                    parts.push(Part::Field(idx));
+                }
+                '}' => return Err(format!("unmatched `}}` in template {s:?}")),
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Lit(lit));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Field(_))) {
+            return Err(format!("template {s:?} uses no credential field"));
+        }
+        Ok(Self { parts })
+    }
+
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+}
+
+// ---- the file format -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IntegrationFile {
+    id: String,
+    name: String,
+    allowed_hosts: Vec<String>,
+    #[serde(default = "default_scheme")]
+    upstream_scheme: Scheme,
+    #[serde(default)]
+    base_url: Option<String>,
+    auth_methods: Vec<AuthMethodFile>,
+    #[serde(default)]
+    test: Option<TestRequest>,
+}
+
+fn default_scheme() -> Scheme {
+    Scheme::Https
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AuthType {
+    ApiKey,
+    Basic,
+    Bearer,
+    Custom,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthMethodFile {
+    id: String,
+    #[serde(rename = "type")]
+    kind: AuthType,
+    /// api_key: header | query | cookie
+    #[serde(rename = "in", default)]
+    placement: Option<PlaceIn>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+    /// custom: credential field names
+    #[serde(default)]
+    fields: Option<Vec<String>>,
+    /// custom: where each value goes
+    #[serde(default)]
+    placements: Option<Vec<PlacementFile>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum PlaceIn {
+    Header,
+    Query,
+    Cookie,
+    Json,
+    Form,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacementFile {
+    #[serde(rename = "in")]
+    placement: PlaceIn,
+    name: String,
+    template: String,
+}
+
+impl Integration {
+    pub fn from_toml_str(
+        source: &str,
+        text: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text)
+            .map_err(|e| ConfigError::new(source, "(syntax)", e.message()))?;
+        substitute_env(&mut value, env, source, "")?;
+        let file: IntegrationFile = deserialize_value(source, value)?;
+        let err = |key: String, reason: String| ConfigError::new(source, key, reason);
+
+        if !is_slug(&file.id) {
+            return Err(err("id".into(), "must be 1-64 characters of [a-z0-9_-]".into()));
+        }
+        if file.allowed_hosts.is_empty() {
+            return Err(err(
+                "allowed_hosts".into(),
+                "must list at least one host: credentials are only sent to these".into(),
+            ));
+        }
+        let mut allowed_hosts = Vec::new();
+        for (i, h) in file.allowed_hosts.iter().enumerate() {
+            allowed_hosts.push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
+        }
+        if file.auth_methods.is_empty() {
+            return Err(err("auth_methods".into(), "must define at least one auth method".into()));
+        }
+        let mut auth_methods: Vec<Arc<AuthMethod>> = Vec::new();
+        for (i, m) in file.auth_methods.into_iter().enumerate() {
+            let key = format!("auth_methods[{i}]");
+            if !is_slug(&m.id) {
+                return Err(err(format!("{key}.id"), "must be 1-64 characters of [a-z0-9_-]".into()));
+            }
+            if auth_methods.iter().any(|a| a.id == m.id) {
+                return Err(err(format!("{key}.id"), format!("auth method {:?} is defined twice", m.id)));
+            }
+            auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
+        }
+        if let Some(t) = &file.test {
+            if !t.path.starts_with('/') {
+                return Err(err("test.path".into(), "must start with /".into()));
+            }
+            if t.method.parse::<http::Method>().is_err() {
+                return Err(err("test.method".into(), "not an HTTP method".into()));
+            }
+        }
+        Ok(Self {
+            id: file.id,
+            name: file.name,
+            allowed_hosts,
+            upstream_scheme: file.upstream_scheme,
+            base_url: file.base_url,
+            auth_methods,
+            test: file.test,
+        })
+    }
+}
+
+fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+type FieldError = (String, String);
+
+fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError> {
+    let forbid = |present: bool, field: &str| -> Result<(), FieldError> {
+        if present {
+            Err((format!("{key}.{field}"), format!("not used by auth method type {:?}", m.kind)))
+        } else {
+            Ok(())
+        }
+    };
+    let (kind, fields) = match m.kind {
+        AuthType::Bearer | AuthType::Basic => {
+            forbid(m.placement.is_some(), "in")?;
+            forbid(m.name.is_some(), "name")?;
+            forbid(m.template.is_some(), "template")?;
+            forbid(m.fields.is_some(), "fields")?;
+            forbid(m.placements.is_some(), "placements")?;
+            if m.kind == AuthType::Bearer {
+                (AuthKind::Bearer, vec!["token".to_owned()])
+            } else {
+                (AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()])
+            }
+        }
+        AuthType::ApiKey => {
+            forbid(m.fields.is_some(), "fields")?;
+            forbid(m.placements.is_some(), "placements")?;
+            let fields = vec!["api_key".to_owned()];
+            let placement = m
+                .placement
+                .ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
+            if matches!(placement, PlaceIn::Json | PlaceIn::Form) {
+                return Err((format!("{key}.in"), "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into()));
+            }
+            let name = m.name.ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
+            let template = m.template.unwrap_or_else(|| "{api_key}".to_owned());
+            let p = compile_placement(placement, &name, &template, &fields)
+                .map_err(|(f, r)| (format!("{key}.{f}"), r))?;
+            (AuthKind::ApiKey(p), fields)
+        }
+        AuthType::Custom => {
+            forbid(m.placement.is_some(), "in")?;
+            forbid(m.name.is_some(), "name")?;
+            forbid(m.template.is_some(), "template")?;
+            let fields = m.fields.ok_or_else(|| (format!("{key}.fields"), "required: the credential field names".to_owned()))?;
+            if fields.is_empty() {
+                return Err((format!("{key}.fields"), "must name at least one field".into()));
+            }
+            for (i, f) in fields.iter().enumerate() {
+                if !is_slug(f) {
+                    return Err((format!("{key}.fields[{i}]"), "must be 1-64 characters of [a-z0-9_-]".into()));
+                }
+                if fields[..i].contains(f) {
+                    return Err((format!("{key}.fields[{i}]"), format!("field {f:?} is listed twice")));
+                }
+            }
+            let placements = m.placements.unwrap_or_default();
+            if placements.is_empty() {
+                return Err((format!("{key}.placements"), "must place at least one value".into()));
+            }
+            let mut out = Vec::new();
+            for (i, p) in placements.iter().enumerate() {
+                out.push(
+                    compile_placement(p.placement, &p.name, &p.template, &fields)
+                        .map_err(|(f, r)| (format!("{key}.placements[{i}].{f}"), r))?,
+                );
+            }
+            (AuthKind::Custom(out), fields)
+        }
+    };
+    Ok(AuthMethod { id: m.id, kind, fields })
+}
+
+fn compile_placement(
+    place: PlaceIn,
+    name: &str,
+    template: &str,
+    fields: &[String],
+) -> Result<Placement, FieldError> {
+    let template = Template::parse(template, fields).map_err(|r| ("template".to_owned(), r))?;
+    if name.is_empty() {
+        return Err(("name".into(), "must not be empty".into()));
+    }
+    let target = match place {
+        PlaceIn::Header => {
+            let h = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ("name".to_owned(), format!("{name:?} is not a valid header name")))?;
+            if is_protected_header(&h) {
+                return Err(("name".into(), format!("{name:?} is managed by the proxy and cannot carry a credential")));
+            }
+            Target::Header(h)
+        }
+        PlaceIn::Query => Target::Query(name.to_owned()),
+        PlaceIn::Cookie => {
+            if name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) {
+                return Err(("name".into(), format!("{name:?} is not a valid cookie name")));
+            }
+            Target::Cookie(name.to_owned())
+        }
+        PlaceIn::Json => Target::JsonField(name.to_owned()),
+        PlaceIn::Form => Target::FormField(name.to_owned()),
+    };
+    Ok(Placement { target, template })
+}
+
+/// Headers the proxy owns: a credential placed there would be stripped,
+/// corrupt framing, or be sent to the wrong hop.
+fn is_protected_header(h: &HeaderName) -> bool {
+    use http::header::*;
+    [HOST, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, TE, TRAILER, UPGRADE, PROXY_AUTHORIZATION]
+        .contains(h)
+        || matches!(h.as_str(), "keep-alive" | "proxy-connection" | "x-connection-id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Integration, ConfigError> {
+        Integration::from_toml_str("t.toml", text, &BTreeMap::new())
+    }
+
+    #[test]
+    fn shipped_integrations_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/integrations");
+        let env: BTreeMap<String, String> = BTreeMap::new();
+        let all = Integrations::load_dir(&dir, &env).unwrap();
+        assert!(all.len() >= 4, "{}", all.len());
+        let gh = all.get("github").unwrap();
+        assert_eq!(gh.auth_method("pat").unwrap().kind_name(), "bearer");
+        assert!(gh.host_allowed("api.github.com", 443));
+        assert!(!gh.host_allowed("evil.test", 443));
+    }
+
+    #[test]
+    fn template_parsing() {
+        let f = vec!["a".to_owned(), "b".to_owned()];
+        let t = Template::parse("x {a}-{b} {{lit}}", &f).unwrap();
+        assert_eq!(
+            t.parts(),
+            &[
+                Part::Lit("x ".into()),
+                Part::Field(0),
+                Part::Lit("-".into()),
+                Part::Field(1),
+                Part::Lit(" {lit}".into())
+            ]
+        );
+        assert!(Template::parse("{c}", &f).unwrap_err().contains("unknown field"));
+        assert!(Template::parse("{a", &f).is_err());
+        assert!(Template::parse("plain", &f).unwrap_err().contains("no credential field"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n";
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].name");
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].name");
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].name");
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"custom\"\nfields = [\"a\"]\n[[auth_methods.placements]]\nin = \"header\"\nname = \"X-A\"\ntemplate = \"{{b}}\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].placements[0].template");
+        let e = parse(&format!("{base}bogus = 1\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n")).unwrap_err();
+        assert_eq!(e.key, "bogus");
+        let e = parse("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"https://x.test\"]\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n").unwrap_err();
+        assert_eq!(e.key, "allowed_hosts[0]");
+    }
+}

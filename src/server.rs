@@ -1,0 +1,138 @@
+//! Builds the shared state from configuration, binds the listeners and runs
+//! the proxy and admin servers until shutdown.
+//!
+//! `run`-style entry used by the binary and, with listeners on `127.0.0.1:0`,
+//! by the tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError, KeyProviderKind};
+use crate::creds::Connections;
+use crate::crypto::{CryptoError, Envelope, KeyProvider, LocalKeyProvider};
+use crate::integrations::Integrations;
+use crate::policy::ssrf::EgressPolicy;
+use crate::proxy::{self, ProxyState};
+use crate::store::sqlite::SqliteStore;
+use crate::store::StoreError;
+use crate::upstream::{self, ClientSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The two listening sockets.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+        };
+        Ok(Self {
+            proxy: bind("proxy.listen", config.proxy.listen).await?,
+            admin: bind("admin.listen", config.admin.listen).await?,
+        })
+    }
+}
+
+/// A running server. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub connections: Arc<Connections>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops accepting new connections and waits for the accept loops.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Opens the store and key provider, builds the pipeline state and starts
+/// serving on `listeners`.
+pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
+    let store_path = config
+        .store
+        .sqlite_path()
+        .ok_or_else(|| ConfigError::new("config", "store.url", "only sqlite://PATH is supported"))?;
+    let store = Arc::new(SqliteStore::open(store_path)?);
+    let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
+        KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
+    };
+    let connections = Arc::new(Connections::new(
+        store,
+        Envelope::new(keys),
+        Arc::new(integrations),
+        config.cache.max_entries,
+        Duration::from_secs(config.cache.ttl_secs),
+    ));
+    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
+    let client = upstream::build_client(
+        policy,
+        &ClientSettings {
+            connect_timeout: Duration::from_millis(config.upstream.connect_timeout_ms),
+            pool_idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+            pool_max_idle_per_host: config.upstream.pool_max_idle_per_host,
+        },
+    );
+    let proxy_state = Arc::new(ProxyState {
+        org_id: config.proxy.org_id.clone().unwrap_or_default(),
+        connections: connections.clone(),
+        client,
+        max_buffered_body: config.proxy.max_buffered_body,
+        response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
+        allow_passthrough: config.egress.allow_passthrough,
+    });
+    let admin_state = Arc::new(AdminState::new(connections.clone(), &config.admin.tokens));
+
+    let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind { what: "proxy.listen", addr: config.proxy.listen, source })?;
+    let admin_addr = listeners.admin.local_addr().map_err(|source| StartError::Bind { what: "admin.listen", addr: config.admin.listen, source })?;
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(proxy::serve(
+        listeners.proxy,
+        proxy_state,
+        Duration::from_millis(config.proxy.header_read_timeout_ms),
+        rx.clone(),
+    ));
+    let mut admin_rx = rx;
+    let app = admin::router(admin_state);
+    let admin_listener = listeners.admin;
+    tasks.spawn(async move {
+        let served = axum::serve(admin_listener, app).with_graceful_shutdown(async move {
+            let _ = admin_rx.changed().await;
+        });
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
+    Ok(Running { proxy_addr, admin_addr, connections, shutdown: tx, tasks })
+}

@@ -1,0 +1,83 @@
+//! Persistent state behind the [`Store`] trait: connections (with their sealed
+//! credentials as opaque bytes) and schema migrations.
+//!
+//! Implementations: [`sqlite::SqliteStore`] (embedded default). Must not
+//! import `crypto`: the store only ever sees ciphertext.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+/// Lifecycle state of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    Active,
+    NeedsReauth,
+    Revoked,
+}
+
+impl ConnectionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::NeedsReauth => "needs_reauth",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(Self::Active),
+            "needs_reauth" => Some(Self::NeedsReauth),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// A connection's metadata: everything but the credential. Safe to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionMeta {
+    pub id: String,
+    pub org_id: String,
+    pub user_id: String,
+    pub integration: String,
+    pub auth_method: String,
+    pub state: ConnectionState,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A stored row: metadata plus the sealed credential, as opaque bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionRow {
+    pub meta: ConnectionMeta,
+    pub key_id: String,
+    pub wrapped_key: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("a connection with id {0} already exists")]
+    Duplicate(String),
+    #[error("stored row {id} is corrupt: {reason}")]
+    Corrupt { id: String, reason: String },
+    #[error("store migration failed: {0}")]
+    Migration(String),
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError>;
+    async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError>;
+    async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError>;
+    /// True if a row was deleted.
+    async fn delete_connection(&self, id: &str) -> Result<bool, StoreError>;
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

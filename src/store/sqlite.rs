@@ -1,0 +1,236 @@
+//! SQLite store: one file in the data directory, WAL mode, versioned
+//! migrations. rusqlite is synchronous, so every call runs on the blocking
+//! pool; one connection behind a mutex is plenty for the admin write rate,
+//! and reads on the proxy path are served from the credential cache.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{ConnectionMeta, ConnectionRow, ConnectionState, Store, StoreError};
+
+/// Versioned migrations; index + 1 is the version. Never edit a shipped one.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE connections (
+    id           TEXT PRIMARY KEY,
+    org_id       TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    integration  TEXT NOT NULL,
+    auth_method  TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    key_id       TEXT NOT NULL,
+    wrapped_key  BLOB NOT NULL,
+    nonce        BLOB NOT NULL,
+    ciphertext   BLOB NOT NULL
+);
+CREATE INDEX connections_org ON connections (org_id, created_at);
+"];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating the file and its directory if needed) and migrates.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let conn = Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        migrate(&conn)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| backend("store mutex poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let m = |e: rusqlite::Error| StoreError::Migration(e.to_string());
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(m)?;
+    let current: i64 = conn
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .map_err(m)?;
+    if current > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Migration(format!(
+            "database schema version {current} is newer than this binary ({}); upgrade credproxy",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i64 + 1;
+        conn.execute_batch(&format!("BEGIN; {sql}; INSERT INTO schema_migrations VALUES ({version}, strftime('%s','now')); COMMIT;"))
+            .map_err(|e| StoreError::Migration(format!("version {version}: {e}")))?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
+
+fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, String)> {
+    let state: String = r.get(5)?;
+    Ok((
+        ConnectionMeta {
+            id: r.get(0)?,
+            org_id: r.get(1)?,
+            user_id: r.get(2)?,
+            integration: r.get(3)?,
+            auth_method: r.get(4)?,
+            state: ConnectionState::Active,
+            created_at: r.get(6)?,
+            updated_at: r.get(7)?,
+        },
+        state,
+    ))
+}
+
+fn check_state((mut meta, state): (ConnectionMeta, String)) -> Result<ConnectionMeta, StoreError> {
+    meta.state = ConnectionState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+        id: meta.id.clone(),
+        reason: format!("unknown state {state:?}"),
+    })?;
+    Ok(meta)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError> {
+        let row = row.clone();
+        self.with(move |c| {
+            let m = &row.meta;
+            let res = c.execute(
+                "INSERT INTO connections (id, org_id, user_id, integration, auth_method, state, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![m.id, m.org_id, m.user_id, m.integration, m.auth_method, m.state.as_str(), m.created_at, m.updated_at, row.key_id, row.wrapped_key, row.nonce, row.ciphertext],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Err(StoreError::Duplicate(m.id.clone()))
+                }
+                Err(e) => Err(backend(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let row = c
+                .query_row(
+                    &format!("SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = ?1"),
+                    [&id],
+                    |r| Ok((meta_from_row(r)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            row.map(|(meta, key_id, wrapped_key, nonce, ciphertext)| {
+                Ok(ConnectionRow { meta: check_state(meta)?, key_id, wrapped_key, nonce, ciphertext })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
+        let org_id = org_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(&format!("SELECT {META_COLUMNS} FROM connections WHERE org_id = ?1 ORDER BY created_at, id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([&org_id], meta_from_row).map_err(backend)?;
+            rows.map(|r| check_state(r.map_err(backend)?)).collect()
+        })
+        .await
+    }
+
+    async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id]).map_err(backend)? > 0))
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
+        ConnectionRow {
+            meta: ConnectionMeta {
+                id: id.into(),
+                org_id: org.into(),
+                user_id: "u".into(),
+                integration: "i".into(),
+                auth_method: "m".into(),
+                state: ConnectionState::Active,
+                created_at: t,
+                updated_at: t,
+            },
+            key_id: "k".into(),
+            wrapped_key: vec![1, 2],
+            nonce: vec![3],
+            ciphertext: vec![4, 5, 6],
+        }
+    }
+
+    #[tokio::test]
+    async fn crud_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d/x.db");
+        let s = SqliteStore::open(&path).unwrap();
+        s.insert_connection(&row("c1", "o1", 1)).await.unwrap();
+        s.insert_connection(&row("c2", "o1", 2)).await.unwrap();
+        s.insert_connection(&row("c3", "o2", 3)).await.unwrap();
+        assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
+        assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
+        assert_eq!(s.get_connection("nope").await.unwrap(), None);
+        let ids: Vec<_> = s.list_connections("o1").await.unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, ["c1", "c2"]);
+        assert!(s.delete_connection("c1").await.unwrap());
+        assert!(!s.delete_connection("c1").await.unwrap());
+        drop(s);
+        // Migrations are idempotent and data survives a reopen.
+        let s = SqliteStore::open(&path).unwrap();
+        assert!(s.get_connection("c2").await.unwrap().is_some());
+        s.ping().await.unwrap();
+    }
+}

@@ -1,0 +1,185 @@
+//! The upstream side: a pooled hyper client (HTTP/1.1 and h2 by ALPN, rustls
+//! with ring) whose connector resolves names itself, checks every address
+//! against the [`EgressPolicy`], and connects only to addresses it checked —
+//! there is no second lookup an attacker could race.
+//!
+//! The client never reads `HTTP_PROXY`/`HTTPS_PROXY`: our own traffic must not
+//! loop through a proxy. Imports `policy` only.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::policy::ssrf::{EgressPolicy, Prohibited};
+
+/// Request bodies we forward: the caller's stream, or a buffered rewrite.
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<GuardedConnector>, UpstreamBody>;
+
+/// Why the connector did not produce a connection. Found again by the proxy
+/// in the client error's source chain to pick the right status.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("destination {host} resolves to {ip}, which is {why} and not allowed by egress.allow_cidrs")]
+    Prohibited { host: String, ip: IpAddr, why: Prohibited },
+    #[error("cannot resolve {host}: {source}")]
+    Dns {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host} has no addresses")]
+    NoAddresses { host: String },
+    #[error("connecting to {host} ({addr}) failed: {source}")]
+    Connect {
+        host: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {host} timed out")]
+    Timeout { host: String },
+    #[error("invalid upstream URI")]
+    InvalidUri,
+}
+
+/// TCP connector with the SSRF guard built in.
+#[derive(Clone)]
+pub struct GuardedConnector {
+    policy: Arc<EgressPolicy>,
+    connect_timeout: Duration,
+}
+
+impl GuardedConnector {
+    pub fn new(policy: Arc<EgressPolicy>, connect_timeout: Duration) -> Self {
+        Self { policy, connect_timeout }
+    }
+
+    /// Resolves `host:port` and checks every address. Refuses the whole name
+    /// if any address is prohibited: mixed answers are a rebinding trick.
+    pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((bare, port))
+                .await
+                .map_err(|source| ConnectError::Dns { host: host.to_owned(), source })?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(ConnectError::NoAddresses { host: host.to_owned() });
+        }
+        for a in &addrs {
+            self.policy.check(a.ip()).map_err(|why| ConnectError::Prohibited { host: host.to_owned(), ip: a.ip(), why })?;
+        }
+        Ok(addrs)
+    }
+
+    async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        let addrs = self.resolve_checked(&host, port).await?;
+        let mut last = None;
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(TokioIo::new(stream));
+                }
+                Ok(Err(source)) => last = Some(ConnectError::Connect { host: host.clone(), addr, source }),
+                Err(_) => last = Some(ConnectError::Timeout { host: host.clone() }),
+            }
+        }
+        Err(last.unwrap_or(ConnectError::NoAddresses { host }))
+    }
+}
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// Settings for [`build_client`].
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+pub fn tls_config() -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+pub fn build_client(policy: Arc<EgressPolicy>, s: &ClientSettings) -> UpstreamClient {
+    let connector = GuardedConnector::new(policy, s.connect_timeout);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(s.pool_idle_timeout)
+        .pool_max_idle_per_host(s.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
+/// Finds a [`ConnectError`] in an error's source chain.
+pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// True if a TLS error (certificate, handshake) is in the source chain.
+pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
