@@ -39,7 +39,10 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope)
             })
             .collect();
-        Self { connections, tokens }
+        Self {
+            connections,
+            tokens,
+        }
     }
 
     fn scope_for(&self, presented: &str) -> Option<Scope> {
@@ -47,7 +50,10 @@ impl AdminState {
         let mut found = None;
         // Check every token so timing does not depend on which one matched.
         for (t, scope) in &self.tokens {
-            let diff = t.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            let diff = t
+                .iter()
+                .zip(h.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 {
                 found = Some(scope.clone());
             }
@@ -82,8 +88,14 @@ impl Scope {
 pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/integrations", get(list_integrations))
-        .route("/v1/connections", get(list_connections).post(create_connection))
-        .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
+        .route(
+            "/v1/connections",
+            get(list_connections).post(create_connection),
+        )
+        .route(
+            "/v1/connections/{id}",
+            get(get_connection).delete(delete_connection),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
@@ -98,8 +110,19 @@ pub fn router(state: Arc<AdminState>) -> Router {
 pub struct ApiError(Problem);
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self(Problem::new(status, code, title, detail.into(), ProxyErrorType::HttpRequestError))
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self(Problem::new(
+            status,
+            code,
+            title,
+            detail.into(),
+            ProxyErrorType::HttpRequestError,
+        ))
     }
 
     fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
@@ -111,12 +134,22 @@ impl ApiError {
     }
 
     fn connection_not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "connection_not_found", "Connection not found", "no connection with this id is visible to this token")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "connection_not_found",
+            "Connection not found",
+            "no connection with this id is visible to this token",
+        )
     }
 
     fn store(e: StoreError) -> Self {
         tracing::error!(error = %e, "admin: store error");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable", "the store cannot be reached; retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "Store unavailable",
+            "the store cannot be reached; retry later",
+        )
     }
 }
 
@@ -139,8 +172,17 @@ async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next:
             next.run(req).await
         }
         None => {
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", "send Authorization: Bearer <admin token>").into_response();
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credproxy-admin\""));
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                "send Authorization: Bearer <admin token>",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"credproxy-admin\""),
+            );
             r
         }
     }
@@ -151,7 +193,11 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
-    st.connections.store().ping().await.map_err(ApiError::store)?;
+    st.connections
+        .store()
+        .ping()
+        .await
+        .map_err(ApiError::store)?;
     Ok(Json(json!({"status": "ready"})))
 }
 
@@ -232,12 +278,23 @@ async fn create_connection(
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
-    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
-    let req: CreateBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+    })?;
+    let req: CreateBody = serde_path_to_error::deserialize(value).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_request",
+            format!("{}: {}", e.path(), redact_serde(e.inner())),
+        )
+    })?;
     if let Some(org) = scope.org() {
         if org != req.org_id {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_org", "Forbidden", "this admin token is scoped to another organization"));
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_org",
+                "Forbidden",
+                "this admin token is scoped to another organization",
+            ));
         }
     }
     let mut credentials = BTreeMap::new();
@@ -246,7 +303,12 @@ async fn create_connection(
             Value::String(s) => {
                 credentials.insert(k, SecretValue::new(s));
             }
-            _ => return Err(ApiError::bad_request("invalid_credentials", format!("credentials.{k}: must be a string"))),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_credentials",
+                    format!("credentials.{k}: must be a string"),
+                ))
+            }
         }
     }
     let meta = st
@@ -260,14 +322,27 @@ async fn create_connection(
         })
         .await
         .map_err(|e| match e {
-            CreateError::UnknownIntegration(_) => ApiError::bad_request("unknown_integration", e.to_string()),
-            CreateError::UnknownAuthMethod { .. } => ApiError::bad_request("unknown_auth_method", e.to_string()),
-            CreateError::InvalidId { .. } => ApiError::bad_request("invalid_request", e.to_string()),
-            CreateError::Credential(c) => ApiError::bad_request("invalid_credentials", c.to_string()),
+            CreateError::UnknownIntegration(_) => {
+                ApiError::bad_request("unknown_integration", e.to_string())
+            }
+            CreateError::UnknownAuthMethod { .. } => {
+                ApiError::bad_request("unknown_auth_method", e.to_string())
+            }
+            CreateError::InvalidId { .. } => {
+                ApiError::bad_request("invalid_request", e.to_string())
+            }
+            CreateError::Credential(c) => {
+                ApiError::bad_request("invalid_credentials", c.to_string())
+            }
             CreateError::Store(s) => ApiError::store(s),
             CreateError::Crypto(c) => {
                 tracing::error!(error = %c, "admin: sealing a credential failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "sealing the credential failed; see the log")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "Internal error",
+                    "sealing the credential failed; see the log",
+                )
             }
         })?;
     tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "connection created");
@@ -298,11 +373,21 @@ async fn list_connections(
 ) -> Result<Json<Value>, ApiError> {
     let org = match (scope.org(), q.org_id) {
         (Some(s), Some(q)) if s != q => {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden_org", "Forbidden", "this admin token is scoped to another organization"))
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_org",
+                "Forbidden",
+                "this admin token is scoped to another organization",
+            ))
         }
         (_, Some(q)) => q,
         (Some(s), None) => s.to_owned(),
-        (None, None) => return Err(ApiError::bad_request("invalid_request", "org_id query parameter is required")),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "org_id query parameter is required",
+            ))
+        }
     };
     let items = st.connections.list(&org).await.map_err(ApiError::store)?;
     let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
@@ -314,8 +399,13 @@ async fn get_connection(
     axum::Extension(scope): axum::Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<ConnectionView>, ApiError> {
-    let meta = st.connections.get_meta(scope.org(), &id).await.map_err(ApiError::store)?;
-    meta.map(|m| Json(view(&st, m))).ok_or_else(ApiError::connection_not_found)
+    let meta = st
+        .connections
+        .get_meta(scope.org(), &id)
+        .await
+        .map_err(ApiError::store)?;
+    meta.map(|m| Json(view(&st, m)))
+        .ok_or_else(ApiError::connection_not_found)
 }
 
 async fn delete_connection(
@@ -334,5 +424,7 @@ async fn delete_connection(
     }
     tracing::info!(connection = %id, "connection deleted");
     // Static credentials have nothing to revoke at a provider.
-    Ok(Json(json!({ "id": id, "deleted": true, "provider_revocation": "not_applicable" })))
+    Ok(Json(
+        json!({ "id": id, "deleted": true, "provider_revocation": "not_applicable" }),
+    ))
 }

@@ -2,7 +2,11 @@
 //! subcommands that drive the admin API. The binary's edge: it may print and
 //! use `anyhow`-style reporting; library code below it may not.
 
-#![allow(clippy::print_stdout, clippy::print_stderr, reason = "the CLI talks to a terminal")]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the CLI talks to a terminal"
+)]
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,7 +27,11 @@ use crate::server::{self, Listeners, StartError};
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "credproxy", version, about = "Credential-injecting forward proxy for integration workflows")]
+#[command(
+    name = "credproxy",
+    version,
+    about = "Credential-injecting forward proxy for integration workflows"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,10 +61,20 @@ enum Command {
 #[derive(Args)]
 struct AdminArgs {
     /// Admin API base URL.
-    #[arg(long, env = "CREDPROXY_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
+    #[arg(
+        long,
+        env = "CREDPROXY_ADMIN_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
     admin_url: String,
     /// Admin bearer token.
-    #[arg(long, env = "CREDPROXY_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "CREDPROXY_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     admin_token: Option<String>,
 }
 
@@ -88,7 +106,10 @@ enum ConnCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credproxy: cannot start the runtime: {e}");
@@ -174,7 +195,13 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
         }
     };
     let result = match command {
-        ConnCommand::Create { integration, auth_method, org_id, user_id, credentials } => {
+        ConnCommand::Create {
+            integration,
+            auth_method,
+            org_id,
+            user_id,
+            credentials,
+        } => {
             let creds = match parse_credentials(&credentials) {
                 Ok(c) => c,
                 Err(e) => {
@@ -186,17 +213,38 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
                 "integration": integration, "auth_method": auth_method,
                 "org_id": org_id, "user_id": user_id, "credentials": creds,
             });
-            client.call(Method::POST, "/v1/connections", Some(&body)).await
+            client
+                .call(Method::POST, "/v1/connections", Some(&body))
+                .await
         }
         ConnCommand::List { org_id } => {
             let path = match org_id {
-                Some(o) => format!("/v1/connections?org_id={}", form_urlencoded::byte_serialize(o.as_bytes()).collect::<String>()),
+                Some(o) => format!(
+                    "/v1/connections?org_id={}",
+                    form_urlencoded::byte_serialize(o.as_bytes()).collect::<String>()
+                ),
                 None => "/v1/connections".to_owned(),
             };
             client.call(Method::GET, &path, None).await
         }
-        ConnCommand::Get { id } => client.call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None).await,
-        ConnCommand::Delete { id } => client.call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None).await,
+        ConnCommand::Get { id } => {
+            client
+                .call(
+                    Method::GET,
+                    &format!("/v1/connections/{}", path_segment(&id)),
+                    None,
+                )
+                .await
+        }
+        ConnCommand::Delete { id } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/connections/{}", path_segment(&id)),
+                    None,
+                )
+                .await
+        }
     };
     match result {
         Ok(v) => {
@@ -211,19 +259,29 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
 }
 
 fn path_segment(s: &str) -> String {
-    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
 }
 
 fn parse_credentials(items: &[String]) -> Result<BTreeMap<String, Value>, String> {
     let mut out = BTreeMap::new();
     for item in items {
-        let (name, raw) = item.split_once('=').ok_or_else(|| format!("--credential {:?}: expected NAME=VALUE", item.split('=').next().unwrap_or("")))?;
+        let (name, raw) = item.split_once('=').ok_or_else(|| {
+            format!(
+                "--credential {:?}: expected NAME=VALUE",
+                item.split('=').next().unwrap_or("")
+            )
+        })?;
         let value = if raw == "@-" {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
             s.trim_end_matches(['\r', '\n']).to_owned()
         } else if let Some(file) = raw.strip_prefix('@') {
-            let s = std::fs::read_to_string(file).map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;
+            let s = std::fs::read_to_string(file)
+                .map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;
             s.trim_end_matches(['\r', '\n']).to_owned()
         } else {
             raw.to_owned()

@@ -57,7 +57,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub proxy: ProxyConfig,
@@ -269,22 +269,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            proxy: ProxyConfig::default(),
-            admin: AdminConfig::default(),
-            store: StoreConfig::default(),
-            crypto: CryptoConfig::default(),
-            cache: CacheConfig::default(),
-            egress: EgressConfig::default(),
-            upstream: UpstreamConfig::default(),
-            integrations: IntegrationsConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 impl Config {
     /// Reads `path`, applies `CREDPROXY_*` overrides from `env`, substitutes
     /// `${VAR}`, deserializes and validates.
@@ -301,7 +285,11 @@ impl Config {
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
         let mut value: toml::Value = toml::from_str(text).map_err(|e| {
-            ConfigError::new(name, "(syntax)", e.message().to_owned() + &line_of(text, e.span()))
+            ConfigError::new(
+                name,
+                "(syntax)",
+                e.message().to_owned() + &line_of(text, e.span()),
+            )
         })?;
         apply_env_overrides(&mut value, env)?;
         substitute_env(&mut value, env, name, "")?;
@@ -370,12 +358,18 @@ impl Config {
         for (key, v) in [
             ("cache.max_entries", self.cache.max_entries),
             ("cache.ttl_secs", self.cache.ttl_secs),
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
             (
                 "upstream.response_header_timeout_ms",
                 self.upstream.response_header_timeout_ms,
             ),
-            ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
+            (
+                "proxy.header_read_timeout_ms",
+                self.proxy.header_read_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));
@@ -392,7 +386,11 @@ pub fn deserialize_value<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." { "(top level)".to_owned() } else { path };
+        let key = if path == "." {
+            "(top level)".to_owned()
+        } else {
+            path
+        };
         ConfigError::new(name, key, e.into_inner().to_string())
     })
 }
@@ -462,7 +460,11 @@ pub fn substitute_env(
         }
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 substitute_env(v, env, name, &p)?;
             }
         }
@@ -509,10 +511,14 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    const MIN: &str = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
+    const MIN: &str =
+        "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
 
     #[test]
     fn shipped_config_file_parses_with_an_admin_token() {
@@ -560,26 +566,33 @@ mod tests {
         assert_eq!(cfg.proxy.listen.port(), 9999);
         assert_eq!(cfg.cache.ttl_secs, 7);
         assert_eq!(cfg.egress.allow_cidrs.len(), 1);
-        assert_eq!(cfg.admin.tokens[0].token.expose(), "an-admin-token-from-env");
+        assert_eq!(
+            cfg.admin.tokens[0].token.expose(),
+            "an-admin-token-from-env"
+        );
     }
 
     #[test]
     fn substitution_and_missing_variable() {
         let text = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"${TOK}\"\n";
-        let cfg =
-            Config::from_toml_str("c.toml", text, &env(&[("TOK", "from-the-environment")])).unwrap();
+        let cfg = Config::from_toml_str("c.toml", text, &env(&[("TOK", "from-the-environment")]))
+            .unwrap();
         assert_eq!(cfg.admin.tokens[0].token.expose(), "from-the-environment");
         let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
         assert_eq!(err.key, "admin.tokens[0].token");
         assert!(err.reason.contains("TOK"));
-        assert_eq!(substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(), "a$b1c");
+        assert_eq!(
+            substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(),
+            "a$b1c"
+        );
     }
 
     #[test]
     fn missing_org_and_tokens_are_reported() {
         let err = Config::from_toml_str("c.toml", "", &env(&[])).unwrap_err();
         assert_eq!(err.key, "proxy.org_id");
-        let err = Config::from_toml_str("c.toml", "[proxy]\norg_id=\"o\"\n", &env(&[])).unwrap_err();
+        let err =
+            Config::from_toml_str("c.toml", "[proxy]\norg_id=\"o\"\n", &env(&[])).unwrap_err();
         assert_eq!(err.key, "admin.tokens");
     }
 

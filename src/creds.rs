@@ -53,7 +53,10 @@ impl Credential {
             })?;
             let s = v.expose();
             if s.is_empty() {
-                return Err(CredentialError { field: f.clone(), reason: "must not be empty" });
+                return Err(CredentialError {
+                    field: f.clone(),
+                    reason: "must not be empty",
+                });
             }
             if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(CredentialError {
@@ -97,11 +100,18 @@ impl Credential {
     }
 
     fn from_plaintext(method: &AuthMethod, bytes: &[u8]) -> Result<Self, String> {
-        let map: BTreeMap<String, String> =
-            serde_json::from_slice(bytes).map_err(|_| "stored credential is not a JSON object of strings".to_owned())?;
-        let fields = map.into_iter().map(|(k, v)| (k, SecretValue::new(v))).collect();
-        Self::from_fields(method, fields)
-            .map_err(|e| format!("stored credential no longer fits auth method {:?}: {e}", method.id))
+        let map: BTreeMap<String, String> = serde_json::from_slice(bytes)
+            .map_err(|_| "stored credential is not a JSON object of strings".to_owned())?;
+        let fields = map
+            .into_iter()
+            .map(|(k, v)| (k, SecretValue::new(v)))
+            .collect();
+        Self::from_fields(method, fields).map_err(|e| {
+            format!(
+                "stored credential no longer fits auth method {:?}: {e}",
+                method.id
+            )
+        })
     }
 }
 
@@ -173,8 +183,16 @@ impl Connections {
         max_entries: u64,
         ttl: Duration,
     ) -> Self {
-        let cache = Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
-        Self { store, envelope, integrations, cache }
+        let cache = Cache::builder()
+            .max_capacity(max_entries)
+            .time_to_live(ttl)
+            .build();
+        Self {
+            store,
+            envelope,
+            integrations,
+            cache,
+        }
     }
 
     pub fn integrations(&self) -> &Arc<Integrations> {
@@ -187,7 +205,11 @@ impl Connections {
 
     /// Resolves a connection for `org`. Returns the connection and whether it
     /// came from the cache. Unknown and other-org ids are the same `NotFound`.
-    pub async fn resolve(&self, org: &str, id: &str) -> Result<(Arc<Resolved>, bool), ResolveError> {
+    pub async fn resolve(
+        &self,
+        org: &str,
+        id: &str,
+    ) -> Result<(Arc<Resolved>, bool), ResolveError> {
         let (resolved, hit) = match self.cache.get(id).await {
             Some(r) => (r, true),
             None => {
@@ -210,31 +232,59 @@ impl Connections {
     }
 
     async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
-        let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
-        let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
+        let row = self
+            .store
+            .get_connection(id)
+            .await?
+            .ok_or(ResolveError::NotFound)?;
+        let misconfigured = |reason: String| ResolveError::Misconfigured {
+            id: id.to_owned(),
+            reason,
+        };
         let integration = self
             .integrations
             .get(&row.meta.integration)
             .cloned()
-            .ok_or_else(|| misconfigured(format!("integration {:?} is no longer configured", row.meta.integration)))?;
+            .ok_or_else(|| {
+                misconfigured(format!(
+                    "integration {:?} is no longer configured",
+                    row.meta.integration
+                ))
+            })?;
         let method = integration
             .auth_method(&row.meta.auth_method)
             .cloned()
-            .ok_or_else(|| misconfigured(format!("auth method {:?} is no longer configured", row.meta.auth_method)))?;
-        let ctx = crypto::Context { org_id: &row.meta.org_id, connection_id: &row.meta.id };
+            .ok_or_else(|| {
+                misconfigured(format!(
+                    "auth method {:?} is no longer configured",
+                    row.meta.auth_method
+                ))
+            })?;
+        let ctx = crypto::Context {
+            org_id: &row.meta.org_id,
+            connection_id: &row.meta.id,
+        };
         let sealed = Sealed {
             key_id: row.key_id,
             wrapped_key: row.wrapped_key,
             nonce: row.nonce,
             ciphertext: row.ciphertext,
         };
-        let plaintext = self
-            .envelope
-            .open(ctx, &sealed)
-            .await
-            .map_err(|source| ResolveError::Crypto { id: id.to_owned(), source })?;
+        let plaintext =
+            self.envelope
+                .open(ctx, &sealed)
+                .await
+                .map_err(|source| ResolveError::Crypto {
+                    id: id.to_owned(),
+                    source,
+                })?;
         let credential = Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?;
-        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential }))
+        Ok(Arc::new(Resolved {
+            meta: row.meta,
+            integration,
+            method,
+            credential,
+        }))
     }
 
     pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
@@ -248,9 +298,11 @@ impl Connections {
             .integrations
             .get(&new.integration)
             .ok_or_else(|| CreateError::UnknownIntegration(new.integration.clone()))?;
-        let method = integration.auth_method(&new.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
-            integration: new.integration.clone(),
-            method: new.auth_method.clone(),
+        let method = integration.auth_method(&new.auth_method).ok_or_else(|| {
+            CreateError::UnknownAuthMethod {
+                integration: new.integration.clone(),
+                method: new.auth_method.clone(),
+            }
         })?;
         let credential = Credential::from_fields(method, new.credentials)?;
         let id = ids::new_connection_id();
@@ -265,8 +317,14 @@ impl Connections {
             created_at: now,
             updated_at: now,
         };
-        let ctx = crypto::Context { org_id: &meta.org_id, connection_id: &meta.id };
-        let sealed = self.envelope.seal(ctx, &credential.to_plaintext(method)).await?;
+        let ctx = crypto::Context {
+            org_id: &meta.org_id,
+            connection_id: &meta.id,
+        };
+        let sealed = self
+            .envelope
+            .seal(ctx, &credential.to_plaintext(method))
+            .await?;
         let row = ConnectionRow {
             meta: meta.clone(),
             key_id: sealed.key_id,
@@ -280,9 +338,15 @@ impl Connections {
 
     /// Metadata of a connection visible to `org` (`None` for both unknown
     /// and other-org). `org = None` is a global admin.
-    pub async fn get_meta(&self, org: Option<&str>, id: &str) -> Result<Option<ConnectionMeta>, StoreError> {
+    pub async fn get_meta(
+        &self,
+        org: Option<&str>,
+        id: &str,
+    ) -> Result<Option<ConnectionMeta>, StoreError> {
         let row = self.store.get_connection(id).await?;
-        Ok(row.map(|r| r.meta).filter(|m| org.is_none_or(|o| o == m.org_id)))
+        Ok(row
+            .map(|r| r.meta)
+            .filter(|m| org.is_none_or(|o| o == m.org_id)))
     }
 
     pub async fn list(&self, org: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
@@ -302,7 +366,10 @@ impl Connections {
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -314,14 +381,21 @@ mod tests {
     const GH: &str = "id = \"gh\"\nname = \"GH\"\nallowed_hosts = [\"api.github.com\"]\n[[auth_methods]]\nid = \"pat\"\ntype = \"bearer\"\n[[auth_methods]]\nid = \"basic\"\ntype = \"basic\"\n";
 
     fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, SecretValue> {
-        pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), SecretValue::from(*v)))
+            .collect()
     }
 
     async fn service(dir: &std::path::Path) -> (Connections, SqliteStore) {
         let store = SqliteStore::open(&dir.join("db.sqlite")).unwrap();
         let keys = LocalKeyProvider::open_or_create(&dir.join("master.key")).unwrap();
         let mut ints = Integrations::default();
-        ints.add(Integration::from_toml_str("gh.toml", GH, &BTreeMap::new()).unwrap(), "gh.toml").unwrap();
+        ints.add(
+            Integration::from_toml_str("gh.toml", GH, &BTreeMap::new()).unwrap(),
+            "gh.toml",
+        )
+        .unwrap();
         let c = Connections::new(
             Arc::new(store.clone()),
             Envelope::new(Arc::new(keys)),
@@ -346,27 +420,53 @@ mod tests {
     async fn create_resolve_cache_and_org_scoping() {
         let dir = tempfile::tempdir().unwrap();
         let (svc, _) = service(dir.path()).await;
-        let meta = svc.create(new_conn("org_a", &[("token", "tok-123")])).await.unwrap();
+        let meta = svc
+            .create(new_conn("org_a", &[("token", "tok-123")]))
+            .await
+            .unwrap();
         let (r, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(!hit);
         assert_eq!(r.credential.value(0).expose(), "tok-123");
         let (_, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(hit);
-        assert!(matches!(svc.resolve("org_b", &meta.id).await, Err(ResolveError::NotFound)));
-        assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
+        assert!(matches!(
+            svc.resolve("org_b", &meta.id).await,
+            Err(ResolveError::NotFound)
+        ));
+        assert!(matches!(
+            svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa")
+                .await,
+            Err(ResolveError::NotFound)
+        ));
         assert!(svc.delete(&meta.id).await.unwrap());
-        assert!(matches!(svc.resolve("org_a", &meta.id).await, Err(ResolveError::NotFound)));
+        assert!(matches!(
+            svc.resolve("org_a", &meta.id).await,
+            Err(ResolveError::NotFound)
+        ));
     }
 
     #[tokio::test]
     async fn validation_names_field_and_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (svc, store) = service(dir.path()).await;
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             (&[], "token", "missing"),
-            (&[("token", "a"), ("extra", "b")], "extra", "unknown field for this auth method"),
-            (&[("token", "a\r\nX-Evil: 1")], "token", "must not contain CR, LF or NUL"),
-            (&[("token", "a\0b")], "token", "must not contain CR, LF or NUL"),
+            (
+                &[("token", "a"), ("extra", "b")],
+                "extra",
+                "unknown field for this auth method",
+            ),
+            (
+                &[("token", "a\r\nX-Evil: 1")],
+                "token",
+                "must not contain CR, LF or NUL",
+            ),
+            (
+                &[("token", "a\0b")],
+                "token",
+                "must not contain CR, LF or NUL",
+            ),
             (&[("token", "")], "token", "must not be empty"),
         ];
         for (creds, field, reason) in cases {
@@ -384,8 +484,14 @@ mod tests {
     async fn copied_ciphertext_does_not_open_on_another_row() {
         let dir = tempfile::tempdir().unwrap();
         let (svc, store) = service(dir.path()).await;
-        let a = svc.create(new_conn("org_a", &[("token", "token-of-a")])).await.unwrap();
-        let b = svc.create(new_conn("org_a", &[("token", "token-of-b")])).await.unwrap();
+        let a = svc
+            .create(new_conn("org_a", &[("token", "token-of-a")]))
+            .await
+            .unwrap();
+        let b = svc
+            .create(new_conn("org_a", &[("token", "token-of-b")]))
+            .await
+            .unwrap();
         // Move a's sealed credential onto b's row (same org, other id).
         let row_a = store.get_connection(&a.id).await.unwrap().unwrap();
         let mut row_b = store.get_connection(&b.id).await.unwrap().unwrap();
@@ -396,7 +502,16 @@ mod tests {
         store.delete_connection(&b.id).await.unwrap();
         store.insert_connection(&row_b).await.unwrap();
         let err = svc.resolve("org_a", &b.id).await.unwrap_err();
-        assert!(matches!(err, ResolveError::Crypto { source: CryptoError::Open, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ResolveError::Crypto {
+                    source: CryptoError::Open,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(!format!("{err} {err:?}").contains("token-of"));
     }
 }

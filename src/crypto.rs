@@ -45,7 +45,8 @@ pub struct Context<'a> {
 impl Context<'_> {
     /// Length-prefixed so that no two contexts share an encoding.
     pub fn aad(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(AAD_DOMAIN.len() + 8 + self.org_id.len() + self.connection_id.len());
+        let mut v =
+            Vec::with_capacity(AAD_DOMAIN.len() + 8 + self.org_id.len() + self.connection_id.len());
         v.extend_from_slice(AAD_DOMAIN);
         for part in [self.org_id, self.connection_id] {
             v.extend_from_slice(&(part.len() as u32).to_be_bytes());
@@ -86,12 +87,17 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn new(provider: Arc<dyn KeyProvider>) -> Self {
-        Self { provider, rng: SystemRandom::new() }
+        Self {
+            provider,
+            rng: SystemRandom::new(),
+        }
     }
 
     pub async fn seal(&self, ctx: Context<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
         let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-        self.rng.fill(&mut data_key[..]).map_err(|_| CryptoError::Random)?;
+        self.rng
+            .fill(&mut data_key[..])
+            .map_err(|_| CryptoError::Random)?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
         let ciphertext = aead_seal(&data_key[..], &nonce, &ctx.aad(), plaintext)?;
@@ -104,21 +110,42 @@ impl Envelope {
         })
     }
 
-    pub async fn open(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let data_key = self.provider.unwrap(&sealed.key_id, &sealed.wrapped_key, ctx).await?;
+    pub async fn open(
+        &self,
+        ctx: Context<'_>,
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let data_key = self
+            .provider
+            .unwrap(&sealed.key_id, &sealed.wrapped_key, ctx)
+            .await?;
         aead_open(&data_key, &sealed.nonce, &ctx.aad(), &sealed.ciphertext)
     }
 }
 
-pub(crate) fn aead_seal(key: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+pub(crate) fn aead_seal(
+    key: &[u8],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Seal)?);
     let mut buf = plaintext.to_vec();
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
-        .map_err(|_| CryptoError::Seal)?;
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(*nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .map_err(|_| CryptoError::Seal)?;
     Ok(buf)
 }
 
-pub(crate) fn aead_open(key: &[u8], nonce: &[u8], aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+pub(crate) fn aead_open(
+    key: &[u8],
+    nonce: &[u8],
+    aad: &[u8],
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Open)?);
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Open)?;
     let mut buf = Zeroizing::new(ciphertext.to_vec());
@@ -143,17 +170,35 @@ mod tests {
     async fn round_trip_and_binding() {
         let dir = tempfile::tempdir().unwrap();
         let env = envelope(dir.path()).await;
-        let a = Context { org_id: "org_a", connection_id: "conn_1" };
+        let a = Context {
+            org_id: "org_a",
+            connection_id: "conn_1",
+        };
         let sealed = env.seal(a, b"{\"token\":\"s3cret\"}").await.unwrap();
         assert!(!sealed.ciphertext.windows(6).any(|w| w == b"s3cret"));
-        assert_eq!(&env.open(a, &sealed).await.unwrap()[..], b"{\"token\":\"s3cret\"}");
+        assert_eq!(
+            &env.open(a, &sealed).await.unwrap()[..],
+            b"{\"token\":\"s3cret\"}"
+        );
         // Same blob, another row: must not open.
         for other in [
-            Context { org_id: "org_b", connection_id: "conn_1" },
-            Context { org_id: "org_a", connection_id: "conn_2" },
-            Context { org_id: "org_aconn_", connection_id: "1" },
+            Context {
+                org_id: "org_b",
+                connection_id: "conn_1",
+            },
+            Context {
+                org_id: "org_a",
+                connection_id: "conn_2",
+            },
+            Context {
+                org_id: "org_aconn_",
+                connection_id: "1",
+            },
         ] {
-            assert!(matches!(env.open(other, &sealed).await, Err(CryptoError::Open)), "{other:?}");
+            assert!(
+                matches!(env.open(other, &sealed).await, Err(CryptoError::Open)),
+                "{other:?}"
+            );
         }
         // Tampering is detected.
         let mut bad = sealed.clone();
@@ -171,8 +216,14 @@ mod tests {
         let d2 = tempfile::tempdir().unwrap();
         let e1 = envelope(d1.path()).await;
         let e2 = envelope(d2.path()).await;
-        let ctx = Context { org_id: "o", connection_id: "c" };
+        let ctx = Context {
+            org_id: "o",
+            connection_id: "c",
+        };
         let sealed = e1.seal(ctx, b"x").await.unwrap();
-        assert!(matches!(e2.open(ctx, &sealed).await, Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            e2.open(ctx, &sealed).await,
+            Err(CryptoError::UnknownKey(_))
+        ));
     }
 }

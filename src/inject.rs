@@ -27,9 +27,18 @@ pub struct Edits {
 
 impl fmt::Debug for Edits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = |v: &[(String, Zeroizing<String>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let names = |v: &[(String, Zeroizing<String>)]| {
+            v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+        };
         f.debug_struct("Edits")
-            .field("headers", &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .field("query", &names(&self.query))
             .field("cookies", &names(&self.cookies))
             .field("json_fields", &names(&self.json_fields))
@@ -46,7 +55,9 @@ impl Edits {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
-    #[error("the credential cannot be placed in {0}: it contains characters that are not allowed there")]
+    #[error(
+        "the credential cannot be placed in {0}: it contains characters that are not allowed there"
+    )]
     InvalidValue(&'static str),
     #[error("this connection places a credential in a JSON body field, but the request body is not a JSON object")]
     BodyNotJson,
@@ -83,8 +94,15 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
             e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
         }
         AuthKind::Basic => {
-            let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
-            let v = Zeroizing::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())));
+            let raw = Zeroizing::new(format!(
+                "{}:{}",
+                cred.value(0).expose(),
+                cred.value(1).expose()
+            ));
+            let v = Zeroizing::new(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
+            ));
             e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
         }
         AuthKind::ApiKey(p) => place(&mut e, p, cred)?,
@@ -100,10 +118,14 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
 fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectError> {
     let value = render(&p.template, cred);
     match &p.target {
-        Target::Header(name) => e.headers.push((name.clone(), sensitive(&value, "a header")?)),
+        Target::Header(name) => e
+            .headers
+            .push((name.clone(), sensitive(&value, "a header")?)),
         Target::Query(name) => e.query.push((name.clone(), value)),
         Target::Cookie(name) => {
-            if value.bytes().any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f) {
+            if value.bytes().any(|b| {
+                b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f
+            }) {
                 return Err(InjectError::InvalidValue("a cookie"));
             }
             e.cookies.push((name.clone(), value));
@@ -155,7 +177,10 @@ fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, 
     let mut q = Zeroizing::new(String::new());
     if let Some(existing) = uri.query() {
         for seg in existing.split('&').filter(|s| !s.is_empty()) {
-            let name = form_urlencoded::parse(seg.as_bytes()).next().map(|(n, _)| n.into_owned()).unwrap_or_default();
+            let name = form_urlencoded::parse(seg.as_bytes())
+                .next()
+                .map(|(n, _)| n.into_owned())
+                .unwrap_or_default();
             if !params.iter().any(|(n, _)| *n == name) {
                 if !q.is_empty() {
                     q.push('&');
@@ -174,7 +199,8 @@ fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, 
     }
     let pq = Zeroizing::new(format!("{path}?{}", q.as_str()));
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::try_from(pq.as_str()).map_err(|_| InjectError::BadUri)?);
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(pq.as_str()).map_err(|_| InjectError::BadUri)?);
     Uri::from_parts(parts).map_err(|_| InjectError::BadUri)
 }
 
@@ -185,11 +211,16 @@ pub fn apply_body(
     body: &[u8],
     e: &Edits,
 ) -> Result<(Zeroizing<Vec<u8>>, Option<HeaderValue>), InjectError> {
-    let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let ctype = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let mut out = Zeroizing::new(body.to_vec());
     let mut set_type = None;
     if !e.json_fields.is_empty() {
-        let is_json = ctype.starts_with("application/json") || (ctype.starts_with("application/") && ctype.contains("+json"));
+        let is_json = ctype.starts_with("application/json")
+            || (ctype.starts_with("application/") && ctype.contains("+json"));
         let mut obj = if body.iter().all(u8::is_ascii_whitespace) && (ctype.is_empty() || is_json) {
             if ctype.is_empty() {
                 set_type = Some(HeaderValue::from_static("application/json"));
@@ -210,11 +241,13 @@ pub fn apply_body(
     }
     if !e.form_fields.is_empty() {
         let is_form = ctype.starts_with("application/x-www-form-urlencoded");
-        if !is_form && !(ctype.is_empty() && body.is_empty()) {
+        if !(is_form || ctype.is_empty() && body.is_empty()) {
             return Err(InjectError::BodyNotForm);
         }
         if ctype.is_empty() {
-            set_type = Some(HeaderValue::from_static("application/x-www-form-urlencoded"));
+            set_type = Some(HeaderValue::from_static(
+                "application/x-www-form-urlencoded",
+            ));
         }
         let mut ser = form_urlencoded::Serializer::new(String::new());
         for (n, v) in form_urlencoded::parse(&out) {
@@ -238,20 +271,31 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn method(toml_methods: &str) -> std::sync::Arc<AuthMethod> {
-        let text = format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{toml_methods}");
+        let text =
+            format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{toml_methods}");
         let i = Integration::from_toml_str("t.toml", &text, &BTreeMap::new()).unwrap();
         i.auth_methods[0].clone()
     }
 
     fn cred(m: &AuthMethod, pairs: &[(&str, &str)]) -> Credential {
-        Credential::from_fields(m, pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()).unwrap()
+        Credential::from_fields(
+            m,
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), SecretValue::from(*v)))
+                .collect(),
+        )
+        .unwrap()
     }
 
     fn run(m: &AuthMethod, c: &Credential, uri: &str, hdrs: &[(&str, &str)]) -> (Uri, HeaderMap) {
         let mut uri: Uri = uri.parse().unwrap();
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         apply_head(&mut uri, &mut h, &edits(m, c).unwrap()).unwrap();
         (uri, h)
@@ -261,7 +305,15 @@ mod tests {
     fn bearer_replaces_callers_authorization() {
         let m = method("[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n");
         let c = cred(&m, &[("token", "tkn")]);
-        let (_, h) = run(&m, &c, "http://x.test/", &[("authorization", "Bearer caller"), ("authorization", "Basic x")]);
+        let (_, h) = run(
+            &m,
+            &c,
+            "http://x.test/",
+            &[
+                ("authorization", "Bearer caller"),
+                ("authorization", "Basic x"),
+            ],
+        );
         let all: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(all, ["Bearer tkn"]);
         assert!(all[0].is_sensitive());
@@ -278,18 +330,41 @@ mod tests {
     #[test]
     fn api_key_header_query_cookie() {
         let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"X-Api-Key\"\ntemplate = \"Token {api_key}\"\n");
-        let (_, h) = run(&m, &cred(&m, &[("api_key", "k1")]), "http://x.test/", &[("x-api-key", "caller")]);
-        assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), ["Token k1"]);
+        let (_, h) = run(
+            &m,
+            &cred(&m, &[("api_key", "k1")]),
+            "http://x.test/",
+            &[("x-api-key", "caller")],
+        );
+        assert_eq!(
+            h.get_all("x-api-key").iter().collect::<Vec<_>>(),
+            ["Token k1"]
+        );
 
         let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"query\"\nname = \"api_key\"\n");
-        let (u, _) = run(&m, &cred(&m, &[("api_key", "a b&c")]), "http://x.test/p?x=1&api_key=caller&y=%20", &[]);
+        let (u, _) = run(
+            &m,
+            &cred(&m, &[("api_key", "a b&c")]),
+            "http://x.test/p?x=1&api_key=caller&y=%20",
+            &[],
+        );
         assert_eq!(u.to_string(), "http://x.test/p?x=1&y=%20&api_key=a+b%26c");
         let (u, _) = run(&m, &cred(&m, &[("api_key", "k")]), "http://x.test/p", &[]);
         assert_eq!(u.to_string(), "http://x.test/p?api_key=k");
 
-        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"cookie\"\nname = \"sid\"\n");
-        let (_, h) = run(&m, &cred(&m, &[("api_key", "k1")]), "http://x.test/", &[("cookie", "a=1; sid=caller"), ("cookie", "b=2")]);
-        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2; sid=k1"]);
+        let m = method(
+            "[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"cookie\"\nname = \"sid\"\n",
+        );
+        let (_, h) = run(
+            &m,
+            &cred(&m, &[("api_key", "k1")]),
+            "http://x.test/",
+            &[("cookie", "a=1; sid=caller"), ("cookie", "b=2")],
+        );
+        assert_eq!(
+            h.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; sid=k1"]
+        );
         let e = edits(&m, &cred(&m, &[("api_key", "x;y")])).unwrap_err();
         assert_eq!(e, InjectError::InvalidValue("a cookie"));
     }
@@ -317,15 +392,24 @@ mod tests {
         let (b, t) = apply_body(&HeaderMap::new(), b"", &only_json).unwrap();
         assert_eq!(&b[..], br#"{"api_secret":"s&=x"}"#);
         assert_eq!(t.unwrap(), "application/json");
-        assert_eq!(apply_body(&h, b"[1]", &only_json).unwrap_err(), InjectError::BodyNotJson);
+        assert_eq!(
+            apply_body(&h, b"[1]", &only_json).unwrap_err(),
+            InjectError::BodyNotJson
+        );
 
         let mut only_form = edits(&m, &c).unwrap();
         only_form.json_fields.clear();
         let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
+        h.insert(
+            CONTENT_TYPE,
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
         let (b, _) = apply_body(&h, b"q=1&sig=caller", &only_form).unwrap();
         assert_eq!(&b[..], b"q=1&sig=acct-7%3As%26%3Dx");
         h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert_eq!(apply_body(&h, b"x", &only_form).unwrap_err(), InjectError::BodyNotForm);
+        assert_eq!(
+            apply_body(&h, b"x", &only_form).unwrap_err(),
+            InjectError::BodyNotForm
+        );
     }
 }

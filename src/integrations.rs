@@ -43,7 +43,11 @@ impl Integrations {
     /// Loads every `*.toml` in `dir` (sorted by file name).
     pub fn load_dir(dir: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let read = std::fs::read_dir(dir).map_err(|e| {
-            ConfigError::new(dir.display(), "integrations.dir", format!("cannot read directory: {e}"))
+            ConfigError::new(
+                dir.display(),
+                "integrations.dir",
+                format!("cannot read directory: {e}"),
+            )
         })?;
         let mut paths: Vec<_> = read
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -68,7 +72,8 @@ impl Integrations {
                 format!("integration {:?} is defined twice", integration.id),
             ));
         }
-        self.by_id.insert(integration.id.clone(), Arc::new(integration));
+        self.by_id
+            .insert(integration.id.clone(), Arc::new(integration));
         Ok(())
     }
 }
@@ -242,7 +247,9 @@ impl Template {
                         }
                     }
                     let idx = fields.iter().position(|f| *f == name).ok_or_else(|| {
-                        format!("template {s:?} refers to unknown field {name:?} (fields: {fields:?})")
+                        format!(
+                            "template {s:?} refers to unknown field {name:?} (fields: {fields:?})"
+                        )
                     })?;
                     if !lit.is_empty() {
                         parts.push(Part::Lit(std::mem::take(&mut lit)));
@@ -343,14 +350,17 @@ impl Integration {
         text: &str,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut value: toml::Value = toml::from_str(text)
-            .map_err(|e| ConfigError::new(source, "(syntax)", e.message()))?;
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| ConfigError::new(source, "(syntax)", e.message()))?;
         substitute_env(&mut value, env, source, "")?;
         let file: IntegrationFile = deserialize_value(source, value)?;
         let err = |key: String, reason: String| ConfigError::new(source, key, reason);
 
         if !is_slug(&file.id) {
-            return Err(err("id".into(), "must be 1-64 characters of [a-z0-9_-]".into()));
+            return Err(err(
+                "id".into(),
+                "must be 1-64 characters of [a-z0-9_-]".into(),
+            ));
         }
         if file.allowed_hosts.is_empty() {
             return Err(err(
@@ -360,21 +370,33 @@ impl Integration {
         }
         let mut allowed_hosts = Vec::new();
         for (i, h) in file.allowed_hosts.iter().enumerate() {
-            allowed_hosts.push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
+            allowed_hosts
+                .push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
         }
         if file.auth_methods.is_empty() {
-            return Err(err("auth_methods".into(), "must define at least one auth method".into()));
+            return Err(err(
+                "auth_methods".into(),
+                "must define at least one auth method".into(),
+            ));
         }
         let mut auth_methods: Vec<Arc<AuthMethod>> = Vec::new();
         for (i, m) in file.auth_methods.into_iter().enumerate() {
             let key = format!("auth_methods[{i}]");
             if !is_slug(&m.id) {
-                return Err(err(format!("{key}.id"), "must be 1-64 characters of [a-z0-9_-]".into()));
+                return Err(err(
+                    format!("{key}.id"),
+                    "must be 1-64 characters of [a-z0-9_-]".into(),
+                ));
             }
             if auth_methods.iter().any(|a| a.id == m.id) {
-                return Err(err(format!("{key}.id"), format!("auth method {:?} is defined twice", m.id)));
+                return Err(err(
+                    format!("{key}.id"),
+                    format!("auth method {:?} is defined twice", m.id),
+                ));
             }
-            auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
+            auth_methods.push(Arc::new(
+                compile_method(m, &key).map_err(|(k, r)| err(k, r))?,
+            ));
         }
         if let Some(t) = &file.test {
             if !t.path.starts_with('/') {
@@ -399,7 +421,8 @@ impl Integration {
 fn is_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 type FieldError = (String, String);
@@ -407,7 +430,10 @@ type FieldError = (String, String);
 fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError> {
     let forbid = |present: bool, field: &str| -> Result<(), FieldError> {
         if present {
-            Err((format!("{key}.{field}"), format!("not used by auth method type {:?}", m.kind)))
+            Err((
+                format!("{key}.{field}"),
+                format!("not used by auth method type {:?}", m.kind),
+            ))
         } else {
             Ok(())
         }
@@ -422,20 +448,28 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             if m.kind == AuthType::Bearer {
                 (AuthKind::Bearer, vec!["token".to_owned()])
             } else {
-                (AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()])
+                (
+                    AuthKind::Basic,
+                    vec!["username".to_owned(), "password".to_owned()],
+                )
             }
         }
         AuthType::ApiKey => {
             forbid(m.fields.is_some(), "fields")?;
             forbid(m.placements.is_some(), "placements")?;
             let fields = vec!["api_key".to_owned()];
-            let placement = m
-                .placement
-                .ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
+            let placement = m.placement.ok_or_else(|| {
+                (
+                    format!("{key}.in"),
+                    "required: header, query or cookie".to_owned(),
+                )
+            })?;
             if matches!(placement, PlaceIn::Json | PlaceIn::Form) {
                 return Err((format!("{key}.in"), "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into()));
             }
-            let name = m.name.ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
+            let name = m
+                .name
+                .ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
             let template = m.template.unwrap_or_else(|| "{api_key}".to_owned());
             let p = compile_placement(placement, &name, &template, &fields)
                 .map_err(|(f, r)| (format!("{key}.{f}"), r))?;
@@ -445,21 +479,38 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             forbid(m.placement.is_some(), "in")?;
             forbid(m.name.is_some(), "name")?;
             forbid(m.template.is_some(), "template")?;
-            let fields = m.fields.ok_or_else(|| (format!("{key}.fields"), "required: the credential field names".to_owned()))?;
+            let fields = m.fields.ok_or_else(|| {
+                (
+                    format!("{key}.fields"),
+                    "required: the credential field names".to_owned(),
+                )
+            })?;
             if fields.is_empty() {
-                return Err((format!("{key}.fields"), "must name at least one field".into()));
+                return Err((
+                    format!("{key}.fields"),
+                    "must name at least one field".into(),
+                ));
             }
             for (i, f) in fields.iter().enumerate() {
                 if !is_slug(f) {
-                    return Err((format!("{key}.fields[{i}]"), "must be 1-64 characters of [a-z0-9_-]".into()));
+                    return Err((
+                        format!("{key}.fields[{i}]"),
+                        "must be 1-64 characters of [a-z0-9_-]".into(),
+                    ));
                 }
                 if fields[..i].contains(f) {
-                    return Err((format!("{key}.fields[{i}]"), format!("field {f:?} is listed twice")));
+                    return Err((
+                        format!("{key}.fields[{i}]"),
+                        format!("field {f:?} is listed twice"),
+                    ));
                 }
             }
             let placements = m.placements.unwrap_or_default();
             if placements.is_empty() {
-                return Err((format!("{key}.placements"), "must place at least one value".into()));
+                return Err((
+                    format!("{key}.placements"),
+                    "must place at least one value".into(),
+                ));
             }
             let mut out = Vec::new();
             for (i, p) in placements.iter().enumerate() {
@@ -471,7 +522,11 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             (AuthKind::Custom(out), fields)
         }
     };
-    Ok(AuthMethod { id: m.id, kind, fields })
+    Ok(AuthMethod {
+        id: m.id,
+        kind,
+        fields,
+    })
 }
 
 fn compile_placement(
@@ -486,17 +541,30 @@ fn compile_placement(
     }
     let target = match place {
         PlaceIn::Header => {
-            let h = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ("name".to_owned(), format!("{name:?} is not a valid header name")))?;
+            let h = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                (
+                    "name".to_owned(),
+                    format!("{name:?} is not a valid header name"),
+                )
+            })?;
             if is_protected_header(&h) {
-                return Err(("name".into(), format!("{name:?} is managed by the proxy and cannot carry a credential")));
+                return Err((
+                    "name".into(),
+                    format!("{name:?} is managed by the proxy and cannot carry a credential"),
+                ));
             }
             Target::Header(h)
         }
         PlaceIn::Query => Target::Query(name.to_owned()),
         PlaceIn::Cookie => {
-            if name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) {
-                return Err(("name".into(), format!("{name:?} is not a valid cookie name")));
+            if name
+                .bytes()
+                .any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f)
+            {
+                return Err((
+                    "name".into(),
+                    format!("{name:?} is not a valid cookie name"),
+                ));
             }
             Target::Cookie(name.to_owned())
         }
@@ -510,9 +578,21 @@ fn compile_placement(
 /// corrupt framing, or be sent to the wrong hop.
 fn is_protected_header(h: &HeaderName) -> bool {
     use http::header::*;
-    [HOST, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, TE, TRAILER, UPGRADE, PROXY_AUTHORIZATION]
-        .contains(h)
-        || matches!(h.as_str(), "keep-alive" | "proxy-connection" | "x-connection-id")
+    [
+        HOST,
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        CONNECTION,
+        TE,
+        TRAILER,
+        UPGRADE,
+        PROXY_AUTHORIZATION,
+    ]
+    .contains(h)
+        || matches!(
+            h.as_str(),
+            "keep-alive" | "proxy-connection" | "x-connection-id"
+        )
 }
 
 #[cfg(test)]
@@ -549,23 +629,36 @@ mod tests {
                 Part::Lit(" {lit}".into())
             ]
         );
-        assert!(Template::parse("{c}", &f).unwrap_err().contains("unknown field"));
+        assert!(Template::parse("{c}", &f)
+            .unwrap_err()
+            .contains("unknown field"));
         assert!(Template::parse("{a", &f).is_err());
-        assert!(Template::parse("plain", &f).unwrap_err().contains("no credential field"));
+        assert!(Template::parse("plain", &f)
+            .unwrap_err()
+            .contains("no credential field"));
     }
 
     #[test]
     fn errors_name_the_key() {
         let base = "id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n";
-        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
-        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"custom\"\nfields = [\"a\"]\n[[auth_methods.placements]]\nin = \"header\"\nname = \"X-A\"\ntemplate = \"{{b}}\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].placements[0].template");
-        let e = parse(&format!("{base}bogus = 1\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{base}bogus = 1\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "bogus");
         let e = parse("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"https://x.test\"]\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n").unwrap_err();
         assert_eq!(e.key, "allowed_hosts[0]");

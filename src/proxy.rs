@@ -92,7 +92,11 @@ struct Access {
     code: Option<&'static str>,
 }
 
-async fn handle(state: Arc<ProxyState>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+async fn handle(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -107,7 +111,9 @@ async fn handle(state: Arc<ProxyState>, peer: SocketAddr, req: Request<Incoming>
             } else {
                 debug!(error = %err, code = problem.code, "request refused");
             }
-            problem.to_proxy_response().map(|b| Either::Right(Full::new(b)))
+            problem
+                .to_proxy_response()
+                .map(|b| Either::Right(Full::new(b)))
         }
     };
     info!(
@@ -128,7 +134,11 @@ async fn handle(state: Arc<ProxyState>, peer: SocketAddr, req: Request<Incoming>
 }
 
 /// The life of a proxied request.
-async fn forward(state: &ProxyState, req: Request<Incoming>, access: &mut Access) -> Result<Response<ProxyBody>, ProxyError> {
+async fn forward(
+    state: &ProxyState,
+    req: Request<Incoming>,
+    access: &mut Access,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
@@ -145,7 +155,11 @@ async fn forward(state: &ProxyState, req: Request<Incoming>, access: &mut Access
     let conn_id = match parts.headers.get(&X_CONNECTION_ID) {
         None => None,
         Some(v) => {
-            let id = v.to_str().ok().filter(|s| ids::is_connection_id(s)).ok_or(ProxyError::BadConnectionId)?;
+            let id = v
+                .to_str()
+                .ok()
+                .filter(|s| ids::is_connection_id(s))
+                .ok_or(ProxyError::BadConnectionId)?;
             Some(id.to_owned())
         }
     };
@@ -181,7 +195,11 @@ async fn forward(state: &ProxyState, req: Request<Incoming>, access: &mut Access
 
             // 5. Host check: the credential only ever goes to the integration's hosts.
             if !resolved.integration.host_allowed(&host, up_port) {
-                return Err(ProxyError::HostNotAllowed { integration: resolved.integration.id.clone(), host, port: up_port });
+                return Err(ProxyError::HostNotAllowed {
+                    integration: resolved.integration.id.clone(),
+                    host,
+                    port: up_port,
+                });
             }
             if up_scheme != scheme || uri.port_u16() != Some(up_port) {
                 uri = rebuild_uri(&uri, up_scheme, &host, up_port)?;
@@ -191,13 +209,18 @@ async fn forward(state: &ProxyState, req: Request<Incoming>, access: &mut Access
             let edits = inject::edits(&resolved.method, &resolved.credential)?;
             inject::apply_head(&mut uri, &mut parts.headers, &edits)?;
             if edits.edits_body() {
-                let Either::Left(incoming) = body else { unreachable!("body starts as the caller's stream") };
-                let buffered = buffer_body(incoming, &parts.headers, state.max_buffered_body).await?;
+                let Either::Left(incoming) = body else {
+                    unreachable!("body starts as the caller's stream")
+                };
+                let buffered =
+                    buffer_body(incoming, &parts.headers, state.max_buffered_body).await?;
                 let (new_body, ctype) = inject::apply_body(&parts.headers, &buffered, &edits)?;
                 if let Some(ct) = ctype {
                     parts.headers.insert(header::CONTENT_TYPE, ct);
                 }
-                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
                 body = Either::Right(Full::new(Bytes::from(new_body.to_vec())));
             }
         }
@@ -210,10 +233,13 @@ async fn forward(state: &ProxyState, req: Request<Incoming>, access: &mut Access
 
     // 8. Forward through the pooled client; its connector applies the SSRF guard.
     let upstream_req = Request::from_parts(parts, body);
-    let resp = tokio::time::timeout(state.response_header_timeout, state.client.request(upstream_req))
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout)?
-        .map_err(ProxyError::from_client)?;
+    let resp = tokio::time::timeout(
+        state.response_header_timeout,
+        state.client.request(upstream_req),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(ProxyError::from_client)?;
 
     // 9. Respond: stream the body back, minus hop-by-hop headers.
     let (mut rparts, rbody) = resp.into_parts();
@@ -228,25 +254,45 @@ fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
         Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
         Some(_) => return Err(ProxyError::UnsupportedScheme),
     };
-    let host = uri.host().filter(|h| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or(ProxyError::OriginForm)?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
+        return Err(ProxyError::Malformed(
+            "user information in the request URI is not allowed",
+        ));
     }
     let port = uri.port_u16().unwrap_or(scheme.default_port());
     Ok((scheme, host.to_owned(), port))
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {
-    let authority = if port == scheme.default_port() { host.to_owned() } else { format!("{host}:{port}") };
+    let authority = if port == scheme.default_port() {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    };
     let mut parts = uri.clone().into_parts();
-    parts.scheme = Some(if scheme == Scheme::Https { UriScheme::HTTPS } else { UriScheme::HTTP });
-    parts.authority = Some(Authority::try_from(authority.as_str()).map_err(|_| ProxyError::Malformed("invalid authority"))?);
+    parts.scheme = Some(if scheme == Scheme::Https {
+        UriScheme::HTTPS
+    } else {
+        UriScheme::HTTP
+    });
+    parts.authority = Some(
+        Authority::try_from(authority.as_str())
+            .map_err(|_| ProxyError::Malformed("invalid authority"))?,
+    );
     Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid URI"))
 }
 
 fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
     let auth = uri.authority().ok_or(ProxyError::OriginForm)?;
-    let default = if uri.scheme() == Some(&UriScheme::HTTPS) { 443 } else { 80 };
+    let default = if uri.scheme() == Some(&UriScheme::HTTPS) {
+        443
+    } else {
+        80
+    };
     let value = match auth.port_u16() {
         Some(p) if p == default => auth.host().to_owned(),
         _ => auth.as_str().to_owned(),
@@ -299,7 +345,12 @@ async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<
     }
     match Limited::new(body, limit as usize).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
         Err(_) => Err(ProxyError::BodyRead),
     }
 }
@@ -323,7 +374,11 @@ pub enum ProxyError {
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error("integration {integration} does not allow host {host}:{port}")]
-    HostNotAllowed { integration: String, host: String, port: u16 },
+    HostNotAllowed {
+        integration: String,
+        host: String,
+        port: u16,
+    },
     #[error(transparent)]
     Inject(#[from] InjectError),
     #[error("request body larger than {limit} bytes")]
@@ -345,10 +400,23 @@ impl ProxyError {
         if let Some(c) = upstream::find_connect_error(&e) {
             // The source chain holds our own error by reference; rebuild an owned summary.
             return Self::Connect(match c {
-                ConnectError::Prohibited { host, ip, why } => ConnectError::Prohibited { host: host.clone(), ip: *ip, why: *why },
-                ConnectError::Dns { host, source } => ConnectError::Dns { host: host.clone(), source: std::io::Error::new(source.kind(), source.to_string()) },
-                ConnectError::NoAddresses { host } => ConnectError::NoAddresses { host: host.clone() },
-                ConnectError::Connect { host, addr, source } => ConnectError::Connect { host: host.clone(), addr: *addr, source: std::io::Error::new(source.kind(), source.to_string()) },
+                ConnectError::Prohibited { host, ip, why } => ConnectError::Prohibited {
+                    host: host.clone(),
+                    ip: *ip,
+                    why: *why,
+                },
+                ConnectError::Dns { host, source } => ConnectError::Dns {
+                    host: host.clone(),
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
+                ConnectError::NoAddresses { host } => {
+                    ConnectError::NoAddresses { host: host.clone() }
+                }
+                ConnectError::Connect { host, addr, source } => ConnectError::Connect {
+                    host: host.clone(),
+                    addr: *addr,
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
                 ConnectError::Timeout { host } => ConnectError::Timeout { host: host.clone() },
                 ConnectError::InvalidUri => ConnectError::InvalidUri,
             });
@@ -451,22 +519,53 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert!(matches!(target_of(&"/x".parse().unwrap()), Err(ProxyError::OriginForm)));
-        assert!(matches!(target_of(&"ftp://a/".parse().unwrap()), Err(ProxyError::UnsupportedScheme)));
-        assert_eq!(target_of(&"http://a.test/x".parse().unwrap()).unwrap(), (Scheme::Http, "a.test".into(), 80));
-        assert_eq!(target_of(&"https://a.test:8443/".parse().unwrap()).unwrap(), (Scheme::Https, "a.test".into(), 8443));
-        let u = rebuild_uri(&"http://a.test/p?q=1".parse().unwrap(), Scheme::Https, "a.test", 443).unwrap();
+        assert!(matches!(
+            target_of(&"/x".parse().unwrap()),
+            Err(ProxyError::OriginForm)
+        ));
+        assert!(matches!(
+            target_of(&"ftp://a/".parse().unwrap()),
+            Err(ProxyError::UnsupportedScheme)
+        ));
+        assert_eq!(
+            target_of(&"http://a.test/x".parse().unwrap()).unwrap(),
+            (Scheme::Http, "a.test".into(), 80)
+        );
+        assert_eq!(
+            target_of(&"https://a.test:8443/".parse().unwrap()).unwrap(),
+            (Scheme::Https, "a.test".into(), 8443)
+        );
+        let u = rebuild_uri(
+            &"http://a.test/p?q=1".parse().unwrap(),
+            Scheme::Https,
+            "a.test",
+            443,
+        )
+        .unwrap();
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
-        assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");
-        assert_eq!(host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(), "127.0.0.1:8000");
+        assert_eq!(
+            host_header(&"http://a.test:80/".parse().unwrap()).unwrap(),
+            "a.test"
+        );
+        assert_eq!(
+            host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(),
+            "127.0.0.1:8000"
+        );
     }
 
     #[test]
     fn every_problem_has_a_code_and_no_debug_leak() {
-        let e = ProxyError::HostNotAllowed { integration: "gh".into(), host: "evil.test".into(), port: 443 };
+        let e = ProxyError::HostNotAllowed {
+            integration: "gh".into(),
+            host: "evil.test".into(),
+            port: 443,
+        };
         let p = e.problem();
         assert_eq!((p.status.as_u16(), p.code), (403, "host_not_allowed"));
         let r = p.to_proxy_response();
-        assert!(r.headers()["proxy-status"].to_str().unwrap().starts_with("credproxy; error=http_request_denied"));
+        assert!(r.headers()["proxy-status"]
+            .to_str()
+            .unwrap()
+            .starts_with("credproxy; error=http_request_denied"));
     }
 }

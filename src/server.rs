@@ -49,7 +49,9 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         let bind = |what, addr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
         };
         Ok(Self {
             proxy: bind("proxy.listen", config.proxy.listen).await?,
@@ -77,14 +79,19 @@ impl Running {
 
 /// Opens the store and key provider, builds the pipeline state and starts
 /// serving on `listeners`.
-pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
-    let store_path = config
-        .store
-        .sqlite_path()
-        .ok_or_else(|| ConfigError::new("config", "store.url", "only sqlite://PATH is supported"))?;
+pub async fn start(
+    listeners: Listeners,
+    config: &Config,
+    integrations: Integrations,
+) -> Result<Running, StartError> {
+    let store_path = config.store.sqlite_path().ok_or_else(|| {
+        ConfigError::new("config", "store.url", "only sqlite://PATH is supported")
+    })?;
     let store = Arc::new(SqliteStore::open(store_path)?);
     let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
-        KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
+        KeyProviderKind::Local => {
+            Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?)
+        }
     };
     let connections = Arc::new(Connections::new(
         store,
@@ -112,8 +119,22 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     });
     let admin_state = Arc::new(AdminState::new(connections.clone(), &config.admin.tokens));
 
-    let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind { what: "proxy.listen", addr: config.proxy.listen, source })?;
-    let admin_addr = listeners.admin.local_addr().map_err(|source| StartError::Bind { what: "admin.listen", addr: config.admin.listen, source })?;
+    let proxy_addr = listeners
+        .proxy
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "proxy.listen",
+            addr: config.proxy.listen,
+            source,
+        })?;
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "admin.listen",
+            addr: config.admin.listen,
+            source,
+        })?;
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(
@@ -134,5 +155,11 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         }
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
-    Ok(Running { proxy_addr, admin_addr, connections, shutdown: tx, tasks })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        connections,
+        shutdown: tx,
+        tasks,
+    })
 }

@@ -33,8 +33,14 @@ pub type UpstreamClient = Client<HttpsConnector<GuardedConnector>, UpstreamBody>
 /// in the client error's source chain to pick the right status.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("destination {host} resolves to {ip}, which is {why} and not allowed by egress.allow_cidrs")]
-    Prohibited { host: String, ip: IpAddr, why: Prohibited },
+    #[error(
+        "destination {host} resolves to {ip}, which is {why} and not allowed by egress.allow_cidrs"
+    )]
+    Prohibited {
+        host: String,
+        ip: IpAddr,
+        why: Prohibited,
+    },
     #[error("cannot resolve {host}: {source}")]
     Dns {
         host: String,
@@ -65,32 +71,59 @@ pub struct GuardedConnector {
 
 impl GuardedConnector {
     pub fn new(policy: Arc<EgressPolicy>, connect_timeout: Duration) -> Self {
-        Self { policy, connect_timeout }
+        Self {
+            policy,
+            connect_timeout,
+        }
     }
 
     /// Resolves `host:port` and checks every address. Refuses the whole name
     /// if any address is prohibited: mixed answers are a rebinding trick.
-    pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
-        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    pub async fn resolve_checked(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, ConnectError> {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::net::lookup_host((bare, port))
                 .await
-                .map_err(|source| ConnectError::Dns { host: host.to_owned(), source })?
+                .map_err(|source| ConnectError::Dns {
+                    host: host.to_owned(),
+                    source,
+                })?
                 .collect(),
         };
         if addrs.is_empty() {
-            return Err(ConnectError::NoAddresses { host: host.to_owned() });
+            return Err(ConnectError::NoAddresses {
+                host: host.to_owned(),
+            });
         }
         for a in &addrs {
-            self.policy.check(a.ip()).map_err(|why| ConnectError::Prohibited { host: host.to_owned(), ip: a.ip(), why })?;
+            self.policy
+                .check(a.ip())
+                .map_err(|why| ConnectError::Prohibited {
+                    host: host.to_owned(),
+                    ip: a.ip(),
+                    why,
+                })?;
         }
         Ok(addrs)
     }
 
     async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
         let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
-        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
         let addrs = self.resolve_checked(&host, port).await?;
         let mut last = None;
         for addr in addrs {
@@ -99,7 +132,13 @@ impl GuardedConnector {
                     let _ = stream.set_nodelay(true);
                     return Ok(TokioIo::new(stream));
                 }
-                Ok(Err(source)) => last = Some(ConnectError::Connect { host: host.clone(), addr, source }),
+                Ok(Err(source)) => {
+                    last = Some(ConnectError::Connect {
+                        host: host.clone(),
+                        addr,
+                        source,
+                    })
+                }
                 Err(_) => last = Some(ConnectError::Timeout { host: host.clone() }),
             }
         }
@@ -156,7 +195,9 @@ pub fn build_client(policy: Arc<EgressPolicy>, s: &ClientSettings) -> UpstreamCl
 }
 
 /// Finds a [`ConnectError`] in an error's source chain.
-pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+pub fn find_connect_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ConnectError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(c) = err.downcast_ref::<ConnectError>() {
@@ -175,7 +216,10 @@ pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
                 return true;
             }
         }

@@ -19,8 +19,12 @@ fn create_body(org: &str, method: &str, creds: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_health() {
     let h = Harness::start().await;
-    let anon = AdminClient::new(&h.admin_url(), SecretValue::from("wrong-token-0123456789")).unwrap();
-    let (s, v) = anon.send(Method::GET, "/v1/connections?org_id=org_local", None).await.unwrap();
+    let anon =
+        AdminClient::new(&h.admin_url(), SecretValue::from("wrong-token-0123456789")).unwrap();
+    let (s, v) = anon
+        .send(Method::GET, "/v1/connections?org_id=org_local", None)
+        .await
+        .unwrap();
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["code"], "unauthorized");
     // Health endpoints need no token.
@@ -29,35 +33,100 @@ async fn authentication_and_health() {
     let (s, _) = anon.send(Method::GET, "/readyz", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     let (s, v) = h.admin.send(Method::GET, "/v1/nope", None).await.unwrap();
-    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
-    let (s, v) = h.admin.send(Method::GET, "/v1/integrations", None).await.unwrap();
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, v) = h
+        .admin
+        .send(Method::GET, "/v1/integrations", None)
+        .await
+        .unwrap();
     assert_eq!(s, StatusCode::OK);
-    let ids: Vec<&str> = v["integrations"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
-    assert!(ids.contains(&"github") && ids.contains(&"httpbin"), "{ids:?}");
+    let ids: Vec<&str> = v["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"github") && ids.contains(&"httpbin"),
+        "{ids:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_credentials_are_rejected_naming_the_field_and_nothing_is_stored() {
     let h = Harness::start().await;
     let cases = [
-        (create_body(ORG, "basic", json!({"username": "u"})), "invalid_credentials", "credentials.password: missing"),
-        (create_body(ORG, "bearer", json!({"token": "t", "tokn": "x"})), "invalid_credentials", "credentials.tokn: unknown field"),
-        (create_body(ORG, "bearer", json!({"token": "abc\r\nX-Injected: 1"})), "invalid_credentials", "credentials.token: must not contain CR, LF or NUL"),
-        (create_body(ORG, "bearer", json!({"token": "abc\u{0}def"})), "invalid_credentials", "credentials.token: must not contain CR, LF or NUL"),
-        (create_body(ORG, "bearer", json!({"token": 12345})), "invalid_credentials", "credentials.token: must be a string"),
-        (create_body(ORG, "nope", json!({"token": "t"})), "unknown_auth_method", "no auth method"),
-        (json!({"integration": "nope", "auth_method": "x", "org_id": ORG, "user_id": "u", "credentials": {}}), "unknown_integration", "unknown integration"),
-        (json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG, "credentials": {}}), "invalid_request", "user_id"),
-        (json!({"integration": "httpbin", "auth_method": "bearer", "org_id": "bad org", "user_id": "u", "credentials": {"token": "t"}}), "invalid_request", "org_id"),
+        (
+            create_body(ORG, "basic", json!({"username": "u"})),
+            "invalid_credentials",
+            "credentials.password: missing",
+        ),
+        (
+            create_body(ORG, "bearer", json!({"token": "t", "tokn": "x"})),
+            "invalid_credentials",
+            "credentials.tokn: unknown field",
+        ),
+        (
+            create_body(ORG, "bearer", json!({"token": "abc\r\nX-Injected: 1"})),
+            "invalid_credentials",
+            "credentials.token: must not contain CR, LF or NUL",
+        ),
+        (
+            create_body(ORG, "bearer", json!({"token": "abc\u{0}def"})),
+            "invalid_credentials",
+            "credentials.token: must not contain CR, LF or NUL",
+        ),
+        (
+            create_body(ORG, "bearer", json!({"token": 12345})),
+            "invalid_credentials",
+            "credentials.token: must be a string",
+        ),
+        (
+            create_body(ORG, "nope", json!({"token": "t"})),
+            "unknown_auth_method",
+            "no auth method",
+        ),
+        (
+            json!({"integration": "nope", "auth_method": "x", "org_id": ORG, "user_id": "u", "credentials": {}}),
+            "unknown_integration",
+            "unknown integration",
+        ),
+        (
+            json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG, "credentials": {}}),
+            "invalid_request",
+            "user_id",
+        ),
+        (
+            json!({"integration": "httpbin", "auth_method": "bearer", "org_id": "bad org", "user_id": "u", "credentials": {"token": "t"}}),
+            "invalid_request",
+            "org_id",
+        ),
     ];
     for (body, code, detail) in cases {
-        let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+        let (s, v) = h
+            .admin
+            .send(Method::POST, "/v1/connections", Some(&body))
+            .await
+            .unwrap();
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["code"], code, "{body}: {v}");
-        assert!(v["detail"].as_str().unwrap().contains(detail), "{body}: {v}");
-        assert!(!v.to_string().contains("X-Injected") && !v.to_string().contains("12345"), "value echoed: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains(detail),
+            "{body}: {v}"
+        );
+        assert!(
+            !v.to_string().contains("X-Injected") && !v.to_string().contains("12345"),
+            "value echoed: {v}"
+        );
     }
-    let (s, v) = h.admin.send(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
+    let (s, v) = h
+        .admin
+        .send(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
+        .await
+        .unwrap();
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["connections"], json!([]), "nothing may be stored");
 }
@@ -67,44 +136,98 @@ async fn crud_and_org_scoped_tokens() {
     let h = Harness::start().await;
     let (s, created) = h
         .admin
-        .send(Method::POST, "/v1/connections", Some(&create_body(ORG, "basic", json!({"username": "bob", "password": "crud-secret-pw"}))))
+        .send(
+            Method::POST,
+            "/v1/connections",
+            Some(&create_body(
+                ORG,
+                "basic",
+                json!({"username": "bob", "password": "crud-secret-pw"}),
+            )),
+        )
         .await
         .unwrap();
     assert_eq!(s, StatusCode::CREATED);
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("conn_") && id.len() == 31, "{id}");
     assert_eq!(created["state"], "active");
-    assert_eq!(created["credential_fields"], json!(["username", "password"]));
+    assert_eq!(
+        created["credential_fields"],
+        json!(["username", "password"])
+    );
     assert!(!created.to_string().contains("crud-secret-pw"));
 
-    let got = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+    let got = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
     assert_eq!(got, created);
-    let list = h.admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
+    let list = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
+        .await
+        .unwrap();
     assert_eq!(list["connections"], json!([created]));
 
     // An org-scoped token sees only its org.
-    let other = h.create_in("org_other", "bearer", &[("token", "t-other")]).await;
+    let other = h
+        .create_in("org_other", "bearer", &[("token", "t-other")])
+        .await;
     let scoped = AdminClient::new(&h.admin_url(), SecretValue::from(ORG_TOKEN)).unwrap();
-    let (s, v) = scoped.send(Method::GET, "/v1/connections", None).await.unwrap();
-    assert_eq!(s, StatusCode::OK);
-    assert_eq!(v["connections"].as_array().unwrap().len(), 1);
-    let (s, _) = scoped.send(Method::GET, "/v1/connections?org_id=org_other", None).await.unwrap();
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, a) = scoped.send(Method::GET, &format!("/v1/connections/{other}"), None).await.unwrap();
-    let (s2, b) = scoped.send(Method::GET, "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa", None).await.unwrap();
-    assert_eq!((s, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
-    assert_eq!(a, b);
-    let (s, _) = scoped.send(Method::DELETE, &format!("/v1/connections/{other}"), None).await.unwrap();
-    assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, v) = scoped
-        .send(Method::POST, "/v1/connections", Some(&create_body("org_other", "bearer", json!({"token": "t"}))))
+        .send(Method::GET, "/v1/connections", None)
         .await
         .unwrap();
-    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden_org")));
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["connections"].as_array().unwrap().len(), 1);
+    let (s, _) = scoped
+        .send(Method::GET, "/v1/connections?org_id=org_other", None)
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, a) = scoped
+        .send(Method::GET, &format!("/v1/connections/{other}"), None)
+        .await
+        .unwrap();
+    let (s2, b) = scoped
+        .send(
+            Method::GET,
+            "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!((s, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
+    assert_eq!(a, b);
+    let (s, _) = scoped
+        .send(Method::DELETE, &format!("/v1/connections/{other}"), None)
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = scoped
+        .send(
+            Method::POST,
+            "/v1/connections",
+            Some(&create_body("org_other", "bearer", json!({"token": "t"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden_org"))
+    );
 
-    let del = scoped.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
+    let del = scoped
+        .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
     assert_eq!(del["deleted"], true);
-    let (s, _) = h.admin.send(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+    let (s, _) = h
+        .admin
+        .send(Method::GET, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -119,7 +242,11 @@ async fn cli(h: &Harness, args: &[&str]) -> (i32, Value, String) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        v,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +255,23 @@ async fn cli_create_list_get_delete() {
     let secret_file = h.dir.path().join("token.txt");
     std::fs::write(&secret_file, "cli-secret-from-file\n").unwrap();
     let cred = format!("token=@{}", secret_file.display());
-    let (code, v, err) = cli(&h, &["create", "--integration", "httpbin", "--auth-method", "bearer", "--org", ORG, "--user", "alice", "--credential", &cred]).await;
+    let (code, v, err) = cli(
+        &h,
+        &[
+            "create",
+            "--integration",
+            "httpbin",
+            "--auth-method",
+            "bearer",
+            "--org",
+            ORG,
+            "--user",
+            "alice",
+            "--credential",
+            &cred,
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let id = v["id"].as_str().unwrap().to_owned();
     let (r, _) = h.running.connections.resolve(ORG, &id).await.unwrap();
@@ -143,8 +286,27 @@ async fn cli_create_list_get_delete() {
     assert_eq!((code, v["deleted"].as_bool()), (0, Some(true)));
     let (code, _, err) = cli(&h, &["get", &id]).await;
     assert_eq!(code, 1);
-    assert!(err.contains("404") && err.contains("connection_not_found"), "{err}");
-    let (code, _, err) = cli(&h, &["create", "--integration", "httpbin", "--auth-method", "bearer", "--org", ORG, "--user", "a", "--credential", "token=a\rb"]).await;
+    assert!(
+        err.contains("404") && err.contains("connection_not_found"),
+        "{err}"
+    );
+    let (code, _, err) = cli(
+        &h,
+        &[
+            "create",
+            "--integration",
+            "httpbin",
+            "--auth-method",
+            "bearer",
+            "--org",
+            ORG,
+            "--user",
+            "a",
+            "--credential",
+            "token=a\rb",
+        ],
+    )
+    .await;
     assert_eq!(code, 1);
     assert!(err.contains("credentials.token"), "{err}");
 }
@@ -153,7 +315,11 @@ async fn cli_create_list_get_delete() {
 async fn bad_config_exits_64_naming_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[proxy]\norg_id = \"o\"\nlisten = \"not-an-address\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[proxy]\norg_id = \"o\"\nlisten = \"not-an-address\"\n",
+    )
+    .unwrap();
     let out = tokio::process::Command::new(credproxy_bin())
         .args(["serve", "--config"])
         .arg(&path)
@@ -163,13 +329,25 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml") && err.contains("proxy.listen") && err.contains("invalid socket address"), "{err}");
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("proxy.listen")
+            && err.contains("invalid socket address"),
+        "{err}"
+    );
 
     // An integration file error names that file.
     let ints = dir.path().join("ints");
     std::fs::create_dir(&ints).unwrap();
     std::fs::write(ints.join("x.toml"), "id = \"x\"\nname = \"X\"\nallowed_hosts = []\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n").unwrap();
-    std::fs::write(&path, format!("[proxy]\norg_id = \"o\"\n[integrations]\ndir = \"{}\"\n", ints.display())).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\norg_id = \"o\"\n[integrations]\ndir = \"{}\"\n",
+            ints.display()
+        ),
+    )
+    .unwrap();
     let out = tokio::process::Command::new(credproxy_bin())
         .args(["check-config", "--config"])
         .arg(&path)
@@ -179,7 +357,10 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("x.toml") && err.contains("allowed_hosts"), "{err}");
+    assert!(
+        err.contains("x.toml") && err.contains("allowed_hosts"),
+        "{err}"
+    );
 
     // The shipped configuration is valid.
     let out = tokio::process::Command::new(credproxy_bin())
@@ -189,7 +370,12 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The real binary: `serve` on the shipped configuration (ports and data dir
@@ -204,7 +390,10 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
         .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("CREDPROXY_PROXY__LISTEN", "127.0.0.1:0")
         .env("CREDPROXY_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CREDPROXY_STORE__URL", format!("sqlite://{}/db.sqlite", dir.path().display()))
+        .env(
+            "CREDPROXY_STORE__URL",
+            format!("sqlite://{}/db.sqlite", dir.path().display()),
+        )
         .env("CREDPROXY_CRYPTO__KEY_FILE", dir.path().join("master.key"))
         .env("CREDPROXY_EGRESS__ALLOW_CIDRS", "[\"127.0.0.0/8\"]")
         .env("RUST_LOG", "info")
@@ -214,9 +403,19 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut proxy, mut admin) = (String::new(), String::new());
-    while let Ok(Ok(Some(line))) = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await {
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await
+    {
         if line.contains("credproxy listening") {
-            let field = |name: &str| line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            let field = |name: &str| {
+                line.split(&format!("{name}="))
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            };
             proxy = field("proxy");
             admin = field("admin");
             break;
@@ -224,22 +423,55 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     }
     assert!(!proxy.is_empty(), "server did not log its addresses");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
+    let client =
+        AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
     let created = client
-        .call(Method::POST, "/v1/connections", Some(&create_body("org_local", "bearer", json!({"token": "bin-token"}))))
+        .call(
+            Method::POST,
+            "/v1/connections",
+            Some(&create_body(
+                "org_local",
+                "bearer",
+                json!({"token": "bin-token"}),
+            )),
+        )
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap();
     let hdr = format!("X-Connection-Id: {id}");
-    let seen = curl(&["-x", &format!("http://{proxy}"), "-H", &hdr, &format!("{}/headers", httpbin())], &[]).await;
+    let seen = curl(
+        &[
+            "-x",
+            &format!("http://{proxy}"),
+            "-H",
+            &hdr,
+            &format!("{}/headers", httpbin()),
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer bin-token"));
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("master.key")).unwrap().permissions());
+    assert_eq!(
+        seen.echoed_header("Authorization").as_deref(),
+        Some("Bearer bin-token")
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("master.key"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
 
     let pid = child.id().unwrap().to_string();
-    let st = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    let st = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
     assert!(st.success());
-    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -59,22 +59,68 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     let h = Harness::start().await;
     let mut seen_text: Vec<String> = Vec::new();
     let create = |method: &str, creds: Vec<(&str, &str)>| {
-        let creds: serde_json::Map<String, serde_json::Value> = creds.into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
+        let creds: serde_json::Map<String, serde_json::Value> = creds
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
         json!({"integration": "httpbin", "auth_method": method, "org_id": ORG, "user_id": "u", "credentials": creds})
     };
     let bodies = vec![
-        ("bearer", create("bearer", vec![("token", "SEEDED-bearer-7f3a9c")])),
-        ("basic", create("basic", vec![("username", "SEEDED-basic-user"), ("password", "SEEDED-basic-pw-51d2")])),
-        ("key_header", create("key_header", vec![("api_key", "SEEDED-hdr-key-88aa")])),
-        ("key_query", create("key_query", vec![("api_key", "SEEDED-query-key-21bc")])),
-        ("key_cookie", create("key_cookie", vec![("api_key", "SEEDED-cookie-key-0e4f")])),
-        ("custom_headers", create("custom_headers", vec![("client_id", "SEEDED-client-id-c1"), ("client_secret", "SEEDED-client-secret-c2")])),
-        ("custom_json", create("custom_json", vec![("account", "acct"), ("secret", "SEEDED-json-secret-j9")])),
-        ("custom_form", create("custom_form", vec![("secret", "SEEDED-form-secret-f7")])),
+        (
+            "bearer",
+            create("bearer", vec![("token", "SEEDED-bearer-7f3a9c")]),
+        ),
+        (
+            "basic",
+            create(
+                "basic",
+                vec![
+                    ("username", "SEEDED-basic-user"),
+                    ("password", "SEEDED-basic-pw-51d2"),
+                ],
+            ),
+        ),
+        (
+            "key_header",
+            create("key_header", vec![("api_key", "SEEDED-hdr-key-88aa")]),
+        ),
+        (
+            "key_query",
+            create("key_query", vec![("api_key", "SEEDED-query-key-21bc")]),
+        ),
+        (
+            "key_cookie",
+            create("key_cookie", vec![("api_key", "SEEDED-cookie-key-0e4f")]),
+        ),
+        (
+            "custom_headers",
+            create(
+                "custom_headers",
+                vec![
+                    ("client_id", "SEEDED-client-id-c1"),
+                    ("client_secret", "SEEDED-client-secret-c2"),
+                ],
+            ),
+        ),
+        (
+            "custom_json",
+            create(
+                "custom_json",
+                vec![("account", "acct"), ("secret", "SEEDED-json-secret-j9")],
+            ),
+        ),
+        (
+            "custom_form",
+            create("custom_form", vec![("secret", "SEEDED-form-secret-f7")]),
+        ),
     ];
     let mut ids = Vec::new();
     for (_, body) in &bodies {
-        let (status, v) = h.admin.send(Method::POST, "/v1/connections", Some(body)).await.unwrap();
+        let (status, v) = h
+            .admin
+            .send(Method::POST, "/v1/connections", Some(body))
+            .await
+            .unwrap();
         assert_eq!(status, 201, "{v}");
         seen_text.push(v.to_string());
         ids.push(v["id"].as_str().unwrap().to_owned());
@@ -82,7 +128,11 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     // A rejected create whose value must not be echoed.
     let bad = json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
         "credentials": {"token": "SEEDED-rejected-3e\r\n"}});
-    let (status, v) = h.admin.send(Method::POST, "/v1/connections", Some(&bad)).await.unwrap();
+    let (status, v) = h
+        .admin
+        .send(Method::POST, "/v1/connections", Some(&bad))
+        .await
+        .unwrap();
     assert_eq!(status, 400);
     seen_text.push(v.to_string());
 
@@ -92,12 +142,34 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     for id in &ids {
         let hdr = format!("X-Connection-Id: {id}");
         // Success through the full path (the JSON/form ones need bodies).
-        let ok = curl(&["-x", &proxy, "-H", &hdr, "--data", "a=1", &format!("{}/status/200", httpbin())], &[]).await;
+        let ok = curl(
+            &[
+                "-x",
+                &proxy,
+                "-H",
+                &hdr,
+                "--data",
+                "a=1",
+                &format!("{}/status/200", httpbin()),
+            ],
+            &[],
+        )
+        .await;
         seen_text.push(ok.text());
         // Upstream error statuses, proxy-made errors: wrong host, bad body.
         for args in [
             vec!["-x", &proxy, "-H", &hdr, &evil_url],
-            vec!["-x", &proxy, "-H", &hdr, "-H", "Content-Type: text/plain", "--data", "zz", &format!("{}/status/500", httpbin())],
+            vec![
+                "-x",
+                &proxy,
+                "-H",
+                &hdr,
+                "-H",
+                "Content-Type: text/plain",
+                "--data",
+                "zz",
+                &format!("{}/status/500", httpbin()),
+            ],
         ] {
             let seen = curl(&args, &[]).await;
             seen_text.push(seen.text());
@@ -105,23 +177,51 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
         }
     }
     // Admin reads.
-    seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap().to_string());
+    seen_text.push(
+        h.admin
+            .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
+            .await
+            .unwrap()
+            .to_string(),
+    );
     for id in &ids {
-        seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
-        seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
+        seen_text.push(
+            h.admin
+                .call(Method::GET, &format!("/v1/connections/{id}"), None)
+                .await
+                .unwrap()
+                .to_string(),
+        );
+        seen_text.push(
+            h.admin
+                .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
+                .await
+                .unwrap()
+                .to_string(),
+        );
     }
     // Debug of what the resolver holds.
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("connection created") && logs.contains("credproxy::access"), "capture is not working:\n{logs}");
-    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "TRACE/DEBUG lines expected");
+    assert!(
+        logs.contains("connection created") && logs.contains("credproxy::access"),
+        "capture is not working:\n{logs}"
+    );
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "TRACE/DEBUG lines expected"
+    );
     for s in SECRETS {
         assert!(!logs.contains(s), "secret {s} found in logs");
         for (i, text) in seen_text.iter().enumerate() {
-            assert!(!text.contains(s), "secret {s} found in response #{i}: {text}");
+            assert!(
+                !text.contains(s),
+                "secret {s} found in response #{i}: {text}"
+            );
         }
     }
     // Base64 forms (Basic) are secrets too.
     use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode("SEEDED-basic-user:SEEDED-basic-pw-51d2");
+    let b64 =
+        base64::engine::general_purpose::STANDARD.encode("SEEDED-basic-user:SEEDED-basic-pw-51d2");
     assert!(!logs.contains(&b64));
 }

@@ -43,7 +43,10 @@ impl hyper::body::Body for Chunks {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -54,7 +57,10 @@ impl hyper::body::Body for Chunks {
 }
 
 async fn upstream(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let authorized = req.headers().get("authorization").is_some_and(|v| v == "Bearer stream-token");
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .is_some_and(|v| v == "Bearer stream-token");
     if !authorized {
         let mut r = Response::new(Body::Left("missing credential".into()));
         *r.status_mut() = hyper::StatusCode::UNAUTHORIZED;
@@ -70,8 +76,16 @@ async fn upstream(req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
         }
         return Ok(Response::new(Body::Left(total.to_string().into())));
     }
-    let n: u64 = req.uri().query().and_then(|q| q.strip_prefix("n=")).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let chunks = Chunks { remaining: n, chunk: Bytes::from(vec![0u8; 256 * 1024]) };
+    let n: u64 = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("n="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let chunks = Chunks {
+        remaining: n,
+        chunk: Bytes::from(vec![0u8; 256 * 1024]),
+    };
     let mut r = Response::new(Body::Right(chunks));
     r.headers_mut().insert("content-length", n.into());
     Ok(r)
@@ -108,18 +122,41 @@ async fn one_gib_up_and_down_with_bounded_memory() {
     let file_s = file.display().to_string();
     let seen = curl(&["-x", &proxy, "-H", &hdr, "-T", &file_s, &up_url], &[]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(seen.text(), GIB.to_string(), "upstream must receive every byte");
+    assert_eq!(
+        seen.text(),
+        GIB.to_string(),
+        "upstream must receive every byte"
+    );
 
     // Download: 1 GiB generated upstream, discarded by curl.
     let down_url = format!("http://{up}/source?n={GIB}");
     let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-x", &proxy, "-H", &hdr, &down_url])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "-x",
+            &proxy,
+            "-H",
+            &hdr,
+            &down_url,
+        ])
         .env_remove("http_proxy")
         .output()
         .await
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {GIB}"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {GIB}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let peak = status_kb("VmHWM:");
-    assert!(peak < RSS_LIMIT_KB, "peak RSS {peak} kB exceeds {RSS_LIMIT_KB} kB: a body was buffered");
+    assert!(
+        peak < RSS_LIMIT_KB,
+        "peak RSS {peak} kB exceeds {RSS_LIMIT_KB} kB: a body was buffered"
+    );
 }

@@ -22,7 +22,9 @@ pub struct LocalKeyProvider {
 
 impl std::fmt::Debug for LocalKeyProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyProvider").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("LocalKeyProvider")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -30,7 +32,10 @@ impl LocalKeyProvider {
     /// Reads the key file, or creates it (mode 0600, parent 0700) if absent.
     /// Refuses a file that group or others can access.
     pub fn open_or_create(path: &Path) -> Result<Self, CryptoError> {
-        let err = |reason: String| CryptoError::KeyFile { path: path.display().to_string(), reason };
+        let err = |reason: String| CryptoError::KeyFile {
+            path: path.display().to_string(),
+            reason,
+        };
         let rng = SystemRandom::new();
         let mut key = Zeroizing::new([0u8; 32]);
         match std::fs::metadata(path) {
@@ -42,7 +47,9 @@ impl LocalKeyProvider {
                         path.display()
                     )));
                 }
-                let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?);
+                let bytes = Zeroizing::new(
+                    std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?,
+                );
                 if bytes.len() != 32 {
                     return Err(err(format!("expected 32 bytes, found {}", bytes.len())));
                 }
@@ -63,7 +70,9 @@ impl LocalKeyProvider {
                     .mode(0o600)
                     .open(path)
                     .map_err(|e| err(format!("cannot create: {e}")))?;
-                f.write_all(&key[..]).and_then(|_| f.sync_all()).map_err(|e| err(format!("cannot write: {e}")))?;
+                f.write_all(&key[..])
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| err(format!("cannot write: {e}")))?;
                 tracing::info!(path = %path.display(), "created a new local master key");
             }
             Err(e) => return Err(err(format!("cannot stat: {e}"))),
@@ -92,7 +101,12 @@ impl KeyProvider for LocalKeyProvider {
         Ok(out)
     }
 
-    async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    async fn unwrap(
+        &self,
+        key_id: &str,
+        wrapped: &[u8],
+        ctx: Context<'_>,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         if key_id != self.key_id {
             return Err(CryptoError::UnknownKey(key_id.to_owned()));
         }
@@ -123,7 +137,9 @@ mod tests {
         assert_eq!(a.current_key_id(), b.current_key_id());
         assert!(!format!("{a:?}").contains(&hex(&a.key[..])));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = LocalKeyProvider::open_or_create(&path).unwrap_err().to_string();
+        let e = LocalKeyProvider::open_or_create(&path)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
     }
 }

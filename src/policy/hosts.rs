@@ -25,10 +25,11 @@ impl HostPattern {
             return Err("empty host pattern".into());
         }
         if s.contains("://") || s.contains('/') {
-            return Err(format!("{s:?}: a host pattern is a host name with an optional :port, not a URL"));
+            return Err(format!(
+                "{s:?}: a host pattern is a host name with an optional :port, not a URL"
+            ));
         }
-        let (host, port) = split_host_port(s)
-            .ok_or_else(|| format!("{s:?}: invalid port"))?;
+        let (host, port) = split_host_port(s).ok_or_else(|| format!("{s:?}: invalid port"))?;
         let host = normalize_host(host);
         let (name, wildcard) = match host.strip_prefix("*.") {
             Some(rest) => (format!(".{rest}"), true),
@@ -38,13 +39,21 @@ impl HostPattern {
             return Err(format!("{s:?}: only a leading `*.` wildcard is supported"));
         }
         let labels = if wildcard { &name[1..] } else { &name[..] };
-        if labels.is_empty() || labels.split('.').any(str::is_empty) && labels.parse::<std::net::IpAddr>().is_err() {
+        if labels.is_empty()
+            || labels.split('.').any(str::is_empty) && labels.parse::<std::net::IpAddr>().is_err()
+        {
             return Err(format!("{s:?}: not a valid host name"));
         }
         if wildcard && !labels.contains('.') {
-            return Err(format!("{s:?}: a wildcard needs at least two labels after `*.`"));
+            return Err(format!(
+                "{s:?}: a wildcard needs at least two labels after `*.`"
+            ));
         }
-        Ok(Self { name, wildcard, port })
+        Ok(Self {
+            name,
+            wildcard,
+            port,
+        })
     }
 
     /// `host` as it appears in a URI authority (IPv6 in brackets or not).
@@ -86,7 +95,10 @@ impl fmt::Display for HostPattern {
 
 /// Lowercase, strip IPv6 brackets and one trailing dot.
 pub fn normalize_host(host: &str) -> String {
-    let h = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let h = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let h = h.strip_suffix('.').unwrap_or(h);
     h.to_ascii_lowercase()
 }
@@ -141,14 +153,27 @@ mod tests {
 
     #[test]
     fn invalid_patterns() {
-        for bad in ["", "https://x.test", "x.test/path", "*.com", "a.*.com", "x.test:99999", "x..test"] {
+        for bad in [
+            "",
+            "https://x.test",
+            "x.test/path",
+            "*.com",
+            "a.*.com",
+            "x.test:99999",
+            "x..test",
+        ] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn display_round_trips() {
-        for s in ["api.github.com", "*.example.com:8443", "[::1]:80", "127.0.0.1"] {
+        for s in [
+            "api.github.com",
+            "*.example.com:8443",
+            "[::1]:80",
+            "127.0.0.1",
+        ] {
             assert_eq!(HostPattern::parse(s).unwrap().to_string(), s);
         }
     }

@@ -52,12 +52,18 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
         }
-        let conn = Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
+        let conn =
+            Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend)?;
         migrate(&conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     async fn with<T: Send + 'static>(
@@ -81,7 +87,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     )
     .map_err(m)?;
     let current: i64 = conn
-        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
         .map_err(m)?;
     if current > MIGRATIONS.len() as i64 {
         return Err(StoreError::Migration(format!(
@@ -98,7 +108,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
+const META_COLUMNS: &str =
+    "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
 
 fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, String)> {
     let state: String = r.get(5)?;
@@ -180,12 +191,17 @@ impl Store for SqliteStore {
 
     async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.with(move |c| Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id]).map_err(backend)? > 0))
-            .await
+        self.with(move |c| {
+            Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id])
+                .map_err(backend)?
+                > 0)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
+            .await
     }
 }
 
@@ -220,10 +236,22 @@ mod tests {
         s.insert_connection(&row("c1", "o1", 1)).await.unwrap();
         s.insert_connection(&row("c2", "o1", 2)).await.unwrap();
         s.insert_connection(&row("c3", "o2", 3)).await.unwrap();
-        assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
-        assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
+        assert!(matches!(
+            s.insert_connection(&row("c1", "o1", 1)).await,
+            Err(StoreError::Duplicate(_))
+        ));
+        assert_eq!(
+            s.get_connection("c1").await.unwrap(),
+            Some(row("c1", "o1", 1))
+        );
         assert_eq!(s.get_connection("nope").await.unwrap(), None);
-        let ids: Vec<_> = s.list_connections("o1").await.unwrap().into_iter().map(|m| m.id).collect();
+        let ids: Vec<_> = s
+            .list_connections("o1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         assert_eq!(ids, ["c1", "c2"]);
         assert!(s.delete_connection("c1").await.unwrap());
         assert!(!s.delete_connection("c1").await.unwrap());

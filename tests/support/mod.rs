@@ -60,7 +60,10 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { allow_loopback: true, extra_toml: String::new() }
+        Self {
+            allow_loopback: true,
+            extra_toml: String::new(),
+        }
     }
 }
 
@@ -71,7 +74,11 @@ impl Harness {
 
     pub async fn start_with(opts: Opts) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let allow = if opts.allow_loopback { "allow_cidrs = [\"127.0.0.0/8\"]" } else { "" };
+        let allow = if opts.allow_loopback {
+            "allow_cidrs = [\"127.0.0.0/8\"]"
+        } else {
+            ""
+        };
         let text = format!(
             r#"
 [proxy]
@@ -107,9 +114,19 @@ dir = "{ints}"
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let running = server::start(listeners, &cfg, ints).await.expect("server starts");
-        let admin = AdminClient::new(&format!("http://{}", running.admin_addr), SecretValue::from(ADMIN_TOKEN)).unwrap();
-        Self { running, admin, dir }
+        let running = server::start(listeners, &cfg, ints)
+            .await
+            .expect("server starts");
+        let admin = AdminClient::new(
+            &format!("http://{}", running.admin_addr),
+            SecretValue::from(ADMIN_TOKEN),
+        )
+        .unwrap();
+        Self {
+            running,
+            admin,
+            dir,
+        }
     }
 
     pub fn proxy_url(&self) -> String {
@@ -122,10 +139,16 @@ dir = "{ints}"
 
     /// Creates an httpbin connection in `org` and returns its id.
     pub async fn create_in(&self, org: &str, method: &str, creds: &[(&str, &str)]) -> String {
-        let credentials: serde_json::Map<String, Value> =
-            creds.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
+        let credentials: serde_json::Map<String, Value> = creds
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
         let body = json!({"integration": "httpbin", "auth_method": method, "org_id": org, "user_id": "user_1", "credentials": credentials});
-        let (status, v) = self.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+        let (status, v) = self
+            .admin
+            .send(Method::POST, "/v1/connections", Some(&body))
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::CREATED, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
@@ -145,11 +168,19 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -160,7 +191,9 @@ impl Seen {
     pub fn echoed_header(&self, name: &str) -> Option<String> {
         let v = self.json();
         let h = v["headers"].as_object().expect("httpbin echo has headers");
-        h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str().unwrap().to_owned())
+        h.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str().unwrap().to_owned())
     }
 }
 
@@ -172,13 +205,29 @@ pub async fn curl(args: &[&str], env: &[(&str, &str)]) -> Seen {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().await.expect("curl is installed (scripts/test installs it)");
-    assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .await
+        .expect("curl is installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_http_dump(&out.stdout)
 }
 
 fn clean_proxy_env(cmd: &mut tokio::process::Command) {
-    for k in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+    for k in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
         cmd.env_remove(k);
     }
 }
@@ -186,12 +235,19 @@ fn clean_proxy_env(cmd: &mut tokio::process::Command) {
 fn parse_http_dump(raw: &[u8]) -> Seen {
     let mut rest = raw;
     loop {
-        let split = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("curl -i output has a head");
+        let split = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("curl -i output has a head");
         let head = String::from_utf8_lossy(&rest[..split]).into_owned();
         let body = &rest[split + 4..];
         let mut lines = head.lines();
         let status_line = lines.next().unwrap_or_default();
-        let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
         if (100..200).contains(&status) {
             rest = body;
             continue;
@@ -200,7 +256,11 @@ fn parse_http_dump(raw: &[u8]) -> Seen {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
             .collect();
-        return Seen { status, headers, body: body.to_vec() };
+        return Seen {
+            status,
+            headers,
+            body: body.to_vec(),
+        };
     }
 }
 
@@ -214,11 +274,20 @@ pub async fn python_client(script: &str, env: &[(&str, &str)]) -> Seen {
         cmd.env(k, v);
     }
     let out = cmd.output().await.expect("python runs");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("python printed JSON");
     Seen {
         status: v["status"].as_u64().unwrap() as u16,
-        headers: v["headers"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned())).collect(),
+        headers: v["headers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect(),
         body: v["body"].as_str().unwrap().as_bytes().to_vec(),
     }
 }
