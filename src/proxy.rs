@@ -106,7 +106,7 @@ async fn handle(
         Err(err) => {
             let problem = err.problem();
             access.code = Some(problem.code);
-            if problem.status.is_server_error() {
+            if problem.status.is_server_error() && problem.status != StatusCode::NOT_IMPLEMENTED {
                 warn!(error = %err, code = problem.code, "proxy error");
             } else {
                 debug!(error = %err, code = problem.code, "request refused");
