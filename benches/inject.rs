@@ -12,31 +12,20 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, Uri};
 
 fn method(ints: &Integrations, id: &str) -> Arc<AuthMethod> {
-    ints.get("httpbin")
-        .unwrap()
-        .auth_method(id)
-        .unwrap()
-        .clone()
+    ints.get("httpbin").unwrap().auth_method(id).unwrap().clone()
 }
 
 fn cred(m: &AuthMethod) -> Credential {
     let fields: BTreeMap<String, SecretValue> = m
         .fields
         .iter()
-        .map(|f| {
-            (
-                f.clone(),
-                SecretValue::new(format!("{f}-value-0123456789abcdef")),
-            )
-        })
+        .map(|f| (f.clone(), SecretValue::new(format!("{f}-value-0123456789abcdef"))))
         .collect();
     Credential::from_fields(m, fields).unwrap()
 }
 
 fn head() -> (Uri, HeaderMap) {
-    let uri: Uri = "http://api.example.com/v1/items?page=2&per_page=50"
-        .parse()
-        .unwrap();
+    let uri: Uri = "http://api.example.com/v1/items?page=2&per_page=50".parse().unwrap();
     let mut h = HeaderMap::new();
     for (k, v) in [
         ("accept", "application/json"),
@@ -88,10 +77,7 @@ fn benches(c: &mut Criterion) {
     let m = method(&ints, "custom_form");
     let c_ = cred(&m);
     let mut hf = HeaderMap::new();
-    hf.insert(
-        "content-type",
-        "application/x-www-form-urlencoded".parse().unwrap(),
-    );
+    hf.insert("content-type", "application/x-www-form-urlencoded".parse().unwrap());
     c.bench_function("inject_custom_form_body", |b| {
         b.iter(|| {
             let e = inject::edits(&m, &c_).unwrap();

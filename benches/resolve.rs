@@ -9,6 +9,7 @@ use std::time::Duration;
 use credproxy::creds::{Connections, NewConnection};
 use credproxy::crypto::{Envelope, LocalKeyProvider};
 use credproxy::integrations::Integrations;
+use credproxy::oauth2::TokenClient;
 use credproxy::secret::SecretValue;
 use credproxy::store::sqlite::SqliteStore;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -29,6 +30,7 @@ fn benches(c: &mut Criterion) {
         Arc::new(Integrations::load_dir(&ints_dir, &BTreeMap::new()).unwrap()),
         10_000,
         Duration::from_secs(3600),
+        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
     );
     let id = rt.block_on(async {
         let meta = conns
@@ -62,6 +64,7 @@ fn benches(c: &mut Criterion) {
         conns.integrations().clone(),
         0,
         Duration::from_secs(1),
+        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
     );
     c.bench_function("resolve_cache_miss", |b| {
         b.to_async(&rt)

@@ -19,19 +19,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::AdminToken;
-use crate::creds::{Connections, CreateError, NewConnection};
+use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
 use crate::problem::{Problem, ProxyErrorType};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, StoreError};
 
 pub struct AdminState {
     pub connections: Arc<Connections>,
+    /// `admin.public_url` + `/v1/oauth2/callback`: the redirect URI sent to providers.
+    callback_url: String,
     /// SHA-256 of each token with its scope; compared in constant time.
     tokens: Vec<([u8; 32], Scope)>,
 }
 
 impl AdminState {
-    pub fn new(connections: Arc<Connections>, tokens: &[AdminToken]) -> Self {
+    pub fn new(connections: Arc<Connections>, tokens: &[AdminToken], public_url: &str) -> Self {
+        let callback_url = format!("{}/v1/oauth2/callback", public_url.trim_end_matches('/'));
         let tokens = tokens
             .iter()
             .map(|t| {
@@ -41,6 +44,7 @@ impl AdminState {
             .collect();
         Self {
             connections,
+            callback_url,
             tokens,
         }
     }
@@ -50,10 +54,7 @@ impl AdminState {
         let mut found = None;
         // Check every token so timing does not depend on which one matched.
         for (t, scope) in &self.tokens {
-            let diff = t
-                .iter()
-                .zip(h.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            let diff = t.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 {
                 found = Some(scope.clone());
             }
@@ -88,18 +89,15 @@ impl Scope {
 pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/integrations", get(list_integrations))
-        .route(
-            "/v1/connections",
-            get(list_connections).post(create_connection),
-        )
-        .route(
-            "/v1/connections/{id}",
-            get(get_connection).delete(delete_connection),
-        )
+        .route("/v1/connections", get(list_connections).post(create_connection))
+        .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
+        .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // Reached by the user's browser: no admin token; `state` protects it.
+        .route("/v1/oauth2/callback", get(oauth2_callback))
         .merge(v1)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)
@@ -110,12 +108,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
 pub struct ApiError(Problem);
 
 impl ApiError {
-    fn new(
-        status: StatusCode,
-        code: &'static str,
-        title: &'static str,
-        detail: impl Into<String>,
-    ) -> Self {
+    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
         Self(Problem::new(
             status,
             code,
@@ -193,11 +186,7 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
-    st.connections
-        .store()
-        .ping()
-        .await
-        .map_err(ApiError::store)?;
+    st.connections.store().ping().await.map_err(ApiError::store)?;
     Ok(Json(json!({"status": "ready"})))
 }
 
@@ -278,15 +267,10 @@ async fn create_connection(
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
-    })?;
-    let req: CreateBody = serde_path_to_error::deserialize(value).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_request",
-            format!("{}: {}", e.path(), redact_serde(e.inner())),
-        )
-    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let req: CreateBody = serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
     if let Some(org) = scope.org() {
         if org != req.org_id {
             return Err(ApiError::new(
@@ -321,32 +305,29 @@ async fn create_connection(
             credentials,
         })
         .await
-        .map_err(|e| match e {
-            CreateError::UnknownIntegration(_) => {
-                ApiError::bad_request("unknown_integration", e.to_string())
-            }
-            CreateError::UnknownAuthMethod { .. } => {
-                ApiError::bad_request("unknown_auth_method", e.to_string())
-            }
-            CreateError::InvalidId { .. } => {
-                ApiError::bad_request("invalid_request", e.to_string())
-            }
-            CreateError::Credential(c) => {
-                ApiError::bad_request("invalid_credentials", c.to_string())
-            }
-            CreateError::Store(s) => ApiError::store(s),
-            CreateError::Crypto(c) => {
-                tracing::error!(error = %c, "admin: sealing a credential failed");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "Internal error",
-                    "sealing the credential failed; see the log",
-                )
-            }
-        })?;
+        .map_err(create_error)?;
     tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "connection created");
     Ok((StatusCode::CREATED, Json(view(&st, meta))))
+}
+
+fn create_error(e: CreateError) -> ApiError {
+    match e {
+        CreateError::UnknownIntegration(_) => ApiError::bad_request("unknown_integration", e.to_string()),
+        CreateError::UnknownAuthMethod { .. } => ApiError::bad_request("unknown_auth_method", e.to_string()),
+        CreateError::InvalidId { .. } => ApiError::bad_request("invalid_request", e.to_string()),
+        CreateError::UseAuthorize(_) => ApiError::bad_request("use_oauth2_authorize", e.to_string()),
+        CreateError::Credential(c) => ApiError::bad_request("invalid_credentials", c.to_string()),
+        CreateError::Store(s) => ApiError::store(s),
+        CreateError::Crypto(c) => {
+            tracing::error!(error = %c, "admin: sealing a credential failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "sealing the credential failed; see the log",
+            )
+        }
+    }
 }
 
 /// serde messages can quote the offending value ("invalid type: string
@@ -418,13 +399,146 @@ async fn delete_connection(
         .await
         .map_err(ApiError::store)?
         .ok_or_else(ApiError::connection_not_found)?;
+    // Revoke first (we still hold the tokens); delete even if revocation fails.
+    let revocation = st.connections.revoke_at_provider(&id).await;
     let deleted = st.connections.delete(&id).await.map_err(ApiError::store)?;
     if !deleted {
         return Err(ApiError::connection_not_found());
     }
-    tracing::info!(connection = %id, "connection deleted");
-    // Static credentials have nothing to revoke at a provider.
+    tracing::info!(connection = %id, revocation = revocation.as_str(), "connection deleted");
+    let mut body = json!({ "id": id, "deleted": true, "provider_revocation": revocation.as_str() });
+    if let Revocation::Failed(why) = &revocation {
+        body["provider_revocation_error"] = json!(why);
+    }
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    integration: String,
+    auth_method: String,
+    org_id: String,
+    user_id: String,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    return_to: Option<String>,
+}
+
+async fn oauth2_authorize(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+    let req: AuthorizeBody = serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    if scope.org().is_some_and(|o| o != req.org_id) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_org",
+            "Forbidden",
+            "this admin token is scoped to another organization",
+        ));
+    }
+    let (url, expires_at) = st
+        .connections
+        .start_authorization(
+            AuthorizeRequest {
+                integration: req.integration,
+                auth_method: req.auth_method,
+                org_id: req.org_id,
+                user_id: req.user_id,
+                scopes: req.scopes,
+                return_to: req.return_to,
+            },
+            &st.callback_url,
+        )
+        .await
+        .map_err(authorize_error)?;
     Ok(Json(
-        json!({ "id": id, "deleted": true, "provider_revocation": "not_applicable" }),
+        json!({ "authorization_url": url, "expires_at": rfc3339(expires_at) }),
     ))
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+}
+
+async fn oauth2_callback(
+    State(st): State<Arc<AdminState>>,
+    Query(q): Query<CallbackQuery>,
+) -> Result<Response, ApiError> {
+    let state = q
+        .state
+        .ok_or_else(|| ApiError::bad_request("invalid_state", "the callback has no state parameter"))?;
+    let outcome = match (&q.code, &q.error) {
+        (_, Some(e)) => Err(e.as_str()),
+        (Some(c), None) => Ok(c.as_str()),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "the callback has neither code nor error",
+            ))
+        }
+    };
+    let (meta, return_to) = st
+        .connections
+        .complete_authorization(&state, outcome)
+        .await
+        .map_err(authorize_error)?;
+    if let Some(rt) = return_to {
+        let sep = if rt.contains('?') { '&' } else { '?' };
+        let location = format!("{rt}{sep}connection_id={}", meta.id);
+        let mut r = StatusCode::SEE_OTHER.into_response();
+        if let Ok(v) = HeaderValue::try_from(location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(r);
+    }
+    let id = meta.id.clone();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "connection_id": id, "connection": view(&st, meta) })),
+    )
+        .into_response())
+}
+
+fn authorize_error(e: AuthorizeError) -> ApiError {
+    match e {
+        AuthorizeError::Create(c) => create_error(c),
+        AuthorizeError::NotAuthorizationCode(_) | AuthorizeError::BadReturnTo => {
+            ApiError::bad_request("invalid_request", e.to_string())
+        }
+        AuthorizeError::UnknownState => ApiError::bad_request(
+            "invalid_state",
+            "unknown or already used state; start the authorization again",
+        ),
+        AuthorizeError::StateExpired => ApiError::bad_request("state_expired", e.to_string()),
+        AuthorizeError::Provider(_) => ApiError::bad_request("authorization_denied", e.to_string()),
+        AuthorizeError::Exchange(t) => {
+            tracing::warn!(error = %t, "oauth2 code exchange failed");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "code_exchange_failed",
+                "Code exchange failed",
+                format!("exchanging the authorization code failed: {t}"),
+            )
+        }
+        AuthorizeError::Store(s) => ApiError::store(s),
+        AuthorizeError::Crypto(c) => {
+            tracing::error!(error = %c, "oauth2: sealing or opening failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "see the log",
+            )
+        }
+    }
 }

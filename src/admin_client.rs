@@ -51,10 +51,10 @@ impl AdminClient {
         let bytes = body
             .map(|b| Bytes::from(serde_json::to_vec(b).expect("json serializes")))
             .unwrap_or_default();
-        let mut req = Request::builder().method(method).uri(&uri).header(
-            header::AUTHORIZATION,
-            format!("Bearer {}", self.token.expose()),
-        );
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token.expose()));
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
@@ -76,19 +76,13 @@ impl AdminClient {
         let value = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+            serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
         };
         Ok((status, value))
     }
 
     /// Like [`send`](Self::send) but a non-2xx status is an error.
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, AdminClientError> {
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, AdminClientError> {
         let (status, value) = self.send(method, path, body).await?;
         if status.is_success() {
             Ok(value)

@@ -2,11 +2,7 @@
 //! subcommands that drive the admin API. The binary's edge: it may print and
 //! use `anyhow`-style reporting; library code below it may not.
 
-#![allow(
-    clippy::print_stdout,
-    clippy::print_stderr,
-    reason = "the CLI talks to a terminal"
-)]
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "the CLI talks to a terminal")]
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -69,12 +65,7 @@ struct AdminArgs {
     )]
     admin_url: String,
     /// Admin bearer token.
-    #[arg(
-        long,
-        env = "CREDPROXY_ADMIN_TOKEN",
-        hide_env_values = true,
-        global = true
-    )]
+    #[arg(long, env = "CREDPROXY_ADMIN_TOKEN", hide_env_values = true, global = true)]
     admin_token: Option<String>,
 }
 
@@ -106,10 +97,7 @@ enum ConnCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credproxy: cannot start the runtime: {e}");
@@ -213,9 +201,7 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
                 "integration": integration, "auth_method": auth_method,
                 "org_id": org_id, "user_id": user_id, "credentials": creds,
             });
-            client
-                .call(Method::POST, "/v1/connections", Some(&body))
-                .await
+            client.call(Method::POST, "/v1/connections", Some(&body)).await
         }
         ConnCommand::List { org_id } => {
             let path = match org_id {
@@ -229,20 +215,12 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
         }
         ConnCommand::Get { id } => {
             client
-                .call(
-                    Method::GET,
-                    &format!("/v1/connections/{}", path_segment(&id)),
-                    None,
-                )
+                .call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None)
                 .await
         }
         ConnCommand::Delete { id } => {
             client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/connections/{}", path_segment(&id)),
-                    None,
-                )
+                .call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None)
                 .await
         }
     };
@@ -259,9 +237,7 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
 }
 
 fn path_segment(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect()
+    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
 }
 
 fn parse_credentials(items: &[String]) -> Result<BTreeMap<String, Value>, String> {
@@ -280,8 +256,7 @@ fn parse_credentials(items: &[String]) -> Result<BTreeMap<String, Value>, String
                 .map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
             s.trim_end_matches(['\r', '\n']).to_owned()
         } else if let Some(file) = raw.strip_prefix('@') {
-            let s = std::fs::read_to_string(file)
-                .map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;
+            let s = std::fs::read_to_string(file).map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;
             s.trim_end_matches(['\r', '\n']).to_owned()
         } else {
             raw.to_owned()

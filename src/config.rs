@@ -29,6 +29,7 @@ pub const DEFAULT_RESPONSE_HEADER_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
 
 /// Environment variable that adds one global admin token.
 pub const ADMIN_TOKEN_ENV: &str = "CREDPROXY_ADMIN_TOKEN";
@@ -44,11 +45,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub fn new(
-        source_name: impl fmt::Display,
-        key: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> Self {
+    pub fn new(source_name: impl fmt::Display, key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             source_name: source_name.to_string(),
             key: key.into(),
@@ -68,7 +65,23 @@ pub struct Config {
     pub egress: EgressConfig,
     pub upstream: UpstreamConfig,
     pub integrations: IntegrationsConfig,
+    pub oauth2: OAuth2Config,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuth2Config {
+    /// Milliseconds a token or revocation endpoint call may take in total.
+    pub token_timeout_ms: u64,
+}
+
+impl Default for OAuth2Config {
+    fn default() -> Self {
+        Self {
+            token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +115,9 @@ impl Default for ProxyConfig {
 pub struct AdminConfig {
     /// Address of the admin API listener.
     pub listen: SocketAddr,
+    /// Base URL browsers use to reach the admin API; the OAuth2 redirect URI
+    /// is this + `/v1/oauth2/callback`. Default: `http://` + the bound address.
+    pub public_url: Option<String>,
     /// Bearer tokens accepted by the admin API. `CREDPROXY_ADMIN_TOKEN` adds
     /// one global token.
     pub tokens: Vec<AdminToken>,
@@ -111,6 +127,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            public_url: None,
             tokens: Vec::new(),
         }
     }
@@ -279,18 +296,9 @@ impl Config {
         Self::from_toml_str(&name, &text, env)
     }
 
-    pub fn from_toml_str(
-        name: &str,
-        text: &str,
-        env: &BTreeMap<String, String>,
-    ) -> Result<Self, ConfigError> {
-        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
-            ConfigError::new(
-                name,
-                "(syntax)",
-                e.message().to_owned() + &line_of(text, e.span()),
-            )
-        })?;
+    pub fn from_toml_str(name: &str, text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text)
+            .map_err(|e| ConfigError::new(name, "(syntax)", e.message().to_owned() + &line_of(text, e.span())))?;
         apply_env_overrides(&mut value, env)?;
         substitute_env(&mut value, env, name, "")?;
         let mut cfg: Config = deserialize_value(name, value)?;
@@ -330,6 +338,18 @@ impl Config {
                 "only sqlite://PATH is supported by this build",
             ));
         }
+        if let Some(u) = &self.admin.public_url {
+            let ok = u
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !ok {
+                return Err(ConfigError::new(
+                    name,
+                    "admin.public_url",
+                    "must be an absolute http(s) URL",
+                ));
+            }
+        }
         if self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
                 name,
@@ -358,18 +378,12 @@ impl Config {
         for (key, v) in [
             ("cache.max_entries", self.cache.max_entries),
             ("cache.ttl_secs", self.cache.ttl_secs),
-            (
-                "upstream.connect_timeout_ms",
-                self.upstream.connect_timeout_ms,
-            ),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             (
                 "upstream.response_header_timeout_ms",
                 self.upstream.response_header_timeout_ms,
             ),
-            (
-                "proxy.header_read_timeout_ms",
-                self.proxy.header_read_timeout_ms,
-            ),
+            ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));
@@ -380,27 +394,17 @@ impl Config {
 }
 
 /// Deserializes a TOML value, reporting the failing key path.
-pub fn deserialize_value<T: serde::de::DeserializeOwned>(
-    name: &str,
-    value: toml::Value,
-) -> Result<T, ConfigError> {
+pub fn deserialize_value<T: serde::de::DeserializeOwned>(name: &str, value: toml::Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let key = if path == "." {
-            "(top level)".to_owned()
-        } else {
-            path
-        };
+        let key = if path == "." { "(top level)".to_owned() } else { path };
         ConfigError::new(name, key, e.into_inner().to_string())
     })
 }
 
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
-        Some(r) => format!(
-            " (line {})",
-            text[..r.start.min(text.len())].matches('\n').count() + 1
-        ),
+        Some(r) => format!(" (line {})", text[..r.start.min(text.len())].matches('\n').count() + 1),
         None => String::new(),
     }
 }
@@ -408,10 +412,7 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 /// `CREDPROXY_SECTION__KEY=value` sets `section.key`. The value is read as a
 /// TOML literal when it is one (`8080`, `true`, `["10.0.0.0/8"]`, `"123"`),
 /// otherwise as a string. `CREDPROXY_ADMIN_TOKEN` is handled separately.
-fn apply_env_overrides(
-    root: &mut toml::Value,
-    env: &BTreeMap<String, String>,
-) -> Result<(), ConfigError> {
+fn apply_env_overrides(root: &mut toml::Value, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -483,9 +484,7 @@ fn substitute_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, Str
             out.push('$');
             rest = after;
         } else if let Some(after) = after.strip_prefix('{') {
-            let end = after
-                .find('}')
-                .ok_or_else(|| "unterminated ${...}".to_owned())?;
+            let end = after.find('}').ok_or_else(|| "unterminated ${...}".to_owned())?;
             let var = &after[..end];
             let val = env
                 .get(var)
@@ -511,14 +510,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    const MIN: &str =
-        "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
+    const MIN: &str = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
 
     #[test]
     fn shipped_config_file_parses_with_an_admin_token() {
@@ -532,8 +527,7 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_and_key() {
-        let err = Config::from_toml_str("c.toml", &format!("{MIN}[cache]\nttl = 3\n"), &env(&[]))
-            .unwrap_err();
+        let err = Config::from_toml_str("c.toml", &format!("{MIN}[cache]\nttl = 3\n"), &env(&[])).unwrap_err();
         assert_eq!(err.source_name, "c.toml");
         assert_eq!(err.key, "cache.ttl");
         assert!(err.reason.contains("unknown field"), "{err}");
@@ -566,33 +560,25 @@ mod tests {
         assert_eq!(cfg.proxy.listen.port(), 9999);
         assert_eq!(cfg.cache.ttl_secs, 7);
         assert_eq!(cfg.egress.allow_cidrs.len(), 1);
-        assert_eq!(
-            cfg.admin.tokens[0].token.expose(),
-            "an-admin-token-from-env"
-        );
+        assert_eq!(cfg.admin.tokens[0].token.expose(), "an-admin-token-from-env");
     }
 
     #[test]
     fn substitution_and_missing_variable() {
         let text = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\ntoken = \"${TOK}\"\n";
-        let cfg = Config::from_toml_str("c.toml", text, &env(&[("TOK", "from-the-environment")]))
-            .unwrap();
+        let cfg = Config::from_toml_str("c.toml", text, &env(&[("TOK", "from-the-environment")])).unwrap();
         assert_eq!(cfg.admin.tokens[0].token.expose(), "from-the-environment");
         let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
         assert_eq!(err.key, "admin.tokens[0].token");
         assert!(err.reason.contains("TOK"));
-        assert_eq!(
-            substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(),
-            "a$b1c"
-        );
+        assert_eq!(substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(), "a$b1c");
     }
 
     #[test]
     fn missing_org_and_tokens_are_reported() {
         let err = Config::from_toml_str("c.toml", "", &env(&[])).unwrap_err();
         assert_eq!(err.key, "proxy.org_id");
-        let err =
-            Config::from_toml_str("c.toml", "[proxy]\norg_id=\"o\"\n", &env(&[])).unwrap_err();
+        let err = Config::from_toml_str("c.toml", "[proxy]\norg_id=\"o\"\n", &env(&[])).unwrap_err();
         assert_eq!(err.key, "admin.tokens");
     }
 

@@ -2,7 +2,13 @@
 //! storing them, and resolving `(org, connection id)` on the request path
 //! through a bounded cache → store → decrypt.
 //!
-//! Uses `store`, `crypto` and `integrations`; must not import `proxy` or `admin`.
+//! Uses `store`, `crypto`, `oauth2` and `integrations`; must not import
+//! `proxy` or `admin`. OAuth2 refresh, authorization and revocation live in
+//! [`oauth`].
+
+mod oauth;
+
+pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,9 +19,10 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, Envelope, Sealed};
 use crate::ids;
-use crate::integrations::{AuthKind, AuthMethod, Integration, Integrations};
+use crate::integrations::{AuthKind, AuthMethod, Grant, Integration, Integrations};
+use crate::oauth2::{TokenClient, TokenSet};
 use crate::secret::SecretValue;
-use crate::store::{ConnectionMeta, ConnectionRow, ConnectionState, Store, StoreError};
+use crate::store::{ConnectionMeta, ConnectionRow, ConnectionState, SealedBytes, Store, StoreError};
 
 /// A decrypted credential: one value per field of its auth method, in the
 /// method's field order (templates index into it).
@@ -35,10 +42,7 @@ pub struct CredentialError {
 impl Credential {
     /// Validates supplied fields against the auth method: every field present,
     /// no unknown field, no empty value, no control character (CR, LF, NUL, ...).
-    pub fn from_fields(
-        method: &AuthMethod,
-        mut input: BTreeMap<String, SecretValue>,
-    ) -> Result<Self, CredentialError> {
+    pub fn from_fields(method: &AuthMethod, mut input: BTreeMap<String, SecretValue>) -> Result<Self, CredentialError> {
         if let Some(unknown) = input.keys().find(|k| !method.fields.contains(k)) {
             return Err(CredentialError {
                 field: unknown.clone(),
@@ -81,6 +85,13 @@ impl Credential {
         Ok(Self { values })
     }
 
+    /// The credential of an OAuth2 connection: its access token (if any).
+    pub fn from_tokens(t: &TokenSet) -> Self {
+        Self {
+            values: t.access_token.iter().map(|a| SecretValue::new(a.clone())).collect(),
+        }
+    }
+
     pub fn value(&self, index: usize) -> &SecretValue {
         &self.values[index]
     }
@@ -102,16 +113,9 @@ impl Credential {
     fn from_plaintext(method: &AuthMethod, bytes: &[u8]) -> Result<Self, String> {
         let map: BTreeMap<String, String> = serde_json::from_slice(bytes)
             .map_err(|_| "stored credential is not a JSON object of strings".to_owned())?;
-        let fields = map
-            .into_iter()
-            .map(|(k, v)| (k, SecretValue::new(v)))
-            .collect();
-        Self::from_fields(method, fields).map_err(|e| {
-            format!(
-                "stored credential no longer fits auth method {:?}: {e}",
-                method.id
-            )
-        })
+        let fields = map.into_iter().map(|(k, v)| (k, SecretValue::new(v))).collect();
+        Self::from_fields(method, fields)
+            .map_err(|e| format!("stored credential no longer fits auth method {:?}: {e}", method.id))
     }
 }
 
@@ -121,7 +125,10 @@ pub struct Resolved {
     pub meta: ConnectionMeta,
     pub integration: Arc<Integration>,
     pub method: Arc<AuthMethod>,
+    /// What templates inject (for OAuth2: the access token).
     pub credential: Credential,
+    /// OAuth2 connections: the whole token set.
+    pub tokens: Option<TokenSet>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -153,6 +160,8 @@ pub enum CreateError {
     InvalidId { field: &'static str },
     #[error(transparent)]
     Credential(#[from] CredentialError),
+    #[error("auth method {0:?} uses the authorization code grant: create it with POST /v1/oauth2/authorize")]
+    UseAuthorize(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -173,6 +182,7 @@ pub struct Connections {
     envelope: Envelope,
     integrations: Arc<Integrations>,
     cache: Cache<String, Arc<Resolved>>,
+    oauth: oauth::OAuthState,
 }
 
 impl Connections {
@@ -182,16 +192,15 @@ impl Connections {
         integrations: Arc<Integrations>,
         max_entries: u64,
         ttl: Duration,
+        token_client: TokenClient,
     ) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_entries)
-            .time_to_live(ttl)
-            .build();
+        let cache = Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
         Self {
             store,
             envelope,
             integrations,
             cache,
+            oauth: oauth::OAuthState::new(token_client),
         }
     }
 
@@ -205,11 +214,7 @@ impl Connections {
 
     /// Resolves a connection for `org`. Returns the connection and whether it
     /// came from the cache. Unknown and other-org ids are the same `NotFound`.
-    pub async fn resolve(
-        &self,
-        org: &str,
-        id: &str,
-    ) -> Result<(Arc<Resolved>, bool), ResolveError> {
+    pub async fn resolve(&self, org: &str, id: &str) -> Result<(Arc<Resolved>, bool), ResolveError> {
         let (resolved, hit) = match self.cache.get(id).await {
             Some(r) => (r, true),
             None => {
@@ -231,59 +236,52 @@ impl Connections {
         Ok((resolved, hit))
     }
 
-    async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
-        let row = self
-            .store
-            .get_connection(id)
-            .await?
-            .ok_or(ResolveError::NotFound)?;
+    pub(crate) async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
+        let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
         let misconfigured = |reason: String| ResolveError::Misconfigured {
             id: id.to_owned(),
             reason,
         };
-        let integration = self
-            .integrations
-            .get(&row.meta.integration)
-            .cloned()
-            .ok_or_else(|| {
-                misconfigured(format!(
-                    "integration {:?} is no longer configured",
-                    row.meta.integration
-                ))
-            })?;
-        let method = integration
-            .auth_method(&row.meta.auth_method)
-            .cloned()
-            .ok_or_else(|| {
-                misconfigured(format!(
-                    "auth method {:?} is no longer configured",
-                    row.meta.auth_method
-                ))
-            })?;
+        let integration = self.integrations.get(&row.meta.integration).cloned().ok_or_else(|| {
+            misconfigured(format!(
+                "integration {:?} is no longer configured",
+                row.meta.integration
+            ))
+        })?;
+        let method = integration.auth_method(&row.meta.auth_method).cloned().ok_or_else(|| {
+            misconfigured(format!(
+                "auth method {:?} is no longer configured",
+                row.meta.auth_method
+            ))
+        })?;
         let ctx = crypto::Context {
             org_id: &row.meta.org_id,
             connection_id: &row.meta.id,
         };
-        let sealed = Sealed {
-            key_id: row.key_id,
-            wrapped_key: row.wrapped_key,
-            nonce: row.nonce,
-            ciphertext: row.ciphertext,
+        let plaintext = self
+            .envelope
+            .open(ctx, &from_store(row.sealed))
+            .await
+            .map_err(|source| ResolveError::Crypto {
+                id: id.to_owned(),
+                source,
+            })?;
+        let (credential, tokens) = if method.oauth2().is_some() {
+            let t: TokenSet = serde_json::from_slice(&plaintext)
+                .map_err(|_| misconfigured("stored OAuth2 token set is corrupt".into()))?;
+            (Credential::from_tokens(&t), Some(t))
+        } else {
+            (
+                Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?,
+                None,
+            )
         };
-        let plaintext =
-            self.envelope
-                .open(ctx, &sealed)
-                .await
-                .map_err(|source| ResolveError::Crypto {
-                    id: id.to_owned(),
-                    source,
-                })?;
-        let credential = Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?;
         Ok(Arc::new(Resolved {
             meta: row.meta,
             integration,
             method,
             credential,
+            tokens,
         }))
     }
 
@@ -298,39 +296,56 @@ impl Connections {
             .integrations
             .get(&new.integration)
             .ok_or_else(|| CreateError::UnknownIntegration(new.integration.clone()))?;
-        let method = integration.auth_method(&new.auth_method).ok_or_else(|| {
-            CreateError::UnknownAuthMethod {
+        let method = integration
+            .auth_method(&new.auth_method)
+            .ok_or_else(|| CreateError::UnknownAuthMethod {
                 integration: new.integration.clone(),
                 method: new.auth_method.clone(),
+            })?;
+        let plaintext = match method.oauth2() {
+            Some(o) if o.grant == Grant::AuthorizationCode => return Err(CreateError::UseAuthorize(method.id.clone())),
+            Some(_) => {
+                // Client credentials: no user secret; the first request fetches a token.
+                if let Some(k) = new.credentials.keys().next() {
+                    return Err(CredentialError {
+                        field: k.clone(),
+                        reason: "unknown field for this auth method",
+                    }
+                    .into());
+                }
+                Zeroizing::new(serde_json::to_vec(&TokenSet::default()).expect("token sets serialize"))
             }
-        })?;
-        let credential = Credential::from_fields(method, new.credentials)?;
+            None => Credential::from_fields(method, new.credentials)?.to_plaintext(method),
+        };
+        self.insert_new(new.org_id, new.user_id, new.integration, new.auth_method, &plaintext)
+            .await
+    }
+
+    /// Seals `plaintext` for a new connection id and stores the row.
+    async fn insert_new(
+        &self,
+        org_id: String,
+        user_id: String,
+        integration: String,
+        auth_method: String,
+        plaintext: &[u8],
+    ) -> Result<ConnectionMeta, CreateError> {
         let id = ids::new_connection_id();
         let now = unix_now();
         let meta = ConnectionMeta {
             id,
-            org_id: new.org_id,
-            user_id: new.user_id,
-            integration: new.integration,
-            auth_method: new.auth_method,
+            org_id,
+            user_id,
+            integration,
+            auth_method,
             state: ConnectionState::Active,
             created_at: now,
             updated_at: now,
         };
-        let ctx = crypto::Context {
-            org_id: &meta.org_id,
-            connection_id: &meta.id,
-        };
-        let sealed = self
-            .envelope
-            .seal(ctx, &credential.to_plaintext(method))
-            .await?;
+        let sealed = self.seal(&meta.org_id, &meta.id, plaintext).await?;
         let row = ConnectionRow {
             meta: meta.clone(),
-            key_id: sealed.key_id,
-            wrapped_key: sealed.wrapped_key,
-            nonce: sealed.nonce,
-            ciphertext: sealed.ciphertext,
+            sealed,
         };
         self.store.insert_connection(&row).await?;
         Ok(meta)
@@ -338,15 +353,9 @@ impl Connections {
 
     /// Metadata of a connection visible to `org` (`None` for both unknown
     /// and other-org). `org = None` is a global admin.
-    pub async fn get_meta(
-        &self,
-        org: Option<&str>,
-        id: &str,
-    ) -> Result<Option<ConnectionMeta>, StoreError> {
+    pub async fn get_meta(&self, org: Option<&str>, id: &str) -> Result<Option<ConnectionMeta>, StoreError> {
         let row = self.store.get_connection(id).await?;
-        Ok(row
-            .map(|r| r.meta)
-            .filter(|m| org.is_none_or(|o| o == m.org_id)))
+        Ok(row.map(|r| r.meta).filter(|m| org.is_none_or(|o| o == m.org_id)))
     }
 
     pub async fn list(&self, org: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
@@ -362,6 +371,29 @@ impl Connections {
 
     pub fn cached_entries(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    async fn seal(&self, org_id: &str, connection_id: &str, plaintext: &[u8]) -> Result<SealedBytes, CryptoError> {
+        let ctx = crypto::Context { org_id, connection_id };
+        Ok(to_store(self.envelope.seal(ctx, plaintext).await?))
+    }
+}
+
+fn to_store(s: Sealed) -> SealedBytes {
+    SealedBytes {
+        key_id: s.key_id,
+        wrapped_key: s.wrapped_key,
+        nonce: s.nonce,
+        ciphertext: s.ciphertext,
+    }
+}
+
+fn from_store(s: SealedBytes) -> Sealed {
+    Sealed {
+        key_id: s.key_id,
+        wrapped_key: s.wrapped_key,
+        nonce: s.nonce,
+        ciphertext: s.ciphertext,
     }
 }
 
@@ -402,6 +434,7 @@ mod tests {
             Arc::new(ints),
             100,
             Duration::from_secs(60),
+            TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
         );
         (c, store)
     }
@@ -420,10 +453,7 @@ mod tests {
     async fn create_resolve_cache_and_org_scoping() {
         let dir = tempfile::tempdir().unwrap();
         let (svc, _) = service(dir.path()).await;
-        let meta = svc
-            .create(new_conn("org_a", &[("token", "tok-123")]))
-            .await
-            .unwrap();
+        let meta = svc.create(new_conn("org_a", &[("token", "tok-123")])).await.unwrap();
         let (r, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(!hit);
         assert_eq!(r.credential.value(0).expose(), "tok-123");
@@ -434,8 +464,7 @@ mod tests {
             Err(ResolveError::NotFound)
         ));
         assert!(matches!(
-            svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa")
-                .await,
+            svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await,
             Err(ResolveError::NotFound)
         ));
         assert!(svc.delete(&meta.id).await.unwrap());
@@ -462,11 +491,7 @@ mod tests {
                 "token",
                 "must not contain CR, LF or NUL",
             ),
-            (
-                &[("token", "a\0b")],
-                "token",
-                "must not contain CR, LF or NUL",
-            ),
+            (&[("token", "a\0b")], "token", "must not contain CR, LF or NUL"),
             (&[("token", "")], "token", "must not be empty"),
         ];
         for (creds, field, reason) in cases {
@@ -484,21 +509,12 @@ mod tests {
     async fn copied_ciphertext_does_not_open_on_another_row() {
         let dir = tempfile::tempdir().unwrap();
         let (svc, store) = service(dir.path()).await;
-        let a = svc
-            .create(new_conn("org_a", &[("token", "token-of-a")]))
-            .await
-            .unwrap();
-        let b = svc
-            .create(new_conn("org_a", &[("token", "token-of-b")]))
-            .await
-            .unwrap();
+        let a = svc.create(new_conn("org_a", &[("token", "token-of-a")])).await.unwrap();
+        let b = svc.create(new_conn("org_a", &[("token", "token-of-b")])).await.unwrap();
         // Move a's sealed credential onto b's row (same org, other id).
         let row_a = store.get_connection(&a.id).await.unwrap().unwrap();
         let mut row_b = store.get_connection(&b.id).await.unwrap().unwrap();
-        row_b.key_id = row_a.key_id;
-        row_b.wrapped_key = row_a.wrapped_key;
-        row_b.nonce = row_a.nonce;
-        row_b.ciphertext = row_a.ciphertext;
+        row_b.sealed = row_a.sealed;
         store.delete_connection(&b.id).await.unwrap();
         store.insert_connection(&row_b).await.unwrap();
         let err = svc.resolve("org_a", &b.id).await.unwrap_err();

@@ -45,8 +45,7 @@ pub struct Context<'a> {
 impl Context<'_> {
     /// Length-prefixed so that no two contexts share an encoding.
     pub fn aad(&self) -> Vec<u8> {
-        let mut v =
-            Vec::with_capacity(AAD_DOMAIN.len() + 8 + self.org_id.len() + self.connection_id.len());
+        let mut v = Vec::with_capacity(AAD_DOMAIN.len() + 8 + self.org_id.len() + self.connection_id.len());
         v.extend_from_slice(AAD_DOMAIN);
         for part in [self.org_id, self.connection_id] {
             v.extend_from_slice(&(part.len() as u32).to_be_bytes());
@@ -62,12 +61,7 @@ pub trait KeyProvider: Send + Sync + 'static {
     /// Id of the key new records are wrapped with (stored with each record).
     fn current_key_id(&self) -> &str;
     async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError>;
-    async fn unwrap(
-        &self,
-        key_id: &str,
-        wrapped: &[u8],
-        ctx: Context<'_>,
-    ) -> Result<Zeroizing<Vec<u8>>, CryptoError>;
+    async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError>;
 }
 
 /// A sealed credential, as stored.
@@ -95,9 +89,7 @@ impl Envelope {
 
     pub async fn seal(&self, ctx: Context<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
         let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-        self.rng
-            .fill(&mut data_key[..])
-            .map_err(|_| CryptoError::Random)?;
+        self.rng.fill(&mut data_key[..]).map_err(|_| CryptoError::Random)?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
         let ciphertext = aead_seal(&data_key[..], &nonce, &ctx.aad(), plaintext)?;
@@ -110,15 +102,8 @@ impl Envelope {
         })
     }
 
-    pub async fn open(
-        &self,
-        ctx: Context<'_>,
-        sealed: &Sealed,
-    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let data_key = self
-            .provider
-            .unwrap(&sealed.key_id, &sealed.wrapped_key, ctx)
-            .await?;
+    pub async fn open(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let data_key = self.provider.unwrap(&sealed.key_id, &sealed.wrapped_key, ctx).await?;
         aead_open(&data_key, &sealed.nonce, &ctx.aad(), &sealed.ciphertext)
     }
 }
@@ -131,12 +116,8 @@ pub(crate) fn aead_seal(
 ) -> Result<Vec<u8>, CryptoError> {
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Seal)?);
     let mut buf = plaintext.to_vec();
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(*nonce),
-        Aad::from(aad),
-        &mut buf,
-    )
-    .map_err(|_| CryptoError::Seal)?;
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), &mut buf)
+        .map_err(|_| CryptoError::Seal)?;
     Ok(buf)
 }
 
@@ -176,10 +157,7 @@ mod tests {
         };
         let sealed = env.seal(a, b"{\"token\":\"s3cret\"}").await.unwrap();
         assert!(!sealed.ciphertext.windows(6).any(|w| w == b"s3cret"));
-        assert_eq!(
-            &env.open(a, &sealed).await.unwrap()[..],
-            b"{\"token\":\"s3cret\"}"
-        );
+        assert_eq!(&env.open(a, &sealed).await.unwrap()[..], b"{\"token\":\"s3cret\"}");
         // Same blob, another row: must not open.
         for other in [
             Context {
@@ -221,9 +199,6 @@ mod tests {
             connection_id: "c",
         };
         let sealed = e1.seal(ctx, b"x").await.unwrap();
-        assert!(matches!(
-            e2.open(ctx, &sealed).await,
-            Err(CryptoError::UnknownKey(_))
-        ));
+        assert!(matches!(e2.open(ctx, &sealed).await, Err(CryptoError::UnknownKey(_))));
     }
 }

@@ -27,17 +27,11 @@ pub struct Edits {
 
 impl fmt::Debug for Edits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = |v: &[(String, Zeroizing<String>)]| {
-            v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
-        };
+        let names = |v: &[(String, Zeroizing<String>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         f.debug_struct("Edits")
             .field(
                 "headers",
-                &self
-                    .headers
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>(),
+                &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             )
             .field("query", &names(&self.query))
             .field("cookies", &names(&self.cookies))
@@ -55,9 +49,7 @@ impl Edits {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
-    #[error(
-        "the credential cannot be placed in {0}: it contains characters that are not allowed there"
-    )]
+    #[error("the credential cannot be placed in {0}: it contains characters that are not allowed there")]
     InvalidValue(&'static str),
     #[error("this connection places a credential in a JSON body field, but the request body is not a JSON object")]
     BodyNotJson,
@@ -94,11 +86,7 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
             e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
         }
         AuthKind::Basic => {
-            let raw = Zeroizing::new(format!(
-                "{}:{}",
-                cred.value(0).expose(),
-                cred.value(1).expose()
-            ));
+            let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
             let v = Zeroizing::new(format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
@@ -106,6 +94,7 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
             e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
         }
         AuthKind::ApiKey(p) => place(&mut e, p, cred)?,
+        AuthKind::OAuth2(o) => place(&mut e, &o.placement, cred)?,
         AuthKind::Custom(ps) => {
             for p in ps {
                 place(&mut e, p, cred)?;
@@ -118,14 +107,13 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
 fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectError> {
     let value = render(&p.template, cred);
     match &p.target {
-        Target::Header(name) => e
-            .headers
-            .push((name.clone(), sensitive(&value, "a header")?)),
+        Target::Header(name) => e.headers.push((name.clone(), sensitive(&value, "a header")?)),
         Target::Query(name) => e.query.push((name.clone(), value)),
         Target::Cookie(name) => {
-            if value.bytes().any(|b| {
-                b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f
-            }) {
+            if value
+                .bytes()
+                .any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
+            {
                 return Err(InjectError::InvalidValue("a cookie"));
             }
             e.cookies.push((name.clone(), value));
@@ -199,8 +187,7 @@ fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, 
     }
     let pq = Zeroizing::new(format!("{path}?{}", q.as_str()));
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query =
-        Some(PathAndQuery::try_from(pq.as_str()).map_err(|_| InjectError::BadUri)?);
+    parts.path_and_query = Some(PathAndQuery::try_from(pq.as_str()).map_err(|_| InjectError::BadUri)?);
     Uri::from_parts(parts).map_err(|_| InjectError::BadUri)
 }
 
@@ -219,8 +206,8 @@ pub fn apply_body(
     let mut out = Zeroizing::new(body.to_vec());
     let mut set_type = None;
     if !e.json_fields.is_empty() {
-        let is_json = ctype.starts_with("application/json")
-            || (ctype.starts_with("application/") && ctype.contains("+json"));
+        let is_json =
+            ctype.starts_with("application/json") || (ctype.starts_with("application/") && ctype.contains("+json"));
         let mut obj = if body.iter().all(u8::is_ascii_whitespace) && (ctype.is_empty() || is_json) {
             if ctype.is_empty() {
                 set_type = Some(HeaderValue::from_static("application/json"));
@@ -245,9 +232,7 @@ pub fn apply_body(
             return Err(InjectError::BodyNotForm);
         }
         if ctype.is_empty() {
-            set_type = Some(HeaderValue::from_static(
-                "application/x-www-form-urlencoded",
-            ));
+            set_type = Some(HeaderValue::from_static("application/x-www-form-urlencoded"));
         }
         let mut ser = form_urlencoded::Serializer::new(String::new());
         for (n, v) in form_urlencoded::parse(&out) {
@@ -271,8 +256,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn method(toml_methods: &str) -> std::sync::Arc<AuthMethod> {
-        let text =
-            format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{toml_methods}");
+        let text = format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{toml_methods}");
         let i = Integration::from_toml_str("t.toml", &text, &BTreeMap::new()).unwrap();
         i.auth_methods[0].clone()
     }
@@ -292,10 +276,7 @@ mod tests {
         let mut uri: Uri = uri.parse().unwrap();
         let mut h = HeaderMap::new();
         for (k, v) in hdrs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         apply_head(&mut uri, &mut h, &edits(m, c).unwrap()).unwrap();
         (uri, h)
@@ -309,10 +290,7 @@ mod tests {
             &m,
             &c,
             "http://x.test/",
-            &[
-                ("authorization", "Bearer caller"),
-                ("authorization", "Basic x"),
-            ],
+            &[("authorization", "Bearer caller"), ("authorization", "Basic x")],
         );
         let all: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(all, ["Bearer tkn"]);
@@ -336,10 +314,7 @@ mod tests {
             "http://x.test/",
             &[("x-api-key", "caller")],
         );
-        assert_eq!(
-            h.get_all("x-api-key").iter().collect::<Vec<_>>(),
-            ["Token k1"]
-        );
+        assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), ["Token k1"]);
 
         let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"query\"\nname = \"api_key\"\n");
         let (u, _) = run(
@@ -352,19 +327,14 @@ mod tests {
         let (u, _) = run(&m, &cred(&m, &[("api_key", "k")]), "http://x.test/p", &[]);
         assert_eq!(u.to_string(), "http://x.test/p?api_key=k");
 
-        let m = method(
-            "[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"cookie\"\nname = \"sid\"\n",
-        );
+        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"cookie\"\nname = \"sid\"\n");
         let (_, h) = run(
             &m,
             &cred(&m, &[("api_key", "k1")]),
             "http://x.test/",
             &[("cookie", "a=1; sid=caller"), ("cookie", "b=2")],
         );
-        assert_eq!(
-            h.get_all(COOKIE).iter().collect::<Vec<_>>(),
-            ["a=1; b=2; sid=k1"]
-        );
+        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2; sid=k1"]);
         let e = edits(&m, &cred(&m, &[("api_key", "x;y")])).unwrap_err();
         assert_eq!(e, InjectError::InvalidValue("a cookie"));
     }
@@ -400,16 +370,10 @@ mod tests {
         let mut only_form = edits(&m, &c).unwrap();
         only_form.json_fields.clear();
         let mut h = HeaderMap::new();
-        h.insert(
-            CONTENT_TYPE,
-            "application/x-www-form-urlencoded".parse().unwrap(),
-        );
+        h.insert(CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
         let (b, _) = apply_body(&h, b"q=1&sig=caller", &only_form).unwrap();
         assert_eq!(&b[..], b"q=1&sig=acct-7%3As%26%3Dx");
         h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert_eq!(
-            apply_body(&h, b"x", &only_form).unwrap_err(),
-            InjectError::BodyNotForm
-        );
+        assert_eq!(apply_body(&h, b"x", &only_form).unwrap_err(), InjectError::BodyNotForm);
     }
 }

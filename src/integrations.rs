@@ -42,13 +42,8 @@ impl Integrations {
 
     /// Loads every `*.toml` in `dir` (sorted by file name).
     pub fn load_dir(dir: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        let read = std::fs::read_dir(dir).map_err(|e| {
-            ConfigError::new(
-                dir.display(),
-                "integrations.dir",
-                format!("cannot read directory: {e}"),
-            )
-        })?;
+        let read = std::fs::read_dir(dir)
+            .map_err(|e| ConfigError::new(dir.display(), "integrations.dir", format!("cannot read directory: {e}")))?;
         let mut paths: Vec<_> = read
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "toml"))
@@ -72,8 +67,7 @@ impl Integrations {
                 format!("integration {:?} is defined twice", integration.id),
             ));
         }
-        self.by_id
-            .insert(integration.id.clone(), Arc::new(integration));
+        self.by_id.insert(integration.id.clone(), Arc::new(integration));
         Ok(())
     }
 }
@@ -159,6 +153,14 @@ impl AuthMethod {
             AuthKind::Basic => "basic",
             AuthKind::Bearer => "bearer",
             AuthKind::Custom(_) => "custom",
+            AuthKind::OAuth2(_) => "oauth2",
+        }
+    }
+
+    pub fn oauth2(&self) -> Option<&OAuth2Method> {
+        match &self.kind {
+            AuthKind::OAuth2(o) => Some(o),
+            _ => None,
         }
     }
 
@@ -183,6 +185,9 @@ pub enum AuthKind {
     Bearer,
     /// Named fields, each placement rendered from a template.
     Custom(Vec<Placement>),
+    /// An OAuth2 token set; the access token (field `access_token`) is placed
+    /// like an api_key.
+    OAuth2(Box<OAuth2Method>),
 }
 
 #[derive(Debug, Clone)]
@@ -247,9 +252,7 @@ impl Template {
                         }
                     }
                     let idx = fields.iter().position(|f| *f == name).ok_or_else(|| {
-                        format!(
-                            "template {s:?} refers to unknown field {name:?} (fields: {fields:?})"
-                        )
+                        format!("template {s:?} refers to unknown field {name:?} (fields: {fields:?})")
                     })?;
                     if !lit.is_empty() {
                         parts.push(Part::Lit(std::mem::take(&mut lit)));
@@ -302,6 +305,7 @@ enum AuthType {
     Basic,
     Bearer,
     Custom,
+    Oauth2,
 }
 
 #[derive(Deserialize)]
@@ -323,6 +327,88 @@ struct AuthMethodFile {
     /// custom: where each value goes
     #[serde(default)]
     placements: Option<Vec<PlacementFile>>,
+    /// oauth2: provider settings
+    #[serde(default)]
+    oauth2: Option<OAuth2File>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuth2File {
+    grant: Grant,
+    #[serde(default)]
+    authorize_url: Option<String>,
+    token_url: String,
+    #[serde(default)]
+    revocation_url: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    client_id: String,
+    client_secret: String,
+    #[serde(default = "default_client_auth")]
+    client_auth: ClientAuth,
+    #[serde(default = "default_true")]
+    pkce: bool,
+    #[serde(default)]
+    authorize_params: BTreeMap<String, String>,
+    #[serde(default)]
+    token_params: BTreeMap<String, String>,
+    #[serde(default = "default_skew")]
+    refresh_skew_secs: u64,
+    #[serde(default = "default_lifetime")]
+    default_expires_in_secs: u64,
+}
+
+fn default_client_auth() -> ClientAuth {
+    ClientAuth::ClientSecretBasic
+}
+fn default_true() -> bool {
+    true
+}
+fn default_skew() -> u64 {
+    DEFAULT_REFRESH_SKEW_SECS
+}
+fn default_lifetime() -> u64 {
+    DEFAULT_EXPIRES_IN_SECS
+}
+
+/// Refresh an access token this many seconds before it expires.
+pub const DEFAULT_REFRESH_SKEW_SECS: u64 = 60;
+/// Lifetime assumed when a token response has no `expires_in`.
+pub const DEFAULT_EXPIRES_IN_SECS: u64 = 3600;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    AuthorizationCode,
+    ClientCredentials,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+/// An OAuth2 auth method, compiled.
+#[derive(Debug)]
+pub struct OAuth2Method {
+    pub grant: Grant,
+    pub authorize_url: Option<http::Uri>,
+    pub token_url: http::Uri,
+    pub revocation_url: Option<http::Uri>,
+    pub scopes: Vec<String>,
+    pub client_id: String,
+    pub client_secret: crate::secret::SecretValue,
+    pub client_auth: ClientAuth,
+    pub pkce: bool,
+    pub authorize_params: Vec<(String, String)>,
+    pub token_params: Vec<(String, String)>,
+    pub refresh_skew_secs: u64,
+    pub default_expires_in_secs: u64,
+    /// Where the access token goes (default `Authorization: Bearer {access_token}`).
+    pub placement: Placement,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -345,11 +431,7 @@ struct PlacementFile {
 }
 
 impl Integration {
-    pub fn from_toml_str(
-        source: &str,
-        text: &str,
-        env: &BTreeMap<String, String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_toml_str(source: &str, text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let mut value: toml::Value =
             toml::from_str(text).map_err(|e| ConfigError::new(source, "(syntax)", e.message()))?;
         substitute_env(&mut value, env, source, "")?;
@@ -357,10 +439,7 @@ impl Integration {
         let err = |key: String, reason: String| ConfigError::new(source, key, reason);
 
         if !is_slug(&file.id) {
-            return Err(err(
-                "id".into(),
-                "must be 1-64 characters of [a-z0-9_-]".into(),
-            ));
+            return Err(err("id".into(), "must be 1-64 characters of [a-z0-9_-]".into()));
         }
         if file.allowed_hosts.is_empty() {
             return Err(err(
@@ -370,8 +449,7 @@ impl Integration {
         }
         let mut allowed_hosts = Vec::new();
         for (i, h) in file.allowed_hosts.iter().enumerate() {
-            allowed_hosts
-                .push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
+            allowed_hosts.push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
         }
         if file.auth_methods.is_empty() {
             return Err(err(
@@ -383,10 +461,7 @@ impl Integration {
         for (i, m) in file.auth_methods.into_iter().enumerate() {
             let key = format!("auth_methods[{i}]");
             if !is_slug(&m.id) {
-                return Err(err(
-                    format!("{key}.id"),
-                    "must be 1-64 characters of [a-z0-9_-]".into(),
-                ));
+                return Err(err(format!("{key}.id"), "must be 1-64 characters of [a-z0-9_-]".into()));
             }
             if auth_methods.iter().any(|a| a.id == m.id) {
                 return Err(err(
@@ -394,9 +469,7 @@ impl Integration {
                     format!("auth method {:?} is defined twice", m.id),
                 ));
             }
-            auth_methods.push(Arc::new(
-                compile_method(m, &key).map_err(|(k, r)| err(k, r))?,
-            ));
+            auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
         }
         if let Some(t) = &file.test {
             if !t.path.starts_with('/') {
@@ -438,7 +511,77 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             Ok(())
         }
     };
+    if m.kind != AuthType::Oauth2 {
+        forbid(m.oauth2.is_some(), "oauth2")?;
+    }
     let (kind, fields) = match m.kind {
+        AuthType::Oauth2 => {
+            forbid(m.fields.is_some(), "fields")?;
+            forbid(m.placements.is_some(), "placements")?;
+            let fields = vec!["access_token".to_owned()];
+            let o = m.oauth2.ok_or_else(|| {
+                (
+                    format!("{key}.oauth2"),
+                    "required: the provider settings ([auth_methods.oauth2])".to_owned(),
+                )
+            })?;
+            let place = m.placement.unwrap_or(PlaceIn::Header);
+            if matches!(place, PlaceIn::Json | PlaceIn::Form) {
+                return Err((
+                    format!("{key}.in"),
+                    "an access token goes in a header, query or cookie".into(),
+                ));
+            }
+            let name = m.name.unwrap_or_else(|| "Authorization".to_owned());
+            let template = m.template.unwrap_or_else(|| "Bearer {access_token}".to_owned());
+            let placement =
+                compile_placement(place, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
+            let okey = format!("{key}.oauth2");
+            let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
+                let u: http::Uri = v
+                    .parse()
+                    .map_err(|_| (format!("{okey}.{field}"), format!("{v:?} is not a URL")))?;
+                if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
+                    return Err((format!("{okey}.{field}"), "must be an absolute http(s) URL".into()));
+                }
+                Ok(u)
+            };
+            let authorize_url = o
+                .authorize_url
+                .as_deref()
+                .map(|u| url("authorize_url", u))
+                .transpose()?;
+            if o.grant == Grant::AuthorizationCode && authorize_url.is_none() {
+                return Err((
+                    format!("{okey}.authorize_url"),
+                    "required for grant = \"authorization_code\"".into(),
+                ));
+            }
+            if o.client_id.is_empty() {
+                return Err((format!("{okey}.client_id"), "must not be empty".into()));
+            }
+            let method = OAuth2Method {
+                grant: o.grant,
+                authorize_url,
+                token_url: url("token_url", &o.token_url)?,
+                revocation_url: o
+                    .revocation_url
+                    .as_deref()
+                    .map(|u| url("revocation_url", u))
+                    .transpose()?,
+                scopes: o.scopes,
+                client_id: o.client_id,
+                client_secret: crate::secret::SecretValue::new(o.client_secret),
+                client_auth: o.client_auth,
+                pkce: o.pkce,
+                authorize_params: o.authorize_params.into_iter().collect(),
+                token_params: o.token_params.into_iter().collect(),
+                refresh_skew_secs: o.refresh_skew_secs,
+                default_expires_in_secs: o.default_expires_in_secs.max(1),
+                placement,
+            };
+            (AuthKind::OAuth2(Box::new(method)), fields)
+        }
         AuthType::Bearer | AuthType::Basic => {
             forbid(m.placement.is_some(), "in")?;
             forbid(m.name.is_some(), "name")?;
@@ -448,31 +591,26 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             if m.kind == AuthType::Bearer {
                 (AuthKind::Bearer, vec!["token".to_owned()])
             } else {
-                (
-                    AuthKind::Basic,
-                    vec!["username".to_owned(), "password".to_owned()],
-                )
+                (AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()])
             }
         }
         AuthType::ApiKey => {
             forbid(m.fields.is_some(), "fields")?;
             forbid(m.placements.is_some(), "placements")?;
             let fields = vec!["api_key".to_owned()];
-            let placement = m.placement.ok_or_else(|| {
-                (
-                    format!("{key}.in"),
-                    "required: header, query or cookie".to_owned(),
-                )
-            })?;
+            let placement = m
+                .placement
+                .ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
             if matches!(placement, PlaceIn::Json | PlaceIn::Form) {
-                return Err((format!("{key}.in"), "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into()));
+                return Err((
+                    format!("{key}.in"),
+                    "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into(),
+                ));
             }
-            let name = m
-                .name
-                .ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
+            let name = m.name.ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
             let template = m.template.unwrap_or_else(|| "{api_key}".to_owned());
-            let p = compile_placement(placement, &name, &template, &fields)
-                .map_err(|(f, r)| (format!("{key}.{f}"), r))?;
+            let p =
+                compile_placement(placement, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
             (AuthKind::ApiKey(p), fields)
         }
         AuthType::Custom => {
@@ -486,10 +624,7 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
                 )
             })?;
             if fields.is_empty() {
-                return Err((
-                    format!("{key}.fields"),
-                    "must name at least one field".into(),
-                ));
+                return Err((format!("{key}.fields"), "must name at least one field".into()));
             }
             for (i, f) in fields.iter().enumerate() {
                 if !is_slug(f) {
@@ -499,18 +634,12 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
                     ));
                 }
                 if fields[..i].contains(f) {
-                    return Err((
-                        format!("{key}.fields[{i}]"),
-                        format!("field {f:?} is listed twice"),
-                    ));
+                    return Err((format!("{key}.fields[{i}]"), format!("field {f:?} is listed twice")));
                 }
             }
             let placements = m.placements.unwrap_or_default();
             if placements.is_empty() {
-                return Err((
-                    format!("{key}.placements"),
-                    "must place at least one value".into(),
-                ));
+                return Err((format!("{key}.placements"), "must place at least one value".into()));
             }
             let mut out = Vec::new();
             for (i, p) in placements.iter().enumerate() {
@@ -522,31 +651,18 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             (AuthKind::Custom(out), fields)
         }
     };
-    Ok(AuthMethod {
-        id: m.id,
-        kind,
-        fields,
-    })
+    Ok(AuthMethod { id: m.id, kind, fields })
 }
 
-fn compile_placement(
-    place: PlaceIn,
-    name: &str,
-    template: &str,
-    fields: &[String],
-) -> Result<Placement, FieldError> {
+fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[String]) -> Result<Placement, FieldError> {
     let template = Template::parse(template, fields).map_err(|r| ("template".to_owned(), r))?;
     if name.is_empty() {
         return Err(("name".into(), "must not be empty".into()));
     }
     let target = match place {
         PlaceIn::Header => {
-            let h = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                (
-                    "name".to_owned(),
-                    format!("{name:?} is not a valid header name"),
-                )
-            })?;
+            let h = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ("name".to_owned(), format!("{name:?} is not a valid header name")))?;
             if is_protected_header(&h) {
                 return Err((
                     "name".into(),
@@ -557,14 +673,8 @@ fn compile_placement(
         }
         PlaceIn::Query => Target::Query(name.to_owned()),
         PlaceIn::Cookie => {
-            if name
-                .bytes()
-                .any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f)
-            {
-                return Err((
-                    "name".into(),
-                    format!("{name:?} is not a valid cookie name"),
-                ));
+            if name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) {
+                return Err(("name".into(), format!("{name:?} is not a valid cookie name")));
             }
             Target::Cookie(name.to_owned())
         }
@@ -589,10 +699,7 @@ fn is_protected_header(h: &HeaderName) -> bool {
         PROXY_AUTHORIZATION,
     ]
     .contains(h)
-        || matches!(
-            h.as_str(),
-            "keep-alive" | "proxy-connection" | "x-connection-id"
-        )
+        || matches!(h.as_str(), "keep-alive" | "proxy-connection" | "x-connection-id")
 }
 
 #[cfg(test)]
@@ -629,9 +736,7 @@ mod tests {
                 Part::Lit(" {lit}".into())
             ]
         );
-        assert!(Template::parse("{c}", &f)
-            .unwrap_err()
-            .contains("unknown field"));
+        assert!(Template::parse("{c}", &f).unwrap_err().contains("unknown field"));
         assert!(Template::parse("{a", &f).is_err());
         assert!(Template::parse("plain", &f)
             .unwrap_err()
@@ -651,7 +756,10 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
-        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"custom\"\nfields = [\"a\"]\n[[auth_methods.placements]]\nin = \"header\"\nname = \"X-A\"\ntemplate = \"{{b}}\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].placements[0].template");

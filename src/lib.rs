@@ -15,6 +15,7 @@
 //!   classifier and the egress policy. Pure.
 //! - [`inject`]: turns an auth method plus a credential into request edits. Pure.
 //! - [`upstream`]: the pooled upstream client and its SSRF-guarded connector.
+//! - [`oauth2`]: token sets, PKCE, and the token/revocation endpoint client.
 //! - [`creds`]: connection resolution (cache, store, decrypt) and credential types.
 //! - [`store`]: the `Store` trait and its SQLite implementation. Never imports `crypto`.
 //! - [`crypto`]: envelope encryption and key providers. Never imports `store`.
@@ -32,6 +33,7 @@ pub mod crypto;
 pub mod ids;
 pub mod inject;
 pub mod integrations;
+pub mod oauth2;
 pub mod policy;
 pub mod problem;
 pub mod proxy;

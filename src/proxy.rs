@@ -21,10 +21,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::creds::{Connections, ResolveError};
+use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
 use crate::ids;
 use crate::inject::{self, InjectError};
 use crate::integrations::Scheme;
+use crate::oauth2::TokenError;
 use crate::problem::{Problem, ProxyErrorType};
 use crate::store::ConnectionState;
 use crate::upstream::{self, ConnectError, UpstreamBody, UpstreamClient};
@@ -90,6 +91,8 @@ struct Access {
     cache_hit: Option<bool>,
     host: String,
     code: Option<&'static str>,
+    /// An OAuth2 request retried after a 401 and a refresh.
+    retried: bool,
 }
 
 async fn handle(
@@ -111,9 +114,7 @@ async fn handle(
             } else {
                 debug!(error = %err, code = problem.code, "request refused");
             }
-            problem
-                .to_proxy_response()
-                .map(|b| Either::Right(Full::new(b)))
+            problem.to_proxy_response().map(|b| Either::Right(Full::new(b)))
         }
     };
     info!(
@@ -129,6 +130,7 @@ async fn handle(
         latency_us = started.elapsed().as_micros() as u64,
         cache_hit = access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
         code = access.code.unwrap_or("-"),
+        retried = access.retried,
     );
     Ok(resp)
 }
@@ -168,13 +170,14 @@ async fn forward(
     strip_request_headers(&mut parts.headers);
 
     let mut uri = parts.uri.clone();
-    let mut body: UpstreamBody = Either::Left(body);
-    match conn_id {
+    let body: UpstreamBody = Either::Left(body);
+    let resp = match conn_id {
         None => {
             // No credential involved: egress policy and the SSRF guard only.
             if !state.allow_passthrough {
                 return Err(ProxyError::PassthroughDenied);
             }
+            send(state, upstream_request(&parts, &uri, &parts.headers, None, body)?).await?
         }
         Some(id) => {
             access.connection = Some(id.clone());
@@ -205,46 +208,119 @@ async fn forward(
                 uri = rebuild_uri(&uri, up_scheme, &host, up_port)?;
             }
 
-            // 6. Inject: pure edits from the auth method and credential.
-            let edits = inject::edits(&resolved.method, &resolved.credential)?;
-            inject::apply_head(&mut uri, &mut parts.headers, &edits)?;
-            if edits.edits_body() {
+            // 6. Fresh token: an OAuth2 access token about to expire is refreshed
+            //    once, however many requests are waiting for it.
+            let resolved = state.connections.ensure_fresh(resolved).await?;
+
+            // Body placements need the body in hand; OAuth2 requests keep a small
+            // body so a 401 can be retried once after a refresh.
+            let mut headers = parts.headers.clone();
+            let (body, replay) = if resolved.method.edits_body() {
+                let edits = inject::edits(&resolved.method, &resolved.credential)?;
                 let Either::Left(incoming) = body else {
                     unreachable!("body starts as the caller's stream")
                 };
-                let buffered =
-                    buffer_body(incoming, &parts.headers, state.max_buffered_body).await?;
-                let (new_body, ctype) = inject::apply_body(&parts.headers, &buffered, &edits)?;
+                let buffered = buffer_body(incoming, &headers, state.max_buffered_body).await?;
+                let (new_body, ctype) = inject::apply_body(&headers, &buffered, &edits)?;
                 if let Some(ct) = ctype {
-                    parts.headers.insert(header::CONTENT_TYPE, ct);
+                    headers.insert(header::CONTENT_TYPE, ct);
                 }
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-                body = Either::Right(Full::new(Bytes::from(new_body.to_vec())));
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+                (Either::Right(Full::new(Bytes::from(new_body.to_vec()))), None)
+            } else if resolved.method.oauth2().is_some() {
+                replayable(body).await?
+            } else {
+                (body, None)
+            };
+
+            // 7-8. Inject (pure edits on a copy of the head) and forward.
+            let resp = send(state, upstream_request(&parts, &uri, &headers, Some(&resolved), body)?).await?;
+
+            // An OAuth2 401 with a replayable body: refresh only if the token that
+            // failed is still current, then retry once.
+            match replay {
+                Some(replay) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    let failed = resolved
+                        .credential
+                        .values()
+                        .first()
+                        .map(|v| v.expose().to_owned())
+                        .unwrap_or_default();
+                    drop(resp);
+                    let refreshed = state.connections.force_refresh(&resolved, &failed).await?;
+                    access.retried = true;
+                    let retry = upstream_request(
+                        &parts,
+                        &uri,
+                        &headers,
+                        Some(&refreshed),
+                        Either::Right(Full::new(replay)),
+                    )?;
+                    send(state, retry).await?
+                }
+                _ => resp,
             }
         }
-    }
-
-    // 7. Host is the target authority; the version is ours to choose upstream.
-    parts.headers.insert(header::HOST, host_header(&uri)?);
-    parts.version = Version::HTTP_11;
-    parts.uri = uri;
-
-    // 8. Forward through the pooled client; its connector applies the SSRF guard.
-    let upstream_req = Request::from_parts(parts, body);
-    let resp = tokio::time::timeout(
-        state.response_header_timeout,
-        state.client.request(upstream_req),
-    )
-    .await
-    .map_err(|_| ProxyError::UpstreamTimeout)?
-    .map_err(ProxyError::from_client)?;
+    };
 
     // 9. Respond: stream the body back, minus hop-by-hop headers.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))
+}
+
+/// Builds the upstream request from the caller's (stripped) head: injects
+/// the credential into a copy, sets `Host` to the target authority, and picks
+/// the version ourselves.
+fn upstream_request(
+    parts: &http::request::Parts,
+    uri: &Uri,
+    headers: &HeaderMap,
+    resolved: Option<&Resolved>,
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, ProxyError> {
+    let mut uri = uri.clone();
+    let mut headers = headers.clone();
+    if let Some(r) = resolved {
+        let edits = inject::edits(&r.method, &r.credential)?;
+        inject::apply_head(&mut uri, &mut headers, &edits)?;
+    }
+    headers.insert(header::HOST, host_header(&uri)?);
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Forwards through the pooled client; its connector applies the SSRF guard.
+async fn send(state: &ProxyState, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
+    tokio::time::timeout(state.response_header_timeout, state.client.request(req))
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(ProxyError::from_client)
+}
+
+/// Largest body kept for replaying an OAuth2 request after a 401.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// A body of known length up to [`MAX_REPLAY_BODY`] is read so it can be
+/// sent twice; anything else streams and is never retried.
+async fn replayable(body: UpstreamBody) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+    match body {
+        Either::Left(incoming) => match http_body::Body::size_hint(&incoming).exact() {
+            Some(n) if n <= MAX_REPLAY_BODY => {
+                let bytes = match Limited::new(incoming, MAX_REPLAY_BODY as usize).collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(_) => return Err(ProxyError::BodyRead),
+                };
+                Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
+            }
+            _ => Ok((Either::Left(incoming), None)),
+        },
+        full @ Either::Right(_) => Ok((full, None)),
+    }
 }
 
 fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
@@ -254,10 +330,7 @@ fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
         Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
         Some(_) => return Err(ProxyError::UnsupportedScheme),
     };
-    let host = uri
-        .host()
-        .filter(|h| !h.is_empty())
-        .ok_or(ProxyError::OriginForm)?;
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(ProxyError::Malformed(
             "user information in the request URI is not allowed",
@@ -279,10 +352,8 @@ fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, 
     } else {
         UriScheme::HTTP
     });
-    parts.authority = Some(
-        Authority::try_from(authority.as_str())
-            .map_err(|_| ProxyError::Malformed("invalid authority"))?,
-    );
+    parts.authority =
+        Some(Authority::try_from(authority.as_str()).map_err(|_| ProxyError::Malformed("invalid authority"))?);
     Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid URI"))
 }
 
@@ -345,10 +416,7 @@ async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<
     }
     match Limited::new(body, limit as usize).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ProxyError::BodyTooLarge { limit })
         }
         Err(_) => Err(ProxyError::BodyRead),
@@ -373,6 +441,8 @@ pub enum ProxyError {
     PassthroughDenied,
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
     #[error("integration {integration} does not allow host {host}:{port}")]
     HostNotAllowed {
         integration: String,
@@ -409,9 +479,7 @@ impl ProxyError {
                     host: host.clone(),
                     source: std::io::Error::new(source.kind(), source.to_string()),
                 },
-                ConnectError::NoAddresses { host } => {
-                    ConnectError::NoAddresses { host: host.clone() }
-                }
+                ConnectError::NoAddresses { host } => ConnectError::NoAddresses { host: host.clone() },
                 ConnectError::Connect { host, addr, source } => ConnectError::Connect {
                     host: host.clone(),
                     addr: *addr,
@@ -455,6 +523,23 @@ impl ProxyError {
                 "connection_unusable", "Connection unusable", "the connection's stored credential cannot be used; see the proxy log", T::ProxyConfigurationError),
             Self::Resolve(ResolveError::Store(_)) => Problem::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable",
                 "the credential store cannot be reached; retry later", T::ProxyInternalError),
+            Self::Refresh(RefreshError::NeedsReauth | RefreshError::Token(TokenError::InvalidGrant)) => {
+                Self::Resolve(ResolveError::NotActive(ConnectionState::NeedsReauth)).problem()
+            }
+            Self::Refresh(RefreshError::Resolve(e)) => Self::Resolve(e.clone()).problem(),
+            Self::Refresh(RefreshError::CoolingDown) => {
+                let mut p = Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable",
+                    "refreshing this connection's access token failed moments ago; retry shortly", T::DestinationUnavailable);
+                p.retry_after_secs = Some(crate::creds::REFRESH_COOLDOWN.as_secs());
+                p
+            }
+            Self::Refresh(RefreshError::Token(TokenError::Unavailable(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable",
+                "Token endpoint unavailable", "the OAuth2 token endpoint could not refresh the access token; retry later", T::DestinationUnavailable),
+            Self::Refresh(RefreshError::Token(TokenError::Rejected(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_rejected",
+                "Token endpoint rejected the refresh", "the OAuth2 token endpoint refused the refresh; check the integration's client settings", T::ProxyConfigurationError),
+            Self::Refresh(RefreshError::Store(_)) => Self::Resolve(ResolveError::Store(crate::store::StoreError::Unavailable(String::new()))).problem(),
+            Self::Refresh(RefreshError::Crypto(_)) => Problem::new(S::INTERNAL_SERVER_ERROR, "connection_unusable", "Connection unusable",
+                "the connection's refreshed credential could not be sealed; see the proxy log", T::ProxyInternalError),
             Self::HostNotAllowed { integration, host, port } => Problem::new(S::FORBIDDEN, "host_not_allowed", "Host not allowed for this connection",
                 format!("integration {integration:?} does not allow {host}:{port}; the credential was not sent"), T::HttpRequestDenied),
             Self::Inject(InjectError::InvalidValue(_)) | Self::Inject(InjectError::BadUri) => Problem::new(S::INTERNAL_SERVER_ERROR,
@@ -519,10 +604,7 @@ mod tests {
 
     #[test]
     fn targets() {
-        assert!(matches!(
-            target_of(&"/x".parse().unwrap()),
-            Err(ProxyError::OriginForm)
-        ));
+        assert!(matches!(target_of(&"/x".parse().unwrap()), Err(ProxyError::OriginForm)));
         assert!(matches!(
             target_of(&"ftp://a/".parse().unwrap()),
             Err(ProxyError::UnsupportedScheme)
@@ -535,18 +617,9 @@ mod tests {
             target_of(&"https://a.test:8443/".parse().unwrap()).unwrap(),
             (Scheme::Https, "a.test".into(), 8443)
         );
-        let u = rebuild_uri(
-            &"http://a.test/p?q=1".parse().unwrap(),
-            Scheme::Https,
-            "a.test",
-            443,
-        )
-        .unwrap();
+        let u = rebuild_uri(&"http://a.test/p?q=1".parse().unwrap(), Scheme::Https, "a.test", 443).unwrap();
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
-        assert_eq!(
-            host_header(&"http://a.test:80/".parse().unwrap()).unwrap(),
-            "a.test"
-        );
+        assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");
         assert_eq!(
             host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(),
             "127.0.0.1:8000"

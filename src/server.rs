@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError, KeyProviderKind};
 use crate::creds::Connections;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, LocalKeyProvider};
 use crate::integrations::Integrations;
+use crate::oauth2::TokenClient;
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ProxyState};
 use crate::store::sqlite::SqliteStore;
@@ -79,28 +80,30 @@ impl Running {
 
 /// Opens the store and key provider, builds the pipeline state and starts
 /// serving on `listeners`.
-pub async fn start(
-    listeners: Listeners,
-    config: &Config,
-    integrations: Integrations,
-) -> Result<Running, StartError> {
-    let store_path = config.store.sqlite_path().ok_or_else(|| {
-        ConfigError::new("config", "store.url", "only sqlite://PATH is supported")
-    })?;
+pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
+    let store_path = config
+        .store
+        .sqlite_path()
+        .ok_or_else(|| ConfigError::new("config", "store.url", "only sqlite://PATH is supported"))?;
     let store = Arc::new(SqliteStore::open(store_path)?);
     let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
-        KeyProviderKind::Local => {
-            Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?)
-        }
+        KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
     };
+    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
+    // Token and revocation calls: explicit client, same SSRF rules, own timeout.
+    let token_client = TokenClient::new(
+        policy.clone(),
+        Duration::from_millis(config.upstream.connect_timeout_ms),
+        Duration::from_millis(config.oauth2.token_timeout_ms),
+    );
     let connections = Arc::new(Connections::new(
         store,
         Envelope::new(keys),
         Arc::new(integrations),
         config.cache.max_entries,
         Duration::from_secs(config.cache.ttl_secs),
+        token_client,
     ));
-    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
     let client = upstream::build_client(
         policy,
         &ClientSettings {
@@ -117,24 +120,23 @@ pub async fn start(
         response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
         allow_passthrough: config.egress.allow_passthrough,
     });
-    let admin_state = Arc::new(AdminState::new(connections.clone(), &config.admin.tokens));
 
-    let proxy_addr = listeners
-        .proxy
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "proxy.listen",
-            addr: config.proxy.listen,
-            source,
-        })?;
-    let admin_addr = listeners
+    let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind {
+        what: "proxy.listen",
+        addr: config.proxy.listen,
+        source,
+    })?;
+    let admin_addr = listeners.admin.local_addr().map_err(|source| StartError::Bind {
+        what: "admin.listen",
+        addr: config.admin.listen,
+        source,
+    })?;
+    let public_url = config
         .admin
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "admin.listen",
-            addr: config.admin.listen,
-            source,
-        })?;
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{admin_addr}"));
+    let admin_state = Arc::new(AdminState::new(connections.clone(), &config.admin.tokens, &public_url));
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(

@@ -49,14 +49,38 @@ pub struct ConnectionMeta {
     pub updated_at: i64,
 }
 
-/// A stored row: metadata plus the sealed credential, as opaque bytes.
+/// A sealed blob as stored: which key wrapped the data key, the wrapped data
+/// key, and the AEAD nonce and ciphertext. Opaque to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionRow {
-    pub meta: ConnectionMeta,
+pub struct SealedBytes {
     pub key_id: String,
     pub wrapped_key: Vec<u8>,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
+}
+
+/// A stored row: metadata plus the sealed credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionRow {
+    pub meta: ConnectionMeta,
+    pub sealed: SealedBytes,
+}
+
+/// An OAuth2 authorization in progress, keyed by a hash of its `state`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingAuthorization {
+    /// SHA-256 (hex) of the `state` sent to the provider.
+    pub state_hash: String,
+    pub org_id: String,
+    pub user_id: String,
+    pub integration: String,
+    pub auth_method: String,
+    pub redirect_uri: String,
+    pub return_to: Option<String>,
+    /// The PKCE verifier, sealed.
+    pub verifier: SealedBytes,
+    pub created_at: i64,
+    pub expires_at: i64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -78,6 +102,19 @@ pub trait Store: Send + Sync + 'static {
     async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError>;
     /// True if a row was deleted.
     async fn delete_connection(&self, id: &str) -> Result<bool, StoreError>;
+    /// Replaces a connection's sealed credential and state. True if the row exists.
+    async fn update_credential(
+        &self,
+        id: &str,
+        sealed: &SealedBytes,
+        state: ConnectionState,
+        updated_at: i64,
+    ) -> Result<bool, StoreError>;
+    /// Sets a connection's state. True if the row exists.
+    async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError>;
+    async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError>;
+    /// Removes and returns a pending authorization: each `state` is usable once.
+    async fn take_pending(&self, state_hash: &str) -> Result<Option<PendingAuthorization>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -33,14 +33,8 @@ pub type UpstreamClient = Client<HttpsConnector<GuardedConnector>, UpstreamBody>
 /// in the client error's source chain to pick the right status.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error(
-        "destination {host} resolves to {ip}, which is {why} and not allowed by egress.allow_cidrs"
-    )]
-    Prohibited {
-        host: String,
-        ip: IpAddr,
-        why: Prohibited,
-    },
+    #[error("destination {host} resolves to {ip}, which is {why} and not allowed by egress.allow_cidrs")]
+    Prohibited { host: String, ip: IpAddr, why: Prohibited },
     #[error("cannot resolve {host}: {source}")]
     Dns {
         host: String,
@@ -79,15 +73,8 @@ impl GuardedConnector {
 
     /// Resolves `host:port` and checks every address. Refuses the whole name
     /// if any address is prohibited: mixed answers are a rebinding trick.
-    pub async fn resolve_checked(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<Vec<SocketAddr>, ConnectError> {
-        let bare = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+    pub async fn resolve_checked(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::net::lookup_host((bare, port))
@@ -99,18 +86,14 @@ impl GuardedConnector {
                 .collect(),
         };
         if addrs.is_empty() {
-            return Err(ConnectError::NoAddresses {
-                host: host.to_owned(),
-            });
+            return Err(ConnectError::NoAddresses { host: host.to_owned() });
         }
         for a in &addrs {
-            self.policy
-                .check(a.ip())
-                .map_err(|why| ConnectError::Prohibited {
-                    host: host.to_owned(),
-                    ip: a.ip(),
-                    why,
-                })?;
+            self.policy.check(a.ip()).map_err(|why| ConnectError::Prohibited {
+                host: host.to_owned(),
+                ip: a.ip(),
+                why,
+            })?;
         }
         Ok(addrs)
     }
@@ -119,11 +102,7 @@ impl GuardedConnector {
         let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
         let port = uri
             .port_u16()
-            .unwrap_or(if uri.scheme_str() == Some("https") {
-                443
-            } else {
-                80
-            });
+            .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
         let addrs = self.resolve_checked(&host, port).await?;
         let mut last = None;
         for addr in addrs {
@@ -178,7 +157,12 @@ pub fn tls_config() -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
-pub fn build_client(policy: Arc<EgressPolicy>, s: &ClientSettings) -> UpstreamClient {
+pub fn build_client<B>(policy: Arc<EgressPolicy>, s: &ClientSettings) -> Client<HttpsConnector<GuardedConnector>, B>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let connector = GuardedConnector::new(policy, s.connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config())
@@ -195,9 +179,7 @@ pub fn build_client(policy: Arc<EgressPolicy>, s: &ClientSettings) -> UpstreamCl
 }
 
 /// Finds a [`ConnectError`] in an error's source chain.
-pub fn find_connect_error<'a>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a ConnectError> {
+pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(c) = err.downcast_ref::<ConnectError>() {

@@ -19,8 +19,7 @@ fn create_body(org: &str, method: &str, creds: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authentication_and_health() {
     let h = Harness::start().await;
-    let anon =
-        AdminClient::new(&h.admin_url(), SecretValue::from("wrong-token-0123456789")).unwrap();
+    let anon = AdminClient::new(&h.admin_url(), SecretValue::from("wrong-token-0123456789")).unwrap();
     let (s, v) = anon
         .send(Method::GET, "/v1/connections?org_id=org_local", None)
         .await
@@ -33,15 +32,8 @@ async fn authentication_and_health() {
     let (s, _) = anon.send(Method::GET, "/readyz", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     let (s, v) = h.admin.send(Method::GET, "/v1/nope", None).await.unwrap();
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (StatusCode::NOT_FOUND, Some("not_found"))
-    );
-    let (s, v) = h
-        .admin
-        .send(Method::GET, "/v1/integrations", None)
-        .await
-        .unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let (s, v) = h.admin.send(Method::GET, "/v1/integrations", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     let ids: Vec<&str> = v["integrations"]
         .as_array()
@@ -49,10 +41,7 @@ async fn authentication_and_health() {
         .iter()
         .map(|i| i["id"].as_str().unwrap())
         .collect();
-    assert!(
-        ids.contains(&"github") && ids.contains(&"httpbin"),
-        "{ids:?}"
-    );
+    assert!(ids.contains(&"github") && ids.contains(&"httpbin"), "{ids:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,10 +102,7 @@ async fn invalid_credentials_are_rejected_naming_the_field_and_nothing_is_stored
             .unwrap();
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["code"], code, "{body}: {v}");
-        assert!(
-            v["detail"].as_str().unwrap().contains(detail),
-            "{body}: {v}"
-        );
+        assert!(v["detail"].as_str().unwrap().contains(detail), "{body}: {v}");
         assert!(
             !v.to_string().contains("X-Injected") && !v.to_string().contains("12345"),
             "value echoed: {v}"
@@ -151,10 +137,7 @@ async fn crud_and_org_scoped_tokens() {
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("conn_") && id.len() == 31, "{id}");
     assert_eq!(created["state"], "active");
-    assert_eq!(
-        created["credential_fields"],
-        json!(["username", "password"])
-    );
+    assert_eq!(created["credential_fields"], json!(["username", "password"]));
     assert!(!created.to_string().contains("crud-secret-pw"));
 
     let got = h
@@ -171,14 +154,9 @@ async fn crud_and_org_scoped_tokens() {
     assert_eq!(list["connections"], json!([created]));
 
     // An org-scoped token sees only its org.
-    let other = h
-        .create_in("org_other", "bearer", &[("token", "t-other")])
-        .await;
+    let other = h.create_in("org_other", "bearer", &[("token", "t-other")]).await;
     let scoped = AdminClient::new(&h.admin_url(), SecretValue::from(ORG_TOKEN)).unwrap();
-    let (s, v) = scoped
-        .send(Method::GET, "/v1/connections", None)
-        .await
-        .unwrap();
+    let (s, v) = scoped.send(Method::GET, "/v1/connections", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["connections"].as_array().unwrap().len(), 1);
     let (s, _) = scoped
@@ -191,11 +169,7 @@ async fn crud_and_org_scoped_tokens() {
         .await
         .unwrap();
     let (s2, b) = scoped
-        .send(
-            Method::GET,
-            "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa",
-            None,
-        )
+        .send(Method::GET, "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa", None)
         .await
         .unwrap();
     assert_eq!((s, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
@@ -213,10 +187,7 @@ async fn crud_and_org_scoped_tokens() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (StatusCode::FORBIDDEN, Some("forbidden_org"))
-    );
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden_org")));
 
     let del = scoped
         .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
@@ -286,10 +257,7 @@ async fn cli_create_list_get_delete() {
     assert_eq!((code, v["deleted"].as_bool()), (0, Some(true)));
     let (code, _, err) = cli(&h, &["get", &id]).await;
     assert_eq!(code, 1);
-    assert!(
-        err.contains("404") && err.contains("connection_not_found"),
-        "{err}"
-    );
+    assert!(err.contains("404") && err.contains("connection_not_found"), "{err}");
     let (code, _, err) = cli(
         &h,
         &[
@@ -315,11 +283,7 @@ async fn cli_create_list_get_delete() {
 async fn bad_config_exits_64_naming_file_key_and_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[proxy]\norg_id = \"o\"\nlisten = \"not-an-address\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "[proxy]\norg_id = \"o\"\nlisten = \"not-an-address\"\n").unwrap();
     let out = tokio::process::Command::new(credproxy_bin())
         .args(["serve", "--config"])
         .arg(&path)
@@ -330,16 +294,18 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.toml")
-            && err.contains("proxy.listen")
-            && err.contains("invalid socket address"),
+        err.contains("bad.toml") && err.contains("proxy.listen") && err.contains("invalid socket address"),
         "{err}"
     );
 
     // An integration file error names that file.
     let ints = dir.path().join("ints");
     std::fs::create_dir(&ints).unwrap();
-    std::fs::write(ints.join("x.toml"), "id = \"x\"\nname = \"X\"\nallowed_hosts = []\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n").unwrap();
+    std::fs::write(
+        ints.join("x.toml"),
+        "id = \"x\"\nname = \"X\"\nallowed_hosts = []\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n",
+    )
+    .unwrap();
     std::fs::write(
         &path,
         format!(
@@ -357,10 +323,7 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("x.toml") && err.contains("allowed_hosts"),
-        "{err}"
-    );
+    assert!(err.contains("x.toml") && err.contains("allowed_hosts"), "{err}");
 
     // The shipped configuration is valid.
     let out = tokio::process::Command::new(credproxy_bin())
@@ -370,12 +333,7 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The real binary: `serve` on the shipped configuration (ports and data dir
@@ -403,9 +361,7 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut proxy, mut admin) = (String::new(), String::new());
-    while let Ok(Ok(Some(line))) =
-        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await
-    {
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await {
         if line.contains("credproxy listening") {
             let field = |name: &str| {
                 line.split(&format!("{name}="))
@@ -423,17 +379,12 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     }
     assert!(!proxy.is_empty(), "server did not log its addresses");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let client =
-        AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
+    let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
     let created = client
         .call(
             Method::POST,
             "/v1/connections",
-            Some(&create_body(
-                "org_local",
-                "bearer",
-                json!({"token": "bin-token"}),
-            )),
+            Some(&create_body("org_local", "bearer", json!({"token": "bin-token"}))),
         )
         .await
         .unwrap();
@@ -451,14 +402,9 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     )
     .await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.echoed_header("Authorization").as_deref(),
-        Some("Bearer bin-token")
-    );
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer bin-token"));
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(dir.path().join("master.key"))
-            .unwrap()
-            .permissions(),
+        &std::fs::metadata(dir.path().join("master.key")).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
 

@@ -93,10 +93,7 @@ async fn api_key_in_header_query_and_cookie() {
     let h = Harness::start().await;
     let id = h.create("key_header", &[("api_key", "hk-1")]).await;
     let seen = via_curl(&h, &id, "/headers", &["-H", "X-Api-Key: caller"]).await;
-    assert_eq!(
-        seen.echoed_header("X-Api-Key").as_deref(),
-        Some("Token hk-1")
-    );
+    assert_eq!(seen.echoed_header("X-Api-Key").as_deref(), Some("Token hk-1"));
 
     let id = h.create("key_query", &[("api_key", "qk 2&x=y")]).await;
     let seen = via_curl(&h, &id, "/get?keep=me&api_key=caller", &[]).await;
@@ -106,13 +103,7 @@ async fn api_key_in_header_query_and_cookie() {
     assert!(args.get("x").is_none(), "{args}");
 
     let id = h.create("key_cookie", &[("api_key", "ck-3")]).await;
-    let seen = via_curl(
-        &h,
-        &id,
-        "/headers",
-        &["-H", "Cookie: theme=dark; session=caller"],
-    )
-    .await;
+    let seen = via_curl(&h, &id, "/headers", &["-H", "Cookie: theme=dark; session=caller"]).await;
     assert_eq!(
         seen.echoed_header("Cookie").as_deref(),
         Some("theme=dark; session=ck-3")
@@ -123,10 +114,7 @@ async fn api_key_in_header_query_and_cookie() {
 async fn custom_headers_json_body_and_form_body() {
     let h = Harness::start().await;
     let id = h
-        .create(
-            "custom_headers",
-            &[("client_id", "cid-9"), ("client_secret", "cs-9")],
-        )
+        .create("custom_headers", &[("client_id", "cid-9"), ("client_secret", "cs-9")])
         .await;
     let seen = via_curl(&h, &id, "/headers", &[]).await;
     assert_eq!(seen.echoed_header("X-Client-Id").as_deref(), Some("cid-9"));
@@ -136,10 +124,7 @@ async fn custom_headers_json_body_and_form_body() {
     );
 
     let id = h
-        .create(
-            "custom_json",
-            &[("account", "acct-1"), ("secret", "json-secret-1")],
-        )
+        .create("custom_json", &[("account", "acct-1"), ("secret", "json-secret-1")])
         .await;
     let seen = via_curl(
         &h,
@@ -155,10 +140,7 @@ async fn custom_headers_json_body_and_form_body() {
     .await;
     assert_eq!(seen.status, 200, "{}", seen.text());
     let v = seen.json();
-    assert_eq!(
-        v["json"],
-        serde_json::json!({"q": "x", "api_secret": "json-secret-1"})
-    );
+    assert_eq!(v["json"], serde_json::json!({"q": "x", "api_secret": "json-secret-1"}));
     assert_eq!(seen.echoed_header("X-Account").as_deref(), Some("acct-1"));
     // A body that cannot carry the field is refused, not forwarded without it.
     let seen = via_curl(
@@ -172,9 +154,7 @@ async fn custom_headers_json_body_and_form_body() {
     assert_eq!(seen.json()["code"], "request_body_not_injectable");
     assert!(seen.header("proxy-status").is_some());
 
-    let id = h
-        .create("custom_form", &[("secret", "form-secret-1")])
-        .await;
+    let id = h.create("custom_form", &[("secret", "form-secret-1")]).await;
     let seen = via_curl(&h, &id, "/post", &["--data", "a=1&client_secret=caller"]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
     assert_eq!(
@@ -248,14 +228,8 @@ async fn wrong_host_is_refused_and_the_wrong_host_sees_no_connection() {
     let ps = seen
         .header("proxy-status")
         .expect("Proxy-Status on proxy-made responses");
-    assert!(
-        ps.starts_with("credproxy; error=http_request_denied"),
-        "{ps}"
-    );
-    assert_eq!(
-        seen.header("content-type"),
-        Some("application/problem+json")
-    );
+    assert!(ps.starts_with("credproxy; error=http_request_denied"), "{ps}");
+    assert_eq!(seen.header("content-type"), Some("application/problem+json"));
     let accepted = tokio::time::timeout(std::time::Duration::from_millis(500), evil.accept()).await;
     assert!(accepted.is_err(), "the wrong host received a connection");
 }
@@ -271,10 +245,7 @@ async fn unknown_and_other_org_ids_get_identical_404s() {
     let b = via_curl(&h, &other, "/headers", &[]).await;
     assert_eq!(a.status, 404);
     assert_eq!(b.status, 404);
-    assert_eq!(
-        a.body, b.body,
-        "bodies must not reveal that the other-org id exists"
-    );
+    assert_eq!(a.body, b.body, "bodies must not reveal that the other-org id exists");
     assert_eq!(a.header("proxy-status"), b.header("proxy-status"));
     assert_eq!(a.json()["code"], "connection_not_found");
     assert!(!b.text().contains("other-org-token"));
@@ -287,14 +258,8 @@ async fn malformed_requests_get_400_with_guidance() {
     let seen = curl(&[&format!("{}/some/path", h.proxy_url())], &[]).await;
     assert_eq!(seen.status, 400);
     assert_eq!(seen.json()["code"], "not_a_proxy_request");
-    assert!(seen.json()["detail"]
-        .as_str()
-        .unwrap()
-        .contains("HTTP_PROXY"));
-    assert!(seen
-        .header("proxy-status")
-        .unwrap()
-        .contains("http_request_error"));
+    assert!(seen.json()["detail"].as_str().unwrap().contains("HTTP_PROXY"));
+    assert!(seen.header("proxy-status").unwrap().contains("http_request_error"));
     // A malformed connection id.
     let seen = via_curl(&h, "conn_nope", "/get", &[]).await;
     assert_eq!(seen.status, 400);
@@ -306,11 +271,7 @@ async fn passthrough_forwards_without_credentials() {
     let h = Harness::start().await;
     let url = format!("{}/headers", httpbin());
     let proxy = h.proxy_url();
-    let seen = curl(
-        &["-x", &proxy, "-H", "Proxy-Authorization: Basic eDp5", &url],
-        &[],
-    )
-    .await;
+    let seen = curl(&["-x", &proxy, "-H", "Proxy-Authorization: Basic eDp5", &url], &[]).await;
     assert_eq!(seen.status, 200);
     assert_eq!(seen.echoed_header("Authorization"), None);
     assert_eq!(seen.echoed_header("Proxy-Authorization"), None);
@@ -326,10 +287,7 @@ async fn deleted_connection_stops_working_at_once() {
         .await
         .unwrap();
     let seen = via_curl(&h, &id, "/headers", &[]).await;
-    assert_eq!(
-        seen.status, 404,
-        "cached credential must be evicted on delete"
-    );
+    assert_eq!(seen.status, 404, "cached credential must be evicted on delete");
 }
 
 /// The SSRF guard without the tests' loopback exception.
@@ -365,13 +323,7 @@ async fn ssrf_guard_refuses_internal_destinations() {
     let id = h.create("bearer", &[("token", "ssrf-token")]).await;
     let hdr = format!("{ID_HDR}: {id}");
     let seen = curl(
-        &[
-            "-x",
-            &proxy,
-            "-H",
-            &hdr,
-            &format!("http://localhost:{port}/headers"),
-        ],
+        &["-x", &proxy, "-H", &hdr, &format!("http://localhost:{port}/headers")],
         &[],
     )
     .await;

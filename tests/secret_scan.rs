@@ -59,25 +59,17 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     let h = Harness::start().await;
     let mut seen_text: Vec<String> = Vec::new();
     let create = |method: &str, creds: Vec<(&str, &str)>| {
-        let creds: serde_json::Map<String, serde_json::Value> = creds
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), json!(v)))
-            .collect();
+        let creds: serde_json::Map<String, serde_json::Value> =
+            creds.into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect();
         json!({"integration": "httpbin", "auth_method": method, "org_id": ORG, "user_id": "u", "credentials": creds})
     };
     let bodies = vec![
-        (
-            "bearer",
-            create("bearer", vec![("token", "SEEDED-bearer-7f3a9c")]),
-        ),
+        ("bearer", create("bearer", vec![("token", "SEEDED-bearer-7f3a9c")])),
         (
             "basic",
             create(
                 "basic",
-                vec![
-                    ("username", "SEEDED-basic-user"),
-                    ("password", "SEEDED-basic-pw-51d2"),
-                ],
+                vec![("username", "SEEDED-basic-user"), ("password", "SEEDED-basic-pw-51d2")],
             ),
         ),
         (
@@ -116,11 +108,7 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     ];
     let mut ids = Vec::new();
     for (_, body) in &bodies {
-        let (status, v) = h
-            .admin
-            .send(Method::POST, "/v1/connections", Some(body))
-            .await
-            .unwrap();
+        let (status, v) = h.admin.send(Method::POST, "/v1/connections", Some(body)).await.unwrap();
         assert_eq!(status, 201, "{v}");
         seen_text.push(v.to_string());
         ids.push(v["id"].as_str().unwrap().to_owned());
@@ -128,11 +116,7 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     // A rejected create whose value must not be echoed.
     let bad = json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
         "credentials": {"token": "SEEDED-rejected-3e\r\n"}});
-    let (status, v) = h
-        .admin
-        .send(Method::POST, "/v1/connections", Some(&bad))
-        .await
-        .unwrap();
+    let (status, v) = h.admin.send(Method::POST, "/v1/connections", Some(&bad)).await.unwrap();
     assert_eq!(status, 400);
     seen_text.push(v.to_string());
 
@@ -213,15 +197,11 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     for s in SECRETS {
         assert!(!logs.contains(s), "secret {s} found in logs");
         for (i, text) in seen_text.iter().enumerate() {
-            assert!(
-                !text.contains(s),
-                "secret {s} found in response #{i}: {text}"
-            );
+            assert!(!text.contains(s), "secret {s} found in response #{i}: {text}");
         }
     }
     // Base64 forms (Basic) are secrets too.
     use base64::Engine as _;
-    let b64 =
-        base64::engine::general_purpose::STANDARD.encode("SEEDED-basic-user:SEEDED-basic-pw-51d2");
+    let b64 = base64::engine::general_purpose::STANDARD.encode("SEEDED-basic-user:SEEDED-basic-pw-51d2");
     assert!(!logs.contains(&b64));
 }

@@ -43,10 +43,7 @@ impl hyper::body::Body for Chunks {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -122,11 +119,7 @@ async fn one_gib_up_and_down_with_bounded_memory() {
     let file_s = file.display().to_string();
     let seen = curl(&["-x", &proxy, "-H", &hdr, "-T", &file_s, &up_url], &[]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.text(),
-        GIB.to_string(),
-        "upstream must receive every byte"
-    );
+    assert_eq!(seen.text(), GIB.to_string(), "upstream must receive every byte");
 
     // Download: 1 GiB generated upstream, discarded by curl.
     let down_url = format!("http://{up}/source?n={GIB}");

@@ -47,9 +47,7 @@ impl LocalKeyProvider {
                         path.display()
                     )));
                 }
-                let bytes = Zeroizing::new(
-                    std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?,
-                );
+                let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?);
                 if bytes.len() != 32 {
                     return Err(err(format!("expected 32 bytes, found {}", bytes.len())));
                 }
@@ -101,12 +99,7 @@ impl KeyProvider for LocalKeyProvider {
         Ok(out)
     }
 
-    async fn unwrap(
-        &self,
-        key_id: &str,
-        wrapped: &[u8],
-        ctx: Context<'_>,
-    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         if key_id != self.key_id {
             return Err(CryptoError::UnknownKey(key_id.to_owned()));
         }
@@ -137,9 +130,7 @@ mod tests {
         assert_eq!(a.current_key_id(), b.current_key_id());
         assert!(!format!("{a:?}").contains(&hex(&a.key[..])));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = LocalKeyProvider::open_or_create(&path)
-            .unwrap_err()
-            .to_string();
+        let e = LocalKeyProvider::open_or_create(&path).unwrap_err().to_string();
         assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
     }
 }

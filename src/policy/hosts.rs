@@ -39,21 +39,13 @@ impl HostPattern {
             return Err(format!("{s:?}: only a leading `*.` wildcard is supported"));
         }
         let labels = if wildcard { &name[1..] } else { &name[..] };
-        if labels.is_empty()
-            || labels.split('.').any(str::is_empty) && labels.parse::<std::net::IpAddr>().is_err()
-        {
+        if labels.is_empty() || labels.split('.').any(str::is_empty) && labels.parse::<std::net::IpAddr>().is_err() {
             return Err(format!("{s:?}: not a valid host name"));
         }
         if wildcard && !labels.contains('.') {
-            return Err(format!(
-                "{s:?}: a wildcard needs at least two labels after `*.`"
-            ));
+            return Err(format!("{s:?}: a wildcard needs at least two labels after `*.`"));
         }
-        Ok(Self {
-            name,
-            wildcard,
-            port,
-        })
+        Ok(Self { name, wildcard, port })
     }
 
     /// `host` as it appears in a URI authority (IPv6 in brackets or not).
@@ -95,10 +87,7 @@ impl fmt::Display for HostPattern {
 
 /// Lowercase, strip IPv6 brackets and one trailing dot.
 pub fn normalize_host(host: &str) -> String {
-    let h = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let h = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let h = h.strip_suffix('.').unwrap_or(h);
     h.to_ascii_lowercase()
 }
@@ -168,12 +157,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in [
-            "api.github.com",
-            "*.example.com:8443",
-            "[::1]:80",
-            "127.0.0.1",
-        ] {
+        for s in ["api.github.com", "*.example.com:8443", "[::1]:80", "127.0.0.1"] {
             assert_eq!(HostPattern::parse(s).unwrap().to_string(), s);
         }
     }

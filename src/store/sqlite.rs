@@ -9,10 +9,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ConnectionMeta, ConnectionRow, ConnectionState, Store, StoreError};
+use super::{ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, SealedBytes, Store, StoreError};
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE connections (
     id           TEXT PRIMARY KEY,
     org_id       TEXT NOT NULL,
@@ -28,7 +29,26 @@ CREATE TABLE connections (
     ciphertext   BLOB NOT NULL
 );
 CREATE INDEX connections_org ON connections (org_id, created_at);
-"];
+",
+    "
+CREATE TABLE oauth2_pending (
+    state_hash   TEXT PRIMARY KEY,
+    org_id       TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    integration  TEXT NOT NULL,
+    auth_method  TEXT NOT NULL,
+    redirect_uri TEXT NOT NULL,
+    return_to    TEXT,
+    key_id       TEXT NOT NULL,
+    wrapped_key  BLOB NOT NULL,
+    nonce        BLOB NOT NULL,
+    ciphertext   BLOB NOT NULL,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL
+);
+CREATE INDEX oauth2_pending_expiry ON oauth2_pending (expires_at);
+",
+];
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -49,17 +69,12 @@ impl SqliteStore {
     /// Opens (creating the file and its directory if needed) and migrates.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
         }
-        let conn =
-            Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(backend)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(backend)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(backend)?;
+        let conn = Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
         migrate(&conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -87,11 +102,9 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     )
     .map_err(m)?;
     let current: i64 = conn
-        .query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| {
+            r.get(0)
+        })
         .map_err(m)?;
     if current > MIGRATIONS.len() as i64 {
         return Err(StoreError::Migration(format!(
@@ -101,15 +114,16 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let version = i as i64 + 1;
-        conn.execute_batch(&format!("BEGIN; {sql}; INSERT INTO schema_migrations VALUES ({version}, strftime('%s','now')); COMMIT;"))
-            .map_err(|e| StoreError::Migration(format!("version {version}: {e}")))?;
+        conn.execute_batch(&format!(
+            "BEGIN; {sql}; INSERT INTO schema_migrations VALUES ({version}, strftime('%s','now')); COMMIT;"
+        ))
+        .map_err(|e| StoreError::Migration(format!("version {version}: {e}")))?;
         tracing::info!(version, "applied store migration");
     }
     Ok(())
 }
 
-const META_COLUMNS: &str =
-    "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
+const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
 
 fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, String)> {
     let state: String = r.get(5)?;
@@ -145,7 +159,7 @@ impl Store for SqliteStore {
             let res = c.execute(
                 "INSERT INTO connections (id, org_id, user_id, integration, auth_method, state, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![m.id, m.org_id, m.user_id, m.integration, m.auth_method, m.state.as_str(), m.created_at, m.updated_at, row.key_id, row.wrapped_key, row.nonce, row.ciphertext],
+                params![m.id, m.org_id, m.user_id, m.integration, m.auth_method, m.state.as_str(), m.created_at, m.updated_at, row.sealed.key_id, row.sealed.wrapped_key, row.sealed.nonce, row.sealed.ciphertext],
             );
             match res {
                 Ok(_) => Ok(()),
@@ -163,14 +177,24 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let row = c
                 .query_row(
-                    &format!("SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = ?1"),
+                    &format!(
+                        "SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = ?1"
+                    ),
                     [&id],
                     |r| Ok((meta_from_row(r)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?)),
                 )
                 .optional()
                 .map_err(backend)?;
             row.map(|(meta, key_id, wrapped_key, nonce, ciphertext)| {
-                Ok(ConnectionRow { meta: check_state(meta)?, key_id, wrapped_key, nonce, ciphertext })
+                Ok(ConnectionRow {
+                    meta: check_state(meta)?,
+                    sealed: SealedBytes {
+                        key_id,
+                        wrapped_key,
+                        nonce,
+                        ciphertext,
+                    },
+                })
             })
             .transpose()
         })
@@ -181,7 +205,9 @@ impl Store for SqliteStore {
         let org_id = org_id.to_owned();
         self.with(move |c| {
             let mut stmt = c
-                .prepare_cached(&format!("SELECT {META_COLUMNS} FROM connections WHERE org_id = ?1 ORDER BY created_at, id"))
+                .prepare_cached(&format!(
+                    "SELECT {META_COLUMNS} FROM connections WHERE org_id = ?1 ORDER BY created_at, id"
+                ))
                 .map_err(backend)?;
             let rows = stmt.query_map([&org_id], meta_from_row).map_err(backend)?;
             rows.map(|r| check_state(r.map_err(backend)?)).collect()
@@ -195,6 +221,84 @@ impl Store for SqliteStore {
             Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id])
                 .map_err(backend)?
                 > 0)
+        })
+        .await
+    }
+
+    async fn update_credential(
+        &self,
+        id: &str,
+        sealed: &SealedBytes,
+        state: ConnectionState,
+        updated_at: i64,
+    ) -> Result<bool, StoreError> {
+        let (id, sealed) = (id.to_owned(), sealed.clone());
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5, state = ?6, updated_at = ?7 WHERE id = ?1",
+                    params![id, sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext, state.as_str(), updated_at],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE connections SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![id, state.as_str(), updated_at],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
+        let p = p.clone();
+        self.with(move |c| {
+            // Expired authorizations are dead weight: sweep them on the way in.
+            c.execute("DELETE FROM oauth2_pending WHERE expires_at < ?1", [p.created_at]).map_err(backend)?;
+            c.execute(
+                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![p.state_hash, p.org_id, p.user_id, p.integration, p.auth_method, p.redirect_uri, p.return_to, p.verifier.key_id, p.verifier.wrapped_key, p.verifier.nonce, p.verifier.ciphertext, p.created_at, p.expires_at],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn take_pending(&self, state_hash: &str) -> Result<Option<PendingAuthorization>, StoreError> {
+        let state_hash = state_hash.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "DELETE FROM oauth2_pending WHERE state_hash = ?1
+                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at",
+                [&state_hash],
+                |r| {
+                    Ok(PendingAuthorization {
+                        state_hash: r.get(0)?,
+                        org_id: r.get(1)?,
+                        user_id: r.get(2)?,
+                        integration: r.get(3)?,
+                        auth_method: r.get(4)?,
+                        redirect_uri: r.get(5)?,
+                        return_to: r.get(6)?,
+                        verifier: SealedBytes { key_id: r.get(7)?, wrapped_key: r.get(8)?, nonce: r.get(9)?, ciphertext: r.get(10)? },
+                        created_at: r.get(11)?,
+                        expires_at: r.get(12)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
         })
         .await
     }
@@ -221,10 +325,12 @@ mod tests {
                 created_at: t,
                 updated_at: t,
             },
-            key_id: "k".into(),
-            wrapped_key: vec![1, 2],
-            nonce: vec![3],
-            ciphertext: vec![4, 5, 6],
+            sealed: SealedBytes {
+                key_id: "k".into(),
+                wrapped_key: vec![1, 2],
+                nonce: vec![3],
+                ciphertext: vec![4, 5, 6],
+            },
         }
     }
 
@@ -240,10 +346,7 @@ mod tests {
             s.insert_connection(&row("c1", "o1", 1)).await,
             Err(StoreError::Duplicate(_))
         ));
-        assert_eq!(
-            s.get_connection("c1").await.unwrap(),
-            Some(row("c1", "o1", 1))
-        );
+        assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
         assert_eq!(s.get_connection("nope").await.unwrap(), None);
         let ids: Vec<_> = s
             .list_connections("o1")
@@ -260,5 +363,60 @@ mod tests {
         let s = SqliteStore::open(&path).unwrap();
         assert!(s.get_connection("c2").await.unwrap().is_some());
         s.ping().await.unwrap();
+
+        let sealed = SealedBytes {
+            key_id: "k2".into(),
+            wrapped_key: vec![9],
+            nonce: vec![8],
+            ciphertext: vec![7],
+        };
+        assert!(s
+            .update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10)
+            .await
+            .unwrap());
+        let row = s.get_connection("c2").await.unwrap().unwrap();
+        assert_eq!(
+            (row.sealed, row.meta.state, row.meta.updated_at),
+            (sealed.clone(), ConnectionState::NeedsReauth, 10)
+        );
+        assert!(s.set_state("c2", ConnectionState::Active, 11).await.unwrap());
+        assert!(!s.set_state("nope", ConnectionState::Active, 11).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn pending_authorizations_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("x.db")).unwrap();
+        let p = PendingAuthorization {
+            state_hash: "h1".into(),
+            org_id: "o".into(),
+            user_id: "u".into(),
+            integration: "i".into(),
+            auth_method: "m".into(),
+            redirect_uri: "http://127.0.0.1/cb".into(),
+            return_to: None,
+            verifier: SealedBytes {
+                key_id: "k".into(),
+                wrapped_key: vec![1],
+                nonce: vec![2],
+                ciphertext: vec![3],
+            },
+            created_at: 100,
+            expires_at: 700,
+        };
+        s.insert_pending(&p).await.unwrap();
+        assert_eq!(s.take_pending("h1").await.unwrap(), Some(p.clone()));
+        assert_eq!(s.take_pending("h1").await.unwrap(), None);
+        // Inserting later sweeps expired ones.
+        s.insert_pending(&p).await.unwrap();
+        let later = PendingAuthorization {
+            state_hash: "h2".into(),
+            created_at: 800,
+            expires_at: 1400,
+            ..p
+        };
+        s.insert_pending(&later).await.unwrap();
+        assert_eq!(s.take_pending("h1").await.unwrap(), None);
+        assert!(s.take_pending("h2").await.unwrap().is_some());
     }
 }

@@ -56,6 +56,8 @@ pub struct Harness {
 pub struct Opts {
     pub allow_loopback: bool,
     pub extra_toml: String,
+    /// Extra integration files `(file name, contents)`, next to the shipped ones.
+    pub integrations: Vec<(String, String)>,
 }
 
 impl Default for Opts {
@@ -63,6 +65,7 @@ impl Default for Opts {
         Self {
             allow_loopback: true,
             extra_toml: String::new(),
+            integrations: Vec::new(),
         }
     }
 }
@@ -74,6 +77,20 @@ impl Harness {
 
     pub async fn start_with(opts: Opts) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let ints_dir = if opts.integrations.is_empty() {
+            repo().join("config/integrations")
+        } else {
+            let d = dir.path().join("integrations");
+            std::fs::create_dir(&d).unwrap();
+            for e in std::fs::read_dir(repo().join("config/integrations")).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+            }
+            for (name, text) in &opts.integrations {
+                std::fs::write(d.join(name), text).unwrap();
+            }
+            d
+        };
         let allow = if opts.allow_loopback {
             "allow_cidrs = [\"127.0.0.0/8\"]"
         } else {
@@ -105,7 +122,7 @@ dir = "{ints}"
             extra_proxy = opts.extra_toml,
             db = dir.path().join("credproxy.db").display(),
             key = dir.path().join("master.key").display(),
-            ints = repo().join("config/integrations").display(),
+            ints = ints_dir.display(),
         );
         let env = BTreeMap::new();
         let cfg = Config::from_toml_str("test.toml", &text, &env).expect("test config is valid");
@@ -114,19 +131,13 @@ dir = "{ints}"
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let running = server::start(listeners, &cfg, ints)
-            .await
-            .expect("server starts");
+        let running = server::start(listeners, &cfg, ints).await.expect("server starts");
         let admin = AdminClient::new(
             &format!("http://{}", running.admin_addr),
             SecretValue::from(ADMIN_TOKEN),
         )
         .unwrap();
-        Self {
-            running,
-            admin,
-            dir,
-        }
+        Self { running, admin, dir }
     }
 
     pub fn proxy_url(&self) -> String {
@@ -175,12 +186,8 @@ impl Seen {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -303,4 +310,211 @@ pub fn port_of(authority: &str) -> u16 {
 
 pub fn credproxy_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_credproxy"))
+}
+
+/// A GET (or other method) through the proxy on a fresh TCP connection, in
+/// absolute form, from this process: for high-concurrency tests where
+/// spawning a client process per request would dominate.
+pub async fn proxy_request(
+    proxy: std::net::SocketAddr,
+    method: &str,
+    url: &str,
+    conn_id: Option<&str>,
+    body: Option<&'static [u8]>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let uri: http::Uri = url.parse().unwrap();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("host", uri.authority().unwrap().as_str());
+    if let Some(id) = conn_id {
+        req = req.header("x-connection-id", id);
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from_static(body.unwrap_or(b""))))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
+}
+
+/// An oidc-provider (npm, v9) process on a free loopback port: the OAuth2
+/// server of the tests. One per test, so grant counts are the test's own.
+pub struct Oidc {
+    pub url: String,
+    _child: tokio::process::Child,
+}
+
+pub const OIDC_BASIC_SECRET: &str = "cp-basic-client-secret-8f2e1c";
+pub const OIDC_POST_SECRET: &str = "cp-post-client-secret-4b7d9a";
+
+impl Oidc {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let dir = repo().join("tests/peers/oidc");
+        assert!(
+            dir.join("node_modules/oidc-provider").is_dir(),
+            "oidc-provider is not installed: run the suite with `scripts/test` (it runs `npm ci` in tests/peers/oidc)"
+        );
+        let mut child = tokio::process::Command::new("node")
+            .arg("server.js")
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node is installed");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("oidc-provider starts within 20 s")
+            .unwrap()
+            .expect("oidc-provider prints its address");
+        let url = line.strip_prefix("LISTENING ").expect("LISTENING line").to_owned();
+        // Keep draining stdout: oidc-provider logs notices there, and a closed
+        // pipe would kill it with EPIPE.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { url, _child: child }
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", &format!("{}{path}", self.url)])
+            .output()
+            .await
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub async fn post(&self, path: &str) {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-f", "-X", "POST", &format!("{}{path}", self.url)])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "POST {path} failed");
+    }
+
+    /// Grants issued so far, for one grant_type.
+    pub async fn count(&self, grant_type: &str) -> u64 {
+        self.get_json("/test/counts").await[grant_type].as_u64().unwrap_or(0)
+    }
+
+    /// The integration file for this provider: an authorization-code method
+    /// per client-authentication style and a client-credentials method.
+    pub fn integration(&self) -> (String, String) {
+        let u = &self.url;
+        let text = format!(
+            r#"
+id = "oidc"
+name = "oidc-provider (test)"
+allowed_hosts = ["127.0.0.1"]
+upstream_scheme = "http"
+base_url = "{u}"
+
+[[auth_methods]]
+id = "code"
+type = "oauth2"
+[auth_methods.oauth2]
+grant = "authorization_code"
+authorize_url = "{u}/auth"
+token_url = "{u}/token"
+revocation_url = "{u}/token/revocation"
+scopes = ["openid", "offline_access", "api:read"]
+client_id = "cp-basic"
+client_secret = "{OIDC_BASIC_SECRET}"
+authorize_params = {{ prompt = "consent" }}
+refresh_skew_secs = 1
+
+[[auth_methods]]
+id = "code_post"
+type = "oauth2"
+[auth_methods.oauth2]
+grant = "authorization_code"
+authorize_url = "{u}/auth"
+token_url = "{u}/token"
+revocation_url = "{u}/token/revocation"
+scopes = ["openid", "offline_access", "api:read"]
+client_id = "cp-post"
+client_secret = "{OIDC_POST_SECRET}"
+client_auth = "client_secret_post"
+authorize_params = {{ prompt = "consent" }}
+refresh_skew_secs = 1
+
+[[auth_methods]]
+id = "machine"
+type = "oauth2"
+[auth_methods.oauth2]
+grant = "client_credentials"
+token_url = "{u}/token"
+scopes = ["api:read"]
+client_id = "cp-basic"
+client_secret = "{OIDC_BASIC_SECRET}"
+refresh_skew_secs = 1
+
+[test]
+method = "GET"
+path = "/resource"
+expect_status = 200
+"#
+        );
+        ("oidc.toml".to_owned(), text)
+    }
+}
+
+impl Harness {
+    /// Runs the authorization-code flow like a browser would (curl following
+    /// redirects with a cookie jar) and returns the final response and URL.
+    pub async fn authorize(&self, method: &str, extra: Value) -> (Seen, String) {
+        let mut body = json!({"integration": "oidc", "auth_method": method, "org_id": ORG, "user_id": "user_1"});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            body[k] = v;
+        }
+        let v = self
+            .admin
+            .call(Method::POST, "/v1/oauth2/authorize", Some(&body))
+            .await
+            .unwrap();
+        let url = v["authorization_url"].as_str().unwrap().to_owned();
+        let jar = self.dir.path().join(format!("jar-{}", rand_suffix()));
+        let out_file = self.dir.path().join(format!("out-{}", rand_suffix()));
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-i", "-L", "--max-redirs", "10", "-c"])
+            .arg(&jar)
+            .arg("-b")
+            .arg(&jar)
+            .arg("-o")
+            .arg(&out_file)
+            .args(["-w", "%{url_effective}", &url])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+        let raw = std::fs::read(&out_file).unwrap();
+        // -i with -L writes every hop's head; keep the last response.
+        let last = raw
+            .windows(5)
+            .rposition(|w| w == b"HTTP/")
+            .map(|i| &raw[i..])
+            .unwrap_or(&raw[..]);
+        (parse_http_dump(last), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }

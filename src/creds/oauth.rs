@@ -1,0 +1,409 @@
+//! OAuth2 connections: single-flight refresh, the authorization-code flow
+//! (`state`, PKCE, callback), and revocation at the provider.
+//!
+//! Single flight: every refresh of one connection runs under that
+//! connection's async mutex. A waiter that gets the mutex re-reads the
+//! connection and refreshes only if the token it holds is still the stale
+//! one, so a storm of requests produces one refresh. The new token set is
+//! persisted (sealed) before it is cached or used, so a rotated refresh token
+//! is never lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use ring::digest;
+use zeroize::Zeroizing;
+
+use super::{unix_now, Connections, CreateError, Credential, ResolveError, Resolved};
+use crate::crypto::CryptoError;
+use crate::ids;
+use crate::integrations::{Grant, OAuth2Method};
+use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
+use crate::secret::SecretValue;
+use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, StoreError};
+
+/// After a failed refresh, requests for that connection fail fast for this long
+/// instead of hammering the token endpoint.
+pub const REFRESH_COOLDOWN: Duration = Duration::from_secs(5);
+/// How long an authorization `state` stays valid.
+pub const STATE_TTL_SECS: i64 = 600;
+
+pub(super) struct OAuthState {
+    client: TokenClient,
+    locks: Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    cooldown: Cache<String, ()>,
+    refreshes: std::sync::atomic::AtomicU64,
+}
+
+impl OAuthState {
+    pub(super) fn new(client: TokenClient) -> Self {
+        Self {
+            client,
+            // Idle locks expire; an entry in use is held by its Arc.
+            locks: Cache::builder().time_to_idle(Duration::from_secs(600)).build(),
+            cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
+            refreshes: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    #[error("the connection needs re-authorization")]
+    NeedsReauth,
+    #[error("token refresh is cooling down after a failure")]
+    CoolingDown,
+    #[error(transparent)]
+    Token(TokenError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// What happened at the provider when a connection was deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revocation {
+    NotApplicable,
+    Revoked,
+    Failed(String),
+}
+
+impl Revocation {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::NotApplicable => "not_applicable",
+            Self::Revoked => "revoked",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
+pub struct AuthorizeRequest {
+    pub integration: String,
+    pub auth_method: String,
+    pub org_id: String,
+    pub user_id: String,
+    pub scopes: Option<Vec<String>>,
+    pub return_to: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error(transparent)]
+    Create(#[from] CreateError),
+    #[error("auth method {0:?} is not an OAuth2 authorization-code method")]
+    NotAuthorizationCode(String),
+    #[error("return_to must be an absolute http(s) URL")]
+    BadReturnTo,
+    #[error("unknown or already used state")]
+    UnknownState,
+    #[error("the authorization expired; start again")]
+    StateExpired,
+    #[error("the provider returned error {0:?}")]
+    Provider(String),
+    #[error("the provider rejected the authorization code: {0}")]
+    Exchange(TokenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+fn sha256_hex(s: &str) -> String {
+    digest::digest(&digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn pending_context(state_hash: &str) -> String {
+    format!("oauth2-pending:{state_hash}")
+}
+
+impl Connections {
+    /// Number of refreshes this process performed (token endpoint calls that
+    /// returned a token).
+    pub fn refresh_count(&self) -> u64 {
+        self.oauth.refreshes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns a connection whose access token is usable, refreshing it under
+    /// the single-flight lock if it expires within the skew. Non-OAuth2
+    /// connections pass through untouched.
+    pub async fn ensure_fresh(&self, r: Arc<Resolved>) -> Result<Arc<Resolved>, RefreshError> {
+        let Some(o) = r.method.oauth2() else { return Ok(r) };
+        let stale = r
+            .tokens
+            .as_ref()
+            .is_none_or(|t| t.needs_refresh(unix_now(), o.refresh_skew_secs));
+        if !stale {
+            return Ok(r);
+        }
+        let seen = r.tokens.as_ref().and_then(|t| t.access_token.clone());
+        self.refresh_single_flight(&r, seen.as_deref(), false).await
+    }
+
+    /// After an upstream 401: refresh, but only if `failed` is still the
+    /// current access token (another request may have refreshed already).
+    pub async fn force_refresh(&self, r: &Arc<Resolved>, failed: &str) -> Result<Arc<Resolved>, RefreshError> {
+        self.refresh_single_flight(r, Some(failed), true).await
+    }
+
+    async fn refresh_single_flight(
+        &self,
+        r: &Arc<Resolved>,
+        seen: Option<&str>,
+        forced: bool,
+    ) -> Result<Arc<Resolved>, RefreshError> {
+        let id = r.meta.id.as_str();
+        let o = r.method.oauth2().expect("only OAuth2 connections refresh");
+        let lock = self
+            .oauth
+            .locks
+            .get_with_by_ref(id, async { Arc::new(tokio::sync::Mutex::new(())) })
+            .await;
+        let _guard = lock.lock().await;
+
+        // Whoever held the lock before us may have refreshed: look again,
+        // first in the cache, then in the store (the authority).
+        let superseded = |c: &Resolved| {
+            let t = c.tokens.as_ref();
+            let current = t.and_then(|t| t.access_token.as_deref());
+            current.is_some()
+                && current != seen
+                && (forced || !t.is_some_and(|t| t.needs_refresh(unix_now(), o.refresh_skew_secs)))
+        };
+        if let Some(c) = self.cache.get(id).await {
+            if superseded(&c) {
+                return Ok(c);
+            }
+        }
+        let current = self.load(id).await?;
+        if current.meta.state != ConnectionState::Active {
+            return Err(RefreshError::NeedsReauth);
+        }
+        if superseded(&current) {
+            self.cache.insert(id.to_owned(), current.clone()).await;
+            return Ok(current);
+        }
+        if self.oauth.cooldown.contains_key(id) {
+            return Err(RefreshError::CoolingDown);
+        }
+
+        let tokens = current.tokens.clone().unwrap_or_default();
+        let result = match (o.grant, tokens.refresh_token.as_deref()) {
+            (Grant::ClientCredentials, _) => self.oauth.client.client_credentials(o).await,
+            (Grant::AuthorizationCode, Some(rt)) => self.oauth.client.refresh(o, rt).await,
+            (Grant::AuthorizationCode, None) => Err(TokenError::InvalidGrant),
+        };
+        match result {
+            Ok(resp) => {
+                let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
+                self.oauth.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Persist before anyone uses it: a rotated refresh token must survive a crash.
+                let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
+                let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
+                let now = unix_now();
+                if !self
+                    .store
+                    .update_credential(id, &sealed, ConnectionState::Active, now)
+                    .await?
+                {
+                    self.cache.invalidate(id).await;
+                    return Err(RefreshError::Resolve(ResolveError::NotFound));
+                }
+                let mut meta = current.meta.clone();
+                meta.updated_at = now;
+                let next = Arc::new(Resolved {
+                    meta,
+                    integration: current.integration.clone(),
+                    method: current.method.clone(),
+                    credential: Credential::from_tokens(&fresh),
+                    tokens: Some(fresh),
+                });
+                self.cache.insert(id.to_owned(), next.clone()).await;
+                tracing::info!(connection = %id, integration = %current.integration.id, "oauth2 token refreshed");
+                Ok(next)
+            }
+            Err(TokenError::InvalidGrant) => {
+                self.store
+                    .set_state(id, ConnectionState::NeedsReauth, unix_now())
+                    .await?;
+                self.cache.invalidate(id).await;
+                tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
+                Err(RefreshError::NeedsReauth)
+            }
+            Err(e) => {
+                self.oauth.cooldown.insert(id.to_owned(), ()).await;
+                tracing::warn!(connection = %id, integration = %current.integration.id, error = %e, "oauth2 refresh failed");
+                Err(RefreshError::Token(e))
+            }
+        }
+    }
+
+    /// Starts an authorization-code flow: stores `state` (hashed) and the
+    /// sealed PKCE verifier, and returns the provider URL and its expiry.
+    pub async fn start_authorization(
+        &self,
+        req: AuthorizeRequest,
+        redirect_uri: &str,
+    ) -> Result<(String, i64), AuthorizeError> {
+        if !ids::is_valid_external_id(&req.org_id) {
+            return Err(CreateError::InvalidId { field: "org_id" }.into());
+        }
+        if !ids::is_valid_external_id(&req.user_id) {
+            return Err(CreateError::InvalidId { field: "user_id" }.into());
+        }
+        if let Some(rt) = &req.return_to {
+            let ok = rt
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !ok {
+                return Err(AuthorizeError::BadReturnTo);
+            }
+        }
+        let integration = self
+            .integrations
+            .get(&req.integration)
+            .ok_or_else(|| CreateError::UnknownIntegration(req.integration.clone()))?;
+        let method = integration
+            .auth_method(&req.auth_method)
+            .ok_or_else(|| CreateError::UnknownAuthMethod {
+                integration: req.integration.clone(),
+                method: req.auth_method.clone(),
+            })?;
+        let o = match method.oauth2() {
+            Some(o) if o.grant == Grant::AuthorizationCode => o,
+            _ => return Err(AuthorizeError::NotAuthorizationCode(method.id.clone())),
+        };
+        let state = oauth2::random_urlsafe(32);
+        let state_hash = sha256_hex(&state);
+        let pkce = o.pkce.then(Pkce::new);
+        let verifier = pkce.as_ref().map_or("", |p| p.verifier.expose());
+        let sealed = self
+            .seal(&req.org_id, &pending_context(&state_hash), verifier.as_bytes())
+            .await?;
+        let now = unix_now();
+        let expires_at = now + STATE_TTL_SECS;
+        self.store
+            .insert_pending(&PendingAuthorization {
+                state_hash,
+                org_id: req.org_id,
+                user_id: req.user_id,
+                integration: req.integration,
+                auth_method: req.auth_method,
+                redirect_uri: redirect_uri.to_owned(),
+                return_to: req.return_to,
+                verifier: sealed,
+                created_at: now,
+                expires_at,
+            })
+            .await?;
+        let scopes = req.scopes.unwrap_or_else(|| o.scopes.clone());
+        let url = oauth2::authorization_url(
+            o,
+            redirect_uri,
+            &state,
+            pkce.as_ref().map(|p| p.challenge.as_str()),
+            &scopes,
+        );
+        Ok((url, expires_at))
+    }
+
+    /// The callback: consumes `state` (once), exchanges the code with the
+    /// verifier, stores the token set and creates the connection.
+    pub async fn complete_authorization(
+        &self,
+        state: &str,
+        outcome: Result<&str, &str>,
+    ) -> Result<(ConnectionMeta, Option<String>), AuthorizeError> {
+        let pending = self
+            .store
+            .take_pending(&sha256_hex(state))
+            .await?
+            .ok_or(AuthorizeError::UnknownState)?;
+        if pending.expires_at < unix_now() {
+            return Err(AuthorizeError::StateExpired);
+        }
+        let code = outcome
+            .map_err(|e| AuthorizeError::Provider(e.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()))?;
+        let method = self
+            .integrations
+            .get(&pending.integration)
+            .and_then(|i| i.auth_method(&pending.auth_method))
+            .cloned()
+            .ok_or_else(|| CreateError::UnknownAuthMethod {
+                integration: pending.integration.clone(),
+                method: pending.auth_method.clone(),
+            })?;
+        let o: &OAuth2Method = method
+            .oauth2()
+            .ok_or_else(|| AuthorizeError::NotAuthorizationCode(method.id.clone()))?;
+        let ctx = crate::crypto::Context {
+            org_id: &pending.org_id,
+            connection_id: &pending_context(&pending.state_hash),
+        };
+        let verifier = self
+            .envelope
+            .open(ctx, &super::from_store(pending.verifier.clone()))
+            .await?;
+        let verifier = SecretValue::new(String::from_utf8(verifier.to_vec()).map_err(|_| CryptoError::Open)?);
+        let verifier = (!verifier.expose().is_empty()).then_some(verifier);
+        let resp = self
+            .oauth
+            .client
+            .exchange_code(o, code, &pending.redirect_uri, verifier.as_ref())
+            .await
+            .map_err(AuthorizeError::Exchange)?;
+        let tokens = TokenSet::default().updated(resp, unix_now(), o.default_expires_in_secs);
+        let plaintext = Zeroizing::new(serde_json::to_vec(&tokens).expect("token sets serialize"));
+        let meta = self
+            .insert_new(
+                pending.org_id,
+                pending.user_id,
+                pending.integration,
+                pending.auth_method,
+                &plaintext,
+            )
+            .await?;
+        tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection authorized");
+        Ok((meta, pending.return_to))
+    }
+
+    /// Revokes an OAuth2 connection's tokens at the provider (RFC 7009):
+    /// the refresh token first (it usually takes the grant with it), then
+    /// the access token.
+    pub async fn revoke_at_provider(&self, id: &str) -> Revocation {
+        let r = match self.load(id).await {
+            Ok(r) => r,
+            Err(e) => return Revocation::Failed(e.to_string()),
+        };
+        let (Some(o), Some(tokens)) = (r.method.oauth2(), r.tokens.as_ref()) else {
+            return Revocation::NotApplicable;
+        };
+        if o.revocation_url.is_none() {
+            return Revocation::NotApplicable;
+        }
+        let mut outcome = Revocation::NotApplicable;
+        for (token, hint) in [
+            (tokens.refresh_token.as_deref(), "refresh_token"),
+            (tokens.access_token.as_deref(), "access_token"),
+        ] {
+            let Some(token) = token else { continue };
+            match self.oauth.client.revoke(o, token, hint).await {
+                Ok(()) if outcome == Revocation::NotApplicable => outcome = Revocation::Revoked,
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(connection = %id, error = %e, "oauth2 revocation failed");
+                    outcome = Revocation::Failed(e.to_string());
+                }
+            }
+        }
+        outcome
+    }
+}

@@ -1,0 +1,398 @@
+//! OAuth2 on the wire: token sets, PKCE, and the token-endpoint client
+//! (authorization code, refresh, client credentials, RFC 7009 revocation).
+//!
+//! The client is built explicitly: it never reads `HTTP_PROXY`/`HTTPS_PROXY`
+//! (our calls must not loop through credproxy), it has timeouts, and its
+//! connector applies the same SSRF guard as the proxy. Uses `integrations`,
+//! `upstream`, `secret`; must not import `creds`, `proxy` or `admin`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::integrations::{ClientAuth, OAuth2Method};
+use crate::policy::ssrf::EgressPolicy;
+use crate::secret::SecretValue;
+use crate::upstream::{self, ClientSettings, GuardedConnector};
+
+/// Largest token-endpoint response we read.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+/// What a connection of an `oauth2` auth method stores (sealed).
+#[derive(Clone, Default, Serialize, Deserialize, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct TokenSet {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSet")
+            .field("access_token", &self.access_token.as_ref().map(|_| "[redacted]"))
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "[redacted]"))
+            .field("expires_at", &self.expires_at)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl TokenSet {
+    /// True if there is no access token, or it expires within `skew_secs`.
+    pub fn needs_refresh(&self, now: i64, skew_secs: u64) -> bool {
+        match (&self.access_token, self.expires_at) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(_), Some(exp)) => exp - now <= skew_secs as i64,
+        }
+    }
+
+    /// Applies a token response: a response without a new refresh token
+    /// keeps the old one; no `expires_in` means the configured default.
+    pub fn updated(&self, resp: TokenResponse, now: i64, default_lifetime: u64) -> TokenSet {
+        let mut resp = resp;
+        TokenSet {
+            access_token: Some(std::mem::take(&mut resp.access_token)),
+            refresh_token: resp.refresh_token.take().or_else(|| self.refresh_token.clone()),
+            expires_at: Some(now + resp.expires_in.unwrap_or(default_lifetime) as i64),
+            token_type: resp.token_type.take(),
+            scope: resp.scope.take().or_else(|| self.scope.clone()),
+        }
+    }
+}
+
+/// A successful token-endpoint response (RFC 6749 §5.1).
+#[derive(Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct TokenResponse {
+    pub access_token: String,
+    #[serde(default)]
+    pub token_type: Option<String>,
+    #[serde(default)]
+    #[zeroize(skip)]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: String,
+}
+
+/// Why a token request failed, tagged by what the caller should do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The grant is dead (RFC 6749 `invalid_grant`): a user must re-authorize.
+    #[error("the provider rejected the grant (invalid_grant)")]
+    InvalidGrant,
+    /// The provider refused for another reason (`invalid_client`, ...): a configuration problem.
+    #[error("the token endpoint refused the request: {0}")]
+    Rejected(String),
+    /// Unreachable, 5xx, timeout, garbage: try again later.
+    #[error("the token endpoint is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// PKCE (RFC 7636) verifier and S256 challenge, plus a `state`.
+pub struct Pkce {
+    pub verifier: SecretValue,
+    pub challenge: String,
+}
+
+pub fn random_urlsafe(bytes: usize) -> String {
+    let mut b = Zeroizing::new(vec![0u8; bytes]);
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("the system random source failed");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&b[..])
+}
+
+impl Pkce {
+    pub fn new() -> Self {
+        let verifier = random_urlsafe(48); // 64 characters
+        Self::from_verifier(SecretValue::new(verifier))
+    }
+
+    pub fn from_verifier(verifier: SecretValue) -> Self {
+        let d = digest::digest(&digest::SHA256, verifier.expose().as_bytes());
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref());
+        Self { verifier, challenge }
+    }
+}
+
+impl Default for Pkce {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The provider URL a user is sent to.
+pub fn authorization_url(
+    m: &OAuth2Method,
+    redirect_uri: &str,
+    state: &str,
+    challenge: Option<&str>,
+    scopes: &[String],
+) -> String {
+    let base = m.authorize_url.as_ref().map(Uri::to_string).unwrap_or_default();
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair("response_type", "code");
+    q.append_pair("client_id", &m.client_id);
+    q.append_pair("redirect_uri", redirect_uri);
+    if !scopes.is_empty() {
+        q.append_pair("scope", &scopes.join(" "));
+    }
+    q.append_pair("state", state);
+    if let Some(c) = challenge {
+        q.append_pair("code_challenge", c);
+        q.append_pair("code_challenge_method", "S256");
+    }
+    for (k, v) in &m.authorize_params {
+        q.append_pair(k, v);
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{}", q.finish())
+}
+
+/// The client for token and revocation endpoints.
+#[derive(Clone)]
+pub struct TokenClient {
+    client: Client<HttpsConnector<GuardedConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl TokenClient {
+    pub fn new(policy: Arc<EgressPolicy>, connect_timeout: Duration, timeout: Duration) -> Self {
+        // No pooling: token calls are rare (one per refresh), and a POST on a
+        // keep-alive connection the provider just closed fails without a safe
+        // retry — which would turn a routine refresh into a 502.
+        let settings = ClientSettings {
+            connect_timeout,
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 0,
+        };
+        Self {
+            client: upstream::build_client(policy, &settings),
+            timeout,
+        }
+    }
+
+    pub async fn exchange_code(
+        &self,
+        m: &OAuth2Method,
+        code: &str,
+        redirect_uri: &str,
+        verifier: Option<&SecretValue>,
+    ) -> Result<TokenResponse, TokenError> {
+        let mut p: Vec<(&str, &str)> = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+        ];
+        if let Some(v) = verifier {
+            p.push(("code_verifier", v.expose()));
+        }
+        self.token(m, p).await
+    }
+
+    pub async fn refresh(&self, m: &OAuth2Method, refresh_token: &str) -> Result<TokenResponse, TokenError> {
+        self.token(
+            m,
+            vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)],
+        )
+        .await
+    }
+
+    pub async fn client_credentials(&self, m: &OAuth2Method) -> Result<TokenResponse, TokenError> {
+        let scope = m.scopes.join(" ");
+        let mut p = vec![("grant_type", "client_credentials")];
+        if !scope.is_empty() {
+            p.push(("scope", &scope));
+        }
+        self.token(m, p).await
+    }
+
+    /// RFC 7009. `Ok(())` when the provider answered 200.
+    pub async fn revoke(&self, m: &OAuth2Method, token: &str, hint: &str) -> Result<(), TokenError> {
+        let Some(url) = &m.revocation_url else {
+            return Err(TokenError::Rejected("no revocation_url configured".into()));
+        };
+        let (status, _) = self
+            .post(m, url, vec![("token", token), ("token_type_hint", hint)], false)
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else if status.is_server_error() {
+            Err(TokenError::Unavailable(format!(
+                "revocation endpoint answered {status}"
+            )))
+        } else {
+            Err(TokenError::Rejected(format!("revocation endpoint answered {status}")))
+        }
+    }
+
+    async fn token(&self, m: &OAuth2Method, mut params: Vec<(&str, &str)>) -> Result<TokenResponse, TokenError> {
+        for (k, v) in &m.token_params {
+            params.push((k, v));
+        }
+        let (status, body) = self.post(m, &m.token_url, params, true).await?;
+        if status.is_success() {
+            return serde_json::from_slice::<TokenResponse>(&body)
+                .map_err(|_| TokenError::Unavailable("token response is not valid JSON with an access_token".into()));
+        }
+        let error = serde_json::from_slice::<ErrorResponse>(&body).map(|e| e.error).ok();
+        match (status, error.as_deref()) {
+            (_, Some("invalid_grant")) => Err(TokenError::InvalidGrant),
+            (s, _) if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+                Err(TokenError::Unavailable(format!("token endpoint answered {s}")))
+            }
+            // Error codes are an RFC 6749 vocabulary, never a secret.
+            (s, Some(e)) => Err(TokenError::Rejected(format!(
+                "{s}: {}",
+                e.chars().filter(|c| c.is_ascii_graphic()).take(64).collect::<String>()
+            ))),
+            (s, None) => Err(TokenError::Rejected(format!("token endpoint answered {s}"))),
+        }
+    }
+
+    async fn post(
+        &self,
+        m: &OAuth2Method,
+        url: &Uri,
+        mut params: Vec<(&str, &str)>,
+        accept_json: bool,
+    ) -> Result<(StatusCode, Bytes), TokenError> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(url.clone())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if accept_json {
+            req = req.header(header::ACCEPT, "application/json");
+        }
+        match m.client_auth {
+            ClientAuth::ClientSecretBasic => {
+                // RFC 6749 §2.3.1: form-encode id and secret before base64.
+                let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let raw = Zeroizing::new(format!("{}:{}", enc(&m.client_id), enc(m.client_secret.expose())));
+                let mut v = http::HeaderValue::try_from(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
+                ))
+                .map_err(|_| TokenError::Rejected("client credentials cannot form a header".into()))?;
+                v.set_sensitive(true);
+                req = req.header(header::AUTHORIZATION, v);
+            }
+            ClientAuth::ClientSecretPost => {
+                params.push(("client_id", &m.client_id));
+                params.push(("client_secret", m.client_secret.expose()));
+            }
+        }
+        // The serializer is not Send: finish it before any await.
+        let body = {
+            let mut ser = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &params {
+                ser.append_pair(k, v);
+            }
+            Zeroizing::new(ser.finish())
+        };
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .map_err(|_| TokenError::Rejected("invalid token endpoint URL".into()))?;
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| TokenError::Unavailable(describe(&e)))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|_| TokenError::Unavailable("reading the token response failed".into()))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| TokenError::Unavailable(format!("no response within {:?}", self.timeout)))?
+    }
+}
+
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    match upstream::find_connect_error(e) {
+        Some(c) => c.to_string(),
+        None if upstream::is_tls_error(e) => "TLS failure".into(),
+        None => {
+            // hyper/rustls errors describe transport failures; they never carry request data.
+            let mut s = String::from("connection failed");
+            let mut cur = std::error::Error::source(e);
+            while let Some(inner) = cur {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                cur = inner.source();
+            }
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_s256_matches_rfc7636_example() {
+        let p = Pkce::from_verifier(SecretValue::from("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"));
+        assert_eq!(p.challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+        assert_eq!(Pkce::new().verifier.expose().len(), 64);
+    }
+
+    #[test]
+    fn refresh_decisions_and_updates() {
+        let mut t = TokenSet::default();
+        assert!(t.needs_refresh(1000, 60));
+        t.access_token = Some("a".into());
+        t.refresh_token = Some("r1".into());
+        t.expires_at = Some(1100);
+        assert!(!t.needs_refresh(1000, 60));
+        assert!(t.needs_refresh(1040, 60));
+        let resp = TokenResponse {
+            access_token: "b".into(),
+            token_type: None,
+            expires_in: None,
+            refresh_token: None,
+            scope: None,
+        };
+        let u = t.updated(resp, 2000, 3600);
+        assert_eq!(u.access_token.as_deref(), Some("b"));
+        assert_eq!(
+            u.refresh_token.as_deref(),
+            Some("r1"),
+            "a response without refresh_token keeps the old one"
+        );
+        assert_eq!(u.expires_at, Some(5600));
+        let dbg = format!("{u:?}");
+        assert!(!dbg.contains("r1") && !dbg.contains("\"b\""), "{dbg}");
+    }
+}

@@ -1,0 +1,372 @@
+//! OAuth2 connections against a real OAuth2 server: npm oidc-provider v9
+//! (PKCE required, refresh-token rotation, revocation, 5 s access tokens),
+//! one per test. Its `/resource` route is the protected upstream.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::*;
+
+async fn harness(oidc: &Oidc) -> Harness {
+    Harness::start_with(Opts {
+        integrations: vec![oidc.integration()],
+        ..Default::default()
+    })
+    .await
+}
+
+/// Authorizes a connection through the full flow and returns its id.
+async fn authorized(h: &Harness, method: &str) -> String {
+    let (seen, final_url) = h.authorize(method, json!({})).await;
+    assert_eq!(seen.status, 201, "callback at {final_url}: {}", seen.text());
+    assert!(final_url.contains("/v1/oauth2/callback?code="), "{final_url}");
+    seen.json()["connection_id"].as_str().unwrap().to_owned()
+}
+
+async fn get_resource(h: &Harness, oidc: &Oidc, id: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    proxy_request(
+        h.running.proxy_addr,
+        "GET",
+        &format!("{}/resource", oidc.url),
+        Some(id),
+        None,
+    )
+    .await
+}
+
+async fn connection_count(h: &Harness) -> usize {
+    let v = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
+        .await
+        .unwrap();
+    v["connections"].as_array().unwrap().len()
+}
+
+async fn wait_for_expiry() {
+    // Access tokens live 5 s; the test integration refreshes 1 s before expiry.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_code_flow_end_to_end() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    for method in ["code", "code_post"] {
+        let id = authorized(&h, method).await;
+        let (status, _, body) = get_resource(&h, &oidc, &id).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["account"], "test-user");
+        let meta = h
+            .admin
+            .call(Method::GET, &format!("/v1/connections/{id}"), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (meta["state"].as_str(), meta["auth_method"].as_str()),
+            (Some("active"), Some(method))
+        );
+    }
+    assert_eq!(oidc.count("authorization_code").await, 2);
+
+    // The authorization URL carries PKCE S256 and a state; the verifier never leaves credproxy.
+    let v = h
+        .admin
+        .call(
+            Method::POST,
+            "/v1/oauth2/authorize",
+            Some(&json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"})),
+        )
+        .await
+        .unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
+    assert!(
+        url.contains("code_challenge_method=S256") && url.contains("code_challenge=") && url.contains("state="),
+        "{url}"
+    );
+    assert!(!url.contains("code_verifier"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_state_and_provider_errors_create_nothing() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(connection_count(&h).await, 1);
+    let callback = format!("{}/v1/oauth2/callback", h.admin_url());
+
+    // Replay the exact callback the browser used: the state is single-use.
+    let (seen, final_url) = h.authorize("code", json!({})).await;
+    assert_eq!(seen.status, 201);
+    let replay = curl(&[&final_url], &[]).await;
+    assert_eq!(replay.status, 400, "{}", replay.text());
+    assert_eq!(replay.json()["code"], "invalid_state");
+    assert_eq!(connection_count(&h).await, 2);
+
+    // A state that was never issued.
+    let seen = curl(&[&format!("{callback}?code=abc&state=never-issued")], &[]).await;
+    assert_eq!(
+        (seen.status, seen.json()["code"].as_str()),
+        (400, Some("invalid_state"))
+    );
+
+    // The provider says the user refused: a clear 400, and the state is spent.
+    let v = h
+        .admin
+        .call(
+            Method::POST,
+            "/v1/oauth2/authorize",
+            Some(&json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"})),
+        )
+        .await
+        .unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
+    let state = url.split("state=").nth(1).unwrap().split('&').next().unwrap();
+    let denied = curl(&[&format!("{callback}?error=access_denied&state={state}")], &[]).await;
+    assert_eq!(denied.status, 400, "{}", denied.text());
+    assert_eq!(denied.json()["code"], "authorization_denied");
+    assert!(denied.json()["detail"].as_str().unwrap().contains("access_denied"));
+    let again = curl(&[&format!("{callback}?code=x&state={state}")], &[]).await;
+    assert_eq!(again.json()["code"], "invalid_state");
+    assert_eq!(connection_count(&h).await, 2, "nothing may be created");
+    let _ = id;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_storm_makes_exactly_one_refresh() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    wait_for_expiry().await;
+    let before = oidc.count("refresh_token").await;
+    let proxy = h.running.proxy_addr;
+    let url = format!("{}/resource", oidc.url);
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (url, id) = (url.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            proxy_request(proxy, "GET", &url, Some(&id), None).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+    // With rotation, a second refresh with the old token would revoke the grant.
+    assert_eq!(
+        oidc.count("refresh_token").await - before,
+        1,
+        "exactly one refresh grant at the provider"
+    );
+    assert_eq!(
+        get_resource(&h, &oidc, &id).await.0,
+        200,
+        "the rotated refresh token was kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_401_refreshes_once_and_retries_replayable_requests() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+
+    // The provider forgets the access token while it is still within its lifetime.
+    oidc.post("/test/revoke-access").await;
+    let before = oidc.count("refresh_token").await;
+    let (status, headers, _) = get_resource(&h, &oidc, &id).await;
+    assert_eq!(status, 200, "a GET is replayable: refresh and retry");
+    assert!(headers.iter().all(|(k, _)| k != "proxy-status"));
+    assert_eq!(oidc.count("refresh_token").await - before, 1);
+
+    // A small POST with a known length is replayed too.
+    oidc.post("/test/revoke-access").await;
+    let (status, _, _) = proxy_request(
+        h.running.proxy_addr,
+        "POST",
+        &format!("{}/resource", oidc.url),
+        Some(&id),
+        Some(b"{\"a\":1}"),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // A streamed (chunked) body is not retried: the upstream's 401 comes back as is.
+    oidc.post("/test/revoke-access").await;
+    let file = h.dir.path().join("body.txt");
+    std::fs::write(&file, "streamed body").unwrap();
+    let hdr = format!("X-Connection-Id: {id}");
+    let proxy = h.proxy_url();
+    let seen = curl(
+        &[
+            "-x",
+            &proxy,
+            "-H",
+            &hdr,
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-T",
+            &file.display().to_string(),
+            &format!("{}/resource", oidc.url),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(seen.status, 401, "{}", seen.text());
+    assert_eq!(
+        seen.header("proxy-status"),
+        None,
+        "relayed from upstream, not made by the proxy"
+    );
+    assert_eq!(seen.json()["error"], "invalid_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_marks_the_connection_needs_reauth() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    let (r, _) = h.running.connections.resolve(ORG, &id).await.unwrap();
+    let tokens = r.tokens.clone().unwrap();
+    let secrets = [
+        tokens.access_token.clone().unwrap(),
+        tokens.refresh_token.clone().unwrap(),
+    ];
+    oidc.post("/test/revoke-refresh").await;
+    wait_for_expiry().await;
+    for _ in 0..2 {
+        let (status, headers, body) = get_resource(&h, &oidc, &id).await;
+        assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "connection_needs_reauth");
+        assert!(headers
+            .iter()
+            .any(|(k, v)| k == "proxy-status" && v.contains("connection_needs_reauth")));
+    }
+    let meta = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(meta["state"], "needs_reauth");
+    let text = meta.to_string();
+    for secret in &secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "token value in the admin response: {text}"
+        );
+    }
+    assert_eq!(meta["credential_fields"], json!(["access_token"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_token_is_fetched_once_reused_then_refreshed_once() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let body =
+        json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
+    let (s, v) = h
+        .admin
+        .send(Method::POST, "/v1/connections", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        oidc.count("client_credentials").await,
+        0,
+        "fetched on first use, not at creation"
+    );
+    for _ in 0..5 {
+        let (status, _, body) = get_resource(&h, &oidc, &id).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(oidc.count("client_credentials").await, 1);
+    wait_for_expiry().await;
+    for _ in 0..5 {
+        assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    }
+    assert_eq!(oidc.count("client_credentials").await, 2);
+
+    // Authorization-code methods cannot be created with a plain POST.
+    let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u", "credentials": {}});
+    let (s, v) = h
+        .admin
+        .send(Method::POST, "/v1/connections", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("use_oauth2_authorize"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_revokes_tokens_at_the_provider() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    let active = oidc.get_json("/test/active").await;
+    assert_eq!(
+        (active["access"].as_u64(), active["refresh"].as_u64()),
+        (Some(1), Some(1)),
+        "{active}"
+    );
+    let del = h
+        .admin
+        .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(del["provider_revocation"], "revoked", "{del}");
+    let active = oidc.get_json("/test/active").await;
+    assert_eq!(
+        (active["access"].as_u64(), active["refresh"].as_u64()),
+        (Some(0), Some(0)),
+        "{active}"
+    );
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    wait_for_expiry().await;
+    oidc.post("/test/token-fail?status=503").await;
+    let (status, headers, body) = get_resource(&h, &oidc, &id).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["code"], "token_endpoint_unavailable");
+    assert!(headers.iter().any(|(k, _)| k == "proxy-status"));
+    // No tight retry loop: within the cool-down the endpoint is not called again.
+    let before = oidc.count("refresh_token").await;
+    let (status, headers, _) = get_resource(&h, &oidc, &id).await;
+    assert_eq!(status, 502);
+    assert!(headers.iter().any(|(k, _)| k == "retry-after"));
+    oidc.post("/test/token-fail?status=0").await;
+    assert_eq!(oidc.count("refresh_token").await, before);
+    let meta = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(meta["state"], "active", "a transient failure leaves the state alone");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        get_resource(&h, &oidc, &id).await.0,
+        200,
+        "recovers after the cool-down"
+    );
+}
