@@ -20,12 +20,15 @@ use serde_json::{json, Value};
 
 use crate::config::AdminToken;
 use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
+use crate::outbound::{Outbound, ProxyError};
 use crate::problem::{Problem, ProxyErrorType};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, StoreError};
 
 pub struct AdminState {
     pub connections: Arc<Connections>,
+    /// Sends connection tests through the same inject/refresh/forward path as the proxy.
+    outbound: Arc<Outbound>,
     /// `admin.public_url` + `/v1/oauth2/callback`: the redirect URI sent to providers.
     callback_url: String,
     /// SHA-256 of each token with its scope; compared in constant time.
@@ -33,7 +36,12 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(connections: Arc<Connections>, tokens: &[AdminToken], public_url: &str) -> Self {
+    pub fn new(
+        connections: Arc<Connections>,
+        outbound: Arc<Outbound>,
+        tokens: &[AdminToken],
+        public_url: &str,
+    ) -> Self {
         let callback_url = format!("{}/v1/oauth2/callback", public_url.trim_end_matches('/'));
         let tokens = tokens
             .iter()
@@ -44,6 +52,7 @@ impl AdminState {
             .collect();
         Self {
             connections,
+            outbound,
             callback_url,
             tokens,
         }
@@ -92,6 +101,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/connections", get(list_connections).post(create_connection))
         .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
         .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
+        .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
@@ -541,4 +551,95 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
             )
         }
     }
+}
+
+/// `POST /v1/connections/{id}/test`: the integration's `[test]` request,
+/// sent through the same refresh/inject/forward path as proxied traffic.
+async fn test_connection(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let meta = st
+        .connections
+        .get_meta(scope.org(), &id)
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(ApiError::connection_not_found)?;
+    let started = std::time::Instant::now();
+    let outcome = run_test(&st, &meta).await;
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let body = match outcome {
+        Ok((status, expect)) if status == expect => json!({ "ok": true, "status": status, "latency_ms": latency_ms }),
+        Ok((status, expect)) => json!({
+            "ok": false, "status": status, "latency_ms": latency_ms,
+            "error": { "code": "unexpected_status", "detail": format!("expected status {expect}, got {status}") },
+        }),
+        Err(p) => json!({
+            "ok": false, "status": null, "latency_ms": latency_ms,
+            "error": { "code": p.code, "detail": p.detail },
+        }),
+    };
+    tracing::info!(connection = %id, ok = body["ok"].as_bool().unwrap_or(false), "connection tested");
+    Ok(Json(body))
+}
+
+async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), Problem> {
+    let test_problem = |detail: String| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "no_test_request",
+            "No test request",
+            detail,
+            ProxyErrorType::HttpRequestError,
+        )
+    };
+    let (resolved, _) = st
+        .connections
+        .resolve(&meta.org_id, &meta.id)
+        .await
+        .map_err(|e| ProxyError::from(e).problem())?;
+    let integration = &resolved.integration;
+    let test = integration
+        .test
+        .as_ref()
+        .ok_or_else(|| test_problem(format!("integration {:?} defines no [test] request", integration.id)))?;
+    let base = integration.base_url.as_deref().ok_or_else(|| {
+        test_problem(format!(
+            "integration {:?} has no base_url for its test request",
+            integration.id
+        ))
+    })?;
+    let uri: http::Uri = format!("{}{}", base.trim_end_matches('/'), test.path)
+        .parse()
+        .map_err(|_| test_problem("base_url + test.path is not a valid URL".into()))?;
+    let host = uri.host().unwrap_or_default().to_owned();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    if !integration.host_allowed(&host, port) {
+        return Err(ProxyError::HostNotAllowed {
+            integration: integration.id.clone(),
+            host,
+            port,
+        }
+        .problem());
+    }
+    let method: http::Method = test
+        .method
+        .parse()
+        .map_err(|_| test_problem("test.method is invalid".into()))?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("credproxy-connection-test"),
+    );
+    headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+    let body = http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()));
+    let (resp, _) = st
+        .outbound
+        .with_connection(&resolved, &method, &uri, &headers, body)
+        .await
+        .map_err(|e| e.problem())?;
+    Ok((resp.status().as_u16(), test.expect_status))
 }

@@ -91,8 +91,27 @@ enum ConnCommand {
     },
     /// Show one connection.
     Get { id: String },
-    /// Delete a connection.
+    /// Delete a connection (revokes OAuth2 tokens at the provider where possible).
     Delete { id: String },
+    /// Send the integration's test request through the connection.
+    Test { id: String },
+    /// Start an OAuth2 authorization-code flow; prints the URL to open in a browser.
+    Authorize {
+        #[arg(long)]
+        integration: String,
+        #[arg(long)]
+        auth_method: String,
+        #[arg(long = "org")]
+        org_id: String,
+        #[arg(long = "user")]
+        user_id: String,
+        /// Scopes to request instead of the integration's (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Where the callback redirects with `connection_id` once done.
+        #[arg(long)]
+        return_to: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -217,6 +236,41 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             client
                 .call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None)
                 .await
+        }
+        ConnCommand::Test { id } => {
+            client
+                .call(
+                    Method::POST,
+                    &format!("/v1/connections/{}/test", path_segment(&id)),
+                    None,
+                )
+                .await
+        }
+        ConnCommand::Authorize {
+            integration,
+            auth_method,
+            org_id,
+            user_id,
+            scopes,
+            return_to,
+        } => {
+            let mut body = json!({
+                "integration": integration, "auth_method": auth_method, "org_id": org_id, "user_id": user_id,
+            });
+            if !scopes.is_empty() {
+                body["scopes"] = json!(scopes);
+            }
+            if let Some(rt) = return_to {
+                body["return_to"] = json!(rt);
+            }
+            match client.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await {
+                Ok(v) => {
+                    // The URL alone on stdout, so scripts can open or follow it.
+                    println!("{}", v["authorization_url"].as_str().unwrap_or_default());
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => Err(e),
+            }
         }
         ConnCommand::Delete { id } => {
             client

@@ -471,6 +471,14 @@ impl Integration {
             }
             auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
         }
+        if let Some(b) = &file.base_url {
+            let ok = b
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !ok {
+                return Err(err("base_url".into(), "must be an absolute http(s) URL".into()));
+            }
+        }
         if let Some(t) = &file.test {
             if !t.path.starts_with('/') {
                 return Err(err("test.path".into(), "must start with /".into()));

@@ -9,6 +9,8 @@
 //! - [`cli`]: argument parsing and the `credproxy` subcommands (binary edge).
 //! - [`server`]: builds the shared state, owns the listeners and shutdown.
 //! - [`proxy`]: the proxy listener and the request pipeline, top to bottom.
+//! - [`outbound`]: the credentialed request (fresh token, inject, forward,
+//!   OAuth2 401 retry) shared by the proxy and the connection test; its errors.
 //! - [`admin`]: the admin HTTP API (connections, integrations, health).
 //! - [`admin_client`]: the small HTTP client the CLI uses to drive the admin API.
 //! - [`policy`]: caller identity, `allowed_hosts` matching, the SSRF address
@@ -34,6 +36,7 @@ pub mod ids;
 pub mod inject;
 pub mod integrations;
 pub mod oauth2;
+pub mod outbound;
 pub mod policy;
 pub mod problem;
 pub mod proxy;

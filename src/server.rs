@@ -18,6 +18,7 @@ use crate::creds::Connections;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, LocalKeyProvider};
 use crate::integrations::Integrations;
 use crate::oauth2::TokenClient;
+use crate::outbound::Outbound;
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ProxyState};
 use crate::store::sqlite::SqliteStore;
@@ -112,12 +113,16 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
             pool_max_idle_per_host: config.upstream.pool_max_idle_per_host,
         },
     );
+    let outbound = Arc::new(Outbound {
+        connections: connections.clone(),
+        client,
+        response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
+        max_buffered_body: config.proxy.max_buffered_body,
+    });
     let proxy_state = Arc::new(ProxyState {
         org_id: config.proxy.org_id.clone().unwrap_or_default(),
         connections: connections.clone(),
-        client,
-        max_buffered_body: config.proxy.max_buffered_body,
-        response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
+        outbound: outbound.clone(),
         allow_passthrough: config.egress.allow_passthrough,
     });
 
@@ -136,7 +141,12 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{admin_addr}"));
-    let admin_state = Arc::new(AdminState::new(connections.clone(), &config.admin.tokens, &public_url));
+    let admin_state = Arc::new(AdminState::new(
+        connections.clone(),
+        outbound,
+        &config.admin.tokens,
+        &public_url,
+    ));
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(

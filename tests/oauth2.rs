@@ -370,3 +370,138 @@ async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
         "recovers after the cool-down"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_test_endpoint_and_cli() {
+    let oidc = Oidc::start().await;
+    let hb = httpbin();
+    let httpbin_tests = format!(
+        r#"
+id = "httpbin_checked"
+name = "httpbin with a test request"
+allowed_hosts = ["127.0.0.1"]
+upstream_scheme = "http"
+base_url = "{hb}"
+[[auth_methods]]
+id = "bearer"
+type = "bearer"
+[test]
+path = "/bearer"
+"#
+    );
+    let broken = format!(
+        r#"
+id = "httpbin_teapot"
+name = "httpbin answering 418"
+allowed_hosts = ["127.0.0.1"]
+upstream_scheme = "http"
+base_url = "{hb}"
+[[auth_methods]]
+id = "bearer"
+type = "bearer"
+[test]
+path = "/status/418"
+expect_status = 200
+"#
+    );
+    let h = Harness::start_with(Opts {
+        integrations: vec![
+            oidc.integration(),
+            ("checked.toml".into(), httpbin_tests),
+            ("teapot.toml".into(), broken),
+        ],
+        ..Default::default()
+    })
+    .await;
+
+    // OAuth2: live connection.
+    let id = authorized(&h, "code").await;
+    let v = h
+        .admin
+        .call(Method::POST, &format!("/v1/connections/{id}/test"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["status"].as_u64()),
+        (Some(true), Some(200)),
+        "{v}"
+    );
+    assert!(v["latency_ms"].is_u64());
+
+    // Static bearer, through the CLI.
+    let create = |integration: &str| json!({"integration": integration, "auth_method": "bearer", "org_id": ORG, "user_id": "u", "credentials": {"token": "t-123"}});
+    let ok_id = h
+        .admin
+        .call(Method::POST, "/v1/connections", Some(&create("httpbin_checked")))
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = tokio::process::Command::new(credproxy_bin())
+        .args(["connections", "test", &ok_id])
+        .env("CREDPROXY_ADMIN_URL", h.admin_url())
+        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+
+    // Not ok, with the upstream's status.
+    let bad_id = h
+        .admin
+        .call(Method::POST, "/v1/connections", Some(&create("httpbin_teapot")))
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = h
+        .admin
+        .call(Method::POST, &format!("/v1/connections/{bad_id}/test"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["status"].as_u64()),
+        (Some(false), Some(418)),
+        "{v}"
+    );
+    assert_eq!(v["error"]["code"], "unexpected_status");
+
+    // A dead grant: not ok, with the proxy's error code.
+    oidc.post("/test/revoke-refresh").await;
+    oidc.post("/test/revoke-access").await;
+    let v = h
+        .admin
+        .call(Method::POST, &format!("/v1/connections/{id}/test"), None)
+        .await
+        .unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["code"], "connection_needs_reauth", "{v}");
+
+    // The CLI prints the authorization URL.
+    let out = tokio::process::Command::new(credproxy_bin())
+        .args([
+            "connections",
+            "authorize",
+            "--integration",
+            "oidc",
+            "--auth-method",
+            "code",
+            "--org",
+            ORG,
+            "--user",
+            "u9",
+        ])
+        .env("CREDPROXY_ADMIN_URL", h.admin_url())
+        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="),
+        "{url}"
+    );
+}

@@ -1,0 +1,343 @@
+//! The credentialed request, shared by the proxy pipeline and the admin
+//! API's connection test: fresh token → inject → forward through the pooled
+//! upstream client → for OAuth2, refresh and retry once on a 401 when the
+//! body can be replayed. Also the error type of a proxied request and its
+//! one mapping to problem responses.
+//!
+//! Uses `creds`, `inject`, `upstream`; must not import `proxy` or `admin`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use http::uri::Scheme as UriScheme;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
+use crate::inject::{self, InjectError};
+use crate::oauth2::TokenError;
+use crate::problem::{Problem, ProxyErrorType};
+use crate::store::ConnectionState;
+use crate::upstream::{self, ConnectError, UpstreamBody, UpstreamClient};
+
+/// The upstream side of a proxied request.
+pub struct Outbound {
+    pub connections: Arc<Connections>,
+    pub client: UpstreamClient,
+    pub response_header_timeout: Duration,
+    /// Largest body buffered for body placements of the `custom` auth method.
+    pub max_buffered_body: u64,
+}
+
+impl Outbound {
+    /// Forwards through the pooled client; its connector applies the SSRF guard.
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
+        tokio::time::timeout(self.response_header_timeout, self.client.request(req))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?
+            .map_err(ProxyError::from_client)
+    }
+
+    /// Sends a request with a resolved connection's credential. The host
+    /// check has passed. `headers` are the caller's, already stripped of
+    /// hop-by-hop and control headers. Returns the response and whether it
+    /// was retried after a refresh.
+    pub async fn with_connection(
+        &self,
+        resolved: &Arc<Resolved>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: UpstreamBody,
+    ) -> Result<(Response<Incoming>, bool), ProxyError> {
+        // Fresh token: an OAuth2 access token about to expire is refreshed
+        // once, however many requests are waiting for it.
+        let resolved = self.connections.ensure_fresh(resolved.clone()).await?;
+
+        // Body placements need the body in hand; OAuth2 requests keep a small
+        // body so a 401 can be retried once after a refresh.
+        let mut headers = headers.clone();
+        let (body, replay) = if resolved.method.edits_body() {
+            let edits = inject::edits(&resolved.method, &resolved.credential)?;
+            let Either::Left(incoming) = body else {
+                return Err(ProxyError::Malformed("a buffered body cannot be rewritten"));
+            };
+            let buffered = buffer_body(incoming, &headers, self.max_buffered_body).await?;
+            let (new_body, ctype) = inject::apply_body(&headers, &buffered, &edits)?;
+            if let Some(ct) = ctype {
+                headers.insert(header::CONTENT_TYPE, ct);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+            (Either::Right(Full::new(Bytes::from(new_body.to_vec()))), None)
+        } else if resolved.method.oauth2().is_some() {
+            replayable(body).await?
+        } else {
+            (body, None)
+        };
+
+        // Inject (pure edits on a copy of the head) and forward.
+        let resp = self
+            .send(upstream_request(method, uri, &headers, Some(&resolved), body)?)
+            .await?;
+
+        // An OAuth2 401 with a replayable body: refresh only if the token that
+        // failed is still current, then retry once.
+        match replay {
+            Some(replay) if resp.status() == StatusCode::UNAUTHORIZED => {
+                let failed = resolved
+                    .credential
+                    .values()
+                    .first()
+                    .map(|v| v.expose().to_owned())
+                    .unwrap_or_default();
+                drop(resp);
+                let refreshed = self.connections.force_refresh(&resolved, &failed).await?;
+                let retry = upstream_request(
+                    method,
+                    uri,
+                    &headers,
+                    Some(&refreshed),
+                    Either::Right(Full::new(replay)),
+                )?;
+                Ok((self.send(retry).await?, true))
+            }
+            _ => Ok((resp, false)),
+        }
+    }
+}
+
+/// Builds the upstream request from the caller's (stripped) head: injects
+/// the credential into a copy, sets `Host` to the target authority, and picks
+/// the version ourselves.
+pub fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    resolved: Option<&Resolved>,
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, ProxyError> {
+    let mut uri = uri.clone();
+    let mut headers = headers.clone();
+    if let Some(r) = resolved {
+        let edits = inject::edits(&r.method, &r.credential)?;
+        inject::apply_head(&mut uri, &mut headers, &edits)?;
+    }
+    headers.insert(header::HOST, host_header(&uri)?);
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Largest body kept for replaying an OAuth2 request after a 401.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// A body of known length up to [`MAX_REPLAY_BODY`] is read so it can be
+/// sent twice; anything else streams and is never retried.
+async fn replayable(body: UpstreamBody) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+    match body {
+        Either::Left(incoming) => match http_body::Body::size_hint(&incoming).exact() {
+            Some(n) if n <= MAX_REPLAY_BODY => {
+                let bytes = match Limited::new(incoming, MAX_REPLAY_BODY as usize).collect().await {
+                    Ok(c) => c.to_bytes(),
+                    Err(_) => return Err(ProxyError::BodyRead),
+                };
+                Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
+            }
+            _ => Ok((Either::Left(incoming), None)),
+        },
+        Either::Right(full) => {
+            let bytes = full.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
+        }
+    }
+}
+
+pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
+    let auth = uri.authority().ok_or(ProxyError::OriginForm)?;
+    let default = if uri.scheme() == Some(&UriScheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let value = match auth.port_u16() {
+        Some(p) if p == default => auth.host().to_owned(),
+        _ => auth.as_str().to_owned(),
+    };
+    HeaderValue::try_from(value).map_err(|_| ProxyError::Malformed("invalid host"))
+}
+
+async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(_) => Err(ProxyError::BodyRead),
+    }
+}
+
+/// Everything that can stop a request, tagged by the side at fault through
+/// the status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("origin-form request to the proxy port")]
+    OriginForm,
+    #[error("CONNECT is not supported yet")]
+    ConnectUnsupported,
+    #[error("unsupported URI scheme")]
+    UnsupportedScheme,
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("malformed X-Connection-Id")]
+    BadConnectionId,
+    #[error("pass-through is disabled")]
+    PassthroughDenied,
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
+    #[error("integration {integration} does not allow host {host}:{port}")]
+    HostNotAllowed {
+        integration: String,
+        host: String,
+        port: u16,
+    },
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("reading the request body failed")]
+    BodyRead,
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("upstream TLS failed: {0}")]
+    UpstreamTls(String),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream request failed: {0}")]
+    Upstream(String),
+}
+
+impl ProxyError {
+    fn from_client(e: hyper_util::client::legacy::Error) -> Self {
+        if let Some(c) = upstream::find_connect_error(&e) {
+            // The source chain holds our own error by reference; rebuild an owned summary.
+            return Self::Connect(match c {
+                ConnectError::Prohibited { host, ip, why } => ConnectError::Prohibited {
+                    host: host.clone(),
+                    ip: *ip,
+                    why: *why,
+                },
+                ConnectError::Dns { host, source } => ConnectError::Dns {
+                    host: host.clone(),
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
+                ConnectError::NoAddresses { host } => ConnectError::NoAddresses { host: host.clone() },
+                ConnectError::Connect { host, addr, source } => ConnectError::Connect {
+                    host: host.clone(),
+                    addr: *addr,
+                    source: std::io::Error::new(source.kind(), source.to_string()),
+                },
+                ConnectError::Timeout { host } => ConnectError::Timeout { host: host.clone() },
+                ConnectError::InvalidUri => ConnectError::InvalidUri,
+            });
+        }
+        if upstream::is_tls_error(&e) {
+            return Self::UpstreamTls(error_chain(&e));
+        }
+        Self::Upstream(error_chain(&e))
+    }
+
+    /// The caller-facing problem. Never includes a secret.
+    pub fn problem(&self) -> Problem {
+        use ProxyErrorType as T;
+        use StatusCode as S;
+        match self {
+            Self::OriginForm => Problem::new(S::BAD_REQUEST, "not_a_proxy_request", "Not a proxy request",
+                "credproxy is a forward proxy: send absolute-form requests, e.g. `curl -x http://127.0.0.1:8080 http://api.example.com/` or set http_proxy / HTTP_PROXY",
+                T::HttpRequestError),
+            Self::ConnectUnsupported => Problem::new(S::NOT_IMPLEMENTED, "connect_not_supported", "CONNECT not supported",
+                "HTTPS tunnelling (CONNECT) is not available yet: send http:// URLs through HTTP_PROXY; integrations with upstream_scheme = \"https\" are still forwarded over TLS",
+                T::HttpRequestError),
+            Self::UnsupportedScheme => Problem::new(S::BAD_REQUEST, "unsupported_scheme", "Unsupported scheme",
+                "only http:// and https:// targets can be proxied", T::HttpRequestError),
+            Self::Malformed(what) => Problem::new(S::BAD_REQUEST, "malformed_request", "Malformed request", *what, T::HttpRequestError),
+            Self::BadConnectionId => Problem::new(S::BAD_REQUEST, "invalid_connection_id", "Invalid X-Connection-Id",
+                "X-Connection-Id must be a connection id: conn_ followed by 26 base32 characters", T::HttpRequestError),
+            Self::PassthroughDenied => Problem::new(S::FORBIDDEN, "passthrough_denied", "Pass-through denied",
+                "requests without X-Connection-Id are not forwarded (egress.allow_passthrough = false)", T::HttpRequestDenied),
+            Self::Resolve(ResolveError::NotFound) => Problem::new(S::NOT_FOUND, "connection_not_found", "Connection not found",
+                "no connection with this id is visible to the caller", T::HttpRequestDenied),
+            Self::Resolve(ResolveError::NotActive(ConnectionState::NeedsReauth)) => Problem::new(S::CONFLICT, "connection_needs_reauth",
+                "Connection needs re-authorization", "the connection's authorization is no longer valid; a user must re-authorize it", T::HttpRequestDenied),
+            Self::Resolve(ResolveError::NotActive(_)) => Problem::new(S::CONFLICT, "connection_revoked", "Connection revoked",
+                "the connection has been revoked", T::HttpRequestDenied),
+            Self::Resolve(ResolveError::Misconfigured { .. } | ResolveError::Crypto { .. }) => Problem::new(S::INTERNAL_SERVER_ERROR,
+                "connection_unusable", "Connection unusable", "the connection's stored credential cannot be used; see the proxy log", T::ProxyConfigurationError),
+            Self::Resolve(ResolveError::Store(_)) => Problem::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable",
+                "the credential store cannot be reached; retry later", T::ProxyInternalError),
+            Self::Refresh(RefreshError::NeedsReauth | RefreshError::Token(TokenError::InvalidGrant)) => {
+                Self::Resolve(ResolveError::NotActive(ConnectionState::NeedsReauth)).problem()
+            }
+            Self::Refresh(RefreshError::Resolve(e)) => Self::Resolve(e.clone()).problem(),
+            Self::Refresh(RefreshError::CoolingDown) => {
+                let mut p = Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable",
+                    "refreshing this connection's access token failed moments ago; retry shortly", T::DestinationUnavailable);
+                p.retry_after_secs = Some(crate::creds::REFRESH_COOLDOWN.as_secs());
+                p
+            }
+            Self::Refresh(RefreshError::Token(TokenError::Unavailable(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable",
+                "Token endpoint unavailable", "the OAuth2 token endpoint could not refresh the access token; retry later", T::DestinationUnavailable),
+            Self::Refresh(RefreshError::Token(TokenError::Rejected(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_rejected",
+                "Token endpoint rejected the refresh", "the OAuth2 token endpoint refused the refresh; check the integration's client settings", T::ProxyConfigurationError),
+            Self::Refresh(RefreshError::Store(_)) => Self::Resolve(ResolveError::Store(crate::store::StoreError::Unavailable(String::new()))).problem(),
+            Self::Refresh(RefreshError::Crypto(_)) => Problem::new(S::INTERNAL_SERVER_ERROR, "connection_unusable", "Connection unusable",
+                "the connection's refreshed credential could not be sealed; see the proxy log", T::ProxyInternalError),
+            Self::HostNotAllowed { integration, host, port } => Problem::new(S::FORBIDDEN, "host_not_allowed", "Host not allowed for this connection",
+                format!("integration {integration:?} does not allow {host}:{port}; the credential was not sent"), T::HttpRequestDenied),
+            Self::Inject(InjectError::InvalidValue(_)) | Self::Inject(InjectError::BadUri) => Problem::new(S::INTERNAL_SERVER_ERROR,
+                "credential_not_injectable", "Credential cannot be injected", self.to_string(), T::ProxyConfigurationError),
+            Self::Inject(e) => Problem::new(S::BAD_REQUEST, "request_body_not_injectable", "Request body cannot carry the credential", e.to_string(), T::HttpRequestError),
+            Self::BodyTooLarge { limit } => Problem::new(S::PAYLOAD_TOO_LARGE, "request_body_too_large", "Request body too large",
+                format!("this connection injects into the request body, which is buffered up to {limit} bytes (proxy.max_buffered_body)"), T::HttpRequestError),
+            Self::BodyRead => Problem::new(S::BAD_REQUEST, "request_body_error", "Request body error", "reading the request body failed", T::HttpRequestError),
+            Self::Connect(ConnectError::Prohibited { host, why, .. }) => Problem::new(S::FORBIDDEN, "destination_ip_prohibited", "Destination prohibited",
+                format!("{host} resolves to a {why} address; allow it with egress.allow_cidrs if intended"), T::DestinationIpProhibited),
+            Self::Connect(ConnectError::Dns { host, .. } | ConnectError::NoAddresses { host }) => Problem::new(S::BAD_GATEWAY, "destination_not_found",
+                "Destination not found", format!("cannot resolve {host}"), T::DestinationNotFound),
+            Self::Connect(ConnectError::Timeout { host }) => Problem::new(S::GATEWAY_TIMEOUT, "upstream_connect_timeout", "Upstream connect timeout",
+                format!("connecting to {host} timed out"), T::ConnectionTimeout),
+            Self::Connect(e) => Problem::new(S::BAD_GATEWAY, "upstream_unreachable", "Upstream unreachable", e.to_string(), T::ConnectionRefused),
+            Self::UpstreamTls(_) => Problem::new(S::BAD_GATEWAY, "upstream_tls_error", "Upstream TLS error",
+                "the upstream's TLS handshake or certificate verification failed", T::TlsCertificateError),
+            Self::UpstreamTimeout => Problem::new(S::GATEWAY_TIMEOUT, "upstream_timeout", "Upstream timeout",
+                "the upstream did not send a response head in time (upstream.response_header_timeout_ms)", T::HttpResponseTimeout),
+            Self::Upstream(_) => Problem::new(S::BAD_GATEWAY, "upstream_error", "Upstream error",
+                "the upstream connection failed or sent an invalid response", T::HttpProtocolError),
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
