@@ -7,6 +7,7 @@
 //   GET  /interaction/:uid       logs in TEST_ACCOUNT and grants the requested scopes
 //   ANY  /resource               protected resource: 200 for a live access token, else 401
 //   GET  /test/counts            grants issued, by grant_type
+//   GET  /test/secrets           every token, code and PKCE verifier seen (for secret scans)
 //   POST /test/revoke-access     destroys every access token issued so far
 //   POST /test/revoke-refresh    destroys every refresh token issued so far
 //   GET  /test/active            how many issued access/refresh tokens are still active
@@ -74,9 +75,12 @@ const provider = new Provider(issuer, {
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
 });
 
+const exchanged = { codes: [], verifiers: [] };
 provider.on('grant.success', (ctx) => {
-  const g = ctx.oidc.params.grant_type;
-  counts[g] = (counts[g] || 0) + 1;
+  const p = ctx.oidc.params;
+  counts[p.grant_type] = (counts[p.grant_type] || 0) + 1;
+  if (p.code) exchanged.codes.push(p.code);
+  if (p.code_verifier) exchanged.verifiers.push(p.code_verifier);
 });
 provider.on('access_token.saved', (t) => issued.access.push(t.jti));
 provider.on('client_credentials.saved', (t) => issued.clientCredentials.push(t.jti));
@@ -139,6 +143,10 @@ provider.use(async (ctx, next) => {
     return json(200, { ok: true, client_id: live.clientId, account: live.accountId || null });
   }
   if (ctx.path === '/test/counts') return json(200, counts);
+  if (ctx.path === '/test/secrets') {
+    // Opaque token values are their ids: every secret that crossed this server.
+    return json(200, { ...issued, ...exchanged });
+  }
   if (ctx.path === '/test/active') {
     return json(200, {
       access: await countActive(provider.AccessToken, issued.access),
