@@ -57,7 +57,11 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let oidc = Oidc::start().await;
-    let h = Harness::start_with(Opts { integrations: vec![oidc.integration()], ..Default::default() }).await;
+    let h = Harness::start_with(Opts {
+        integrations: vec![oidc.integration()],
+        ..Default::default()
+    })
+    .await;
     let mut seen_text: Vec<String> = Vec::new();
     let create = |method: &str, creds: Vec<(&str, &str)>| {
         let creds: serde_json::Map<String, serde_json::Value> =
@@ -174,22 +178,47 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     oidc.post("/test/revoke-access").await;
     let (status, _, _) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&oauth_id), None).await;
     assert_eq!(status, 200, "refreshed and retried");
-    seen_text.push(h.admin.call(Method::POST, &format!("/v1/connections/{oauth_id}/test"), None).await.unwrap().to_string());
-    seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections/{oauth_id}"), None).await.unwrap().to_string());
+    seen_text.push(
+        h.admin
+            .call(Method::POST, &format!("/v1/connections/{oauth_id}/test"), None)
+            .await
+            .unwrap()
+            .to_string(),
+    );
+    seen_text.push(
+        h.admin
+            .call(Method::GET, &format!("/v1/connections/{oauth_id}"), None)
+            .await
+            .unwrap()
+            .to_string(),
+    );
     let replay = curl(&[&final_url], &[]).await;
     seen_text.push(replay.text());
-    let machine = json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
-    let v = h.admin.call(Method::POST, "/v1/connections", Some(&machine)).await.unwrap();
+    let machine =
+        json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
+    let v = h
+        .admin
+        .call(Method::POST, "/v1/connections", Some(&machine))
+        .await
+        .unwrap();
     let machine_id = v["id"].as_str().unwrap().to_owned();
     let (status, _, _) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&machine_id), None).await;
     assert_eq!(status, 200);
     for id in [&oauth_id, &machine_id] {
-        seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
+        seen_text.push(
+            h.admin
+                .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
+                .await
+                .unwrap()
+                .to_string(),
+        );
     }
     let oauth_secrets = oidc.get_json("/test/secrets").await;
     let mut dynamic: Vec<String> = vec![OIDC_BASIC_SECRET.to_owned(), OIDC_POST_SECRET.to_owned()];
     for kind in ["access", "refresh", "clientCredentials", "codes", "verifiers"] {
-        let list = oauth_secrets[kind].as_array().unwrap_or_else(|| panic!("{kind}: {oauth_secrets}"));
+        let list = oauth_secrets[kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("{kind}: {oauth_secrets}"));
         assert!(!list.is_empty(), "the OAuth2 flow must have produced {kind}");
         dynamic.extend(list.iter().map(|v| v.as_str().unwrap().to_owned()));
     }
@@ -231,7 +260,10 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     for s in &dynamic {
         assert!(!logs.contains(s.as_str()), "OAuth2 secret found in logs");
         for (i, text) in seen_text.iter().enumerate() {
-            assert!(!text.contains(s.as_str()), "OAuth2 secret found in response #{i}: {text}");
+            assert!(
+                !text.contains(s.as_str()),
+                "OAuth2 secret found in response #{i}: {text}"
+            );
         }
     }
     for s in SECRETS {
