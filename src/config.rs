@@ -30,6 +30,7 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
 
 /// Environment variable that adds one global admin token.
 pub const ADMIN_TOKEN_ENV: &str = "CREDPROXY_ADMIN_TOKEN";
@@ -74,12 +75,15 @@ pub struct Config {
 pub struct OAuth2Config {
     /// Milliseconds a token or revocation endpoint call may take in total.
     pub token_timeout_ms: u64,
+    /// Seconds an authorization `state` (and its PKCE verifier) stays valid.
+    pub state_ttl_secs: u64,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
         Self {
             token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS,
+            state_ttl_secs: DEFAULT_STATE_TTL_SECS,
         }
     }
 }

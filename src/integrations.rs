@@ -734,13 +734,17 @@ mod tests {
     fn shipped_oauth2_example_loads_with_its_variables() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/hubspot-oauth2.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        let env: BTreeMap<String, String> =
-            [("HUBSPOT_CLIENT_ID", "id-1"), ("HUBSPOT_CLIENT_SECRET", "secret-1")].map(|(k, v)| (k.to_owned(), v.to_owned())).into();
+        let env: BTreeMap<String, String> = [("HUBSPOT_CLIENT_ID", "id-1"), ("HUBSPOT_CLIENT_SECRET", "secret-1")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
         let i = Integration::from_toml_str("hubspot-oauth2.toml", &text, &env).unwrap();
         let o = i.auth_method("oauth").unwrap().oauth2().unwrap();
         assert_eq!(o.client_auth, ClientAuth::ClientSecretPost);
         assert_eq!(o.client_secret.expose(), "secret-1");
-        assert!(!format!("{i:?}").contains("secret-1"), "Debug must not show the client secret");
+        assert!(
+            !format!("{i:?}").contains("secret-1"),
+            "Debug must not show the client secret"
+        );
         let e = Integration::from_toml_str("hubspot-oauth2.toml", &text, &BTreeMap::new()).unwrap_err();
         assert!(e.reason.contains("HUBSPOT_CLIENT_ID"), "{e}");
     }

@@ -97,14 +97,17 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         Duration::from_millis(config.upstream.connect_timeout_ms),
         Duration::from_millis(config.oauth2.token_timeout_ms),
     );
-    let connections = Arc::new(Connections::new(
-        store,
-        Envelope::new(keys),
-        Arc::new(integrations),
-        config.cache.max_entries,
-        Duration::from_secs(config.cache.ttl_secs),
-        token_client,
-    ));
+    let connections = Arc::new(
+        Connections::new(
+            store,
+            Envelope::new(keys),
+            Arc::new(integrations),
+            config.cache.max_entries,
+            Duration::from_secs(config.cache.ttl_secs),
+            token_client,
+        )
+        .with_authorization_ttl(Duration::from_secs(config.oauth2.state_ttl_secs)),
+    );
     let client = upstream::build_client(
         policy,
         &ClientSettings {

@@ -46,6 +46,26 @@ async fn connection_count(h: &Harness) -> usize {
     v["connections"].as_array().unwrap().len()
 }
 
+/// RFC 7662 introspection at the provider, as the client.
+async fn introspect(oidc: &Oidc, token: &str) -> bool {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-u",
+            &format!("cp-basic:{OIDC_BASIC_SECRET}"),
+            "-d",
+            &format!("token={token}"),
+        ])
+        .arg(format!("{}/token/introspection", oidc.url))
+        .output()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["active"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("introspection answered {v}"))
+}
+
 async fn wait_for_expiry() {
     // Access tokens live 5 s; the test integration refreshes 1 s before expiry.
     tokio::time::sleep(Duration::from_millis(5200)).await;
@@ -210,6 +230,8 @@ async fn upstream_401_refreshes_once_and_retries_replayable_requests() {
         &[
             "-x",
             &proxy,
+            "-X",
+            "POST",
             "-H",
             &hdr,
             "-H",
@@ -323,12 +345,33 @@ async fn delete_revokes_tokens_at_the_provider() {
         (Some(1), Some(1)),
         "{active}"
     );
+    let issued = oidc.get_json("/test/secrets").await;
+    let tokens: Vec<String> = ["access", "refresh"]
+        .iter()
+        .flat_map(|k| {
+            issued[*k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    for t in &tokens {
+        assert!(introspect(&oidc, t).await, "active before delete");
+    }
     let del = h
         .admin
         .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
         .await
         .unwrap();
     assert_eq!(del["provider_revocation"], "revoked", "{del}");
+    for t in &tokens {
+        assert!(
+            !introspect(&oidc, t).await,
+            "introspection must report revoked tokens inactive"
+        );
+    }
     let active = oidc.get_json("/test/active").await;
     assert_eq!(
         (active["access"].as_u64(), active["refresh"].as_u64()),
@@ -503,5 +546,34 @@ expect_status = 200
     assert!(
         url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="),
         "{url}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_calls_obey_the_ssrf_guard() {
+    let oidc = Oidc::start().await;
+    // No loopback exception: the provider on 127.0.0.1 is off limits.
+    let h = Harness::start_with(Opts {
+        allow_loopback: false,
+        integrations: vec![oidc.integration()],
+        ..Default::default()
+    })
+    .await;
+    let body =
+        json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
+    let v = h
+        .admin
+        .call(Method::POST, "/v1/connections", Some(&body))
+        .await
+        .unwrap();
+    let id = v["id"].as_str().unwrap();
+    let (status, _, body) = get_resource(&h, &oidc, id).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["code"], "token_endpoint_unavailable");
+    assert_eq!(
+        oidc.count("client_credentials").await,
+        0,
+        "no request may reach a prohibited token endpoint"
     );
 }

@@ -26,14 +26,14 @@ use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, StoreE
 /// After a failed refresh, requests for that connection fail fast for this long
 /// instead of hammering the token endpoint.
 pub const REFRESH_COOLDOWN: Duration = Duration::from_secs(5);
-/// How long an authorization `state` stays valid.
-pub const STATE_TTL_SECS: i64 = 600;
 
 pub(super) struct OAuthState {
     client: TokenClient,
     locks: Cache<String, Arc<tokio::sync::Mutex<()>>>,
     cooldown: Cache<String, ()>,
     refreshes: std::sync::atomic::AtomicU64,
+    /// How long an authorization `state` stays valid.
+    pub(super) state_ttl: Duration,
 }
 
 impl OAuthState {
@@ -44,6 +44,7 @@ impl OAuthState {
             locks: Cache::builder().time_to_idle(Duration::from_secs(600)).build(),
             cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
             refreshes: Default::default(),
+            state_ttl: Duration::from_secs(crate::config::DEFAULT_STATE_TTL_SECS),
         }
     }
 }
@@ -126,6 +127,12 @@ fn pending_context(state_hash: &str) -> String {
 }
 
 impl Connections {
+    /// Sets how long an OAuth2 authorization (`state`) stays valid.
+    pub fn with_authorization_ttl(mut self, ttl: Duration) -> Self {
+        self.oauth.state_ttl = ttl;
+        self
+    }
+
     /// Number of refreshes this process performed (token endpoint calls that
     /// returned a token).
     pub fn refresh_count(&self) -> u64 {
@@ -289,7 +296,7 @@ impl Connections {
             .seal(&req.org_id, &pending_context(&state_hash), verifier.as_bytes())
             .await?;
         let now = unix_now();
-        let expires_at = now + STATE_TTL_SECS;
+        let expires_at = now + self.oauth.state_ttl.as_secs() as i64;
         self.store
             .insert_pending(&PendingAuthorization {
                 state_hash,
