@@ -434,6 +434,9 @@ struct AuthorizeBody {
     scopes: Option<Vec<String>>,
     #[serde(default)]
     return_to: Option<String>,
+    /// Re-authorize this connection instead of creating a new one.
+    #[serde(default)]
+    connection_id: Option<String>,
 }
 
 async fn oauth2_authorize(
@@ -463,6 +466,7 @@ async fn oauth2_authorize(
                 user_id: req.user_id,
                 scopes: req.scopes,
                 return_to: req.return_to,
+                connection_id: req.connection_id,
             },
             &st.callback_url,
         )
@@ -525,6 +529,8 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
         AuthorizeError::NotAuthorizationCode(_) | AuthorizeError::BadReturnTo => {
             ApiError::bad_request("invalid_request", e.to_string())
         }
+        AuthorizeError::ConnectionNotFound => ApiError::connection_not_found(),
+        AuthorizeError::ConnectionMismatch => ApiError::bad_request("connection_mismatch", e.to_string()),
         AuthorizeError::UnknownState => ApiError::bad_request(
             "invalid_state",
             "unknown or already used state; start the authorization again",

@@ -77,6 +77,8 @@ pub struct PendingAuthorization {
     pub auth_method: String,
     pub redirect_uri: String,
     pub return_to: Option<String>,
+    /// Re-authorization: the existing connection whose tokens the result replaces.
+    pub connection_id: Option<String>,
     /// The PKCE verifier, sealed.
     pub verifier: SealedBytes,
     pub created_at: i64,

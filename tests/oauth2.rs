@@ -93,6 +93,16 @@ async fn authorization_code_flow_end_to_end() {
     }
     assert_eq!(oidc.count("authorization_code").await, 2);
 
+    // With return_to, the callback redirects there with the connection id
+    // (httpbin's /anything stands in for the platform's page and echoes it).
+    let (seen, final_url) = h
+        .authorize("code", json!({"return_to": format!("{}/anything/done", httpbin())}))
+        .await;
+    assert_eq!(seen.status, 200, "{final_url}: {}", seen.text());
+    let cid = seen.json()["args"]["connection_id"].as_str().unwrap().to_owned();
+    assert!(cid.starts_with("conn_"), "{cid}");
+    assert_eq!(get_resource(&h, &oidc, &cid).await.0, 200);
+
     // The authorization URL carries PKCE S256 and a state; the verifier never leaves credproxy.
     let v = h
         .admin
@@ -289,6 +299,36 @@ async fn invalid_grant_marks_the_connection_needs_reauth() {
         );
     }
     assert_eq!(meta["credential_fields"], json!(["access_token"]));
+
+    // A user re-authorizes the same connection: its tokens are replaced and it works again.
+    let (seen, _) = h.authorize("code", json!({"connection_id": id})).await;
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    assert_eq!(
+        seen.json()["connection_id"],
+        id.as_str(),
+        "the same connection, not a new one"
+    );
+    let (status, _, body) = get_resource(&h, &oidc, &id).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let meta = h
+        .admin
+        .call(Method::GET, &format!("/v1/connections/{id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(meta["state"], "active");
+    assert_eq!(connection_count(&h).await, 1);
+    // Re-authorizing with another method's connection is refused before any redirect.
+    let body =
+        json!({"integration": "oidc", "auth_method": "code_post", "org_id": ORG, "user_id": "u", "connection_id": id});
+    let (s, v) = h
+        .admin
+        .send(Method::POST, "/v1/oauth2/authorize", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("connection_mismatch"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,9 @@ pub struct AuthorizeRequest {
     pub user_id: String,
     pub scopes: Option<Vec<String>>,
     pub return_to: Option<String>,
+    /// Re-authorize this existing connection (same org, integration and
+    /// method) instead of creating a new one.
+    pub connection_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +103,10 @@ pub enum AuthorizeError {
     NotAuthorizationCode(String),
     #[error("return_to must be an absolute http(s) URL")]
     BadReturnTo,
+    #[error("connection not found")]
+    ConnectionNotFound,
+    #[error("connection_id belongs to another integration, auth method or organization")]
+    ConnectionMismatch,
     #[error("unknown or already used state")]
     UnknownState,
     #[error("the authorization expired; start again")]
@@ -288,6 +295,21 @@ impl Connections {
             Some(o) if o.grant == Grant::AuthorizationCode => o,
             _ => return Err(AuthorizeError::NotAuthorizationCode(method.id.clone())),
         };
+        if let Some(id) = &req.connection_id {
+            let existing = self
+                .store
+                .get_connection(id)
+                .await?
+                .ok_or(AuthorizeError::ConnectionNotFound)?
+                .meta;
+            if existing.org_id != req.org_id {
+                // Another organization's connection: indistinguishable from none.
+                return Err(AuthorizeError::ConnectionNotFound);
+            }
+            if existing.integration != req.integration || existing.auth_method != req.auth_method {
+                return Err(AuthorizeError::ConnectionMismatch);
+            }
+        }
         let state = oauth2::random_urlsafe(32);
         let state_hash = sha256_hex(&state);
         let pkce = o.pkce.then(Pkce::new);
@@ -306,6 +328,7 @@ impl Connections {
                 auth_method: req.auth_method,
                 redirect_uri: redirect_uri.to_owned(),
                 return_to: req.return_to,
+                connection_id: req.connection_id,
                 verifier: sealed,
                 created_at: now,
                 expires_at,
@@ -369,6 +392,27 @@ impl Connections {
             .map_err(AuthorizeError::Exchange)?;
         let tokens = TokenSet::default().updated(resp, unix_now(), o.default_expires_in_secs);
         let plaintext = Zeroizing::new(serde_json::to_vec(&tokens).expect("token sets serialize"));
+        if let Some(id) = &pending.connection_id {
+            // Re-authorization: new tokens replace the old ones, the state is active again.
+            let sealed = self.seal(&pending.org_id, id, &plaintext).await?;
+            if !self
+                .store
+                .update_credential(id, &sealed, ConnectionState::Active, unix_now())
+                .await?
+            {
+                return Err(AuthorizeError::ConnectionNotFound);
+            }
+            self.cache.invalidate(id).await;
+            self.oauth.cooldown.invalidate(id).await;
+            let meta = self
+                .store
+                .get_connection(id)
+                .await?
+                .ok_or(AuthorizeError::ConnectionNotFound)?
+                .meta;
+            tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection re-authorized");
+            return Ok((meta, pending.return_to));
+        }
         let meta = self
             .insert_new(
                 pending.org_id,

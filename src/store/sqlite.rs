@@ -39,6 +39,7 @@ CREATE TABLE oauth2_pending (
     auth_method  TEXT NOT NULL,
     redirect_uri TEXT NOT NULL,
     return_to    TEXT,
+    connection_id TEXT,
     key_id       TEXT NOT NULL,
     wrapped_key  BLOB NOT NULL,
     nonce        BLOB NOT NULL,
@@ -265,9 +266,9 @@ impl Store for SqliteStore {
             // Expired authorizations are dead weight: sweep them on the way in.
             c.execute("DELETE FROM oauth2_pending WHERE expires_at < ?1", [p.created_at]).map_err(backend)?;
             c.execute(
-                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![p.state_hash, p.org_id, p.user_id, p.integration, p.auth_method, p.redirect_uri, p.return_to, p.verifier.key_id, p.verifier.wrapped_key, p.verifier.nonce, p.verifier.ciphertext, p.created_at, p.expires_at],
+                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![p.state_hash, p.org_id, p.user_id, p.integration, p.auth_method, p.redirect_uri, p.return_to, p.verifier.key_id, p.verifier.wrapped_key, p.verifier.nonce, p.verifier.ciphertext, p.created_at, p.expires_at, p.connection_id],
             )
             .map_err(backend)?;
             Ok(())
@@ -280,7 +281,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             c.query_row(
                 "DELETE FROM oauth2_pending WHERE state_hash = ?1
-                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at",
+                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id",
                 [&state_hash],
                 |r| {
                     Ok(PendingAuthorization {
@@ -294,6 +295,7 @@ impl Store for SqliteStore {
                         verifier: SealedBytes { key_id: r.get(7)?, wrapped_key: r.get(8)?, nonce: r.get(9)?, ciphertext: r.get(10)? },
                         created_at: r.get(11)?,
                         expires_at: r.get(12)?,
+                        connection_id: r.get(13)?,
                     })
                 },
             )
@@ -395,6 +397,7 @@ mod tests {
             auth_method: "m".into(),
             redirect_uri: "http://127.0.0.1/cb".into(),
             return_to: None,
+            connection_id: Some("conn_x".into()),
             verifier: SealedBytes {
                 key_id: "k".into(),
                 wrapped_key: vec![1],
