@@ -16,11 +16,8 @@ fn method(ints: &Integrations, id: &str) -> Arc<AuthMethod> {
 }
 
 fn cred(m: &AuthMethod) -> Credential {
-    let fields: BTreeMap<String, SecretValue> = m
-        .fields
-        .iter()
-        .map(|f| (f.clone(), SecretValue::new(format!("{f}-value-0123456789abcdef"))))
-        .collect();
+    let fields: BTreeMap<String, SecretValue> =
+        m.fields.iter().map(|f| (f.clone(), SecretValue::new(format!("{f}-value-0123456789abcdef")))).collect();
     Credential::from_fields(m, fields).unwrap()
 }
 

@@ -42,9 +42,7 @@ async fn token_endpoint(calls: Arc<AtomicU64>) -> std::net::SocketAddr {
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
             });
         }
     });
@@ -52,10 +50,7 @@ async fn token_endpoint(calls: Arc<AtomicU64>) -> std::net::SocketAddr {
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let addr = rt.block_on(token_endpoint(calls.clone()));
@@ -64,17 +59,11 @@ fn benches(c: &mut Criterion) {
          [auth_methods.oauth2]\ngrant = \"client_credentials\"\ntoken_url = \"http://{addr}/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n"
     );
     let mut ints = Integrations::default();
-    ints.add(
-        Integration::from_toml_str("bench.toml", &text, &BTreeMap::new()).unwrap(),
-        "bench.toml",
-    )
-    .unwrap();
+    ints.add(Integration::from_toml_str("bench.toml", &text, &BTreeMap::new()).unwrap(), "bench.toml").unwrap();
     let policy = Arc::new(EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
     let conns = Arc::new(Connections::new(
         Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap()),
-        Envelope::new(Arc::new(
-            LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap(),
-        )),
+        Envelope::new(Arc::new(LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap())),
         Arc::new(ints),
         100_000,
         Duration::from_secs(3600),
@@ -111,11 +100,7 @@ fn benches(c: &mut Criterion) {
                         assert_eq!(r.unwrap().unwrap(), 1, "every waiter gets a token");
                     }
                     total += start.elapsed();
-                    assert_eq!(
-                        calls.load(Ordering::SeqCst) - before,
-                        1,
-                        "exactly one token request per storm"
-                    );
+                    assert_eq!(calls.load(Ordering::SeqCst) - before, 1, "exactly one token request per storm");
                 }
                 total
             }

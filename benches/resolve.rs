@@ -15,18 +15,12 @@ use credproxy::store::sqlite::SqliteStore;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ints_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/integrations");
     let conns = Connections::new(
         Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap()),
-        Envelope::new(Arc::new(
-            LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap(),
-        )),
+        Envelope::new(Arc::new(LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap())),
         Arc::new(Integrations::load_dir(&ints_dir, &BTreeMap::new()).unwrap()),
         10_000,
         Duration::from_secs(3600),
@@ -39,9 +33,7 @@ fn benches(c: &mut Criterion) {
                 auth_method: "bearer".into(),
                 org_id: "org_bench".into(),
                 user_id: "u".into(),
-                credentials: [("token".to_owned(), SecretValue::from("bench-token"))]
-                    .into_iter()
-                    .collect(),
+                credentials: [("token".to_owned(), SecretValue::from("bench-token"))].into_iter().collect(),
             })
             .await
             .unwrap();
@@ -58,17 +50,14 @@ fn benches(c: &mut Criterion) {
     // A zero-capacity cache never holds the entry: every call loads.
     let cold = Connections::new(
         conns.store().clone(),
-        Envelope::new(Arc::new(
-            LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap(),
-        )),
+        Envelope::new(Arc::new(LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap())),
         conns.integrations().clone(),
         0,
         Duration::from_secs(1),
         TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
     );
     c.bench_function("resolve_cache_miss", |b| {
-        b.to_async(&rt)
-            .iter(|| async { cold.resolve("org_bench", &id).await.unwrap() })
+        b.to_async(&rt).iter(|| async { cold.resolve("org_bench", &id).await.unwrap() })
     });
 }
 

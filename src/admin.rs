@@ -50,12 +50,7 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope)
             })
             .collect();
-        Self {
-            connections,
-            outbound,
-            callback_url,
-            tokens,
-        }
+        Self { connections, outbound, callback_url, tokens }
     }
 
     fn scope_for(&self, presented: &str) -> Option<Scope> {
@@ -119,13 +114,7 @@ pub struct ApiError(Problem);
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self(Problem::new(
-            status,
-            code,
-            title,
-            detail.into(),
-            ProxyErrorType::HttpRequestError,
-        ))
+        Self(Problem::new(status, code, title, detail.into(), ProxyErrorType::HttpRequestError))
     }
 
     fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
@@ -182,10 +171,8 @@ async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next:
                 "send Authorization: Bearer <admin token>",
             )
             .into_response();
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"credproxy-admin\""),
-            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credproxy-admin\""));
             r
         }
     }
@@ -298,10 +285,7 @@ async fn create_connection(
                 credentials.insert(k, SecretValue::new(s));
             }
             _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_credentials",
-                    format!("credentials.{k}: must be a string"),
-                ))
+                return Err(ApiError::bad_request("invalid_credentials", format!("credentials.{k}: must be a string")))
             }
         }
     }
@@ -373,12 +357,7 @@ async fn list_connections(
         }
         (_, Some(q)) => q,
         (Some(s), None) => s.to_owned(),
-        (None, None) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "org_id query parameter is required",
-            ))
-        }
+        (None, None) => return Err(ApiError::bad_request("invalid_request", "org_id query parameter is required")),
     };
     let items = st.connections.list(&org).await.map_err(ApiError::store)?;
     let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
@@ -390,13 +369,8 @@ async fn get_connection(
     axum::Extension(scope): axum::Extension<Scope>,
     Path(id): Path<String>,
 ) -> Result<Json<ConnectionView>, ApiError> {
-    let meta = st
-        .connections
-        .get_meta(scope.org(), &id)
-        .await
-        .map_err(ApiError::store)?;
-    meta.map(|m| Json(view(&st, m)))
-        .ok_or_else(ApiError::connection_not_found)
+    let meta = st.connections.get_meta(scope.org(), &id).await.map_err(ApiError::store)?;
+    meta.map(|m| Json(view(&st, m))).ok_or_else(ApiError::connection_not_found)
 }
 
 async fn delete_connection(
@@ -472,9 +446,7 @@ async fn oauth2_authorize(
         )
         .await
         .map_err(authorize_error)?;
-    Ok(Json(
-        json!({ "authorization_url": url, "expires_at": rfc3339(expires_at) }),
-    ))
+    Ok(Json(json!({ "authorization_url": url, "expires_at": rfc3339(expires_at) })))
 }
 
 #[derive(Deserialize)]
@@ -488,24 +460,15 @@ async fn oauth2_callback(
     State(st): State<Arc<AdminState>>,
     Query(q): Query<CallbackQuery>,
 ) -> Result<Response, ApiError> {
-    let state = q
-        .state
-        .ok_or_else(|| ApiError::bad_request("invalid_state", "the callback has no state parameter"))?;
+    let state = q.state.ok_or_else(|| ApiError::bad_request("invalid_state", "the callback has no state parameter"))?;
     let outcome = match (&q.code, &q.error) {
         (_, Some(e)) => Err(e.as_str()),
         (Some(c), None) => Ok(c.as_str()),
         (None, None) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "the callback has neither code nor error",
-            ))
+            return Err(ApiError::bad_request("invalid_request", "the callback has neither code nor error"))
         }
     };
-    let (meta, return_to) = st
-        .connections
-        .complete_authorization(&state, outcome)
-        .await
-        .map_err(authorize_error)?;
+    let (meta, return_to) = st.connections.complete_authorization(&state, outcome).await.map_err(authorize_error)?;
     if let Some(rt) = return_to {
         let sep = if rt.contains('?') { '&' } else { '?' };
         let location = format!("{rt}{sep}connection_id={}", meta.id);
@@ -516,11 +479,7 @@ async fn oauth2_callback(
         return Ok(r);
     }
     let id = meta.id.clone();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "connection_id": id, "connection": view(&st, meta) })),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(json!({ "connection_id": id, "connection": view(&st, meta) }))).into_response())
 }
 
 fn authorize_error(e: AuthorizeError) -> ApiError {
@@ -531,10 +490,9 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
         }
         AuthorizeError::ConnectionNotFound => ApiError::connection_not_found(),
         AuthorizeError::ConnectionMismatch => ApiError::bad_request("connection_mismatch", e.to_string()),
-        AuthorizeError::UnknownState => ApiError::bad_request(
-            "invalid_state",
-            "unknown or already used state; start the authorization again",
-        ),
+        AuthorizeError::UnknownState => {
+            ApiError::bad_request("invalid_state", "unknown or already used state; start the authorization again")
+        }
         AuthorizeError::StateExpired => ApiError::bad_request("state_expired", e.to_string()),
         AuthorizeError::Provider(_) => ApiError::bad_request("authorization_denied", e.to_string()),
         AuthorizeError::Exchange(t) => {
@@ -549,12 +507,7 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
         AuthorizeError::Store(s) => ApiError::store(s),
         AuthorizeError::Crypto(c) => {
             tracing::error!(error = %c, "oauth2: sealing or opening failed");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "Internal error",
-                "see the log",
-            )
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "see the log")
         }
     }
 }
@@ -600,52 +553,30 @@ async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), 
             ProxyErrorType::HttpRequestError,
         )
     };
-    let (resolved, _) = st
-        .connections
-        .resolve(&meta.org_id, &meta.id)
-        .await
-        .map_err(|e| ProxyError::from(e).problem())?;
+    let (resolved, _) =
+        st.connections.resolve(&meta.org_id, &meta.id).await.map_err(|e| ProxyError::from(e).problem())?;
     let integration = &resolved.integration;
     let test = integration
         .test
         .as_ref()
         .ok_or_else(|| test_problem(format!("integration {:?} defines no [test] request", integration.id)))?;
     let base = integration.base_url.as_deref().ok_or_else(|| {
-        test_problem(format!(
-            "integration {:?} has no base_url for its test request",
-            integration.id
-        ))
+        test_problem(format!("integration {:?} has no base_url for its test request", integration.id))
     })?;
     let uri: http::Uri = format!("{}{}", base.trim_end_matches('/'), test.path)
         .parse()
         .map_err(|_| test_problem("base_url + test.path is not a valid URL".into()))?;
     let host = uri.host().unwrap_or_default().to_owned();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
     if !integration.host_allowed(&host, port) {
-        return Err(ProxyError::HostNotAllowed {
-            integration: integration.id.clone(),
-            host,
-            port,
-        }
-        .problem());
+        return Err(ProxyError::HostNotAllowed { integration: integration.id.clone(), host, port }.problem());
     }
-    let method: http::Method = test
-        .method
-        .parse()
-        .map_err(|_| test_problem("test.method is invalid".into()))?;
+    let method: http::Method = test.method.parse().map_err(|_| test_problem("test.method is invalid".into()))?;
     let mut headers = http::HeaderMap::new();
-    headers.insert(
-        header::USER_AGENT,
-        HeaderValue::from_static("credproxy-connection-test"),
-    );
+    headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
     headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
     let body = http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()));
-    let (resp, _) = st
-        .outbound
-        .with_connection(&resolved, &method, &uri, &headers, body)
-        .await
-        .map_err(|e| e.problem())?;
+    let (resp, _) =
+        st.outbound.with_connection(&resolved, &method, &uri, &headers, body).await.map_err(|e| e.problem())?;
     Ok((resp.status().as_u16(), test.expect_status))
 }

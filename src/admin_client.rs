@@ -33,11 +33,7 @@ impl AdminClient {
         if !base.starts_with("http://") {
             return Err(AdminClientError::Url(base));
         }
-        Ok(Self {
-            base,
-            token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        })
+        Ok(Self { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
     /// Sends a request; returns status and JSON body (or `Null` if empty).
@@ -48,9 +44,7 @@ impl AdminClient {
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), AdminClientError> {
         let uri = format!("{}{}", self.base, path);
-        let bytes = body
-            .map(|b| Bytes::from(serde_json::to_vec(b).expect("json serializes")))
-            .unwrap_or_default();
+        let bytes = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("json serializes"))).unwrap_or_default();
         let mut req = Request::builder()
             .method(method)
             .uri(&uri)
@@ -58,21 +52,10 @@ impl AdminClient {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
-        let req = req
-            .body(Full::new(bytes))
-            .map_err(|_| AdminClientError::Url(uri.clone()))?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| AdminClientError::Transport(e.to_string()))?;
+        let req = req.body(Full::new(bytes)).map_err(|_| AdminClientError::Url(uri.clone()))?;
+        let resp = self.client.request(req).await.map_err(|e| AdminClientError::Transport(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| AdminClientError::Transport(e.to_string()))?
-            .to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| AdminClientError::Transport(e.to_string()))?.to_bytes();
         let value = if body.is_empty() {
             Value::Null
         } else {
@@ -87,10 +70,7 @@ impl AdminClient {
         if status.is_success() {
             Ok(value)
         } else {
-            Err(AdminClientError::Status {
-                status,
-                body: value.to_string(),
-            })
+            Err(AdminClientError::Status { status, body: value.to_string() })
         }
     }
 }

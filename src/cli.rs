@@ -23,11 +23,7 @@ use crate::server::{self, Listeners, StartError};
 pub const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(
-    name = "credproxy",
-    version,
-    about = "Credential-injecting forward proxy for integration workflows"
-)]
+#[command(name = "credproxy", version, about = "Credential-injecting forward proxy for integration workflows")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,12 +53,7 @@ enum Command {
 #[derive(Args)]
 struct AdminArgs {
     /// Admin API base URL.
-    #[arg(
-        long,
-        env = "CREDPROXY_ADMIN_URL",
-        default_value = "http://127.0.0.1:8081",
-        global = true
-    )]
+    #[arg(long, env = "CREDPROXY_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
     admin_url: String,
     /// Admin bearer token.
     #[arg(long, env = "CREDPROXY_ADMIN_TOKEN", hide_env_values = true, global = true)]
@@ -202,13 +193,7 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
         }
     };
     let result = match command {
-        ConnCommand::Create {
-            integration,
-            auth_method,
-            org_id,
-            user_id,
-            credentials,
-        } => {
+        ConnCommand::Create { integration, auth_method, org_id, user_id, credentials } => {
             let creds = match parse_credentials(&credentials) {
                 Ok(c) => c,
                 Err(e) => {
@@ -233,27 +218,12 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             client.call(Method::GET, &path, None).await
         }
         ConnCommand::Get { id } => {
-            client
-                .call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None)
-                .await
+            client.call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None).await
         }
         ConnCommand::Test { id } => {
-            client
-                .call(
-                    Method::POST,
-                    &format!("/v1/connections/{}/test", path_segment(&id)),
-                    None,
-                )
-                .await
+            client.call(Method::POST, &format!("/v1/connections/{}/test", path_segment(&id)), None).await
         }
-        ConnCommand::Authorize {
-            integration,
-            auth_method,
-            org_id,
-            user_id,
-            scopes,
-            return_to,
-        } => {
+        ConnCommand::Authorize { integration, auth_method, org_id, user_id, scopes, return_to } => {
             let mut body = json!({
                 "integration": integration, "auth_method": auth_method, "org_id": org_id, "user_id": user_id,
             });
@@ -273,9 +243,7 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             }
         }
         ConnCommand::Delete { id } => {
-            client
-                .call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None)
-                .await
+            client.call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None).await
         }
     };
     match result {
@@ -297,17 +265,12 @@ fn path_segment(s: &str) -> String {
 fn parse_credentials(items: &[String]) -> Result<BTreeMap<String, Value>, String> {
     let mut out = BTreeMap::new();
     for item in items {
-        let (name, raw) = item.split_once('=').ok_or_else(|| {
-            format!(
-                "--credential {:?}: expected NAME=VALUE",
-                item.split('=').next().unwrap_or("")
-            )
-        })?;
+        let (name, raw) = item
+            .split_once('=')
+            .ok_or_else(|| format!("--credential {:?}: expected NAME=VALUE", item.split('=').next().unwrap_or("")))?;
         let value = if raw == "@-" {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
+            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("--credential {name}: reading stdin: {e}"))?;
             s.trim_end_matches(['\r', '\n']).to_owned()
         } else if let Some(file) = raw.strip_prefix('@') {
             let s = std::fs::read_to_string(file).map_err(|e| format!("--credential {name}: reading {file}: {e}"))?;

@@ -47,11 +47,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(source_name: impl fmt::Display, key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            source_name: source_name.to_string(),
-            key: key.into(),
-            reason: reason.into(),
-        }
+        Self { source_name: source_name.to_string(), key: key.into(), reason: reason.into() }
     }
 }
 
@@ -81,10 +77,7 @@ pub struct OAuth2Config {
 
 impl Default for OAuth2Config {
     fn default() -> Self {
-        Self {
-            token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS,
-            state_ttl_secs: DEFAULT_STATE_TTL_SECS,
-        }
+        Self { token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS, state_ttl_secs: DEFAULT_STATE_TTL_SECS }
     }
 }
 
@@ -129,11 +122,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
-            public_url: None,
-            tokens: Vec::new(),
-        }
+        Self { listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"), public_url: None, tokens: Vec::new() }
     }
 }
 
@@ -162,9 +151,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self {
-            url: DEFAULT_STORE_URL.to_owned(),
-        }
+        Self { url: DEFAULT_STORE_URL.to_owned() }
     }
 }
 
@@ -192,10 +179,7 @@ pub struct CryptoConfig {
 
 impl Default for CryptoConfig {
     fn default() -> Self {
-        Self {
-            provider: KeyProviderKind::Local,
-            key_file: PathBuf::from(DEFAULT_KEY_FILE),
-        }
+        Self { provider: KeyProviderKind::Local, key_file: PathBuf::from(DEFAULT_KEY_FILE) }
     }
 }
 
@@ -210,10 +194,7 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self {
-            max_entries: DEFAULT_CACHE_MAX_ENTRIES,
-            ttl_secs: DEFAULT_CACHE_TTL_SECS,
-        }
+        Self { max_entries: DEFAULT_CACHE_MAX_ENTRIES, ttl_secs: DEFAULT_CACHE_TTL_SECS }
     }
 }
 
@@ -229,10 +210,7 @@ pub struct EgressConfig {
 
 impl Default for EgressConfig {
     fn default() -> Self {
-        Self {
-            allow_cidrs: Vec::new(),
-            allow_passthrough: true,
-        }
+        Self { allow_cidrs: Vec::new(), allow_passthrough: true }
     }
 }
 
@@ -269,9 +247,7 @@ pub struct IntegrationsConfig {
 
 impl Default for IntegrationsConfig {
     fn default() -> Self {
-        Self {
-            dir: PathBuf::from(DEFAULT_INTEGRATIONS_DIR),
-        }
+        Self { dir: PathBuf::from(DEFAULT_INTEGRATIONS_DIR) }
     }
 }
 
@@ -284,9 +260,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: DEFAULT_LOG_LEVEL.to_owned(),
-        }
+        Self { level: DEFAULT_LOG_LEVEL.to_owned() }
     }
 }
 
@@ -307,10 +281,7 @@ impl Config {
         substitute_env(&mut value, env, name, "")?;
         let mut cfg: Config = deserialize_value(name, value)?;
         if let Some(token) = env.get(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty()) {
-            cfg.admin.tokens.push(AdminToken {
-                token: SecretValue::new(token.clone()),
-                org_id: None,
-            });
+            cfg.admin.tokens.push(AdminToken { token: SecretValue::new(token.clone()), org_id: None });
         }
         cfg.validate(name)?;
         Ok(cfg)
@@ -327,31 +298,19 @@ impl Config {
                 ))
             }
             Some(org) if !crate::ids::is_valid_external_id(org) => {
-                return Err(ConfigError::new(
-                    name,
-                    "proxy.org_id",
-                    "must be 1-128 characters of [A-Za-z0-9_.:@-]",
-                ))
+                return Err(ConfigError::new(name, "proxy.org_id", "must be 1-128 characters of [A-Za-z0-9_.:@-]"))
             }
             Some(_) => {}
         }
         if self.store.sqlite_path().is_none() {
-            return Err(ConfigError::new(
-                name,
-                "store.url",
-                "only sqlite://PATH is supported by this build",
-            ));
+            return Err(ConfigError::new(name, "store.url", "only sqlite://PATH is supported by this build"));
         }
         if let Some(u) = &self.admin.public_url {
             let ok = u
                 .parse::<http::Uri>()
                 .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
             if !ok {
-                return Err(ConfigError::new(
-                    name,
-                    "admin.public_url",
-                    "must be an absolute http(s) URL",
-                ));
+                return Err(ConfigError::new(name, "admin.public_url", "must be an absolute http(s) URL"));
             }
         }
         if self.admin.tokens.is_empty() {
@@ -383,10 +342,7 @@ impl Config {
             ("cache.max_entries", self.cache.max_entries),
             ("cache.ttl_secs", self.cache.ttl_secs),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            (
-                "upstream.response_header_timeout_ms",
-                self.upstream.response_header_timeout_ms,
-            ),
+            ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
             ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
         ] {
             if v == 0 {
@@ -435,11 +391,7 @@ fn apply_env_overrides(root: &mut toml::Value, env: &BTreeMap<String, String>) -
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         let Some(table) = table.as_table_mut() else {
-            return Err(ConfigError::new(
-                format!("environment {var}"),
-                section,
-                "is not a section",
-            ));
+            return Err(ConfigError::new(format!("environment {var}"), section, "is not a section"));
         };
         table.insert(key, value);
     }
@@ -465,11 +417,7 @@ pub fn substitute_env(
         }
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
                 substitute_env(v, env, name, &p)?;
             }
         }
@@ -490,9 +438,7 @@ fn substitute_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, Str
         } else if let Some(after) = after.strip_prefix('{') {
             let end = after.find('}').ok_or_else(|| "unterminated ${...}".to_owned())?;
             let var = &after[..end];
-            let val = env
-                .get(var)
-                .ok_or_else(|| format!("environment variable {var} is not set"))?;
+            let val = env.get(var).ok_or_else(|| format!("environment variable {var} is not set"))?;
             out.push_str(val);
             rest = &after[end + 1..];
         } else {
@@ -539,12 +485,8 @@ mod tests {
 
     #[test]
     fn bad_value_names_key() {
-        let err = Config::from_toml_str(
-            "c.toml",
-            &format!("{MIN}[egress]\nallow_cidrs = [\"nope\"]\n"),
-            &env(&[]),
-        )
-        .unwrap_err();
+        let err = Config::from_toml_str("c.toml", &format!("{MIN}[egress]\nallow_cidrs = [\"nope\"]\n"), &env(&[]))
+            .unwrap_err();
         assert_eq!(err.key, "egress.allow_cidrs[0]");
     }
 

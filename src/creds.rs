@@ -44,41 +44,23 @@ impl Credential {
     /// no unknown field, no empty value, no control character (CR, LF, NUL, ...).
     pub fn from_fields(method: &AuthMethod, mut input: BTreeMap<String, SecretValue>) -> Result<Self, CredentialError> {
         if let Some(unknown) = input.keys().find(|k| !method.fields.contains(k)) {
-            return Err(CredentialError {
-                field: unknown.clone(),
-                reason: "unknown field for this auth method",
-            });
+            return Err(CredentialError { field: unknown.clone(), reason: "unknown field for this auth method" });
         }
         let mut values = Vec::with_capacity(method.fields.len());
         for f in &method.fields {
-            let v = input.remove(f).ok_or_else(|| CredentialError {
-                field: f.clone(),
-                reason: "missing",
-            })?;
+            let v = input.remove(f).ok_or_else(|| CredentialError { field: f.clone(), reason: "missing" })?;
             let s = v.expose();
             if s.is_empty() {
-                return Err(CredentialError {
-                    field: f.clone(),
-                    reason: "must not be empty",
-                });
+                return Err(CredentialError { field: f.clone(), reason: "must not be empty" });
             }
             if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(CredentialError {
-                    field: f.clone(),
-                    reason: "must not contain CR, LF or NUL",
-                });
+                return Err(CredentialError { field: f.clone(), reason: "must not contain CR, LF or NUL" });
             }
             if s.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-                return Err(CredentialError {
-                    field: f.clone(),
-                    reason: "must not contain control characters",
-                });
+                return Err(CredentialError { field: f.clone(), reason: "must not contain control characters" });
             }
             if matches!(method.kind, AuthKind::Basic) && f == "username" && s.contains(':') {
-                return Err(CredentialError {
-                    field: f.clone(),
-                    reason: "must not contain ':' (HTTP Basic)",
-                });
+                return Err(CredentialError { field: f.clone(), reason: "must not contain ':' (HTTP Basic)" });
             }
             values.push(v);
         }
@@ -87,9 +69,7 @@ impl Credential {
 
     /// The credential of an OAuth2 connection: its access token (if any).
     pub fn from_tokens(t: &TokenSet) -> Self {
-        Self {
-            values: t.access_token.iter().map(|a| SecretValue::new(a.clone())).collect(),
-        }
+        Self { values: t.access_token.iter().map(|a| SecretValue::new(a.clone())).collect() }
     }
 
     pub fn value(&self, index: usize) -> &SecretValue {
@@ -101,12 +81,8 @@ impl Credential {
     }
 
     fn to_plaintext(&self, method: &AuthMethod) -> Zeroizing<Vec<u8>> {
-        let map: BTreeMap<&str, &str> = method
-            .fields
-            .iter()
-            .map(String::as_str)
-            .zip(self.values.iter().map(SecretValue::expose))
-            .collect();
+        let map: BTreeMap<&str, &str> =
+            method.fields.iter().map(String::as_str).zip(self.values.iter().map(SecretValue::expose)).collect();
         Zeroizing::new(serde_json::to_vec(&map).expect("string maps serialize"))
     }
 
@@ -195,13 +171,7 @@ impl Connections {
         token_client: TokenClient,
     ) -> Self {
         let cache = Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
-        Self {
-            store,
-            envelope,
-            integrations,
-            cache,
-            oauth: oauth::OAuthState::new(token_client),
-        }
+        Self { store, envelope, integrations, cache, oauth: oauth::OAuthState::new(token_client) }
     }
 
     pub fn integrations(&self) -> &Arc<Integrations> {
@@ -238,51 +208,29 @@ impl Connections {
 
     pub(crate) async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
         let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
-        let misconfigured = |reason: String| ResolveError::Misconfigured {
-            id: id.to_owned(),
-            reason,
-        };
-        let integration = self.integrations.get(&row.meta.integration).cloned().ok_or_else(|| {
-            misconfigured(format!(
-                "integration {:?} is no longer configured",
-                row.meta.integration
-            ))
-        })?;
-        let method = integration.auth_method(&row.meta.auth_method).cloned().ok_or_else(|| {
-            misconfigured(format!(
-                "auth method {:?} is no longer configured",
-                row.meta.auth_method
-            ))
-        })?;
-        let ctx = crypto::Context {
-            org_id: &row.meta.org_id,
-            connection_id: &row.meta.id,
-        };
+        let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
+        let integration =
+            self.integrations.get(&row.meta.integration).cloned().ok_or_else(|| {
+                misconfigured(format!("integration {:?} is no longer configured", row.meta.integration))
+            })?;
+        let method = integration
+            .auth_method(&row.meta.auth_method)
+            .cloned()
+            .ok_or_else(|| misconfigured(format!("auth method {:?} is no longer configured", row.meta.auth_method)))?;
+        let ctx = crypto::Context { org_id: &row.meta.org_id, connection_id: &row.meta.id };
         let plaintext = self
             .envelope
             .open(ctx, &from_store(row.sealed))
             .await
-            .map_err(|source| ResolveError::Crypto {
-                id: id.to_owned(),
-                source,
-            })?;
+            .map_err(|source| ResolveError::Crypto { id: id.to_owned(), source })?;
         let (credential, tokens) = if method.oauth2().is_some() {
             let t: TokenSet = serde_json::from_slice(&plaintext)
                 .map_err(|_| misconfigured("stored OAuth2 token set is corrupt".into()))?;
             (Credential::from_tokens(&t), Some(t))
         } else {
-            (
-                Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?,
-                None,
-            )
+            (Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?, None)
         };
-        Ok(Arc::new(Resolved {
-            meta: row.meta,
-            integration,
-            method,
-            credential,
-            tokens,
-        }))
+        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential, tokens }))
     }
 
     pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
@@ -296,29 +244,24 @@ impl Connections {
             .integrations
             .get(&new.integration)
             .ok_or_else(|| CreateError::UnknownIntegration(new.integration.clone()))?;
-        let method = integration
-            .auth_method(&new.auth_method)
-            .ok_or_else(|| CreateError::UnknownAuthMethod {
-                integration: new.integration.clone(),
-                method: new.auth_method.clone(),
-            })?;
+        let method = integration.auth_method(&new.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
+            integration: new.integration.clone(),
+            method: new.auth_method.clone(),
+        })?;
         let plaintext = match method.oauth2() {
             Some(o) if o.grant == Grant::AuthorizationCode => return Err(CreateError::UseAuthorize(method.id.clone())),
             Some(_) => {
                 // Client credentials: no user secret; the first request fetches a token.
                 if let Some(k) = new.credentials.keys().next() {
-                    return Err(CredentialError {
-                        field: k.clone(),
-                        reason: "unknown field for this auth method",
-                    }
-                    .into());
+                    return Err(
+                        CredentialError { field: k.clone(), reason: "unknown field for this auth method" }.into()
+                    );
                 }
                 Zeroizing::new(serde_json::to_vec(&TokenSet::default()).expect("token sets serialize"))
             }
             None => Credential::from_fields(method, new.credentials)?.to_plaintext(method),
         };
-        self.insert_new(new.org_id, new.user_id, new.integration, new.auth_method, &plaintext)
-            .await
+        self.insert_new(new.org_id, new.user_id, new.integration, new.auth_method, &plaintext).await
     }
 
     /// Seals `plaintext` for a new connection id and stores the row.
@@ -343,10 +286,7 @@ impl Connections {
             updated_at: now,
         };
         let sealed = self.seal(&meta.org_id, &meta.id, plaintext).await?;
-        let row = ConnectionRow {
-            meta: meta.clone(),
-            sealed,
-        };
+        let row = ConnectionRow { meta: meta.clone(), sealed };
         self.store.insert_connection(&row).await?;
         Ok(meta)
     }
@@ -380,28 +320,15 @@ impl Connections {
 }
 
 fn to_store(s: Sealed) -> SealedBytes {
-    SealedBytes {
-        key_id: s.key_id,
-        wrapped_key: s.wrapped_key,
-        nonce: s.nonce,
-        ciphertext: s.ciphertext,
-    }
+    SealedBytes { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext }
 }
 
 fn from_store(s: SealedBytes) -> Sealed {
-    Sealed {
-        key_id: s.key_id,
-        wrapped_key: s.wrapped_key,
-        nonce: s.nonce,
-        ciphertext: s.ciphertext,
-    }
+    Sealed { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext }
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -413,21 +340,14 @@ mod tests {
     const GH: &str = "id = \"gh\"\nname = \"GH\"\nallowed_hosts = [\"api.github.com\"]\n[[auth_methods]]\nid = \"pat\"\ntype = \"bearer\"\n[[auth_methods]]\nid = \"basic\"\ntype = \"basic\"\n";
 
     fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, SecretValue> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), SecretValue::from(*v)))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()
     }
 
     async fn service(dir: &std::path::Path) -> (Connections, SqliteStore) {
         let store = SqliteStore::open(&dir.join("db.sqlite")).unwrap();
         let keys = LocalKeyProvider::open_or_create(&dir.join("master.key")).unwrap();
         let mut ints = Integrations::default();
-        ints.add(
-            Integration::from_toml_str("gh.toml", GH, &BTreeMap::new()).unwrap(),
-            "gh.toml",
-        )
-        .unwrap();
+        ints.add(Integration::from_toml_str("gh.toml", GH, &BTreeMap::new()).unwrap(), "gh.toml").unwrap();
         let c = Connections::new(
             Arc::new(store.clone()),
             Envelope::new(Arc::new(keys)),
@@ -459,19 +379,10 @@ mod tests {
         assert_eq!(r.credential.value(0).expose(), "tok-123");
         let (_, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(hit);
-        assert!(matches!(
-            svc.resolve("org_b", &meta.id).await,
-            Err(ResolveError::NotFound)
-        ));
-        assert!(matches!(
-            svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await,
-            Err(ResolveError::NotFound)
-        ));
+        assert!(matches!(svc.resolve("org_b", &meta.id).await, Err(ResolveError::NotFound)));
+        assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
         assert!(svc.delete(&meta.id).await.unwrap());
-        assert!(matches!(
-            svc.resolve("org_a", &meta.id).await,
-            Err(ResolveError::NotFound)
-        ));
+        assert!(matches!(svc.resolve("org_a", &meta.id).await, Err(ResolveError::NotFound)));
     }
 
     #[tokio::test]
@@ -481,16 +392,8 @@ mod tests {
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
         let cases: &[Case] = &[
             (&[], "token", "missing"),
-            (
-                &[("token", "a"), ("extra", "b")],
-                "extra",
-                "unknown field for this auth method",
-            ),
-            (
-                &[("token", "a\r\nX-Evil: 1")],
-                "token",
-                "must not contain CR, LF or NUL",
-            ),
+            (&[("token", "a"), ("extra", "b")], "extra", "unknown field for this auth method"),
+            (&[("token", "a\r\nX-Evil: 1")], "token", "must not contain CR, LF or NUL"),
             (&[("token", "a\0b")], "token", "must not contain CR, LF or NUL"),
             (&[("token", "")], "token", "must not be empty"),
         ];
@@ -518,16 +421,7 @@ mod tests {
         store.delete_connection(&b.id).await.unwrap();
         store.insert_connection(&row_b).await.unwrap();
         let err = svc.resolve("org_a", &b.id).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ResolveError::Crypto {
-                    source: CryptoError::Open,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, ResolveError::Crypto { source: CryptoError::Open, .. }), "{err:?}");
         assert!(!format!("{err} {err:?}").contains("token-of"));
     }
 }

@@ -81,10 +81,7 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn new(provider: Arc<dyn KeyProvider>) -> Self {
-        Self {
-            provider,
-            rng: SystemRandom::new(),
-        }
+        Self { provider, rng: SystemRandom::new() }
     }
 
     pub async fn seal(&self, ctx: Context<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
@@ -94,12 +91,7 @@ impl Envelope {
         self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
         let ciphertext = aead_seal(&data_key[..], &nonce, &ctx.aad(), plaintext)?;
         let wrapped_key = self.provider.wrap(&data_key[..], ctx).await?;
-        Ok(Sealed {
-            key_id: self.provider.current_key_id().to_owned(),
-            wrapped_key,
-            nonce: nonce.to_vec(),
-            ciphertext,
-        })
+        Ok(Sealed { key_id: self.provider.current_key_id().to_owned(), wrapped_key, nonce: nonce.to_vec(), ciphertext })
     }
 
     pub async fn open(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
@@ -130,10 +122,7 @@ pub(crate) fn aead_open(
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| CryptoError::Open)?);
     let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Open)?;
     let mut buf = Zeroizing::new(ciphertext.to_vec());
-    let len = key
-        .open_in_place(nonce, Aad::from(aad), &mut buf[..])
-        .map_err(|_| CryptoError::Open)?
-        .len();
+    let len = key.open_in_place(nonce, Aad::from(aad), &mut buf[..]).map_err(|_| CryptoError::Open)?.len();
     buf.truncate(len);
     Ok(buf)
 }
@@ -151,32 +140,17 @@ mod tests {
     async fn round_trip_and_binding() {
         let dir = tempfile::tempdir().unwrap();
         let env = envelope(dir.path()).await;
-        let a = Context {
-            org_id: "org_a",
-            connection_id: "conn_1",
-        };
+        let a = Context { org_id: "org_a", connection_id: "conn_1" };
         let sealed = env.seal(a, b"{\"token\":\"s3cret\"}").await.unwrap();
         assert!(!sealed.ciphertext.windows(6).any(|w| w == b"s3cret"));
         assert_eq!(&env.open(a, &sealed).await.unwrap()[..], b"{\"token\":\"s3cret\"}");
         // Same blob, another row: must not open.
         for other in [
-            Context {
-                org_id: "org_b",
-                connection_id: "conn_1",
-            },
-            Context {
-                org_id: "org_a",
-                connection_id: "conn_2",
-            },
-            Context {
-                org_id: "org_aconn_",
-                connection_id: "1",
-            },
+            Context { org_id: "org_b", connection_id: "conn_1" },
+            Context { org_id: "org_a", connection_id: "conn_2" },
+            Context { org_id: "org_aconn_", connection_id: "1" },
         ] {
-            assert!(
-                matches!(env.open(other, &sealed).await, Err(CryptoError::Open)),
-                "{other:?}"
-            );
+            assert!(matches!(env.open(other, &sealed).await, Err(CryptoError::Open)), "{other:?}");
         }
         // Tampering is detected.
         let mut bad = sealed.clone();
@@ -194,10 +168,7 @@ mod tests {
         let d2 = tempfile::tempdir().unwrap();
         let e1 = envelope(d1.path()).await;
         let e2 = envelope(d2.path()).await;
-        let ctx = Context {
-            org_id: "o",
-            connection_id: "c",
-        };
+        let ctx = Context { org_id: "o", connection_id: "c" };
         let sealed = e1.seal(ctx, b"x").await.unwrap();
         assert!(matches!(e2.open(ctx, &sealed).await, Err(CryptoError::UnknownKey(_))));
     }

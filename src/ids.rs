@@ -12,9 +12,7 @@ const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 /// Mints a new connection id from the system CSPRNG.
 pub fn new_connection_id() -> String {
     let mut bytes = [0u8; 17]; // 136 bits, of which 130 are used
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system random source failed");
+    SystemRandom::new().fill(&mut bytes).expect("the system random source failed");
     let mut out = String::with_capacity(CONNECTION_ID_PREFIX.len() + ID_CHARS);
     out.push_str(CONNECTION_ID_PREFIX);
     let mut acc: u32 = 0;
@@ -43,8 +41,7 @@ pub fn is_connection_id(s: &str) -> bool {
 pub fn is_valid_external_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
 
 #[cfg(test)]

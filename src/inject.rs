@@ -29,10 +29,7 @@ impl fmt::Debug for Edits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names = |v: &[(String, Zeroizing<String>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         f.debug_struct("Edits")
-            .field(
-                "headers",
-                &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            )
+            .field("headers", &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
             .field("query", &names(&self.query))
             .field("cookies", &names(&self.cookies))
             .field("json_fields", &names(&self.json_fields))
@@ -87,10 +84,8 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
         }
         AuthKind::Basic => {
             let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
-            let v = Zeroizing::new(format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
-            ));
+            let v =
+                Zeroizing::new(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())));
             e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
         }
         AuthKind::ApiKey(p) => place(&mut e, p, cred)?,
@@ -110,10 +105,7 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
         Target::Header(name) => e.headers.push((name.clone(), sensitive(&value, "a header")?)),
         Target::Query(name) => e.query.push((name.clone(), value)),
         Target::Cookie(name) => {
-            if value
-                .bytes()
-                .any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
-            {
+            if value.bytes().any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f) {
                 return Err(InjectError::InvalidValue("a cookie"));
             }
             e.cookies.push((name.clone(), value));
@@ -165,10 +157,7 @@ fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, 
     let mut q = Zeroizing::new(String::new());
     if let Some(existing) = uri.query() {
         for seg in existing.split('&').filter(|s| !s.is_empty()) {
-            let name = form_urlencoded::parse(seg.as_bytes())
-                .next()
-                .map(|(n, _)| n.into_owned())
-                .unwrap_or_default();
+            let name = form_urlencoded::parse(seg.as_bytes()).next().map(|(n, _)| n.into_owned()).unwrap_or_default();
             if !params.iter().any(|(n, _)| *n == name) {
                 if !q.is_empty() {
                     q.push('&');
@@ -198,11 +187,7 @@ pub fn apply_body(
     body: &[u8],
     e: &Edits,
 ) -> Result<(Zeroizing<Vec<u8>>, Option<HeaderValue>), InjectError> {
-    let ctype = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let mut out = Zeroizing::new(body.to_vec());
     let mut set_type = None;
     if !e.json_fields.is_empty() {
@@ -262,14 +247,7 @@ mod tests {
     }
 
     fn cred(m: &AuthMethod, pairs: &[(&str, &str)]) -> Credential {
-        Credential::from_fields(
-            m,
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), SecretValue::from(*v)))
-                .collect(),
-        )
-        .unwrap()
+        Credential::from_fields(m, pairs.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect()).unwrap()
     }
 
     fn run(m: &AuthMethod, c: &Credential, uri: &str, hdrs: &[(&str, &str)]) -> (Uri, HeaderMap) {
@@ -286,12 +264,7 @@ mod tests {
     fn bearer_replaces_callers_authorization() {
         let m = method("[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n");
         let c = cred(&m, &[("token", "tkn")]);
-        let (_, h) = run(
-            &m,
-            &c,
-            "http://x.test/",
-            &[("authorization", "Bearer caller"), ("authorization", "Basic x")],
-        );
+        let (_, h) = run(&m, &c, "http://x.test/", &[("authorization", "Bearer caller"), ("authorization", "Basic x")]);
         let all: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(all, ["Bearer tkn"]);
         assert!(all[0].is_sensitive());
@@ -308,21 +281,11 @@ mod tests {
     #[test]
     fn api_key_header_query_cookie() {
         let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"X-Api-Key\"\ntemplate = \"Token {api_key}\"\n");
-        let (_, h) = run(
-            &m,
-            &cred(&m, &[("api_key", "k1")]),
-            "http://x.test/",
-            &[("x-api-key", "caller")],
-        );
+        let (_, h) = run(&m, &cred(&m, &[("api_key", "k1")]), "http://x.test/", &[("x-api-key", "caller")]);
         assert_eq!(h.get_all("x-api-key").iter().collect::<Vec<_>>(), ["Token k1"]);
 
         let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"query\"\nname = \"api_key\"\n");
-        let (u, _) = run(
-            &m,
-            &cred(&m, &[("api_key", "a b&c")]),
-            "http://x.test/p?x=1&api_key=caller&y=%20",
-            &[],
-        );
+        let (u, _) = run(&m, &cred(&m, &[("api_key", "a b&c")]), "http://x.test/p?x=1&api_key=caller&y=%20", &[]);
         assert_eq!(u.to_string(), "http://x.test/p?x=1&y=%20&api_key=a+b%26c");
         let (u, _) = run(&m, &cred(&m, &[("api_key", "k")]), "http://x.test/p", &[]);
         assert_eq!(u.to_string(), "http://x.test/p?api_key=k");
@@ -362,10 +325,7 @@ mod tests {
         let (b, t) = apply_body(&HeaderMap::new(), b"", &only_json).unwrap();
         assert_eq!(&b[..], br#"{"api_secret":"s&=x"}"#);
         assert_eq!(t.unwrap(), "application/json");
-        assert_eq!(
-            apply_body(&h, b"[1]", &only_json).unwrap_err(),
-            InjectError::BodyNotJson
-        );
+        assert_eq!(apply_body(&h, b"[1]", &only_json).unwrap_err(), InjectError::BodyNotJson);
 
         let mut only_form = edits(&m, &c).unwrap();
         only_form.json_fields.clear();

@@ -61,11 +61,7 @@ impl Integrations {
 
     pub fn add(&mut self, integration: Integration, source: &str) -> Result<(), ConfigError> {
         if self.by_id.contains_key(&integration.id) {
-            return Err(ConfigError::new(
-                source,
-                "id",
-                format!("integration {:?} is defined twice", integration.id),
-            ));
+            return Err(ConfigError::new(source, "id", format!("integration {:?} is defined twice", integration.id)));
         }
         self.by_id.insert(integration.id.clone(), Arc::new(integration));
         Ok(())
@@ -167,9 +163,7 @@ impl AuthMethod {
     /// True if injecting needs the request body buffered.
     pub fn edits_body(&self) -> bool {
         match &self.kind {
-            AuthKind::Custom(ps) => ps
-                .iter()
-                .any(|p| matches!(p.target, Target::JsonField(_) | Target::FormField(_))),
+            AuthKind::Custom(ps) => ps.iter().any(|p| matches!(p.target, Target::JsonField(_) | Target::FormField(_))),
             _ => false,
         }
     }
@@ -452,10 +446,7 @@ impl Integration {
             allowed_hosts.push(HostPattern::parse(h).map_err(|r| err(format!("allowed_hosts[{i}]"), r))?);
         }
         if file.auth_methods.is_empty() {
-            return Err(err(
-                "auth_methods".into(),
-                "must define at least one auth method".into(),
-            ));
+            return Err(err("auth_methods".into(), "must define at least one auth method".into()));
         }
         let mut auth_methods: Vec<Arc<AuthMethod>> = Vec::new();
         for (i, m) in file.auth_methods.into_iter().enumerate() {
@@ -464,10 +455,7 @@ impl Integration {
                 return Err(err(format!("{key}.id"), "must be 1-64 characters of [a-z0-9_-]".into()));
             }
             if auth_methods.iter().any(|a| a.id == m.id) {
-                return Err(err(
-                    format!("{key}.id"),
-                    format!("auth method {:?} is defined twice", m.id),
-                ));
+                return Err(err(format!("{key}.id"), format!("auth method {:?} is defined twice", m.id)));
             }
             auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
         }
@@ -502,8 +490,7 @@ impl Integration {
 fn is_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 type FieldError = (String, String);
@@ -511,10 +498,7 @@ type FieldError = (String, String);
 fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError> {
     let forbid = |present: bool, field: &str| -> Result<(), FieldError> {
         if present {
-            Err((
-                format!("{key}.{field}"),
-                format!("not used by auth method type {:?}", m.kind),
-            ))
+            Err((format!("{key}.{field}"), format!("not used by auth method type {:?}", m.kind)))
         } else {
             Ok(())
         }
@@ -528,17 +512,11 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             forbid(m.placements.is_some(), "placements")?;
             let fields = vec!["access_token".to_owned()];
             let o = m.oauth2.ok_or_else(|| {
-                (
-                    format!("{key}.oauth2"),
-                    "required: the provider settings ([auth_methods.oauth2])".to_owned(),
-                )
+                (format!("{key}.oauth2"), "required: the provider settings ([auth_methods.oauth2])".to_owned())
             })?;
             let place = m.placement.unwrap_or(PlaceIn::Header);
             if matches!(place, PlaceIn::Json | PlaceIn::Form) {
-                return Err((
-                    format!("{key}.in"),
-                    "an access token goes in a header, query or cookie".into(),
-                ));
+                return Err((format!("{key}.in"), "an access token goes in a header, query or cookie".into()));
             }
             let name = m.name.unwrap_or_else(|| "Authorization".to_owned());
             let template = m.template.unwrap_or_else(|| "Bearer {access_token}".to_owned());
@@ -546,24 +524,15 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
                 compile_placement(place, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
             let okey = format!("{key}.oauth2");
             let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
-                let u: http::Uri = v
-                    .parse()
-                    .map_err(|_| (format!("{okey}.{field}"), format!("{v:?} is not a URL")))?;
+                let u: http::Uri = v.parse().map_err(|_| (format!("{okey}.{field}"), format!("{v:?} is not a URL")))?;
                 if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
                     return Err((format!("{okey}.{field}"), "must be an absolute http(s) URL".into()));
                 }
                 Ok(u)
             };
-            let authorize_url = o
-                .authorize_url
-                .as_deref()
-                .map(|u| url("authorize_url", u))
-                .transpose()?;
+            let authorize_url = o.authorize_url.as_deref().map(|u| url("authorize_url", u)).transpose()?;
             if o.grant == Grant::AuthorizationCode && authorize_url.is_none() {
-                return Err((
-                    format!("{okey}.authorize_url"),
-                    "required for grant = \"authorization_code\"".into(),
-                ));
+                return Err((format!("{okey}.authorize_url"), "required for grant = \"authorization_code\"".into()));
             }
             if o.client_id.is_empty() {
                 return Err((format!("{okey}.client_id"), "must not be empty".into()));
@@ -572,11 +541,7 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
                 grant: o.grant,
                 authorize_url,
                 token_url: url("token_url", &o.token_url)?,
-                revocation_url: o
-                    .revocation_url
-                    .as_deref()
-                    .map(|u| url("revocation_url", u))
-                    .transpose()?,
+                revocation_url: o.revocation_url.as_deref().map(|u| url("revocation_url", u)).transpose()?,
                 scopes: o.scopes,
                 client_id: o.client_id,
                 client_secret: crate::secret::SecretValue::new(o.client_secret),
@@ -606,9 +571,8 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             forbid(m.fields.is_some(), "fields")?;
             forbid(m.placements.is_some(), "placements")?;
             let fields = vec!["api_key".to_owned()];
-            let placement = m
-                .placement
-                .ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
+            let placement =
+                m.placement.ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
             if matches!(placement, PlaceIn::Json | PlaceIn::Form) {
                 return Err((
                     format!("{key}.in"),
@@ -625,21 +589,14 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
             forbid(m.placement.is_some(), "in")?;
             forbid(m.name.is_some(), "name")?;
             forbid(m.template.is_some(), "template")?;
-            let fields = m.fields.ok_or_else(|| {
-                (
-                    format!("{key}.fields"),
-                    "required: the credential field names".to_owned(),
-                )
-            })?;
+            let fields =
+                m.fields.ok_or_else(|| (format!("{key}.fields"), "required: the credential field names".to_owned()))?;
             if fields.is_empty() {
                 return Err((format!("{key}.fields"), "must name at least one field".into()));
             }
             for (i, f) in fields.iter().enumerate() {
                 if !is_slug(f) {
-                    return Err((
-                        format!("{key}.fields[{i}]"),
-                        "must be 1-64 characters of [a-z0-9_-]".into(),
-                    ));
+                    return Err((format!("{key}.fields[{i}]"), "must be 1-64 characters of [a-z0-9_-]".into()));
                 }
                 if fields[..i].contains(f) {
                     return Err((format!("{key}.fields[{i}]"), format!("field {f:?} is listed twice")));
@@ -672,10 +629,7 @@ fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[Strin
             let h = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ("name".to_owned(), format!("{name:?} is not a valid header name")))?;
             if is_protected_header(&h) {
-                return Err((
-                    "name".into(),
-                    format!("{name:?} is managed by the proxy and cannot carry a credential"),
-                ));
+                return Err(("name".into(), format!("{name:?} is managed by the proxy and cannot carry a credential")));
             }
             Target::Header(h)
         }
@@ -696,17 +650,7 @@ fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[Strin
 /// corrupt framing, or be sent to the wrong hop.
 fn is_protected_header(h: &HeaderName) -> bool {
     use http::header::*;
-    [
-        HOST,
-        CONTENT_LENGTH,
-        TRANSFER_ENCODING,
-        CONNECTION,
-        TE,
-        TRAILER,
-        UPGRADE,
-        PROXY_AUTHORIZATION,
-    ]
-    .contains(h)
+    [HOST, CONTENT_LENGTH, TRANSFER_ENCODING, CONNECTION, TE, TRAILER, UPGRADE, PROXY_AUTHORIZATION].contains(h)
         || matches!(h.as_str(), "keep-alive" | "proxy-connection" | "x-connection-id")
 }
 
@@ -741,10 +685,7 @@ mod tests {
         let o = i.auth_method("oauth").unwrap().oauth2().unwrap();
         assert_eq!(o.client_auth, ClientAuth::ClientSecretPost);
         assert_eq!(o.client_secret.expose(), "secret-1");
-        assert!(
-            !format!("{i:?}").contains("secret-1"),
-            "Debug must not show the client secret"
-        );
+        assert!(!format!("{i:?}").contains("secret-1"), "Debug must not show the client secret");
         let e = Integration::from_toml_str("hubspot-oauth2.toml", &text, &BTreeMap::new()).unwrap_err();
         assert!(e.reason.contains("HUBSPOT_CLIENT_ID"), "{e}");
     }
@@ -765,23 +706,16 @@ mod tests {
         );
         assert!(Template::parse("{c}", &f).unwrap_err().contains("unknown field"));
         assert!(Template::parse("{a", &f).is_err());
-        assert!(Template::parse("plain", &f)
-            .unwrap_err()
-            .contains("no credential field"));
+        assert!(Template::parse("plain", &f).unwrap_err().contains("no credential field"));
     }
 
     #[test]
     fn errors_name_the_key() {
         let base = "id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n";
-        let e = parse(&format!(
-            "{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\n"
-        ))
-        .unwrap_err();
+        let e =
+            parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
-        let e = parse(&format!(
-            "{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n"
-        ))
-        .unwrap_err();
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!(
             "{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n"
@@ -790,10 +724,7 @@ mod tests {
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"custom\"\nfields = [\"a\"]\n[[auth_methods.placements]]\nin = \"header\"\nname = \"X-A\"\ntemplate = \"{{b}}\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].placements[0].template");
-        let e = parse(&format!(
-            "{base}bogus = 1\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n"
-        ))
-        .unwrap_err();
+        let e = parse(&format!("{base}bogus = 1\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n")).unwrap_err();
         assert_eq!(e.key, "bogus");
         let e = parse("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"https://x.test\"]\n[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\n").unwrap_err();
         assert_eq!(e.key, "allowed_hosts[0]");

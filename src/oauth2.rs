@@ -122,9 +122,7 @@ pub struct Pkce {
 
 pub fn random_urlsafe(bytes: usize) -> String {
     let mut b = Zeroizing::new(vec![0u8; bytes]);
-    SystemRandom::new()
-        .fill(&mut b)
-        .expect("the system random source failed");
+    SystemRandom::new().fill(&mut b).expect("the system random source failed");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&b[..])
 }
 
@@ -187,15 +185,9 @@ impl TokenClient {
         // No pooling: token calls are rare (one per refresh), and a POST on a
         // keep-alive connection the provider just closed fails without a safe
         // retry — which would turn a routine refresh into a 502.
-        let settings = ClientSettings {
-            connect_timeout,
-            pool_idle_timeout: Duration::from_secs(1),
-            pool_max_idle_per_host: 0,
-        };
-        Self {
-            client: upstream::build_client(policy, &settings),
-            timeout,
-        }
+        let settings =
+            ClientSettings { connect_timeout, pool_idle_timeout: Duration::from_secs(1), pool_max_idle_per_host: 0 };
+        Self { client: upstream::build_client(policy, &settings), timeout }
     }
 
     pub async fn exchange_code(
@@ -205,11 +197,8 @@ impl TokenClient {
         redirect_uri: &str,
         verifier: Option<&SecretValue>,
     ) -> Result<TokenResponse, TokenError> {
-        let mut p: Vec<(&str, &str)> = vec![
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", redirect_uri),
-        ];
+        let mut p: Vec<(&str, &str)> =
+            vec![("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect_uri)];
         if let Some(v) = verifier {
             p.push(("code_verifier", v.expose()));
         }
@@ -217,11 +206,7 @@ impl TokenClient {
     }
 
     pub async fn refresh(&self, m: &OAuth2Method, refresh_token: &str) -> Result<TokenResponse, TokenError> {
-        self.token(
-            m,
-            vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)],
-        )
-        .await
+        self.token(m, vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await
     }
 
     pub async fn client_credentials(&self, m: &OAuth2Method) -> Result<TokenResponse, TokenError> {
@@ -238,15 +223,11 @@ impl TokenClient {
         let Some(url) = &m.revocation_url else {
             return Err(TokenError::Rejected("no revocation_url configured".into()));
         };
-        let (status, _) = self
-            .post(m, url, vec![("token", token), ("token_type_hint", hint)], false)
-            .await?;
+        let (status, _) = self.post(m, url, vec![("token", token), ("token_type_hint", hint)], false).await?;
         if status.is_success() {
             Ok(())
         } else if status.is_server_error() {
-            Err(TokenError::Unavailable(format!(
-                "revocation endpoint answered {status}"
-            )))
+            Err(TokenError::Unavailable(format!("revocation endpoint answered {status}")))
         } else {
             Err(TokenError::Rejected(format!("revocation endpoint answered {status}")))
         }
@@ -320,11 +301,7 @@ impl TokenClient {
             .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
             .map_err(|_| TokenError::Rejected("invalid token endpoint URL".into()))?;
         let call = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| TokenError::Unavailable(describe(&e)))?;
+            let resp = self.client.request(req).await.map_err(|e| TokenError::Unavailable(describe(&e)))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
                 .collect()
@@ -386,11 +363,7 @@ mod tests {
         };
         let u = t.updated(resp, 2000, 3600);
         assert_eq!(u.access_token.as_deref(), Some("b"));
-        assert_eq!(
-            u.refresh_token.as_deref(),
-            Some("r1"),
-            "a response without refresh_token keeps the old one"
-        );
+        assert_eq!(u.refresh_token.as_deref(), Some("r1"), "a response without refresh_token keeps the old one");
         assert_eq!(u.expires_at, Some(5600));
         let dbg = format!("{u:?}");
         assert!(!dbg.contains("r1") && !dbg.contains("\"b\""), "{dbg}");

@@ -79,29 +79,17 @@ impl Outbound {
         };
 
         // Inject (pure edits on a copy of the head) and forward.
-        let resp = self
-            .send(upstream_request(method, uri, &headers, Some(&resolved), body)?)
-            .await?;
+        let resp = self.send(upstream_request(method, uri, &headers, Some(&resolved), body)?).await?;
 
         // An OAuth2 401 with a replayable body: refresh only if the token that
         // failed is still current, then retry once.
         match replay {
             Some(replay) if resp.status() == StatusCode::UNAUTHORIZED => {
-                let failed = resolved
-                    .credential
-                    .values()
-                    .first()
-                    .map(|v| v.expose().to_owned())
-                    .unwrap_or_default();
+                let failed = resolved.credential.values().first().map(|v| v.expose().to_owned()).unwrap_or_default();
                 drop(resp);
                 let refreshed = self.connections.force_refresh(&resolved, &failed).await?;
-                let retry = upstream_request(
-                    method,
-                    uri,
-                    &headers,
-                    Some(&refreshed),
-                    Either::Right(Full::new(replay)),
-                )?;
+                let retry =
+                    upstream_request(method, uri, &headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
                 Ok((self.send(retry).await?, true))
             }
             _ => Ok((resp, false)),
@@ -160,11 +148,7 @@ async fn replayable(body: UpstreamBody) -> Result<(UpstreamBody, Option<Bytes>),
 
 pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
     let auth = uri.authority().ok_or(ProxyError::OriginForm)?;
-    let default = if uri.scheme() == Some(&UriScheme::HTTPS) {
-        443
-    } else {
-        80
-    };
+    let default = if uri.scheme() == Some(&UriScheme::HTTPS) { 443 } else { 80 };
     let value = match auth.port_u16() {
         Some(p) if p == default => auth.host().to_owned(),
         _ => auth.as_str().to_owned(),
@@ -173,10 +157,8 @@ pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
 }
 
 async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
@@ -210,11 +192,7 @@ pub enum ProxyError {
     #[error(transparent)]
     Refresh(#[from] RefreshError),
     #[error("integration {integration} does not allow host {host}:{port}")]
-    HostNotAllowed {
-        integration: String,
-        host: String,
-        port: u16,
-    },
+    HostNotAllowed { integration: String, host: String, port: u16 },
     #[error(transparent)]
     Inject(#[from] InjectError),
     #[error("request body larger than {limit} bytes")]
@@ -236,11 +214,9 @@ impl ProxyError {
         if let Some(c) = upstream::find_connect_error(&e) {
             // The source chain holds our own error by reference; rebuild an owned summary.
             return Self::Connect(match c {
-                ConnectError::Prohibited { host, ip, why } => ConnectError::Prohibited {
-                    host: host.clone(),
-                    ip: *ip,
-                    why: *why,
-                },
+                ConnectError::Prohibited { host, ip, why } => {
+                    ConnectError::Prohibited { host: host.clone(), ip: *ip, why: *why }
+                }
                 ConnectError::Dns { host, source } => ConnectError::Dns {
                     host: host.clone(),
                     source: std::io::Error::new(source.kind(), source.to_string()),

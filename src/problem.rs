@@ -81,14 +81,7 @@ impl Problem {
         detail: impl Into<Cow<'static, str>>,
         proxy_error: ProxyErrorType,
     ) -> Self {
-        Self {
-            status,
-            code,
-            title,
-            detail: detail.into(),
-            proxy_error,
-            retry_after_secs: None,
-        }
+        Self { status, code, title, detail: detail.into(), proxy_error, retry_after_secs: None }
     }
 
     pub fn body_bytes(&self) -> Bytes {
@@ -106,15 +99,8 @@ impl Problem {
     pub fn to_proxy_response(&self) -> Response<Bytes> {
         let mut resp = self.to_response();
         // RFC 9209: `details` is an sf-string; the code is always a safe token.
-        let ps = format!(
-            "{PROXY_NAME}; error={}; details=\"{}\"",
-            self.proxy_error.as_str(),
-            self.code
-        );
-        resp.headers_mut().insert(
-            "proxy-status",
-            HeaderValue::from_str(&ps).expect("proxy-status is ascii"),
-        );
+        let ps = format!("{PROXY_NAME}; error={}; details=\"{}\"", self.proxy_error.as_str(), self.code);
+        resp.headers_mut().insert("proxy-status", HeaderValue::from_str(&ps).expect("proxy-status is ascii"));
         resp
     }
 
@@ -123,10 +109,7 @@ impl Problem {
         let mut resp = Response::new(self.body_bytes());
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(secs) = self.retry_after_secs {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -150,10 +133,7 @@ mod tests {
         );
         let r = p.to_proxy_response();
         assert_eq!(r.status(), 403);
-        assert_eq!(
-            r.headers()["proxy-status"],
-            "credproxy; error=http_request_denied; details=\"host_not_allowed\""
-        );
+        assert_eq!(r.headers()["proxy-status"], "credproxy; error=http_request_denied; details=\"host_not_allowed\"");
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         assert_eq!(v["code"], "host_not_allowed");

@@ -153,11 +153,7 @@ async fn forward(
     let conn_id = match parts.headers.get(&X_CONNECTION_ID) {
         None => None,
         Some(v) => {
-            let id = v
-                .to_str()
-                .ok()
-                .filter(|s| ids::is_connection_id(s))
-                .ok_or(ProxyError::BadConnectionId)?;
+            let id = v.to_str().ok().filter(|s| ids::is_connection_id(s)).ok_or(ProxyError::BadConnectionId)?;
             Some(id.to_owned())
         }
     };
@@ -173,10 +169,7 @@ async fn forward(
             if !state.allow_passthrough {
                 return Err(ProxyError::PassthroughDenied);
             }
-            state
-                .outbound
-                .send(upstream_request(&parts.method, &uri, &parts.headers, None, body)?)
-                .await?
+            state.outbound.send(upstream_request(&parts.method, &uri, &parts.headers, None, body)?).await?
         }
         Some(id) => {
             access.connection = Some(id.clone());
@@ -208,10 +201,8 @@ async fn forward(
             }
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
-            let (resp, retried) = state
-                .outbound
-                .with_connection(&resolved, &parts.method, &uri, &parts.headers, body)
-                .await?;
+            let (resp, retried) =
+                state.outbound.with_connection(&resolved, &parts.method, &uri, &parts.headers, body).await?;
             access.retried = retried;
             resp
         }
@@ -232,26 +223,16 @@ fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
     };
     let host = uri.host().filter(|h| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(ProxyError::Malformed(
-            "user information in the request URI is not allowed",
-        ));
+        return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
     let port = uri.port_u16().unwrap_or(scheme.default_port());
     Ok((scheme, host.to_owned(), port))
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {
-    let authority = if port == scheme.default_port() {
-        host.to_owned()
-    } else {
-        format!("{host}:{port}")
-    };
+    let authority = if port == scheme.default_port() { host.to_owned() } else { format!("{host}:{port}") };
     let mut parts = uri.clone().into_parts();
-    parts.scheme = Some(if scheme == Scheme::Https {
-        UriScheme::HTTPS
-    } else {
-        UriScheme::HTTP
-    });
+    parts.scheme = Some(if scheme == Scheme::Https { UriScheme::HTTPS } else { UriScheme::HTTP });
     parts.authority =
         Some(Authority::try_from(authority.as_str()).map_err(|_| ProxyError::Malformed("invalid authority"))?);
     Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid URI"))
@@ -323,14 +304,8 @@ mod tests {
     #[test]
     fn targets() {
         assert!(matches!(target_of(&"/x".parse().unwrap()), Err(ProxyError::OriginForm)));
-        assert!(matches!(
-            target_of(&"ftp://a/".parse().unwrap()),
-            Err(ProxyError::UnsupportedScheme)
-        ));
-        assert_eq!(
-            target_of(&"http://a.test/x".parse().unwrap()).unwrap(),
-            (Scheme::Http, "a.test".into(), 80)
-        );
+        assert!(matches!(target_of(&"ftp://a/".parse().unwrap()), Err(ProxyError::UnsupportedScheme)));
+        assert_eq!(target_of(&"http://a.test/x".parse().unwrap()).unwrap(), (Scheme::Http, "a.test".into(), 80));
         assert_eq!(
             target_of(&"https://a.test:8443/".parse().unwrap()).unwrap(),
             (Scheme::Https, "a.test".into(), 8443)
@@ -338,25 +313,15 @@ mod tests {
         let u = rebuild_uri(&"http://a.test/p?q=1".parse().unwrap(), Scheme::Https, "a.test", 443).unwrap();
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
         assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");
-        assert_eq!(
-            host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(),
-            "127.0.0.1:8000"
-        );
+        assert_eq!(host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(), "127.0.0.1:8000");
     }
 
     #[test]
     fn every_problem_has_a_code_and_no_debug_leak() {
-        let e = ProxyError::HostNotAllowed {
-            integration: "gh".into(),
-            host: "evil.test".into(),
-            port: 443,
-        };
+        let e = ProxyError::HostNotAllowed { integration: "gh".into(), host: "evil.test".into(), port: 443 };
         let p = e.problem();
         assert_eq!((p.status.as_u16(), p.code), (403, "host_not_allowed"));
         let r = p.to_proxy_response();
-        assert!(r.headers()["proxy-status"]
-            .to_str()
-            .unwrap()
-            .starts_with("credproxy; error=http_request_denied"));
+        assert!(r.headers()["proxy-status"].to_str().unwrap().starts_with("credproxy; error=http_request_denied"));
     }
 }

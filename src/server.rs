@@ -51,9 +51,7 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         let bind = |what, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { what, addr, source })
+            TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source })
         };
         Ok(Self {
             proxy: bind("proxy.listen", config.proxy.listen).await?,
@@ -139,17 +137,8 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         addr: config.admin.listen,
         source,
     })?;
-    let public_url = config
-        .admin
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{admin_addr}"));
-    let admin_state = Arc::new(AdminState::new(
-        connections.clone(),
-        outbound,
-        &config.admin.tokens,
-        &public_url,
-    ));
+    let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
+    let admin_state = Arc::new(AdminState::new(connections.clone(), outbound, &config.admin.tokens, &public_url));
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(
@@ -170,11 +159,5 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         }
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        connections,
-        shutdown: tx,
-        tasks,
-    })
+    Ok(Running { proxy_addr, admin_addr, connections, shutdown: tx, tasks })
 }

@@ -65,10 +65,7 @@ pub struct GuardedConnector {
 
 impl GuardedConnector {
     pub fn new(policy: Arc<EgressPolicy>, connect_timeout: Duration) -> Self {
-        Self {
-            policy,
-            connect_timeout,
-        }
+        Self { policy, connect_timeout }
     }
 
     /// Resolves `host:port` and checks every address. Refuses the whole name
@@ -79,10 +76,7 @@ impl GuardedConnector {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => tokio::net::lookup_host((bare, port))
                 .await
-                .map_err(|source| ConnectError::Dns {
-                    host: host.to_owned(),
-                    source,
-                })?
+                .map_err(|source| ConnectError::Dns { host: host.to_owned(), source })?
                 .collect(),
         };
         if addrs.is_empty() {
@@ -100,9 +94,7 @@ impl GuardedConnector {
 
     async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
         let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
-        let port = uri
-            .port_u16()
-            .unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
         let addrs = self.resolve_checked(&host, port).await?;
         let mut last = None;
         for addr in addrs {
@@ -111,13 +103,7 @@ impl GuardedConnector {
                     let _ = stream.set_nodelay(true);
                     return Ok(TokioIo::new(stream));
                 }
-                Ok(Err(source)) => {
-                    last = Some(ConnectError::Connect {
-                        host: host.clone(),
-                        addr,
-                        source,
-                    })
-                }
+                Ok(Err(source)) => last = Some(ConnectError::Connect { host: host.clone(), addr, source }),
                 Err(_) => last = Some(ConnectError::Timeout { host: host.clone() }),
             }
         }
@@ -198,10 +184,7 @@ pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
+            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
                 return true;
             }
         }

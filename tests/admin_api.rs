@@ -20,10 +20,7 @@ fn create_body(org: &str, method: &str, creds: Value) -> Value {
 async fn authentication_and_health() {
     let h = Harness::start().await;
     let anon = AdminClient::new(&h.admin_url(), SecretValue::from("wrong-token-0123456789")).unwrap();
-    let (s, v) = anon
-        .send(Method::GET, "/v1/connections?org_id=org_local", None)
-        .await
-        .unwrap();
+    let (s, v) = anon.send(Method::GET, "/v1/connections?org_id=org_local", None).await.unwrap();
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["code"], "unauthorized");
     // Health endpoints need no token.
@@ -35,12 +32,7 @@ async fn authentication_and_health() {
     assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     let (s, v) = h.admin.send(Method::GET, "/v1/integrations", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
-    let ids: Vec<&str> = v["integrations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = v["integrations"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"github") && ids.contains(&"httpbin"), "{ids:?}");
 }
 
@@ -48,11 +40,7 @@ async fn authentication_and_health() {
 async fn invalid_credentials_are_rejected_naming_the_field_and_nothing_is_stored() {
     let h = Harness::start().await;
     let cases = [
-        (
-            create_body(ORG, "basic", json!({"username": "u"})),
-            "invalid_credentials",
-            "credentials.password: missing",
-        ),
+        (create_body(ORG, "basic", json!({"username": "u"})), "invalid_credentials", "credentials.password: missing"),
         (
             create_body(ORG, "bearer", json!({"token": "t", "tokn": "x"})),
             "invalid_credentials",
@@ -73,11 +61,7 @@ async fn invalid_credentials_are_rejected_naming_the_field_and_nothing_is_stored
             "invalid_credentials",
             "credentials.token: must be a string",
         ),
-        (
-            create_body(ORG, "nope", json!({"token": "t"})),
-            "unknown_auth_method",
-            "no auth method",
-        ),
+        (create_body(ORG, "nope", json!({"token": "t"})), "unknown_auth_method", "no auth method"),
         (
             json!({"integration": "nope", "auth_method": "x", "org_id": ORG, "user_id": "u", "credentials": {}}),
             "unknown_integration",
@@ -95,24 +79,13 @@ async fn invalid_credentials_are_rejected_naming_the_field_and_nothing_is_stored
         ),
     ];
     for (body, code, detail) in cases {
-        let (s, v) = h
-            .admin
-            .send(Method::POST, "/v1/connections", Some(&body))
-            .await
-            .unwrap();
+        let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_eq!(v["code"], code, "{body}: {v}");
         assert!(v["detail"].as_str().unwrap().contains(detail), "{body}: {v}");
-        assert!(
-            !v.to_string().contains("X-Injected") && !v.to_string().contains("12345"),
-            "value echoed: {v}"
-        );
+        assert!(!v.to_string().contains("X-Injected") && !v.to_string().contains("12345"), "value echoed: {v}");
     }
-    let (s, v) = h
-        .admin
-        .send(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
-        .await
-        .unwrap();
+    let (s, v) = h.admin.send(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["connections"], json!([]), "nothing may be stored");
 }
@@ -125,11 +98,7 @@ async fn crud_and_org_scoped_tokens() {
         .send(
             Method::POST,
             "/v1/connections",
-            Some(&create_body(
-                ORG,
-                "basic",
-                json!({"username": "bob", "password": "crud-secret-pw"}),
-            )),
+            Some(&create_body(ORG, "basic", json!({"username": "bob", "password": "crud-secret-pw"}))),
         )
         .await
         .unwrap();
@@ -140,17 +109,9 @@ async fn crud_and_org_scoped_tokens() {
     assert_eq!(created["credential_fields"], json!(["username", "password"]));
     assert!(!created.to_string().contains("crud-secret-pw"));
 
-    let got = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let got = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(got, created);
-    let list = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
-        .await
-        .unwrap();
+    let list = h.admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
     assert_eq!(list["connections"], json!([created]));
 
     // An org-scoped token sees only its org.
@@ -159,46 +120,23 @@ async fn crud_and_org_scoped_tokens() {
     let (s, v) = scoped.send(Method::GET, "/v1/connections", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["connections"].as_array().unwrap().len(), 1);
-    let (s, _) = scoped
-        .send(Method::GET, "/v1/connections?org_id=org_other", None)
-        .await
-        .unwrap();
+    let (s, _) = scoped.send(Method::GET, "/v1/connections?org_id=org_other", None).await.unwrap();
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, a) = scoped
-        .send(Method::GET, &format!("/v1/connections/{other}"), None)
-        .await
-        .unwrap();
-    let (s2, b) = scoped
-        .send(Method::GET, "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa", None)
-        .await
-        .unwrap();
+    let (s, a) = scoped.send(Method::GET, &format!("/v1/connections/{other}"), None).await.unwrap();
+    let (s2, b) = scoped.send(Method::GET, "/v1/connections/conn_aaaaaaaaaaaaaaaaaaaaaaaaaa", None).await.unwrap();
     assert_eq!((s, s2), (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND));
     assert_eq!(a, b);
-    let (s, _) = scoped
-        .send(Method::DELETE, &format!("/v1/connections/{other}"), None)
-        .await
-        .unwrap();
+    let (s, _) = scoped.send(Method::DELETE, &format!("/v1/connections/{other}"), None).await.unwrap();
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, v) = scoped
-        .send(
-            Method::POST,
-            "/v1/connections",
-            Some(&create_body("org_other", "bearer", json!({"token": "t"}))),
-        )
+        .send(Method::POST, "/v1/connections", Some(&create_body("org_other", "bearer", json!({"token": "t"}))))
         .await
         .unwrap();
     assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden_org")));
 
-    let del = scoped
-        .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let del = scoped.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(del["deleted"], true);
-    let (s, _) = h
-        .admin
-        .send(Method::GET, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let (s, _) = h.admin.send(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
 
@@ -213,11 +151,7 @@ async fn cli(h: &Harness, args: &[&str]) -> (i32, Value, String) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (
-        out.status.code().unwrap_or(-1),
-        v,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,14 +240,7 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
         "id = \"x\"\nname = \"X\"\nallowed_hosts = []\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n",
     )
     .unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "[proxy]\norg_id = \"o\"\n[integrations]\ndir = \"{}\"\n",
-            ints.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("[proxy]\norg_id = \"o\"\n[integrations]\ndir = \"{}\"\n", ints.display())).unwrap();
     let out = tokio::process::Command::new(credproxy_bin())
         .args(["check-config", "--config"])
         .arg(&path)
@@ -348,10 +275,7 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
         .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("CREDPROXY_PROXY__LISTEN", "127.0.0.1:0")
         .env("CREDPROXY_ADMIN__LISTEN", "127.0.0.1:0")
-        .env(
-            "CREDPROXY_STORE__URL",
-            format!("sqlite://{}/db.sqlite", dir.path().display()),
-        )
+        .env("CREDPROXY_STORE__URL", format!("sqlite://{}/db.sqlite", dir.path().display()))
         .env("CREDPROXY_CRYPTO__KEY_FILE", dir.path().join("master.key"))
         .env("CREDPROXY_EGRESS__ALLOW_CIDRS", "[\"127.0.0.0/8\"]")
         .env("RUST_LOG", "info")
@@ -364,13 +288,7 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     while let Ok(Ok(Some(line))) = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await {
         if line.contains("credproxy listening") {
             let field = |name: &str| {
-                line.split(&format!("{name}="))
-                    .nth(1)
-                    .unwrap()
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_owned()
+                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
             };
             proxy = field("proxy");
             admin = field("admin");
@@ -381,26 +299,12 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
     let created = client
-        .call(
-            Method::POST,
-            "/v1/connections",
-            Some(&create_body("org_local", "bearer", json!({"token": "bin-token"}))),
-        )
+        .call(Method::POST, "/v1/connections", Some(&create_body("org_local", "bearer", json!({"token": "bin-token"}))))
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap();
     let hdr = format!("X-Connection-Id: {id}");
-    let seen = curl(
-        &[
-            "-x",
-            &format!("http://{proxy}"),
-            "-H",
-            &hdr,
-            &format!("{}/headers", httpbin()),
-        ],
-        &[],
-    )
-    .await;
+    let seen = curl(&["-x", &format!("http://{proxy}"), "-H", &hdr, &format!("{}/headers", httpbin())], &[]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
     assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer bin-token"));
     let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -409,11 +313,7 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     assert_eq!(mode & 0o777, 0o600);
 
     let pid = child.id().unwrap().to_string();
-    let st = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
+    let st = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
     assert!(st.success());
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
         .await

@@ -11,11 +11,7 @@ use serde_json::{json, Value};
 use support::*;
 
 async fn harness(oidc: &Oidc) -> Harness {
-    Harness::start_with(Opts {
-        integrations: vec![oidc.integration()],
-        ..Default::default()
-    })
-    .await
+    Harness::start_with(Opts { integrations: vec![oidc.integration()], ..Default::default() }).await
 }
 
 /// Authorizes a connection through the full flow and returns its id.
@@ -27,43 +23,24 @@ async fn authorized(h: &Harness, method: &str) -> String {
 }
 
 async fn get_resource(h: &Harness, oidc: &Oidc, id: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    proxy_request(
-        h.running.proxy_addr,
-        "GET",
-        &format!("{}/resource", oidc.url),
-        Some(id),
-        None,
-    )
-    .await
+    proxy_request(h.running.proxy_addr, "GET", &format!("{}/resource", oidc.url), Some(id), None).await
 }
 
 async fn connection_count(h: &Harness) -> usize {
-    let v = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
-        .await
-        .unwrap();
+    let v = h.admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
     v["connections"].as_array().unwrap().len()
 }
 
 /// RFC 7662 introspection at the provider, as the client.
 async fn introspect(oidc: &Oidc, token: &str) -> bool {
     let out = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-u",
-            &format!("cp-basic:{OIDC_BASIC_SECRET}"),
-            "-d",
-            &format!("token={token}"),
-        ])
+        .args(["-sS", "-u", &format!("cp-basic:{OIDC_BASIC_SECRET}"), "-d", &format!("token={token}")])
         .arg(format!("{}/token/introspection", oidc.url))
         .output()
         .await
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["active"]
-        .as_bool()
-        .unwrap_or_else(|| panic!("introspection answered {v}"))
+    v["active"].as_bool().unwrap_or_else(|| panic!("introspection answered {v}"))
 }
 
 async fn wait_for_expiry() {
@@ -81,23 +58,14 @@ async fn authorization_code_flow_end_to_end() {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["account"], "test-user");
-        let meta = h
-            .admin
-            .call(Method::GET, &format!("/v1/connections/{id}"), None)
-            .await
-            .unwrap();
-        assert_eq!(
-            (meta["state"].as_str(), meta["auth_method"].as_str()),
-            (Some("active"), Some(method))
-        );
+        let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+        assert_eq!((meta["state"].as_str(), meta["auth_method"].as_str()), (Some("active"), Some(method)));
     }
     assert_eq!(oidc.count("authorization_code").await, 2);
 
     // With return_to, the callback redirects there with the connection id
     // (httpbin's /anything stands in for the platform's page and echoes it).
-    let (seen, final_url) = h
-        .authorize("code", json!({"return_to": format!("{}/anything/done", httpbin())}))
-        .await;
+    let (seen, final_url) = h.authorize("code", json!({"return_to": format!("{}/anything/done", httpbin())})).await;
     assert_eq!(seen.status, 200, "{final_url}: {}", seen.text());
     let cid = seen.json()["args"]["connection_id"].as_str().unwrap().to_owned();
     assert!(cid.starts_with("conn_"), "{cid}");
@@ -139,10 +107,7 @@ async fn bad_state_and_provider_errors_create_nothing() {
 
     // A state that was never issued.
     let seen = curl(&[&format!("{callback}?code=abc&state=never-issued")], &[]).await;
-    assert_eq!(
-        (seen.status, seen.json()["code"].as_str()),
-        (400, Some("invalid_state"))
-    );
+    assert_eq!((seen.status, seen.json()["code"].as_str()), (400, Some("invalid_state")));
 
     // The provider says the user refused: a clear 400, and the state is spent.
     let v = h
@@ -179,9 +144,7 @@ async fn refresh_storm_makes_exactly_one_refresh() {
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let (url, id) = (url.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            proxy_request(proxy, "GET", &url, Some(&id), None).await
-        }));
+        tasks.push(tokio::spawn(async move { proxy_request(proxy, "GET", &url, Some(&id), None).await }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -191,16 +154,8 @@ async fn refresh_storm_makes_exactly_one_refresh() {
     }
     assert_eq!(ok, 200);
     // With rotation, a second refresh with the old token would revoke the grant.
-    assert_eq!(
-        oidc.count("refresh_token").await - before,
-        1,
-        "exactly one refresh grant at the provider"
-    );
-    assert_eq!(
-        get_resource(&h, &oidc, &id).await.0,
-        200,
-        "the rotated refresh token was kept"
-    );
+    assert_eq!(oidc.count("refresh_token").await - before, 1, "exactly one refresh grant at the provider");
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200, "the rotated refresh token was kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,14 +175,9 @@ async fn upstream_401_refreshes_once_and_retries_replayable_requests() {
 
     // A small POST with a known length is replayed too.
     oidc.post("/test/revoke-access").await;
-    let (status, _, _) = proxy_request(
-        h.running.proxy_addr,
-        "POST",
-        &format!("{}/resource", oidc.url),
-        Some(&id),
-        Some(b"{\"a\":1}"),
-    )
-    .await;
+    let (status, _, _) =
+        proxy_request(h.running.proxy_addr, "POST", &format!("{}/resource", oidc.url), Some(&id), Some(b"{\"a\":1}"))
+            .await;
     assert_eq!(status, 200);
 
     // A streamed (chunked) body is not retried: the upstream's 401 comes back as is.
@@ -254,11 +204,7 @@ async fn upstream_401_refreshes_once_and_retries_replayable_requests() {
     )
     .await;
     assert_eq!(seen.status, 401, "{}", seen.text());
-    assert_eq!(
-        seen.header("proxy-status"),
-        None,
-        "relayed from upstream, not made by the proxy"
-    );
+    assert_eq!(seen.header("proxy-status"), None, "relayed from upstream, not made by the proxy");
     assert_eq!(seen.json()["error"], "invalid_token");
 }
 
@@ -270,10 +216,7 @@ async fn invalid_grant_marks_the_connection_needs_reauth() {
     assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
     let (r, _) = h.running.connections.resolve(ORG, &id).await.unwrap();
     let tokens = r.tokens.clone().unwrap();
-    let secrets = [
-        tokens.access_token.clone().unwrap(),
-        tokens.refresh_token.clone().unwrap(),
-    ];
+    let secrets = [tokens.access_token.clone().unwrap(), tokens.refresh_token.clone().unwrap()];
     oidc.post("/test/revoke-refresh").await;
     wait_for_expiry().await;
     for _ in 0..2 {
@@ -281,54 +224,30 @@ async fn invalid_grant_marks_the_connection_needs_reauth() {
         assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], "connection_needs_reauth");
-        assert!(headers
-            .iter()
-            .any(|(k, v)| k == "proxy-status" && v.contains("connection_needs_reauth")));
+        assert!(headers.iter().any(|(k, v)| k == "proxy-status" && v.contains("connection_needs_reauth")));
     }
-    let meta = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(meta["state"], "needs_reauth");
     let text = meta.to_string();
     for secret in &secrets {
-        assert!(
-            !text.contains(secret.as_str()),
-            "token value in the admin response: {text}"
-        );
+        assert!(!text.contains(secret.as_str()), "token value in the admin response: {text}");
     }
     assert_eq!(meta["credential_fields"], json!(["access_token"]));
 
     // A user re-authorizes the same connection: its tokens are replaced and it works again.
     let (seen, _) = h.authorize("code", json!({"connection_id": id})).await;
     assert_eq!(seen.status, 201, "{}", seen.text());
-    assert_eq!(
-        seen.json()["connection_id"],
-        id.as_str(),
-        "the same connection, not a new one"
-    );
+    assert_eq!(seen.json()["connection_id"], id.as_str(), "the same connection, not a new one");
     let (status, _, body) = get_resource(&h, &oidc, &id).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let meta = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(meta["state"], "active");
     assert_eq!(connection_count(&h).await, 1);
     // Re-authorizing with another method's connection is refused before any redirect.
     let body =
         json!({"integration": "oidc", "auth_method": "code_post", "org_id": ORG, "user_id": "u", "connection_id": id});
-    let (s, v) = h
-        .admin
-        .send(Method::POST, "/v1/oauth2/authorize", Some(&body))
-        .await
-        .unwrap();
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("connection_mismatch"))
-    );
+    let (s, v) = h.admin.send(Method::POST, "/v1/oauth2/authorize", Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("connection_mismatch")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,18 +256,10 @@ async fn client_credentials_token_is_fetched_once_reused_then_refreshed_once() {
     let h = harness(&oidc).await;
     let body =
         json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
-    let (s, v) = h
-        .admin
-        .send(Method::POST, "/v1/connections", Some(&body))
-        .await
-        .unwrap();
+    let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        oidc.count("client_credentials").await,
-        0,
-        "fetched on first use, not at creation"
-    );
+    assert_eq!(oidc.count("client_credentials").await, 0, "fetched on first use, not at creation");
     for _ in 0..5 {
         let (status, _, body) = get_resource(&h, &oidc, &id).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -362,15 +273,8 @@ async fn client_credentials_token_is_fetched_once_reused_then_refreshed_once() {
 
     // Authorization-code methods cannot be created with a plain POST.
     let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u", "credentials": {}});
-    let (s, v) = h
-        .admin
-        .send(Method::POST, "/v1/connections", Some(&body))
-        .await
-        .unwrap();
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("use_oauth2_authorize"))
-    );
+    let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("use_oauth2_authorize")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,44 +284,23 @@ async fn delete_revokes_tokens_at_the_provider() {
     let id = authorized(&h, "code").await;
     assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
     let active = oidc.get_json("/test/active").await;
-    assert_eq!(
-        (active["access"].as_u64(), active["refresh"].as_u64()),
-        (Some(1), Some(1)),
-        "{active}"
-    );
+    assert_eq!((active["access"].as_u64(), active["refresh"].as_u64()), (Some(1), Some(1)), "{active}");
     let issued = oidc.get_json("/test/secrets").await;
     let tokens: Vec<String> = ["access", "refresh"]
         .iter()
-        .flat_map(|k| {
-            issued[*k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-        })
+        .flat_map(|k| issued[*k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()))
         .collect();
     assert_eq!(tokens.len(), 2);
     for t in &tokens {
         assert!(introspect(&oidc, t).await, "active before delete");
     }
-    let del = h
-        .admin
-        .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let del = h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(del["provider_revocation"], "revoked", "{del}");
     for t in &tokens {
-        assert!(
-            !introspect(&oidc, t).await,
-            "introspection must report revoked tokens inactive"
-        );
+        assert!(!introspect(&oidc, t).await, "introspection must report revoked tokens inactive");
     }
     let active = oidc.get_json("/test/active").await;
-    assert_eq!(
-        (active["access"].as_u64(), active["refresh"].as_u64()),
-        (Some(0), Some(0)),
-        "{active}"
-    );
+    assert_eq!((active["access"].as_u64(), active["refresh"].as_u64()), (Some(0), Some(0)), "{active}");
     assert_eq!(get_resource(&h, &oidc, &id).await.0, 404);
 }
 
@@ -440,18 +323,10 @@ async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
     assert!(headers.iter().any(|(k, _)| k == "retry-after"));
     oidc.post("/test/token-fail?status=0").await;
     assert_eq!(oidc.count("refresh_token").await, before);
-    let meta = h
-        .admin
-        .call(Method::GET, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(meta["state"], "active", "a transient failure leaves the state alone");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        get_resource(&h, &oidc, &id).await.0,
-        200,
-        "recovers after the cool-down"
-    );
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200, "recovers after the cool-down");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,36 +363,20 @@ expect_status = 200
 "#
     );
     let h = Harness::start_with(Opts {
-        integrations: vec![
-            oidc.integration(),
-            ("checked.toml".into(), httpbin_tests),
-            ("teapot.toml".into(), broken),
-        ],
+        integrations: vec![oidc.integration(), ("checked.toml".into(), httpbin_tests), ("teapot.toml".into(), broken)],
         ..Default::default()
     })
     .await;
 
     // OAuth2: live connection.
     let id = authorized(&h, "code").await;
-    let v = h
-        .admin
-        .call(Method::POST, &format!("/v1/connections/{id}/test"), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        (v["ok"].as_bool(), v["status"].as_u64()),
-        (Some(true), Some(200)),
-        "{v}"
-    );
+    let v = h.admin.call(Method::POST, &format!("/v1/connections/{id}/test"), None).await.unwrap();
+    assert_eq!((v["ok"].as_bool(), v["status"].as_u64()), (Some(true), Some(200)), "{v}");
     assert!(v["latency_ms"].is_u64());
 
     // Static bearer, through the CLI.
     let create = |integration: &str| json!({"integration": integration, "auth_method": "bearer", "org_id": ORG, "user_id": "u", "credentials": {"token": "t-123"}});
-    let ok_id = h
-        .admin
-        .call(Method::POST, "/v1/connections", Some(&create("httpbin_checked")))
-        .await
-        .unwrap()["id"]
+    let ok_id = h.admin.call(Method::POST, "/v1/connections", Some(&create("httpbin_checked"))).await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -532,34 +391,18 @@ expect_status = 200
     assert_eq!(v["ok"], true, "{v}");
 
     // Not ok, with the upstream's status.
-    let bad_id = h
-        .admin
-        .call(Method::POST, "/v1/connections", Some(&create("httpbin_teapot")))
-        .await
-        .unwrap()["id"]
+    let bad_id = h.admin.call(Method::POST, "/v1/connections", Some(&create("httpbin_teapot"))).await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    let v = h
-        .admin
-        .call(Method::POST, &format!("/v1/connections/{bad_id}/test"), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        (v["ok"].as_bool(), v["status"].as_u64()),
-        (Some(false), Some(418)),
-        "{v}"
-    );
+    let v = h.admin.call(Method::POST, &format!("/v1/connections/{bad_id}/test"), None).await.unwrap();
+    assert_eq!((v["ok"].as_bool(), v["status"].as_u64()), (Some(false), Some(418)), "{v}");
     assert_eq!(v["error"]["code"], "unexpected_status");
 
     // A dead grant: not ok, with the proxy's error code.
     oidc.post("/test/revoke-refresh").await;
     oidc.post("/test/revoke-access").await;
-    let v = h
-        .admin
-        .call(Method::POST, &format!("/v1/connections/{id}/test"), None)
-        .await
-        .unwrap();
+    let v = h.admin.call(Method::POST, &format!("/v1/connections/{id}/test"), None).await.unwrap();
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["error"]["code"], "connection_needs_reauth", "{v}");
 
@@ -583,10 +426,7 @@ expect_status = 200
         .await
         .unwrap();
     let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="),
-        "{url}"
-    );
+    assert!(url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="), "{url}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,19 +441,11 @@ async fn token_endpoint_calls_obey_the_ssrf_guard() {
     .await;
     let body =
         json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
-    let v = h
-        .admin
-        .call(Method::POST, "/v1/connections", Some(&body))
-        .await
-        .unwrap();
+    let v = h.admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
     let id = v["id"].as_str().unwrap();
     let (status, _, body) = get_resource(&h, &oidc, id).await;
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["code"], "token_endpoint_unavailable");
-    assert_eq!(
-        oidc.count("client_credentials").await,
-        0,
-        "no request may reach a prohibited token endpoint"
-    );
+    assert_eq!(oidc.count("client_credentials").await, 0, "no request may reach a prohibited token endpoint");
 }

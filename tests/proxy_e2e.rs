@@ -40,17 +40,11 @@ async fn bearer_via_curl_replaces_authorization_and_strips_control_headers() {
     )
     .await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.echoed_header("Authorization").as_deref(),
-        Some("Bearer bearer-token-abc")
-    );
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer bearer-token-abc"));
     assert_eq!(seen.echoed_header("X-Connection-Id"), None);
     assert_eq!(seen.echoed_header("Proxy-Authorization"), None);
     assert_eq!(seen.echoed_header("X-Hop"), None);
-    assert_eq!(
-        seen.echoed_header("Host").as_deref(),
-        Some(httpbin_authority().as_str())
-    );
+    assert_eq!(seen.echoed_header("Host").as_deref(), Some(httpbin_authority().as_str()));
     assert_eq!(seen.json()["args"]["a"], "1");
     // A response relayed from upstream carries no Proxy-Status.
     assert_eq!(seen.header("proxy-status"), None);
@@ -65,26 +59,18 @@ async fn curl_with_lowercase_http_proxy_env() {
     let proxy = h.proxy_url();
     let seen = curl(&["-H", &hdr, &url], &[("http_proxy", &proxy)]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.echoed_header("Authorization").as_deref(),
-        Some("Bearer env-proxy-token")
-    );
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer env-proxy-token"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_passes_httpbin_basic_auth_check() {
     let h = Harness::start().await;
-    let id = h
-        .create("basic", &[("username", "alice"), ("password", "p@ss word")])
-        .await;
+    let id = h.create("basic", &[("username", "alice"), ("password", "p@ss word")]).await;
     let seen = via_curl(&h, &id, "/basic-auth/alice/p@ss%20word", &[]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
     assert_eq!(seen.json()["authenticated"], true);
     let seen = via_curl(&h, &id, "/headers", &[]).await;
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("alice:p@ss word")
-    );
+    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:p@ss word"));
     assert_eq!(seen.echoed_header("Authorization"), Some(expected));
 }
 
@@ -104,38 +90,23 @@ async fn api_key_in_header_query_and_cookie() {
 
     let id = h.create("key_cookie", &[("api_key", "ck-3")]).await;
     let seen = via_curl(&h, &id, "/headers", &["-H", "Cookie: theme=dark; session=caller"]).await;
-    assert_eq!(
-        seen.echoed_header("Cookie").as_deref(),
-        Some("theme=dark; session=ck-3")
-    );
+    assert_eq!(seen.echoed_header("Cookie").as_deref(), Some("theme=dark; session=ck-3"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_headers_json_body_and_form_body() {
     let h = Harness::start().await;
-    let id = h
-        .create("custom_headers", &[("client_id", "cid-9"), ("client_secret", "cs-9")])
-        .await;
+    let id = h.create("custom_headers", &[("client_id", "cid-9"), ("client_secret", "cs-9")]).await;
     let seen = via_curl(&h, &id, "/headers", &[]).await;
     assert_eq!(seen.echoed_header("X-Client-Id").as_deref(), Some("cid-9"));
-    assert_eq!(
-        seen.echoed_header("X-Client-Signature").as_deref(),
-        Some("v1:cid-9:cs-9")
-    );
+    assert_eq!(seen.echoed_header("X-Client-Signature").as_deref(), Some("v1:cid-9:cs-9"));
 
-    let id = h
-        .create("custom_json", &[("account", "acct-1"), ("secret", "json-secret-1")])
-        .await;
+    let id = h.create("custom_json", &[("account", "acct-1"), ("secret", "json-secret-1")]).await;
     let seen = via_curl(
         &h,
         &id,
         "/anything",
-        &[
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            r#"{"q":"x","api_secret":"caller"}"#,
-        ],
+        &["-H", "Content-Type: application/json", "--data", r#"{"q":"x","api_secret":"caller"}"#],
     )
     .await;
     assert_eq!(seen.status, 200, "{}", seen.text());
@@ -143,13 +114,7 @@ async fn custom_headers_json_body_and_form_body() {
     assert_eq!(v["json"], serde_json::json!({"q": "x", "api_secret": "json-secret-1"}));
     assert_eq!(seen.echoed_header("X-Account").as_deref(), Some("acct-1"));
     // A body that cannot carry the field is refused, not forwarded without it.
-    let seen = via_curl(
-        &h,
-        &id,
-        "/anything",
-        &["-H", "Content-Type: text/plain", "--data", "plain"],
-    )
-    .await;
+    let seen = via_curl(&h, &id, "/anything", &["-H", "Content-Type: text/plain", "--data", "plain"]).await;
     assert_eq!(seen.status, 400);
     assert_eq!(seen.json()["code"], "request_body_not_injectable");
     assert!(seen.header("proxy-status").is_some());
@@ -157,10 +122,7 @@ async fn custom_headers_json_body_and_form_body() {
     let id = h.create("custom_form", &[("secret", "form-secret-1")]).await;
     let seen = via_curl(&h, &id, "/post", &["--data", "a=1&client_secret=caller"]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.json()["form"],
-        serde_json::json!({"a": "1", "client_secret": "form-secret-1"})
-    );
+    assert_eq!(seen.json()["form"], serde_json::json!({"a": "1", "client_secret": "form-secret-1"}));
 
     // Past proxy.max_buffered_body (64 KiB in tests): 413, nothing forwarded.
     let big = format!("a={}", "x".repeat(70_000));
@@ -175,11 +137,7 @@ async fn python_requests_and_httpx_via_http_proxy_env() {
     let id = h.create("bearer", &[("token", "py-token-1")]).await;
     let url = format!("{}/anything/py", httpbin());
     let proxy = h.proxy_url();
-    let env = [
-        ("HTTP_PROXY", proxy.as_str()),
-        ("TARGET", url.as_str()),
-        ("CONN", id.as_str()),
-    ];
+    let env = [("HTTP_PROXY", proxy.as_str()), ("TARGET", url.as_str()), ("CONN", id.as_str())];
     let requests_script = r#"
 import json, os, requests
 r = requests.get(os.environ["TARGET"], headers={"X-Connection-Id": os.environ["CONN"], "Authorization": "Bearer caller"})
@@ -187,15 +145,9 @@ print(json.dumps({"status": r.status_code, "headers": dict(r.headers), "body": r
 "#;
     let seen = python_client(requests_script, &env).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.echoed_header("Authorization").as_deref(),
-        Some("Bearer py-token-1")
-    );
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer py-token-1"));
     assert_eq!(seen.echoed_header("X-Connection-Id"), None);
-    assert_eq!(
-        seen.echoed_header("Host").as_deref(),
-        Some(httpbin_authority().as_str())
-    );
+    assert_eq!(seen.echoed_header("Host").as_deref(), Some(httpbin_authority().as_str()));
 
     let httpx_script = r#"
 import json, os, httpx
@@ -205,10 +157,7 @@ print(json.dumps({"status": r.status_code, "headers": dict(r.headers), "body": r
 "#;
     let seen = python_client(httpx_script, &env).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
-    assert_eq!(
-        seen.echoed_header("Authorization").as_deref(),
-        Some("Bearer py-token-1")
-    );
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer py-token-1"));
     assert_eq!(seen.json()["json"]["k"], "v");
 }
 
@@ -225,9 +174,7 @@ async fn wrong_host_is_refused_and_the_wrong_host_sees_no_connection() {
     let seen = curl(&["-x", &proxy, "-H", &hdr, &url], &[]).await;
     assert_eq!(seen.status, 403, "{}", seen.text());
     assert_eq!(seen.json()["code"], "host_not_allowed");
-    let ps = seen
-        .header("proxy-status")
-        .expect("Proxy-Status on proxy-made responses");
+    let ps = seen.header("proxy-status").expect("Proxy-Status on proxy-made responses");
     assert!(ps.starts_with("credproxy; error=http_request_denied"), "{ps}");
     assert_eq!(seen.header("content-type"), Some("application/problem+json"));
     let accepted = tokio::time::timeout(std::time::Duration::from_millis(500), evil.accept()).await;
@@ -237,9 +184,7 @@ async fn wrong_host_is_refused_and_the_wrong_host_sees_no_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_other_org_ids_get_identical_404s() {
     let h = Harness::start().await;
-    let other = h
-        .create_in("org_other", "bearer", &[("token", "other-org-token")])
-        .await;
+    let other = h.create_in("org_other", "bearer", &[("token", "other-org-token")]).await;
     let unknown = "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa";
     let a = via_curl(&h, unknown, "/headers", &[]).await;
     let b = via_curl(&h, &other, "/headers", &[]).await;
@@ -282,10 +227,7 @@ async fn deleted_connection_stops_working_at_once() {
     let h = Harness::start().await;
     let id = h.create("bearer", &[("token", "short-lived")]).await;
     assert_eq!(via_curl(&h, &id, "/headers", &[]).await.status, 200);
-    h.admin
-        .call(http::Method::DELETE, &format!("/v1/connections/{id}"), None)
-        .await
-        .unwrap();
+    h.admin.call(http::Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
     let seen = via_curl(&h, &id, "/headers", &[]).await;
     assert_eq!(seen.status, 404, "cached credential must be evicted on delete");
 }
@@ -293,11 +235,7 @@ async fn deleted_connection_stops_working_at_once() {
 /// The SSRF guard without the tests' loopback exception.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssrf_guard_refuses_internal_destinations() {
-    let h = Harness::start_with(Opts {
-        allow_loopback: false,
-        ..Default::default()
-    })
-    .await;
+    let h = Harness::start_with(Opts { allow_loopback: false, ..Default::default() }).await;
     let proxy = h.proxy_url();
     let port = port_of(&httpbin_authority());
     // Pass-through requests to internal addresses, by literal and by name.
@@ -312,21 +250,12 @@ async fn ssrf_guard_refuses_internal_destinations() {
         let seen = curl(&["-x", &proxy, &url], &[]).await;
         assert_eq!(seen.status, 403, "{url}: {}", seen.text());
         assert_eq!(seen.json()["code"], "destination_ip_prohibited", "{url}");
-        assert!(
-            seen.header("proxy-status")
-                .unwrap()
-                .contains("error=destination_ip_prohibited"),
-            "{url}"
-        );
+        assert!(seen.header("proxy-status").unwrap().contains("error=destination_ip_prohibited"), "{url}");
     }
     // With a connection whose allowed_hosts include localhost: still refused.
     let id = h.create("bearer", &[("token", "ssrf-token")]).await;
     let hdr = format!("{ID_HDR}: {id}");
-    let seen = curl(
-        &["-x", &proxy, "-H", &hdr, &format!("http://localhost:{port}/headers")],
-        &[],
-    )
-    .await;
+    let seen = curl(&["-x", &proxy, "-H", &hdr, &format!("http://localhost:{port}/headers")], &[]).await;
     assert_eq!(seen.status, 403, "{}", seen.text());
     assert_eq!(seen.json()["code"], "destination_ip_prohibited");
 }

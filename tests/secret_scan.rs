@@ -57,11 +57,7 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let oidc = Oidc::start().await;
-    let h = Harness::start_with(Opts {
-        integrations: vec![oidc.integration()],
-        ..Default::default()
-    })
-    .await;
+    let h = Harness::start_with(Opts { integrations: vec![oidc.integration()], ..Default::default() }).await;
     let mut seen_text: Vec<String> = Vec::new();
     let create = |method: &str, creds: Vec<(&str, &str)>| {
         let creds: serde_json::Map<String, serde_json::Value> =
@@ -70,46 +66,19 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     };
     let bodies = vec![
         ("bearer", create("bearer", vec![("token", "SEEDED-bearer-7f3a9c")])),
-        (
-            "basic",
-            create(
-                "basic",
-                vec![("username", "SEEDED-basic-user"), ("password", "SEEDED-basic-pw-51d2")],
-            ),
-        ),
-        (
-            "key_header",
-            create("key_header", vec![("api_key", "SEEDED-hdr-key-88aa")]),
-        ),
-        (
-            "key_query",
-            create("key_query", vec![("api_key", "SEEDED-query-key-21bc")]),
-        ),
-        (
-            "key_cookie",
-            create("key_cookie", vec![("api_key", "SEEDED-cookie-key-0e4f")]),
-        ),
+        ("basic", create("basic", vec![("username", "SEEDED-basic-user"), ("password", "SEEDED-basic-pw-51d2")])),
+        ("key_header", create("key_header", vec![("api_key", "SEEDED-hdr-key-88aa")])),
+        ("key_query", create("key_query", vec![("api_key", "SEEDED-query-key-21bc")])),
+        ("key_cookie", create("key_cookie", vec![("api_key", "SEEDED-cookie-key-0e4f")])),
         (
             "custom_headers",
             create(
                 "custom_headers",
-                vec![
-                    ("client_id", "SEEDED-client-id-c1"),
-                    ("client_secret", "SEEDED-client-secret-c2"),
-                ],
+                vec![("client_id", "SEEDED-client-id-c1"), ("client_secret", "SEEDED-client-secret-c2")],
             ),
         ),
-        (
-            "custom_json",
-            create(
-                "custom_json",
-                vec![("account", "acct"), ("secret", "SEEDED-json-secret-j9")],
-            ),
-        ),
-        (
-            "custom_form",
-            create("custom_form", vec![("secret", "SEEDED-form-secret-f7")]),
-        ),
+        ("custom_json", create("custom_json", vec![("account", "acct"), ("secret", "SEEDED-json-secret-j9")])),
+        ("custom_form", create("custom_form", vec![("secret", "SEEDED-form-secret-f7")])),
     ];
     let mut ids = Vec::new();
     for (_, body) in &bodies {
@@ -131,19 +100,7 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     for id in &ids {
         let hdr = format!("X-Connection-Id: {id}");
         // Success through the full path (the JSON/form ones need bodies).
-        let ok = curl(
-            &[
-                "-x",
-                &proxy,
-                "-H",
-                &hdr,
-                "--data",
-                "a=1",
-                &format!("{}/status/200", httpbin()),
-            ],
-            &[],
-        )
-        .await;
+        let ok = curl(&["-x", &proxy, "-H", &hdr, "--data", "a=1", &format!("{}/status/200", httpbin())], &[]).await;
         seen_text.push(ok.text());
         // Upstream error statuses, proxy-made errors: wrong host, bad body.
         for args in [
@@ -178,74 +135,34 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     oidc.post("/test/revoke-access").await;
     let (status, _, _) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&oauth_id), None).await;
     assert_eq!(status, 200, "refreshed and retried");
-    seen_text.push(
-        h.admin
-            .call(Method::POST, &format!("/v1/connections/{oauth_id}/test"), None)
-            .await
-            .unwrap()
-            .to_string(),
-    );
-    seen_text.push(
-        h.admin
-            .call(Method::GET, &format!("/v1/connections/{oauth_id}"), None)
-            .await
-            .unwrap()
-            .to_string(),
-    );
+    seen_text
+        .push(h.admin.call(Method::POST, &format!("/v1/connections/{oauth_id}/test"), None).await.unwrap().to_string());
+    seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections/{oauth_id}"), None).await.unwrap().to_string());
     let replay = curl(&[&final_url], &[]).await;
     seen_text.push(replay.text());
     let machine =
         json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
-    let v = h
-        .admin
-        .call(Method::POST, "/v1/connections", Some(&machine))
-        .await
-        .unwrap();
+    let v = h.admin.call(Method::POST, "/v1/connections", Some(&machine)).await.unwrap();
     let machine_id = v["id"].as_str().unwrap().to_owned();
     let (status, _, _) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&machine_id), None).await;
     assert_eq!(status, 200);
     for id in [&oauth_id, &machine_id] {
-        seen_text.push(
-            h.admin
-                .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
-                .await
-                .unwrap()
-                .to_string(),
-        );
+        seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
     }
     let oauth_secrets = oidc.get_json("/test/secrets").await;
     let mut dynamic: Vec<String> = vec![OIDC_BASIC_SECRET.to_owned(), OIDC_POST_SECRET.to_owned()];
     for kind in ["access", "refresh", "clientCredentials", "codes", "verifiers"] {
-        let list = oauth_secrets[kind]
-            .as_array()
-            .unwrap_or_else(|| panic!("{kind}: {oauth_secrets}"));
+        let list = oauth_secrets[kind].as_array().unwrap_or_else(|| panic!("{kind}: {oauth_secrets}"));
         assert!(!list.is_empty(), "the OAuth2 flow must have produced {kind}");
         dynamic.extend(list.iter().map(|v| v.as_str().unwrap().to_owned()));
     }
 
     // Admin reads.
-    seen_text.push(
-        h.admin
-            .call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None)
-            .await
-            .unwrap()
-            .to_string(),
-    );
+    seen_text
+        .push(h.admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap().to_string());
     for id in &ids {
-        seen_text.push(
-            h.admin
-                .call(Method::GET, &format!("/v1/connections/{id}"), None)
-                .await
-                .unwrap()
-                .to_string(),
-        );
-        seen_text.push(
-            h.admin
-                .call(Method::DELETE, &format!("/v1/connections/{id}"), None)
-                .await
-                .unwrap()
-                .to_string(),
-        );
+        seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
+        seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
     }
     // Debug of what the resolver holds.
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -253,17 +170,11 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
         logs.contains("connection created") && logs.contains("credproxy::access"),
         "capture is not working:\n{logs}"
     );
-    assert!(
-        logs.contains("TRACE") || logs.contains("DEBUG"),
-        "TRACE/DEBUG lines expected"
-    );
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "TRACE/DEBUG lines expected");
     for s in &dynamic {
         assert!(!logs.contains(s.as_str()), "OAuth2 secret found in logs");
         for (i, text) in seen_text.iter().enumerate() {
-            assert!(
-                !text.contains(s.as_str()),
-                "OAuth2 secret found in response #{i}: {text}"
-            );
+            assert!(!text.contains(s.as_str()), "OAuth2 secret found in response #{i}: {text}");
         }
     }
     for s in SECRETS {

@@ -54,10 +54,7 @@ impl hyper::body::Body for Chunks {
 }
 
 async fn upstream(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .is_some_and(|v| v == "Bearer stream-token");
+    let authorized = req.headers().get("authorization").is_some_and(|v| v == "Bearer stream-token");
     if !authorized {
         let mut r = Response::new(Body::Left("missing credential".into()));
         *r.status_mut() = hyper::StatusCode::UNAUTHORIZED;
@@ -73,16 +70,8 @@ async fn upstream(req: Request<Incoming>) -> Result<Response<Body>, Infallible> 
         }
         return Ok(Response::new(Body::Left(total.to_string().into())));
     }
-    let n: u64 = req
-        .uri()
-        .query()
-        .and_then(|q| q.strip_prefix("n="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    let chunks = Chunks {
-        remaining: n,
-        chunk: Bytes::from(vec![0u8; 256 * 1024]),
-    };
+    let n: u64 = req.uri().query().and_then(|q| q.strip_prefix("n=")).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let chunks = Chunks { remaining: n, chunk: Bytes::from(vec![0u8; 256 * 1024]) };
     let mut r = Response::new(Body::Right(chunks));
     r.headers_mut().insert("content-length", n.into());
     Ok(r)
@@ -124,32 +113,13 @@ async fn one_gib_up_and_down_with_bounded_memory() {
     // Download: 1 GiB generated upstream, discarded by curl.
     let down_url = format!("http://{up}/source?n={GIB}");
     let out = tokio::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download}",
-            "-x",
-            &proxy,
-            "-H",
-            &hdr,
-            &down_url,
-        ])
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-x", &proxy, "-H", &hdr, &down_url])
         .env_remove("http_proxy")
         .output()
         .await
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("200 {GIB}"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("200 {GIB}"), "{}", String::from_utf8_lossy(&out.stderr));
 
     let peak = status_kb("VmHWM:");
-    assert!(
-        peak < RSS_LIMIT_KB,
-        "peak RSS {peak} kB exceeds {RSS_LIMIT_KB} kB: a body was buffered"
-    );
+    assert!(peak < RSS_LIMIT_KB, "peak RSS {peak} kB exceeds {RSS_LIMIT_KB} kB: a body was buffered");
 }

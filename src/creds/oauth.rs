@@ -122,11 +122,7 @@ pub enum AuthorizeError {
 }
 
 fn sha256_hex(s: &str) -> String {
-    digest::digest(&digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    digest::digest(&digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn pending_context(state_hash: &str) -> String {
@@ -151,10 +147,7 @@ impl Connections {
     /// connections pass through untouched.
     pub async fn ensure_fresh(&self, r: Arc<Resolved>) -> Result<Arc<Resolved>, RefreshError> {
         let Some(o) = r.method.oauth2() else { return Ok(r) };
-        let stale = r
-            .tokens
-            .as_ref()
-            .is_none_or(|t| t.needs_refresh(unix_now(), o.refresh_skew_secs));
+        let stale = r.tokens.as_ref().is_none_or(|t| t.needs_refresh(unix_now(), o.refresh_skew_secs));
         if !stale {
             return Ok(r);
         }
@@ -176,11 +169,7 @@ impl Connections {
     ) -> Result<Arc<Resolved>, RefreshError> {
         let id = r.meta.id.as_str();
         let o = r.method.oauth2().expect("only OAuth2 connections refresh");
-        let lock = self
-            .oauth
-            .locks
-            .get_with_by_ref(id, async { Arc::new(tokio::sync::Mutex::new(())) })
-            .await;
+        let lock = self.oauth.locks.get_with_by_ref(id, async { Arc::new(tokio::sync::Mutex::new(())) }).await;
         let _guard = lock.lock().await;
 
         // Whoever held the lock before us may have refreshed: look again,
@@ -223,11 +212,7 @@ impl Connections {
                 let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
                 let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
                 let now = unix_now();
-                if !self
-                    .store
-                    .update_credential(id, &sealed, ConnectionState::Active, now)
-                    .await?
-                {
+                if !self.store.update_credential(id, &sealed, ConnectionState::Active, now).await? {
                     self.cache.invalidate(id).await;
                     return Err(RefreshError::Resolve(ResolveError::NotFound));
                 }
@@ -245,9 +230,7 @@ impl Connections {
                 Ok(next)
             }
             Err(TokenError::InvalidGrant) => {
-                self.store
-                    .set_state(id, ConnectionState::NeedsReauth, unix_now())
-                    .await?;
+                self.store.set_state(id, ConnectionState::NeedsReauth, unix_now()).await?;
                 self.cache.invalidate(id).await;
                 tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
                 Err(RefreshError::NeedsReauth)
@@ -285,23 +268,16 @@ impl Connections {
             .integrations
             .get(&req.integration)
             .ok_or_else(|| CreateError::UnknownIntegration(req.integration.clone()))?;
-        let method = integration
-            .auth_method(&req.auth_method)
-            .ok_or_else(|| CreateError::UnknownAuthMethod {
-                integration: req.integration.clone(),
-                method: req.auth_method.clone(),
-            })?;
+        let method = integration.auth_method(&req.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
+            integration: req.integration.clone(),
+            method: req.auth_method.clone(),
+        })?;
         let o = match method.oauth2() {
             Some(o) if o.grant == Grant::AuthorizationCode => o,
             _ => return Err(AuthorizeError::NotAuthorizationCode(method.id.clone())),
         };
         if let Some(id) = &req.connection_id {
-            let existing = self
-                .store
-                .get_connection(id)
-                .await?
-                .ok_or(AuthorizeError::ConnectionNotFound)?
-                .meta;
+            let existing = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
             if existing.org_id != req.org_id {
                 // Another organization's connection: indistinguishable from none.
                 return Err(AuthorizeError::ConnectionNotFound);
@@ -314,9 +290,7 @@ impl Connections {
         let state_hash = sha256_hex(&state);
         let pkce = o.pkce.then(Pkce::new);
         let verifier = pkce.as_ref().map_or("", |p| p.verifier.expose());
-        let sealed = self
-            .seal(&req.org_id, &pending_context(&state_hash), verifier.as_bytes())
-            .await?;
+        let sealed = self.seal(&req.org_id, &pending_context(&state_hash), verifier.as_bytes()).await?;
         let now = unix_now();
         let expires_at = now + self.oauth.state_ttl.as_secs() as i64;
         self.store
@@ -335,13 +309,8 @@ impl Connections {
             })
             .await?;
         let scopes = req.scopes.unwrap_or_else(|| o.scopes.clone());
-        let url = oauth2::authorization_url(
-            o,
-            redirect_uri,
-            &state,
-            pkce.as_ref().map(|p| p.challenge.as_str()),
-            &scopes,
-        );
+        let url =
+            oauth2::authorization_url(o, redirect_uri, &state, pkce.as_ref().map(|p| p.challenge.as_str()), &scopes);
         Ok((url, expires_at))
     }
 
@@ -352,11 +321,7 @@ impl Connections {
         state: &str,
         outcome: Result<&str, &str>,
     ) -> Result<(ConnectionMeta, Option<String>), AuthorizeError> {
-        let pending = self
-            .store
-            .take_pending(&sha256_hex(state))
-            .await?
-            .ok_or(AuthorizeError::UnknownState)?;
+        let pending = self.store.take_pending(&sha256_hex(state)).await?.ok_or(AuthorizeError::UnknownState)?;
         if pending.expires_at < unix_now() {
             return Err(AuthorizeError::StateExpired);
         }
@@ -371,17 +336,11 @@ impl Connections {
                 integration: pending.integration.clone(),
                 method: pending.auth_method.clone(),
             })?;
-        let o: &OAuth2Method = method
-            .oauth2()
-            .ok_or_else(|| AuthorizeError::NotAuthorizationCode(method.id.clone()))?;
-        let ctx = crate::crypto::Context {
-            org_id: &pending.org_id,
-            connection_id: &pending_context(&pending.state_hash),
-        };
-        let verifier = self
-            .envelope
-            .open(ctx, &super::from_store(pending.verifier.clone()))
-            .await?;
+        let o: &OAuth2Method =
+            method.oauth2().ok_or_else(|| AuthorizeError::NotAuthorizationCode(method.id.clone()))?;
+        let ctx =
+            crate::crypto::Context { org_id: &pending.org_id, connection_id: &pending_context(&pending.state_hash) };
+        let verifier = self.envelope.open(ctx, &super::from_store(pending.verifier.clone())).await?;
         let verifier = SecretValue::new(String::from_utf8(verifier.to_vec()).map_err(|_| CryptoError::Open)?);
         let verifier = (!verifier.expose().is_empty()).then_some(verifier);
         let resp = self
@@ -395,32 +354,17 @@ impl Connections {
         if let Some(id) = &pending.connection_id {
             // Re-authorization: new tokens replace the old ones, the state is active again.
             let sealed = self.seal(&pending.org_id, id, &plaintext).await?;
-            if !self
-                .store
-                .update_credential(id, &sealed, ConnectionState::Active, unix_now())
-                .await?
-            {
+            if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now()).await? {
                 return Err(AuthorizeError::ConnectionNotFound);
             }
             self.cache.invalidate(id).await;
             self.oauth.cooldown.invalidate(id).await;
-            let meta = self
-                .store
-                .get_connection(id)
-                .await?
-                .ok_or(AuthorizeError::ConnectionNotFound)?
-                .meta;
+            let meta = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
             tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection re-authorized");
             return Ok((meta, pending.return_to));
         }
         let meta = self
-            .insert_new(
-                pending.org_id,
-                pending.user_id,
-                pending.integration,
-                pending.auth_method,
-                &plaintext,
-            )
+            .insert_new(pending.org_id, pending.user_id, pending.integration, pending.auth_method, &plaintext)
             .await?;
         tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection authorized");
         Ok((meta, pending.return_to))
@@ -441,10 +385,9 @@ impl Connections {
             return Revocation::NotApplicable;
         }
         let mut outcome = Revocation::NotApplicable;
-        for (token, hint) in [
-            (tokens.refresh_token.as_deref(), "refresh_token"),
-            (tokens.access_token.as_deref(), "access_token"),
-        ] {
+        for (token, hint) in
+            [(tokens.refresh_token.as_deref(), "refresh_token"), (tokens.access_token.as_deref(), "access_token")]
+        {
             let Some(token) = token else { continue };
             match self.oauth.client.revoke(o, token, hint).await {
                 Ok(()) if outcome == Revocation::NotApplicable => outcome = Revocation::Revoked,

@@ -22,9 +22,7 @@ pub struct LocalKeyProvider {
 
 impl std::fmt::Debug for LocalKeyProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyProvider")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
+        f.debug_struct("LocalKeyProvider").field("key_id", &self.key_id).finish_non_exhaustive()
     }
 }
 
@@ -32,10 +30,7 @@ impl LocalKeyProvider {
     /// Reads the key file, or creates it (mode 0600, parent 0700) if absent.
     /// Refuses a file that group or others can access.
     pub fn open_or_create(path: &Path) -> Result<Self, CryptoError> {
-        let err = |reason: String| CryptoError::KeyFile {
-            path: path.display().to_string(),
-            reason,
-        };
+        let err = |reason: String| CryptoError::KeyFile { path: path.display().to_string(), reason };
         let rng = SystemRandom::new();
         let mut key = Zeroizing::new([0u8; 32]);
         match std::fs::metadata(path) {
@@ -68,9 +63,7 @@ impl LocalKeyProvider {
                     .mode(0o600)
                     .open(path)
                     .map_err(|e| err(format!("cannot create: {e}")))?;
-                f.write_all(&key[..])
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| err(format!("cannot write: {e}")))?;
+                f.write_all(&key[..]).and_then(|_| f.sync_all()).map_err(|e| err(format!("cannot write: {e}")))?;
                 tracing::info!(path = %path.display(), "created a new local master key");
             }
             Err(e) => return Err(err(format!("cannot stat: {e}"))),

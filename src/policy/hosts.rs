@@ -25,9 +25,7 @@ impl HostPattern {
             return Err("empty host pattern".into());
         }
         if s.contains("://") || s.contains('/') {
-            return Err(format!(
-                "{s:?}: a host pattern is a host name with an optional :port, not a URL"
-            ));
+            return Err(format!("{s:?}: a host pattern is a host name with an optional :port, not a URL"));
         }
         let (host, port) = split_host_port(s).ok_or_else(|| format!("{s:?}: invalid port"))?;
         let host = normalize_host(host);
@@ -142,15 +140,7 @@ mod tests {
 
     #[test]
     fn invalid_patterns() {
-        for bad in [
-            "",
-            "https://x.test",
-            "x.test/path",
-            "*.com",
-            "a.*.com",
-            "x.test:99999",
-            "x..test",
-        ] {
+        for bad in ["", "https://x.test", "x.test/path", "*.com", "a.*.com", "x.test:99999", "x..test"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

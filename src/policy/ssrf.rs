@@ -196,9 +196,6 @@ mod tests {
         assert_eq!(p.check("::1".parse().unwrap()), Err(Loopback));
         assert_eq!(p.check("169.254.169.254".parse().unwrap()), Err(LinkLocal));
         assert!(p.check("8.8.8.8".parse().unwrap()).is_ok());
-        assert_eq!(
-            EgressPolicy::default().check("127.0.0.1".parse().unwrap()),
-            Err(Loopback)
-        );
+        assert_eq!(EgressPolicy::default().check("127.0.0.1".parse().unwrap()), Err(Loopback));
     }
 }

@@ -77,9 +77,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(backend)?;
         migrate(&conn)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     async fn with<T: Send + 'static>(
@@ -102,11 +100,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
     )
     .map_err(m)?;
-    let current: i64 = conn
-        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| {
-            r.get(0)
-        })
-        .map_err(m)?;
+    let current: i64 =
+        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0)).map_err(m)?;
     if current > MIGRATIONS.len() as i64 {
         return Err(StoreError::Migration(format!(
             "database schema version {current} is newer than this binary ({}); upgrade credproxy",
@@ -144,10 +139,8 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, Str
 }
 
 fn check_state((mut meta, state): (ConnectionMeta, String)) -> Result<ConnectionMeta, StoreError> {
-    meta.state = ConnectionState::parse(&state).ok_or_else(|| StoreError::Corrupt {
-        id: meta.id.clone(),
-        reason: format!("unknown state {state:?}"),
-    })?;
+    meta.state = ConnectionState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt { id: meta.id.clone(), reason: format!("unknown state {state:?}") })?;
     Ok(meta)
 }
 
@@ -189,12 +182,7 @@ impl Store for SqliteStore {
             row.map(|(meta, key_id, wrapped_key, nonce, ciphertext)| {
                 Ok(ConnectionRow {
                     meta: check_state(meta)?,
-                    sealed: SealedBytes {
-                        key_id,
-                        wrapped_key,
-                        nonce,
-                        ciphertext,
-                    },
+                    sealed: SealedBytes { key_id, wrapped_key, nonce, ciphertext },
                 })
             })
             .transpose()
@@ -218,12 +206,7 @@ impl Store for SqliteStore {
 
     async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.with(move |c| {
-            Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id])
-                .map_err(backend)?
-                > 0)
-        })
-        .await
+        self.with(move |c| Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id]).map_err(backend)? > 0)).await
     }
 
     async fn update_credential(
@@ -306,8 +289,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
-            .await
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
     }
 }
 
@@ -344,19 +326,10 @@ mod tests {
         s.insert_connection(&row("c1", "o1", 1)).await.unwrap();
         s.insert_connection(&row("c2", "o1", 2)).await.unwrap();
         s.insert_connection(&row("c3", "o2", 3)).await.unwrap();
-        assert!(matches!(
-            s.insert_connection(&row("c1", "o1", 1)).await,
-            Err(StoreError::Duplicate(_))
-        ));
+        assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
         assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
         assert_eq!(s.get_connection("nope").await.unwrap(), None);
-        let ids: Vec<_> = s
-            .list_connections("o1")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+        let ids: Vec<_> = s.list_connections("o1").await.unwrap().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, ["c1", "c2"]);
         assert!(s.delete_connection("c1").await.unwrap());
         assert!(!s.delete_connection("c1").await.unwrap());
@@ -366,16 +339,8 @@ mod tests {
         assert!(s.get_connection("c2").await.unwrap().is_some());
         s.ping().await.unwrap();
 
-        let sealed = SealedBytes {
-            key_id: "k2".into(),
-            wrapped_key: vec![9],
-            nonce: vec![8],
-            ciphertext: vec![7],
-        };
-        assert!(s
-            .update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10)
-            .await
-            .unwrap());
+        let sealed = SealedBytes { key_id: "k2".into(), wrapped_key: vec![9], nonce: vec![8], ciphertext: vec![7] };
+        assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10).await.unwrap());
         let row = s.get_connection("c2").await.unwrap().unwrap();
         assert_eq!(
             (row.sealed, row.meta.state, row.meta.updated_at),
@@ -398,12 +363,7 @@ mod tests {
             redirect_uri: "http://127.0.0.1/cb".into(),
             return_to: None,
             connection_id: Some("conn_x".into()),
-            verifier: SealedBytes {
-                key_id: "k".into(),
-                wrapped_key: vec![1],
-                nonce: vec![2],
-                ciphertext: vec![3],
-            },
+            verifier: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
             created_at: 100,
             expires_at: 700,
         };
@@ -412,12 +372,7 @@ mod tests {
         assert_eq!(s.take_pending("h1").await.unwrap(), None);
         // Inserting later sweeps expired ones.
         s.insert_pending(&p).await.unwrap();
-        let later = PendingAuthorization {
-            state_hash: "h2".into(),
-            created_at: 800,
-            expires_at: 1400,
-            ..p
-        };
+        let later = PendingAuthorization { state_hash: "h2".into(), created_at: 800, expires_at: 1400, ..p };
         s.insert_pending(&later).await.unwrap();
         assert_eq!(s.take_pending("h1").await.unwrap(), None);
         assert!(s.take_pending("h2").await.unwrap().is_some());

@@ -62,11 +62,7 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Self {
-            allow_loopback: true,
-            extra_toml: String::new(),
-            integrations: Vec::new(),
-        }
+        Self { allow_loopback: true, extra_toml: String::new(), integrations: Vec::new() }
     }
 }
 
@@ -91,11 +87,7 @@ impl Harness {
             }
             d
         };
-        let allow = if opts.allow_loopback {
-            "allow_cidrs = [\"127.0.0.0/8\"]"
-        } else {
-            ""
-        };
+        let allow = if opts.allow_loopback { "allow_cidrs = [\"127.0.0.0/8\"]" } else { "" };
         let text = format!(
             r#"
 [proxy]
@@ -132,11 +124,8 @@ dir = "{ints}"
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = server::start(listeners, &cfg, ints).await.expect("server starts");
-        let admin = AdminClient::new(
-            &format!("http://{}", running.admin_addr),
-            SecretValue::from(ADMIN_TOKEN),
-        )
-        .unwrap();
+        let admin =
+            AdminClient::new(&format!("http://{}", running.admin_addr), SecretValue::from(ADMIN_TOKEN)).unwrap();
         Self { running, admin, dir }
     }
 
@@ -150,16 +139,10 @@ dir = "{ints}"
 
     /// Creates an httpbin connection in `org` and returns its id.
     pub async fn create_in(&self, org: &str, method: &str, creds: &[(&str, &str)]) -> String {
-        let credentials: serde_json::Map<String, Value> = creds
-            .iter()
-            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-            .collect();
+        let credentials: serde_json::Map<String, Value> =
+            creds.iter().map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
         let body = json!({"integration": "httpbin", "auth_method": method, "org_id": org, "user_id": "user_1", "credentials": credentials});
-        let (status, v) = self
-            .admin
-            .send(Method::POST, "/v1/connections", Some(&body))
-            .await
-            .unwrap();
+        let (status, v) = self.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
         assert_eq!(status, StatusCode::CREATED, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
@@ -179,10 +162,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> Value {
@@ -198,9 +178,7 @@ impl Seen {
     pub fn echoed_header(&self, name: &str) -> Option<String> {
         let v = self.json();
         let h = v["headers"].as_object().expect("httpbin echo has headers");
-        h.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str().unwrap().to_owned())
+        h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str().unwrap().to_owned())
     }
 }
 
@@ -212,29 +190,15 @@ pub async fn curl(args: &[&str], env: &[(&str, &str)]) -> Seen {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .output()
-        .await
-        .expect("curl is installed (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "curl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.output().await.expect("curl is installed (scripts/test installs it)");
+    assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     parse_http_dump(&out.stdout)
 }
 
 fn clean_proxy_env(cmd: &mut tokio::process::Command) {
-    for k in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
+    for k in
+        ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"]
+    {
         cmd.env_remove(k);
     }
 }
@@ -242,32 +206,19 @@ fn clean_proxy_env(cmd: &mut tokio::process::Command) {
 fn parse_http_dump(raw: &[u8]) -> Seen {
     let mut rest = raw;
     loop {
-        let split = rest
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("curl -i output has a head");
+        let split = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("curl -i output has a head");
         let head = String::from_utf8_lossy(&rest[..split]).into_owned();
         let body = &rest[split + 4..];
         let mut lines = head.lines();
         let status_line = lines.next().unwrap_or_default();
-        let status: u16 = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
+        let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
         if (100..200).contains(&status) {
             rest = body;
             continue;
         }
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        return Seen {
-            status,
-            headers,
-            body: body.to_vec(),
-        };
+        let headers =
+            lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+        return Seen { status, headers, body: body.to_vec() };
     }
 }
 
@@ -281,11 +232,7 @@ pub async fn python_client(script: &str, env: &[(&str, &str)]) -> Seen {
         cmd.env(k, v);
     }
     let out = cmd.output().await.expect("python runs");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("python printed JSON");
     Seen {
         status: v["status"].as_u64().unwrap() as u16,
@@ -324,28 +271,17 @@ pub async fn proxy_request(
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
     use http_body_util::{BodyExt, Full};
     let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let uri: http::Uri = url.parse().unwrap();
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(&uri)
-        .header("host", uri.authority().unwrap().as_str());
+    let mut req = http::Request::builder().method(method).uri(&uri).header("host", uri.authority().unwrap().as_str());
     if let Some(id) = conn_id {
         req = req.header("x-connection-id", id);
     }
-    let req = req
-        .body(Full::new(bytes::Bytes::from_static(body.unwrap_or(b""))))
-        .unwrap();
+    let req = req.body(Full::new(bytes::Bytes::from_static(body.unwrap_or(b"")))).unwrap();
     let resp = tx.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
+    let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
     let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
     (status, headers, body)
 }
@@ -390,11 +326,8 @@ impl Oidc {
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
-        let out = tokio::process::Command::new("curl")
-            .args(["-sS", &format!("{}{path}", self.url)])
-            .output()
-            .await
-            .unwrap();
+        let out =
+            tokio::process::Command::new("curl").args(["-sS", &format!("{}{path}", self.url)]).output().await.unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -482,11 +415,7 @@ impl Harness {
         for (k, v) in extra.as_object().cloned().unwrap_or_default() {
             body[k] = v;
         }
-        let v = self
-            .admin
-            .call(Method::POST, "/v1/oauth2/authorize", Some(&body))
-            .await
-            .unwrap();
+        let v = self.admin.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await.unwrap();
         let url = v["authorization_url"].as_str().unwrap().to_owned();
         let jar = self.dir.path().join(format!("jar-{}", rand_suffix()));
         let out_file = self.dir.path().join(format!("out-{}", rand_suffix()));
@@ -504,11 +433,7 @@ impl Harness {
         assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
         let raw = std::fs::read(&out_file).unwrap();
         // -i with -L writes every hop's head; keep the last response.
-        let last = raw
-            .windows(5)
-            .rposition(|w| w == b"HTTP/")
-            .map(|i| &raw[i..])
-            .unwrap_or(&raw[..]);
+        let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap_or(&raw[..]);
         (parse_http_dump(last), String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
