@@ -67,7 +67,7 @@ fn benches(c: &mut Criterion) {
         Arc::new(ints),
         100_000,
         Duration::from_secs(3600),
-        TokenClient::new(policy, Duration::from_secs(1), Duration::from_secs(5)),
+        TokenClient::new(policy, Duration::from_secs(1), Duration::from_secs(5), &[]),
     ));
 
     c.bench_function("refresh_single_flight", |b| {

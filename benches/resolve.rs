@@ -24,7 +24,7 @@ fn benches(c: &mut Criterion) {
         Arc::new(Integrations::load_dir(&ints_dir, &BTreeMap::new()).unwrap()),
         10_000,
         Duration::from_secs(3600),
-        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
+        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1), &[]),
     );
     let id = rt.block_on(async {
         let meta = conns
@@ -54,7 +54,7 @@ fn benches(c: &mut Criterion) {
         conns.integrations().clone(),
         0,
         Duration::from_secs(1),
-        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
+        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1), &[]),
     );
     c.bench_function("resolve_cache_miss", |b| {
         b.to_async(&rt).iter(|| async { cold.resolve("org_bench", &id).await.unwrap() })

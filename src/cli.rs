@@ -41,12 +41,30 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Manage the TLS interception CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Manage connections through the admin API.
     Connections {
         #[command(flatten)]
         admin: AdminArgs,
         #[command(subcommand)]
         command: ConnCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA key (mode 0600) and certificate for TLS interception.
+    Init {
+        /// Directory for credproxy-ca.pem and credproxy-ca.key.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Days the CA certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -125,6 +143,17 @@ pub fn main() -> ExitCode {
                 Err(e) => config_error(&e),
             },
             Command::Connections { admin, command } => connections(admin, command).await,
+            Command::Ca { command: CaCommand::Init { out, days } } => match crate::tls::init_ca(&out, days) {
+                Ok((cert, key)) => {
+                    println!("CA certificate: {} (distribute to clients)", cert.display());
+                    println!("CA key:         {} (mode 0600; keep private)", key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("credproxy: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

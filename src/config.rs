@@ -31,6 +31,9 @@ pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
+pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
+pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
+pub const DEFAULT_LEAF_VALIDITY_HOURS: u64 = 24;
 
 /// Environment variable that adds one global admin token.
 pub const ADMIN_TOKEN_ENV: &str = "CREDPROXY_ADMIN_TOKEN";
@@ -63,7 +66,36 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub integrations: IntegrationsConfig,
     pub oauth2: OAuth2Config,
+    pub tls_intercept: TlsInterceptConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsInterceptConfig {
+    /// Terminate TLS inside `CONNECT` tunnels with leaf certificates minted
+    /// from the CA below, so `https://` requests can carry credentials.
+    pub enabled: bool,
+    /// CA certificate (PEM), e.g. from `credproxy ca init`.
+    pub ca_cert: PathBuf,
+    /// CA private key (PEM).
+    pub ca_key: PathBuf,
+    /// Hours a minted leaf certificate is valid.
+    pub leaf_validity_hours: u64,
+    /// Hosts tunnelled blind (no interception), still SSRF-guarded.
+    pub passthrough_hosts: Vec<crate::policy::hosts::HostPattern>,
+}
+
+impl Default for TlsInterceptConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ca_cert: PathBuf::from(DEFAULT_CA_CERT),
+            ca_key: PathBuf::from(DEFAULT_CA_KEY),
+            leaf_validity_hours: DEFAULT_LEAF_VALIDITY_HOURS,
+            passthrough_hosts: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +257,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_secs: u64,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
+    /// PEM files of CAs trusted for upstream TLS besides the public roots.
+    pub extra_ca_certs: Vec<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -234,6 +268,7 @@ impl Default for UpstreamConfig {
             response_header_timeout_ms: DEFAULT_RESPONSE_HEADER_TIMEOUT_MS,
             pool_idle_timeout_secs: DEFAULT_POOL_IDLE_TIMEOUT_SECS,
             pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+            extra_ca_certs: Vec::new(),
         }
     }
 }
@@ -344,6 +379,9 @@ impl Config {
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
             ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
+            ("oauth2.token_timeout_ms", self.oauth2.token_timeout_ms),
+            ("oauth2.state_ttl_secs", self.oauth2.state_ttl_secs),
+            ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity_hours),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));

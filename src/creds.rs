@@ -354,7 +354,7 @@ mod tests {
             Arc::new(ints),
             100,
             Duration::from_secs(60),
-            TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1)),
+            TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1), &[]),
         );
         (c, store)
     }

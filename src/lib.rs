@@ -24,6 +24,7 @@
 //! - [`integrations`]: integration definitions loaded from `config/integrations/*.toml`.
 //! - [`config`]: `credproxy.toml` loading, environment overrides, validation.
 //! - [`problem`]: the one place that turns errors into problem+json responses.
+//! - [`tls`]: the interception CA and per-host leaf certificates.
 //! - [`ids`], [`secret`], [`telemetry`]: leaves.
 
 pub mod admin;
@@ -44,4 +45,5 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -181,12 +181,21 @@ pub struct TokenClient {
 }
 
 impl TokenClient {
-    pub fn new(policy: Arc<EgressPolicy>, connect_timeout: Duration, timeout: Duration) -> Self {
+    pub fn new(
+        policy: Arc<EgressPolicy>,
+        connect_timeout: Duration,
+        timeout: Duration,
+        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Self {
         // No pooling: token calls are rare (one per refresh), and a POST on a
         // keep-alive connection the provider just closed fails without a safe
         // retry — which would turn a routine refresh into a 502.
-        let settings =
-            ClientSettings { connect_timeout, pool_idle_timeout: Duration::from_secs(1), pool_max_idle_per_host: 0 };
+        let settings = ClientSettings {
+            connect_timeout,
+            extra_roots: extra_roots.to_vec(),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 0,
+        };
         Self { client: upstream::build_client(policy, &settings), timeout }
     }
 

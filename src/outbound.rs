@@ -177,8 +177,8 @@ async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<
 pub enum ProxyError {
     #[error("origin-form request to the proxy port")]
     OriginForm,
-    #[error("CONNECT is not supported yet")]
-    ConnectUnsupported,
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("unsupported URI scheme")]
     UnsupportedScheme,
     #[error("malformed request: {0}")]
@@ -245,9 +245,13 @@ impl ProxyError {
             Self::OriginForm => Problem::new(S::BAD_REQUEST, "not_a_proxy_request", "Not a proxy request",
                 "credproxy is a forward proxy: send absolute-form requests, e.g. `curl -x http://127.0.0.1:8080 http://api.example.com/` or set http_proxy / HTTP_PROXY",
                 T::HttpRequestError),
-            Self::ConnectUnsupported => Problem::new(S::NOT_IMPLEMENTED, "connect_not_supported", "CONNECT not supported",
-                "HTTPS tunnelling (CONNECT) is not available yet: send http:// URLs through HTTP_PROXY; integrations with upstream_scheme = \"https\" are still forwarded over TLS",
-                T::HttpRequestError),
+            Self::Internal(_) => Problem::new(
+                S::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal error",
+                "credproxy failed to serve this request; see the proxy log",
+                T::ProxyInternalError,
+            ),
             Self::UnsupportedScheme => Problem::new(S::BAD_REQUEST, "unsupported_scheme", "Unsupported scheme",
                 "only http:// and https:// targets can be proxied", T::HttpRequestError),
             Self::Malformed(what) => Problem::new(S::BAD_REQUEST, "malformed_request", "Malformed request", *what, T::HttpRequestError),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::uri::{Authority, Scheme as UriScheme};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -26,7 +26,12 @@ use crate::ids;
 use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, Outbound};
+use crate::policy::hosts::HostPattern;
+use crate::tls::Interceptor;
+use crate::upstream::GuardedConnector;
 use crate::upstream::UpstreamBody;
+
+mod tunnel;
 
 pub const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 
@@ -40,6 +45,12 @@ pub struct ProxyState {
     pub connections: Arc<Connections>,
     pub outbound: Arc<Outbound>,
     pub allow_passthrough: bool,
+    /// Resolves and checks `CONNECT` targets; connects blind tunnels.
+    pub connector: GuardedConnector,
+    /// Present when `tls_intercept.enabled`.
+    pub interceptor: Option<Arc<Interceptor>>,
+    /// Tunnelled blind even when interception is on.
+    pub passthrough_hosts: Vec<HostPattern>,
 }
 
 /// Accepts connections until `shutdown` flips to true.
@@ -100,12 +111,12 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut access = Access::default();
-    let resp = match forward(&state, req, &mut access).await {
+    let resp = match forward(&state, peer, req, &mut access).await {
         Ok(resp) => resp,
         Err(err) => {
             let problem = err.problem();
             access.code = Some(problem.code);
-            if problem.status.is_server_error() && problem.status != StatusCode::NOT_IMPLEMENTED {
+            if problem.status.is_server_error() {
                 warn!(error = %err, code = problem.code, "proxy error");
             } else {
                 debug!(error = %err, code = problem.code, "request refused");
@@ -133,7 +144,8 @@ async fn handle(
 
 /// The life of a proxied request.
 async fn forward(
-    state: &ProxyState,
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
     req: Request<Incoming>,
     access: &mut Access,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -141,7 +153,7 @@ async fn forward(
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
     if parts.method == Method::CONNECT {
-        return Err(ProxyError::ConnectUnsupported);
+        return connect(state, peer, parts, access).await;
     }
     let (scheme, host, _port) = target_of(&parts.uri)?;
     access.host = host.clone();
@@ -212,6 +224,55 @@ async fn forward(
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))
+}
+
+/// `CONNECT host:port`: the destination must pass the SSRF guard before
+/// anything else happens (no certificate is minted for a refused host).
+/// With interception the tunnel's inner requests run through [`forward`];
+/// otherwise (or for `tls_intercept.passthrough_hosts`) bytes are copied blind.
+async fn connect(
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
+    mut parts: http::request::Parts,
+    access: &mut Access,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let authority = parts.uri.authority().cloned().ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
+    let host = authority.host().to_owned();
+    access.host = host.clone();
+    let port = authority.port_u16().ok_or(ProxyError::Malformed("CONNECT needs an explicit port"))?;
+    let on_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(ProxyError::Malformed("this connection cannot be upgraded"))?;
+    let listed = state.passthrough_hosts.iter().any(|p| p.matches(&host, port));
+    let interceptor = state.interceptor.clone().filter(|_| !listed);
+    if interceptor.is_none() && !listed && !state.allow_passthrough {
+        return Err(ProxyError::PassthroughDenied);
+    }
+    match interceptor {
+        Some(interceptor) => {
+            // Policy first: a prohibited destination never gets a certificate.
+            state.connector.resolve_checked(&host, port).await.map_err(ProxyError::Connect)?;
+            let tls = interceptor.server_config(&host).map_err(|e| ProxyError::Internal(e.to_string()))?;
+            let state = state.clone();
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(up) => tunnel::serve_intercepted(state, peer, up, authority, tls).await,
+                    Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),
+                }
+            });
+        }
+        None => {
+            let upstream = state.connector.connect_checked(&host, port).await.map_err(ProxyError::Connect)?;
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(up) => tunnel::serve_blind(peer, up, upstream).await,
+                    Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),
+                }
+            });
+        }
+    }
+    Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
 }
 
 fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {

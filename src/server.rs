@@ -23,7 +23,8 @@ use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ProxyState};
 use crate::store::sqlite::SqliteStore;
 use crate::store::StoreError;
-use crate::upstream::{self, ClientSettings};
+use crate::tls::Interceptor;
+use crate::upstream::{self, ClientSettings, GuardedConnector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -65,6 +66,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub connections: Arc<Connections>,
+    /// The TLS interception CA, when enabled (leaf mint/cache counters).
+    pub interceptor: Option<Arc<Interceptor>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -89,11 +92,26 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
     };
     let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
+    let mut extra_roots = Vec::new();
+    for (i, path) in config.upstream.extra_ca_certs.iter().enumerate() {
+        let certs = upstream::load_pem_certs(path)
+            .map_err(|reason| ConfigError::new("config", format!("upstream.extra_ca_certs[{i}]"), reason))?;
+        extra_roots.extend(certs);
+    }
+    let interceptor = if config.tls_intercept.enabled {
+        let leaf_validity = Duration::from_secs(config.tls_intercept.leaf_validity_hours * 3600);
+        let i = Interceptor::load(&config.tls_intercept.ca_cert, &config.tls_intercept.ca_key, leaf_validity)
+            .map_err(|e| ConfigError::new("config", "tls_intercept.ca_cert", e.to_string()))?;
+        Some(Arc::new(i))
+    } else {
+        None
+    };
     // Token and revocation calls: explicit client, same SSRF rules, own timeout.
     let token_client = TokenClient::new(
         policy.clone(),
         Duration::from_millis(config.upstream.connect_timeout_ms),
         Duration::from_millis(config.oauth2.token_timeout_ms),
+        &extra_roots,
     );
     let connections = Arc::new(
         Connections::new(
@@ -106,10 +124,12 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         )
         .with_authorization_ttl(Duration::from_secs(config.oauth2.state_ttl_secs)),
     );
+    let connect_timeout = Duration::from_millis(config.upstream.connect_timeout_ms);
     let client = upstream::build_client(
-        policy,
+        policy.clone(),
         &ClientSettings {
-            connect_timeout: Duration::from_millis(config.upstream.connect_timeout_ms),
+            connect_timeout,
+            extra_roots,
             pool_idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             pool_max_idle_per_host: config.upstream.pool_max_idle_per_host,
         },
@@ -125,6 +145,9 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         connections: connections.clone(),
         outbound: outbound.clone(),
         allow_passthrough: config.egress.allow_passthrough,
+        connector: GuardedConnector::new(policy, connect_timeout),
+        interceptor: interceptor.clone(),
+        passthrough_hosts: config.tls_intercept.passthrough_hosts.clone(),
     });
 
     let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind {
@@ -159,5 +182,5 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         }
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
-    Ok(Running { proxy_addr, admin_addr, connections, shutdown: tx, tasks })
+    Ok(Running { proxy_addr, admin_addr, connections, interceptor, shutdown: tx, tasks })
 }

@@ -95,13 +95,19 @@ impl GuardedConnector {
     async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
         let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
         let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        self.connect_checked(&host, port).await.map(TokioIo::new)
+    }
+
+    /// Resolves, checks every address, and connects to a checked one.
+    pub async fn connect_checked(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        let host = host.to_owned();
         let addrs = self.resolve_checked(&host, port).await?;
         let mut last = None;
         for addr in addrs {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(TokioIo::new(stream));
+                    return Ok(stream);
                 }
                 Ok(Err(source)) => last = Some(ConnectError::Connect { host: host.clone(), addr, source }),
                 Err(_) => last = Some(ConnectError::Timeout { host: host.clone() }),
@@ -129,13 +135,19 @@ impl tower_service::Service<Uri> for GuardedConnector {
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     pub connect_timeout: Duration,
+    /// Trusted in addition to the webpki roots (private CAs, test CAs).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
 
-pub fn tls_config() -> rustls::ClientConfig {
+pub fn tls_config(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for c in extra_roots {
+        // Validated when the file is loaded; a bad one is a config error there.
+        let _ = roots.add(c.clone());
+    }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
@@ -151,7 +163,7 @@ where
 {
     let connector = GuardedConnector::new(policy, s.connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config())
+        .with_tls_config(tls_config(&s.extra_roots))
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -164,31 +176,59 @@ where
         .build(https)
 }
 
-/// Finds a [`ConnectError`] in an error's source chain.
-pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return Some(c);
-        }
-        cur = err.source();
+/// Visits an error and everything it wraps. `io::Error::source()` skips the
+/// error an `io::Error` wraps (it returns that error's source), so wrapped
+/// errors are visited explicitly: TLS failures arrive as an `io::Error`
+/// around an `io::Error` around a `rustls::Error`.
+fn any_in_chain(
+    e: &(dyn std::error::Error + 'static),
+    f: &mut dyn FnMut(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    if f(e) {
+        return true;
     }
-    None
-}
-
-/// True if a TLS error (certificate, handshake) is in the source chain.
-pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.downcast_ref::<rustls::Error>().is_some() {
+    if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+        let inner: &(dyn std::error::Error + 'static) = inner;
+        if any_in_chain(inner, f) {
             return true;
         }
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some()) {
-                return true;
-            }
-        }
-        cur = err.source();
     }
-    false
+    e.source().is_some_and(|s| any_in_chain(s, f))
+}
+
+/// Finds a [`ConnectError`] in an error's chain (see [`any_in_chain`] on
+/// why wrapped `io::Error`s are opened explicitly).
+pub fn find_connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+    if let Some(c) = e.downcast_ref::<ConnectError>() {
+        return Some(c);
+    }
+    if let Some(inner) = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+        let inner: &(dyn std::error::Error + 'static) = inner;
+        if let Some(c) = find_connect_error(inner) {
+            return Some(c);
+        }
+    }
+    e.source().and_then(find_connect_error)
+}
+
+/// True if a TLS error (certificate, handshake) is in the chain.
+pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    any_in_chain(e, &mut |x| x.downcast_ref::<rustls::Error>().is_some())
+}
+
+/// Reads PEM certificates (one or more per file) for `upstream.extra_ca_certs`.
+pub fn load_pem_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for c in &certs {
+        store.add(c.clone()).map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    }
+    Ok(certs)
 }

@@ -9,7 +9,8 @@
 
 use std::fmt;
 
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct HostPattern {
     /// Lowercase, no trailing dot; for wildcards the suffix including the dot
     /// (`.example.com`).
@@ -57,6 +58,14 @@ impl HostPattern {
         } else {
             host == self.name
         }
+    }
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
     }
 }
 

@@ -36,6 +36,17 @@ pub fn httpbin() -> String {
     })
 }
 
+/// Base URL of the TLS httpbin (certificate from certs/test/, signed by
+/// certs/test/upstream-ca.pem).
+pub fn httpbin_tls() -> String {
+    std::env::var("CREDPROXY_TEST_HTTPBIN_TLS").unwrap_or_else(|_| {
+        panic!(
+            "CREDPROXY_TEST_HTTPBIN_TLS is not set: run the suite with `scripts/test`, or start httpbin with \
+             `--certfile certs/test/httpbin.pem --keyfile certs/test/httpbin.key` and export its https:// URL"
+        )
+    })
+}
+
 /// Python with requests and httpx installed.
 pub fn python() -> String {
     std::env::var("CREDPROXY_TEST_PYTHON").unwrap_or_else(|_| {
@@ -58,11 +69,21 @@ pub struct Opts {
     pub extra_toml: String,
     /// Extra integration files `(file name, contents)`, next to the shipped ones.
     pub integrations: Vec<(String, String)>,
+    /// Whole TOML sections appended to the configuration.
+    pub sections: String,
+    /// Extra keys of the `[egress]` section.
+    pub egress: String,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Self { allow_loopback: true, extra_toml: String::new(), integrations: Vec::new() }
+        Self {
+            allow_loopback: true,
+            extra_toml: String::new(),
+            integrations: Vec::new(),
+            sections: String::new(),
+            egress: String::new(),
+        }
     }
 }
 
@@ -108,9 +129,13 @@ url = "sqlite://{db}"
 key_file = "{key}"
 [egress]
 {allow}
+{egress}
 [integrations]
 dir = "{ints}"
+{sections}
 "#,
+            sections = opts.sections,
+            egress = opts.egress,
             extra_proxy = opts.extra_toml,
             db = dir.path().join("credproxy.db").display(),
             key = dir.path().join("master.key").display(),
@@ -212,7 +237,8 @@ fn parse_http_dump(raw: &[u8]) -> Seen {
         let mut lines = head.lines();
         let status_line = lines.next().unwrap_or_default();
         let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
-        if (100..200).contains(&status) {
+        // 1xx, and the proxy's answer to CONNECT, come before the real response.
+        if (100..200).contains(&status) || (status == 200 && body.starts_with(b"HTTP/")) {
             rest = body;
             continue;
         }
@@ -299,10 +325,10 @@ pub const OIDC_POST_SECRET: &str = "cp-post-client-secret-4b7d9a";
 impl Oidc {
     pub async fn start() -> Self {
         use tokio::io::AsyncBufReadExt;
-        let dir = repo().join("tests/peers/oidc");
+        let dir = repo().join("tests/peers/node");
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
-            "oidc-provider is not installed: run the suite with `scripts/test` (it runs `npm ci` in tests/peers/oidc)"
+            "oidc-provider is not installed: run the suite with `scripts/test` (it runs `npm ci` in tests/peers/node)"
         );
         let mut child = tokio::process::Command::new("node")
             .arg("server.js")
