@@ -126,6 +126,11 @@ pub struct ProxyConfig {
     pub max_buffered_body: u64,
     /// Time (milliseconds) a client gets to send a complete request head.
     pub header_read_timeout_ms: u64,
+    /// Serve the proxy listener over TLS with this certificate chain (PEM);
+    /// clients then use an `https://` proxy URL. Needs `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -135,6 +140,8 @@ impl Default for ProxyConfig {
             org_id: None,
             max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -336,6 +343,9 @@ impl Config {
                 return Err(ConfigError::new(name, "proxy.org_id", "must be 1-128 characters of [A-Za-z0-9_.:@-]"))
             }
             Some(_) => {}
+        }
+        if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
+            return Err(ConfigError::new(name, "proxy.tls_key", "proxy.tls_cert and proxy.tls_key go together"));
         }
         if self.store.sqlite_path().is_none() {
             return Err(ConfigError::new(name, "store.url", "only sqlite://PATH is supported by this build"));

@@ -54,10 +54,13 @@ pub struct ProxyState {
 }
 
 /// Accepts connections until `shutdown` flips to true.
+/// With `tls`, the listener itself speaks TLS (`proxy.tls_cert`): clients
+/// use an `https://` proxy URL.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ProxyState>,
     header_read_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -75,17 +78,35 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), peer, req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "proxy connection ended with an error");
+            match tls {
+                None => serve_connection(TokioIo::new(stream), state, peer, header_read_timeout).await,
+                Some(acceptor) => {
+                    // The handshake gets the same deadline as a request head.
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(TokioIo::new(s), state, peer, header_read_timeout).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "proxy TLS handshake failed"),
+                        Err(_) => debug!(%peer, "proxy TLS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+async fn serve_connection<I>(io: I, state: Arc<ProxyState>, peer: SocketAddr, header_read_timeout: Duration)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(state.clone(), peer, req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "proxy connection ended with an error");
     }
 }
 

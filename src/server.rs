@@ -162,12 +162,17 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     })?;
     let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
     let admin_state = Arc::new(AdminState::new(connections.clone(), outbound, &config.admin.tokens, &public_url));
+    let proxy_tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+        (Some(cert), Some(key)) => Some(proxy_tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(
         listeners.proxy,
         proxy_state,
         Duration::from_millis(config.proxy.header_read_timeout_ms),
+        proxy_tls,
         rx.clone(),
     ));
     let mut admin_rx = rx;
@@ -183,4 +188,21 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
     Ok(Running { proxy_addr, admin_addr, connections, interceptor, shutdown: tx, tasks })
+}
+
+/// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).
+fn proxy_tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = upstream::load_pem_certs(cert).map_err(|r| ConfigError::new("config", "proxy.tls_cert", r))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ConfigError::new("config", "proxy.tls_key", format!("{}: {e}", key.display())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::new("config", "proxy.tls_cert", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain.into_iter().map(CertificateDer::into_owned).collect(), key)
+        .map_err(|e| ConfigError::new("config", "proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

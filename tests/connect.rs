@@ -235,3 +235,33 @@ async fn blind_tunnels_follow_egress_policy() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["code"], "passthrough_denied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_listener_over_tls() {
+    let cert = repo().join("certs/test/httpbin.pem");
+    let key = repo().join("certs/test/httpbin.key");
+    let extra_toml = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display());
+    let h = Harness::start_with(Opts { extra_toml, ..Default::default() }).await;
+    let id = h.create("bearer", &[("token", "via-tls-proxy")]).await;
+    let proxy = format!("https://{}", h.running.proxy_addr);
+    let ca = repo().join("certs/test/upstream-ca.pem").display().to_string();
+    let hdr = format!("X-Connection-Id: {id}");
+    let seen =
+        curl(&["--proxy", &proxy, "--proxy-cacert", &ca, "-H", &hdr, &format!("{}/headers", httpbin())], &[]).await;
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer via-tls-proxy"));
+    // A plain-HTTP client on the TLS port gets nowhere.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-x",
+            &format!("http://{}", h.running.proxy_addr),
+            &format!("{}/headers", httpbin()),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "plain HTTP must not be served on the TLS listener");
+}
