@@ -36,6 +36,11 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Apply pending store migrations (also done on every start), then exit.
+    Migrate {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Load and validate the configuration and integrations, then exit.
     CheckConfig {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
@@ -135,6 +140,19 @@ pub fn main() -> ExitCode {
     rt.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
+            Command::Migrate { config } => match load(&config) {
+                Ok((cfg, _)) => match server::open_store(&cfg).await {
+                    Ok(_) => {
+                        println!("store migrated: {}", redact_url(&cfg.store.url));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("credproxy: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => config_error(&e),
+            },
             Command::CheckConfig { config } => match load(&config) {
                 Ok((_, ints)) => {
                     println!("{}: ok ({} integrations)", config.display(), ints.len());
@@ -284,6 +302,14 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             eprintln!("credproxy: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A store URL without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}[redacted]{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
     }
 }
 

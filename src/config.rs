@@ -31,6 +31,7 @@ pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
+pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
 pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
 pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
 pub const DEFAULT_LEAF_VALIDITY_HOURS: u64 = 24;
@@ -183,20 +184,26 @@ fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretVa
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (relative to the working directory). PostgreSQL comes
-    /// with the shared-deployment work.
+    /// `sqlite://PATH` (relative to the working directory), or
+    /// `postgres://user:password@host:port/db` for shared deployments.
     pub url: String,
+    /// PostgreSQL: most pooled connections per instance.
+    pub pool_size: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: DEFAULT_STORE_URL.to_owned() }
+        Self { url: DEFAULT_STORE_URL.to_owned(), pool_size: DEFAULT_STORE_POOL_SIZE }
     }
 }
 
 impl StoreConfig {
     pub fn sqlite_path(&self) -> Option<&Path> {
         self.url.strip_prefix("sqlite://").map(Path::new)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")
     }
 }
 
@@ -347,8 +354,11 @@ impl Config {
         if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
             return Err(ConfigError::new(name, "proxy.tls_key", "proxy.tls_cert and proxy.tls_key go together"));
         }
-        if self.store.sqlite_path().is_none() {
-            return Err(ConfigError::new(name, "store.url", "only sqlite://PATH is supported by this build"));
+        if self.store.sqlite_path().is_none() && !self.store.is_postgres() {
+            return Err(ConfigError::new(name, "store.url", "must be sqlite://PATH or postgres://…"));
+        }
+        if self.store.pool_size == 0 {
+            return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));
         }
         if let Some(u) = &self.admin.public_url {
             let ok = u

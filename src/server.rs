@@ -21,7 +21,9 @@ use crate::oauth2::TokenClient;
 use crate::outbound::Outbound;
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ProxyState};
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
 use crate::store::StoreError;
 use crate::tls::Interceptor;
 use crate::upstream::{self, ClientSettings, GuardedConnector};
@@ -83,11 +85,7 @@ impl Running {
 /// Opens the store and key provider, builds the pipeline state and starts
 /// serving on `listeners`.
 pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
-    let store_path = config
-        .store
-        .sqlite_path()
-        .ok_or_else(|| ConfigError::new("config", "store.url", "only sqlite://PATH is supported"))?;
-    let store = Arc::new(SqliteStore::open(store_path)?);
+    let store = open_store(config).await?;
     let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
         KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
     };
@@ -205,4 +203,16 @@ fn proxy_tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<t
         .map_err(|e| ConfigError::new("config", "proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Opens the configured store and applies its migrations.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    if config.store.is_postgres() {
+        return Ok(Arc::new(PgStore::open(&config.store.url, config.store.pool_size).await?));
+    }
+    let path = config
+        .store
+        .sqlite_path()
+        .ok_or_else(|| ConfigError::new("config", "store.url", "must be sqlite://PATH or postgres://…"))?;
+    Ok(Arc::new(SqliteStore::open(path)?))
 }

@@ -4,6 +4,7 @@
 //! Implementations: [`sqlite::SqliteStore`] (embedded default). Must not
 //! import `crypto`: the store only ever sees ciphertext.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -259,3 +259,17 @@ async fn ssrf_guard_refuses_internal_destinations() {
     assert_eq!(seen.status, 403, "{}", seen.text());
     assert_eq!(seen.json()["code"], "destination_ip_prohibited");
 }
+
+/// The whole path on the shared-deployment store: PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_postgres() {
+    let url = fresh_postgres_database().await;
+    let h = Harness::start_with(Opts { store_url: Some(url), ..Default::default() }).await;
+    let id = h.create("basic", &[("username", "pg-user"), ("password", "pg-pass")]).await;
+    let seen = via_curl(&h, &id, "/basic-auth/pg-user/pg-pass", &[]).await;
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    let list = h.admin.call(http::Method::GET, &format!("/v1/connections?org_id={ORG}"), None).await.unwrap();
+    assert_eq!(list["connections"][0]["id"], id.as_str());
+    h.admin.call(http::Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert_eq!(via_curl(&h, &id, "/headers", &[]).await.status, 404);
+}

@@ -73,6 +73,8 @@ pub struct Opts {
     pub sections: String,
     /// Extra keys of the `[egress]` section.
     pub egress: String,
+    /// `store.url` instead of a SQLite file in the temp dir.
+    pub store_url: Option<String>,
 }
 
 impl Default for Opts {
@@ -83,6 +85,7 @@ impl Default for Opts {
             integrations: Vec::new(),
             sections: String::new(),
             egress: String::new(),
+            store_url: None,
         }
     }
 }
@@ -124,7 +127,7 @@ token = "{ADMIN_TOKEN}"
 token = "{ORG_TOKEN}"
 org_id = "{ORG}"
 [store]
-url = "sqlite://{db}"
+url = "{db}"
 [crypto]
 key_file = "{key}"
 [egress]
@@ -137,7 +140,10 @@ dir = "{ints}"
             sections = opts.sections,
             egress = opts.egress,
             extra_proxy = opts.extra_toml,
-            db = dir.path().join("credproxy.db").display(),
+            db = opts
+                .store_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("credproxy.db").display())),
             key = dir.path().join("master.key").display(),
             ints = ints_dir.display(),
         );
@@ -468,4 +474,22 @@ fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A fresh, empty database in the PostgreSQL cluster at DATABASE_URL.
+pub async fn fresh_postgres_database() -> String {
+    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "DATABASE_URL is not set: run the suite with `scripts/test` (it starts a throwaway PostgreSQL cluster), \
+             or export DATABASE_URL=postgres://user@127.0.0.1:PORT/postgres"
+        )
+    });
+    let (client, conn) =
+        tokio_postgres::connect(&base, tokio_postgres::NoTls).await.expect("PostgreSQL at DATABASE_URL is reachable");
+    tokio::spawn(conn);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let name = format!("credproxy_test_{}_{nanos}", std::process::id());
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    format!("{prefix}/{name}")
 }
