@@ -143,7 +143,7 @@ pub fn main() -> ExitCode {
             Command::Migrate { config } => match load(&config) {
                 Ok((cfg, _)) => match server::open_store(&cfg).await {
                     Ok(_) => {
-                        println!("store migrated: {}", redact_url(&cfg.store.url));
+                        println!("store migrated: {}", config::redact_url(&cfg.store.url));
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
@@ -302,14 +302,6 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             eprintln!("credproxy: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// A store URL without its password.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}[redacted]{}", &url[..s + 3], &url[at..]),
-        _ => url.to_owned(),
     }
 }
 

@@ -32,6 +32,7 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
 pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
+pub const DEFAULT_REFRESH_LOCK_WAIT_MS: u64 = 15_000;
 pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
 pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
 pub const DEFAULT_LEAF_VALIDITY_HOURS: u64 = 24;
@@ -106,11 +107,18 @@ pub struct OAuth2Config {
     pub token_timeout_ms: u64,
     /// Seconds an authorization `state` (and its PKCE verifier) stays valid.
     pub state_ttl_secs: u64,
+    /// Milliseconds a request waits for another instance's refresh of the
+    /// same connection (the row lock) before failing with 503.
+    pub refresh_lock_wait_ms: u64,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
-        Self { token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS, state_ttl_secs: DEFAULT_STATE_TTL_SECS }
+        Self {
+            token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS,
+            state_ttl_secs: DEFAULT_STATE_TTL_SECS,
+            refresh_lock_wait_ms: DEFAULT_REFRESH_LOCK_WAIT_MS,
+        }
     }
 }
 
@@ -181,7 +189,7 @@ fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretVa
     String::deserialize(d).map(SecretValue::new)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `sqlite://PATH` (relative to the working directory), or
@@ -194,6 +202,24 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self { url: DEFAULT_STORE_URL.to_owned(), pool_size: DEFAULT_STORE_POOL_SIZE }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig").field("url", &redact_url(&self.url)).field("pool_size", &self.pool_size).finish()
+    }
+}
+
+/// A URL without the password of its user information.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:[redacted]{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -401,6 +427,7 @@ impl Config {
             ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
             ("oauth2.token_timeout_ms", self.oauth2.token_timeout_ms),
             ("oauth2.state_ttl_secs", self.oauth2.state_ttl_secs),
+            ("oauth2.refresh_lock_wait_ms", self.oauth2.refresh_lock_wait_ms),
             ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity_hours),
         ] {
             if v == 0 {
@@ -531,6 +558,22 @@ mod tests {
         assert_eq!(cfg.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(cfg.store.url, DEFAULT_STORE_URL);
         assert_eq!(cfg.cache.ttl_secs, DEFAULT_CACHE_TTL_SECS);
+    }
+
+    #[test]
+    fn shared_example_parses_with_its_variables() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/shared.toml");
+        let vars = [
+            ("CREDPROXY_ORG_ID", "org_a"),
+            ("CREDPROXY_ADMIN_TOKEN_PLATFORM", "platform-admin-token-0123"),
+            ("CREDPROXY_DB_PASSWORD", "db-pass"),
+        ];
+        let cfg = Config::load(&path, &env(&vars)).unwrap();
+        assert!(cfg.store.is_postgres());
+        assert!(cfg.tls_intercept.enabled);
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("platform-admin-token-0123") && !dbg.contains("db-pass"), "{dbg}");
+        assert!(dbg.contains("postgres://credproxy:[redacted]@postgres.internal.example"), "{dbg}");
     }
 
     #[test]

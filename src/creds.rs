@@ -208,6 +208,13 @@ impl Connections {
 
     pub(crate) async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
         let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
+        self.decrypt_row(row).await
+    }
+
+    /// Decrypts a stored row into a connection ready for the request path.
+    async fn decrypt_row(&self, row: ConnectionRow) -> Result<Arc<Resolved>, ResolveError> {
+        let id = row.meta.id.clone();
+        let id = id.as_str();
         let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
         let integration =
             self.integrations.get(&row.meta.integration).cloned().ok_or_else(|| {
@@ -307,6 +314,14 @@ impl Connections {
         let deleted = self.store.delete_connection(id).await?;
         self.cache.invalidate(id).await;
         Ok(deleted)
+    }
+
+    /// Applies a change published by another instance (or by this one).
+    pub async fn apply_change(&self, change: crate::store::postgres::Change) {
+        match change {
+            crate::store::postgres::Change::Connection(id) => self.cache.invalidate(&id).await,
+            crate::store::postgres::Change::Resync => self.cache.invalidate_all(),
+        }
     }
 
     pub fn cached_entries(&self) -> u64 {

@@ -283,6 +283,13 @@ impl ProxyError {
                 "Token endpoint unavailable", "the OAuth2 token endpoint could not refresh the access token; retry later", T::DestinationUnavailable),
             Self::Refresh(RefreshError::Token(TokenError::Rejected(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_rejected",
                 "Token endpoint rejected the refresh", "the OAuth2 token endpoint refused the refresh; check the integration's client settings", T::ProxyConfigurationError),
+            Self::Refresh(RefreshError::Store(crate::store::StoreError::LockTimeout(_))) => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "refresh_lock_timeout",
+                "Refresh in progress elsewhere",
+                "another credproxy instance is refreshing this connection's token and did not finish in time (oauth2.refresh_lock_wait_ms); retry",
+                T::ProxyInternalError,
+            ),
             Self::Refresh(RefreshError::Store(_)) => Self::Resolve(ResolveError::Store(crate::store::StoreError::Unavailable(String::new()))).problem(),
             Self::Refresh(RefreshError::Crypto(_)) => Problem::new(S::INTERNAL_SERVER_ERROR, "connection_unusable", "Connection unusable",
                 "the connection's refreshed credential could not be sealed; see the proxy log", T::ProxyInternalError),

@@ -21,7 +21,7 @@ use crate::oauth2::TokenClient;
 use crate::outbound::Outbound;
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ProxyState};
-use crate::store::postgres::PgStore;
+use crate::store::postgres::{spawn_listener, Change, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::store::StoreError;
@@ -71,6 +71,8 @@ pub struct Running {
     /// The TLS interception CA, when enabled (leaf mint/cache counters).
     pub interceptor: Option<Arc<Interceptor>>,
     shutdown: watch::Sender<bool>,
+    /// PostgreSQL change listener (cache invalidation across instances).
+    listener: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
 }
 
@@ -78,6 +80,9 @@ impl Running {
     /// Stops accepting new connections and waits for the accept loops.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        if let Some(l) = self.listener.take() {
+            l.abort();
+        }
         while self.tasks.join_next().await.is_some() {}
     }
 }
@@ -120,7 +125,8 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
             Duration::from_secs(config.cache.ttl_secs),
             token_client,
         )
-        .with_authorization_ttl(Duration::from_secs(config.oauth2.state_ttl_secs)),
+        .with_authorization_ttl(Duration::from_secs(config.oauth2.state_ttl_secs))
+        .with_refresh_lock_wait(Duration::from_millis(config.oauth2.refresh_lock_wait_ms)),
     );
     let connect_timeout = Duration::from_millis(config.upstream.connect_timeout_ms);
     let client = upstream::build_client(
@@ -164,6 +170,15 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         (Some(cert), Some(key)) => Some(proxy_tls_acceptor(cert, key)?),
         _ => None,
     };
+    // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
+    let listener = config.store.is_postgres().then(|| {
+        let c = connections.clone();
+        let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| {
+            let c = c.clone();
+            tokio::spawn(async move { c.apply_change(change).await });
+        });
+        spawn_listener(config.store.url.clone(), on_change)
+    });
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(proxy::serve(
@@ -185,7 +200,7 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         }
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
-    Ok(Running { proxy_addr, admin_addr, connections, interceptor, shutdown: tx, tasks })
+    Ok(Running { proxy_addr, admin_addr, connections, interceptor, shutdown: tx, listener, tasks })
 }
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).

@@ -86,6 +86,26 @@ pub struct PendingAuthorization {
     pub expires_at: i64,
 }
 
+/// What a refresh writes back while it holds the row lock.
+#[derive(Debug, Clone)]
+pub enum RowUpdate {
+    /// New sealed credential; the state becomes `active`.
+    Credential(SealedBytes),
+    /// State only (e.g. `needs_reauth` after `invalid_grant`).
+    State(ConnectionState),
+}
+
+/// A connection row locked for a refresh: across instances on PostgreSQL
+/// (`SELECT … FOR UPDATE` in an open transaction). Dropping it without
+/// [`RowLock::commit`] rolls back and releases the lock.
+#[async_trait]
+pub trait RowLock: Send {
+    /// The row as read under the lock.
+    fn row(&self) -> &ConnectionRow;
+    /// Writes `update` (if any), publishes the change, commits, releases.
+    async fn commit(self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError>;
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -96,6 +116,8 @@ pub enum StoreError {
     Corrupt { id: String, reason: String },
     #[error("store migration failed: {0}")]
     Migration(String),
+    #[error("timed out waiting for the lock on connection {0}")]
+    LockTimeout(String),
 }
 
 #[async_trait]
@@ -118,6 +140,13 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError>;
     /// Removes and returns a pending authorization: each `state` is usable once.
     async fn take_pending(&self, state_hash: &str) -> Result<Option<PendingAuthorization>, StoreError>;
+    /// Locks a connection's row for a refresh, waiting at most `wait`.
+    /// `Ok(None)` if the row does not exist.
+    async fn lock_connection(
+        &self,
+        id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<Box<dyn RowLock>>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

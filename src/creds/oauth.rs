@@ -1,12 +1,15 @@
 //! OAuth2 connections: single-flight refresh, the authorization-code flow
 //! (`state`, PKCE, callback), and revocation at the provider.
 //!
-//! Single flight: every refresh of one connection runs under that
-//! connection's async mutex. A waiter that gets the mutex re-reads the
-//! connection and refreshes only if the token it holds is still the stale
-//! one, so a storm of requests produces one refresh. The new token set is
-//! persisted (sealed) before it is cached or used, so a rotated refresh token
-//! is never lost.
+//! Single flight, in two layers: every refresh of one connection runs under
+//! that connection's async mutex in this process, and then under the store's
+//! row lock (PostgreSQL `SELECT … FOR UPDATE`) across instances. Whoever gets
+//! the lock re-reads the row and refreshes only if the token is still the
+//! stale one, so a storm over many instances produces one refresh. The new
+//! token set is committed (sealed) before the lock is released and before it
+//! is used, so a rotated refresh token is never lost; a process that dies
+//! mid-refresh drops its database connection, which rolls back and frees the
+//! lock.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use crate::ids;
 use crate::integrations::{Grant, OAuth2Method};
 use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
 use crate::secret::SecretValue;
-use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, StoreError};
+use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, RowUpdate, StoreError};
 
 /// After a failed refresh, requests for that connection fail fast for this long
 /// instead of hammering the token endpoint.
@@ -34,6 +37,8 @@ pub(super) struct OAuthState {
     refreshes: std::sync::atomic::AtomicU64,
     /// How long an authorization `state` stays valid.
     pub(super) state_ttl: Duration,
+    /// Longest wait for another instance's refresh of the same connection.
+    pub(super) lock_wait: Duration,
 }
 
 impl OAuthState {
@@ -45,6 +50,7 @@ impl OAuthState {
             cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
             refreshes: Default::default(),
             state_ttl: Duration::from_secs(crate::config::DEFAULT_STATE_TTL_SECS),
+            lock_wait: Duration::from_millis(crate::config::DEFAULT_REFRESH_LOCK_WAIT_MS),
         }
     }
 }
@@ -136,6 +142,12 @@ impl Connections {
         self
     }
 
+    /// Sets the longest wait for the cross-instance refresh lock.
+    pub fn with_refresh_lock_wait(mut self, wait: Duration) -> Self {
+        self.oauth.lock_wait = wait;
+        self
+    }
+
     /// Number of refreshes this process performed (token endpoint calls that
     /// returned a token).
     pub fn refresh_count(&self) -> u64 {
@@ -186,7 +198,10 @@ impl Connections {
                 return Ok(c);
             }
         }
-        let current = self.load(id).await?;
+        // Across instances: the row lock. Whoever held it before us may have
+        // refreshed and committed; we read the row under the lock.
+        let lock = self.store.lock_connection(id, self.oauth.lock_wait).await?.ok_or(ResolveError::NotFound)?;
+        let current = self.decrypt_row(lock.row().clone()).await?;
         if current.meta.state != ConnectionState::Active {
             return Err(RefreshError::NeedsReauth);
         }
@@ -208,14 +223,12 @@ impl Connections {
             Ok(resp) => {
                 let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
                 self.oauth.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // Persist before anyone uses it: a rotated refresh token must survive a crash.
+                // Persist (and release the lock) before anyone uses it: a rotated
+                // refresh token must survive a crash.
                 let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
                 let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
                 let now = unix_now();
-                if !self.store.update_credential(id, &sealed, ConnectionState::Active, now).await? {
-                    self.cache.invalidate(id).await;
-                    return Err(RefreshError::Resolve(ResolveError::NotFound));
-                }
+                lock.commit(Some(RowUpdate::Credential(sealed)), now).await?;
                 let mut meta = current.meta.clone();
                 meta.updated_at = now;
                 let next = Arc::new(Resolved {
@@ -230,7 +243,7 @@ impl Connections {
                 Ok(next)
             }
             Err(TokenError::InvalidGrant) => {
-                self.store.set_state(id, ConnectionState::NeedsReauth, unix_now()).await?;
+                lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await?;
                 self.cache.invalidate(id).await;
                 tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
                 Err(RefreshError::NeedsReauth)

@@ -3,12 +3,20 @@
 //! start at once), the same behaviour as the SQLite store (one test suite
 //! runs against both).
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, SealedBytes, Store, StoreError};
+use super::{
+    ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, RowLock, RowUpdate, SealedBytes, Store,
+    StoreError,
+};
+
+/// `NOTIFY` channel carrying the id of every changed connection.
+pub const CHANGES_CHANNEL: &str = "credproxy_connections";
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
 const MIGRATIONS: &[&str] = &[
@@ -190,8 +198,17 @@ impl Store for PgStore {
     }
 
     async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self.client().await?.execute("DELETE FROM connections WHERE id = $1", &[&id]).await.map_err(backend)?;
-        Ok(n > 0)
+        // The notification is delivered at commit, to every instance's listener.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH d AS (DELETE FROM connections WHERE id = $1 RETURNING id) SELECT pg_notify($2, id) FROM d",
+                &[&id, &CHANGES_CHANNEL],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(!rows.is_empty())
     }
 
     async fn update_credential(
@@ -201,29 +218,13 @@ impl Store for PgStore {
         state: ConnectionState,
         updated_at: i64,
     ) -> Result<bool, StoreError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE connections SET key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, state = $6, updated_at = $7 WHERE id = $1",
-                &[&id, &sealed.key_id, &sealed.wrapped_key, &sealed.nonce, &sealed.ciphertext, &state.as_str(), &updated_at],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(n > 0)
+        let client = self.client().await?;
+        write_credential(&client, id, sealed, state, updated_at).await.map_err(backend)
     }
 
     async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError> {
-        let n = self
-            .client()
-            .await?
-            .execute(
-                "UPDATE connections SET state = $2, updated_at = $3 WHERE id = $1",
-                &[&id, &state.as_str(), &updated_at],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(n > 0)
+        let client = self.client().await?;
+        write_state(&client, id, state, updated_at).await.map_err(backend)
     }
 
     async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
@@ -267,7 +268,191 @@ impl Store for PgStore {
         }))
     }
 
+    async fn lock_connection(&self, id: &str, wait: Duration) -> Result<Option<Box<dyn RowLock>>, StoreError> {
+        let client = self.client().await?;
+        let locked = async {
+            client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{}ms'", wait.as_millis().max(1))).await?;
+            client
+                .query_opt(
+                    &format!("SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = $1 FOR UPDATE"),
+                    &[&id],
+                )
+                .await
+        }
+        .await;
+        match locked {
+            Ok(Some(r)) => {
+                let row = ConnectionRow {
+                    meta: meta(&r)?,
+                    sealed: SealedBytes {
+                        key_id: r.get(8),
+                        wrapped_key: r.get(9),
+                        nonce: r.get(10),
+                        ciphertext: r.get(11),
+                    },
+                };
+                Ok(Some(Box::new(PgRowLock { client: Some(client), row })))
+            }
+            Ok(None) => {
+                discard(client);
+                Ok(None)
+            }
+            Err(e) => {
+                discard(client);
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                    Err(StoreError::LockTimeout(id.to_owned()))
+                } else {
+                    Err(backend(e))
+                }
+            }
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.client().await?.query_one("SELECT 1", &[]).await.map_err(backend).map(|_| ())
+    }
+}
+
+async fn write_credential(
+    client: &tokio_postgres::Client,
+    id: &str,
+    sealed: &SealedBytes,
+    state: ConnectionState,
+    updated_at: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH u AS (UPDATE connections SET key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, state = $6, updated_at = $7
+                        WHERE id = $1 RETURNING id)
+             SELECT pg_notify($8, id) FROM u",
+            &[&id, &sealed.key_id, &sealed.wrapped_key, &sealed.nonce, &sealed.ciphertext, &state.as_str(), &updated_at, &CHANGES_CHANNEL],
+        )
+        .await?;
+    Ok(!rows.is_empty())
+}
+
+async fn write_state(
+    client: &tokio_postgres::Client,
+    id: &str,
+    state: ConnectionState,
+    updated_at: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "WITH u AS (UPDATE connections SET state = $2, updated_at = $3 WHERE id = $1 RETURNING id)
+             SELECT pg_notify($4, id) FROM u",
+            &[&id, &state.as_str(), &updated_at, &CHANGES_CHANNEL],
+        )
+        .await?;
+    Ok(!rows.is_empty())
+}
+
+/// Closes a pooled connection instead of returning it: an open or failed
+/// transaction must never be reused. Closing makes the server roll back and
+/// release any row lock — also what happens when the process dies.
+fn discard(client: Object) {
+    drop(Object::take(client));
+}
+
+struct PgRowLock {
+    client: Option<Object>,
+    row: ConnectionRow,
+}
+
+#[async_trait]
+impl RowLock for PgRowLock {
+    fn row(&self) -> &ConnectionRow {
+        &self.row
+    }
+
+    async fn commit(mut self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError> {
+        let client = self.client.take().expect("a lock commits once");
+        let id = self.row.meta.id.as_str();
+        let written = async {
+            match &update {
+                None => {}
+                Some(RowUpdate::Credential(sealed)) => {
+                    write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?;
+                }
+                Some(RowUpdate::State(state)) => {
+                    write_state(&client, id, *state, updated_at).await?;
+                }
+            }
+            client.batch_execute("COMMIT").await
+        }
+        .await;
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                discard(client);
+                Err(backend(e))
+            }
+        }
+    }
+}
+
+impl Drop for PgRowLock {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            discard(client);
+        }
+    }
+}
+
+/// What the change listener reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This connection changed (refresh, re-authorization, delete, update).
+    Connection(String),
+    /// The listener (re)connected and may have missed changes: drop everything cached.
+    Resync,
+}
+
+/// Listens for connection changes on [`CHANGES_CHANNEL`] for as long as the
+/// task runs, reconnecting (and reporting [`Change::Resync`]) after any failure.
+pub fn spawn_listener(
+    url: String,
+    on_change: std::sync::Arc<dyn Fn(Change) + Send + Sync>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match listen_once(&url, &*on_change).await {
+                Ok(()) => tracing::warn!("store change listener closed; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "store change listener failed; reconnecting"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
+async fn listen_once(url: &str, on_change: &(dyn Fn(Change) + Send + Sync)) -> Result<(), tokio_postgres::Error> {
+    use tokio_postgres::AsyncMessage;
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
+    let sql = format!("LISTEN {CHANGES_CHANNEL}");
+    let listen = client.batch_execute(&sql);
+    tokio::pin!(listen);
+    // The LISTEN needs the connection driven while it runs.
+    loop {
+        tokio::select! {
+            r = &mut listen => { r?; break; }
+            m = std::future::poll_fn(|cx| conn.poll_message(cx)) => match m {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+        }
+    }
+    // Anything may have changed while we were not listening.
+    on_change(Change::Resync);
+    tracing::info!("store change listener subscribed");
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => on_change(Change::Connection(n.payload().to_owned())),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
     }
 }

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, SealedBytes, Store, StoreError};
+use super::{
+    ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, RowLock, RowUpdate, SealedBytes, Store,
+    StoreError,
+};
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
 const MIGRATIONS: &[&str] = &[
@@ -288,8 +291,45 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn lock_connection(
+        &self,
+        id: &str,
+        _wait: std::time::Duration,
+    ) -> Result<Option<Box<dyn RowLock>>, StoreError> {
+        // One instance per SQLite file: the in-process single flight in front
+        // of this call is the lock.
+        Ok(self
+            .get_connection(id)
+            .await?
+            .map(|row| Box::new(SqliteRowLock { store: self.clone(), row }) as Box<dyn RowLock>))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
+    }
+}
+
+struct SqliteRowLock {
+    store: SqliteStore,
+    row: ConnectionRow,
+}
+
+#[async_trait]
+impl RowLock for SqliteRowLock {
+    fn row(&self) -> &ConnectionRow {
+        &self.row
+    }
+
+    async fn commit(self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError> {
+        match update {
+            None => Ok(()),
+            Some(RowUpdate::Credential(sealed)) => self
+                .store
+                .update_credential(&self.row.meta.id, &sealed, ConnectionState::Active, updated_at)
+                .await
+                .map(drop),
+            Some(RowUpdate::State(state)) => self.store.set_state(&self.row.meta.id, state, updated_at).await.map(drop),
+        }
     }
 }
 

@@ -234,7 +234,7 @@ fn clean_proxy_env(cmd: &mut tokio::process::Command) {
     }
 }
 
-fn parse_http_dump(raw: &[u8]) -> Seen {
+pub fn parse_http_dump(raw: &[u8]) -> Seen {
     let mut rest = raw;
     loop {
         let split = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("curl -i output has a head");

@@ -1,0 +1,154 @@
+//! Shared deployment: three real credproxy processes (the built binary) on
+//! one PostgreSQL database. A refresh storm spread over all three makes
+//! exactly one refresh at the provider; a delete through one instance stops
+//! the connection on the others within a second (LISTEN/NOTIFY).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use credproxy::admin_client::AdminClient;
+use credproxy::secret::SecretValue;
+use http::Method;
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+struct Instance {
+    proxy: SocketAddr,
+    admin: AdminClient,
+    admin_url: String,
+    _child: tokio::process::Child,
+}
+
+async fn spawn_instance(config: &std::path::Path) -> Instance {
+    let mut child = tokio::process::Command::new(credproxy_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut proxy, mut admin) = (String::new(), String::new());
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
+        if line.contains("credproxy listening") {
+            let field = |name: &str| {
+                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+            };
+            proxy = field("proxy");
+            admin = field("admin");
+            break;
+        }
+    }
+    assert!(!proxy.is_empty(), "instance did not start");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let admin_url = format!("http://{admin}");
+    Instance {
+        proxy: proxy.parse().unwrap(),
+        admin: AdminClient::new(&admin_url, SecretValue::from(ADMIN_TOKEN)).unwrap(),
+        admin_url,
+        _child: child,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_one_refresh_and_fast_invalidation() {
+    let oidc = Oidc::start().await;
+    let db = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    let (name, text) = oidc.integration();
+    std::fs::write(ints.join(name), text).unwrap();
+    let config = dir.path().join("credproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
+             [store]\nurl = \"{db}\"\npool_size = 8\n[crypto]\nkey_file = \"{}\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [integrations]\ndir = \"{}\"\n",
+            dir.path().join("master.key").display(),
+            ints.display()
+        ),
+    )
+    .unwrap();
+    // The first instance creates the shared master key; then the others start.
+    let a = spawn_instance(&config).await;
+    let (b, c) = tokio::join!(spawn_instance(&config), spawn_instance(&config));
+    let all = [&a, &b, &c];
+
+    // Authorize through instance A, like a browser.
+    let v = a
+        .admin
+        .call(
+            Method::POST,
+            "/v1/oauth2/authorize",
+            Some(&json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"})),
+        )
+        .await
+        .unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
+    let jar = dir.path().join("jar");
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "-L", "-c"])
+        .arg(&jar)
+        .arg("-b")
+        .arg(&jar)
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    let raw = out.stdout;
+    let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap();
+    let seen = parse_http_dump(last);
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    let id = seen.json()["connection_id"].as_str().unwrap().to_owned();
+    assert!(a.admin_url.starts_with("http://127.0.0.1:"));
+    let resource = format!("{}/resource", oidc.url);
+    for i in all {
+        assert_eq!(proxy_request(i.proxy, "GET", &resource, Some(&id), None).await.0, 200);
+    }
+
+    // Storm: 300 concurrent requests over three instances right after expiry.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let before = oidc.count("refresh_token").await;
+    let mut tasks = Vec::new();
+    for n in 0..300 {
+        let (proxy, resource, id) = (all[n % 3].proxy, resource.clone(), id.clone());
+        tasks.push(tokio::spawn(async move { proxy_request(proxy, "GET", &resource, Some(&id), None).await }));
+    }
+    for t in tasks {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(oidc.count("refresh_token").await - before, 1, "exactly one refresh across three instances");
+    for i in all {
+        assert_eq!(
+            proxy_request(i.proxy, "GET", &resource, Some(&id), None).await.0,
+            200,
+            "every instance has the new token"
+        );
+    }
+
+    // Delete through A: B and C stop within a second.
+    let started = Instant::now();
+    let del: Value = a.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert_eq!(del["deleted"], true);
+    for i in [&b, &c] {
+        loop {
+            let (status, _, _) = proxy_request(i.proxy, "GET", &resource, Some(&id), None).await;
+            if status == 404 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(1), "instance still served a deleted connection after 1 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+}
