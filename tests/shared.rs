@@ -20,7 +20,55 @@ struct Instance {
     proxy: SocketAddr,
     admin: AdminClient,
     admin_url: String,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
+}
+
+impl Instance {
+    fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+}
+
+fn write_config(dir: &tempfile::TempDir, oidc: &Oidc, db: &str) -> std::path::PathBuf {
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    let (name, text) = oidc.integration();
+    std::fs::write(ints.join(name), text).unwrap();
+    let config = dir.path().join("credproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
+             [store]\nurl = \"{db}\"\npool_size = 8\n[crypto]\nkey_file = \"{}\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [integrations]\ndir = \"{}\"\n",
+            dir.path().join("master.key").display(),
+            ints.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The authorization-code flow through one instance, like a browser.
+async fn authorize(i: &Instance, dir: &tempfile::TempDir) -> String {
+    let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"});
+    let v = i.admin.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await.unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
+    let jar = dir.path().join(format!("jar-{}", i.pid()));
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "-L", "-c"])
+        .arg(&jar)
+        .arg("-b")
+        .arg(&jar)
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    let raw = out.stdout;
+    let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap();
+    let seen = parse_http_dump(last);
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    seen.json()["connection_id"].as_str().unwrap().to_owned()
 }
 
 async fn spawn_instance(config: &std::path::Path) -> Instance {
@@ -52,7 +100,7 @@ async fn spawn_instance(config: &std::path::Path) -> Instance {
         proxy: proxy.parse().unwrap(),
         admin: AdminClient::new(&admin_url, SecretValue::from(ADMIN_TOKEN)).unwrap(),
         admin_url,
-        _child: child,
+        child,
     }
 }
 
@@ -61,53 +109,12 @@ async fn three_instances_one_refresh_and_fast_invalidation() {
     let oidc = Oidc::start().await;
     let db = fresh_postgres_database().await;
     let dir = tempfile::tempdir().unwrap();
-    let ints = dir.path().join("integrations");
-    std::fs::create_dir(&ints).unwrap();
-    let (name, text) = oidc.integration();
-    std::fs::write(ints.join(name), text).unwrap();
-    let config = dir.path().join("credproxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
-             [store]\nurl = \"{db}\"\npool_size = 8\n[crypto]\nkey_file = \"{}\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
-             [integrations]\ndir = \"{}\"\n",
-            dir.path().join("master.key").display(),
-            ints.display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(&dir, &oidc, &db);
     // The first instance creates the shared master key; then the others start.
     let a = spawn_instance(&config).await;
     let (b, c) = tokio::join!(spawn_instance(&config), spawn_instance(&config));
     let all = [&a, &b, &c];
-
-    // Authorize through instance A, like a browser.
-    let v = a
-        .admin
-        .call(
-            Method::POST,
-            "/v1/oauth2/authorize",
-            Some(&json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"})),
-        )
-        .await
-        .unwrap();
-    let url = v["authorization_url"].as_str().unwrap();
-    let jar = dir.path().join("jar");
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-i", "-L", "-c"])
-        .arg(&jar)
-        .arg("-b")
-        .arg(&jar)
-        .arg(url)
-        .output()
-        .await
-        .unwrap();
-    let raw = out.stdout;
-    let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap();
-    let seen = parse_http_dump(last);
-    assert_eq!(seen.status, 201, "{}", seen.text());
-    let id = seen.json()["connection_id"].as_str().unwrap().to_owned();
+    let id = authorize(&a, &dir).await;
     assert!(a.admin_url.starts_with("http://127.0.0.1:"));
     let resource = format!("{}/resource", oidc.url);
     for i in all {
@@ -151,4 +158,55 @@ async fn three_instances_one_refresh_and_fast_invalidation() {
     }
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_instance_that_holds_the_refresh_lock_loses_nothing() {
+    let oidc = Oidc::start().await;
+    let db = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &oidc, &db);
+    let a = spawn_instance(&config).await;
+    let b = spawn_instance(&config).await;
+    let id = authorize(&a, &dir).await;
+    let resource = format!("{}/resource", oidc.url);
+    assert_eq!(proxy_request(b.proxy, "GET", &resource, Some(&id), None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+
+    // A starts the refresh and hangs on a slow token endpoint, holding the lock.
+    oidc.post("/test/token-delay?ms=4000").await;
+    let before = oidc.count("refresh_token").await;
+    let a_proxy = a.proxy;
+    let resource_a = resource.clone();
+    let id_a = id.clone();
+    let stuck = tokio::spawn(async move {
+        let stream = tokio::net::TcpStream::connect(a_proxy).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(&resource_a)
+            .header("x-connection-id", &id_a)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        tx.send_request(req).await.map(|r| r.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // kill -9: no cleanup runs; PostgreSQL sees the connection close and rolls back.
+    let pid = a.pid().to_string();
+    let st = tokio::process::Command::new("kill").args(["-KILL", &pid]).status().await.unwrap();
+    assert!(st.success());
+    assert!(stuck.await.unwrap().is_err(), "the killed instance answered nothing");
+    oidc.post("/test/token-delay?ms=0").await;
+
+    // B takes over: one refresh, the connection keeps working, no invalid_grant.
+    let (status, _, body) = proxy_request(b.proxy, "GET", &resource, Some(&id), None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(oidc.count("refresh_token").await - before, 1, "only B's refresh reached the provider");
+    let meta = b.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert_eq!(meta["state"], "active");
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    assert_eq!(
+        proxy_request(b.proxy, "GET", &resource, Some(&id), None).await.0,
+        200,
+        "the rotated token works for the next refresh too"
+    );
 }

@@ -107,7 +107,15 @@ provider.use(async (ctx, next) => {
     ctx.body = JSON.stringify(body);
   };
   if (ctx.path === '/token' && ctx.method === 'POST') {
-    if (tokenDelayMs) await new Promise((r) => setTimeout(r, tokenDelayMs));
+    if (tokenDelayMs) {
+      await new Promise((r) => setTimeout(r, tokenDelayMs));
+      // A client that died while we waited gets nothing processed: its
+      // refresh never happened (the crash-safety test relies on this).
+      if (ctx.req.socket.destroyed) {
+        ctx.respond = false;
+        return undefined;
+      }
+    }
     if (tokenFailStatus) return json(tokenFailStatus, { error: 'temporarily_unavailable' });
     return next();
   }
