@@ -210,3 +210,59 @@ async fn killing_the_instance_that_holds_the_refresh_lock_loses_nothing() {
         "the rotated token works for the next refresh too"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_cached_traffic_continues_cold_lookups_503_then_recover() {
+    let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("master.key");
+    let opts = || Opts { store_url: Some(pg.url()), key_file: Some(key_file.clone()), ..Default::default() };
+    let h1 = Harness::start_with(opts()).await;
+    let h2 = Harness::start_with(opts()).await;
+    let warm = h1.create("bearer", &[("token", "warm")]).await;
+    let cold = h1.create("bearer", &[("token", "cold")]).await;
+    let get = |h: &Harness, id: &str| {
+        let (proxy, url, id) = (h.running.proxy_addr, format!("{}/headers", httpbin()), id.to_owned());
+        async move { proxy_request(proxy, "GET", &url, Some(&id), None).await }
+    };
+    assert_eq!(get(&h1, &warm).await.0, 200);
+    assert_eq!(get(&h2, &warm).await.0, 200);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.down();
+        pg
+    })
+    .await
+    .unwrap();
+    // Served from cache without the database.
+    assert_eq!(get(&h1, &warm).await.0, 200, "cached connections keep working during the outage");
+    // A lookup that needs the database: a clear 503.
+    let (status, headers, body) = get(&h1, &cold).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["code"], "store_unavailable");
+    assert!(headers.iter().any(|(k, _)| k == "proxy-status"));
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.up();
+        pg
+    })
+    .await
+    .unwrap();
+    // Recovers by itself.
+    let started = Instant::now();
+    while get(&h1, &cold).await.0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(15), "no recovery after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both listeners re-subscribed: a delete through h1 reaches h2's cache.
+    tokio::time::sleep(Duration::from_secs(6)).await; // longest listener backoff
+    assert_eq!(get(&h2, &warm).await.0, 200);
+    h1.admin.call(Method::DELETE, &format!("/v1/connections/{warm}"), None).await.unwrap();
+    let started = Instant::now();
+    while get(&h2, &warm).await.0 != 404 {
+        assert!(started.elapsed() < Duration::from_secs(2), "h2 did not hear about the delete after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(pg);
+}

@@ -75,6 +75,8 @@ pub struct Opts {
     pub egress: String,
     /// `store.url` instead of a SQLite file in the temp dir.
     pub store_url: Option<String>,
+    /// A shared master key file instead of one in the temp dir.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for Opts {
@@ -86,6 +88,7 @@ impl Default for Opts {
             sections: String::new(),
             egress: String::new(),
             store_url: None,
+            key_file: None,
         }
     }
 }
@@ -144,7 +147,7 @@ dir = "{ints}"
                 .store_url
                 .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("credproxy.db").display())),
-            key = dir.path().join("master.key").display(),
+            key = opts.key_file.clone().unwrap_or_else(|| dir.path().join("master.key")).display(),
             ints = ints_dir.display(),
         );
         let env = BTreeMap::new();
@@ -492,4 +495,70 @@ pub async fn fresh_postgres_database() -> String {
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     let (prefix, _) = base.rsplit_once('/').unwrap();
     format!("{prefix}/{name}")
+}
+
+/// A throwaway PostgreSQL cluster of the test's own (Debian's binaries, run
+/// as the `postgres` user), for tests that stop and restart the server.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).max()
+            })
+            .expect("PostgreSQL binaries not found under /usr/lib/postgresql: run `scripts/test` (it installs them)");
+        let dir = tempfile::Builder::new().prefix("credproxy-pgtest").tempdir().unwrap();
+        let st = std::process::Command::new("chown").arg("postgres").arg(dir.path()).status().unwrap();
+        assert!(st.success(), "chown postgres failed (the tests run PostgreSQL as the postgres user, as root)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let c = Self { dir, bin, port };
+        c.run("initdb", &["-D", &c.data(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        c.up();
+        c
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn up(&self) {
+        let opts =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-o", &opts, "start"]);
+    }
+
+    pub fn down(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+    }
 }
