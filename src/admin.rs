@@ -312,6 +312,12 @@ fn create_error(e: CreateError) -> ApiError {
         CreateError::UseAuthorize(_) => ApiError::bad_request("use_oauth2_authorize", e.to_string()),
         CreateError::Credential(c) => ApiError::bad_request("invalid_credentials", c.to_string()),
         CreateError::Store(s) => ApiError::store(s),
+        CreateError::Crypto(crate::crypto::CryptoError::KeyService(_)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "key_service_unavailable",
+            "Key service unavailable",
+            "the key service (KMS) cannot be reached; nothing was stored; retry later",
+        ),
         CreateError::Crypto(c) => {
             tracing::error!(error = %c, "admin: sealing a credential failed");
             ApiError::new(

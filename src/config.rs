@@ -32,6 +32,8 @@ pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
 pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
+pub const DEFAULT_KMS_REGION: &str = "us-east-1";
+pub const DEFAULT_DATA_KEY_CACHE_TTL_SECS: u64 = 300;
 pub const DEFAULT_REFRESH_LOCK_WAIT_MS: u64 = 15_000;
 pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
 pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
@@ -237,6 +239,7 @@ impl StoreConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum KeyProviderKind {
     Local,
+    AwsKms,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,11 +250,26 @@ pub struct CryptoConfig {
     /// `local` provider: 32-byte master key, created 0600 on first start;
     /// refused if group or others can read it.
     pub key_file: PathBuf,
+    /// `aws-kms` provider: key id, ARN or alias.
+    pub kms_key_id: Option<String>,
+    /// `aws-kms` provider: AWS region.
+    pub kms_region: String,
+    /// `aws-kms` provider: endpoint override (VPC endpoint, a test server).
+    pub kms_endpoint: Option<String>,
+    /// Seconds an unwrapped data key stays cached.
+    pub data_key_cache_ttl_secs: u64,
 }
 
 impl Default for CryptoConfig {
     fn default() -> Self {
-        Self { provider: KeyProviderKind::Local, key_file: PathBuf::from(DEFAULT_KEY_FILE) }
+        Self {
+            provider: KeyProviderKind::Local,
+            key_file: PathBuf::from(DEFAULT_KEY_FILE),
+            kms_key_id: None,
+            kms_region: DEFAULT_KMS_REGION.to_owned(),
+            kms_endpoint: None,
+            data_key_cache_ttl_secs: DEFAULT_DATA_KEY_CACHE_TTL_SECS,
+        }
     }
 }
 
@@ -382,6 +400,10 @@ impl Config {
         }
         if self.store.sqlite_path().is_none() && !self.store.is_postgres() {
             return Err(ConfigError::new(name, "store.url", "must be sqlite://PATH or postgres://…"));
+        }
+        if self.crypto.provider == KeyProviderKind::AwsKms && self.crypto.kms_key_id.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(ConfigError::new(name, "crypto.kms_key_id", "required when crypto.provider = \"aws-kms\""));
         }
         if self.store.pool_size == 0 {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));

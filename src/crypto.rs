@@ -7,6 +7,7 @@
 //!
 //! Must not import `store` (and `store` never imports this module).
 
+pub mod kms;
 pub mod local;
 
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub enum CryptoError {
     Seal,
     #[error("random source failed")]
     Random,
+    #[error("key service unavailable: {0}")]
+    KeyService(String),
 }
 
 /// What a ciphertext is bound to.
@@ -61,6 +64,13 @@ pub trait KeyProvider: Send + Sync + 'static {
     /// Id of the key new records are wrapped with (stored with each record).
     fn current_key_id(&self) -> &str;
     async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError>;
+    /// A fresh data key and its wrapped form. Default: random, then [`wrap`](Self::wrap).
+    async fn generate(&self, ctx: Context<'_>) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), CryptoError> {
+        let mut data_key = Zeroizing::new(vec![0u8; DATA_KEY_LEN]);
+        SystemRandom::new().fill(&mut data_key[..]).map_err(|_| CryptoError::Random)?;
+        let wrapped = self.wrap(&data_key, ctx).await?;
+        Ok((data_key, wrapped))
+    }
     async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError>;
 }
 
@@ -85,12 +95,10 @@ impl Envelope {
     }
 
     pub async fn seal(&self, ctx: Context<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
-        let mut data_key = Zeroizing::new([0u8; DATA_KEY_LEN]);
-        self.rng.fill(&mut data_key[..]).map_err(|_| CryptoError::Random)?;
+        let (data_key, wrapped_key) = self.provider.generate(ctx).await?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| CryptoError::Random)?;
         let ciphertext = aead_seal(&data_key[..], &nonce, &ctx.aad(), plaintext)?;
-        let wrapped_key = self.provider.wrap(&data_key[..], ctx).await?;
         Ok(Sealed { key_id: self.provider.current_key_id().to_owned(), wrapped_key, nonce: nonce.to_vec(), ciphertext })
     }
 

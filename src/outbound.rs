@@ -265,6 +265,13 @@ impl ProxyError {
                 "Connection needs re-authorization", "the connection's authorization is no longer valid; a user must re-authorize it", T::HttpRequestDenied),
             Self::Resolve(ResolveError::NotActive(_)) => Problem::new(S::CONFLICT, "connection_revoked", "Connection revoked",
                 "the connection has been revoked", T::HttpRequestDenied),
+            Self::Resolve(ResolveError::Crypto { source: crate::crypto::CryptoError::KeyService(_), .. }) => Problem::new(
+                S::SERVICE_UNAVAILABLE,
+                "key_service_unavailable",
+                "Key service unavailable",
+                "the key service (KMS) that unwraps this connection's credential cannot be reached; retry later",
+                T::ProxyInternalError,
+            ),
             Self::Resolve(ResolveError::Misconfigured { .. } | ResolveError::Crypto { .. }) => Problem::new(S::INTERNAL_SERVER_ERROR,
                 "connection_unusable", "Connection unusable", "the connection's stored credential cannot be used; see the proxy log", T::ProxyConfigurationError),
             Self::Resolve(ResolveError::Store(_)) => Problem::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable",

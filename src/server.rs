@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError, KeyProviderKind};
 use crate::creds::Connections;
+use crate::crypto::kms::KmsKeyProvider;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, LocalKeyProvider};
 use crate::integrations::Integrations;
 use crate::oauth2::TokenClient;
@@ -93,6 +94,15 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     let store = open_store(config).await?;
     let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
         KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
+        KeyProviderKind::AwsKms => Arc::new(
+            KmsKeyProvider::new(
+                config.crypto.kms_key_id.as_deref().unwrap_or_default(),
+                &config.crypto.kms_region,
+                config.crypto.kms_endpoint.as_deref(),
+                Duration::from_secs(config.crypto.data_key_cache_ttl_secs),
+            )
+            .await,
+        ),
     };
     let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
     let mut extra_roots = Vec::new();

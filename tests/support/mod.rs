@@ -77,6 +77,8 @@ pub struct Opts {
     pub store_url: Option<String>,
     /// A shared master key file instead of one in the temp dir.
     pub key_file: Option<PathBuf>,
+    /// Extra keys of the `[crypto]` section.
+    pub crypto: String,
 }
 
 impl Default for Opts {
@@ -89,6 +91,7 @@ impl Default for Opts {
             egress: String::new(),
             store_url: None,
             key_file: None,
+            crypto: String::new(),
         }
     }
 }
@@ -133,6 +136,7 @@ org_id = "{ORG}"
 url = "{db}"
 [crypto]
 key_file = "{key}"
+{crypto}
 [egress]
 {allow}
 {egress}
@@ -141,6 +145,7 @@ dir = "{ints}"
 {sections}
 "#,
             sections = opts.sections,
+            crypto = opts.crypto,
             egress = opts.egress,
             extra_proxy = opts.extra_toml,
             db = opts
