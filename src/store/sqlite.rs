@@ -335,86 +335,36 @@ impl RowLock for SqliteRowLock {
 
 #[cfg(test)]
 mod tests {
+    //! The behaviour every store shares is in tests/store_suite.rs (run on
+    //! SQLite and PostgreSQL); this covers what is SQLite's own.
     use super::*;
 
-    fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
-        ConnectionRow {
+    #[tokio::test]
+    async fn creates_its_directory_and_reopens_with_data_and_migrations_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dir/x.db");
+        let s = SqliteStore::open(&path).unwrap();
+        let row = ConnectionRow {
             meta: ConnectionMeta {
-                id: id.into(),
-                org_id: org.into(),
+                id: "c1".into(),
+                org_id: "o".into(),
                 user_id: "u".into(),
                 integration: "i".into(),
                 auth_method: "m".into(),
                 state: ConnectionState::Active,
-                created_at: t,
-                updated_at: t,
+                created_at: 1,
+                updated_at: 1,
             },
-            sealed: SealedBytes {
-                key_id: "k".into(),
-                wrapped_key: vec![1, 2],
-                nonce: vec![3],
-                ciphertext: vec![4, 5, 6],
-            },
-        }
-    }
-
-    #[tokio::test]
-    async fn crud_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d/x.db");
-        let s = SqliteStore::open(&path).unwrap();
-        s.insert_connection(&row("c1", "o1", 1)).await.unwrap();
-        s.insert_connection(&row("c2", "o1", 2)).await.unwrap();
-        s.insert_connection(&row("c3", "o2", 3)).await.unwrap();
-        assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
-        assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
-        assert_eq!(s.get_connection("nope").await.unwrap(), None);
-        let ids: Vec<_> = s.list_connections("o1").await.unwrap().into_iter().map(|m| m.id).collect();
-        assert_eq!(ids, ["c1", "c2"]);
-        assert!(s.delete_connection("c1").await.unwrap());
-        assert!(!s.delete_connection("c1").await.unwrap());
-        drop(s);
-        // Migrations are idempotent and data survives a reopen.
-        let s = SqliteStore::open(&path).unwrap();
-        assert!(s.get_connection("c2").await.unwrap().is_some());
-        s.ping().await.unwrap();
-
-        let sealed = SealedBytes { key_id: "k2".into(), wrapped_key: vec![9], nonce: vec![8], ciphertext: vec![7] };
-        assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10).await.unwrap());
-        let row = s.get_connection("c2").await.unwrap().unwrap();
-        assert_eq!(
-            (row.sealed, row.meta.state, row.meta.updated_at),
-            (sealed.clone(), ConnectionState::NeedsReauth, 10)
-        );
-        assert!(s.set_state("c2", ConnectionState::Active, 11).await.unwrap());
-        assert!(!s.set_state("nope", ConnectionState::Active, 11).await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn pending_authorizations_are_single_use() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("x.db")).unwrap();
-        let p = PendingAuthorization {
-            state_hash: "h1".into(),
-            org_id: "o".into(),
-            user_id: "u".into(),
-            integration: "i".into(),
-            auth_method: "m".into(),
-            redirect_uri: "http://127.0.0.1/cb".into(),
-            return_to: None,
-            connection_id: Some("conn_x".into()),
-            verifier: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
-            created_at: 100,
-            expires_at: 700,
+            sealed: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
         };
-        s.insert_pending(&p).await.unwrap();
-        assert_eq!(s.take_pending("h1").await.unwrap(), Some(p.clone()));
-        assert_eq!(s.take_pending("h1").await.unwrap(), None);
-        // Inserting later sweeps expired ones.
-        s.insert_pending(&p).await.unwrap();
-        let later = PendingAuthorization { state_hash: "h2".into(), created_at: 800, expires_at: 1400, ..p };
-        s.insert_pending(&later).await.unwrap();
-        assert_eq!(s.take_pending("h1").await.unwrap(), None);
-        assert!(s.take_pending("h2").await.unwrap().is_some());
+        s.insert_connection(&row).await.unwrap();
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.get_connection("c1").await.unwrap(), Some(row));
+        let versions: i64 = s
+            .with(|c| c.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0)).map_err(backend))
+            .await
+            .unwrap();
+        assert_eq!(versions, MIGRATIONS.len() as i64, "each migration applied exactly once");
     }
 }
