@@ -46,6 +46,11 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Data-key wrapping keys: rotation and where records stand.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Manage the TLS interception CA.
     Ca {
         #[command(subcommand)]
@@ -70,6 +75,31 @@ enum CaCommand {
         /// Days the CA certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every record's data key under the configured provider and key
+    /// (crypto.provider, crypto.kms_key_id / crypto.key_file), reading old
+    /// records with crypto.previous_key_files. Safe while instances serve;
+    /// resumes where an interrupted run stopped. Exit 0 only when every
+    /// record is under the current key.
+    Rotate {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Records per batch.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        /// Milliseconds to pause between batches (spreads store and KMS load).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// Count records per table and wrapping key. Exit 0 when all are under
+    /// the current key, 1 otherwise.
+    Status {
+        #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
 }
 
@@ -161,6 +191,7 @@ pub fn main() -> ExitCode {
                 Err(e) => config_error(&e),
             },
             Command::Connections { admin, command } => connections(admin, command).await,
+            Command::Keys { command } => keys(command).await,
             Command::Ca { command: CaCommand::Init { out, days } } => match crate::tls::init_ca(&out, days) {
                 Ok((cert, key)) => {
                     println!("CA certificate: {} (distribute to clients)", cert.display());
@@ -224,6 +255,89 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+async fn keys(command: KeysCommand) -> ExitCode {
+    let path = match &command {
+        KeysCommand::Rotate { config, .. } | KeysCommand::Status { config } => config,
+    };
+    let cfg = match Config::load(path, &config::process_env()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    crate::telemetry::init(&cfg.log.level);
+    let opened = async { Ok::<_, StartError>((server::open_store(&cfg).await?, server::key_provider(&cfg).await?)) };
+    let (store, provider) = match opened.await {
+        Ok(x) => x,
+        Err(StartError::Config(e)) => return config_error(&e),
+        Err(e) => {
+            eprintln!("credproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let current = provider.current_key_id().to_owned();
+    match command {
+        KeysCommand::Status { .. } => match store.key_usage().await {
+            Ok(usage) => {
+                println!("current key: {current}");
+                for u in &usage {
+                    let mark = if u.key_id == current { "  (current)" } else { "" };
+                    println!("{:<16} {:<48} {:>8}{mark}", u.table.table(), u.key_id, u.records);
+                }
+                let behind: u64 = usage.iter().filter(|u| u.key_id != current).map(|u| u.records).sum();
+                println!("records under other keys: {behind}");
+                if behind == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("credproxy: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        KeysCommand::Rotate { batch_size, pause_ms, .. } => {
+            use crate::creds::rotate::{rotate_keys, RotateOptions};
+            let envelope = crate::crypto::Envelope::new(provider);
+            let opts = RotateOptions { batch_size, pause: std::time::Duration::from_millis(pause_ms) };
+            eprintln!("rotating to {current}");
+            let mut progress = |table: crate::store::SealedTable, r: &crate::creds::rotate::RotateReport| {
+                eprintln!("{}: rewrapped {} so far ({} failed)", table.table(), r.rewrapped, r.failed.len());
+            };
+            match rotate_keys(&*store, &envelope, &opts, &mut progress).await {
+                Ok(report) => {
+                    for f in &report.failed {
+                        eprintln!("credproxy: {} {}: {}", f.table.table(), f.id, f.reason);
+                    }
+                    for u in &report.remaining {
+                        eprintln!("credproxy: {} records of {} still under {}", u.records, u.table.table(), u.key_id);
+                    }
+                    println!(
+                        "rewrapped {} records ({} rewritten concurrently, {} failed, {} still under other keys)",
+                        report.rewrapped,
+                        report.raced,
+                        report.failed.len(),
+                        report.remaining.iter().map(|u| u.records).sum::<u64>()
+                    );
+                    if report.complete() {
+                        ExitCode::SUCCESS
+                    } else {
+                        if report.failed.is_empty() {
+                            eprintln!(
+                                "credproxy: records keep arriving under another key: is every instance configured with {current}?"
+                            );
+                        }
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("credproxy: key rotation stopped: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -258,6 +258,9 @@ pub struct CryptoConfig {
     pub kms_endpoint: Option<String>,
     /// Seconds an unwrapped data key stays cached.
     pub data_key_cache_ttl_secs: u64,
+    /// Earlier `local` master keys, used only to unwrap records not yet
+    /// rewrapped by `credproxy keys rotate`. Must exist; never created.
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 impl Default for CryptoConfig {
@@ -269,6 +272,7 @@ impl Default for CryptoConfig {
             kms_region: DEFAULT_KMS_REGION.to_owned(),
             kms_endpoint: None,
             data_key_cache_ttl_secs: DEFAULT_DATA_KEY_CACHE_TTL_SECS,
+            previous_key_files: Vec::new(),
         }
     }
 }
@@ -404,6 +408,18 @@ impl Config {
         if self.crypto.provider == KeyProviderKind::AwsKms && self.crypto.kms_key_id.as_deref().unwrap_or("").is_empty()
         {
             return Err(ConfigError::new(name, "crypto.kms_key_id", "required when crypto.provider = \"aws-kms\""));
+        }
+        if let Some(i) = self
+            .crypto
+            .previous_key_files
+            .iter()
+            .position(|p| self.crypto.provider == KeyProviderKind::Local && p == &self.crypto.key_file)
+        {
+            return Err(ConfigError::new(
+                name,
+                format!("crypto.previous_key_files[{i}]"),
+                "is the current crypto.key_file; list only keys being rotated away from",
+            ));
         }
         if self.store.pool_size == 0 {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));

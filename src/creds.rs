@@ -7,6 +7,7 @@
 //! [`oauth`].
 
 mod oauth;
+pub mod rotate;
 
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 

@@ -63,6 +63,8 @@ impl Context<'_> {
 pub trait KeyProvider: Send + Sync + 'static {
     /// Id of the key new records are wrapped with (stored with each record).
     fn current_key_id(&self) -> &str;
+    /// True if records whose `key_id` is this can be unwrapped here.
+    fn owns(&self, key_id: &str) -> bool;
     async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError>;
     /// A fresh data key and its wrapped form. Default: random, then [`wrap`](Self::wrap).
     async fn generate(&self, ctx: Context<'_>) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), CryptoError> {
@@ -105,6 +107,63 @@ impl Envelope {
     pub async fn open(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let data_key = self.provider.unwrap(&sealed.key_id, &sealed.wrapped_key, ctx).await?;
         aead_open(&data_key, &sealed.nonce, &ctx.aad(), &sealed.ciphertext)
+    }
+
+    /// Id of the key new records are wrapped with.
+    pub fn current_key_id(&self) -> &str {
+        self.provider.current_key_id()
+    }
+
+    /// Re-wraps a record's data key under the current key: returns the new
+    /// `(key_id, wrapped_key)`; nonce and ciphertext stay as they are. The
+    /// ciphertext is opened first, so a record that would not decrypt is
+    /// never rewritten.
+    pub async fn rewrap(&self, ctx: Context<'_>, sealed: &Sealed) -> Result<(String, Vec<u8>), CryptoError> {
+        let data_key = self.provider.unwrap(&sealed.key_id, &sealed.wrapped_key, ctx).await?;
+        aead_open(&data_key, &sealed.nonce, &ctx.aad(), &sealed.ciphertext)?;
+        let wrapped = self.provider.wrap(&data_key, ctx).await?;
+        Ok((self.provider.current_key_id().to_owned(), wrapped))
+    }
+}
+
+/// The current key provider plus decrypt-only ones (the keys a rotation
+/// moves away from). Wraps with the current one only; unwraps with whichever
+/// owns a record's `key_id`.
+pub struct Keyring {
+    current: Arc<dyn KeyProvider>,
+    previous: Vec<Arc<dyn KeyProvider>>,
+}
+
+impl Keyring {
+    pub fn new(current: Arc<dyn KeyProvider>, previous: Vec<Arc<dyn KeyProvider>>) -> Self {
+        Self { current, previous }
+    }
+}
+
+#[async_trait]
+impl KeyProvider for Keyring {
+    fn current_key_id(&self) -> &str {
+        self.current.current_key_id()
+    }
+
+    fn owns(&self, key_id: &str) -> bool {
+        self.current.owns(key_id) || self.previous.iter().any(|p| p.owns(key_id))
+    }
+
+    async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError> {
+        self.current.wrap(data_key, ctx).await
+    }
+
+    async fn generate(&self, ctx: Context<'_>) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), CryptoError> {
+        self.current.generate(ctx).await
+    }
+
+    async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let provider = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|p| p.owns(key_id))
+            .ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
+        provider.unwrap(key_id, wrapped, ctx).await
     }
 }
 
@@ -179,5 +238,29 @@ mod tests {
         let ctx = Context { org_id: "o", connection_id: "c" };
         let sealed = e1.seal(ctx, b"x").await.unwrap();
         assert!(matches!(e2.open(ctx, &sealed).await, Err(CryptoError::UnknownKey(_))));
+    }
+
+    #[tokio::test]
+    async fn keyring_reads_old_records_and_rewraps_under_the_current_key() {
+        let d = tempfile::tempdir().unwrap();
+        let old: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::open_or_create(&d.path().join("old.key")).unwrap());
+        let new: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::open_or_create(&d.path().join("new.key")).unwrap());
+        let ctx = Context { org_id: "o", connection_id: "c" };
+        let sealed = Envelope::new(old.clone()).seal(ctx, b"secret").await.unwrap();
+
+        let ring = Envelope::new(Arc::new(Keyring::new(new.clone(), vec![old])));
+        assert_eq!(&ring.open(ctx, &sealed).await.unwrap()[..], b"secret");
+        // New records go under the current key.
+        assert_eq!(ring.seal(ctx, b"x").await.unwrap().key_id, new.current_key_id());
+
+        let (key_id, wrapped_key) = ring.rewrap(ctx, &sealed).await.unwrap();
+        assert_eq!(key_id, new.current_key_id());
+        let moved = Sealed { key_id, wrapped_key, ..sealed.clone() };
+        // The new key alone opens the rewrapped record; same ciphertext.
+        assert_eq!(&Envelope::new(new).open(ctx, &moved).await.unwrap()[..], b"secret");
+        assert_eq!(moved.ciphertext, sealed.ciphertext);
+        // Rewrap checks the binding: a record on the wrong row is refused.
+        let other = Context { org_id: "o", connection_id: "d" };
+        assert!(matches!(ring.rewrap(other, &sealed).await, Err(CryptoError::Open)));
     }
 }

@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError, KeyProviderKind};
 use crate::creds::Connections;
 use crate::crypto::kms::KmsKeyProvider;
-use crate::crypto::{CryptoError, Envelope, KeyProvider, LocalKeyProvider};
+use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvider};
 use crate::integrations::Integrations;
 use crate::oauth2::TokenClient;
 use crate::outbound::Outbound;
@@ -88,22 +88,42 @@ impl Running {
     }
 }
 
+/// The configured key provider, with the decrypt-only keys a rotation moves
+/// away from (`crypto.previous_key_files`; KMS when `provider = "local"` and
+/// `kms_key_id` is set).
+pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, StartError> {
+    let c = &config.crypto;
+    let kms = || async {
+        let ttl = Duration::from_secs(c.data_key_cache_ttl_secs);
+        let key = c.kms_key_id.as_deref().unwrap_or_default();
+        Arc::new(KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl).await) as Arc<dyn KeyProvider>
+    };
+    let mut previous: Vec<Arc<dyn KeyProvider>> = Vec::new();
+    for (i, path) in c.previous_key_files.iter().enumerate() {
+        let key = LocalKeyProvider::open(path)
+            .map_err(|e| ConfigError::new("config", format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
+        previous.push(Arc::new(key));
+    }
+    let current: Arc<dyn KeyProvider> = match c.provider {
+        KeyProviderKind::Local => {
+            if c.kms_key_id.is_some() {
+                previous.push(kms().await);
+            }
+            Arc::new(LocalKeyProvider::open_or_create(&c.key_file)?)
+        }
+        KeyProviderKind::AwsKms => kms().await,
+    };
+    if previous.is_empty() {
+        return Ok(current);
+    }
+    Ok(Arc::new(Keyring::new(current, previous)))
+}
+
 /// Opens the store and key provider, builds the pipeline state and starts
 /// serving on `listeners`.
 pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
     let store = open_store(config).await?;
-    let keys: Arc<dyn KeyProvider> = match config.crypto.provider {
-        KeyProviderKind::Local => Arc::new(LocalKeyProvider::open_or_create(&config.crypto.key_file)?),
-        KeyProviderKind::AwsKms => Arc::new(
-            KmsKeyProvider::new(
-                config.crypto.kms_key_id.as_deref().unwrap_or_default(),
-                &config.crypto.kms_region,
-                config.crypto.kms_endpoint.as_deref(),
-                Duration::from_secs(config.crypto.data_key_cache_ttl_secs),
-            )
-            .await,
-        ),
-    };
+    let keys = key_provider(config).await?;
     let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
     let mut extra_roots = Vec::new();
     for (i, path) in config.upstream.extra_ca_certs.iter().enumerate() {

@@ -106,6 +106,52 @@ pub trait RowLock: Send {
     async fn commit(self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError>;
 }
 
+/// The tables that hold sealed blobs (what `credproxy keys rotate` walks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SealedTable {
+    /// `connections`: each connection's credential.
+    Connections,
+    /// `oauth2_pending`: PKCE verifiers of authorizations in progress.
+    PendingAuthorizations,
+}
+
+impl SealedTable {
+    pub const ALL: [Self; 2] = [Self::Connections, Self::PendingAuthorizations];
+
+    /// The SQL table name (the same in every store).
+    pub fn table(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::PendingAuthorizations => "oauth2_pending",
+        }
+    }
+
+    /// The table's primary key column.
+    pub(crate) fn id_column(self) -> &'static str {
+        match self {
+            Self::Connections => "id",
+            Self::PendingAuthorizations => "state_hash",
+        }
+    }
+}
+
+/// One sealed blob and what its encryption context is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedRecord {
+    /// Connection id, or state hash of a pending authorization.
+    pub id: String,
+    pub org_id: String,
+    pub sealed: SealedBytes,
+}
+
+/// How many records of a table one key wraps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub table: SealedTable,
+    pub key_id: String,
+    pub records: u64,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -147,6 +193,28 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         wait: std::time::Duration,
     ) -> Result<Option<Box<dyn RowLock>>, StoreError>;
+    /// Up to `limit` records of `table` whose key id is not `key_id`, with id
+    /// greater than `after`, in id order (a resumable walk).
+    async fn sealed_not_under(
+        &self,
+        table: SealedTable,
+        key_id: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError>;
+    /// Compare-and-set: replaces a record's key id and wrapped key if its key
+    /// id, wrapped key and nonce are still those of `old`. False if the row
+    /// changed (a refresh rewrote it) or is gone. Nonce and ciphertext stay.
+    async fn rewrap(
+        &self,
+        table: SealedTable,
+        id: &str,
+        old: &SealedBytes,
+        key_id: &str,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError>;
+    /// Record counts per table and key id.
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

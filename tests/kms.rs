@@ -5,58 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use aws_sdk_kms::types::KeySpec;
 use serde_json::Value;
 use support::*;
-
-struct Moto {
-    url: String,
-    _child: tokio::process::Child,
-}
-
-async fn start_moto() -> Moto {
-    let bin = std::env::var("CREDPROXY_TEST_MOTO_SERVER").unwrap_or_else(|_| {
-        panic!("CREDPROXY_TEST_MOTO_SERVER is not set: run the suite with `scripts/test` (it installs moto[server] in the test venv)")
-    });
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = tokio::process::Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("moto_server starts");
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Moto { url, _child: child };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("moto_server did not listen on {url} within 20 s");
-}
-
-fn aws_env() {
-    // moto accepts any credentials; the SDK needs some to sign with.
-    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-    std::env::remove_var("AWS_PROFILE");
-}
-
-async fn create_key(endpoint: &str) -> String {
-    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-    let http =
-        aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .http_client(http)
-        .load()
-        .await;
-    let client = aws_sdk_kms::Client::new(&conf);
-    let out = client.create_key().key_spec(KeySpec::SymmetricDefault).send().await.expect("CreateKey at moto");
-    out.key_metadata.unwrap().key_id
-}
 
 async fn kms_harness(endpoint: &str, key: &str) -> Harness {
     let crypto = format!("provider = \"aws-kms\"\nkms_key_id = \"{key}\"\nkms_endpoint = \"{endpoint}\"\n");

@@ -5,29 +5,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use credproxy::admin_client::AdminClient;
-use credproxy::secret::SecretValue;
 use http::Method;
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-struct Instance {
-    proxy: SocketAddr,
-    admin: AdminClient,
-    admin_url: String,
-    child: tokio::process::Child,
-}
-
-impl Instance {
-    fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-}
 
 fn write_config(dir: &tempfile::TempDir, oidc: &Oidc, db: &str) -> std::path::PathBuf {
     let ints = dir.path().join("integrations");
@@ -69,39 +51,6 @@ async fn authorize(i: &Instance, dir: &tempfile::TempDir) -> String {
     let seen = parse_http_dump(last);
     assert_eq!(seen.status, 201, "{}", seen.text());
     seen.json()["connection_id"].as_str().unwrap().to_owned()
-}
-
-async fn spawn_instance(config: &std::path::Path) -> Instance {
-    let mut child = tokio::process::Command::new(credproxy_bin())
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut proxy, mut admin) = (String::new(), String::new());
-    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
-        if line.contains("credproxy listening") {
-            let field = |name: &str| {
-                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-            };
-            proxy = field("proxy");
-            admin = field("admin");
-            break;
-        }
-    }
-    assert!(!proxy.is_empty(), "instance did not start");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let admin_url = format!("http://{admin}");
-    Instance {
-        proxy: proxy.parse().unwrap(),
-        admin: AdminClient::new(&admin_url, SecretValue::from(ADMIN_TOKEN)).unwrap(),
-        admin_url,
-        child,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

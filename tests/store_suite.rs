@@ -9,7 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, SealedBytes, Store, StoreError,
+    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, SealedBytes, SealedTable, Store,
+    StoreError,
 };
 
 fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
@@ -85,6 +86,76 @@ async fn suite(s: Arc<dyn Store>) {
     s.insert_pending(&later).await.unwrap();
     assert_eq!(s.take_pending("h1").await.unwrap(), None, "expired ones are swept");
     assert_eq!(s.take_pending("h2").await.unwrap().unwrap().connection_id.as_deref(), Some("c3"));
+
+    rotation(&*s).await;
+}
+
+/// What `keys rotate` needs: a resumable walk of records not under a key,
+/// compare-and-set rewrap, and per-key counts.
+async fn rotation(s: &dyn Store) {
+    // Left from above: c2 under k2, c3 under k. Add more under k.
+    for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
+        s.insert_connection(&row(id, "o3", 20 + i as i64)).await.unwrap();
+    }
+    let pending = PendingAuthorization {
+        state_hash: "h9".into(),
+        org_id: "o3".into(),
+        user_id: "u".into(),
+        integration: "i".into(),
+        auth_method: "m".into(),
+        redirect_uri: "http://127.0.0.1/cb".into(),
+        return_to: None,
+        connection_id: None,
+        verifier: SealedBytes { key_id: "k".into(), wrapped_key: vec![5], nonce: vec![6], ciphertext: vec![7] },
+        created_at: 2000,
+        expires_at: 2600,
+    };
+    s.insert_pending(&pending).await.unwrap();
+    let usage = s.key_usage().await.unwrap();
+    let expect = |table, key_id: &str, records| KeyUsage { table, key_id: key_id.into(), records };
+    assert_eq!(
+        usage,
+        [
+            expect(SealedTable::Connections, "k", 4),
+            expect(SealedTable::Connections, "k2", 1),
+            expect(SealedTable::PendingAuthorizations, "k", 1),
+        ]
+    );
+
+    // Walk everything not under k2, two at a time, in id order.
+    let page = |after: &'static str| async move {
+        let recs = s.sealed_not_under(SealedTable::Connections, "k2", after, 2).await.unwrap();
+        recs.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    assert_eq!(page("").await, ["c3", "r1"]);
+    assert_eq!(page("r1").await, ["r2", "r3"]);
+    assert!(page("r3").await.is_empty());
+    let p = s.sealed_not_under(SealedTable::PendingAuthorizations, "k2", "", 10).await.unwrap();
+    assert_eq!((p.len(), p[0].id.as_str(), p[0].org_id.as_str()), (1, "h9", "o3"));
+    assert_eq!(p[0].sealed, pending.verifier);
+
+    // Compare-and-set: a stale view loses, the current one wins; nonce and
+    // ciphertext are kept.
+    let old = row("r1", "o3", 20).sealed;
+    let rewritten = SealedBytes { key_id: "k".into(), wrapped_key: vec![42], nonce: vec![43], ciphertext: vec![44] };
+    assert!(s.update_credential("r1", &rewritten, ConnectionState::Active, 30).await.unwrap());
+    assert!(!s.rewrap(SealedTable::Connections, "r1", &old, "k2", &[1]).await.unwrap());
+    assert_eq!(s.get_connection("r1").await.unwrap().unwrap().sealed, rewritten);
+    assert!(s.rewrap(SealedTable::Connections, "r1", &rewritten, "k2", &[50, 51]).await.unwrap());
+    let now = s.get_connection("r1").await.unwrap().unwrap().sealed;
+    assert_eq!(now, SealedBytes { key_id: "k2".into(), wrapped_key: vec![50, 51], ..rewritten });
+    assert!(!s.rewrap(SealedTable::Connections, "gone", &old, "k2", &[1]).await.unwrap());
+    assert!(s.rewrap(SealedTable::PendingAuthorizations, "h9", &pending.verifier, "k2", &[60]).await.unwrap());
+    assert_eq!(page("").await, ["c3", "r2"], "r1 is now under k2");
+    let usage = s.key_usage().await.unwrap();
+    assert_eq!(
+        usage,
+        [
+            expect(SealedTable::Connections, "k", 3),
+            expect(SealedTable::Connections, "k2", 2),
+            expect(SealedTable::PendingAuthorizations, "k2", 1),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -131,7 +131,7 @@ fn sha256_hex(s: &str) -> String {
     digest::digest(&digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn pending_context(state_hash: &str) -> String {
+pub(super) fn pending_context(state_hash: &str) -> String {
     format!("oauth2-pending:{state_hash}")
 }
 

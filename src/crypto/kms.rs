@@ -84,6 +84,12 @@ impl KeyProvider for KmsKeyProvider {
         &self.key_id
     }
 
+    /// Any KMS key: a symmetric KMS ciphertext names its key, so one client
+    /// decrypts records of every KMS key the credentials may use.
+    fn owns(&self, key_id: &str) -> bool {
+        key_id.starts_with(KEY_ID_PREFIX)
+    }
+
     async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError> {
         let out = self
             .client
@@ -118,7 +124,7 @@ impl KeyProvider for KmsKeyProvider {
     }
 
     async fn unwrap(&self, key_id: &str, wrapped: &[u8], ctx: Context<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        if !key_id.starts_with(KEY_ID_PREFIX) {
+        if !self.owns(key_id) {
             return Err(CryptoError::UnknownKey(key_id.to_owned()));
         }
         // The cache key covers the blob and its context: a hit is exactly the

@@ -30,6 +30,16 @@ impl LocalKeyProvider {
     /// Reads the key file, or creates it (mode 0600, parent 0700) if absent.
     /// Refuses a file that group or others can access.
     pub fn open_or_create(path: &Path) -> Result<Self, CryptoError> {
+        Self::load(path, true)
+    }
+
+    /// Reads an existing key file (a decrypt-only previous key): a missing
+    /// file is an error, never a new key.
+    pub fn open(path: &Path) -> Result<Self, CryptoError> {
+        Self::load(path, false)
+    }
+
+    fn load(path: &Path, create: bool) -> Result<Self, CryptoError> {
         let err = |reason: String| CryptoError::KeyFile { path: path.display().to_string(), reason };
         let rng = SystemRandom::new();
         let mut key = Zeroizing::new([0u8; 32]);
@@ -47,6 +57,9 @@ impl LocalKeyProvider {
                     return Err(err(format!("expected 32 bytes, found {}", bytes.len())));
                 }
                 key.copy_from_slice(&bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => {
+                return Err(err("does not exist".into()));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -82,6 +95,10 @@ fn hex(b: &[u8]) -> String {
 impl KeyProvider for LocalKeyProvider {
     fn current_key_id(&self) -> &str {
         &self.key_id
+    }
+
+    fn owns(&self, key_id: &str) -> bool {
+        key_id == self.key_id
     }
 
     async fn wrap(&self, data_key: &[u8], ctx: Context<'_>) -> Result<Vec<u8>, CryptoError> {

@@ -11,8 +11,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, RowLock, RowUpdate, SealedBytes, Store,
-    StoreError,
+    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
+    SealedRecord, SealedTable, Store, StoreError,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -137,6 +137,11 @@ fn meta(r: &Row) -> Result<ConnectionMeta, StoreError> {
     })
 }
 
+/// The four sealed columns, `key_id, wrapped_key, nonce, ciphertext`, from `at`.
+fn sealed(r: &Row, at: usize) -> SealedBytes {
+    SealedBytes { key_id: r.get(at), wrapped_key: r.get(at + 1), nonce: r.get(at + 2), ciphertext: r.get(at + 3) }
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError> {
@@ -170,18 +175,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(backend)?;
-        row.map(|r| {
-            Ok(ConnectionRow {
-                meta: meta(&r)?,
-                sealed: SealedBytes {
-                    key_id: r.get(8),
-                    wrapped_key: r.get(9),
-                    nonce: r.get(10),
-                    ciphertext: r.get(11),
-                },
-            })
-        })
-        .transpose()
+        row.map(|r| Ok(ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, 8) })).transpose()
     }
 
     async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
@@ -262,7 +256,7 @@ impl Store for PgStore {
             redirect_uri: r.get(5),
             return_to: r.get(6),
             connection_id: r.get(7),
-            verifier: SealedBytes { key_id: r.get(8), wrapped_key: r.get(9), nonce: r.get(10), ciphertext: r.get(11) },
+            verifier: sealed(&r, 8),
             created_at: r.get(12),
             expires_at: r.get(13),
         }))
@@ -282,15 +276,7 @@ impl Store for PgStore {
         .await;
         match locked {
             Ok(Some(r)) => {
-                let row = ConnectionRow {
-                    meta: meta(&r)?,
-                    sealed: SealedBytes {
-                        key_id: r.get(8),
-                        wrapped_key: r.get(9),
-                        nonce: r.get(10),
-                        ciphertext: r.get(11),
-                    },
-                };
+                let row = ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, 8) };
                 Ok(Some(Box::new(PgRowLock { client: Some(client), row })))
             }
             Ok(None) => {
@@ -306,6 +292,69 @@ impl Store for PgStore {
                 }
             }
         }
+    }
+
+    async fn sealed_not_under(
+        &self,
+        table: SealedTable,
+        key_id: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let (t, id) = (table.table(), table.id_column());
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {id}, org_id, key_id, wrapped_key, nonce, ciphertext FROM {t}
+                     WHERE key_id <> $1 AND {id} > $2 ORDER BY {id} LIMIT $3"
+                ),
+                &[&key_id, &after, &i64::from(limit)],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| SealedRecord { id: r.get(0), org_id: r.get(1), sealed: sealed(r, 2) }).collect())
+    }
+
+    async fn rewrap(
+        &self,
+        table: SealedTable,
+        id: &str,
+        old: &SealedBytes,
+        key_id: &str,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError> {
+        // Under READ COMMITTED an UPDATE that waited for a refresh's row lock
+        // re-checks its WHERE against the committed row: a rewritten
+        // credential no longer matches and is left alone.
+        let (t, idc) = (table.table(), table.id_column());
+        let n = self
+            .client()
+            .await?
+            .execute(
+                &format!(
+                    "UPDATE {t} SET key_id = $1, wrapped_key = $2
+                     WHERE {idc} = $3 AND key_id = $4 AND wrapped_key = $5 AND nonce = $6"
+                ),
+                &[&key_id, &wrapped_key, &id, &old.key_id, &old.wrapped_key, &old.nonce],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        let client = self.client().await?;
+        let mut out = Vec::new();
+        for table in SealedTable::ALL {
+            let sql = format!("SELECT key_id, COUNT(*) FROM {} GROUP BY key_id ORDER BY key_id", table.table());
+            for r in client.query(&sql, &[]).await.map_err(backend)? {
+                let n: i64 = r.get(1);
+                out.push(KeyUsage { table, key_id: r.get(0), records: n as u64 });
+            }
+        }
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

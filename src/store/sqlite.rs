@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ConnectionMeta, ConnectionRow, ConnectionState, PendingAuthorization, RowLock, RowUpdate, SealedBytes, Store,
-    StoreError,
+    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
+    SealedRecord, SealedTable, Store, StoreError,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -147,6 +147,16 @@ fn check_state((mut meta, state): (ConnectionMeta, String)) -> Result<Connection
     Ok(meta)
 }
 
+/// The four sealed columns, `key_id, wrapped_key, nonce, ciphertext`, from `at`.
+fn sealed(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SealedBytes> {
+    Ok(SealedBytes {
+        key_id: r.get(at)?,
+        wrapped_key: r.get(at + 1)?,
+        nonce: r.get(at + 2)?,
+        ciphertext: r.get(at + 3)?,
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError> {
@@ -178,17 +188,11 @@ impl Store for SqliteStore {
                         "SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = ?1"
                     ),
                     [&id],
-                    |r| Ok((meta_from_row(r)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?)),
+                    |r| Ok((meta_from_row(r)?, sealed(r, 8)?)),
                 )
                 .optional()
                 .map_err(backend)?;
-            row.map(|(meta, key_id, wrapped_key, nonce, ciphertext)| {
-                Ok(ConnectionRow {
-                    meta: check_state(meta)?,
-                    sealed: SealedBytes { key_id, wrapped_key, nonce, ciphertext },
-                })
-            })
-            .transpose()
+            row.map(|(meta, sealed)| Ok(ConnectionRow { meta: check_state(meta)?, sealed })).transpose()
         })
         .await
     }
@@ -278,7 +282,7 @@ impl Store for SqliteStore {
                         auth_method: r.get(4)?,
                         redirect_uri: r.get(5)?,
                         return_to: r.get(6)?,
-                        verifier: SealedBytes { key_id: r.get(7)?, wrapped_key: r.get(8)?, nonce: r.get(9)?, ciphertext: r.get(10)? },
+                        verifier: sealed(r, 7)?,
                         created_at: r.get(11)?,
                         expires_at: r.get(12)?,
                         connection_id: r.get(13)?,
@@ -302,6 +306,75 @@ impl Store for SqliteStore {
             .get_connection(id)
             .await?
             .map(|row| Box::new(SqliteRowLock { store: self.clone(), row }) as Box<dyn RowLock>))
+    }
+
+    async fn sealed_not_under(
+        &self,
+        table: SealedTable,
+        key_id: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<SealedRecord>, StoreError> {
+        let (key_id, after) = (key_id.to_owned(), after.to_owned());
+        self.with(move |c| {
+            let (t, id) = (table.table(), table.id_column());
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {id}, org_id, key_id, wrapped_key, nonce, ciphertext FROM {t}
+                     WHERE key_id <> ?1 AND {id} > ?2 ORDER BY {id} LIMIT ?3"
+                ))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![key_id, after, limit], |r| {
+                    Ok(SealedRecord { id: r.get(0)?, org_id: r.get(1)?, sealed: sealed(r, 2)? })
+                })
+                .map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn rewrap(
+        &self,
+        table: SealedTable,
+        id: &str,
+        old: &SealedBytes,
+        key_id: &str,
+        wrapped_key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let (id, old, key_id, wrapped_key) = (id.to_owned(), old.clone(), key_id.to_owned(), wrapped_key.to_vec());
+        self.with(move |c| {
+            let (t, idc) = (table.table(), table.id_column());
+            let n = c
+                .execute(
+                    &format!(
+                        "UPDATE {t} SET key_id = ?1, wrapped_key = ?2
+                         WHERE {idc} = ?3 AND key_id = ?4 AND wrapped_key = ?5 AND nonce = ?6"
+                    ),
+                    params![key_id, wrapped_key, id, old.key_id, old.wrapped_key, old.nonce],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        self.with(|c| {
+            let mut out = Vec::new();
+            for table in SealedTable::ALL {
+                let sql = format!("SELECT key_id, COUNT(*) FROM {} GROUP BY key_id ORDER BY key_id", table.table());
+                let mut stmt = c.prepare(&sql).map_err(backend)?;
+                let rows = stmt
+                    .query_map([], |r| Ok(KeyUsage { table, key_id: r.get(0)?, records: r.get::<_, i64>(1)? as u64 }))
+                    .map_err(backend)?;
+                for r in rows {
+                    out.push(r.map_err(backend)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -7,6 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use aws_sdk_kms::types::KeySpec;
 
 use credproxy::admin_client::AdminClient;
 use credproxy::config::Config;
@@ -15,6 +19,7 @@ use credproxy::secret::SecretValue;
 use credproxy::server::{self, Listeners, Running};
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -566,4 +571,103 @@ impl Drop for PgCluster {
             .args(["-D", &self.data(), "-m", "immediate", "stop"])
             .output();
     }
+}
+
+/// A real credproxy process (the built binary).
+pub struct Instance {
+    pub proxy: std::net::SocketAddr,
+    pub admin: AdminClient,
+    pub admin_url: String,
+    pub child: tokio::process::Child,
+}
+
+impl Instance {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+}
+
+/// Starts `credproxy serve --config` and waits for its listening line.
+pub async fn spawn_instance(config: &std::path::Path) -> Instance {
+    let mut child = tokio::process::Command::new(credproxy_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut proxy, mut admin) = (String::new(), String::new());
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
+        if line.contains("credproxy listening") {
+            let field = |name: &str| {
+                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
+            };
+            proxy = field("proxy");
+            admin = field("admin");
+            break;
+        }
+    }
+    assert!(!proxy.is_empty(), "instance did not start");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let admin_url = format!("http://{admin}");
+    Instance {
+        proxy: proxy.parse().unwrap(),
+        admin: AdminClient::new(&admin_url, SecretValue::from(ADMIN_TOKEN)).unwrap(),
+        admin_url,
+        child,
+    }
+}
+
+/// moto's KMS API server (PyPI `moto[server]`), killed on drop.
+pub struct Moto {
+    pub url: String,
+    _child: tokio::process::Child,
+}
+
+pub async fn start_moto() -> Moto {
+    let bin = std::env::var("CREDPROXY_TEST_MOTO_SERVER").unwrap_or_else(|_| {
+        panic!("CREDPROXY_TEST_MOTO_SERVER is not set: run the suite with `scripts/test` (it installs moto[server] in the test venv)")
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = tokio::process::Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("moto_server starts");
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Moto { url, _child: child };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("moto_server did not listen on {url} within 20 s");
+}
+
+pub fn aws_env() {
+    // moto accepts any credentials; the SDK needs some to sign with.
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::remove_var("AWS_PROFILE");
+}
+
+/// Creates a symmetric key at moto and returns its id.
+pub async fn create_key(endpoint: &str) -> String {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let http =
+        aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .http_client(http)
+        .load()
+        .await;
+    let client = aws_sdk_kms::Client::new(&conf);
+    let out = client.create_key().key_spec(KeySpec::SymmetricDefault).send().await.expect("CreateKey at moto");
+    out.key_metadata.unwrap().key_id
 }
