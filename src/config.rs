@@ -609,9 +609,18 @@ mod tests {
         let cfg = Config::load(&path, &env(&vars)).unwrap();
         assert!(cfg.store.is_postgres());
         assert!(cfg.tls_intercept.enabled);
+        assert_eq!(cfg.crypto.provider, KeyProviderKind::AwsKms);
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("platform-admin-token-0123") && !dbg.contains("db-pass"), "{dbg}");
         assert!(dbg.contains("postgres://credproxy:[redacted]@postgres.internal.example"), "{dbg}");
+    }
+
+    #[test]
+    fn the_current_key_file_cannot_also_be_a_previous_one() {
+        let text = format!("{MIN}[crypto]\nkey_file = \"k\"\nprevious_key_files = [\"old\", \"k\"]\n");
+        let err = Config::from_toml_str("c.toml", &text, &env(&[])).unwrap_err();
+        assert_eq!(err.key, "crypto.previous_key_files[1]");
+        assert!(err.reason.contains("current crypto.key_file"), "{err}");
     }
 
     #[test]
