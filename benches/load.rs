@@ -1,0 +1,708 @@
+//! `cargo bench --bench load`: one run comparing, against the same hyper
+//! hello upstream on loopback,
+//!
+//! - `direct`: the load generator talks to the upstream itself;
+//! - `credproxy`: absolute-form `http://` through credproxy, bearer connection
+//!   (cache hit), the built release binary as its own process;
+//! - `credproxy-connect`: `CONNECT` + TLS interception, HTTP/1.1 inside, to the
+//!   upstream's TLS port;
+//! - `nginx`: nginx (Debian package) proxying with a static `Authorization`
+//!   header and an upstream keep-alive pool; marked absent if not installed.
+//!
+//! Systems alternate (A B C D, A B C D, …) and each row is the median of the
+//! rounds. CPU per request is the proxy process's utime+stime (all nginx
+//! processes) from `/proc/<pid>/stat` over the run, divided by the requests
+//! answered. The upstream counts requests carrying the injected header: a
+//! credproxy request that arrived without it fails the run.
+//!
+//! Then: start-to-ready time of the binary on the embedded-default layout,
+//! and resident memory per cached connection (100k connections resolved into
+//! the cache in this process).
+//!
+//! Knobs (environment): LOAD_SECS (per measurement, default 4), LOAD_CONNS
+//! (client connections, default 16), LOAD_ROUNDS (default 3),
+//! LOAD_CACHE_CONNECTIONS (default 100000).
+
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "bench-token-0123456789abcdef";
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+const ORG: &str = "org_bench";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------- upstream
+
+/// Requests seen by the hello upstream, and how many carried the injected header.
+#[derive(Default)]
+struct Seen {
+    total: AtomicU64,
+    with_token: AtomicU64,
+}
+
+async fn hello(seen: Arc<Seen>, req: hyper::Request<Incoming>) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    seen.total.fetch_add(1, Ordering::Relaxed);
+    let expected = const_format_bearer();
+    if req.headers().get(http::header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == expected.as_bytes()) {
+        seen.with_token.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hyper::Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
+}
+
+fn const_format_bearer() -> &'static str {
+    static BEARER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BEARER.get_or_init(|| format!("Bearer {TOKEN}"))
+}
+
+async fn start_upstream(seen: Arc<Seen>, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let (seen, tls) = (seen.clone(), tls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| hello(seen.clone(), req));
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn upstream_tls() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<_> = CertificateDer::pem_file_iter(repo().join("certs/test/httpbin.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(repo().join("certs/test/httpbin.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+// ---------------------------------------------------------------- processes
+
+/// CPU ticks (utime + stime) and peak RSS (kB) of a process.
+fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `after` starts at field 3.
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Some((ticks, hwm))
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some(close) = stat.rfind(')') else { continue };
+        let ppid = stat[close + 2..].split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// CPU ticks and summed peak RSS of a process and its children (nginx workers).
+fn tree_stat(pid: u32) -> (u64, u64) {
+    let mut pids = vec![pid];
+    pids.extend(children_of(pid));
+    pids.iter().filter_map(|p| proc_stat(*p)).fold((0, 0), |(t, r), (t2, r2)| (t + t2, r + r2))
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK")
+}
+
+struct Credproxy {
+    child: tokio::process::Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// Starts `credproxy serve` and waits for its listening line.
+async fn spawn_credproxy(config: &Path, cwd: &Path) -> (Credproxy, Duration) {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env("CREDPROXY_LOG__LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the credproxy binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addrs = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("credproxy listening") {
+            let field = |name: &str| -> SocketAddr {
+                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+            };
+            addrs = Some((field("proxy"), field("admin")));
+            break;
+        }
+    }
+    let (proxy, admin) = addrs.expect("credproxy printed its listening line");
+    // Wait until it answers /readyz: that is "ready".
+    loop {
+        if http_get(admin, "/readyz").await == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ready = started.elapsed();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (Credproxy { child, proxy, admin }, ready)
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path).header("host", addr.to_string()).body(Empty::<Bytes>::new()).ok()?;
+    Some(tx.send_request(req).await.ok()?.status().as_u16())
+}
+
+async fn create_connection(admin: SocketAddr) -> String {
+    let stream = TcpStream::connect(admin).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let body = serde_json::json!({
+        "integration": "bench", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
+        "credentials": {"token": TOKEN},
+    });
+    let req = http::Request::post("/v1/connections")
+        .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn find_nginx() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
+}
+
+/// nginx with two workers (credproxy's runtime has two threads here), a
+/// static `Authorization` header and an upstream keep-alive pool.
+async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr) -> (tokio::process::Child, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+           fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+           upstream hello {{ server {upstream}; keepalive 64; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://hello;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_set_header Authorization \"Bearer {TOKEN}\";\n    }}\n  }}\n}}\n",
+        p = prefix.display()
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = tokio::process::Command::new(bin)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nginx starts");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    for _ in 0..500 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return (child, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nginx did not listen on {addr}");
+}
+
+// ---------------------------------------------------------------- load generator
+
+#[derive(Clone)]
+enum Target {
+    /// Origin-form requests straight to the upstream.
+    Direct(SocketAddr),
+    /// Absolute-form requests to a forward proxy.
+    Proxy { proxy: SocketAddr, upstream: SocketAddr, conn_id: Option<String> },
+    /// CONNECT to the upstream's TLS port, TLS inside (trusting `ca`), then requests.
+    Connect { proxy: SocketAddr, upstream: SocketAddr, conn_id: String, tls: tokio_rustls::TlsConnector },
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn open(target: &Target) -> Sender {
+    match target {
+        Target::Direct(addr) | Target::Proxy { proxy: addr, .. } => {
+            let s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+            tokio::spawn(conn);
+            tx
+        }
+        Target::Connect { proxy, upstream, tls, .. } => {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            s.write_all(format!("CONNECT {upstream} HTTP/1.1\r\nHost: {upstream}\r\n\r\n").as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+            let name = rustls::pki_types::ServerName::from(upstream.ip());
+            let s = tls.connect(name, s).await.unwrap();
+            let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+            tokio::spawn(conn);
+            tx
+        }
+    }
+}
+
+fn request(target: &Target) -> http::Request<Empty<Bytes>> {
+    let b = http::Request::builder();
+    let b = match target {
+        Target::Direct(addr) => b.uri("/").header("host", addr.to_string()),
+        Target::Proxy { upstream, conn_id, .. } => {
+            let b = b.uri(format!("http://{upstream}/")).header("host", upstream.to_string());
+            match conn_id {
+                Some(id) => b.header("x-connection-id", id),
+                None => b,
+            }
+        }
+        Target::Connect { upstream, conn_id, .. } => {
+            b.uri("/").header("host", upstream.to_string()).header("x-connection-id", conn_id)
+        }
+    };
+    b.body(Empty::new()).unwrap()
+}
+
+struct Sample {
+    ok: u64,
+    errors: u64,
+    secs: f64,
+    latencies_us: Vec<u32>,
+    /// Proxy CPU per answered request, µs (absent for `direct`).
+    cpu_us: Option<f64>,
+    peak_rss_kb: Option<u64>,
+}
+
+/// `conns` closed-loop clients for `dur`; measures the proxy process tree `pid`.
+async fn run(target: &Target, conns: usize, dur: Duration, pid: Option<u32>, tck: u64) -> Sample {
+    // Connections (and CONNECT tunnels) are opened before the clock starts.
+    let mut senders = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        senders.push(open(target).await);
+    }
+    // Warm-up: a few requests on every connection.
+    for tx in &mut senders {
+        for _ in 0..5 {
+            tx.ready().await.unwrap();
+            let resp = tx.send_request(request(target)).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+    }
+    let before = pid.map(tree_stat);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + dur;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut tx| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::with_capacity(65536));
+                while tokio::time::Instant::now() < deadline {
+                    let t = Instant::now();
+                    let done = async {
+                        tx.ready().await.ok()?;
+                        let resp = tx.send_request(request(&target)).await.ok()?;
+                        let status = resp.status();
+                        resp.into_body().collect().await.ok()?;
+                        status.is_success().then_some(())
+                    };
+                    match done.await {
+                        Some(()) => {
+                            ok += 1;
+                            lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        }
+                        None => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                (ok, errors, lat)
+            })
+        })
+        .collect();
+    let (mut ok, mut errors, mut latencies_us) = (0, 0, Vec::new());
+    for t in tasks {
+        let (o, e, l) = t.await.unwrap();
+        ok += o;
+        errors += e;
+        latencies_us.extend(l);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = pid.map(tree_stat);
+    let (cpu_us, peak_rss_kb) = match (before, after) {
+        (Some((t0, _)), Some((t1, rss))) => (Some((t1 - t0) as f64 * 1e6 / tck as f64 / ok.max(1) as f64), Some(rss)),
+        _ => (None, None),
+    };
+    latencies_us.sort_unstable();
+    Sample { ok, errors, secs, latencies_us, cpu_us, peak_rss_kb }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Row {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    cpu: Option<f64>,
+    rss_kb: Option<u64>,
+}
+
+fn summarize(samples: &[Sample]) -> Row {
+    Row {
+        rps: median(samples.iter().map(|s| s.ok as f64 / s.secs).collect()),
+        p50: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.50))).collect()),
+        p99: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.99))).collect()),
+        cpu: samples.iter().map(|s| s.cpu_us).collect::<Option<Vec<_>>>().map(median),
+        rss_kb: samples.iter().filter_map(|s| s.peak_rss_kb).max(),
+    }
+}
+
+// ---------------------------------------------------------------- cache memory
+
+/// Resident memory of this process, kB.
+fn self_rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+/// Seals `n` bearer connections straight into a SQLite store, then resolves
+/// each once through a fresh `Connections` (cache miss → cached) and
+/// returns the RSS growth per cached connection in bytes.
+async fn cache_memory(n: usize) -> f64 {
+    use credproxy::creds::Connections;
+    use credproxy::crypto::{Context, Envelope, LocalKeyProvider};
+    use credproxy::integrations::Integrations;
+    use credproxy::oauth2::TokenClient;
+    use credproxy::store::sqlite::SqliteStore;
+    use credproxy::store::{ConnectionMeta, ConnectionRow, ConnectionState, SealedBytes, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("db.sqlite")).unwrap());
+    let envelope = Envelope::new(Arc::new(LocalKeyProvider::open_or_create(&dir.path().join("master.key")).unwrap()));
+    let ints_dir = repo().join("config/integrations");
+    let ints = Arc::new(Integrations::load_dir(&ints_dir, &BTreeMap::new()).unwrap());
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("conn_{i:026}");
+        let plain = serde_json::json!({"token": format!("token-{i:08}-abcdefghijklmnopqrstuvwxyz")}).to_string();
+        let s = envelope.seal(Context { org_id: ORG, connection_id: &id }, plain.as_bytes()).await.unwrap();
+        let meta = ConnectionMeta {
+            id: id.clone(),
+            org_id: ORG.into(),
+            user_id: "user_1".into(),
+            integration: "httpbin".into(),
+            auth_method: "bearer".into(),
+            state: ConnectionState::Active,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let sealed =
+            SealedBytes { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext };
+        store.insert_connection(&ConnectionRow { meta, sealed }).await.unwrap();
+        ids.push(id);
+    }
+    let conns = Connections::new(
+        store,
+        envelope,
+        ints,
+        n as u64 * 2,
+        Duration::from_secs(3600),
+        TokenClient::new(Default::default(), Duration::from_secs(1), Duration::from_secs(1), &[]),
+    );
+    // One resolve first so one-time allocations are not counted per entry.
+    conns.resolve(ORG, &ids[0]).await.unwrap();
+    let before = self_rss_kb();
+    for id in &ids[1..] {
+        let (_, hit) = conns.resolve(ORG, id).await.unwrap();
+        assert!(!hit);
+    }
+    let after = self_rss_kb();
+    // Every entry must still be there (nothing evicted).
+    for id in ids.iter().step_by(97) {
+        assert!(conns.resolve(ORG, id).await.unwrap().1, "cache kept {id}");
+    }
+    (after.saturating_sub(before) * 1024) as f64 / (n - 1) as f64
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects nothing here.
+    let secs: u64 = env_or("LOAD_SECS", 4);
+    let conns: usize = env_or("LOAD_CONNS", 16);
+    let rounds: usize = env_or("LOAD_ROUNDS", 3);
+    let cache_n: usize = env_or("LOAD_CACHE_CONNECTIONS", 100_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(bench(secs, conns, rounds.max(1), cache_n.max(2)));
+}
+
+async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
+    let tck = clock_ticks_per_sec();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Seen::default());
+    let up = start_upstream(seen.clone(), None).await;
+    let up_tls = start_upstream(seen.clone(), Some(upstream_tls())).await;
+
+    // credproxy: SQLite, local key, one bench integration, interception on.
+    let ca = dir.path().join("ca");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+        .args(["ca", "init", "--out"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    std::fs::write(
+        ints.join("bench.toml"),
+        "id = \"bench\"\nname = \"bench\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
+         [[auth_methods]]\nid = \"bearer\"\ntype = \"bearer\"\n",
+    )
+    .unwrap();
+    let config = dir.path().join("credproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/credproxy.db\"\n\
+             [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [upstream]\nextra_ca_certs = [\"{ca_up}\"]\n[integrations]\ndir = \"{ints}\"\n\
+             [tls_intercept]\nenabled = true\nca_cert = \"{ca}/credproxy-ca.pem\"\nca_key = \"{ca}/credproxy-ca.key\"\n",
+            d = dir.path().display(),
+            ca_up = repo().join("certs/test/upstream-ca.pem").display(),
+            ints = ints.display(),
+            ca = ca.display(),
+        ),
+    )
+    .unwrap();
+    let (cp, _) = spawn_credproxy(&config, dir.path()).await;
+    let cp_pid = cp.child.id().unwrap();
+    let conn_id = create_connection(cp.admin).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in credproxy::upstream::load_pem_certs(&ca.join("credproxy-ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls));
+
+    let nginx = match find_nginx() {
+        Some(bin) => Some(spawn_nginx(&bin, dir.path(), up).await),
+        None => None,
+    };
+
+    let mut systems: Vec<(&str, Target, Option<u32>, bool)> = vec![
+        ("direct", Target::Direct(up), None, false),
+        (
+            "credproxy",
+            Target::Proxy { proxy: cp.proxy, upstream: up, conn_id: Some(conn_id.clone()) },
+            Some(cp_pid),
+            true,
+        ),
+        (
+            "credproxy-connect",
+            Target::Connect { proxy: cp.proxy, upstream: up_tls, conn_id: conn_id.clone(), tls },
+            Some(cp_pid),
+            true,
+        ),
+    ];
+    if let Some((child, addr)) = &nginx {
+        systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, child.id(), false));
+    }
+    println!(
+        "load: {conns} connections, {secs} s per measurement, {rounds} rounds alternating {}",
+        systems.iter().map(|s| s.0).collect::<Vec<_>>().join(" → ")
+    );
+
+    let mut samples: Vec<Vec<Sample>> = systems.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, target, pid, injects)) in systems.iter().enumerate() {
+            let (t0, w0) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
+            let s = run(target, conns, Duration::from_secs(secs), *pid, tck).await;
+            let (t1, w1) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
+            // Sanity: every request credproxy forwarded carried the injected header.
+            assert_eq!(s.errors, 0, "{name}: {} failed requests in round {round}", s.errors);
+            if *injects {
+                assert_eq!(
+                    w1 - w0,
+                    t1 - t0,
+                    "{name}: {} requests reached the upstream without the token",
+                    (t1 - t0) - (w1 - w0)
+                );
+                assert!(w1 - w0 >= s.ok, "{name}: {} answered, only {} carried the token", s.ok, w1 - w0);
+            }
+            if *name == "nginx" {
+                assert_eq!(w1 - w0, t1 - t0, "nginx: requests without the static header");
+            }
+            eprintln!(
+                "  round {} {name:<18} {:>8.0} req/s  cpu {:>6}  p99 {:>6} µs",
+                round + 1,
+                s.ok as f64 / s.secs,
+                s.cpu_us.map_or("-".into(), |c| format!("{c:.1} µs")),
+                percentile(&s.latencies_us, 0.99)
+            );
+            samples[i].push(s);
+        }
+    }
+    if nginx.is_none() {
+        println!("nginx: absent (install Debian's `nginx` to compare)");
+    }
+
+    let rows: Vec<(&str, Row)> = systems.iter().zip(&samples).map(|(s, v)| (s.0, summarize(v))).collect();
+    println!();
+    println!("| system | req/s | p50 µs | p99 µs | proxy CPU µs/req | proxy peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, r) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            r.rps,
+            r.p50,
+            r.p99,
+            r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            r.rss_kb.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        );
+    }
+    let get = |n: &str| rows.iter().find(|r| r.0 == n).map(|r| &r.1);
+    let (direct, cpx, cpc, ngx) =
+        (get("direct").unwrap(), get("credproxy").unwrap(), get("credproxy-connect").unwrap(), get("nginx"));
+    println!();
+    println!("credproxy/direct: throughput {:.2}, p99 {:.2}", cpx.rps / direct.rps, cpx.p99 / direct.p99);
+    if let Some(n) = ngx {
+        let (c, nc) = (cpx.cpu.unwrap(), n.cpu.unwrap());
+        println!(
+            "credproxy/nginx: CPU per request {:.2} (target ≤ 0.80), p99 {:.2} (target ≤ 1.00), throughput {:.2}",
+            c / nc,
+            cpx.p99 / n.p99,
+            cpx.rps / n.rps
+        );
+        println!("credproxy-connect/nginx: CPU per request {:.2}, p99 {:.2}", cpc.cpu.unwrap() / nc, cpc.p99 / n.p99);
+    }
+    drop(nginx);
+    drop(cp);
+
+    // Start to ready on the embedded-default layout (fresh data dir: SQLite
+    // created, master key created), median of 5.
+    let mut readies = Vec::new();
+    for _ in 0..5 {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("config")).unwrap();
+        let cfg = d.path().join("config/credproxy.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[integrations]\ndir = \"{}\"\n",
+                repo().join("config/integrations").display()
+            ),
+        )
+        .unwrap();
+        let (p, ready) = spawn_credproxy(&cfg, d.path()).await;
+        drop(p);
+        readies.push(ready.as_secs_f64() * 1000.0);
+    }
+    println!();
+    println!(
+        "start to ready (embedded default, fresh data dir, /readyz 200): {:.1} ms (target < 100 ms)",
+        median(readies)
+    );
+
+    let per_conn = cache_memory(cache_n).await;
+    println!(
+        "resident memory per cached connection ({cache_n} resolved into the cache): {per_conn:.0} bytes (target ≤ 1024)"
+    );
+}
