@@ -33,6 +33,9 @@ pub struct AdminState {
     callback_url: String,
     /// SHA-256 of each token with its scope; compared in constant time.
     tokens: Vec<([u8; 32], Scope)>,
+    interceptor: Option<Arc<crate::tls::Interceptor>>,
+    /// Set when shutdown starts: `/readyz` answers 503.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AdminState {
@@ -41,6 +44,8 @@ impl AdminState {
         outbound: Arc<Outbound>,
         tokens: &[AdminToken],
         public_url: &str,
+        interceptor: Option<Arc<crate::tls::Interceptor>>,
+        draining: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let callback_url = format!("{}/v1/oauth2/callback", public_url.trim_end_matches('/'));
         let tokens = tokens
@@ -50,7 +55,7 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope)
             })
             .collect();
-        Self { connections, outbound, callback_url, tokens }
+        Self { connections, outbound, callback_url, tokens, interceptor, draining }
     }
 
     fn scope_for(&self, presented: &str) -> Option<Scope> {
@@ -101,6 +106,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // Prometheus scrapes without a token: the admin port is private and
+        // no label carries a connection id or a secret.
+        .route("/metrics", get(metrics))
         // Reached by the user's browser: no admin token; `state` protects it.
         .route("/v1/oauth2/callback", get(oauth2_callback))
         .merge(v1)
@@ -143,6 +151,10 @@ impl ApiError {
             "the store cannot be reached; retry later",
         )
     }
+
+    fn draining() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", "this instance is draining")
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -183,8 +195,18 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<Arc<AdminState>>) -> Result<Json<Value>, ApiError> {
+    if st.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::draining());
+    }
     st.connections.store().ping().await.map_err(ApiError::store)?;
     Ok(Json(json!({"status": "ready"})))
+}
+
+async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
+    let tls = st.interceptor.as_ref().map(|i| (i.minted(), i.cache_hits()));
+    let draining = st.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let body = st.outbound.metrics.render(st.connections.stats(), tls, draining);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
 async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {

@@ -34,6 +34,9 @@ pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
 pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
 pub const DEFAULT_KMS_REGION: &str = "us-east-1";
 pub const DEFAULT_DATA_KEY_CACHE_TTL_SECS: u64 = 300;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
 pub const DEFAULT_REFRESH_LOCK_WAIT_MS: u64 = 15_000;
 pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
 pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
@@ -72,6 +75,21 @@ pub struct Config {
     pub oauth2: OAuth2Config,
     pub tls_intercept: TlsInterceptConfig,
     pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds in-flight requests and tunnels get to finish after SIGTERM or
+    /// SIGINT (new connections are refused and `/readyz` answers 503 at once).
+    pub grace_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +160,12 @@ pub struct ProxyConfig {
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Largest request head (request line + headers) a client may send;
+    /// larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Most client connections (including CONNECT tunnels) served at once;
+    /// further connections are closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -153,6 +177,8 @@ impl Default for ProxyConfig {
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             tls_cert: None,
             tls_key: None,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -421,6 +447,9 @@ impl Config {
                 "is the current crypto.key_file; list only keys being rotated away from",
             ));
         }
+        if self.proxy.max_header_bytes < 8192 {
+            return Err(ConfigError::new(name, "proxy.max_header_bytes", "must be at least 8192"));
+        }
         if self.store.pool_size == 0 {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));
         }
@@ -467,6 +496,7 @@ impl Config {
             ("oauth2.state_ttl_secs", self.oauth2.state_ttl_secs),
             ("oauth2.refresh_lock_wait_ms", self.oauth2.refresh_lock_wait_ms),
             ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity_hours),
+            ("proxy.max_connections", self.proxy.max_connections as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));

@@ -12,6 +12,7 @@ pub mod rotate;
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, CryptoError, Envelope, Sealed};
 use crate::ids;
 use crate::integrations::{AuthKind, AuthMethod, Grant, Integration, Integrations};
+use crate::metrics::CredsStats;
 use crate::oauth2::{TokenClient, TokenSet};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, ConnectionRow, ConnectionState, SealedBytes, Store, StoreError};
@@ -160,6 +162,7 @@ pub struct Connections {
     integrations: Arc<Integrations>,
     cache: Cache<String, Arc<Resolved>>,
     oauth: oauth::OAuthState,
+    stats: Arc<CredsStats>,
 }
 
 impl Connections {
@@ -171,8 +174,23 @@ impl Connections {
         ttl: Duration,
         token_client: TokenClient,
     ) -> Self {
-        let cache = Cache::builder().max_capacity(max_entries).time_to_live(ttl).build();
-        Self { store, envelope, integrations, cache, oauth: oauth::OAuthState::new(token_client) }
+        let stats = Arc::new(CredsStats::default());
+        let evictions = stats.clone();
+        let cache = Cache::builder()
+            .max_capacity(max_entries)
+            .time_to_live(ttl)
+            .eviction_listener(move |_id, _entry, cause| {
+                if cause.was_evicted() {
+                    evictions.cache_evictions.fetch_add(1, Relaxed);
+                }
+            })
+            .build();
+        Self { store, envelope, integrations, cache, oauth: oauth::OAuthState::new(token_client), stats }
+    }
+
+    /// Cache, refresh and row-lock counters (for `/metrics`).
+    pub fn stats(&self) -> &CredsStats {
+        &self.stats
     }
 
     pub fn integrations(&self) -> &Arc<Integrations> {
@@ -187,8 +205,12 @@ impl Connections {
     /// came from the cache. Unknown and other-org ids are the same `NotFound`.
     pub async fn resolve(&self, org: &str, id: &str) -> Result<(Arc<Resolved>, bool), ResolveError> {
         let (resolved, hit) = match self.cache.get(id).await {
-            Some(r) => (r, true),
+            Some(r) => {
+                self.stats.cache_hits.fetch_add(1, Relaxed);
+                (r, true)
+            }
             None => {
+                self.stats.cache_misses.fetch_add(1, Relaxed);
                 // try_get_with coalesces concurrent misses for one id into one load.
                 let r = self
                     .cache

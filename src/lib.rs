@@ -25,6 +25,7 @@
 //! - [`config`]: `credproxy.toml` loading, environment overrides, validation.
 //! - [`problem`]: the one place that turns errors into problem+json responses.
 //! - [`tls`]: the interception CA and per-host leaf certificates.
+//! - [`metrics`]: Prometheus counters (atomics) and their text rendering. Leaf.
 //! - [`ids`], [`secret`], [`telemetry`]: leaves.
 
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod crypto;
 pub mod ids;
 pub mod inject;
 pub mod integrations;
+pub mod metrics;
 pub mod oauth2;
 pub mod outbound;
 pub mod policy;

@@ -30,15 +30,19 @@ pub struct Outbound {
     pub response_header_timeout: Duration,
     /// Largest body buffered for body placements of the `custom` auth method.
     pub max_buffered_body: u64,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Outbound {
     /// Forwards through the pooled client; its connector applies the SSRF guard.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, ProxyError> {
-        tokio::time::timeout(self.response_header_timeout, self.client.request(req))
+        let sent = std::time::Instant::now();
+        let resp = tokio::time::timeout(self.response_header_timeout, self.client.request(req))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?
-            .map_err(ProxyError::from_client)
+            .map_err(ProxyError::from_client)?;
+        self.metrics.upstream_latency(sent.elapsed());
+        Ok(resp)
     }
 
     /// Sends a request with a resolved connection's credential. The host

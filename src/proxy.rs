@@ -51,18 +51,37 @@ pub struct ProxyState {
     pub interceptor: Option<Arc<Interceptor>>,
     /// Tunnelled blind even when interception is on.
     pub passthrough_hosts: Vec<HostPattern>,
+    pub limits: ClientLimits,
+    /// Every client connection and tunnel task, so shutdown can wait for them.
+    pub tracker: tokio_util::task::TaskTracker,
+    /// Flips to true when shutdown starts.
+    pub shutdown: watch::Receiver<bool>,
 }
 
-/// Accepts connections until `shutdown` flips to true.
+/// Client-side limits of the proxy listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Time to send a complete request head (and, for TLS, the handshake).
+    pub header_read_timeout: Duration,
+    /// Largest request head, bytes.
+    pub max_header_bytes: usize,
+    /// Most client connections (tunnels included) at once.
+    pub max_connections: usize,
+}
+
+/// Accepts connections until `shutdown` flips to true, then drops the
+/// listener (new connections are refused) and tells every open connection
+/// to finish its in-flight request and close. Connection and tunnel tasks
+/// run on `state.tracker`, so the caller can wait for them to drain.
 /// With `tls`, the listener itself speaks TLS (`proxy.tls_cert`): clients
 /// use an `https://` proxy URL.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ProxyState>,
-    header_read_timeout: Duration,
     tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let limits = state.limits;
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -74,18 +93,26 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = draining(&mut shutdown) => break,
         };
+        if state.tracker.len() >= limits.max_connections {
+            state.outbound.metrics.client_connection_refused();
+            debug!(%peer, max = limits.max_connections, "proxy.max_connections reached; closing a new connection");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        let metrics = state.outbound.metrics.clone();
+        state.tracker.clone().spawn(async move {
+            let _open = metrics.client_connection();
             match tls {
-                None => serve_connection(TokioIo::new(stream), state, peer, header_read_timeout).await,
+                None => serve_connection(TokioIo::new(stream), state, peer, shutdown).await,
                 Some(acceptor) => {
                     // The handshake gets the same deadline as a request head.
-                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_connection(TokioIo::new(s), state, peer, header_read_timeout).await,
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(TokioIo::new(s), state, peer, shutdown).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "proxy TLS handshake failed"),
                         Err(_) => debug!(%peer, "proxy TLS handshake timed out"),
                     }
@@ -93,19 +120,39 @@ pub async fn serve(
             }
         });
     }
+    drop(listener);
+    info!("proxy listener closed; draining open connections");
 }
 
-async fn serve_connection<I>(io: I, state: Arc<ProxyState>, peer: SocketAddr, header_read_timeout: Duration)
+/// Resolves once shutdown has started.
+async fn draining(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// HTTP/1 server settings shared by the listener and intercepted tunnels.
+fn http1_builder(limits: &ClientLimits) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_buf_size(limits.max_header_bytes);
+    b
+}
+
+async fn serve_connection<I>(io: I, state: Arc<ProxyState>, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let limits = state.limits;
     let svc = service_fn(move |req| handle(state.clone(), peer, req));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .serve_connection(io, svc)
-        .with_upgrades();
-    if let Err(e) = conn.await {
+    let conn = http1_builder(&limits).serve_connection(io, svc).with_upgrades();
+    tokio::pin!(conn);
+    // Draining: finish the request in flight, then close (no more keep-alive).
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(%peer, error = %e, "proxy connection ended with an error");
     }
 }
@@ -129,6 +176,8 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let metrics = &state.outbound.metrics;
+    let in_flight = metrics.in_flight();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut access = Access::default();
@@ -136,6 +185,7 @@ async fn handle(
         Ok(resp) => resp,
         Err(err) => {
             let problem = err.problem();
+            metrics.error(problem.code);
             access.code = Some(problem.code);
             if problem.status.is_server_error() {
                 warn!(error = %err, code = problem.code, "proxy error");
@@ -145,6 +195,8 @@ async fn handle(
             problem.to_proxy_response().map(|b| Either::Right(Full::new(b)))
         }
     };
+    drop(in_flight);
+    metrics.request(access.integration.as_deref(), resp.status().as_u16());
     info!(
         target: "credproxy::access",
         %peer,
@@ -276,7 +328,9 @@ async fn connect(
             state.connector.resolve_checked(&host, port).await.map_err(ProxyError::Connect)?;
             let tls = interceptor.server_config(&host).map_err(|e| ProxyError::Internal(e.to_string()))?;
             let state = state.clone();
-            tokio::spawn(async move {
+            let metrics = state.outbound.metrics.clone();
+            state.tracker.clone().spawn(async move {
+                let _open = metrics.client_connection();
                 match on_upgrade.await {
                     Ok(up) => tunnel::serve_intercepted(state, peer, up, authority, tls).await,
                     Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),
@@ -285,7 +339,9 @@ async fn connect(
         }
         None => {
             let upstream = state.connector.connect_checked(&host, port).await.map_err(ProxyError::Connect)?;
-            tokio::spawn(async move {
+            let metrics = state.outbound.metrics.clone();
+            state.tracker.spawn(async move {
+                let _open = metrics.client_connection();
                 match on_upgrade.await {
                     Ok(up) => tunnel::serve_blind(peer, up, upstream).await,
                     Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),

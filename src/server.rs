@@ -5,12 +5,14 @@
 //! by the tests.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError, KeyProviderKind};
@@ -18,10 +20,11 @@ use crate::creds::Connections;
 use crate::crypto::kms::KmsKeyProvider;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvider};
 use crate::integrations::Integrations;
+use crate::metrics::Metrics;
 use crate::oauth2::TokenClient;
 use crate::outbound::Outbound;
 use crate::policy::ssrf::EgressPolicy;
-use crate::proxy::{self, ProxyState};
+use crate::proxy::{self, ClientLimits, ProxyState};
 use crate::store::postgres::{spawn_listener, Change, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -71,20 +74,48 @@ pub struct Running {
     pub connections: Arc<Connections>,
     /// The TLS interception CA, when enabled (leaf mint/cache counters).
     pub interceptor: Option<Arc<Interceptor>>,
+    pub metrics: Arc<Metrics>,
+    /// Stops the proxy listener and drains its connections.
     shutdown: watch::Sender<bool>,
+    /// Stops the admin listener (after the drain, so `/readyz` and
+    /// `/metrics` answer throughout).
+    admin_shutdown: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
+    /// Client connections and tunnels.
+    tracker: TaskTracker,
     /// PostgreSQL change listener (cache invalidation across instances).
     listener: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
 }
 
 impl Running {
-    /// Stops accepting new connections and waits for the accept loops.
-    pub async fn shutdown(mut self) {
+    /// Graceful shutdown: `/readyz` turns 503, the proxy listener closes (new
+    /// connections are refused), open connections finish their in-flight
+    /// request and close, tunnels run to their end; after `grace` whatever is
+    /// still open is abandoned. Returns how many connections were abandoned.
+    pub async fn shutdown(mut self, grace: Duration) -> usize {
+        self.draining.store(true, Ordering::Relaxed);
         let _ = self.shutdown.send(true);
+        self.tracker.close();
+        let abandoned = match tokio::time::timeout(grace, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let open = self.tracker.len();
+                tracing::warn!(open, grace_secs = grace.as_secs(), "shutdown grace period over; closing what is left");
+                open
+            }
+        };
+        let _ = self.admin_shutdown.send(true);
         if let Some(l) = self.listener.take() {
             l.abort();
         }
         while self.tasks.join_next().await.is_some() {}
+        abandoned
+    }
+
+    /// Client connections and tunnels currently open.
+    pub fn open_connections(&self) -> usize {
+        self.tracker.len()
     }
 }
 
@@ -168,12 +199,18 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
             pool_max_idle_per_host: config.upstream.pool_max_idle_per_host,
         },
     );
+    let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
     let outbound = Arc::new(Outbound {
         connections: connections.clone(),
         client,
         response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
         max_buffered_body: config.proxy.max_buffered_body,
+        metrics: metrics.clone(),
     });
+    let (tx, rx) = watch::channel(false);
+    let (admin_tx, mut admin_rx) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    let draining = Arc::new(AtomicBool::new(false));
     let proxy_state = Arc::new(ProxyState {
         org_id: config.proxy.org_id.clone().unwrap_or_default(),
         connections: connections.clone(),
@@ -182,6 +219,13 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         connector: GuardedConnector::new(policy, connect_timeout),
         interceptor: interceptor.clone(),
         passthrough_hosts: config.tls_intercept.passthrough_hosts.clone(),
+        limits: ClientLimits {
+            header_read_timeout: Duration::from_millis(config.proxy.header_read_timeout_ms),
+            max_header_bytes: config.proxy.max_header_bytes,
+            max_connections: config.proxy.max_connections,
+        },
+        tracker: tracker.clone(),
+        shutdown: rx.clone(),
     });
 
     let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind {
@@ -195,7 +239,14 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         source,
     })?;
     let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
-    let admin_state = Arc::new(AdminState::new(connections.clone(), outbound, &config.admin.tokens, &public_url));
+    let admin_state = Arc::new(AdminState::new(
+        connections.clone(),
+        outbound,
+        &config.admin.tokens,
+        &public_url,
+        interceptor.clone(),
+        draining.clone(),
+    ));
     let proxy_tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
         (Some(cert), Some(key)) => Some(proxy_tls_acceptor(cert, key)?),
         _ => None,
@@ -209,16 +260,8 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         });
         spawn_listener(config.store.url.clone(), on_change)
     });
-    let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    tasks.spawn(proxy::serve(
-        listeners.proxy,
-        proxy_state,
-        Duration::from_millis(config.proxy.header_read_timeout_ms),
-        proxy_tls,
-        rx.clone(),
-    ));
-    let mut admin_rx = rx;
+    tasks.spawn(proxy::serve(listeners.proxy, proxy_state, proxy_tls, rx));
     let app = admin::router(admin_state);
     let admin_listener = listeners.admin;
     tasks.spawn(async move {
@@ -230,7 +273,19 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         }
     });
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
-    Ok(Running { proxy_addr, admin_addr, connections, interceptor, shutdown: tx, listener, tasks })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        connections,
+        interceptor,
+        metrics,
+        shutdown: tx,
+        admin_shutdown: admin_tx,
+        draining,
+        tracker,
+        listener,
+        tasks,
+    })
 }
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).

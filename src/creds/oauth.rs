@@ -11,6 +11,7 @@
 //! mid-refresh drops its database connection, which rolls back and frees the
 //! lock.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,6 @@ pub(super) struct OAuthState {
     client: TokenClient,
     locks: Cache<String, Arc<tokio::sync::Mutex<()>>>,
     cooldown: Cache<String, ()>,
-    refreshes: std::sync::atomic::AtomicU64,
     /// How long an authorization `state` stays valid.
     pub(super) state_ttl: Duration,
     /// Longest wait for another instance's refresh of the same connection.
@@ -48,7 +48,6 @@ impl OAuthState {
             // Idle locks expire; an entry in use is held by its Arc.
             locks: Cache::builder().time_to_idle(Duration::from_secs(600)).build(),
             cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
-            refreshes: Default::default(),
             state_ttl: Duration::from_secs(crate::config::DEFAULT_STATE_TTL_SECS),
             lock_wait: Duration::from_millis(crate::config::DEFAULT_REFRESH_LOCK_WAIT_MS),
         }
@@ -151,7 +150,7 @@ impl Connections {
     /// Number of refreshes this process performed (token endpoint calls that
     /// returned a token).
     pub fn refresh_count(&self) -> u64 {
-        self.oauth.refreshes.load(std::sync::atomic::Ordering::Relaxed)
+        self.stats.refreshes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Returns a connection whose access token is usable, refreshing it under
@@ -200,7 +199,14 @@ impl Connections {
         }
         // Across instances: the row lock. Whoever held it before us may have
         // refreshed and committed; we read the row under the lock.
-        let lock = self.store.lock_connection(id, self.oauth.lock_wait).await?.ok_or(ResolveError::NotFound)?;
+        let waited = std::time::Instant::now();
+        let lock = self.store.lock_connection(id, self.oauth.lock_wait).await;
+        self.stats.lock_waits.fetch_add(1, Relaxed);
+        self.stats.lock_wait_micros.fetch_add(waited.elapsed().as_micros() as u64, Relaxed);
+        if let Err(StoreError::LockTimeout(_)) = &lock {
+            self.stats.lock_timeouts.fetch_add(1, Relaxed);
+        }
+        let lock = lock?.ok_or(ResolveError::NotFound)?;
         let current = self.decrypt_row(lock.row().clone()).await?;
         if current.meta.state != ConnectionState::Active {
             return Err(RefreshError::NeedsReauth);
@@ -222,7 +228,7 @@ impl Connections {
         match result {
             Ok(resp) => {
                 let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
-                self.oauth.refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.refreshes.fetch_add(1, Relaxed);
                 // Persist (and release the lock) before anyone uses it: a rotated
                 // refresh token must survive a crash.
                 let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
@@ -243,12 +249,14 @@ impl Connections {
                 Ok(next)
             }
             Err(TokenError::InvalidGrant) => {
+                self.stats.refresh_failures.fetch_add(1, Relaxed);
                 lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await?;
                 self.cache.invalidate(id).await;
                 tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
                 Err(RefreshError::NeedsReauth)
             }
             Err(e) => {
+                self.stats.refresh_failures.fetch_add(1, Relaxed);
                 self.oauth.cooldown.insert(id.to_owned(), ()).await;
                 tracing::warn!(connection = %id, integration = %current.integration.id, error = %e, "oauth2 refresh failed");
                 Err(RefreshError::Token(e))

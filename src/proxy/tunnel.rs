@@ -37,34 +37,64 @@ pub(super) async fn serve_intercepted(
     authority: Authority,
     tls: Arc<ServerConfig>,
 ) {
+    let limits = state.limits;
+    let mut shutdown = state.shutdown.clone();
     let mut io = TokioIo::new(upgraded);
     let mut first = [0u8; 1];
-    let n = match io.read(&mut first).await {
-        Ok(0) | Err(_) => return,
-        Ok(n) => n,
+    // A tunnel that never says anything is closed like a slow request head.
+    let n = match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
+        Ok(Ok(0) | Err(_)) | Err(_) => return,
+        Ok(Ok(n)) => n,
     };
     let io = Prefixed { prefix: Bytes::copy_from_slice(&first[..n]), inner: io };
     if first[0] == TLS_HANDSHAKE {
-        let stream = match tokio_rustls::TlsAcceptor::from(tls).accept(io).await {
-            Ok(s) => s,
-            Err(e) => {
+        let accepted =
+            tokio::time::timeout(limits.header_read_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(io));
+        let stream = match accepted.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 // Typically a client that does not trust credproxy's CA.
                 debug!(%peer, host = %authority.host(), error = %e, "TLS handshake in tunnel failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, host = %authority.host(), "TLS handshake in tunnel timed out");
                 return;
             }
         };
         let svc = service_fn(move |req| inner(state.clone(), peer, "https", authority.clone(), req));
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes);
+        builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = super::draining(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             debug!(%peer, error = %e, "intercepted tunnel ended with an error");
         }
     } else {
         // undici tunnels even http:// targets: plain HTTP inside CONNECT.
         let svc = service_fn(move |req| inner(state.clone(), peer, "http", authority.clone(), req));
-        let conn =
-            hyper::server::conn::http1::Builder::new().timer(TokioTimer::new()).serve_connection(TokioIo::new(io), svc);
-        if let Err(e) = conn.await {
+        let conn = super::http1_builder(&limits).serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = super::draining(&mut shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             debug!(%peer, error = %e, "plain tunnel ended with an error");
         }
     }
