@@ -46,6 +46,12 @@ enum Command {
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Probe a running instance (container HEALTHCHECK, no curl needed):
+    /// exit 0 if `GET <url>` answers 200 within 2 s.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:8081/healthz")]
+        url: String,
+    },
     /// Data-key wrapping keys: rotation and where records stand.
     Keys {
         #[command(subcommand)]
@@ -192,6 +198,7 @@ pub fn main() -> ExitCode {
             },
             Command::Connections { admin, command } => connections(admin, command).await,
             Command::Keys { command } => keys(command).await,
+            Command::Health { url } => health(&url).await,
             Command::Ca { command: CaCommand::Init { out, days } } => match crate::tls::init_ca(&out, days) {
                 Ok((cert, key)) => {
                     println!("CA certificate: {} (distribute to clients)", cert.display());
@@ -257,6 +264,40 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+async fn health(url: &str) -> ExitCode {
+    let probe = async {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let authority = uri.authority().ok_or_else(|| format!("{url}: needs host:port"))?.clone();
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await.map_err(|e| e.to_string())?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let status = tx.send_request(req).await.map_err(|e| e.to_string())?.status();
+        if status == http::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("{url} answered {status}"))
+        }
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), probe).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("credproxy: unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("credproxy: unhealthy: {url} did not answer within 2 s");
+            ExitCode::FAILURE
+        }
     }
 }
 
