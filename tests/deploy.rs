@@ -1,0 +1,99 @@
+//! The Kubernetes examples in deploy/kubernetes/ stay true: parsed with
+//! PyYAML (in the test venv), the ConfigMap's credproxy.toml and
+//! integrations pass `credproxy check-config`, the sidecar is a native
+//! sidecar, probes hit the real endpoints, and the pods' termination grace
+//! covers credproxy's drain.
+
+mod support;
+
+use serde_json::Value;
+use support::*;
+
+/// All documents of a manifest file, as JSON.
+async fn manifests(file: &str) -> Vec<Value> {
+    let script = "import json, sys, yaml\nprint(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))";
+    let out = tokio::process::Command::new(python())
+        .args(["-c", script])
+        .arg(repo().join("deploy/kubernetes").join(file))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn check_probes_and_grace(pod: &Value, container: &Value, grace_secs: u64) {
+    for (probe, path) in [("readinessProbe", "/readyz"), ("startupProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+    }
+    let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().unwrap_or(0);
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+    assert!(termination > grace_secs + pre_stop, "{termination} s must cover the {grace_secs} s drain + {pre_stop} s");
+    assert_eq!(container["args"], serde_json::json!(["serve", "--config", "/etc/credproxy/credproxy.toml"]));
+}
+
+#[tokio::test]
+async fn kubernetes_examples_are_consistent_with_the_binary() {
+    let config = manifests("config.yaml").await;
+    let toml_text =
+        find(&config, "ConfigMap", "credproxy-config")["data"]["credproxy.toml"].as_str().unwrap().to_owned();
+    let ints = find(&config, "ConfigMap", "credproxy-integrations")["data"].as_object().unwrap().clone();
+
+    // check-config with the ConfigMap laid out as the pods mount it.
+    let dir = tempfile::tempdir().unwrap();
+    let ints_dir = dir.path().join("integrations");
+    std::fs::create_dir(&ints_dir).unwrap();
+    for (name, text) in &ints {
+        std::fs::write(ints_dir.join(name), text.as_str().unwrap()).unwrap();
+    }
+    let cfg_path = dir.path().join("credproxy.toml");
+    std::fs::write(&cfg_path, &toml_text).unwrap();
+    let out = tokio::process::Command::new(credproxy_bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg_path)
+        .env("CREDPROXY_ORG_ID", "org_a")
+        .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
+        .env("CREDPROXY_DB_PASSWORD", "pw")
+        .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let parsed: toml::Value = toml::from_str(&toml_text).unwrap();
+    assert_eq!(parsed["integrations"]["dir"].as_str(), Some("/etc/credproxy/integrations"));
+    let grace = parsed["shutdown"]["grace_secs"].as_integer().unwrap() as u64;
+
+    // Native sidecar.
+    let sidecar = manifests("sidecar/execution-pod.yaml").await;
+    let pod = sidecar.iter().find(|d| d["kind"] == "Pod").expect("a Pod");
+    let spec = &pod["spec"];
+    let init = spec["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "credproxy").unwrap();
+    assert_eq!(init["restartPolicy"], "Always", "native sidecar");
+    check_probes_and_grace(spec, init, grace);
+    let runner = &spec["containers"][0];
+    let env: Vec<(String, String)> = runner["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].as_str().unwrap_or("").to_owned()))
+        .collect();
+    for name in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+        assert!(env.iter().any(|(k, v)| k == name && v == "http://127.0.0.1:8080"), "{name}");
+    }
+
+    // Shared tier.
+    let shared = manifests("shared/deployment.yaml").await;
+    let deploy = find(&shared, "Deployment", "credproxy");
+    let spec = &deploy["spec"]["template"]["spec"];
+    check_probes_and_grace(spec, &spec["containers"][0], grace);
+    let pdb = find(&shared, "PodDisruptionBudget", "credproxy");
+    assert_eq!(pdb["spec"]["selector"], deploy["spec"]["selector"]);
+    let svc = find(&shared, "Service", "credproxy");
+    assert_eq!(svc["spec"]["selector"], deploy["spec"]["selector"]["matchLabels"]);
+}
