@@ -4,6 +4,8 @@
 //! - `direct`: the load generator talks to the upstream itself;
 //! - `credproxy`: absolute-form `http://` through credproxy, bearer connection
 //!   (cache hit), the built release binary as its own process;
+//! - `credproxy+accesslog`: the same with the default access log (one line
+//!   per request to stderr), which the other rows and nginx have off;
 //! - `credproxy-connect`: `CONNECT` + TLS interception, HTTP/1.1 inside, to the
 //!   upstream's TLS port;
 //! - `nginx`: nginx (Debian package) proxying with a static `Authorization`
@@ -171,13 +173,14 @@ struct Credproxy {
 }
 
 /// Starts `credproxy serve` and waits for its listening line.
-async fn spawn_credproxy(config: &Path, cwd: &Path) -> (Credproxy, Duration) {
+/// `log`: the `RUST_LOG` filter (the listening line is logged at info).
+async fn spawn_credproxy(config: &Path, cwd: &Path, log: &str) -> (Credproxy, Duration) {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
         .args(["serve", "--config"])
         .arg(config)
         .current_dir(cwd)
-        .env("RUST_LOG", std::env::var("LOAD_CREDPROXY_LOG").unwrap_or_else(|_| "info".into()))
+        .env("RUST_LOG", log)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -521,9 +524,10 @@ fn main() {
     let secs: u64 = env_or("LOAD_SECS", 4);
     let conns: usize = env_or("LOAD_CONNS", 16);
     let rounds: usize = env_or("LOAD_ROUNDS", 3);
+    // 0 skips the start-up and cache-memory sections.
     let cache_n: usize = env_or("LOAD_CACHE_CONNECTIONS", 100_000);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(bench(secs, conns, rounds.max(1), cache_n.max(2)));
+    rt.block_on(bench(secs, conns, rounds.max(1), cache_n));
 }
 
 async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
@@ -565,8 +569,11 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
         ),
     )
     .unwrap();
-    let (cp, _) = spawn_credproxy(&config, dir.path()).await;
+    // Like the nginx row (access_log off): no access log. A second instance
+    // on the same store keeps the default access log, to show its cost.
+    let (cp, _) = spawn_credproxy(&config, dir.path(), "info,credproxy::access=off").await;
     let cp_pid = cp.child.id().unwrap();
+    let (cp_log, _) = spawn_credproxy(&config, dir.path(), "info").await;
     let conn_id = create_connection(cp.admin).await;
 
     let mut roots = rustls::RootCertStore::empty();
@@ -594,6 +601,12 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
             true,
         ),
         (
+            "credproxy+accesslog",
+            Target::Proxy { proxy: cp_log.proxy, upstream: up, conn_id: Some(conn_id.clone()) },
+            cp_log.child.id(),
+            true,
+        ),
+        (
             "credproxy-connect",
             Target::Connect { proxy: cp.proxy, upstream: up_tls, conn_id: conn_id.clone(), tls },
             Some(cp_pid),
@@ -602,6 +615,11 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
     ];
     if let Some((child, addr)) = &nginx {
         systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, child.id(), false));
+    }
+    // LOAD_SYSTEMS=credproxy,nginx narrows a run (for A/B work on one change).
+    if let Ok(only) = std::env::var("LOAD_SYSTEMS") {
+        let keep: Vec<&str> = only.split(',').collect();
+        systems.retain(|s| keep.contains(&s.0));
     }
     println!(
         "load: {conns} connections, {secs} s per measurement, {rounds} rounds alternating {}",
@@ -673,6 +691,10 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
     }
     drop(nginx);
     drop(cp);
+    drop(cp_log);
+    if cache_n < 2 {
+        return;
+    }
 
     // Start to ready on the embedded-default layout (fresh data dir: SQLite
     // created, master key created), median of 5.
@@ -690,7 +712,7 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
             ),
         )
         .unwrap();
-        let (p, ready) = spawn_credproxy(&cfg, d.path()).await;
+        let (p, ready) = spawn_credproxy(&cfg, d.path(), "info").await;
         drop(p);
         readies.push(ready.as_secs_f64() * 1000.0);
     }

@@ -173,7 +173,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async {
+    let code = rt.block_on(async {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
             Command::Migrate { config } => match load(&config) {
@@ -211,7 +211,10 @@ pub fn main() -> ExitCode {
                 }
             },
         }
-    })
+    });
+    // Log lines still in the buffer (start-up errors, the last access lines).
+    crate::telemetry::flush();
+    code
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {
