@@ -23,7 +23,9 @@
 //!
 //! Knobs (environment): LOAD_SECS (per measurement, default 4), LOAD_CONNS
 //! (client connections, default 16), LOAD_ROUNDS (default 3),
-//! LOAD_CACHE_CONNECTIONS (default 100000).
+//! LOAD_CACHE_CONNECTIONS (default 100000; 0 skips start-up and memory),
+//! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
+//! default 2), LOAD_SYSTEMS (comma-separated subset of the rows).
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
 
@@ -245,14 +247,19 @@ fn find_nginx() -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
 }
 
-/// nginx with two workers (credproxy's runtime has two threads here), a
-/// static `Authorization` header and an upstream keep-alive pool.
-async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr) -> (tokio::process::Child, SocketAddr) {
+/// nginx with `workers` worker processes (as many as credproxy's runtime
+/// threads), a static `Authorization` header and an upstream keep-alive pool.
+async fn spawn_nginx(
+    bin: &Path,
+    dir: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+) -> (tokio::process::Child, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes 2;\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
            fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
@@ -526,11 +533,13 @@ fn main() {
     let rounds: usize = env_or("LOAD_ROUNDS", 3);
     // 0 skips the start-up and cache-memory sections.
     let cache_n: usize = env_or("LOAD_CACHE_CONNECTIONS", 100_000);
+    // credproxy runtime threads and nginx worker processes (the same number).
+    let workers: usize = env_or("LOAD_WORKERS", 2);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(bench(secs, conns, rounds.max(1), cache_n));
+    rt.block_on(bench(secs, conns, rounds.max(1), cache_n, workers.max(1)));
 }
 
-async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
+async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize, workers: usize) {
     let tck = clock_ticks_per_sec();
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Seen::default());
@@ -561,7 +570,8 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
              [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/credproxy.db\"\n\
              [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
              [upstream]\nextra_ca_certs = [\"{ca_up}\"]\n[integrations]\ndir = \"{ints}\"\n\
-             [tls_intercept]\nenabled = true\nca_cert = \"{ca}/credproxy-ca.pem\"\nca_key = \"{ca}/credproxy-ca.key\"\n",
+             [tls_intercept]\nenabled = true\nca_cert = \"{ca}/credproxy-ca.pem\"\nca_key = \"{ca}/credproxy-ca.key\"\n\
+             [runtime]\nworker_threads = {workers}\n",
             d = dir.path().display(),
             ca_up = repo().join("certs/test/upstream-ca.pem").display(),
             ints = ints.display(),
@@ -588,7 +598,7 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls));
 
     let nginx = match find_nginx() {
-        Some(bin) => Some(spawn_nginx(&bin, dir.path(), up).await),
+        Some(bin) => Some(spawn_nginx(&bin, dir.path(), up, workers).await),
         None => None,
     };
 
@@ -622,7 +632,7 @@ async fn bench(secs: u64, conns: usize, rounds: usize, cache_n: usize) {
         systems.retain(|s| keep.contains(&s.0));
     }
     println!(
-        "load: {conns} connections, {secs} s per measurement, {rounds} rounds alternating {}",
+        "load: {conns} connections, {secs} s per measurement, {rounds} rounds, {workers} credproxy threads / nginx workers, alternating {}",
         systems.iter().map(|s| s.0).collect::<Vec<_>>().join(" → ")
     );
 

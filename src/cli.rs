@@ -166,7 +166,17 @@ enum ConnCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // `serve` sizes its runtime from the configuration (errors are reported
+    // by `serve` itself once the runtime runs).
+    if let Command::Serve { config } = &cli.command {
+        if let Ok(cfg) = Config::load(config, &config::process_env()) {
+            if cfg.runtime.worker_threads > 0 {
+                builder.worker_threads(cfg.runtime.worker_threads);
+            }
+        }
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credproxy: cannot start the runtime: {e}");

@@ -76,6 +76,15 @@ pub struct Config {
     pub tls_intercept: TlsInterceptConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Threads serving requests; 0 = one per CPU. A sidecar sharing a small
+    /// CPU budget with its runner does best with 1 (see the load bench).
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

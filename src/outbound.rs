@@ -54,7 +54,7 @@ impl Outbound {
         resolved: &Arc<Resolved>,
         method: &Method,
         uri: &Uri,
-        headers: &HeaderMap,
+        mut headers: HeaderMap,
         body: UpstreamBody,
     ) -> Result<(Response<Incoming>, bool), ProxyError> {
         // Fresh token: an OAuth2 access token about to expire is refreshed
@@ -63,7 +63,6 @@ impl Outbound {
 
         // Body placements need the body in hand; OAuth2 requests keep a small
         // body so a 401 can be retried once after a refresh.
-        let mut headers = headers.clone();
         let (body, replay) = if resolved.method.edits_body() {
             let edits = inject::edits(&resolved.method, &resolved.credential)?;
             let Either::Left(incoming) = body else {
@@ -82,18 +81,19 @@ impl Outbound {
             (body, None)
         };
 
-        // Inject (pure edits on a copy of the head) and forward.
-        let resp = self.send(upstream_request(method, uri, &headers, Some(&resolved), body)?).await?;
+        // Inject and forward. The head is kept for a retry only when one is possible.
+        let retry_head = replay.as_ref().map(|_| headers.clone());
+        let resp = self.send(upstream_request(method, uri.clone(), headers, Some(&resolved), body)?).await?;
 
         // An OAuth2 401 with a replayable body: refresh only if the token that
         // failed is still current, then retry once.
-        match replay {
-            Some(replay) if resp.status() == StatusCode::UNAUTHORIZED => {
+        match (replay, retry_head) {
+            (Some(replay), Some(headers)) if resp.status() == StatusCode::UNAUTHORIZED => {
                 let failed = resolved.credential.values().first().map(|v| v.expose().to_owned()).unwrap_or_default();
                 drop(resp);
                 let refreshed = self.connections.force_refresh(&resolved, &failed).await?;
                 let retry =
-                    upstream_request(method, uri, &headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
+                    upstream_request(method, uri.clone(), headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
                 Ok((self.send(retry).await?, true))
             }
             _ => Ok((resp, false)),
@@ -102,17 +102,15 @@ impl Outbound {
 }
 
 /// Builds the upstream request from the caller's (stripped) head: injects
-/// the credential into a copy, sets `Host` to the target authority, and picks
-/// the version ourselves.
+/// the credential, sets `Host` to the target authority, and picks the
+/// version ourselves.
 pub fn upstream_request(
     method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    mut uri: Uri,
+    mut headers: HeaderMap,
     resolved: Option<&Resolved>,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    let mut uri = uri.clone();
-    let mut headers = headers.clone();
     if let Some(r) = resolved {
         let edits = inject::edits(&r.method, &r.credential)?;
         inject::apply_head(&mut uri, &mut headers, &edits)?;

@@ -254,7 +254,7 @@ async fn forward(
             if !state.allow_passthrough {
                 return Err(ProxyError::PassthroughDenied);
             }
-            state.outbound.send(upstream_request(&parts.method, &uri, &parts.headers, None, body)?).await?
+            state.outbound.send(upstream_request(&parts.method, uri, parts.headers, None, body)?).await?
         }
         Some(id) => {
             access.connection = Some(id.clone());
@@ -287,7 +287,7 @@ async fn forward(
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (resp, retried) =
-                state.outbound.with_connection(&resolved, &parts.method, &uri, &parts.headers, body).await?;
+                state.outbound.with_connection(&resolved, &parts.method, &uri, parts.headers, body).await?;
             access.retried = retried;
             resp
         }
