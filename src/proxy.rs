@@ -129,6 +129,24 @@ async fn draining(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
+/// Runs a hyper server connection to its end; once shutdown starts, asks it
+/// to finish the request in flight and close (no more keep-alive). A macro:
+/// the three connection types have `graceful_shutdown` but no common trait.
+macro_rules! serve_until_drained {
+    ($conn:expr, $shutdown:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $crate::proxy::draining(&mut $shutdown) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+pub(crate) use serve_until_drained;
+
 /// HTTP/1 server settings shared by the listener and intercepted tunnels.
 fn http1_builder(limits: &ClientLimits) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
@@ -142,16 +160,7 @@ where
 {
     let limits = state.limits;
     let svc = service_fn(move |req| handle(state.clone(), peer, req));
-    let conn = http1_builder(&limits).serve_connection(io, svc).with_upgrades();
-    tokio::pin!(conn);
-    // Draining: finish the request in flight, then close (no more keep-alive).
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = draining(&mut shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = serve_until_drained!(http1_builder(&limits).serve_connection(io, svc).with_upgrades(), shutdown);
     if let Err(e) = result {
         debug!(%peer, error = %e, "proxy connection ended with an error");
     }

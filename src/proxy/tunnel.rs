@@ -70,30 +70,17 @@ pub(super) async fn serve_intercepted(
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes);
         builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = super::draining(&mut shutdown) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let result = super::serve_until_drained!(builder.serve_connection(TokioIo::new(stream), svc), shutdown);
         if let Err(e) = result {
             debug!(%peer, error = %e, "intercepted tunnel ended with an error");
         }
     } else {
         // undici tunnels even http:// targets: plain HTTP inside CONNECT.
         let svc = service_fn(move |req| inner(state.clone(), peer, "http", authority.clone(), req));
-        let conn = super::http1_builder(&limits).serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = super::draining(&mut shutdown) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
+        let result = super::serve_until_drained!(
+            super::http1_builder(&limits).serve_connection(TokioIo::new(io), svc),
+            shutdown
+        );
         if let Err(e) = result {
             debug!(%peer, error = %e, "plain tunnel ended with an error");
         }
