@@ -25,7 +25,9 @@
 //! (client connections, default 16), LOAD_ROUNDS (default 3),
 //! LOAD_CACHE_CONNECTIONS (default 100000; 0 skips start-up and memory),
 //! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
-//! default 2), LOAD_SYSTEMS (comma-separated subset of the rows).
+//! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
+//! LOAD_BASELINE_BIN (another credproxy binary, e.g. the previous commit's,
+//! measured as a `baseline` row beside `credproxy`).
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
 
@@ -177,8 +179,12 @@ struct Credproxy {
 /// Starts `credproxy serve` and waits for its listening line.
 /// `log`: the `RUST_LOG` filter (the listening line is logged at info).
 async fn spawn_credproxy(config: &Path, cwd: &Path, log: &str) -> (Credproxy, Duration) {
+    spawn_binary(Path::new(env!("CARGO_BIN_EXE_credproxy")), config, cwd, log).await
+}
+
+async fn spawn_binary(bin: &Path, config: &Path, cwd: &Path, log: &str) -> (Credproxy, Duration) {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credproxy"))
+    let mut child = tokio::process::Command::new(bin)
         .args(["serve", "--config"])
         .arg(config)
         .current_dir(cwd)
@@ -591,6 +597,12 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
     let cp_pid = cp.child.id().unwrap();
     let (cp_log, _) = spawn_credproxy(&config, dir.path(), "info").await;
     let conn_id = create_connection(cp.admin).await;
+    // LOAD_BASELINE_BIN=/path/to/an/older/credproxy adds a `baseline` row on
+    // the same store and config, so one run says what a change bought.
+    let baseline = match std::env::var_os("LOAD_BASELINE_BIN") {
+        Some(bin) => Some(spawn_binary(Path::new(&bin), &config, dir.path(), "info,credproxy::access=off").await.0),
+        None => None,
+    };
 
     let mut roots = rustls::RootCertStore::empty();
     for c in credproxy::upstream::load_pem_certs(&ca.join("credproxy-ca.pem")).unwrap() {
@@ -629,6 +641,10 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             true,
         ),
     ];
+    if let Some(b) = &baseline {
+        let target = Target::Proxy { proxy: b.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
+        systems.insert(2, ("baseline", target, b.child.id(), true));
+    }
     if let Some((child, addr)) = &nginx {
         systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, child.id(), false));
     }
@@ -692,23 +708,37 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
         );
     }
     let get = |n: &str| rows.iter().find(|r| r.0 == n).map(|r| &r.1);
-    let (direct, cpx, cpc, ngx) =
-        (get("direct").unwrap(), get("credproxy").unwrap(), get("credproxy-connect").unwrap(), get("nginx"));
     println!();
-    println!("credproxy/direct: throughput {:.2}, p99 {:.2}", cpx.rps / direct.rps, cpx.p99 / direct.p99);
-    if let Some(n) = ngx {
-        let (c, nc) = (cpx.cpu.unwrap(), n.cpu.unwrap());
+    if let (Some(cpx), Some(direct)) = (get("credproxy"), get("direct")) {
+        println!("credproxy/direct: throughput {:.2}, p99 {:.2}", cpx.rps / direct.rps, cpx.p99 / direct.p99);
+    }
+    if let (Some(cpx), Some(b)) = (get("credproxy"), get("baseline")) {
+        let (c, bc) = (cpx.cpu.unwrap_or(f64::NAN), b.cpu.unwrap_or(f64::NAN));
         println!(
-            "credproxy/nginx: CPU per request {:.2} (target ≤ 0.80), p99 {:.2} (target ≤ 1.00), throughput {:.2}",
-            c / nc,
-            cpx.p99 / n.p99,
-            cpx.rps / n.rps
+            "credproxy/baseline: CPU per request {:.2}, p99 {:.2}, throughput {:.2}",
+            c / bc,
+            cpx.p99 / b.p99,
+            cpx.rps / b.rps
         );
-        println!("credproxy-connect/nginx: CPU per request {:.2}, p99 {:.2}", cpc.cpu.unwrap() / nc, cpc.p99 / n.p99);
+    }
+    if let Some(n) = get("nginx") {
+        // A LOAD_SYSTEMS subset prints only the ratios it has rows for.
+        for (name, target) in [("credproxy", true), ("credproxy+accesslog", false), ("credproxy-connect", false)] {
+            let Some(r) = get(name) else { continue };
+            let (c, nc) = (r.cpu.unwrap_or(f64::NAN), n.cpu.unwrap_or(f64::NAN));
+            let (t_cpu, t_p99) = if target { (" (target ≤ 0.80)", " (target ≤ 1.00)") } else { ("", "") };
+            println!(
+                "{name}/nginx: CPU per request {:.2}{t_cpu}, p99 {:.2}{t_p99}, throughput {:.2}",
+                c / nc,
+                r.p99 / n.p99,
+                r.rps / n.rps
+            );
+        }
     }
     drop(nginx);
     drop(cp);
     drop(cp_log);
+    drop(baseline);
     if cache_n < 2 {
         return;
     }

@@ -205,7 +205,10 @@ async fn readyz(State(st): State<Arc<AdminState>>) -> Result<Json<Value>, ApiErr
 async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     let tls = st.interceptor.as_ref().map(|i| (i.minted(), i.cache_hits()));
     let draining = st.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let body = st.outbound.metrics.render(st.connections.stats(), tls, draining);
+    let stats = &st.outbound.pool.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    let upstream = (stats.opened.load(Relaxed), stats.reused.load(Relaxed));
+    let body = st.outbound.metrics.render(st.connections.stats(), upstream, tls, draining);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 

@@ -26,6 +26,7 @@ pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
 pub const DEFAULT_CACHE_TTL_SECS: u64 = 300;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_RESPONSE_HEADER_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -348,6 +349,8 @@ impl Default for EgressConfig {
 pub struct UpstreamConfig {
     /// Milliseconds to establish a TCP connection upstream.
     pub connect_timeout_ms: u64,
+    /// Milliseconds for the TLS handshake with an `https://` upstream.
+    pub tls_handshake_timeout_ms: u64,
     /// Milliseconds from sending a request to receiving the response head.
     pub response_header_timeout_ms: u64,
     /// Seconds an idle pooled upstream connection is kept.
@@ -362,6 +365,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            tls_handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
             response_header_timeout_ms: DEFAULT_RESPONSE_HEADER_TIMEOUT_MS,
             pool_idle_timeout_secs: DEFAULT_POOL_IDLE_TIMEOUT_SECS,
             pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
@@ -499,6 +503,7 @@ impl Config {
             ("cache.max_entries", self.cache.max_entries),
             ("cache.ttl_secs", self.cache.ttl_secs),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.tls_handshake_timeout_ms", self.upstream.tls_handshake_timeout_ms),
             ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
             ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
             ("oauth2.token_timeout_ms", self.oauth2.token_timeout_ms),

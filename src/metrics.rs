@@ -169,7 +169,9 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self, creds: &CredsStats, tls: Option<(u64, u64)>, draining: bool) -> String {
+    /// `upstream`: connections the upstream pool opened and reused;
+    /// `tls`: leaf certificates minted and served from the cache.
+    pub fn render(&self, creds: &CredsStats, upstream: (u64, u64), tls: Option<(u64, u64)>, draining: bool) -> String {
         let mut out = String::with_capacity(8192);
         let w = &mut out;
         header(w, "credproxy_requests_total", "counter", "Proxied requests by integration and status class.");
@@ -195,7 +197,13 @@ impl Metrics {
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_sum {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_count {count}");
 
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 12] = [
+            ("credproxy_upstream_connections_opened_total", "Upstream connections opened.", upstream.0),
+            (
+                "credproxy_upstream_connections_reused_total",
+                "Upstream requests sent on a pooled connection.",
+                upstream.1,
+            ),
             ("credproxy_cache_hits_total", "Connection lookups served from the cache.", creds.cache_hits.load(Relaxed)),
             (
                 "credproxy_cache_misses_total",
@@ -283,7 +291,7 @@ mod tests {
         m.upstream_latency(Duration::from_micros(700));
         m.upstream_latency(Duration::from_millis(30));
         let guard = m.in_flight();
-        let text = m.render(&CredsStats::default(), Some((3, 4)), false);
+        let text = m.render(&CredsStats::default(), (5, 6), Some((3, 4)), false);
         for line in [
             "credproxy_requests_total{integration=\"httpbin\",status=\"2xx\"} 2",
             "credproxy_requests_total{integration=\"httpbin\",status=\"5xx\"} 1",
@@ -291,6 +299,8 @@ mod tests {
             "credproxy_requests_total{integration=\"github\",status=\"2xx\"} 0",
             "credproxy_proxy_errors_total{code=\"host_not_allowed\"} 1",
             "credproxy_proxy_errors_total{code=\"other\"} 1",
+            "credproxy_upstream_connections_opened_total 5",
+            "credproxy_upstream_connections_reused_total 6",
             "credproxy_upstream_latency_seconds_bucket{le=\"0.0005\"} 0",
             "credproxy_upstream_latency_seconds_bucket{le=\"0.001\"} 1",
             "credproxy_upstream_latency_seconds_bucket{le=\"0.05\"} 2",
@@ -304,6 +314,6 @@ mod tests {
         }
         assert!(!text.contains("conn_or_anything_else"));
         drop(guard);
-        assert!(m.render(&CredsStats::default(), None, true).contains("credproxy_requests_in_flight 0\n"));
+        assert!(m.render(&CredsStats::default(), (0, 0), None, true).contains("credproxy_requests_in_flight 0\n"));
     }
 }

@@ -28,6 +28,7 @@ pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, Outbound};
 use crate::policy::hosts::HostPattern;
 use crate::tls::Interceptor;
+use crate::upstream::pool::PooledBody;
 use crate::upstream::GuardedConnector;
 use crate::upstream::UpstreamBody;
 
@@ -36,7 +37,7 @@ mod tunnel;
 pub const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 
 /// Response bodies: the upstream's stream, or one we made.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Everything the pipeline needs; built once by `server`.
 pub struct ProxyState {

@@ -30,7 +30,8 @@ use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::store::StoreError;
 use crate::tls::Interceptor;
-use crate::upstream::{self, ClientSettings, GuardedConnector};
+use crate::upstream::pool::{Pool, PoolSettings};
+use crate::upstream::{self, GuardedConnector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -190,19 +191,19 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         .with_refresh_lock_wait(Duration::from_millis(config.oauth2.refresh_lock_wait_ms)),
     );
     let connect_timeout = Duration::from_millis(config.upstream.connect_timeout_ms);
-    let client = upstream::build_client(
-        policy.clone(),
-        &ClientSettings {
-            connect_timeout,
-            extra_roots,
-            pool_idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
-            pool_max_idle_per_host: config.upstream.pool_max_idle_per_host,
+    let pool = Pool::new(
+        GuardedConnector::new(policy.clone(), connect_timeout),
+        upstream::tls_config(&extra_roots),
+        PoolSettings {
+            tls_handshake_timeout: Duration::from_millis(config.upstream.tls_handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+            max_idle_per_host: config.upstream.pool_max_idle_per_host,
         },
     );
     let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
     let outbound = Arc::new(Outbound {
         connections: connections.clone(),
-        client,
+        pool,
         response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
         max_buffered_body: config.proxy.max_buffered_body,
         metrics: metrics.clone(),

@@ -1,5 +1,7 @@
-//! The upstream side: a pooled hyper client (HTTP/1.1 and h2 by ALPN, rustls
-//! with ring) whose connector resolves names itself, checks every address
+//! The upstream side: the proxy's connection [`pool`] (HTTP/1.1 driven
+//! inline, h2 by ALPN, rustls with ring) and a pooled hyper client for
+//! credproxy's own calls (token endpoints), both connecting through a
+//! connector that resolves names itself, checks every address
 //! against the [`EgressPolicy`], and connects only to addresses it checked —
 //! there is no second lookup an attacker could race.
 //!
@@ -25,9 +27,10 @@ use tokio::net::TcpStream;
 
 use crate::policy::ssrf::{EgressPolicy, Prohibited};
 
+pub mod pool;
+
 /// Request bodies we forward: the caller's stream, or a buffered rewrite.
 pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
-pub type UpstreamClient = Client<HttpsConnector<GuardedConnector>, UpstreamBody>;
 
 /// Why the connector did not produce a connection. Found again by the proxy
 /// in the client error's source chain to pick the right status.

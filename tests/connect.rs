@@ -69,6 +69,38 @@ async fn curl_https_proxy_http1_and_http2_inside_the_tunnel() {
     assert!(i.cache_hits() >= 1, "the second tunnel reused the leaf");
 }
 
+/// An upstream that offers h2 (Hypercorn) gets h2 from credproxy, one
+/// multiplexed connection for many tunnels and concurrent requests, with
+/// the credential on every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_is_spoken_and_shared() {
+    let up = start_h2_httpbin().await;
+    let t = intercepting(true, "").await;
+    let id = t.h.create("bearer", &[("token", "h2-token-1")]).await;
+    let proxy = t.h.proxy_url();
+    let url = format!("{}/headers", up.url);
+    let hdr = format!("X-Connection-Id: {id}");
+    let args = ["--cacert", t.ca.as_str(), "-H", hdr.as_str(), url.as_str()];
+    let env = [("HTTPS_PROXY", proxy.as_str())];
+    let one = || curl(&args, &env);
+    let first = one().await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.echoed_header("Authorization").as_deref(), Some("Bearer h2-token-1"));
+    // Four more tunnels at once: all served on the one h2 connection.
+    let (a, b, c, d) = tokio::join!(one(), one(), one(), one());
+    for seen in [&a, &b, &c, &d] {
+        assert_eq!(seen.status, 200, "{}", seen.text());
+        assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer h2-token-1"));
+    }
+    let metrics = curl(&[&format!("{}/metrics", t.h.admin_url())], &[]).await.text();
+    assert!(metrics.contains("credproxy_upstream_connections_opened_total 1\n"), "{metrics}");
+    assert!(metrics.contains("credproxy_upstream_connections_reused_total 4\n"), "{metrics}");
+    let log = std::fs::read_to_string(&up.log).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("/headers")).collect();
+    assert_eq!(lines.len(), 5, "{log}");
+    assert!(lines.iter().all(|l| l.contains("protocol=2 GET")), "upstream saw: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_and_httpx_with_their_ca_variables() {
     let t = intercepting(true, "").await;

@@ -61,6 +61,10 @@ async fn metrics_counters_move_as_expected_and_carry_no_connection_ids() {
     assert_eq!(d("credproxy_proxy_errors_total{code=\"connection_not_found\"}"), 1.0);
     assert_eq!(d("credproxy_upstream_latency_seconds_count"), 4.0, "4 requests reached the upstream");
     assert_eq!(d("credproxy_upstream_latency_seconds_bucket{le=\"+Inf\"}"), 4.0);
+    // Back to back to one keep-alive upstream (gunicorn gthread): one
+    // connection, then three reuses of it from the pool.
+    assert_eq!(d("credproxy_upstream_connections_opened_total"), 1.0);
+    assert_eq!(d("credproxy_upstream_connections_reused_total"), 3.0);
     // First lookup of `id` and the unknown one miss; the other four hit.
     assert_eq!(d("credproxy_cache_misses_total"), 2.0);
     assert_eq!(d("credproxy_cache_hits_total"), 4.0);
@@ -70,6 +74,26 @@ async fn metrics_counters_move_as_expected_and_carry_no_connection_ids() {
     let text = curl(&[&format!("{}/metrics", h.admin_url())], &[]).await.text();
     assert!(!text.contains(&id) && !text.contains(unknown.as_str()) && !text.contains("metrics-secret-token"));
     assert!(!text.contains("127.0.0.2"), "no hosts as label values");
+}
+
+/// gunicorn closes an idle keep-alive connection after 2 s: the pooled
+/// connection it closed is noticed and replaced, and the caller never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_replaced_not_failed() {
+    let h = Harness::start().await;
+    let id = h.create("bearer", &[("token", "pool-secret-token")]).await;
+    let url = format!("{}/get", httpbin());
+    let before = scrape(&h.admin_url()).await;
+    assert_eq!(proxy_request(h.running.proxy_addr, "GET", &url, Some(&id), None).await.0, 200);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for _ in 0..2 {
+        assert_eq!(proxy_request(h.running.proxy_addr, "GET", &url, Some(&id), None).await.0, 200);
+    }
+    let after = scrape(&h.admin_url()).await;
+    let d = |s: &str| delta(&before, &after, s);
+    assert_eq!(d("credproxy_upstream_connections_opened_total"), 2.0, "the closed one was replaced once");
+    assert_eq!(d("credproxy_upstream_connections_reused_total"), 1.0);
+    assert_eq!(d("credproxy_proxy_errors_total{code=\"upstream_error\"}"), 0.0);
 }
 
 fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {

@@ -649,6 +649,56 @@ pub async fn start_moto() -> Moto {
     panic!("moto_server did not listen on {url} within 20 s");
 }
 
+/// httpbin under Hypercorn (PyPI, in the test venv) over TLS with the
+/// certs/test/ upstream certificate: an upstream that speaks h2 by ALPN.
+/// Its access log (one `protocol=VERSION METHOD PATH` line per request) is `log`.
+pub struct H2Httpbin {
+    pub url: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+    _child: tokio::process::Child,
+}
+
+pub async fn start_h2_httpbin() -> H2Httpbin {
+    let python = PathBuf::from(python());
+    let bin = python.with_file_name("hypercorn");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `scripts/test` (it installs tests/peers/requirements.txt, hypercorn included)",
+        bin.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let certs = repo().join("certs/test");
+    let child = tokio::process::Command::new(&bin)
+        .arg("--certfile")
+        .arg(certs.join("httpbin.pem"))
+        .arg("--keyfile")
+        .arg(certs.join("httpbin.key"))
+        .args([
+            "-b",
+            &format!("127.0.0.1:{port}"),
+            "--access-logformat",
+            "protocol=%(H)s %(m)s %(U)s",
+            "--access-logfile",
+        ])
+        .arg(&log)
+        .arg("httpbin:app")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("hypercorn starts");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return H2Httpbin { url: format!("https://127.0.0.1:{port}"), log, _dir: dir, _child: child };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("hypercorn did not listen on 127.0.0.1:{port} within 20 s");
+}
+
 pub fn aws_env() {
     // moto accepts any credentials; the SDK needs some to sign with.
     std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
