@@ -6,11 +6,13 @@
 //! with one access-log line per request, a `write(2)` per line (and the wake
 //! of whatever reads the pipe) cost more than the rest of the line. A full
 //! buffer is written by the logging thread itself, so nothing is dropped.
+//! The background thread sleeps until a batch starts, so an idle instance
+//! (a sidecar between workflow runs) does not wake up 50 times a second.
 //!
 //! Leaf module.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -24,6 +26,8 @@ const MAX_BUFFERED: usize = 256 * 1024;
 #[derive(Default)]
 struct Shared {
     buf: Mutex<Vec<u8>>,
+    /// Signalled when a line lands in an empty buffer.
+    started: Condvar,
 }
 
 impl Shared {
@@ -63,9 +67,13 @@ impl Write for LineWriter {
 impl Drop for LineWriter {
     fn drop(&mut self) {
         let Ok(mut buf) = self.shared.buf.lock() else { return };
+        let first = buf.is_empty();
         buf.extend_from_slice(&self.line);
         if buf.len() >= MAX_BUFFERED {
             self.shared.write_out(buf);
+        } else if first {
+            drop(buf);
+            self.shared.started.notify_one();
         }
     }
 }
@@ -87,6 +95,10 @@ pub fn init(level: &str) {
         let shared = Arc::new(Shared::default());
         let bg = shared.clone();
         let _ = std::thread::Builder::new().name("credproxy-log".into()).spawn(move || loop {
+            // Wait for a batch to start, let it collect lines, write it.
+            let Ok(guard) = bg.buf.lock() else { return };
+            let Ok(guard) = bg.started.wait_while(guard, |b| b.is_empty()) else { return };
+            drop(guard);
             #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread, not a runtime worker")]
             std::thread::sleep(FLUSH_EVERY);
             let Ok(guard) = bg.buf.lock() else { return };
