@@ -3,14 +3,11 @@
 
 mod support;
 
-use std::process::Stdio;
-
 use credproxy::admin_client::AdminClient;
 use credproxy::secret::SecretValue;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn create_body(org: &str, method: &str, creds: Value) -> Value {
     json!({"integration": "httpbin", "auth_method": method, "org_id": org, "user_id": "u1", "credentials": creds})
@@ -268,42 +265,24 @@ async fn bad_config_exits_64_naming_file_key_and_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(credproxy_bin())
-        .args(["serve", "--config"])
-        .arg(repo().join("config/credproxy.toml"))
-        .current_dir(repo())
-        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("CREDPROXY_PROXY__LISTEN", "127.0.0.1:0")
-        .env("CREDPROXY_ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CREDPROXY_STORE__URL", format!("sqlite://{}/db.sqlite", dir.path().display()))
-        .env("CREDPROXY_CRYPTO__KEY_FILE", dir.path().join("master.key"))
-        .env("CREDPROXY_EGRESS__ALLOW_CIDRS", "[\"127.0.0.0/8\"]")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut proxy, mut admin) = (String::new(), String::new());
-    while let Ok(Ok(Some(line))) = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line()).await {
-        if line.contains("credproxy listening") {
-            let field = |name: &str| {
-                line.split(&format!("{name}=")).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
-            };
-            proxy = field("proxy");
-            admin = field("admin");
-            break;
-        }
-    }
-    assert!(!proxy.is_empty(), "server did not log its addresses");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
-    let created = client
+    let mut instance = spawn_instance_with(&repo().join("config/credproxy.toml"), |cmd| {
+        cmd.current_dir(repo())
+            .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CREDPROXY_PROXY__LISTEN", "127.0.0.1:0")
+            .env("CREDPROXY_ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CREDPROXY_STORE__URL", format!("sqlite://{}/db.sqlite", dir.path().display()))
+            .env("CREDPROXY_CRYPTO__KEY_FILE", dir.path().join("master.key"))
+            .env("CREDPROXY_EGRESS__ALLOW_CIDRS", "[\"127.0.0.0/8\"]");
+    })
+    .await;
+    let created = instance
+        .admin
         .call(Method::POST, "/v1/connections", Some(&create_body("org_local", "bearer", json!({"token": "bin-token"}))))
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap();
     let hdr = format!("X-Connection-Id: {id}");
+    let proxy = instance.proxy;
     let seen = curl(&["-x", &format!("http://{proxy}"), "-H", &hdr, &format!("{}/headers", httpbin())], &[]).await;
     assert_eq!(seen.status, 200, "{}", seen.text());
     assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer bin-token"));
@@ -312,10 +291,10 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
     );
     assert_eq!(mode & 0o777, 0o600);
 
-    let pid = child.id().unwrap().to_string();
+    let pid = instance.pid().to_string();
     let st = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
     assert!(st.success());
-    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), instance.child.wait())
         .await
         .expect("exits after SIGTERM")
         .unwrap();

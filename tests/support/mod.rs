@@ -589,15 +589,19 @@ impl Instance {
 
 /// Starts `credproxy serve --config` and waits for its listening line.
 pub async fn spawn_instance(config: &std::path::Path) -> Instance {
-    let mut child = tokio::process::Command::new(credproxy_bin())
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    spawn_instance_with(config, |_| {}).await
+}
+
+/// [`spawn_instance`], with `setup` adding to the command (working
+/// directory, environment overrides).
+pub async fn spawn_instance_with(
+    config: &std::path::Path,
+    setup: impl FnOnce(&mut tokio::process::Command),
+) -> Instance {
+    let mut cmd = tokio::process::Command::new(credproxy_bin());
+    cmd.args(["serve", "--config"]).arg(config).env("RUST_LOG", "info");
+    setup(&mut cmd);
+    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).kill_on_drop(true).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut proxy, mut admin) = (String::new(), String::new());
     while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
