@@ -97,7 +97,9 @@ async fn h2_upstream_is_spoken_and_shared() {
     assert!(metrics.contains("credproxy_upstream_connections_reused_total 4\n"), "{metrics}");
     let log = std::fs::read_to_string(&up.log).unwrap();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("/headers")).collect();
-    assert_eq!(lines.len(), 5, "{log}");
+    // Hypercorn logs a stream a second time (status `-`) when the client
+    // resets it after the response; five answered requests is what counts.
+    assert_eq!(lines.iter().filter(|l| l.contains("status=200")).count(), 5, "{log}");
     assert!(lines.iter().all(|l| l.contains("protocol=2 GET")), "upstream saw: {log}");
 }
 

@@ -655,7 +655,8 @@ pub async fn start_moto() -> Moto {
 
 /// httpbin under Hypercorn (PyPI, in the test venv) over TLS with the
 /// certs/test/ upstream certificate: an upstream that speaks h2 by ALPN.
-/// Its access log (one `protocol=VERSION METHOD PATH` line per request) is `log`.
+/// Its access log (one `protocol=VERSION METHOD PATH status=S peer=ADDR` line
+/// per request) is `log`.
 pub struct H2Httpbin {
     pub url: String,
     pub log: PathBuf,
@@ -684,7 +685,7 @@ pub async fn start_h2_httpbin() -> H2Httpbin {
             "-b",
             &format!("127.0.0.1:{port}"),
             "--access-logformat",
-            "protocol=%(H)s %(m)s %(U)s",
+            "protocol=%(H)s %(m)s %(U)s status=%(s)s peer=%(h)s",
             "--access-logfile",
         ])
         .arg(&log)
