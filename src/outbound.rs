@@ -85,13 +85,13 @@ impl Outbound {
         };
 
         // Inject and forward. The head is kept for a retry only when one is possible.
-        let retry_head = replay.as_ref().map(|_| headers.clone());
+        let retry = replay.map(|body| (body, headers.clone()));
         let resp = self.send(upstream_request(method, uri.clone(), headers, Some(&resolved), body)?).await?;
 
         // An OAuth2 401 with a replayable body: refresh only if the token that
         // failed is still current, then retry once.
-        match (replay, retry_head) {
-            (Some(replay), Some(headers)) if resp.status() == StatusCode::UNAUTHORIZED => {
+        match retry {
+            Some((replay, headers)) if resp.status() == StatusCode::UNAUTHORIZED => {
                 let failed = resolved.credential.values().first().map(|v| v.expose().to_owned()).unwrap_or_default();
                 drop(resp);
                 let refreshed = self.connections.force_refresh(&resolved, &failed).await?;

@@ -187,7 +187,7 @@ impl Pool {
                     let (parts, inner) = resp.into_parts();
                     let mut body = PooledBody { inner, h1: pool.map(|p| (h1, p)) };
                     if body.inner.is_end_stream() {
-                        body.release(&mut Context::from_waker(Waker::noop()));
+                        body.release();
                     }
                     return Ok(Response::from_parts(parts, body));
                 }
@@ -371,12 +371,11 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some((mut h1, pool)) = self.h1.take() {
-            // One more turn lets the connection finish the message and go idle.
-            if Pin::new(&mut h1.conn).poll(cx).is_pending() {
-                pool.checkin(h1);
-            }
+    /// The body is complete: the connection goes back to the pool (whose
+    /// check-in gives it the turn it needs to finish the message and go idle).
+    fn release(&mut self) {
+        if let Some((h1, pool)) = self.h1.take() {
+            pool.checkin(h1);
         }
     }
 }
@@ -395,7 +394,7 @@ impl Body for PooledBody {
         }
         let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if frame.is_none() || this.inner.is_end_stream() {
-            this.release(cx);
+            this.release();
         }
         Poll::Ready(frame)
     }
