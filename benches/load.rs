@@ -128,13 +128,13 @@ fn upstream_tls() -> tokio_rustls::TlsAcceptor {
 
 // ---------------------------------------------------------------- processes
 
-/// CPU ticks (utime + stime) and peak RSS (kB) of a process.
-fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+/// CPU ticks (utime, stime) and peak RSS (kB) of a process.
+fn proc_stat(pid: u32) -> Option<((u64, u64), u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat(5); `after` starts at field 3.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let ticks = (f.get(11)?.parse::<u64>().ok()?, f.get(12)?.parse::<u64>().ok()?);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm = status
         .lines()
@@ -158,11 +158,14 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-/// CPU ticks and summed peak RSS of a process and its children (nginx workers).
-fn tree_stat(pid: u32) -> (u64, u64) {
+/// CPU ticks (user, system) and summed peak RSS of a process and its
+/// children (nginx workers).
+fn tree_stat(pid: u32) -> ((u64, u64), u64) {
     let mut pids = vec![pid];
     pids.extend(children_of(pid));
-    pids.iter().filter_map(|p| proc_stat(*p)).fold((0, 0), |(t, r), (t2, r2)| (t + t2, r + r2))
+    pids.iter()
+        .filter_map(|p| proc_stat(*p))
+        .fold(((0, 0), 0), |((u, s), r), ((u2, s2), r2)| ((u + u2, s + s2), r + r2))
 }
 
 fn clock_ticks_per_sec() -> u64 {
@@ -365,6 +368,8 @@ struct Sample {
     latencies_us: Vec<u32>,
     /// Proxy CPU per answered request, µs (absent for `direct`).
     cpu_us: Option<f64>,
+    /// The user-space part of `cpu_us` (the rest is the kernel's).
+    user_us: Option<f64>,
     peak_rss_kb: Option<u64>,
 }
 
@@ -425,12 +430,15 @@ async fn run(target: &Target, conns: usize, dur: Duration, pid: Option<u32>, tck
     }
     let secs = started.elapsed().as_secs_f64();
     let after = pid.map(tree_stat);
-    let (cpu_us, peak_rss_kb) = match (before, after) {
-        (Some((t0, _)), Some((t1, rss))) => (Some((t1 - t0) as f64 * 1e6 / tck as f64 / ok.max(1) as f64), Some(rss)),
-        _ => (None, None),
+    let per_req = |ticks: u64| ticks as f64 * 1e6 / tck as f64 / ok.max(1) as f64;
+    let (cpu_us, user_us, peak_rss_kb) = match (before, after) {
+        (Some(((u0, s0), _)), Some(((u1, s1), rss))) => {
+            (Some(per_req(u1 + s1 - u0 - s0)), Some(per_req(u1 - u0)), Some(rss))
+        }
+        _ => (None, None, None),
     };
     latencies_us.sort_unstable();
-    Sample { ok, errors, secs, latencies_us, cpu_us, peak_rss_kb }
+    Sample { ok, errors, secs, latencies_us, cpu_us, user_us, peak_rss_kb }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> u32 {
@@ -450,6 +458,7 @@ struct Row {
     p50: f64,
     p99: f64,
     cpu: Option<f64>,
+    user: Option<f64>,
     rss_kb: Option<u64>,
 }
 
@@ -459,6 +468,7 @@ fn summarize(samples: &[Sample]) -> Row {
         p50: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.50))).collect()),
         p99: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.99))).collect()),
         cpu: samples.iter().map(|s| s.cpu_us).collect::<Option<Vec<_>>>().map(median),
+        user: samples.iter().map(|s| s.user_us).collect::<Option<Vec<_>>>().map(median),
         rss_kb: samples.iter().filter_map(|s| s.peak_rss_kb).max(),
     }
 }
@@ -680,10 +690,11 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
                 assert_eq!(w1 - w0, t1 - t0, "nginx: requests without the static header");
             }
             eprintln!(
-                "  round {} {name:<18} {:>8.0} req/s  cpu {:>6}  p99 {:>6} µs",
+                "  round {} {name:<18} {:>8.0} req/s  cpu {:>8}  (user {:>8})  p99 {:>6} µs",
                 round + 1,
                 s.ok as f64 / s.secs,
                 s.cpu_us.map_or("-".into(), |c| format!("{c:.1} µs")),
+                s.user_us.map_or("-".into(), |c| format!("{c:.1} µs")),
                 percentile(&s.latencies_us, 0.99)
             );
             samples[i].push(s);
@@ -695,15 +706,16 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
 
     let rows: Vec<(&str, Row)> = systems.iter().zip(&samples).map(|(s, v)| (s.0, summarize(v))).collect();
     println!();
-    println!("| system | req/s | p50 µs | p99 µs | proxy CPU µs/req | proxy peak RSS |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| system | req/s | p50 µs | p99 µs | proxy CPU µs/req | of which user | proxy peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, r) in &rows {
         println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            "| {name} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
             r.rps,
             r.p50,
             r.p99,
             r.cpu.map_or("-".into(), |c| format!("{c:.1}")),
+            r.user.map_or("-".into(), |c| format!("{c:.1}")),
             r.rss_kb.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
         );
     }

@@ -17,6 +17,8 @@
 //!   classifier and the egress policy. Pure.
 //! - [`inject`]: turns an auth method plus a credential into request edits. Pure.
 //! - [`upstream`]: the pooled upstream client and its SSRF-guarded connector.
+//! - [`h1`]: HTTP/1.1 on the data plane, both sides (caller and upstream),
+//!   driven by the task serving the request. Leaf.
 //! - [`oauth2`]: token sets, PKCE, and the token/revocation endpoint client.
 //! - [`creds`]: connection resolution (cache, store, decrypt) and credential types.
 //! - [`store`]: the `Store` trait and its SQLite implementation. Never imports `crypto`.
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod creds;
 pub mod crypto;
+pub mod h1;
 pub mod ids;
 pub mod inject;
 pub mod integrations;

@@ -14,7 +14,6 @@ use http::header;
 use http::uri::Scheme as UriScheme;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 
 use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
 use crate::inject::{self, InjectError};
@@ -22,7 +21,7 @@ use crate::oauth2::TokenError;
 use crate::problem::{Problem, ProxyErrorType};
 use crate::store::ConnectionState;
 use crate::upstream::pool::{Pool, PooledBody, UpstreamError};
-use crate::upstream::{self, ConnectError, UpstreamBody};
+use crate::upstream::{self, CallerBody, ConnectError, UpstreamBody};
 
 /// The upstream side of a proxied request.
 pub struct Outbound {
@@ -161,7 +160,7 @@ pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
     HeaderValue::try_from(value).map_err(|_| ProxyError::Malformed("invalid host"))
 }
 
-async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
+async fn buffer_body(body: CallerBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
@@ -190,6 +189,10 @@ pub enum ProxyError {
     Malformed(&'static str),
     #[error("malformed X-Connection-Id")]
     BadConnectionId,
+    #[error("request head larger than {limit} bytes")]
+    HeadTooLarge { limit: usize },
+    #[error("more than {} request header fields", crate::h1::MAX_HEADERS)]
+    TooManyHeaders,
     #[error("pass-through is disabled")]
     PassthroughDenied,
     #[error(transparent)]
@@ -223,7 +226,10 @@ impl ProxyError {
             UpstreamError::Tls { .. } => Self::UpstreamTls(error_chain(&e)),
             UpstreamError::InvalidUri => Self::Malformed("invalid upstream URI"),
             UpstreamError::Http(ref h) if upstream::is_tls_error(h) => Self::UpstreamTls(error_chain(&e)),
-            UpstreamError::Http(_) => Self::Upstream(error_chain(&e)),
+            // The caller's body failed while it was being sent (bad chunk framing, the caller went away).
+            UpstreamError::H1(crate::h1::Error::Body(_)) => Self::BodyRead,
+            UpstreamError::H1(ref h) if upstream::is_tls_error(h) => Self::UpstreamTls(error_chain(&e)),
+            UpstreamError::Http(_) | UpstreamError::H1(_) => Self::Upstream(error_chain(&e)),
         }
     }
 
@@ -245,6 +251,10 @@ impl ProxyError {
             Self::UnsupportedScheme => Problem::new(S::BAD_REQUEST, "unsupported_scheme", "Unsupported scheme",
                 "only http:// and https:// targets can be proxied", T::HttpRequestError),
             Self::Malformed(what) => Problem::new(S::BAD_REQUEST, "malformed_request", "Malformed request", *what, T::HttpRequestError),
+            Self::HeadTooLarge { limit } => Problem::new(S::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_header_too_large",
+                "Request header too large", format!("the request head exceeds proxy.max_header_bytes ({limit} bytes)"), T::HttpRequestError),
+            Self::TooManyHeaders => Problem::new(S::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_header_too_large",
+                "Request header too large", format!("the request has more than {} header fields", crate::h1::MAX_HEADERS), T::HttpRequestError),
             Self::BadConnectionId => Problem::new(S::BAD_REQUEST, "invalid_connection_id", "Invalid X-Connection-Id",
                 "X-Connection-Id must be a connection id: conn_ followed by 26 base32 characters", T::HttpRequestError),
             Self::PassthroughDenied => Problem::new(S::FORBIDDEN, "passthrough_denied", "Pass-through denied",

@@ -227,6 +227,7 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         },
         tracker: tracker.clone(),
         shutdown: rx.clone(),
+        drain: proxy::Drain::default(),
     });
 
     let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind {

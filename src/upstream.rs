@@ -6,7 +6,7 @@
 //! there is no second lookup an attacker could race.
 //!
 //! The client never reads `HTTP_PROXY`/`HTTPS_PROXY`: our own traffic must not
-//! loop through a proxy. Imports `policy` only.
+//! loop through a proxy. Imports `policy` and `h1` only.
 
 use std::future::Future;
 use std::io;
@@ -29,8 +29,12 @@ use crate::policy::ssrf::{EgressPolicy, Prohibited};
 
 pub mod pool;
 
+/// A caller's request body: read by our HTTP/1.1 codec, or an h2 stream
+/// (intercepted tunnels, served by hyper).
+pub type CallerBody = Either<crate::h1::server::RequestBody, Incoming>;
+
 /// Request bodies we forward: the caller's stream, or a buffered rewrite.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<CallerBody, Full<Bytes>>;
 
 /// Why the connector did not produce a connection. Found again by the proxy
 /// in the client error's source chain to pick the right status.

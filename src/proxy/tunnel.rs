@@ -1,7 +1,8 @@
 //! `CONNECT` tunnels: intercepted (TLS terminated with a minted leaf, or plain
 //! HTTP when the first bytes are not a TLS ClientHello) or blind (bytes
 //! copied both ways). Inner requests of an intercepted tunnel go through the
-//! same pipeline as forward-mode requests.
+//! same pipeline as forward-mode requests: HTTP/1.1 through our own codec,
+//! h2 (when the client picks it by ALPN) through hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,109 +13,104 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::uri::{Authority, Scheme as UriScheme};
+use http::Request;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{handle, ProxyBody, ProxyState};
+use super::{handle, serve_h1, ProxyState, TunnelTarget};
+use crate::h1::server::{Transport, Upgraded};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// A tunnel's future, boxed: the pipeline that spawns a tunnel is the
+/// pipeline the tunnel runs, and the box breaks that type cycle.
+pub(super) type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Serves an intercepted tunnel: TLS with `tls` if the client starts a
 /// handshake, else plain HTTP/1.1.
-pub(super) async fn serve_intercepted(
+pub(super) fn serve_intercepted(
     state: Arc<ProxyState>,
     peer: SocketAddr,
     upgraded: Upgraded,
     authority: Authority,
     tls: Arc<ServerConfig>,
+) -> Served {
+    Box::pin(intercepted(state, peer, upgraded, authority, tls))
+}
+
+async fn intercepted(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    mut upgraded: Upgraded,
+    authority: Authority,
+    tls: Arc<ServerConfig>,
 ) {
     let limits = state.limits;
-    let mut shutdown = state.shutdown.clone();
-    let mut io = TokioIo::new(upgraded);
     let mut first = [0u8; 1];
     // A tunnel that never says anything is closed like a slow request head.
-    let n = match tokio::time::timeout(limits.header_read_timeout, io.read(&mut first)).await {
+    let n = match tokio::time::timeout(limits.header_read_timeout, upgraded.read(&mut first)).await {
         Ok(Ok(0) | Err(_)) | Err(_) => return,
         Ok(Ok(n)) => n,
     };
-    let io = Prefixed { prefix: Bytes::copy_from_slice(&first[..n]), inner: io };
-    if first[0] == TLS_HANDSHAKE {
-        let accepted =
-            tokio::time::timeout(limits.header_read_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(io));
-        let stream = match accepted.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                // Typically a client that does not trust credproxy's CA.
-                debug!(%peer, host = %authority.host(), error = %e, "TLS handshake in tunnel failed");
-                return;
-            }
-            Err(_) => {
-                debug!(%peer, host = %authority.host(), "TLS handshake in tunnel timed out");
-                return;
-            }
-        };
-        let svc = service_fn(move |req| inner(state.clone(), peer, "https", authority.clone(), req));
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes);
-        builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-        let result = super::serve_until_drained!(builder.serve_connection(TokioIo::new(stream), svc), shutdown);
-        if let Err(e) = result {
-            debug!(%peer, error = %e, "intercepted tunnel ended with an error");
-        }
-    } else {
+    let io = Prefixed { prefix: Bytes::copy_from_slice(&first[..n]), inner: upgraded };
+    if first[0] != TLS_HANDSHAKE {
         // undici tunnels even http:// targets: plain HTTP inside CONNECT.
-        let svc = service_fn(move |req| inner(state.clone(), peer, "http", authority.clone(), req));
-        let result = super::serve_until_drained!(
-            super::http1_builder(&limits).serve_connection(TokioIo::new(io), svc),
-            shutdown
-        );
-        if let Err(e) = result {
-            debug!(%peer, error = %e, "plain tunnel ended with an error");
+        let target = TunnelTarget { scheme: UriScheme::HTTP, authority };
+        return serve_h1(&state, Transport::Boxed(Box::new(io)), peer, Some(target)).await;
+    }
+    let accepted = tokio::time::timeout(limits.header_read_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(io));
+    let stream = match accepted.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            // Typically a client that does not trust credproxy's CA.
+            debug!(%peer, host = %authority.host(), error = %e, "TLS handshake in tunnel failed");
+            return;
         }
+        Err(_) => {
+            debug!(%peer, host = %authority.host(), "TLS handshake in tunnel timed out");
+            return;
+        }
+    };
+    let target = TunnelTarget { scheme: UriScheme::HTTPS, authority };
+    if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return serve_h1(&state, Transport::Boxed(Box::new(stream)), peer, Some(target)).await;
+    }
+    let mut shutdown = state.shutdown.clone();
+    let target = Arc::new(target);
+    let svc = service_fn(move |req| inner(state.clone(), peer, target.clone(), req));
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let result = super::serve_until_drained!(builder.serve_connection(TokioIo::new(stream), svc), shutdown);
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "intercepted h2 tunnel ended with an error");
     }
 }
 
 /// Copies bytes both ways between the client and an already connected,
 /// policy-checked upstream socket.
-pub(super) async fn serve_blind(peer: SocketAddr, upgraded: Upgraded, mut upstream: TcpStream) {
-    let mut client = TokioIo::new(upgraded);
+pub(super) async fn serve_blind(peer: SocketAddr, mut client: Upgraded, mut upstream: TcpStream) {
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => debug!(%peer, up, down, "blind tunnel closed"),
         Err(e) => debug!(%peer, error = %e, "blind tunnel ended with an error"),
     }
 }
 
-type InnerFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+type InnerFuture = Pin<Box<dyn Future<Output = Result<http::Response<super::ProxyBody>, Infallible>> + Send>>;
 
-/// An inner request: its target is the tunnel's authority, whatever the
-/// request line or `Host` says. Boxed: the pipeline that spawned this tunnel
-/// is the pipeline it calls, and the box breaks that type cycle.
-fn inner(
-    state: Arc<ProxyState>,
-    peer: SocketAddr,
-    scheme: &'static str,
-    authority: Authority,
-    mut req: Request<Incoming>,
-) -> InnerFuture {
-    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    match format!("{scheme}://{authority}{pq}").parse::<Uri>() {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => *req.uri_mut() = Uri::from_static("/"), // origin-form: answered with 400 by the pipeline
-    }
-    Box::pin(handle(state, peer, req))
+/// An inner h2 request: its target is the tunnel's authority.
+fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, req: Request<Incoming>) -> InnerFuture {
+    let (mut parts, body) = req.into_parts();
+    parts.uri = target.absolute(&parts.uri);
+    let req = Request::from_parts(parts, Either::Right(body));
+    Box::pin(async move { Ok(handle(&state, peer, req).await) })
 }
 
 /// Replays bytes already read (the peeked first byte) before the stream.

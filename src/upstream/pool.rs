@@ -1,13 +1,13 @@
 //! The upstream connection pool of the proxy's hot path.
 //!
-//! HTTP/1.1 connections are driven *inline*: the task serving the caller's
-//! request polls the upstream connection itself — while it waits for the
-//! response head, and then from the response body it hands to the caller's
-//! side ([`PooledBody`]). There is no connection task and no hand-off between
-//! tasks per request (a pooled client with a task per connection pays two
-//! cross-task wake-ups per request, often across threads). When the response
-//! body has been read to its end the connection goes back to the idle list;
-//! a response dropped half-read closes it.
+//! HTTP/1.1 connections ([`crate::h1::client`]) are driven *inline*: the
+//! task serving the caller's request writes the request and reads the
+//! response head itself, and then reads the response body as the caller's
+//! side asks for it ([`PooledBody`]). There is no connection task and no
+//! hand-off between tasks per request (a pooled client with a task per
+//! connection pays two cross-task wake-ups per request, often across
+//! threads). When the response body has been read to its end the connection
+//! goes back to the idle list; a response dropped half-read closes it.
 //!
 //! `https://` upstreams offer h2 and http/1.1 by ALPN. An h2 connection is
 //! multiplexed, so it runs as its own task and its sender is shared.
@@ -16,22 +16,23 @@
 //! seen without a syscall), expire after `upstream.pool_idle_timeout_secs`
 //! (a sweeper also closes expired ones), and at most
 //! `upstream.pool_max_idle_per_host` are kept per scheme, host and port. A
-//! request that an idle connection could not even start (the peer had closed
-//! it) is retried once on a new connection.
+//! bodiless request on a reused connection that got no byte of an answer
+//! (the upstream closed the idle connection as the request went out) is sent
+//! once more on a new connection if it never fully left or is idempotent.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -39,9 +40,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either as IoEither;
 
 use super::{ConnectError, GuardedConnector, UpstreamBody};
+use crate::h1;
 
-type Io = TokioIo<IoEither<TcpStream, TlsStream<TcpStream>>>;
-type H1Conn = http1::Connection<Io, UpstreamBody>;
+type Io = IoEither<TcpStream, TlsStream<TcpStream>>;
 type H2Sender = http2::SendRequest<UpstreamBody>;
 
 /// Why a request got no response head from the upstream.
@@ -59,6 +60,8 @@ pub enum UpstreamError {
     TlsTimeout { host: String },
     #[error("HTTP exchange failed")]
     Http(#[source] hyper::Error),
+    #[error("HTTP/1.1 exchange failed")]
+    H1(#[source] h1::Error),
     #[error("invalid upstream URI")]
     InvalidUri,
 }
@@ -98,21 +101,10 @@ impl Key {
     }
 }
 
-/// An HTTP/1.1 connection: the request sender and the connection state
-/// machine that nobody polls but the request using it.
+/// An HTTP/1.1 connection and where it goes back to.
 struct H1 {
     key: Key,
-    sender: http1::SendRequest<UpstreamBody>,
-    conn: H1Conn,
-}
-
-impl H1 {
-    /// Polls the connection once without a task to wake: true if it can
-    /// take a request (not closed by the peer, not mid-message).
-    fn usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        matches!(Pin::new(&mut self.conn).poll(&mut cx), Poll::Pending) && self.sender.is_ready()
-    }
+    conn: h1::client::Conn<Io>,
 }
 
 struct Idle {
@@ -163,7 +155,7 @@ impl Pool {
 
     /// Sends `req` (absolute URI, `Host` set) and returns the response head;
     /// the body streams as the caller reads it.
-    pub async fn send(self: &Arc<Self>, mut req: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
+    pub async fn send(self: &Arc<Self>, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
         let key = Key::of(req.uri())?;
         if key.https {
             if let Some(h2) = self.h2_sender(&key) {
@@ -178,36 +170,27 @@ impl Pool {
                 Fresh::H2(h2) => return send_h2(h2, req).await,
             },
         };
-        origin_form(req.uri_mut());
+        let (parts, mut body) = req.into_parts();
         loop {
-            let sent = h1.sender.try_send_request(req);
-            match drive(&mut h1.conn, sent).await {
-                (Ok(resp), alive) => {
-                    let pool = alive.then(|| self.clone());
-                    let (parts, inner) = resp.into_parts();
-                    let mut body = PooledBody { inner, h1: pool.map(|p| (h1, p)) };
-                    if body.inner.is_end_stream() {
-                        body.release();
+            let framing = h1::client::framing_of(&body);
+            match h1.conn.send(&parts, body).await {
+                Ok(resp) => {
+                    let mut pooled = PooledBody { inner: Inner::H1(Some((h1, self.clone()))) };
+                    if pooled.is_end_stream() {
+                        pooled.release();
                     }
-                    return Ok(Response::from_parts(parts, body));
+                    return Ok(resp.map(|()| pooled));
                 }
-                // The idle connection was closed before the request went out:
-                // nothing reached the upstream, so one retry on a new one is safe.
-                (Err(mut e), _) => match e.take_message() {
-                    Some(again) if reused => {
-                        req = again;
-                        reused = false;
-                        h1 = match Box::pin(self.connect(h1.key.clone())).await? {
-                            Fresh::H1(h1) => h1,
-                            Fresh::H2(h2) => {
-                                let mut req = req;
-                                absolute_form(req.uri_mut(), &h1.key);
-                                return send_h2(h2, req).await;
-                            }
-                        };
-                    }
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
+                // The upstream closed the idle connection as the request went out.
+                Err(e) if reused && e.retryable(&parts.method, framing) => {
+                    reused = false;
+                    body = Either::Right(Full::new(Bytes::new()));
+                    h1 = match Box::pin(self.connect(h1.key.clone())).await? {
+                        Fresh::H1(h1) => h1,
+                        Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body)).await,
+                    };
+                }
+                Err(e) => return Err(UpstreamError::H1(e.error)),
             }
         }
     }
@@ -230,7 +213,7 @@ impl Pool {
             let idle = self.slots().idle.get_mut(key)?.pop()?;
             let Idle { mut h1, since } = idle;
             // Dropped (closed) outside the lock if unusable.
-            if since.elapsed() < self.settings.idle_timeout && h1.usable() {
+            if since.elapsed() < self.settings.idle_timeout && h1.conn.usable() {
                 self.stats.reused.fetch_add(1, Relaxed);
                 return Some(h1);
             }
@@ -238,7 +221,7 @@ impl Pool {
     }
 
     fn checkin(&self, mut h1: Box<H1>) {
-        if self.settings.max_idle_per_host == 0 || !h1.usable() {
+        if self.settings.max_idle_per_host == 0 || !h1.conn.usable() {
             return;
         }
         let since = Instant::now();
@@ -255,7 +238,7 @@ impl Pool {
         let tcp = self.connector.connect_checked(&key.host, key.port).await?;
         self.stats.opened.fetch_add(1, Relaxed);
         if !key.https {
-            return h1_handshake(key, IoEither::Left(tcp)).await;
+            return Ok(fresh_h1(key, IoEither::Left(tcp)));
         }
         let bare = key.host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&key.host);
         let name = ServerName::try_from(bare.to_owned()).map_err(|_| UpstreamError::InvalidUri)?;
@@ -264,11 +247,11 @@ impl Pool {
             .map_err(|_| UpstreamError::TlsTimeout { host: key.host.to_string() })?
             .map_err(|source| UpstreamError::Tls { host: key.host.to_string(), source })?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return h1_handshake(key, IoEither::Right(tls)).await;
+            return Ok(fresh_h1(key, IoEither::Right(tls)));
         }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake::<Io, UpstreamBody>(TokioIo::new(IoEither::Right(tls)))
+            .handshake::<TokioIo<Io>, UpstreamBody>(TokioIo::new(IoEither::Right(tls)))
             .await
             .map_err(UpstreamError::Http)?;
         tokio::spawn(async move {
@@ -307,109 +290,89 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
     }
 }
 
-async fn h1_handshake(key: Key, io: IoEither<TcpStream, TlsStream<TcpStream>>) -> Result<Fresh, UpstreamError> {
-    let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(UpstreamError::Http)?;
-    Ok(Fresh::H1(Box::new(H1 { key, sender, conn })))
+fn fresh_h1(key: Key, io: Io) -> Fresh {
+    Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io) }))
 }
 
 async fn send_h2(mut h2: H2Sender, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
     let resp = h2.send_request(req).await.map_err(UpstreamError::Http)?;
-    Ok(resp.map(|inner| PooledBody { inner, h1: None }))
+    Ok(resp.map(|b| PooledBody { inner: Inner::H2(b) }))
 }
 
-/// Polls the HTTP/1 connection and the request's response future together
-/// until the response head is in. Also says whether the connection is still
-/// open (a closed one must not be polled again).
-async fn drive<F, T>(conn: &mut H1Conn, response: F) -> (T, bool)
-where
-    F: Future<Output = T>,
-{
-    let mut response = pin!(response);
-    let mut alive = true;
-    let out = poll_fn(|cx| {
-        if alive && Pin::new(&mut *conn).poll(cx).is_ready() {
-            alive = false;
-        }
-        // A connection that ended has failed or answered every request it
-        // took, so the response future is ready whenever `alive` is false.
-        response.as_mut().poll(cx)
-    })
-    .await;
-    (out, alive)
-}
-
-fn origin_form(uri: &mut Uri) {
-    let path = match uri.path_and_query() {
-        Some(p) if p.as_str() != "/" => {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(p.clone());
-            Uri::from_parts(parts).unwrap_or_default()
-        }
-        _ => Uri::default(),
-    };
-    *uri = path;
-}
-
-fn absolute_form(uri: &mut Uri, key: &Key) {
-    let (scheme, default) = if key.https { ("https", 443) } else { ("http", 80) };
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let u = if key.port == default {
-        format!("{scheme}://{}{path}", key.host)
-    } else {
-        format!("{scheme}://{}:{}{path}", key.host, key.port)
-    };
-    if let Ok(u) = u.parse() {
-        *uri = u;
-    }
-}
-
-/// A response body from the pool. For HTTP/1 it also drives the connection
-/// it arrives on, and returns that connection to the pool at its end.
+/// A response body from the pool. For HTTP/1.1 it is read from the
+/// connection it arrives on, which goes back to the pool at its end.
 pub struct PooledBody {
-    inner: Incoming,
-    h1: Option<(Box<H1>, Arc<Pool>)>,
+    inner: Inner,
+}
+
+enum Inner {
+    H1(Option<(Box<H1>, Arc<Pool>)>),
+    H2(Incoming),
 }
 
 impl PooledBody {
-    /// The body is complete: the connection goes back to the pool (whose
-    /// check-in gives it the turn it needs to finish the message and go idle).
+    /// The body is complete: the connection goes back to the pool.
     fn release(&mut self) {
-        if let Some((h1, pool)) = self.h1.take() {
-            pool.checkin(h1);
+        if let Inner::H1(slot) = &mut self.inner {
+            if let Some((h1, pool)) = slot.take() {
+                pool.checkin(h1);
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if let Some((h1, _)) = &mut this.h1 {
-            if Pin::new(&mut h1.conn).poll(cx).is_ready() {
-                // Closed (or failed): whatever it delivered is in `inner`.
-                this.h1 = None;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::H1(slot) => {
+                let Some((h1, _)) = slot.as_mut() else { return Poll::Ready(None) };
+                match h1.conn.poll_body(cx) {
+                    Poll::Ready(Some(Ok(data))) => {
+                        if h1.conn.body_done() {
+                            this.release();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(None) => {
+                        this.release();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        *slot = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
             }
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if frame.is_none() || this.inner.is_end_stream() {
-            this.release();
-        }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::H1(slot) => slot.as_ref().is_none_or(|(h1, _)| h1.conn.body_done()),
+            Inner::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::H1(None) => SizeHint::with_exact(0),
+            Inner::H1(Some((h1, _))) => match h1.conn.body_remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody").field("pooled", &self.h1.is_some()).finish_non_exhaustive()
+        f.debug_struct("PooledBody").field("h1", &matches!(self.inner, Inner::H1(_))).finish_non_exhaustive()
     }
 }

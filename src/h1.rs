@@ -1,0 +1,760 @@
+//! HTTP/1.1 on the proxy's data plane, both sides of a proxied request:
+//! [`server`] reads callers' request heads and bodies and writes responses
+//! (the proxy listener and intercepted tunnels); [`client`] writes requests
+//! to upstreams and reads their responses (for `upstream::pool`). Everything
+//! runs on the task serving the request: no connection tasks, no channels
+//! between a connection and its bodies.
+//!
+//! This module holds what both sides share: message framing (RFC 9112 §6),
+//! the chunked coding, a head scanner that stays linear however a head is
+//! split across reads, and a writer that sends a head and body bytes in one
+//! vectored write. It is strict on purpose: a request whose framing could be
+//! read two ways (`Content-Length` with `Transfer-Encoding`, differing
+//! lengths, a coding other than `chunked`, a malformed chunk line) is
+//! refused, not guessed at — a proxy that frames a body differently from its
+//! upstream is a request-smuggling vector. Bodies are always re-framed on the
+//! way out, never copied with their original framing.
+//!
+//! Why not hyper here: in the load bench, hyper's HTTP/1 server and client
+//! dispatchers (and the channels between a connection and its bodies) were
+//! about two thirds of credproxy's user-space CPU per request. hyper still
+//! serves h2 (intercepted tunnels, upstreams that choose h2 by ALPN) and the
+//! admin API.
+//!
+//! Leaf: imports no other credproxy module.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub mod client;
+pub mod server;
+
+/// Header fields parsed per head; more is an error (431 from callers).
+pub const MAX_HEADERS: usize = 128;
+/// Largest response head accepted from an upstream.
+pub const MAX_RESPONSE_HEAD: usize = 256 * 1024;
+/// Chunk extensions and trailers are read and dropped, up to this much per body.
+const MAX_CHUNK_OVERHEAD: usize = 16 * 1024;
+/// Bytes read at a time while a body streams.
+const BODY_READ: usize = 64 * 1024;
+/// Data frames up to this size are copied next to their framing; larger ones
+/// are written from where they are (vectored write).
+const COPY_LIMIT: usize = 8 * 1024;
+
+/// Why a message could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("message head larger than {0} bytes")]
+    HeadTooLarge(usize),
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    #[error("connection closed before the message was complete")]
+    Incomplete,
+    #[error("body does not match its declared length")]
+    LengthMismatch,
+    #[error("the body being sent failed: {0}")]
+    Body(String),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    /// A transport error (reset, broken pipe, TLS failure) rather than a
+    /// protocol violation by the peer.
+    pub fn is_io(&self) -> bool {
+        matches!(self, Self::Io(_) | Self::Incomplete)
+    }
+}
+
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the peer closes the connection (responses only).
+    Close,
+}
+
+/// What the framing-relevant header fields of a head say, read in the one
+/// pass that builds its header map.
+#[derive(Debug, Default)]
+struct FieldSummary {
+    content_length: Option<u64>,
+    /// `Transfer-Encoding` was present.
+    transfer_encoding: bool,
+    /// Every `Transfer-Encoding` value together is exactly `chunked`.
+    chunked_only: bool,
+    /// The last transfer coding is `chunked` (responses).
+    chunked_last: bool,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl FieldSummary {
+    fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Error> {
+        if name == header::CONTENT_LENGTH {
+            let n = parse_content_length(value)?;
+            if self.content_length.is_some_and(|prev| prev != n) {
+                return Err(Error::Malformed("conflicting Content-Length values"));
+            }
+            self.content_length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            let mut codings = list_items(value).peekable();
+            let first_header = !self.transfer_encoding;
+            self.transfer_encoding = true;
+            let mut only = first_header;
+            let mut count = 0;
+            let mut last_chunked = false;
+            while let Some(c) = codings.next() {
+                count += 1;
+                last_chunked = c.eq_ignore_ascii_case(b"chunked");
+                only &= last_chunked && codings.peek().is_none();
+            }
+            self.chunked_only = only && count == 1;
+            self.chunked_last = last_chunked;
+        } else if name == header::CONNECTION {
+            for token in list_items(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                }
+            }
+        } else if name == header::EXPECT && trim(value).eq_ignore_ascii_case(b"100-continue") {
+            self.expect_continue = true;
+        }
+        Ok(())
+    }
+
+    fn keep_alive(&self, minor: u8) -> bool {
+        !self.close && (minor >= 1 || self.keep_alive)
+    }
+}
+
+/// `Content-Length` is 1*DIGIT; a list of identical values is accepted as
+/// one (RFC 9110 §8.6), anything else is an error.
+fn parse_content_length(value: &[u8]) -> Result<u64, Error> {
+    let mut out: Option<u64> = None;
+    for item in value.split(|b| *b == b',') {
+        let item = trim(item);
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err(Error::Malformed("invalid Content-Length"));
+        }
+        let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if out.is_some_and(|prev| prev != n) {
+            return Err(Error::Malformed("conflicting Content-Length values"));
+        }
+        out = Some(n);
+    }
+    out.ok_or(Error::Malformed("invalid Content-Length"))
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// Non-empty items of a comma-separated field value.
+fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(trim).filter(|i| !i.is_empty())
+}
+
+/// Builds a header map from parsed fields, sharing `head`'s bytes for the
+/// values, and summarizes the framing fields on the way.
+fn header_map(head: &Bytes, fields: &[httparse::Header<'_>]) -> Result<(HeaderMap, FieldSummary), Error> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut summary = FieldSummary::default();
+    for f in fields {
+        let name = known_name(f.name.as_bytes())
+            .map_or_else(|| HeaderName::from_bytes(f.name.as_bytes()), Ok)
+            .map_err(|_| Error::Malformed("invalid header field name"))?;
+        summary.observe(&name, f.value)?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
+            .map_err(|_| Error::Malformed("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok((map, summary))
+}
+
+/// Header names we see on every request that `http` does not know: static,
+/// so they cost no allocation.
+fn known_name(name: &[u8]) -> Option<HeaderName> {
+    const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    if name.eq_ignore_ascii_case(b"x-connection-id") {
+        Some(X_CONNECTION_ID)
+    } else if name.eq_ignore_ascii_case(b"proxy-connection") {
+        Some(PROXY_CONNECTION)
+    } else if name.eq_ignore_ascii_case(b"keep-alive") {
+        Some(KEEP_ALIVE)
+    } else {
+        None
+    }
+}
+
+/// Finds the end of a message head in `buf`, resuming at `*scanned` (where
+/// the previous call stopped), so a head that arrives a byte at a time is
+/// still scanned once. Returns the head's length including the blank line.
+fn find_head_end(buf: &[u8], scanned: &mut usize) -> Option<usize> {
+    let mut i = *scanned;
+    while let Some(off) = memchr::memchr(b'\n', &buf[i..]) {
+        let nl = i + off;
+        match &buf[nl + 1..] {
+            [b'\n', ..] => return Some(nl + 2),
+            [b'\r', b'\n', ..] => return Some(nl + 3),
+            // The blank line may still be arriving: look here again next time.
+            [] | [b'\r'] => {
+                *scanned = nl;
+                return None;
+            }
+            _ => i = nl + 1,
+        }
+    }
+    *scanned = buf.len();
+    None
+}
+
+/// Reads into `buf`'s spare capacity (at least `want` bytes of room),
+/// returning how many bytes arrived (0 at end of stream).
+fn read_into<R: AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Incremental decoder of a message body from a connection's read buffer.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    kind: DecoderKind,
+}
+
+#[derive(Debug, Clone)]
+enum DecoderKind {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// One step of decoding.
+#[derive(Debug)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The buffer holds no more of the body: read more.
+    NeedMore,
+    End,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Self {
+        let kind = match framing {
+            Framing::Empty | Framing::Length(0) => DecoderKind::Done,
+            Framing::Length(n) => DecoderKind::Length(n),
+            Framing::Chunked => DecoderKind::Chunked(Chunked::default()),
+            Framing::Close => DecoderKind::Close,
+        };
+        Self { kind }
+    }
+
+    pub fn done() -> Self {
+        Self { kind: DecoderKind::Done }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.kind, DecoderKind::Done)
+    }
+
+    /// Bytes still expected, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.kind {
+            DecoderKind::Length(n) => Some(n),
+            DecoderKind::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of body out of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
+        match &mut self.kind {
+            DecoderKind::Done => Ok(Decoded::End),
+            DecoderKind::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                if *left == 0 {
+                    self.kind = DecoderKind::Done;
+                }
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            DecoderKind::Close => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                Ok(Decoded::Data(buf.split().freeze()))
+            }
+            DecoderKind::Chunked(c) => {
+                let step = c.decode(buf)?;
+                if c.state == ChunkState::Done {
+                    self.kind = DecoderKind::Done;
+                }
+                Ok(step)
+            }
+        }
+    }
+
+    /// The peer closed the connection: the end of a close-delimited body,
+    /// an error for any other unfinished one.
+    pub fn eof(&mut self) -> Result<(), Error> {
+        match self.kind {
+            DecoderKind::Close | DecoderKind::Done => {
+                self.kind = DecoderKind::Done;
+                Ok(())
+            }
+            _ => Err(Error::Incomplete),
+        }
+    }
+
+    /// Reads the next piece of body from `io` through `buf`.
+    pub fn poll_next<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Error>>> {
+        loop {
+            match self.decode(buf) {
+                Ok(Decoded::Data(b)) if b.is_empty() => continue,
+                Ok(Decoded::Data(b)) => return Poll::Ready(Some(Ok(b))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+            let want = match self.remaining() {
+                Some(n) => (n as usize).clamp(1, BODY_READ),
+                None => BODY_READ,
+            };
+            match ready!(read_into(io, cx, buf, want)) {
+                Ok(0) => {
+                    if let Err(e) = self.eof() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    return Poll::Ready(None);
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(Error::Io(e)))),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ChunkState {
+    /// Reading hex digits of a chunk size.
+    #[default]
+    Size,
+    /// After the size: whitespace or an extension, up to CR.
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// After the last chunk: a trailer field or the final CRLF.
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// The chunked transfer coding (RFC 9112 §7.1), strictly: CRLF line ends,
+/// hex sizes that fit in 64 bits, extensions and trailers skipped up to a
+/// limit.
+#[derive(Debug, Clone, Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    overhead: usize,
+}
+
+impl Chunked {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
+        use ChunkState as S;
+        let bad = |what| Err(Error::Malformed(what));
+        loop {
+            if self.state == S::Done {
+                return Ok(Decoded::End);
+            }
+            if self.state == S::Data {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = self.size.min(buf.len() as u64) as usize;
+                self.size -= n as u64;
+                if self.size == 0 {
+                    self.state = S::DataCr;
+                }
+                return Ok(Decoded::Data(buf.split_to(n).freeze()));
+            }
+            let Some(&b) = buf.first() else { return Ok(Decoded::NeedMore) };
+            buf.advance(1);
+            self.state = match (self.state, b) {
+                (S::Size, b) if b.is_ascii_hexdigit() => {
+                    if self.digits == 16 {
+                        return bad("chunk size too large");
+                    }
+                    self.digits += 1;
+                    self.size = self.size << 4 | u64::from(hex_value(b));
+                    S::Size
+                }
+                (S::Size, _) if self.digits == 0 => return bad("invalid chunk size"),
+                (S::Size, b'\r') => S::SizeLf,
+                (S::Size, b';' | b' ' | b'\t') | (S::Ext, _) if b != b'\r' => {
+                    if b == b'\n' {
+                        return bad("bare LF in chunk size line");
+                    }
+                    self.overhead += 1;
+                    if self.overhead > MAX_CHUNK_OVERHEAD {
+                        return bad("chunk extensions too long");
+                    }
+                    S::Ext
+                }
+                (S::Ext, b'\r') => S::SizeLf,
+                (S::SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        S::TrailerStart
+                    } else {
+                        S::Data
+                    }
+                }
+                (S::DataCr, b'\r') => S::DataLf,
+                (S::DataLf, b'\n') => S::Size,
+                (S::TrailerStart, b'\r') => S::EndLf,
+                (S::TrailerStart | S::TrailerLine, b) if b != b'\r' && b != b'\n' => {
+                    self.overhead += 1;
+                    if self.overhead > MAX_CHUNK_OVERHEAD {
+                        return bad("trailer section too long");
+                    }
+                    S::TrailerLine
+                }
+                (S::TrailerLine, b'\r') => S::TrailerLf,
+                (S::TrailerLf, b'\n') => S::TrailerStart,
+                (S::EndLf, b'\n') => S::Done,
+                _ => return bad("invalid chunked framing"),
+            };
+        }
+    }
+}
+
+fn hex_value(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    }
+}
+
+/// Frames outgoing body data: the bytes to write before and after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoder {
+    /// Exactly this many bytes still to send.
+    Length(u64),
+    Chunked,
+    /// Raw bytes, ended by closing the connection.
+    Close,
+}
+
+impl Encoder {
+    /// Appends `data`'s framing prefix to `out` (and `data` itself if small);
+    /// returns the data still to be written from where it is, if any, and
+    /// whether `"\r\n"` follows it.
+    fn frame(&mut self, out: &mut Vec<u8>, data: Bytes) -> Result<(Option<Bytes>, bool), Error> {
+        if let Self::Length(left) = self {
+            *left = left.checked_sub(data.len() as u64).ok_or(Error::LengthMismatch)?;
+        }
+        let chunked = *self == Self::Chunked;
+        if chunked {
+            write_hex(out, data.len());
+            out.extend_from_slice(b"\r\n");
+        }
+        if data.len() <= COPY_LIMIT {
+            out.extend_from_slice(&data);
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            return Ok((None, false));
+        }
+        Ok((Some(data), chunked))
+    }
+
+    /// Appends what ends the body; an error if fewer bytes were sent than declared.
+    fn finish(&self, out: &mut Vec<u8>) -> Result<(), Error> {
+        match self {
+            Self::Length(0) | Self::Close => Ok(()),
+            Self::Length(_) => Err(Error::LengthMismatch),
+            Self::Chunked => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_hex(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+pub(crate) fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Writes `header` bytes then `data` (then `"\r\n"` if `crlf`) with as few
+/// vectored writes as the socket allows, tracking progress across polls.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pos: usize,
+    data: Option<Bytes>,
+    crlf: bool,
+    crlf_pos: usize,
+}
+
+impl Pending {
+    fn has_data(&self) -> bool {
+        self.data.is_some()
+    }
+
+    fn set(&mut self, data: Option<Bytes>, crlf: bool) {
+        self.pos = 0;
+        self.data = data;
+        self.crlf = crlf;
+        self.crlf_pos = 0;
+    }
+
+    /// Flushes `head` (bytes not written yet are `head[self.pos..]`) and the
+    /// pending data. On `Ready(Ok)`, everything is written and `head` cleared.
+    fn poll_flush<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        io: &mut W,
+        head: &mut Vec<u8>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        const CRLF: &[u8] = b"\r\n";
+        loop {
+            let data = self.data.as_deref().unwrap_or_default();
+            let crlf = if self.crlf { &CRLF[self.crlf_pos..] } else { &[] };
+            let h = &head[self.pos.min(head.len())..];
+            let (hl, dl) = (h.len(), data.len());
+            if hl + dl + crlf.len() == 0 {
+                head.clear();
+                self.set(None, false);
+                return Poll::Ready(Ok(()));
+            }
+            let slices = [io::IoSlice::new(h), io::IoSlice::new(data), io::IoSlice::new(crlf)];
+            let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            // Advance over what was written: head, then data, then CRLF.
+            let mut n = n;
+            let from_head = n.min(hl);
+            self.pos += from_head;
+            n -= from_head;
+            if n > 0 {
+                let from_data = n.min(dl);
+                if let Some(d) = &mut self.data {
+                    d.advance(from_data);
+                }
+                n -= from_data;
+            }
+            self.crlf_pos += n;
+        }
+    }
+}
+
+/// `Date` for responses that carry none, formatted once a second.
+pub(crate) fn date_value() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_none() {
+            let v = HeaderValue::try_from(httpdate::fmt_http_date(now)).unwrap_or(HeaderValue::from_static(""));
+            *c = (secs, Some(v));
+        }
+        c.1.clone().unwrap_or(HeaderValue::from_static(""))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, bool, usize), Error> {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match d.decode(&mut buf)? {
+                Decoded::Data(b) => out.extend_from_slice(&b),
+                Decoded::NeedMore => return Ok((out, false, buf.len())),
+                Decoded::End => return Ok((out, true, buf.len())),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_stop_at_their_end() {
+        let (body, done, left) =
+            decode_all(Framing::Chunked, b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-T: 1\r\n\r\nGET").unwrap();
+        assert_eq!((body.as_slice(), done, left), (&b"hello, world"[..], true, 3));
+        // Byte by byte gives the same.
+        let input = b"3\r\nabc\r\nA\r\n0123456789\r\n0\r\n\r\n";
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for b in input {
+            buf.extend_from_slice(&[*b]);
+            while let Decoded::Data(x) = d.decode(&mut buf).unwrap() {
+                out.extend_from_slice(&x);
+            }
+        }
+        assert!(d.is_done());
+        assert_eq!(out, b"abc0123456789");
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_refused() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..], // bare LF after the size
+            b"5\r\nhelloXX0\r\n\r\n",      // no CRLF after data
+            b"\r\n",                       // no size
+            b"-5\r\nhello\r\n",            // not hex
+            b"10000000000000000\r\n",      // 17 hex digits: overflow
+            b"5\r\nhello\r\n0\r\n\n",      // bare LF ends the trailers
+            b"0x5\r\nhello\r\n",           // prefix
+        ] {
+            assert!(decode_all(Framing::Chunked, bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        let long_ext = [b"1;".as_slice(), &vec![b'a'; MAX_CHUNK_OVERHEAD + 1], b"\r\n"].concat();
+        assert!(decode_all(Framing::Chunked, &long_ext).is_err());
+    }
+
+    #[test]
+    fn length_and_close_bodies() {
+        assert_eq!(decode_all(Framing::Length(5), b"helloGET").unwrap(), (b"hello".to_vec(), true, 3));
+        assert_eq!(decode_all(Framing::Length(9), b"hello").unwrap(), (b"hello".to_vec(), false, 0));
+        let mut d = Decoder::new(Framing::Length(9));
+        assert!(d.eof().is_err(), "a short Content-Length body is an error");
+        let mut d = Decoder::new(Framing::Close);
+        assert!(d.eof().is_ok() && d.is_done());
+        assert!(Decoder::new(Framing::Empty).is_done());
+    }
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_content_length(b"42").unwrap(), 42);
+        assert_eq!(parse_content_length(b" 42 , 42").unwrap(), 42);
+        for bad in [&b""[..], b"4 2", b"+4", b"-1", b"0x10", b"42, 43", b"99999999999999999999"] {
+            assert!(parse_content_length(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_summary() {
+        let te = |values: &[&str]| {
+            let mut s = FieldSummary::default();
+            for v in values {
+                s.observe(&header::TRANSFER_ENCODING, v.as_bytes()).unwrap();
+            }
+            (s.chunked_only, s.chunked_last)
+        };
+        assert_eq!(te(&["chunked"]), (true, true));
+        assert_eq!(te(&["Chunked "]), (true, true));
+        assert_eq!(te(&["gzip, chunked"]), (false, true));
+        assert_eq!(te(&["chunked", "chunked"]), (false, true));
+        assert_eq!(te(&["chunked, gzip"]), (false, false));
+        assert_eq!(te(&["identity"]), (false, false));
+    }
+
+    #[test]
+    fn head_end_is_found_once_however_the_bytes_arrive() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest";
+        let mut scanned = 0;
+        for end in 1..head.len() {
+            let found = find_head_end(&head[..end], &mut scanned);
+            assert_eq!(found.is_some(), end >= 27, "at {end}");
+            if let Some(n) = found {
+                assert_eq!(n, 27);
+                break;
+            }
+        }
+        let mut s = 0;
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\nHost: a\n\n", &mut s), Some(24));
+    }
+
+    #[test]
+    fn encoders_frame_and_check_lengths() {
+        let mut out = Vec::new();
+        let mut e = Encoder::Chunked;
+        assert_eq!(e.frame(&mut out, Bytes::from_static(b"hello")).unwrap(), (None, false));
+        e.finish(&mut out).unwrap();
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        let mut e = Encoder::Length(3);
+        assert!(e.frame(&mut Vec::new(), Bytes::from_static(b"hello")).is_err());
+        let mut e = Encoder::Length(5);
+        e.frame(&mut Vec::new(), Bytes::from_static(b"hel")).unwrap();
+        assert!(e.finish(&mut Vec::new()).is_err(), "two bytes short");
+        let mut big = Vec::new();
+        let (rest, crlf) = Encoder::Chunked.frame(&mut big, Bytes::from(vec![0u8; COPY_LIMIT + 1])).unwrap();
+        assert_eq!((big, rest.map(|b| b.len()), crlf), (b"2001\r\n".to_vec(), Some(COPY_LIMIT + 1), true));
+    }
+}

@@ -1,0 +1,388 @@
+//! The upstream side of HTTP/1.1: one request at a time on a connection the
+//! caller's task drives itself — writing the request while watching for the
+//! response head (an upstream may answer before the body is sent), then
+//! reading the response body as the caller's side asks for it.
+
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method, Response, StatusCode, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::server::write_fields;
+use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, MAX_RESPONSE_HEAD};
+
+/// Response header fields accepted; more is a protocol error (502).
+const MAX_RESPONSE_HEADERS: usize = 256;
+/// Request bytes queued before they are written.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// How the body of a request goes out, from what the body says of itself.
+pub fn framing_of<B: Body>(body: &B) -> Framing {
+    if body.is_end_stream() {
+        return Framing::Empty;
+    }
+    match body.size_hint().exact() {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Chunked,
+    }
+}
+
+/// Why a request got no response head.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: Error,
+    /// No byte of a response arrived: the upstream may have closed an idle
+    /// connection just as the request went out.
+    pub nothing_received: bool,
+    /// Writing the request failed: the upstream did not get all of it.
+    pub write_failed: bool,
+}
+
+impl SendError {
+    /// The request may go again on a new connection: nothing came back and
+    /// either it never fully left or repeating it is harmless (RFC 9110
+    /// §9.2.2). Only bodiless requests are repeated.
+    pub fn retryable(&self, method: &Method, framing: Framing) -> bool {
+        let idempotent = matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        self.nothing_received && framing == Framing::Empty && (self.write_failed || idempotent) && self.error.is_io()
+    }
+}
+
+/// An HTTP/1.1 connection to an upstream.
+pub struct Conn<T> {
+    io: T,
+    rbuf: BytesMut,
+    scanned: usize,
+    wbuf: Vec<u8>,
+    body: Decoder,
+    /// Another request may follow once the current response's body is read.
+    reusable: bool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    pub fn new(io: T) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::with_capacity(8192),
+            scanned: 0,
+            wbuf: Vec::with_capacity(1024),
+            body: Decoder::done(),
+            reusable: true,
+        }
+    }
+
+    /// Sends `parts` and `body`, and reads the response head. The response
+    /// body is then read with [`Conn::poll_body`].
+    pub async fn send<B>(&mut self, parts: &http::request::Parts, body: B) -> Result<Response<()>, SendError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let framing = framing_of(&body);
+        encode_request_head(&mut self.wbuf, parts, framing);
+        let head_request = parts.method == Method::HEAD;
+        let mut encoder = match framing {
+            Framing::Empty | Framing::Length(0) => None,
+            Framing::Length(n) => Some(Encoder::Length(n)),
+            Framing::Chunked | Framing::Close => Some(Encoder::Chunked),
+        };
+        self.reusable = true;
+        self.body = Decoder::done();
+        let mut body = pin!(body);
+        let mut pending = Pending::default();
+        let mut sent = false;
+        let mut received = false;
+        let result = std::future::poll_fn(|cx| {
+            let this = &mut *self;
+            // Write side: queue what the body has ready, write what is queued.
+            while !sent {
+                // Set when the body has nothing ready: its waker is registered.
+                let mut body_pending = false;
+                while let Some(enc) = encoder.as_mut() {
+                    if pending.has_data() || this.wbuf.len() >= WRITE_HIGH_WATER {
+                        break;
+                    }
+                    match body.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            let Ok(data) = frame.into_data() else { continue };
+                            if data.is_empty() {
+                                continue;
+                            }
+                            match enc.frame(&mut this.wbuf, data) {
+                                Ok((rest, crlf)) => {
+                                    if rest.is_some() {
+                                        pending.set(rest, crlf);
+                                    }
+                                }
+                                Err(e) => return Poll::Ready(Err(send_error(e, received, true))),
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(send_error(Error::Body(e.to_string()), received, true)));
+                        }
+                        Poll::Ready(None) => {
+                            if let Err(e) = enc.finish(&mut this.wbuf) {
+                                return Poll::Ready(Err(send_error(e, received, true)));
+                            }
+                            encoder = None;
+                        }
+                        Poll::Pending => {
+                            body_pending = true;
+                            break;
+                        }
+                    }
+                }
+                match pending.poll_flush(&mut this.io, &mut this.wbuf, cx) {
+                    Poll::Ready(Ok(())) => {
+                        if encoder.is_none() {
+                            sent = true;
+                        } else if body_pending {
+                            break;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(send_error(Error::Io(e), received, true))),
+                    Poll::Pending => break,
+                }
+            }
+            // Read side: the head may come before the body has gone out.
+            this.poll_head(cx, head_request, &mut received)
+        })
+        .await;
+        if !sent {
+            // An early answer: the rest of the request body is not sent, so
+            // the connection cannot be reused.
+            self.reusable = false;
+        }
+        result
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+        received: &mut bool,
+    ) -> Poll<Result<Response<()>, SendError>> {
+        loop {
+            if let Some(end) = find_head_end(&self.rbuf, &mut self.scanned) {
+                self.scanned = 0;
+                let head = self.rbuf.split_to(end).freeze();
+                let (resp, framing, keep_alive) =
+                    parse_response(head, head_request).map_err(|e| send_error(e, true, false))?;
+                let status = resp.status();
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Poll::Ready(Err(send_error(Error::Malformed("unexpected 101 response"), true, false)));
+                }
+                if status.is_informational() {
+                    // 100 Continue, 103 Early Hints: the final response follows.
+                    continue;
+                }
+                self.body = Decoder::new(framing);
+                self.reusable &= keep_alive;
+                return Poll::Ready(Ok(resp));
+            }
+            if self.rbuf.len() > MAX_RESPONSE_HEAD {
+                return Poll::Ready(Err(send_error(Error::HeadTooLarge(MAX_RESPONSE_HEAD), true, false)));
+            }
+            match std::task::ready!(read_into(&mut self.io, cx, &mut self.rbuf, 8192)) {
+                Ok(0) => return Poll::Ready(Err(send_error(Error::Incomplete, *received, false))),
+                Ok(_) => *received = true,
+                Err(e) => return Poll::Ready(Err(send_error(Error::Io(e), *received, false))),
+            }
+        }
+    }
+
+    /// The next piece of the response body.
+    pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Error>>> {
+        match self.body.poll_next(&mut self.io, &mut self.rbuf, cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.reusable = false;
+                Poll::Ready(Some(Err(e)))
+            }
+            other => other,
+        }
+    }
+
+    pub fn body_done(&self) -> bool {
+        self.body.is_done()
+    }
+
+    /// Bytes of the response body still expected, when its framing says.
+    pub fn body_remaining(&self) -> Option<u64> {
+        self.body.remaining()
+    }
+
+    /// Can carry another request now: the last response was read to its
+    /// end, nothing extra arrived, and the upstream has not closed the
+    /// connection (checked with one poll that needs no task to wake: a
+    /// closed socket is readable).
+    pub fn usable(&mut self) -> bool {
+        if !self.reusable || !self.body.is_done() || !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut probe);
+        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut rb), Poll::Pending)
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+}
+
+fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
+    SendError { error, nothing_received: !received, write_failed }
+}
+
+/// The request line and header fields; the framing fields are ours.
+fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = match parts.uri.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
+        _ => "/",
+    };
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_fields(out, &parts.headers, &[header::CONTENT_LENGTH, header::TRANSFER_ENCODING]);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(a.as_str().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match framing {
+        Framing::Empty | Framing::Length(0) => {
+            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            super::write_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::Close => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a response head: the response, its body framing (RFC 9112 §6.3)
+/// and whether the upstream keeps the connection open.
+fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Framing, bool), Error> {
+    let mut small = [httparse::EMPTY_HEADER; 48];
+    let mut large;
+    let mut resp = httparse::Response::new(&mut small);
+    let parsed = match resp.parse(&head) {
+        Err(httparse::Error::TooManyHeaders) => {
+            large = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            resp = httparse::Response::new(&mut large);
+            resp.parse(&head)
+        }
+        other => other,
+    };
+    match parsed {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Error::Malformed("incomplete response head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
+        Err(_) => return Err(Error::Malformed("invalid status line or header field")),
+    }
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| Error::Malformed("invalid status code"))?;
+    let minor = resp.version.unwrap_or(1);
+    let (headers, s) = header_map(&head, resp.headers)?;
+    let code = status.as_u16();
+    let mut keep_alive = s.keep_alive(minor);
+    let framing = if head_request || status.is_informational() || code == 204 || code == 304 {
+        Framing::Empty
+    } else if s.transfer_encoding {
+        // Transfer-Encoding overrides Content-Length; such a message may be
+        // an attempt at smuggling, so the connection is not reused.
+        if s.content_length.is_some() {
+            keep_alive = false;
+        }
+        if s.chunked_last && minor >= 1 {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match s.content_length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if framing == Framing::Close {
+        keep_alive = false;
+    }
+    let mut out = Response::new(());
+    *out.status_mut() = status;
+    *out.version_mut() = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    *out.headers_mut() = headers;
+    Ok((out, framing, keep_alive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(s: &str, head_request: bool) -> Result<(Response<()>, Framing, bool), Error> {
+        parse_response(Bytes::copy_from_slice(s.as_bytes()), head_request)
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let f = |s: &str| resp(s, false).map(|(_, f, k)| (f, k)).unwrap();
+        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), (Framing::Length(5), true));
+        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), (Framing::Chunked, true));
+        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"), (Framing::Close, false));
+        assert_eq!(
+            f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
+            (Framing::Chunked, false)
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n"), (Framing::Close, false));
+        assert_eq!(f("HTTP/1.1 204 No Content\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(f("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"), (Framing::Length(5), false));
+        assert_eq!(f("HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"), (Framing::Length(5), false));
+        assert_eq!(
+            f("HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        let (_, framing, _) = resp("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap();
+        assert_eq!(framing, Framing::Empty, "a response to HEAD has no body");
+        assert!(resp("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", false).is_err());
+        assert!(resp("HTTP/1.1 999999 OK\r\n\r\n", false).is_err());
+        let many: String = (0..60).map(|i| format!("X-{i}: v\r\n")).collect();
+        let (r, _, _) = resp(&format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n"), false).unwrap();
+        assert_eq!(r.headers().len(), 61);
+    }
+
+    #[test]
+    fn request_heads_carry_our_framing_only() {
+        let mut req = http::Request::post("http://up.test:8080/p?q=1").body(()).unwrap();
+        req.headers_mut().insert("host", "up.test:8080".parse().unwrap());
+        req.headers_mut().insert("content-length", "99".parse().unwrap());
+        req.headers_mut().insert("transfer-encoding", "gzip".parse().unwrap());
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &parts, Framing::Length(3));
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: up.test:8080\r\ncontent-length: 3\r\n\r\n"
+        );
+        encode_request_head(&mut out, &parts, Framing::Chunked);
+        assert!(String::from_utf8_lossy(&out).ends_with("transfer-encoding: chunked\r\n\r\n"));
+        encode_request_head(&mut out, &parts, Framing::Empty);
+        assert!(String::from_utf8_lossy(&out).ends_with("content-length: 0\r\n\r\n"), "POST without body says so");
+    }
+}

@@ -1,0 +1,748 @@
+//! The caller's side of HTTP/1.1: request heads and bodies in, responses out.
+//!
+//! A connection is split into a [`ReadSide`] (socket read half, buffer,
+//! state of the body being read) and a [`WriteHalf`]. The proxy's connection
+//! loop reads a head from the read side; if the request has a body, the read
+//! side moves into the [`RequestBody`], which hands it back at the body's end
+//! (or when dropped half-read), so the next request is read from the same
+//! buffer. Nothing here spawns or wakes another task.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, MAX_HEADERS};
+
+/// Anything a caller's connection can run over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A caller's connection: plain TCP (split without a lock) or anything else
+/// (the listener's TLS, an intercepted tunnel), boxed.
+pub enum Transport {
+    Tcp(TcpStream),
+    Boxed(Box<dyn Io>),
+}
+
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Boxed(tokio::io::ReadHalf<Box<dyn Io>>),
+}
+
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Boxed(tokio::io::WriteHalf<Box<dyn Io>>),
+}
+
+impl Transport {
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Self::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Self::Boxed(b) => {
+                let (r, w) = tokio::io::split(b);
+                (ReadHalf::Boxed(r), WriteHalf::Boxed(w))
+            }
+        }
+    }
+
+    /// Puts split halves back together (they must come from one `split`).
+    pub fn join(r: ReadHalf, w: WriteHalf) -> Option<Self> {
+        match (r, w) {
+            (ReadHalf::Tcp(r), WriteHalf::Tcp(w)) => r.reunite(w).ok().map(Self::Tcp),
+            (ReadHalf::Boxed(r), WriteHalf::Boxed(w)) => {
+                if r.is_pair_of(&w) {
+                    Some(Self::Boxed(r.unsplit(w)))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Boxed(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Boxed(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Boxed(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Boxed(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Boxed(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Boxed(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Boxed(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Boxed(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Boxed(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Boxed(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Boxed(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Boxed(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A parsed request head.
+pub struct RequestHead {
+    /// Method, target as sent, version and every header field (values share
+    /// the head's bytes).
+    pub parts: http::request::Parts,
+    pub framing: Framing,
+    /// The caller allows another request on this connection afterwards.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` with a body.
+    pub expect_continue: bool,
+}
+
+/// The read side of a caller's connection.
+pub struct ReadSide {
+    io: ReadHalf,
+    buf: BytesMut,
+    /// How far `buf` was scanned for the end of a head.
+    scanned: usize,
+    /// The body of the current request (done between requests).
+    body: Decoder,
+}
+
+impl ReadSide {
+    pub fn new(io: ReadHalf) -> Self {
+        Self { io, buf: BytesMut::with_capacity(4096), scanned: 0, body: Decoder::done() }
+    }
+
+    /// Bytes of a next head have arrived (a caller mid-request, not idle).
+    pub fn has_partial_head(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The current request's body has been read to its end.
+    pub fn body_done(&self) -> bool {
+        self.body.is_done()
+    }
+
+    /// Reads the next request head. `Ok(None)`: the caller closed the
+    /// connection cleanly between requests.
+    pub fn poll_head(&mut self, cx: &mut Context<'_>, max_bytes: usize) -> Poll<Result<Option<RequestHead>, Error>> {
+        loop {
+            // RFC 9112 §2.2: ignore empty lines before a request line.
+            let blank = self.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            if blank > 0 {
+                self.buf.advance(blank);
+                self.scanned = self.scanned.saturating_sub(blank);
+            }
+            if let Some(end) = find_head_end(&self.buf, &mut self.scanned) {
+                self.scanned = 0;
+                if end > max_bytes {
+                    return Poll::Ready(Err(Error::HeadTooLarge(max_bytes)));
+                }
+                let head = self.buf.split_to(end).freeze();
+                return Poll::Ready(parse_request(head).map(Some));
+            }
+            if self.buf.len() >= max_bytes {
+                return Poll::Ready(Err(Error::HeadTooLarge(max_bytes)));
+            }
+            let n = std::task::ready!(read_into(&mut self.io, cx, &mut self.buf, 4096))?;
+            if n == 0 {
+                return Poll::Ready(if self.buf.is_empty() { Ok(None) } else { Err(Error::Incomplete) });
+            }
+        }
+    }
+
+    /// Sets up reading `framing`'s body next.
+    pub fn start_body(&mut self, framing: Framing) {
+        self.body = Decoder::new(framing);
+    }
+
+    /// Reads and drops what is left of the current body, up to `limit`
+    /// bytes; true if it ended within the limit.
+    pub async fn discard_body(&mut self, limit: u64) -> Result<bool, Error> {
+        let mut seen = 0u64;
+        loop {
+            let next = std::future::poll_fn(|cx| self.body.poll_next(&mut self.io, &mut self.buf, cx)).await;
+            match next {
+                None => return Ok(true),
+                Some(Ok(b)) => {
+                    seen += b.len() as u64;
+                    if seen > limit {
+                        return Ok(false);
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The socket half and what was read from it but not consumed.
+    pub fn into_parts(self) -> (ReadHalf, Bytes) {
+        (self.io, self.buf.freeze())
+    }
+}
+
+/// Parses one request head (its bytes end with the blank line).
+fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(&head, &mut fields) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Error::Malformed("incomplete request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::TooManyHeaders),
+        Err(_) => return Err(Error::Malformed("invalid request line or header field")),
+    }
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Error::Malformed("invalid method"))?;
+    let target = req.path.unwrap_or_default();
+    let uri = Uri::from_maybe_shared(head.slice_ref(target.as_bytes()))
+        .map_err(|_| Error::Malformed("invalid request target"))?;
+    let minor = req.version.unwrap_or(1);
+    let (headers, s) = header_map(&head, req.headers)?;
+    let framing = if method == Method::CONNECT {
+        // What follows a CONNECT head is tunnel data, whatever it declares.
+        Framing::Empty
+    } else if s.transfer_encoding {
+        if minor == 0 {
+            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if s.content_length.is_some() {
+            return Err(Error::Malformed("both Content-Length and Transfer-Encoding"));
+        }
+        if !s.chunked_only {
+            return Err(Error::Malformed("unsupported Transfer-Encoding (only chunked is accepted)"));
+        }
+        Framing::Chunked
+    } else {
+        match s.content_length {
+            None | Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
+    parts.headers = headers;
+    Ok(RequestHead {
+        parts,
+        framing,
+        keep_alive: s.keep_alive(minor),
+        expect_continue: s.expect_continue && framing != Framing::Empty,
+    })
+}
+
+/// `Expect: 100-continue`: the body asks for its bytes, the connection loop
+/// answers `100 Continue` and releases it. The body may be read on another
+/// task (an h2 upstream), so both sides keep a waker.
+#[derive(Default)]
+pub struct Continue {
+    state: Mutex<ContinueState>,
+}
+
+#[derive(Default)]
+struct ContinueState {
+    wanted: bool,
+    released: bool,
+    body: Option<Waker>,
+    conn: Option<Waker>,
+}
+
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl Continue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ContinueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Body side: true once the caller has been told to send the body.
+    fn poll_released(&self, cx: &mut Context<'_>) -> bool {
+        let mut s = self.lock();
+        if s.released {
+            return true;
+        }
+        s.wanted = true;
+        s.body = Some(cx.waker().clone());
+        let conn = s.conn.take();
+        drop(s);
+        if let Some(w) = conn {
+            w.wake();
+        }
+        false
+    }
+
+    /// Connection side: ready when the body wants its bytes.
+    pub fn poll_wanted(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.wanted && !s.released {
+            return Poll::Ready(());
+        }
+        s.conn = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// `100 Continue` has been written.
+    pub fn release(&self) {
+        let mut s = self.lock();
+        s.released = true;
+        let body = s.body.take();
+        drop(s);
+        if let Some(w) = body {
+            w.wake();
+        }
+    }
+
+    pub fn was_released(&self) -> bool {
+        self.lock().released
+    }
+}
+
+/// A caller's request body, read straight from the connection.
+pub struct RequestBody {
+    inner: Option<Box<Streaming>>,
+}
+
+struct Streaming {
+    side: Option<ReadSide>,
+    home: Option<oneshot::Sender<ReadSide>>,
+    cont: Option<Arc<Continue>>,
+}
+
+impl Streaming {
+    fn go_home(&mut self) {
+        if let (Some(side), Some(home)) = (self.side.take(), self.home.take()) {
+            let _ = home.send(side);
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // Dropped half-read: the loop decides whether to discard the rest.
+        self.go_home();
+    }
+}
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        Self { inner: None }
+    }
+
+    /// A body read from `side` (set up with [`ReadSide::start_body`]), which
+    /// goes back through `home` when the body ends or is dropped.
+    pub fn streaming(side: ReadSide, home: oneshot::Sender<ReadSide>, cont: Option<Arc<Continue>>) -> Self {
+        Self { inner: Some(Box::new(Streaming { side: Some(side), home: Some(home), cont })) }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let Some(s) = self.inner.as_deref_mut() else { return Poll::Ready(None) };
+        if let Some(c) = &s.cont {
+            if !c.poll_released(cx) {
+                return Poll::Pending;
+            }
+        }
+        let Some(side) = s.side.as_mut() else { return Poll::Ready(None) };
+        match side.body.poll_next(&mut side.io, &mut side.buf, cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                if side.body.is_done() {
+                    s.go_home();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(None) => {
+                s.go_home();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // The connection cannot be trusted to continue: it stays gone.
+                s.side = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.inner.as_deref() {
+            None => true,
+            Some(s) => s.side.as_ref().is_none_or(|side| side.body.is_done()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.inner.as_deref().and_then(|s| s.side.as_ref()).map(|side| side.body.remaining()) {
+            None => SizeHint::with_exact(0),
+            Some(Some(n)) => SizeHint::with_exact(n),
+            Some(None) => SizeHint::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").field("streaming", &self.inner.is_some()).finish()
+    }
+}
+
+/// What the response writer needs to know about the request it answers.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseMeta {
+    pub head_request: bool,
+    pub connect: bool,
+    /// The caller spoke HTTP/1.0: no chunked coding.
+    pub http10: bool,
+    /// The connection closes after this response.
+    pub close: bool,
+}
+
+/// Writes `resp` (head, then its body as it streams). Returns whether the
+/// connection can carry another request (false when the body had to be
+/// delimited by closing). An error leaves the connection unusable: a body
+/// cut short cannot be told apart from a complete one any other way.
+pub async fn write_response<B>(
+    wr: &mut WriteHalf,
+    out: &mut Vec<u8>,
+    resp: Response<B>,
+    meta: ResponseMeta,
+) -> Result<bool, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let (parts, body) = resp.into_parts();
+    let status = parts.status;
+    let headers = parts.headers;
+    let mut close = meta.close;
+    let no_body = meta.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || (meta.connect && status.is_success());
+    let mut encoder = None;
+    let mut length = None;
+    // Framing fields are always ours; a body-less response keeps the
+    // upstream's Content-Length (HEAD, 304) unless it must not have one.
+    let keep_length = no_body && status != StatusCode::NO_CONTENT && !(meta.connect && status.is_success());
+    let skip: &[http::HeaderName] =
+        if keep_length { &[header::TRANSFER_ENCODING] } else { &[header::TRANSFER_ENCODING, header::CONTENT_LENGTH] };
+    if !no_body {
+        encoder = Some(match body.size_hint().exact() {
+            Some(n) => {
+                length = Some(n);
+                Encoder::Length(n)
+            }
+            None if meta.http10 => {
+                close = true;
+                Encoder::Close
+            }
+            None => Encoder::Chunked,
+        });
+    }
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_fields(out, &headers, skip);
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        super::write_decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+    } else if encoder == Some(Encoder::Chunked) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(super::date_value().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if meta.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    let mut pending = Pending::default();
+    let Some(mut encoder) = encoder else {
+        std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+        return Ok(!close);
+    };
+    let mut body = pin!(body);
+    loop {
+        // Take what the body has ready; when it has nothing, write what is queued.
+        let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending if out.is_empty() => Poll::Pending,
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        match next {
+            None => std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?,
+            Some(None) => {
+                encoder.finish(out)?;
+                std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                return Ok(!close);
+            }
+            Some(Some(Err(e))) => {
+                // The upstream failed mid-body: the caller gets what there
+                // is, then the connection closes (a cut-short body must not
+                // look complete).
+                let _ = std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await;
+                return Err(Error::Body(e.to_string()));
+            }
+            Some(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                let (rest, crlf) = encoder.frame(out, data)?;
+                let end = body.is_end_stream();
+                if rest.is_some() || out.len() >= 32 * 1024 {
+                    pending.set(rest, crlf);
+                    std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                }
+                if end {
+                    encoder.finish(out)?;
+                    std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                    return Ok(!close);
+                }
+            }
+        }
+    }
+}
+
+/// `name: value` lines of `headers`, except the `skip` names.
+pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[http::HeaderName]) {
+    for (name, value) in headers {
+        if skip.contains(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A connection after a `2xx` answer to `CONNECT`: the bytes the caller sent
+/// after its head, then the connection itself.
+pub struct Upgraded {
+    leftover: Bytes,
+    io: Transport,
+}
+
+impl Upgraded {
+    pub fn new(leftover: Bytes, io: Transport) -> Self {
+        Self { leftover, io }
+    }
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            buf.put_slice(&self.leftover[..n]);
+            self.leftover.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// In a `CONNECT` request's extensions: gives the connection once the `2xx`
+/// answer has been written. (Clone only because request extensions must be.)
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    pub fn pair() -> (oneshot::Sender<Upgraded>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Self(Arc::new(Mutex::new(Some(rx)))))
+    }
+
+    /// The connection, or an error if the answer was not a `2xx` or the
+    /// caller went away (or another clone took it).
+    pub async fn wait(self) -> Result<Upgraded, io::Error> {
+        let rx = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match rx {
+            Some(rx) => rx.await.map_err(|_| io::Error::other("the connection was not upgraded")),
+            None => Err(io::Error::other("the upgrade was already taken")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(s: &str) -> Result<RequestHead, Error> {
+        parse_request(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn request_heads_parse_into_parts_and_framing() {
+        let h = head("GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Connection-Id: conn_x\r\n\r\n").unwrap();
+        assert_eq!(h.parts.method, Method::GET);
+        assert_eq!(h.parts.uri, "http://a.test/x?y=1");
+        assert_eq!(h.parts.headers["x-connection-id"], "conn_x");
+        assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Empty, true, false));
+
+        let h = head("POST http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        assert_eq!((h.framing, h.expect_continue), (Framing::Length(5), true));
+        let h =
+            head("POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+        let h = head("GET http://a.test/ HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!((h.parts.version, h.keep_alive), (Version::HTTP_10, false));
+        let h = head("GET http://a.test/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(h.keep_alive);
+        let h = head("CONNECT a.test:443 HTTP/1.1\r\nContent-Length: 10\r\n\r\n").unwrap();
+        assert_eq!((h.parts.uri.authority().unwrap().as_str(), h.framing), ("a.test:443", Framing::Empty));
+    }
+
+    #[test]
+    fn ambiguous_or_unsupported_framing_is_refused() {
+        for bad in [
+            "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST http://a/ HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST http://a/ HTTP/1.1\r\nContent-Length : 5\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nBad Name: a\r\n\r\n",
+            "GET http://a/ HTTP/2.0\r\n\r\n",
+            "G@T http://a/ HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(matches!(head(bad), Err(Error::Malformed(_))), "{bad:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(head(&format!("GET http://a/ HTTP/1.1\r\n{many}\r\n")), Err(Error::TooManyHeaders)));
+        // The same length twice is one length.
+        let h = head("POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+    }
+}
