@@ -54,8 +54,8 @@ fn benches(c: &mut Criterion) {
             b.iter_batched_ref(
                 || (uri0.clone(), h0.clone()),
                 |(uri, h)| {
-                    let e = inject::edits(&m, &c_).unwrap();
-                    inject::apply_head(uri, h, &e).unwrap();
+                    let mut e = inject::edits(&m, &c_).unwrap();
+                    inject::apply_head(uri, h, &mut e).unwrap();
                 },
                 criterion::BatchSize::SmallInput,
             )

@@ -256,14 +256,26 @@ fn find_nginx() -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
 }
 
+/// An nginx master process. Stopped with SIGTERM, which it passes on to its
+/// workers: a SIGKILL (`kill_on_drop`) would leave the workers running.
+struct Nginx(std::process::Child);
+
+impl Nginx {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
 /// nginx with `workers` worker processes (as many as credproxy's runtime
 /// threads), a static `Authorization` header and an upstream keep-alive pool.
-async fn spawn_nginx(
-    bin: &Path,
-    dir: &Path,
-    upstream: SocketAddr,
-    workers: usize,
-) -> (tokio::process::Child, SocketAddr) {
+async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize) -> (Nginx, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
@@ -280,16 +292,17 @@ async fn spawn_nginx(
     );
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
-    let child = tokio::process::Command::new(bin)
-        .arg("-p")
-        .arg(&prefix)
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("nginx starts");
+    let child = Nginx(
+        std::process::Command::new(bin)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts"),
+    );
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     for _ in 0..500 {
         if TcpStream::connect(addr).await.is_ok() {
@@ -656,7 +669,7 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
         systems.insert(2, ("baseline", target, b.child.id(), true));
     }
     if let Some((child, addr)) = &nginx {
-        systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, child.id(), false));
+        systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, Some(child.id()), false));
     }
     // LOAD_SYSTEMS=credproxy,nginx narrows a run (for A/B work on one change).
     if let Ok(only) = std::env::var("LOAD_SYSTEMS") {

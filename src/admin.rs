@@ -608,6 +608,6 @@ async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), 
     headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
     let body = http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()));
     let (resp, _) =
-        st.outbound.with_connection(&resolved, &method, &uri, headers, body).await.map_err(|e| e.problem())?;
+        st.outbound.with_connection(&resolved, &method, uri, headers, body).await.map_err(|e| e.problem())?;
     Ok((resp.status().as_u16(), test.expect_status))
 }

@@ -211,13 +211,9 @@ impl Connections {
             }
             None => {
                 self.stats.cache_misses.fetch_add(1, Relaxed);
-                // try_get_with coalesces concurrent misses for one id into one load.
-                let r = self
-                    .cache
-                    .try_get_with_by_ref(id, self.load(id))
-                    .await
-                    .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone()))?;
-                (r, false)
+                // Boxed: the store and decrypt futures are large, and would
+                // otherwise be part of every cache hit's future.
+                (Box::pin(self.resolve_miss(id)).await?, false)
             }
         };
         if resolved.meta.org_id != org {
@@ -227,6 +223,14 @@ impl Connections {
             return Err(ResolveError::NotActive(resolved.meta.state));
         }
         Ok((resolved, hit))
+    }
+
+    async fn resolve_miss(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
+        // try_get_with coalesces concurrent misses for one id into one load.
+        self.cache
+            .try_get_with_by_ref(id, self.load(id))
+            .await
+            .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone()))
     }
 
     pub(crate) async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {

@@ -64,6 +64,8 @@ pub enum Error {
     Body(String),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    #[error("timed out")]
+    Timeout,
 }
 
 impl Error {
@@ -176,7 +178,8 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Builds a header map from parsed fields, sharing `head`'s bytes for the
 /// values, and summarizes the framing fields on the way.
 fn header_map(head: &Bytes, fields: &[httparse::Header<'_>]) -> Result<(HeaderMap, FieldSummary), Error> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    // Room for the few fields the proxy adds (Host, the credential) without regrowing.
+    let mut map = HeaderMap::with_capacity(fields.len() + 2);
     let mut summary = FieldSummary::default();
     for f in fields {
         let name = known_name(f.name.as_bytes())
@@ -196,14 +199,11 @@ fn known_name(name: &[u8]) -> Option<HeaderName> {
     const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    if name.eq_ignore_ascii_case(b"x-connection-id") {
-        Some(X_CONNECTION_ID)
-    } else if name.eq_ignore_ascii_case(b"proxy-connection") {
-        Some(PROXY_CONNECTION)
-    } else if name.eq_ignore_ascii_case(b"keep-alive") {
-        Some(KEEP_ALIVE)
-    } else {
-        None
+    match name.len() {
+        15 if name.eq_ignore_ascii_case(b"x-connection-id") => Some(X_CONNECTION_ID),
+        16 if name.eq_ignore_ascii_case(b"proxy-connection") => Some(PROXY_CONNECTION),
+        10 if name.eq_ignore_ascii_case(b"keep-alive") => Some(KEEP_ALIVE),
+        _ => None,
     }
 }
 

@@ -67,6 +67,19 @@ fn render(t: &Template, cred: &Credential) -> Zeroizing<String> {
     out
 }
 
+/// A header value from pieces, built in place: one allocation, and no
+/// intermediate copy of the secret to clean up.
+fn header_from<'a>(pieces: impl Iterator<Item = &'a str> + Clone) -> Result<HeaderValue, InjectError> {
+    let mut buf = bytes::BytesMut::with_capacity(pieces.clone().map(str::len).sum());
+    for p in pieces {
+        buf.extend_from_slice(p.as_bytes());
+    }
+    let mut v = HeaderValue::from_maybe_shared(buf.freeze()).map_err(|_| InjectError::InvalidValue("a header"))?;
+    // Keeps it out of HPACK tables and marks it for any header dumper.
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 fn sensitive(value: &str, place: &'static str) -> Result<HeaderValue, InjectError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| InjectError::InvalidValue(place))?;
     // Keeps it out of HPACK tables and marks it for any header dumper.
@@ -79,8 +92,8 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
     let mut e = Edits::default();
     match &method.kind {
         AuthKind::Bearer => {
-            let v = Zeroizing::new(format!("Bearer {}", cred.value(0).expose()));
-            e.headers.push((AUTHORIZATION, sensitive(&v, "a header")?));
+            let v = header_from(["Bearer ", cred.value(0).expose()].into_iter())?;
+            e.headers.push((AUTHORIZATION, v));
         }
         AuthKind::Basic => {
             let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
@@ -100,27 +113,34 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
 }
 
 fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectError> {
-    let value = render(&p.template, cred);
     match &p.target {
-        Target::Header(name) => e.headers.push((name.clone(), sensitive(&value, "a header")?)),
-        Target::Query(name) => e.query.push((name.clone(), value)),
+        Target::Header(name) => {
+            let pieces = p.template.parts().iter().map(|part| match part {
+                Part::Lit(s) => s.as_str(),
+                Part::Field(i) => cred.value(*i).expose(),
+            });
+            e.headers.push((name.clone(), header_from(pieces)?));
+        }
+        Target::Query(name) => e.query.push((name.clone(), render(&p.template, cred))),
         Target::Cookie(name) => {
+            let value = render(&p.template, cred);
             if value.bytes().any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f) {
                 return Err(InjectError::InvalidValue("a cookie"));
             }
             e.cookies.push((name.clone(), value));
         }
-        Target::JsonField(name) => e.json_fields.push((name.clone(), value)),
-        Target::FormField(name) => e.form_fields.push((name.clone(), value)),
+        Target::JsonField(name) => e.json_fields.push((name.clone(), render(&p.template, cred))),
+        Target::FormField(name) => e.form_fields.push((name.clone(), render(&p.template, cred))),
     }
     Ok(())
 }
 
 /// Applies header, query and cookie edits. A header the caller sent under the
 /// same name (e.g. `Authorization`) is replaced, never duplicated.
-pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &Edits) -> Result<(), InjectError> {
-    for (name, value) in &e.headers {
-        headers.insert(name.clone(), value.clone());
+/// The header edits are moved into `headers` (`e.headers` is left empty).
+pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Result<(), InjectError> {
+    for (name, value) in e.headers.drain(..) {
+        headers.insert(name, value);
     }
     if !e.query.is_empty() {
         *uri = with_query(uri, &e.query)?;
@@ -256,7 +276,7 @@ mod tests {
         for (k, v) in hdrs {
             h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        apply_head(&mut uri, &mut h, &edits(m, c).unwrap()).unwrap();
+        apply_head(&mut uri, &mut h, &mut edits(m, c).unwrap()).unwrap();
         (uri, h)
     }
 

@@ -35,14 +35,12 @@ pub struct Outbound {
 
 impl Outbound {
     /// Forwards through the pool; its connector applies the SSRF guard.
+    /// `upstream.response_header_timeout_ms` bounds everything up to the
+    /// response head, connecting included.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, ProxyError> {
         let sent = std::time::Instant::now();
-        // Boxed: the request future is a few KiB, and moving it into the
-        // timeout and then into this future showed as memcpy in the profile.
-        let resp = tokio::time::timeout(self.response_header_timeout, Box::pin(self.pool.send(req)))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout)?
-            .map_err(ProxyError::from_upstream)?;
+        let deadline = sent + self.response_header_timeout;
+        let resp = self.pool.send(req, sent, deadline).await.map_err(ProxyError::from_upstream)?;
         self.metrics.upstream_latency(sent.elapsed());
         Ok(resp)
     }
@@ -55,7 +53,26 @@ impl Outbound {
         &self,
         resolved: &Arc<Resolved>,
         method: &Method,
-        uri: &Uri,
+        uri: Uri,
+        headers: HeaderMap,
+        body: UpstreamBody,
+    ) -> Result<(Response<PooledBody>, bool), ProxyError> {
+        if resolved.method.edits_body() || resolved.method.oauth2().is_some() {
+            // Boxed: buffering, refreshing and retrying make a large future
+            // that static credentials in headers never need.
+            return Box::pin(self.with_connection_buffered(resolved, method, uri, headers, body)).await;
+        }
+        let resp = self.send(upstream_request(method, uri, headers, Some(resolved), body)?).await?;
+        Ok((resp, false))
+    }
+
+    /// Body placements and OAuth2: the body is buffered (to rewrite it, or
+    /// to replay it after a 401), the token refreshed when about to expire.
+    async fn with_connection_buffered(
+        &self,
+        resolved: &Arc<Resolved>,
+        method: &Method,
+        uri: Uri,
         mut headers: HeaderMap,
         body: UpstreamBody,
     ) -> Result<(Response<PooledBody>, bool), ProxyError> {
@@ -77,10 +94,8 @@ impl Outbound {
             }
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
             (Either::Right(Full::new(Bytes::from(new_body.to_vec()))), None)
-        } else if resolved.method.oauth2().is_some() {
-            replayable(body).await?
         } else {
-            (body, None)
+            replayable(body).await?
         };
 
         // Inject and forward. The head is kept for a retry only when one is possible.
@@ -94,8 +109,7 @@ impl Outbound {
                 let failed = resolved.credential.values().first().map(|v| v.expose().to_owned()).unwrap_or_default();
                 drop(resp);
                 let refreshed = self.connections.force_refresh(&resolved, &failed).await?;
-                let retry =
-                    upstream_request(method, uri.clone(), headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
+                let retry = upstream_request(method, uri, headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
                 Ok((self.send(retry).await?, true))
             }
             _ => Ok((resp, false)),
@@ -114,8 +128,8 @@ pub fn upstream_request(
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
     if let Some(r) = resolved {
-        let edits = inject::edits(&r.method, &r.credential)?;
-        inject::apply_head(&mut uri, &mut headers, &edits)?;
+        let mut edits = inject::edits(&r.method, &r.credential)?;
+        inject::apply_head(&mut uri, &mut headers, &mut edits)?;
     }
     headers.insert(header::HOST, host_header(&uri)?);
     let mut req = Request::new(body);
@@ -225,6 +239,7 @@ impl ProxyError {
             UpstreamError::TlsTimeout { host } => Self::Connect(ConnectError::Timeout { host }),
             UpstreamError::Tls { .. } => Self::UpstreamTls(error_chain(&e)),
             UpstreamError::InvalidUri => Self::Malformed("invalid upstream URI"),
+            UpstreamError::Timeout => Self::UpstreamTimeout,
             UpstreamError::Http(ref h) if upstream::is_tls_error(h) => Self::UpstreamTls(error_chain(&e)),
             // The caller's body failed while it was being sent (bad chunk framing, the caller went away).
             UpstreamError::H1(crate::h1::Error::Body(_)) => Self::BodyRead,

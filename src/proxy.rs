@@ -447,13 +447,14 @@ async fn linger(side: Option<ReadSide>, mut wr: WriteHalf) {
 }
 
 /// What the access log records about one request. Never a secret: no header
-/// values, no query string.
+/// values, no query string. Cheap to fill (shared handles, no copies): it
+/// is filled whether or not the line is logged.
 #[derive(Default)]
 struct Access {
-    connection: Option<String>,
-    integration: Option<String>,
+    connection: Option<http::HeaderValue>,
+    integration: Option<Arc<crate::integrations::Integration>>,
     cache_hit: Option<bool>,
-    host: String,
+    host: Option<Authority>,
     code: Option<&'static str>,
     /// An OAuth2 request retried after a 401 and a refresh.
     retried: bool,
@@ -482,7 +483,7 @@ async fn handle(state: &Arc<ProxyState>, peer: SocketAddr, req: Request<CallerBo
         }
     };
     drop(in_flight);
-    metrics.request(access.integration.as_deref(), resp.status().as_u16());
+    metrics.request(access.integration.as_ref().map(|i| i.id.as_str()), resp.status().as_u16());
     // One pre-formatted message instead of a dozen structured fields: the
     // formatter's per-field work was most of the line's cost (load bench).
     if let Some((method, path)) = logged {
@@ -493,9 +494,9 @@ async fn handle(state: &Arc<ProxyState>, peer: SocketAddr, req: Request<CallerBo
             "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
              latency_us={} cache_hit={} code={} retried={}",
             state.org_id,
-            access.connection.as_deref().unwrap_or("-"),
-            access.integration.as_deref().unwrap_or("-"),
-            if access.host.is_empty() { "-" } else { &access.host },
+            access.connection.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
+            access.integration.as_ref().map_or("-", |i| i.id.as_str()),
+            access.host.as_ref().map_or("-", Authority::host),
             resp.status().as_u16(),
             started.elapsed().as_micros(),
             access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
@@ -518,27 +519,27 @@ async fn forward(
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
     if parts.method == Method::CONNECT {
-        return connect(state, peer, parts, access).await;
+        // Boxed: rare, and its future would otherwise weigh on every request's.
+        return Box::pin(connect(state, peer, parts, access)).await;
     }
-    let (scheme, host, _port) = target_of(&parts.uri)?;
-    access.host = host.clone();
+    let mut uri = std::mem::take(&mut parts.uri);
+    let (scheme, host) = target_of(&uri)?;
+    access.host = uri.authority().cloned();
 
     // 2. Identify the caller: sidecar mode pins one organization.
     let org = state.org_id.as_str();
 
-    // 3. Which connection, if any. Read before stripping, validate its shape.
-    let conn_id = match parts.headers.get(&X_CONNECTION_ID) {
-        None => None,
-        Some(v) => {
-            let id = v.to_str().ok().filter(|s| ids::is_connection_id(s)).ok_or(ProxyError::BadConnectionId)?;
-            Some(id.to_owned())
+    // 3. Which connection, if any. Taken out of the headers, shape checked.
+    let conn_id = parts.headers.remove(&X_CONNECTION_ID);
+    if let Some(v) = &conn_id {
+        if !v.to_str().is_ok_and(ids::is_connection_id) {
+            return Err(ProxyError::BadConnectionId);
         }
-    };
+    }
 
-    // Hop-by-hop headers, our own control headers and the caller's Host never go upstream.
+    // Hop-by-hop headers and our own control headers never go upstream.
     strip_request_headers(&mut parts.headers);
 
-    let mut uri = parts.uri.clone();
     let body: UpstreamBody = Either::Left(body);
     let resp = match conn_id {
         None => {
@@ -550,36 +551,39 @@ async fn forward(
         }
         Some(id) => {
             access.connection = Some(id.clone());
+            let id = id.to_str().unwrap_or_default();
             // 4. Resolve (org, id): cache → store → decrypt; other orgs see the same 404.
-            let (resolved, hit) = state.connections.resolve(org, &id).await?;
+            let (resolved, hit) = state.connections.resolve(org, id).await?;
             access.cache_hit = Some(hit);
-            access.integration = Some(resolved.integration.id.clone());
+            access.integration = Some(resolved.integration.clone());
 
             // An `http://` request to an https-only integration is forwarded over TLS.
             let up_scheme = match (scheme, resolved.integration.upstream_scheme) {
                 (Scheme::Http, Scheme::Https) => Scheme::Https,
                 (s, _) => s,
             };
-            let up_port = match uri.port_u16() {
+            let port = uri.port_u16();
+            let up_port = match port {
                 Some(p) if !(up_scheme != scheme && p == scheme.default_port()) => p,
                 _ => up_scheme.default_port(),
             };
 
             // 5. Host check: the credential only ever goes to the integration's hosts.
-            if !resolved.integration.host_allowed(&host, up_port) {
+            if !resolved.integration.host_allowed(host, up_port) {
                 return Err(ProxyError::HostNotAllowed {
                     integration: resolved.integration.id.clone(),
-                    host,
+                    host: host.to_owned(),
                     port: up_port,
                 });
             }
-            if up_scheme != scheme || uri.port_u16() != Some(up_port) {
-                uri = rebuild_uri(&uri, up_scheme, &host, up_port)?;
+            if up_scheme != scheme || port != Some(up_port) {
+                let rebuilt = rebuild_uri(&uri, up_scheme, host, up_port)?;
+                uri = rebuilt;
             }
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (resp, retried) =
-                state.outbound.with_connection(&resolved, &parts.method, &uri, parts.headers, body).await?;
+                state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
             access.retried = retried;
             resp
         }
@@ -603,7 +607,7 @@ async fn connect(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = parts.uri.authority().cloned().ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
     let host = authority.host().to_owned();
-    access.host = host.clone();
+    access.host = Some(authority.clone());
     let port = authority.port_u16().ok_or(ProxyError::Malformed("CONNECT needs an explicit port"))?;
     let on_upgrade =
         parts.extensions.remove::<OnUpgrade>().ok_or(ProxyError::Malformed("this connection cannot be upgraded"))?;
@@ -642,7 +646,7 @@ async fn connect(
     Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
 }
 
-fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
+fn target_of(uri: &Uri) -> Result<(Scheme, &str), ProxyError> {
     let scheme = match uri.scheme() {
         None => return Err(ProxyError::OriginForm),
         Some(s) if *s == UriScheme::HTTP => Scheme::Http,
@@ -653,8 +657,7 @@ fn target_of(uri: &Uri) -> Result<(Scheme, String, u16), ProxyError> {
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
-    let port = uri.port_u16().unwrap_or(scheme.default_port());
-    Ok((scheme, host.to_owned(), port))
+    Ok((scheme, host))
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {
@@ -666,39 +669,61 @@ fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, 
     Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid URI"))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those named by `Connection`.
+/// Hop-by-hop header fields (RFC 9110 §7.6.1).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes hop-by-hop headers and those named by `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        h.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(name);
-    }
+    strip(h, &[]);
 }
 
+/// What never goes upstream from a caller: hop-by-hop headers, our control
+/// headers, and `Expect` (answered by credproxy). `Host` is replaced by
+/// [`upstream_request`] with the target's authority.
 fn strip_request_headers(h: &mut HeaderMap) {
-    strip_hop_by_hop(h);
-    h.remove(header::PROXY_AUTHORIZATION);
-    h.remove(X_CONNECTION_ID);
-    h.remove(header::HOST);
-    // We answered `Expect: 100-continue` ourselves by reading the body.
-    h.remove(header::EXPECT);
+    strip(h, &[header::PROXY_AUTHORIZATION, X_CONNECTION_ID, header::EXPECT]);
+}
+
+/// Removes the hop-by-hop headers, the names `Connection` lists, and
+/// `also`. Most messages carry none of them, or only `Connection:
+/// keep-alive`: one pass over the names finds what is there, and only that
+/// is looked up and removed.
+fn strip(h: &mut HeaderMap, also: &[HeaderName]) {
+    // Each name at most once: fits without allocating.
+    let mut present: [Option<HeaderName>; 12] = [const { None }; 12];
+    let mut found = 0;
+    let mut listed = Vec::new();
+    for (name, value) in h.iter() {
+        if !(HOP_BY_HOP.contains(name) || also.contains(name)) || present[..found].iter().flatten().any(|p| p == name) {
+            continue;
+        }
+        if found == present.len() {
+            listed.push(name.clone());
+            continue;
+        }
+        present[found] = Some(name.clone());
+        found += 1;
+        if name == header::CONNECTION {
+            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
+            for t in tokens.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")) {
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    listed.push(n);
+                }
+            }
+        }
+    }
+    for name in present.into_iter().flatten().chain(listed) {
+        h.remove(name);
+    }
 }
 
 #[cfg(test)]
@@ -719,7 +744,6 @@ mod tests {
             ("upgrade", "websocket"),
             ("proxy-authorization", "Bearer run"),
             ("x-connection-id", "conn_x"),
-            ("host", "evil.test"),
             ("expect", "100-continue"),
             ("accept", "*/*"),
         ] {
@@ -733,11 +757,10 @@ mod tests {
     fn targets() {
         assert!(matches!(target_of(&"/x".parse().unwrap()), Err(ProxyError::OriginForm)));
         assert!(matches!(target_of(&"ftp://a/".parse().unwrap()), Err(ProxyError::UnsupportedScheme)));
-        assert_eq!(target_of(&"http://a.test/x".parse().unwrap()).unwrap(), (Scheme::Http, "a.test".into(), 80));
-        assert_eq!(
-            target_of(&"https://a.test:8443/".parse().unwrap()).unwrap(),
-            (Scheme::Https, "a.test".into(), 8443)
-        );
+        let u: Uri = "http://a.test/x".parse().unwrap();
+        assert_eq!(target_of(&u).unwrap(), (Scheme::Http, "a.test"));
+        let u: Uri = "https://a.test:8443/".parse().unwrap();
+        assert_eq!(target_of(&u).unwrap(), (Scheme::Https, "a.test"));
         let u = rebuild_uri(&"http://a.test/p?q=1".parse().unwrap(), Scheme::Https, "a.test", 443).unwrap();
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
         assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");

@@ -423,3 +423,58 @@ async fn upstream_interim_close_delimited_and_malformed_responses() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("content-length: 100\r\n"), "{text}");
     assert!(text.ends_with("only this"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_answering_is_a_504_at_the_response_header_timeout() {
+    let h = Harness::start_with(Opts {
+        sections: "[upstream]\nresponse_header_timeout_ms = 1000\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let id = h.create("bearer", &[("token", "timeout-token")]).await;
+    // Answers the first request on a connection, then goes silent on it.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(s);
+            });
+        }
+    });
+    let url = format!("http://{up}/");
+    let (status, _, body) = proxy_request(h.running.proxy_addr, "GET", &url, Some(&id), None).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
+    // The pooled connection's timer, armed by the first request, fires while idle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Accepts and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    for (what, url) in [("a reused connection", &url), ("a new connection", &silent_url)] {
+        let started = std::time::Instant::now();
+        let (status, headers, body) = proxy_request(h.running.proxy_addr, "GET", url, Some(&id), None).await;
+        let took = started.elapsed();
+        assert_eq!(status, 504, "{what}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "upstream_timeout", "{what}");
+        assert!(headers.iter().any(|(k, _)| k == "proxy-status"));
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{what}: after {took:?}");
+    }
+}

@@ -163,13 +163,14 @@ impl Connections {
             return Ok(r);
         }
         let seen = r.tokens.as_ref().and_then(|t| t.access_token.clone());
-        self.refresh_single_flight(&r, seen.as_deref(), false).await
+        // Boxed: a refresh is rare next to the requests that only check.
+        Box::pin(self.refresh_single_flight(&r, seen.as_deref(), false)).await
     }
 
     /// After an upstream 401: refresh, but only if `failed` is still the
     /// current access token (another request may have refreshed already).
     pub async fn force_refresh(&self, r: &Arc<Resolved>, failed: &str) -> Result<Arc<Resolved>, RefreshError> {
-        self.refresh_single_flight(r, Some(failed), true).await
+        Box::pin(self.refresh_single_flight(r, Some(failed), true)).await
     }
 
     async fn refresh_single_flight(

@@ -3,8 +3,10 @@
 //! response head (an upstream may answer before the body is sent), then
 //! reading the response body as the caller's side asks for it.
 
+use std::future::Future;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Method, Response, StatusCode, Version};
@@ -58,6 +60,10 @@ impl SendError {
 /// An HTTP/1.1 connection to an upstream.
 pub struct Conn<T> {
     io: T,
+    /// Bounds the wait for response heads. One per connection, re-armed
+    /// lazily: it fires at most once per timeout period, and is then
+    /// checked against the deadline of the request in flight.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     rbuf: BytesMut,
     scanned: usize,
     wbuf: Vec<u8>,
@@ -70,6 +76,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     pub fn new(io: T) -> Self {
         Self {
             io,
+            timer: None,
             rbuf: BytesMut::with_capacity(8192),
             scanned: 0,
             wbuf: Vec::with_capacity(1024),
@@ -78,9 +85,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
     }
 
-    /// Sends `parts` and `body`, and reads the response head. The response
-    /// body is then read with [`Conn::poll_body`].
-    pub async fn send<B>(&mut self, parts: &http::request::Parts, body: B) -> Result<Response<()>, SendError>
+    /// Sends `parts` and `body`, and reads the response head, giving up at
+    /// `deadline` ([`Error::Timeout`]). The response body is then read with
+    /// [`Conn::poll_body`].
+    pub async fn send<B>(
+        &mut self,
+        parts: &http::request::Parts,
+        body: B,
+        deadline: Instant,
+    ) -> Result<Response<()>, SendError>
     where
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
@@ -152,7 +165,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 }
             }
             // Read side: the head may come before the body has gone out.
-            this.poll_head(cx, head_request, &mut received)
+            if let Poll::Ready(r) = this.poll_head(cx, head_request, &mut received) {
+                return Poll::Ready(r);
+            }
+            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Err(send_error(Error::Timeout, received, !sent)));
+                }
+                timer.as_mut().reset(deadline.into());
+            }
+            Poll::Pending
         })
         .await;
         if !sent {

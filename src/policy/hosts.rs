@@ -52,11 +52,14 @@ impl HostPattern {
         if self.port.is_some_and(|p| p != port) {
             return false;
         }
-        let host = normalize_host(host);
+        // As `normalize_host`, without allocating: this runs on every request.
+        let h = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let h = h.strip_suffix('.').unwrap_or(h).as_bytes();
+        let name = self.name.as_bytes();
         if self.wildcard {
-            host.len() > self.name.len() && host.ends_with(&self.name)
+            h.len() > name.len() && h[h.len() - name.len()..].eq_ignore_ascii_case(name)
         } else {
-            host == self.name
+            h.eq_ignore_ascii_case(name)
         }
     }
 }

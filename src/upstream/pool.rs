@@ -64,6 +64,8 @@ pub enum UpstreamError {
     H1(#[source] h1::Error),
     #[error("invalid upstream URI")]
     InvalidUri,
+    #[error("no response head within upstream.response_header_timeout_ms")]
+    Timeout,
 }
 
 /// Upstream connections opened and reused, for `/metrics`.
@@ -81,15 +83,25 @@ pub struct PoolSettings {
     pub max_idle_per_host: usize,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Where a connection goes: scheme, host and port. Owned by the pool's
+/// maps and connections; requests look up with a borrowed [`KeyRef`].
+#[derive(Clone)]
 struct Key {
     https: bool,
     host: Arc<str>,
     port: u16,
 }
 
-impl Key {
-    fn of(uri: &Uri) -> Result<Self, UpstreamError> {
+/// A [`Key`] borrowed from a request's URI: no allocation per lookup.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyRef<'a> {
+    https: bool,
+    host: &'a str,
+    port: u16,
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(uri: &'a Uri) -> Result<Self, UpstreamError> {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -97,9 +109,65 @@ impl Key {
         };
         let host = uri.host().ok_or(UpstreamError::InvalidUri)?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        Ok(Self { https, host: host.into(), port })
+        Ok(Self { https, host, port })
+    }
+
+    fn to_owned(self) -> Key {
+        Key { https: self.https, host: self.host.into(), port: self.port }
     }
 }
+
+/// Lets maps keyed by [`Key`] be searched with a [`KeyRef`] (the `Borrow`
+/// target must be one type both can turn into).
+trait AsKeyRef {
+    fn key_ref(&self) -> KeyRef<'_>;
+}
+
+impl AsKeyRef for Key {
+    fn key_ref(&self) -> KeyRef<'_> {
+        KeyRef { https: self.https, host: &self.host, port: self.port }
+    }
+}
+
+impl AsKeyRef for KeyRef<'_> {
+    fn key_ref(&self) -> KeyRef<'_> {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn AsKeyRef + 'a> for Key {
+    fn borrow(&self) -> &(dyn AsKeyRef + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn AsKeyRef + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_ref().hash(state);
+    }
+}
+
+impl PartialEq for dyn AsKeyRef + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_ref() == other.key_ref()
+    }
+}
+
+impl Eq for dyn AsKeyRef + '_ {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_ref().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_ref() == other.key_ref()
+    }
+}
+
+impl Eq for Key {}
 
 /// An HTTP/1.1 connection and where it goes back to.
 struct H1 {
@@ -154,40 +222,48 @@ impl Pool {
     }
 
     /// Sends `req` (absolute URI, `Host` set) and returns the response head;
-    /// the body streams as the caller reads it.
-    pub async fn send(self: &Arc<Self>, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
-        let key = Key::of(req.uri())?;
+    /// the body streams as the caller reads it. `now` is when the caller
+    /// started (it dates pool entries without another clock read); nothing
+    /// waits past `deadline` for the response head, connecting included.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (parts, mut body) = req.into_parts();
+        let key = KeyRef::of(&parts.uri)?;
         if key.https {
             if let Some(h2) = self.h2_sender(&key) {
                 self.stats.reused.fetch_add(1, Relaxed);
-                return send_h2(h2, req).await;
+                return send_h2(h2, Request::from_parts(parts, body), deadline).await;
             }
         }
-        let (mut h1, mut reused) = match self.checkout(&key) {
+        let (mut h1, mut reused) = match self.checkout(&key, now) {
             Some(h1) => (h1, true),
-            None => match Box::pin(self.connect(key)).await? {
+            None => match self.connect_by(key.to_owned(), deadline).await? {
                 Fresh::H1(h1) => (h1, false),
-                Fresh::H2(h2) => return send_h2(h2, req).await,
+                Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body), deadline).await,
             },
         };
-        let (parts, mut body) = req.into_parts();
         loop {
             let framing = h1::client::framing_of(&body);
-            match h1.conn.send(&parts, body).await {
+            match h1.conn.send(&parts, body, deadline).await {
                 Ok(resp) => {
-                    let mut pooled = PooledBody { inner: Inner::H1(Some((h1, self.clone()))) };
+                    let mut pooled = PooledBody { inner: Inner::H1(Some((h1, self.clone(), now))) };
                     if pooled.is_end_stream() {
                         pooled.release();
                     }
                     return Ok(resp.map(|()| pooled));
                 }
+                Err(e) if matches!(e.error, h1::Error::Timeout) => return Err(UpstreamError::Timeout),
                 // The upstream closed the idle connection as the request went out.
                 Err(e) if reused && e.retryable(&parts.method, framing) => {
                     reused = false;
                     body = Either::Right(Full::new(Bytes::new()));
-                    h1 = match Box::pin(self.connect(h1.key.clone())).await? {
+                    h1 = match self.connect_by(h1.key.clone(), deadline).await? {
                         Fresh::H1(h1) => h1,
-                        Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body)).await,
+                        Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body), deadline).await,
                     };
                 }
                 Err(e) => return Err(UpstreamError::H1(e.error)),
@@ -195,7 +271,16 @@ impl Pool {
         }
     }
 
-    fn h2_sender(&self, key: &Key) -> Option<H2Sender> {
+    /// A new connection, within `deadline`. Boxed: the TLS and h2
+    /// handshakes make this future far larger than the reuse path.
+    async fn connect_by(&self, key: Key, deadline: Instant) -> Result<Fresh, UpstreamError> {
+        tokio::time::timeout_at(deadline.into(), Box::pin(self.connect(key)))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    fn h2_sender(&self, key: &KeyRef<'_>) -> Option<H2Sender> {
+        let key = key as &dyn AsKeyRef;
         let mut slots = self.slots();
         match slots.h2.get(key) {
             Some(s) if !s.is_closed() => Some(s.clone()),
@@ -208,32 +293,36 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still usable.
-    fn checkout(&self, key: &Key) -> Option<Box<H1>> {
+    fn checkout(&self, key: &KeyRef<'_>, now: Instant) -> Option<Box<H1>> {
+        let key = key as &dyn AsKeyRef;
         loop {
             let idle = self.slots().idle.get_mut(key)?.pop()?;
             let Idle { mut h1, since } = idle;
             // Dropped (closed) outside the lock if unusable.
-            if since.elapsed() < self.settings.idle_timeout && h1.conn.usable() {
+            if now.saturating_duration_since(since) < self.settings.idle_timeout && h1.conn.usable() {
                 self.stats.reused.fetch_add(1, Relaxed);
                 return Some(h1);
             }
         }
     }
 
-    fn checkin(&self, mut h1: Box<H1>) {
+    /// `since`: when the request that used it started (idle a little
+    /// longer than it really was, which only makes expiry conservative).
+    fn checkin(&self, mut h1: Box<H1>, since: Instant) {
         if self.settings.max_idle_per_host == 0 || !h1.conn.usable() {
             return;
         }
-        let since = Instant::now();
         let mut slots = self.slots();
-        let list = slots.idle.entry(h1.key.clone()).or_default();
-        if list.len() < self.settings.max_idle_per_host {
-            list.push(Idle { h1, since });
+        match slots.idle.get_mut(&h1.key as &dyn AsKeyRef) {
+            Some(list) if list.len() < self.settings.max_idle_per_host => list.push(Idle { h1, since }),
+            Some(_) => {}
+            None => {
+                let key = h1.key.clone();
+                slots.idle.insert(key, vec![Idle { h1, since }]);
+            }
         }
     }
 
-    /// Boxed by its callers: the TLS and h2 handshakes make this future far
-    /// larger than the reuse path, which would otherwise copy it around.
     async fn connect(&self, key: Key) -> Result<Fresh, UpstreamError> {
         let tcp = self.connector.connect_checked(&key.host, key.port).await?;
         self.stats.opened.fetch_add(1, Relaxed);
@@ -294,8 +383,15 @@ fn fresh_h1(key: Key, io: Io) -> Fresh {
     Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io) }))
 }
 
-async fn send_h2(mut h2: H2Sender, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, UpstreamError> {
-    let resp = h2.send_request(req).await.map_err(UpstreamError::Http)?;
+async fn send_h2(
+    mut h2: H2Sender,
+    req: Request<UpstreamBody>,
+    deadline: Instant,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let resp = tokio::time::timeout_at(deadline.into(), h2.send_request(req))
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+        .map_err(UpstreamError::Http)?;
     Ok(resp.map(|b| PooledBody { inner: Inner::H2(b) }))
 }
 
@@ -306,7 +402,8 @@ pub struct PooledBody {
 }
 
 enum Inner {
-    H1(Option<(Box<H1>, Arc<Pool>)>),
+    /// The connection, its pool, and when the request using it started.
+    H1(Option<(Box<H1>, Arc<Pool>, Instant)>),
     H2(Incoming),
 }
 
@@ -314,8 +411,8 @@ impl PooledBody {
     /// The body is complete: the connection goes back to the pool.
     fn release(&mut self) {
         if let Inner::H1(slot) = &mut self.inner {
-            if let Some((h1, pool)) = slot.take() {
-                pool.checkin(h1);
+            if let Some((h1, pool, since)) = slot.take() {
+                pool.checkin(h1, since);
             }
         }
     }
@@ -329,7 +426,7 @@ impl Body for PooledBody {
         let this = &mut *self;
         match &mut this.inner {
             Inner::H1(slot) => {
-                let Some((h1, _)) = slot.as_mut() else { return Poll::Ready(None) };
+                let Some((h1, ..)) = slot.as_mut() else { return Poll::Ready(None) };
                 match h1.conn.poll_body(cx) {
                     Poll::Ready(Some(Ok(data))) => {
                         if h1.conn.body_done() {
@@ -354,7 +451,7 @@ impl Body for PooledBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::H1(slot) => slot.as_ref().is_none_or(|(h1, _)| h1.conn.body_done()),
+            Inner::H1(slot) => slot.as_ref().is_none_or(|(h1, ..)| h1.conn.body_done()),
             Inner::H2(b) => b.is_end_stream(),
         }
     }
@@ -362,7 +459,7 @@ impl Body for PooledBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::H1(None) => SizeHint::with_exact(0),
-            Inner::H1(Some((h1, _))) => match h1.conn.body_remaining() {
+            Inner::H1(Some((h1, ..))) => match h1.conn.body_remaining() {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),
             },
