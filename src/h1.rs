@@ -175,17 +175,54 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(trim).filter(|i| !i.is_empty())
 }
 
+/// Hop-by-hop header fields (RFC 9110 §7.6.1), by lowercase name.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
 /// Builds a header map from parsed fields, sharing `head`'s bytes for the
-/// values, and summarizes the framing fields on the way.
-fn header_map(head: &Bytes, fields: &[httparse::Header<'_>]) -> Result<(HeaderMap, FieldSummary), Error> {
+/// values, and summarizes the framing fields on the way. Hop-by-hop fields,
+/// and those `Connection` names, are read but left out of the map: nothing
+/// past the codec may forward them. `Content-Length` is left out too
+/// (bodies are re-framed on the way out) unless `keep_length`: a response
+/// without a body (HEAD, 304), where it describes the representation.
+fn header_map(
+    head: &Bytes,
+    fields: &[httparse::Header<'_>],
+    keep_length: bool,
+) -> Result<(HeaderMap, FieldSummary), Error> {
     // Room for the few fields the proxy adds (Host, the credential) without regrowing.
     let mut map = HeaderMap::with_capacity(fields.len() + 2);
     let mut summary = FieldSummary::default();
+    let connection_tokens = || {
+        fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| list_items(f.value))
+            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+    };
+    let lists_names = connection_tokens().next().is_some();
     for f in fields {
         let name = known_name(f.name.as_bytes())
             .map_or_else(|| HeaderName::from_bytes(f.name.as_bytes()), Ok)
             .map_err(|_| Error::Malformed("invalid header field name"))?;
         summary.observe(&name, f.value)?;
+        if is_hop_by_hop(name.as_str())
+            || (name == header::CONTENT_LENGTH && !keep_length)
+            || (lists_names && connection_tokens().any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
+        {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
             .map_err(|_| Error::Malformed("invalid header value"))?;
         map.append(name, value);

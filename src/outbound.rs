@@ -87,7 +87,7 @@ impl Outbound {
             let Either::Left(incoming) = body else {
                 return Err(ProxyError::Malformed("a buffered body cannot be rewritten"));
             };
-            let buffered = buffer_body(incoming, &headers, self.max_buffered_body).await?;
+            let buffered = buffer_body(incoming, self.max_buffered_body).await?;
             let (new_body, ctype) = inject::apply_body(&headers, &buffered, &edits)?;
             if let Some(ct) = ctype {
                 headers.insert(header::CONTENT_TYPE, ct);
@@ -165,19 +165,16 @@ async fn replayable(body: UpstreamBody) -> Result<(UpstreamBody, Option<Bytes>),
 }
 
 pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
-    let auth = uri.authority().ok_or(ProxyError::OriginForm)?;
-    let default = if uri.scheme() == Some(&UriScheme::HTTPS) { 443 } else { 80 };
-    let value = match auth.port_u16() {
-        Some(p) if p == default => auth.host().to_owned(),
-        _ => auth.as_str().to_owned(),
-    };
-    HeaderValue::try_from(value).map_err(|_| ProxyError::Malformed("invalid host"))
+    let auth = uri.authority().ok_or(ProxyError::OriginForm)?.as_str();
+    // The target's authority, without the scheme's default port.
+    let default = if uri.scheme() == Some(&UriScheme::HTTPS) { ":443" } else { ":80" };
+    let value = auth.strip_suffix(default).unwrap_or(auth);
+    HeaderValue::from_str(value).map_err(|_| ProxyError::Malformed("invalid host"))
 }
 
-async fn buffer_body(body: CallerBody, headers: &HeaderMap, limit: u64) -> Result<Bytes, ProxyError> {
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
+async fn buffer_body(body: CallerBody, limit: u64) -> Result<Bytes, ProxyError> {
+    // A declared length (Content-Length, as the body knows it) over the limit is refused unread.
+    if http_body::Body::size_hint(&body).lower() > limit {
         return Err(ProxyError::BodyTooLarge { limit });
     }
     match Limited::new(body, limit as usize).collect().await {

@@ -669,41 +669,31 @@ fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, 
     Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid URI"))
 }
 
-/// Hop-by-hop header fields (RFC 9110 §7.6.1).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
 /// Removes hop-by-hop headers and those named by `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    strip(h, &[]);
+    strip(h, |_| false);
 }
 
 /// What never goes upstream from a caller: hop-by-hop headers, our control
 /// headers, and `Expect` (answered by credproxy). `Host` is replaced by
-/// [`upstream_request`] with the target's authority.
+/// [`upstream_request`] with the target's authority. (The HTTP/1.1 codec
+/// leaves hop-by-hop fields out already; h2 requests come through hyper.)
 fn strip_request_headers(h: &mut HeaderMap) {
-    strip(h, &[header::PROXY_AUTHORIZATION, X_CONNECTION_ID, header::EXPECT]);
+    strip(h, |name| matches!(name, "proxy-authorization" | "x-connection-id" | "expect"));
 }
 
-/// Removes the hop-by-hop headers, the names `Connection` lists, and
-/// `also`. Most messages carry none of them, or only `Connection:
+/// Removes the hop-by-hop headers, the names `Connection` lists, and those
+/// `also` picks. Most messages carry none of them, or only `Connection:
 /// keep-alive`: one pass over the names finds what is there, and only that
 /// is looked up and removed.
-fn strip(h: &mut HeaderMap, also: &[HeaderName]) {
+fn strip(h: &mut HeaderMap, also: impl Fn(&str) -> bool) {
     // Each name at most once: fits without allocating.
     let mut present: [Option<HeaderName>; 12] = [const { None }; 12];
     let mut found = 0;
     let mut listed = Vec::new();
     for (name, value) in h.iter() {
-        if !(HOP_BY_HOP.contains(name) || also.contains(name)) || present[..found].iter().flatten().any(|p| p == name) {
+        let n = name.as_str();
+        if !(h1::is_hop_by_hop(n) || also(n)) || present[..found].iter().flatten().any(|p| p == name) {
             continue;
         }
         if found == present.len() {

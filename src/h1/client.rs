@@ -246,13 +246,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// connection (checked with one poll that needs no task to wake: a
     /// closed socket is readable).
     pub fn usable(&mut self) -> bool {
-        if !self.reusable || !self.body.is_done() || !self.rbuf.is_empty() {
+        if !self.reusable() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
         let mut probe = [0u8; 1];
         let mut rb = ReadBuf::new(&mut probe);
         matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut rb), Poll::Pending)
+    }
+
+    /// The last response was read to its end, nothing extra arrived, and
+    /// neither side asked to close: the connection may go back to the pool.
+    pub fn reusable(&self) -> bool {
+        self.reusable && self.body.is_done() && self.rbuf.is_empty()
     }
 
     pub fn get_ref(&self) -> &T {
@@ -321,10 +327,11 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Fram
     }
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| Error::Malformed("invalid status code"))?;
     let minor = resp.version.unwrap_or(1);
-    let (headers, s) = header_map(&head, resp.headers)?;
     let code = status.as_u16();
+    let bodiless = head_request || status.is_informational() || code == 204 || code == 304;
+    let (headers, s) = header_map(&head, resp.headers, bodiless)?;
     let mut keep_alive = s.keep_alive(minor);
-    let framing = if head_request || status.is_informational() || code == 204 || code == 304 {
+    let framing = if bodiless {
         Framing::Empty
     } else if s.transfer_encoding {
         // Transfer-Encoding overrides Content-Length; such a message may be
@@ -387,7 +394,17 @@ mod tests {
         assert!(resp("HTTP/1.1 999999 OK\r\n\r\n", false).is_err());
         let many: String = (0..60).map(|i| format!("X-{i}: v\r\n")).collect();
         let (r, _, _) = resp(&format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n"), false).unwrap();
-        assert_eq!(r.headers().len(), 61);
+        assert_eq!(r.headers().len(), 60, "framing fields are the codec's, not in the map");
+        // Hop-by-hop fields (and what Connection lists) never reach the map;
+        // a bodiless response keeps its Content-Length.
+        let (r, _, keep) = resp(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nX-End: 2\r\nContent-Length: 7\r\n\r\n",
+            true,
+        )
+        .unwrap();
+        assert!(keep);
+        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end", "content-length"]);
     }
 
     #[test]

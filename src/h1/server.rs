@@ -285,7 +285,7 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
     let uri = Uri::from_maybe_shared(head.slice_ref(target.as_bytes()))
         .map_err(|_| Error::Malformed("invalid request target"))?;
     let minor = req.version.unwrap_or(1);
-    let (headers, s) = header_map(&head, req.headers)?;
+    let (headers, s) = header_map(&head, req.headers, false)?;
     let framing = if method == Method::CONNECT {
         // What follows a CONNECT head is tunnel data, whatever it declares.
         Framing::Empty
@@ -707,6 +707,10 @@ mod tests {
         assert_eq!(h.parts.uri, "http://a.test/x?y=1");
         assert_eq!(h.parts.headers["x-connection-id"], "conn_x");
         assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Empty, true, false));
+        let h = head("POST http://a.test/ HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\nContent-Length: 3\r\nX-Keep: 2\r\n\r\n").unwrap();
+        let names: Vec<_> = h.parts.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"], "hop-by-hop and framing fields stay in the codec");
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(3), false));
 
         let h = head("POST http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").unwrap();
         assert_eq!((h.framing, h.expect_continue), (Framing::Length(5), true));

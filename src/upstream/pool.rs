@@ -308,8 +308,9 @@ impl Pool {
 
     /// `since`: when the request that used it started (idle a little
     /// longer than it really was, which only makes expiry conservative).
-    fn checkin(&self, mut h1: Box<H1>, since: Instant) {
-        if self.settings.max_idle_per_host == 0 || !h1.conn.usable() {
+    fn checkin(&self, h1: Box<H1>, since: Instant) {
+        // Only the flags: a close by the upstream is caught at checkout.
+        if self.settings.max_idle_per_host == 0 || !h1.conn.reusable() {
             return;
         }
         let mut slots = self.slots();
