@@ -17,9 +17,12 @@
 //! answered. The upstream counts requests carrying the injected header: a
 //! credproxy request that arrived without it fails the run.
 //!
-//! Then: start-to-ready time of the binary on the embedded-default layout,
-//! and resident memory per cached connection (100k connections resolved into
-//! the cache in this process).
+//! Then, when valgrind is installed: user-space instructions per request of
+//! credproxy and of nginx, one thread each, counted by callgrind (zeroed
+//! after a warm-up, dumped after the last answer) — a deterministic number
+//! where CPU time on a shared machine is not. Then: start-to-ready time of
+//! the binary on the embedded-default layout, and resident memory per cached
+//! connection (100k connections resolved into the cache in this process).
 //!
 //! Knobs (environment): LOAD_SECS (per measurement, default 4), LOAD_CONNS
 //! (client connections, default 16), LOAD_ROUNDS (default 3),
@@ -27,7 +30,8 @@
 //! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
 //! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
 //! LOAD_BASELINE_BIN (another credproxy binary, e.g. the previous commit's,
-//! measured as a `baseline` row beside `credproxy`).
+//! measured as a `baseline` row beside `credproxy`), LOAD_CALLGRIND=0 (skip
+//! the instruction counts).
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
 
@@ -186,8 +190,27 @@ async fn spawn_credproxy(config: &Path, cwd: &Path, log: &str) -> (Credproxy, Du
 }
 
 async fn spawn_binary(bin: &Path, config: &Path, cwd: &Path, log: &str) -> (Credproxy, Duration) {
+    spawn_wrapped(&[], bin, config, cwd, log).await
+}
+
+/// `credproxy serve` run by `wrapper` (e.g. valgrind and its options), if any.
+async fn spawn_wrapped(
+    wrapper: &[std::ffi::OsString],
+    bin: &Path,
+    config: &Path,
+    cwd: &Path,
+    log: &str,
+) -> (Credproxy, Duration) {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(bin)
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => tokio::process::Command::new(bin),
+    };
+    let mut child = cmd
         .args(["serve", "--config"])
         .arg(config)
         .current_dir(cwd)
@@ -249,11 +272,15 @@ async fn create_connection(admin: SocketAddr) -> String {
     v["id"].as_str().unwrap().to_owned()
 }
 
-fn find_nginx() -> Option<PathBuf> {
+fn find_tool(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join("nginx")).find(|p| p.is_file())
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin", "/usr/bin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn find_nginx() -> Option<PathBuf> {
+    find_tool("nginx")
 }
 
 /// An nginx master process. Stopped with SIGTERM, which it passes on to its
@@ -276,11 +303,26 @@ impl Drop for Nginx {
 /// nginx with `workers` worker processes (as many as credproxy's runtime
 /// threads), a static `Authorization` header and an upstream keep-alive pool.
 async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize) -> (Nginx, SocketAddr) {
+    spawn_nginx_with(&[], bin, &dir.join("nginx"), upstream, Some(workers)).await
+}
+
+/// `workers: None`: no master, the one worker is the process itself (to
+/// run it under `wrapper`, e.g. valgrind).
+async fn spawn_nginx_with(
+    wrapper: &[std::ffi::OsString],
+    bin: &Path,
+    prefix: &Path,
+    upstream: SocketAddr,
+    workers: Option<usize>,
+) -> (Nginx, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let (master, workers) = match workers {
+        Some(n) => ("on", n),
+        None => ("off", 1),
+    };
     let conf = format!(
-        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
+        "daemon off;\nmaster_process {master};\nworker_processes {workers};\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
            fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
@@ -292,10 +334,17 @@ async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usiz
     );
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
     let child = Nginx(
-        std::process::Command::new(bin)
-            .arg("-p")
-            .arg(&prefix)
+        cmd.arg("-p")
+            .arg(prefix)
             .arg("-c")
             .arg(&conf_path)
             .stdout(Stdio::null())
@@ -304,7 +353,7 @@ async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usiz
             .expect("nginx starts"),
     );
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    for _ in 0..500 {
+    for _ in 0..3000 {
         if TcpStream::connect(addr).await.is_ok() {
             return (child, addr);
         }
@@ -388,6 +437,20 @@ struct Sample {
 
 /// `conns` closed-loop clients for `dur`; measures the proxy process tree `pid`.
 async fn run(target: &Target, conns: usize, dur: Duration, pid: Option<u32>, tck: u64) -> Sample {
+    run_hooked(target, conns, dur, pid, tck, &|| {}, &|| {}).await
+}
+
+/// [`run`], calling `on_start` when the measured part starts (connections
+/// open, warmed up) and `on_end` when its last request has been answered.
+async fn run_hooked(
+    target: &Target,
+    conns: usize,
+    dur: Duration,
+    pid: Option<u32>,
+    tck: u64,
+    on_start: &dyn Fn(),
+    on_end: &dyn Fn(),
+) -> Sample {
     // Connections (and CONNECT tunnels) are opened before the clock starts.
     let mut senders = Vec::with_capacity(conns);
     for _ in 0..conns {
@@ -401,6 +464,7 @@ async fn run(target: &Target, conns: usize, dur: Duration, pid: Option<u32>, tck
             resp.into_body().collect().await.unwrap();
         }
     }
+    on_start();
     let before = pid.map(tree_stat);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + dur;
@@ -442,6 +506,7 @@ async fn run(target: &Target, conns: usize, dur: Duration, pid: Option<u32>, tck
         latencies_us.extend(l);
     }
     let secs = started.elapsed().as_secs_f64();
+    on_end();
     let after = pid.map(tree_stat);
     let per_req = |ticks: u64| ticks as f64 * 1e6 / tck as f64 / ok.max(1) as f64;
     let (cpu_us, user_us, peak_rss_kb) = match (before, after) {
@@ -484,6 +549,63 @@ fn summarize(samples: &[Sample]) -> Row {
         user: samples.iter().map(|s| s.user_us).collect::<Option<Vec<_>>>().map(median),
         rss_kb: samples.iter().filter_map(|s| s.peak_rss_kb).max(),
     }
+}
+
+// ---------------------------------------------------------------- instructions per request
+
+/// `valgrind --tool=callgrind`, writing its dumps into `dir`.
+fn callgrind_wrapper(valgrind: &Path, dir: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        valgrind.into(),
+        "--tool=callgrind".into(),
+        "--compress-strings=no".into(),
+        format!("--callgrind-out-file={}/cg.%p", dir.display()).into(),
+    ]
+}
+
+fn callgrind_control(control: &Path, flag: &str, pid: u32) {
+    let out =
+        std::process::Command::new(control).args([flag, &pid.to_string()]).output().expect("callgrind_control runs");
+    assert!(out.status.success(), "callgrind_control {flag} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The instruction count of the newest dump of `pid` in `dir`.
+fn dumped_instructions(dir: &Path, pid: u32) -> u64 {
+    let prefix = format!("cg.{pid}.");
+    let newest = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max()
+        .expect("callgrind wrote a dump")
+        .1;
+    let text = std::fs::read_to_string(&newest).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
+    line.and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("callgrind dump has a summary")
+}
+
+/// User-space instructions per request of the process `pid` (running under
+/// callgrind): counters zeroed once connections are open and warm, dumped
+/// after the last answer, divided by the requests answered.
+async fn instructions_per_request(
+    control: &Path,
+    dir: &Path,
+    pid: u32,
+    target: &Target,
+    conns: usize,
+    dur: Duration,
+    tck: u64,
+) -> f64 {
+    let s = run_hooked(target, conns, dur, None, tck, &|| callgrind_control(control, "-z", pid), &|| {
+        callgrind_control(control, "-d", pid)
+    })
+    .await;
+    assert_eq!(s.errors, 0, "requests failed under callgrind");
+    dumped_instructions(dir, pid) as f64 / s.ok.max(1) as f64
 }
 
 // ---------------------------------------------------------------- cache memory
@@ -764,6 +886,48 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
     drop(cp);
     drop(cp_log);
     drop(baseline);
+
+    // Instructions per request: deterministic, where CPU time is noisy. One
+    // thread each (credproxy runtime.worker_threads = 1, one nginx process).
+    let valgrind = find_tool("valgrind").zip(find_tool("callgrind_control"));
+    match (valgrind, std::env::var("LOAD_CALLGRIND").as_deref()) {
+        (_, Ok("0")) => {}
+        (None, _) => println!("\ninstructions per request: absent (install Debian's `valgrind` to count them)"),
+        (Some((valgrind, control)), _) => {
+            let cg = dir.path().join("callgrind");
+            std::fs::create_dir(&cg).unwrap();
+            let wrapper = callgrind_wrapper(&valgrind, &cg);
+            let one_thread = dir.path().join("credproxy-1.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&one_thread, text.replace(&format!("worker_threads = {workers}"), "worker_threads = 1"))
+                .unwrap();
+            let bin = Path::new(env!("CARGO_BIN_EXE_credproxy"));
+            let (cpv, _) = spawn_wrapped(&wrapper, bin, &one_thread, dir.path(), "info,credproxy::access=off").await;
+            let target = Target::Proxy { proxy: cpv.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
+            let (t0, w0) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
+            let pid = cpv.child.id().unwrap();
+            let cp_ir = instructions_per_request(&control, &cg, pid, &target, 4, dur / 2, tck).await;
+            let (t1, w1) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
+            assert_eq!(w1 - w0, t1 - t0, "credproxy under callgrind: requests without the token");
+            drop(cpv);
+            let ng_ir = match find_nginx() {
+                Some(bin) => {
+                    let (ngv, addr) = spawn_nginx_with(&wrapper, &bin, &dir.path().join("nginx-cg"), up, None).await;
+                    let target = Target::Proxy { proxy: addr, upstream: up, conn_id: None };
+                    Some(instructions_per_request(&control, &cg, ngv.id(), &target, 4, dur / 2, tck).await)
+                }
+                None => None,
+            };
+            println!();
+            match ng_ir {
+                Some(n) => println!(
+                    "user-space instructions per request (callgrind, one thread each): credproxy {cp_ir:.0}, nginx {n:.0}, credproxy/nginx {:.2}",
+                    cp_ir / n
+                ),
+                None => println!("user-space instructions per request (callgrind, one thread): credproxy {cp_ir:.0}; nginx absent"),
+            }
+        }
+    }
     if cache_n < 2 {
         return;
     }
