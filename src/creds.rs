@@ -12,9 +12,10 @@ pub mod rotate;
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
 use zeroize::Zeroizing;
@@ -155,12 +156,52 @@ pub struct NewConnection {
     pub credentials: BTreeMap<String, SecretValue>,
 }
 
+/// How long a connection remembered by one caller connection
+/// ([`ResolveMemo`]) is reused without asking the cache again. Any change
+/// to any cached connection forgets it at once; this bounds only what the
+/// cache's own expiry (`cache.ttl_secs`) could add.
+const MEMO_FOR: Duration = Duration::from_secs(1);
+
+/// The connection a caller's (keep-alive) connection resolved last. Callers
+/// send the same `X-Connection-Id` request after request; while nothing in
+/// the cache has changed since (a generation every change bumps), the same
+/// answer is used again without a cache lookup.
+#[derive(Default)]
+pub struct ResolveMemo {
+    id: [u8; ids::CONNECTION_ID_LEN],
+    resolved: Option<Arc<Resolved>>,
+    generation: u64,
+    until: Option<Instant>,
+}
+
+impl ResolveMemo {
+    fn get(&self, id: &str, generation: u64, now: Instant) -> Option<&Arc<Resolved>> {
+        let fresh = self.generation == generation && self.until.is_some_and(|u| now < u);
+        self.resolved.as_ref().filter(|_| fresh && self.id.as_slice() == id.as_bytes())
+    }
+}
+
+/// Unknown and other-org ids are one `NotFound`; a connection that is not
+/// active says which state it is in.
+fn visible(r: &Resolved, org: &str) -> Result<(), ResolveError> {
+    if r.meta.org_id != org {
+        return Err(ResolveError::NotFound);
+    }
+    if r.meta.state != ConnectionState::Active {
+        return Err(ResolveError::NotActive(r.meta.state));
+    }
+    Ok(())
+}
+
 /// Connection service shared by the proxy and the admin API.
 pub struct Connections {
     store: Arc<dyn Store>,
     envelope: Envelope,
     integrations: Arc<Integrations>,
     cache: Cache<String, Arc<Resolved>>,
+    /// Bumped by every change to the cache (insert, invalidation, eviction):
+    /// what a [`ResolveMemo`] checks.
+    generation: Arc<AtomicU64>,
     oauth: oauth::OAuthState,
     stats: Arc<CredsStats>,
 }
@@ -176,16 +217,25 @@ impl Connections {
     ) -> Self {
         let stats = Arc::new(CredsStats::default());
         let evictions = stats.clone();
+        let generation = Arc::new(AtomicU64::new(1));
+        let bump = generation.clone();
         let cache = Cache::builder()
             .max_capacity(max_entries)
             .time_to_live(ttl)
             .eviction_listener(move |_id, _entry, cause| {
+                bump.fetch_add(1, Release);
                 if cause.was_evicted() {
                     evictions.cache_evictions.fetch_add(1, Relaxed);
                 }
             })
             .build();
-        Self { store, envelope, integrations, cache, oauth: oauth::OAuthState::new(token_client), stats }
+        Self { store, envelope, integrations, cache, generation, oauth: oauth::OAuthState::new(token_client), stats }
+    }
+
+    /// Every change to the cache also goes through here (the eviction
+    /// listener may run later than the change, e.g. for `invalidate_all`).
+    fn changed(&self) {
+        self.generation.fetch_add(1, Release);
     }
 
     /// Cache, refresh and row-lock counters (for `/metrics`).
@@ -216,11 +266,32 @@ impl Connections {
                 (Box::pin(self.resolve_miss(id)).await?, false)
             }
         };
-        if resolved.meta.org_id != org {
-            return Err(ResolveError::NotFound);
+        visible(&resolved, org)?;
+        Ok((resolved, hit))
+    }
+
+    /// [`Connections::resolve`], remembering the answer in `memo` for the
+    /// caller connection's next request (`now`: when this request started).
+    pub async fn resolve_memo(
+        &self,
+        org: &str,
+        id: &str,
+        memo: &mut ResolveMemo,
+        now: Instant,
+    ) -> Result<(Arc<Resolved>, bool), ResolveError> {
+        // Read before the lookup: a change during it makes the memo stale.
+        let generation = self.generation.load(Acquire);
+        if let Some(r) = memo.get(id, generation, now) {
+            self.stats.cache_hits.fetch_add(1, Relaxed);
+            visible(r, org)?;
+            return Ok((r.clone(), true));
         }
-        if resolved.meta.state != ConnectionState::Active {
-            return Err(ResolveError::NotActive(resolved.meta.state));
+        let (resolved, hit) = self.resolve(org, id).await?;
+        if id.len() == ids::CONNECTION_ID_LEN {
+            memo.id.copy_from_slice(id.as_bytes());
+            memo.resolved = Some(resolved.clone());
+            memo.generation = generation;
+            memo.until = Some(now + MEMO_FOR);
         }
         Ok((resolved, hit))
     }
@@ -340,6 +411,7 @@ impl Connections {
     pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let deleted = self.store.delete_connection(id).await?;
         self.cache.invalidate(id).await;
+        self.changed();
         Ok(deleted)
     }
 
@@ -349,6 +421,7 @@ impl Connections {
             crate::store::postgres::Change::Connection(id) => self.cache.invalidate(&id).await,
             crate::store::postgres::Change::Resync => self.cache.invalidate_all(),
         }
+        self.changed();
     }
 
     pub fn cached_entries(&self) -> u64 {

@@ -6,6 +6,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 pub const CONNECTION_ID_PREFIX: &str = "conn_";
 const ID_CHARS: usize = 26;
+/// Bytes in a connection id.
+pub const CONNECTION_ID_LEN: usize = CONNECTION_ID_PREFIX.len() + ID_CHARS;
 /// RFC 4648 base32 alphabet, lowercase (ids appear in URLs and headers).
 const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 

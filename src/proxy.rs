@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::creds::Connections;
+use crate::creds::{Connections, ResolveMemo};
 use crate::h1::server::{
     Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
 };
@@ -253,6 +253,7 @@ async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunn
     let mut deadline = Instant::now() + limits.header_read_timeout;
     let mut timer = pin!(tokio::time::sleep_until(deadline.into()));
     let mut registered = DrainGuard { drain: &state.drain, id: None };
+    let mut memo = ResolveMemo::default();
     loop {
         let Some(rs) = side.as_mut() else { return };
 
@@ -322,8 +323,8 @@ async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunn
 
         // The pipeline; `100 Continue` goes out when it first reads the body.
         let resp = match &cont {
-            None => handle(state, peer, req).await,
-            Some(c) => match with_continue(handle(state, peer, req), c, &mut wr).await {
+            None => handle(state, peer, req, Some(&mut memo)).await,
+            Some(c) => match with_continue(handle(state, peer, req, Some(&mut memo)), c, &mut wr).await {
                 Ok(resp) => resp,
                 Err(_) => return,
             },
@@ -460,7 +461,14 @@ struct Access {
     retried: bool,
 }
 
-async fn handle(state: &Arc<ProxyState>, peer: SocketAddr, req: Request<CallerBody>) -> Response<ProxyBody> {
+/// One request through the pipeline, with its metrics and access line.
+/// `memo`: what this caller connection resolved last (none for h2 streams).
+async fn handle(
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
+    req: Request<CallerBody>,
+    memo: Option<&mut ResolveMemo>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let metrics = &state.outbound.metrics;
     let in_flight = metrics.in_flight();
@@ -468,7 +476,7 @@ async fn handle(state: &Arc<ProxyState>, peer: SocketAddr, req: Request<CallerBo
     let logged = tracing::enabled!(target: "credproxy::access", tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut access = Access::default();
-    let resp = match forward(state, peer, req, &mut access).await {
+    let resp = match forward(state, peer, req, &mut access, memo, started).await {
         Ok(resp) => resp,
         Err(err) => {
             let problem = err.problem();
@@ -514,6 +522,8 @@ async fn forward(
     peer: SocketAddr,
     req: Request<CallerBody>,
     access: &mut Access,
+    memo: Option<&mut ResolveMemo>,
+    started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
 
@@ -553,7 +563,11 @@ async fn forward(
             access.connection = Some(id.clone());
             let id = id.to_str().unwrap_or_default();
             // 4. Resolve (org, id): cache → store → decrypt; other orgs see the same 404.
-            let (resolved, hit) = state.connections.resolve(org, id).await?;
+            // A keep-alive caller's last connection is remembered while the cache is unchanged.
+            let (resolved, hit) = match memo {
+                Some(memo) => state.connections.resolve_memo(org, id, memo, started).await?,
+                None => state.connections.resolve(org, id).await?,
+            };
             access.cache_hit = Some(hit);
             access.integration = Some(resolved.integration.clone());
 

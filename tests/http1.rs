@@ -478,3 +478,30 @@ async fn an_upstream_that_stops_answering_is_a_504_at_the_response_header_timeou
         assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{what}: after {took:?}");
     }
 }
+
+/// One keep-alive caller connection remembers the connection it resolved
+/// last; a change (here a delete) must still apply to its very next request,
+/// and a different id on the same connection must get its own credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_caller_sees_each_ids_credential_and_a_delete_at_once() {
+    let h = Harness::start().await;
+    let a = h.create("bearer", &[("token", "memo-token-a")]).await;
+    let b = h.create("bearer", &[("token", "memo-token-b")]).await;
+    let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    let url = format!("{}/headers", httpbin());
+    for (id, token) in [(&a, "memo-token-a"), (&a, "memo-token-a"), (&b, "memo-token-b"), (&a, "memo-token-a")] {
+        s.write_all(get(&url, id).as_bytes()).await.unwrap();
+        let r = read_response(&mut s, &mut buf, false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["headers"]["Authorization"], format!("Bearer {token}"));
+    }
+    let (status, v) = h.admin.send(http::Method::DELETE, &format!("/v1/connections/{a}"), None).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    s.write_all(get(&url, &a).as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (404, Some("connection_not_found")), "deleted: refused at once");
+    s.write_all(get(&url, &b).as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.json()["headers"]["Authorization"], "Bearer memo-token-b");
+}

@@ -214,6 +214,7 @@ impl Connections {
         }
         if superseded(&current) {
             self.cache.insert(id.to_owned(), current.clone()).await;
+            self.changed();
             return Ok(current);
         }
         if self.oauth.cooldown.contains_key(id) {
@@ -246,6 +247,7 @@ impl Connections {
                     tokens: Some(fresh),
                 });
                 self.cache.insert(id.to_owned(), next.clone()).await;
+                self.changed();
                 tracing::info!(connection = %id, integration = %current.integration.id, "oauth2 token refreshed");
                 Ok(next)
             }
@@ -253,6 +255,7 @@ impl Connections {
                 self.stats.refresh_failures.fetch_add(1, Relaxed);
                 lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await?;
                 self.cache.invalidate(id).await;
+                self.changed();
                 tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
                 Err(RefreshError::NeedsReauth)
             }
@@ -380,6 +383,7 @@ impl Connections {
                 return Err(AuthorizeError::ConnectionNotFound);
             }
             self.cache.invalidate(id).await;
+            self.changed();
             self.oauth.cooldown.invalidate(id).await;
             let meta = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
             tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection re-authorized");

@@ -110,7 +110,7 @@ fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, re
     let (mut parts, body) = req.into_parts();
     parts.uri = target.absolute(&parts.uri);
     let req = Request::from_parts(parts, Either::Right(body));
-    Box::pin(async move { Ok(handle(&state, peer, req).await) })
+    Box::pin(async move { Ok(handle(&state, peer, req, None).await) })
 }
 
 /// Replays bytes already read (the peeked first byte) before the stream.
