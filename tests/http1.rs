@@ -167,7 +167,15 @@ async fn pipelined_requests_are_answered_in_order_each_with_its_credential() {
     let h = Harness::start().await;
     let id = h.create("bearer", &[("token", "pipeline-token")]).await;
     let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
-    let all: String = (1..=3).map(|n| get(&format!("{}/anything?n={n}", httpbin()), &id)).collect();
+    // A request with a body in the middle: its body must end exactly where
+    // the next request starts.
+    let post = format!(
+        "POST {}/anything?n=2 HTTP/1.1\r\nX-Connection-Id: {id}\r\nContent-Length: 11\r\n\r\nhello there",
+        httpbin()
+    );
+    let all =
+        [get(&format!("{}/anything?n=1", httpbin()), &id), post, get(&format!("{}/anything?n=3", httpbin()), &id)]
+            .concat();
     s.write_all(all.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     for n in 1..=3 {
@@ -175,6 +183,7 @@ async fn pipelined_requests_are_answered_in_order_each_with_its_credential() {
         assert_eq!(r.status, 200);
         let v = r.json();
         assert_eq!(v["args"]["n"], n.to_string());
+        assert_eq!(v["data"], if n == 2 { "hello there" } else { "" });
         assert_eq!(v["headers"]["Authorization"], "Bearer pipeline-token");
         assert!(v["headers"].get("X-Connection-Id").is_none());
     }
@@ -308,6 +317,16 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
 async fn oversized_heads_get_431() {
     let h = Harness::start().await;
     let id = h.create("bearer", &[("token", "big-token")]).await;
+    // A large head within proxy.max_header_bytes (64 KiB) is fine (fields
+    // under gunicorn's own 8 KiB per-field limit).
+    let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
+    let fields: String = (0..4).map(|i| format!("X-Big-{i}: {}\r\n", "b".repeat(6000))).collect();
+    let req = format!("GET {}/headers HTTP/1.1\r\nX-Connection-Id: {id}\r\n{fields}\r\n", httpbin());
+    s.write_all(req.as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut Vec::new(), false).await;
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    assert_eq!(r.json()["headers"]["X-Big-3"].as_str().map(str::len), Some(6000));
+
     let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
     let big = "a".repeat(70 * 1024);
     let req = format!("GET {}/get HTTP/1.1\r\nX-Connection-Id: {id}\r\nX-Big: {big}\r\n\r\n", httpbin());
