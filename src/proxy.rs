@@ -492,13 +492,12 @@ async fn handle(
     };
     drop(in_flight);
     metrics.request(access.integration.as_ref().map(|i| i.id.as_str()), resp.status().as_u16());
-    // One pre-formatted message instead of a dozen structured fields: the
-    // formatter's per-field work was most of the line's cost (load bench).
+    // One message instead of a dozen structured fields: the formatter's
+    // per-field work was most of the line's cost (load bench), and
+    // `telemetry` writes access lines without re-escaping them.
     if let Some((method, path)) = logged {
-        use std::fmt::Write as _;
-        let mut line = String::with_capacity(256);
-        let _ = write!(
-            line,
+        info!(
+            target: "credproxy::access",
             "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
              latency_us={} cache_hit={} code={} retried={}",
             state.org_id,
@@ -511,7 +510,6 @@ async fn handle(
             access.code.unwrap_or("-"),
             access.retried,
         );
-        info!(target: "credproxy::access", "{line}");
     }
     resp
 }
