@@ -9,7 +9,9 @@
 //! - `credproxy-connect`: `CONNECT` + TLS interception, HTTP/1.1 inside, to the
 //!   upstream's TLS port;
 //! - `nginx`: nginx (Debian package) proxying with a static `Authorization`
-//!   header and an upstream keep-alive pool; marked absent if not installed.
+//!   header and an upstream keep-alive pool; marked absent if not installed;
+//! - `nginx+accesslog`: the same with nginx's default access log (combined
+//!   format, to a file), to set beside `credproxy+accesslog`.
 //!
 //! Systems alternate (A B C D, A B C D, …) and each row is the median of the
 //! rounds. CPU per request is the proxy process's utime+stime (all nginx
@@ -302,18 +304,26 @@ impl Drop for Nginx {
 
 /// nginx with `workers` worker processes (as many as credproxy's runtime
 /// threads), a static `Authorization` header and an upstream keep-alive pool.
-async fn spawn_nginx(bin: &Path, dir: &Path, upstream: SocketAddr, workers: usize) -> (Nginx, SocketAddr) {
-    spawn_nginx_with(&[], bin, &dir.join("nginx"), upstream, Some(workers)).await
+async fn spawn_nginx(
+    bin: &Path,
+    prefix: &Path,
+    upstream: SocketAddr,
+    workers: usize,
+    access_log: bool,
+) -> (Nginx, SocketAddr) {
+    spawn_nginx_with(&[], bin, prefix, upstream, Some(workers), access_log).await
 }
 
 /// `workers: None`: no master, the one worker is the process itself (to
-/// run it under `wrapper`, e.g. valgrind).
+/// run it under `wrapper`, e.g. valgrind). `access_log`: nginx's default
+/// (combined format, a write per request) instead of `access_log off`.
 async fn spawn_nginx_with(
     wrapper: &[std::ffi::OsString],
     bin: &Path,
     prefix: &Path,
     upstream: SocketAddr,
     workers: Option<usize>,
+    access_log: bool,
 ) -> (Nginx, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::create_dir_all(prefix.join("logs")).unwrap();
@@ -324,13 +334,14 @@ async fn spawn_nginx_with(
     let conf = format!(
         "daemon off;\nmaster_process {master};\nworker_processes {workers};\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+         http {{\n  access_log {log};\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
            fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
            upstream hello {{ server {upstream}; keepalive 64; }}\n\
            server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://hello;\n\
                proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
                proxy_set_header Authorization \"Bearer {TOKEN}\";\n    }}\n  }}\n}}\n",
-        p = prefix.display()
+        p = prefix.display(),
+        log = if access_log { format!("{}/access.log", prefix.display()) } else { "off".into() },
     );
     let conf_path = prefix.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -761,7 +772,10 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
     let tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls));
 
     let nginx = match find_nginx() {
-        Some(bin) => Some(spawn_nginx(&bin, dir.path(), up, workers).await),
+        Some(bin) => Some((
+            spawn_nginx(&bin, &dir.path().join("nginx"), up, workers, false).await,
+            spawn_nginx(&bin, &dir.path().join("nginx-log"), up, workers, true).await,
+        )),
         None => None,
     };
 
@@ -790,8 +804,10 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
         let target = Target::Proxy { proxy: b.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
         systems.insert(2, ("baseline", target, b.child.id(), true));
     }
-    if let Some((child, addr)) = &nginx {
+    if let Some(((child, addr), (child_log, addr_log))) = &nginx {
         systems.push(("nginx", Target::Proxy { proxy: *addr, upstream: up, conn_id: None }, Some(child.id()), false));
+        let target = Target::Proxy { proxy: *addr_log, upstream: up, conn_id: None };
+        systems.push(("nginx+accesslog", target, Some(child_log.id()), false));
     }
     // LOAD_SYSTEMS=credproxy,nginx narrows a run (for A/B work on one change).
     if let Ok(only) = std::env::var("LOAD_SYSTEMS") {
@@ -821,8 +837,8 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
                 );
                 assert!(w1 - w0 >= s.ok, "{name}: {} answered, only {} carried the token", s.ok, w1 - w0);
             }
-            if *name == "nginx" {
-                assert_eq!(w1 - w0, t1 - t0, "nginx: requests without the static header");
+            if name.starts_with("nginx") {
+                assert_eq!(w1 - w0, t1 - t0, "{name}: requests without the static header");
             }
             eprintln!(
                 "  round {} {name:<18} {:>8.0} req/s  cpu {:>8}  (user {:>8})  p99 {:>6} µs",
@@ -872,10 +888,17 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
         // A LOAD_SYSTEMS subset prints only the ratios it has rows for.
         for (name, target) in [("credproxy", true), ("credproxy+accesslog", false), ("credproxy-connect", false)] {
             let Some(r) = get(name) else { continue };
+            // Each configuration against nginx configured alike.
+            let n = if name == "credproxy+accesslog" { get("nginx+accesslog").unwrap_or(n) } else { n };
+            let name = if name == "credproxy+accesslog" && get("nginx+accesslog").is_some() {
+                "credproxy+accesslog/nginx+accesslog".to_owned()
+            } else {
+                format!("{name}/nginx")
+            };
             let (c, nc) = (r.cpu.unwrap_or(f64::NAN), n.cpu.unwrap_or(f64::NAN));
             let (t_cpu, t_p99) = if target { (" (target ≤ 0.80)", " (target ≤ 1.00)") } else { ("", "") };
             println!(
-                "{name}/nginx: CPU per request {:.2}{t_cpu}, p99 {:.2}{t_p99}, throughput {:.2}",
+                "{name}: CPU per request {:.2}{t_cpu}, p99 {:.2}{t_p99}, throughput {:.2}",
                 c / nc,
                 r.p99 / n.p99,
                 r.rps / n.rps
@@ -912,7 +935,8 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             drop(cpv);
             let ng_ir = match find_nginx() {
                 Some(bin) => {
-                    let (ngv, addr) = spawn_nginx_with(&wrapper, &bin, &dir.path().join("nginx-cg"), up, None).await;
+                    let (ngv, addr) =
+                        spawn_nginx_with(&wrapper, &bin, &dir.path().join("nginx-cg"), up, None, false).await;
                     let target = Target::Proxy { proxy: addr, upstream: up, conn_id: None };
                     Some(instructions_per_request(&control, &cg, ngv.id(), &target, 4, dur / 2, tck).await)
                 }
