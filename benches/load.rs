@@ -26,8 +26,8 @@
 //! the binary on the embedded-default layout, and resident memory per cached
 //! connection (100k connections resolved into the cache in this process).
 //!
-//! Knobs (environment): LOAD_SECS (per measurement, default 4), LOAD_CONNS
-//! (client connections, default 16), LOAD_ROUNDS (default 3),
+//! Knobs (environment): LOAD_SECS (per measurement, default 3), LOAD_CONNS
+//! (client connections, default 16), LOAD_ROUNDS (default 5),
 //! LOAD_CACHE_CONNECTIONS (default 100000; 0 skips start-up and memory),
 //! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
 //! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
@@ -693,9 +693,9 @@ fn main() {
     // this is a smoke run: every row briefly, with the same sanity checks
     // (every credproxy request carried the injected header), no timing claims.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let ms: u64 = if smoke { 300 } else { env_or::<u64>("LOAD_SECS", 4) * 1000 };
+    let ms: u64 = if smoke { 300 } else { env_or::<u64>("LOAD_SECS", 3) * 1000 };
     let conns: usize = env_or("LOAD_CONNS", if smoke { 4 } else { 16 });
-    let rounds: usize = if smoke { 1 } else { env_or("LOAD_ROUNDS", 3) };
+    let rounds: usize = if smoke { 1 } else { env_or("LOAD_ROUNDS", 5) };
     // 0 skips the start-up and cache-memory sections.
     let cache_n: usize = if smoke { 500 } else { env_or("LOAD_CACHE_CONNECTIONS", 100_000) };
     // credproxy runtime threads and nginx worker processes (the same number).
