@@ -6,13 +6,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::uri::{Authority, Scheme as UriScheme};
 use http::Request;
 use http_body_util::Either;
@@ -20,12 +18,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{handle, serve_h1, ProxyState, TunnelTarget};
-use crate::h1::server::{Transport, Upgraded};
+use crate::h1::server::{Rewind, Transport, Upgraded};
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -60,7 +58,7 @@ async fn intercepted(
         Ok(Ok(0) | Err(_)) | Err(_) => return,
         Ok(Ok(n)) => n,
     };
-    let io = Prefixed { prefix: Bytes::copy_from_slice(&first[..n]), inner: upgraded };
+    let io = Rewind::new(Bytes::copy_from_slice(&first[..n]), upgraded);
     if first[0] != TLS_HANDSHAKE {
         // undici tunnels even http:// targets: plain HTTP inside CONNECT.
         let target = TunnelTarget { scheme: UriScheme::HTTP, authority };
@@ -111,48 +109,4 @@ fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, re
     parts.uri = target.absolute(&parts.uri);
     let req = Request::from_parts(parts, Either::Right(body));
     Box::pin(async move { Ok(handle(&state, peer, req, None).await) })
-}
-
-/// Replays bytes already read (the peeked first byte) before the stream.
-struct Prefixed<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.prefix.has_remaining() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
