@@ -89,7 +89,7 @@ const ERROR_CODES: &[&str] = &[
 
 pub struct Metrics {
     /// Integration id → row in `requests`; the last row is `none`.
-    integrations: HashMap<String, usize>,
+    integrations: HashMap<String, usize, ahash::RandomState>,
     names: Vec<String>,
     /// Per integration: 1xx..5xx.
     requests: Vec<[AtomicU64; 5]>,

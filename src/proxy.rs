@@ -36,7 +36,7 @@ use crate::policy::hosts::HostPattern;
 use crate::tls::Interceptor;
 use crate::upstream::pool::PooledBody;
 use crate::upstream::GuardedConnector;
-use crate::upstream::{CallerBody, UpstreamBody};
+use crate::upstream::{self, CallerBody, UpstreamBody};
 
 mod tunnel;
 
@@ -531,7 +531,7 @@ async fn forward(
         return Box::pin(connect(state, peer, parts, access)).await;
     }
     let mut uri = std::mem::take(&mut parts.uri);
-    let (scheme, host) = target_of(&uri)?;
+    let (scheme, host, port) = target_of(&uri)?;
     access.host = uri.authority().cloned();
 
     // 2. Identify the caller: sidecar mode pins one organization.
@@ -574,7 +574,6 @@ async fn forward(
                 (Scheme::Http, Scheme::Https) => Scheme::Https,
                 (s, _) => s,
             };
-            let port = uri.port_u16();
             let up_port = match port {
                 Some(p) if !(up_scheme != scheme && p == scheme.default_port()) => p,
                 _ => up_scheme.default_port(),
@@ -658,18 +657,19 @@ async fn connect(
     Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
 }
 
-fn target_of(uri: &Uri) -> Result<(Scheme, &str), ProxyError> {
+/// Scheme, host and explicit port of an absolute-form request target.
+fn target_of(uri: &Uri) -> Result<(Scheme, &str, Option<u16>), ProxyError> {
     let scheme = match uri.scheme() {
         None => return Err(ProxyError::OriginForm),
         Some(s) if *s == UriScheme::HTTP => Scheme::Http,
         Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
         Some(_) => return Err(ProxyError::UnsupportedScheme),
     };
-    let host = uri.host().filter(|h| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
+    let (host, port) = upstream::host_port(uri).filter(|(h, _)| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
-    Ok((scheme, host))
+    Ok((scheme, host, port))
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {
@@ -760,9 +760,9 @@ mod tests {
         assert!(matches!(target_of(&"/x".parse().unwrap()), Err(ProxyError::OriginForm)));
         assert!(matches!(target_of(&"ftp://a/".parse().unwrap()), Err(ProxyError::UnsupportedScheme)));
         let u: Uri = "http://a.test/x".parse().unwrap();
-        assert_eq!(target_of(&u).unwrap(), (Scheme::Http, "a.test"));
+        assert_eq!(target_of(&u).unwrap(), (Scheme::Http, "a.test", None));
         let u: Uri = "https://a.test:8443/".parse().unwrap();
-        assert_eq!(target_of(&u).unwrap(), (Scheme::Https, "a.test"));
+        assert_eq!(target_of(&u).unwrap(), (Scheme::Https, "a.test", Some(8443)));
         let u = rebuild_uri(&"http://a.test/p?q=1".parse().unwrap(), Scheme::Https, "a.test", 443).unwrap();
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
         assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");

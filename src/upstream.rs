@@ -36,6 +36,26 @@ pub type CallerBody = Either<crate::h1::server::RequestBody, Incoming>;
 /// Request bodies we forward: the caller's stream, or a buffered rewrite.
 pub type UpstreamBody = Either<CallerBody, Full<Bytes>>;
 
+/// The host and port of a URI's authority, as [`Uri::host`] and
+/// [`Uri::port_u16`] give them (an IPv6 literal keeps its brackets), found
+/// in one short scan: `http`'s accessors each split the authority with
+/// generic string searches, about 700 instructions a request for the two.
+pub fn host_port(uri: &Uri) -> Option<(&str, Option<u16>)> {
+    let a = uri.authority()?.as_str();
+    let a = memchr::memrchr(b'@', a.as_bytes()).map_or(a, |at| &a[at + 1..]);
+    let (host, port) = if a.starts_with('[') {
+        let end = memchr::memchr(b']', a.as_bytes())? + 1;
+        (&a[..end], a[end..].strip_prefix(':'))
+    } else {
+        match memchr::memchr(b':', a.as_bytes()) {
+            Some(colon) => (&a[..colon], Some(&a[colon + 1..])),
+            None => (a, None),
+        }
+    };
+    let port = port.filter(|p| p.bytes().all(|b| b.is_ascii_digit())).and_then(|p| p.parse().ok());
+    Some((host, port))
+}
+
 /// Why the connector did not produce a connection. Found again by the proxy
 /// in the client error's source chain to pick the right status.
 #[derive(Debug, thiserror::Error)]
@@ -100,9 +120,9 @@ impl GuardedConnector {
     }
 
     async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
-        let host = uri.host().ok_or(ConnectError::InvalidUri)?.to_owned();
-        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-        self.connect_checked(&host, port).await.map(TokioIo::new)
+        let (host, port) = host_port(&uri).ok_or(ConnectError::InvalidUri)?;
+        let port = port.unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        self.connect_checked(host, port).await.map(TokioIo::new)
     }
 
     /// Resolves, checks every address, and connects to a checked one.
@@ -238,4 +258,35 @@ pub fn load_pem_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::C
         store.add(c.clone()).map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `host_port` agrees with `http`'s own accessors on every shape of
+    /// authority a request target can have.
+    #[test]
+    fn host_port_matches_http() {
+        for u in [
+            "http://example.com/",
+            "http://example.com:8080/x",
+            "https://127.0.0.1:443/",
+            "http://[::1]:9000/",
+            "http://[::1]/",
+            "http://[fe80::1%25eth0]:80/",
+            "http://user:pw@host.test:81/",
+            "http://user@host.test/",
+            "http://example.com:/",
+            "http://example.com:99999/",
+            "http://example.com:00080/",
+            "http://:80/",
+            "/origin-form",
+        ] {
+            let uri: Uri = u.parse().unwrap();
+            let ours = host_port(&uri);
+            let theirs = uri.host().map(|h| (h, uri.port_u16()));
+            assert_eq!(ours, theirs, "{u}");
+        }
+    }
 }

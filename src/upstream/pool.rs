@@ -107,8 +107,8 @@ impl<'a> KeyRef<'a> {
             Some("http") => false,
             _ => return Err(UpstreamError::InvalidUri),
         };
-        let host = uri.host().ok_or(UpstreamError::InvalidUri)?;
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let (host, port) = super::host_port(uri).ok_or(UpstreamError::InvalidUri)?;
+        let port = port.unwrap_or(if https { 443 } else { 80 });
         Ok(Self { https, host, port })
     }
 
@@ -180,10 +180,13 @@ struct Idle {
     since: Instant,
 }
 
+/// Keyed with aHash, randomly seeded: a lookup on every request, with keys
+/// callers can influence (hosts matched by an integration's wildcard), so
+/// fast but not predictable (SipHash cost ~400 instructions a lookup).
 #[derive(Default)]
 struct Slots {
-    idle: HashMap<Key, Vec<Idle>>,
-    h2: HashMap<Key, H2Sender>,
+    idle: HashMap<Key, Vec<Idle>, ahash::RandomState>,
+    h2: HashMap<Key, H2Sender, ahash::RandomState>,
 }
 
 pub struct Pool {
