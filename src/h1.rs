@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -105,38 +105,79 @@ struct FieldSummary {
     expect_continue: bool,
 }
 
+/// What a header field name means to the codec, found from its bytes in
+/// any case: framing and connection-management fields are the codec's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Expect,
+    Date,
+    /// Another hop-by-hop field (RFC 9110 §7.6.1).
+    HopByHop,
+    Other,
+}
+
+impl Kind {
+    fn of(name: &[u8]) -> Self {
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        match name.len() {
+            14 if is("content-length") => Self::ContentLength,
+            17 if is("transfer-encoding") => Self::TransferEncoding,
+            10 if is("connection") => Self::Connection,
+            6 if is("expect") => Self::Expect,
+            4 if is("date") => Self::Date,
+            2 if is("te") => Self::HopByHop,
+            7 if is("trailer") || is("upgrade") => Self::HopByHop,
+            10 if is("keep-alive") => Self::HopByHop,
+            16 if is("proxy-connection") => Self::HopByHop,
+            18 if is("proxy-authenticate") => Self::HopByHop,
+            _ => Self::Other,
+        }
+    }
+
+    fn hop_by_hop(self) -> bool {
+        matches!(self, Self::TransferEncoding | Self::Connection | Self::HopByHop)
+    }
+}
+
 impl FieldSummary {
-    fn observe(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), Error> {
-        if name == header::CONTENT_LENGTH {
-            let n = parse_content_length(value)?;
-            if self.content_length.is_some_and(|prev| prev != n) {
-                return Err(Error::Malformed("conflicting Content-Length values"));
+    fn observe(&mut self, kind: Kind, value: &[u8]) -> Result<(), Error> {
+        match kind {
+            Kind::ContentLength => {
+                let n = parse_content_length(value)?;
+                if self.content_length.is_some_and(|prev| prev != n) {
+                    return Err(Error::Malformed("conflicting Content-Length values"));
+                }
+                self.content_length = Some(n);
             }
-            self.content_length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            let mut codings = list_items(value).peekable();
-            let first_header = !self.transfer_encoding;
-            self.transfer_encoding = true;
-            let mut only = first_header;
-            let mut count = 0;
-            let mut last_chunked = false;
-            while let Some(c) = codings.next() {
-                count += 1;
-                last_chunked = c.eq_ignore_ascii_case(b"chunked");
-                only &= last_chunked && codings.peek().is_none();
+            Kind::TransferEncoding => {
+                let mut codings = list_items(value).peekable();
+                let first_header = !self.transfer_encoding;
+                self.transfer_encoding = true;
+                let mut only = first_header;
+                let mut count = 0;
+                let mut last_chunked = false;
+                while let Some(c) = codings.next() {
+                    count += 1;
+                    last_chunked = c.eq_ignore_ascii_case(b"chunked");
+                    only &= last_chunked && codings.peek().is_none();
+                }
+                self.chunked_only = only && count == 1;
+                self.chunked_last = last_chunked;
             }
-            self.chunked_only = only && count == 1;
-            self.chunked_last = last_chunked;
-        } else if name == header::CONNECTION {
-            for token in list_items(value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
+            Kind::Connection => {
+                for token in list_items(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    }
                 }
             }
-        } else if name == header::EXPECT && trim(value).eq_ignore_ascii_case(b"100-continue") {
-            self.expect_continue = true;
+            Kind::Expect if trim(value).eq_ignore_ascii_case(b"100-continue") => self.expect_continue = true,
+            _ => {}
         }
         Ok(())
     }
@@ -204,22 +245,14 @@ fn header_map(
     // Room for the few fields the proxy adds (Host, the credential) without regrowing.
     let mut map = HeaderMap::with_capacity(fields.len() + 2);
     let mut summary = FieldSummary::default();
-    let connection_tokens = || {
-        fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|f| list_items(f.value))
-            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
-    };
-    let lists_names = connection_tokens().next().is_some();
+    let listed = Connection::listed(fields);
     for f in fields {
         let name = known_name(f.name.as_bytes())
             .map_or_else(|| HeaderName::from_bytes(f.name.as_bytes()), Ok)
             .map_err(|_| Error::Malformed("invalid header field name"))?;
-        summary.observe(&name, f.value)?;
-        if is_hop_by_hop(name.as_str())
-            || (name == header::CONTENT_LENGTH && !keep_length)
-            || (lists_names && connection_tokens().any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes())))
+        let kind = Kind::of(name.as_str().as_bytes());
+        summary.observe(kind, f.value)?;
+        if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed.names(name.as_str().as_bytes())
         {
             continue;
         }
@@ -228,6 +261,133 @@ fn header_map(
         map.append(name, value);
     }
     Ok((map, summary))
+}
+
+/// Response header fields as an upstream sent them, minus what the codec
+/// owns (framing and hop-by-hop fields, the names `Connection` lists), one
+/// `name: value` line each, CRLF-terminated. An HTTP/1.1 caller gets the
+/// lines copied as they are; a header map for them cost ~10% of a proxied
+/// request (names parsed, hashed, two allocations). An h2 caller, or
+/// anything else that needs a map, gets one from [`RawFields::append_to`].
+/// Every byte was checked by `httparse` (names are tokens, values hold no
+/// control characters), so the lines are safe to forward verbatim.
+#[derive(Clone, Default)]
+pub struct RawFields {
+    lines: Bytes,
+    /// A `Date` field is among them.
+    date: bool,
+    /// A `Content-Length` field is among them (kept for bodiless responses).
+    length: bool,
+}
+
+impl RawFields {
+    /// Builds the lines from parsed fields and summarizes the framing
+    /// fields on the way (the counterpart of [`header_map`]).
+    fn from_parsed(fields: &[httparse::Header<'_>], keep_length: bool) -> Result<(Self, FieldSummary), Error> {
+        let mut summary = FieldSummary::default();
+        let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum();
+        let mut lines = BytesMut::with_capacity(size);
+        let mut raw = Self::default();
+        let listed = Connection::listed(fields);
+        for f in fields {
+            let name = f.name.as_bytes();
+            let kind = Kind::of(name);
+            summary.observe(kind, f.value)?;
+            if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed.names(name) {
+                continue;
+            }
+            raw.date |= kind == Kind::Date;
+            raw.length |= kind == Kind::ContentLength;
+            lines.extend_from_slice(name);
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(f.value);
+            lines.extend_from_slice(b"\r\n");
+        }
+        raw.lines = lines.freeze();
+        Ok((raw, summary))
+    }
+
+    pub fn has_date(&self) -> bool {
+        self.date
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// `(name, value)` of each line.
+    fn fields(&self) -> impl Iterator<Item = (&[u8], Bytes)> + '_ {
+        let mut rest = &self.lines[..];
+        std::iter::from_fn(move || {
+            let colon = memchr::memchr(b':', rest)?;
+            let end = memchr::memchr(b'\r', &rest[colon..])? + colon;
+            let name = &rest[..colon];
+            let value = self.lines.slice_ref(&rest[colon + 2..end]);
+            rest = &rest[end + 2..];
+            Some((name, value))
+        })
+    }
+
+    /// Appends the lines to `out`; without `Content-Length` unless
+    /// `keep_length` (the caller's side frames the body itself).
+    pub fn write_to(&self, out: &mut Vec<u8>, keep_length: bool) {
+        if !self.length || keep_length {
+            out.extend_from_slice(&self.lines);
+            return;
+        }
+        for (name, value) in self.fields() {
+            if Kind::of(name) != Kind::ContentLength {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Adds the fields to a header map, in order.
+    pub fn append_to(&self, map: &mut HeaderMap) -> Result<(), Error> {
+        for (name, value) in self.fields() {
+            let name = HeaderName::from_bytes(name).map_err(|_| Error::Malformed("invalid header field name"))?;
+            let value = HeaderValue::from_maybe_shared(value).map_err(|_| Error::Malformed("invalid header value"))?;
+            map.append(name, value);
+        }
+        Ok(())
+    }
+}
+
+/// Names only, never values: response fields may carry cookies.
+impl std::fmt::Debug for RawFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.fields().map(|(n, _)| String::from_utf8_lossy(n))).finish()
+    }
+}
+
+/// The field names a message's `Connection` fields list (other than
+/// `keep-alive` and `close`): hop-by-hop for that message only.
+struct Connection<'h, 'b> {
+    fields: &'h [httparse::Header<'b>],
+    any: bool,
+}
+
+impl<'h, 'b> Connection<'h, 'b> {
+    fn listed(fields: &'h [httparse::Header<'b>]) -> Self {
+        let mut this = Self { fields, any: false };
+        this.any = this.tokens().next().is_some();
+        this
+    }
+
+    fn tokens(&self) -> impl Iterator<Item = &'b [u8]> + 'h {
+        self.fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| list_items(f.value))
+            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+    }
+
+    fn names(&self, name: &[u8]) -> bool {
+        self.any && self.tokens().any(|t| t.eq_ignore_ascii_case(name))
+    }
 }
 
 /// Header names we see on every request that `http` does not know: static,
@@ -750,7 +910,7 @@ mod tests {
         let te = |values: &[&str]| {
             let mut s = FieldSummary::default();
             for v in values {
-                s.observe(&header::TRANSFER_ENCODING, v.as_bytes()).unwrap();
+                s.observe(Kind::TransferEncoding, v.as_bytes()).unwrap();
             }
             (s.chunked_only, s.chunked_last)
         };

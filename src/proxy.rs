@@ -341,7 +341,13 @@ async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunn
         close |= !body_read && continue_unanswered;
         let status = resp.status();
         let meta = ResponseMeta { head_request: meta_head, connect: meta_connect, http10, close };
-        match h1::server::write_response(&mut wr, &mut out, resp, meta).await {
+        let mut resp = resp;
+        // An HTTP/1.1 upstream's fields are copied to the caller as they came.
+        let fields = match resp.body_mut() {
+            Either::Left(pooled) => pooled.take_fields(),
+            Either::Right(_) => None,
+        };
+        match h1::server::write_response(&mut wr, &mut out, resp, fields, meta).await {
             Ok(true) => {}
             Ok(false) => close = true,
             Err(e) => {
@@ -424,7 +430,7 @@ async fn refuse_head(state: &ProxyState, wr: &mut WriteHalf, out: &mut Vec<u8>, 
     state.outbound.metrics.request(None, problem.status.as_u16());
     let resp = problem.to_proxy_response().map(Full::new);
     let meta = ResponseMeta { head_request: false, connect: false, http10: false, close: true };
-    let _ = tokio::time::timeout(Duration::from_secs(5), h1::server::write_response(wr, out, resp, meta)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), h1::server::write_response(wr, out, resp, None, meta)).await;
 }
 
 /// Closes a connection without losing the response just written: stop
@@ -512,6 +518,23 @@ async fn handle(
         );
     }
     resp
+}
+
+/// A response for a caller that our HTTP/1.1 writer does not serve (h2
+/// streams, written by hyper): an HTTP/1.1 upstream's unparsed fields go
+/// into the header map.
+fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let Either::Left(pooled) = resp.body_mut() else { return resp };
+    let Some(fields) = pooled.take_fields() else { return resp };
+    match fields.append_to(resp.headers_mut()) {
+        Ok(()) => resp,
+        // Cannot happen for fields httparse accepted; refused all the same.
+        Err(e) => {
+            let err = ProxyError::Upstream(e.to_string());
+            warn!(error = %err, "upstream response fields do not fit a header map");
+            err.problem().to_proxy_response().map(|b| Either::Right(Full::new(b)))
+        }
+    }
 }
 
 /// The life of a proxied request.

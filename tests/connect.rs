@@ -63,6 +63,18 @@ async fn curl_https_proxy_http1_and_http2_inside_the_tunnel() {
         assert_eq!(seen.echoed_header("X-Connection-Id"), None);
         assert_eq!(seen.echoed_header("Proxy-Authorization"), None);
         assert_eq!(seen.echoed_header("Host").as_deref(), Some(format!("127.0.0.1:{}", tls_port()).as_str()));
+
+        // The upstream's response fields reach the caller over either
+        // protocol (HTTP/1.1 copies them as sent, h2 gets a header map).
+        let url = format!("{}/response-headers?X-From-Upstream=v-{version}&Cache-Control=no-store", httpbin_tls());
+        let seen = curl(&[version, "--cacert", &t.ca, "-H", &hdr, &url], &[("HTTPS_PROXY", &proxy)]).await;
+        assert_eq!(seen.status, 200, "{version}: {}", seen.text());
+        assert_eq!(seen.header("X-From-Upstream"), Some(format!("v-{version}").as_str()), "{version}");
+        assert_eq!(seen.header("Cache-Control"), Some("no-store"), "{version}");
+        assert_eq!(seen.header("Content-Type"), Some("application/json"), "{version}");
+        assert!(seen.header("Date").is_some(), "{version}: one Date");
+        let dates = seen.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("date")).count();
+        assert_eq!(dates, 1, "{version}: exactly one Date field");
     }
     let i = t.h.running.interceptor.as_ref().unwrap();
     assert_eq!(i.minted(), 1, "one leaf for the host");

@@ -443,6 +443,46 @@ async fn upstream_interim_close_delimited_and_malformed_responses() {
     assert!(text.ends_with("only this"), "{text}");
 }
 
+/// An upstream's response fields reach the caller as they were sent (order,
+/// repeats, case), minus what is hop-by-hop — including what `Connection`
+/// names — and the upstream's framing, which the codec replaces with its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_fields_pass_through_minus_hop_by_hop_and_framing() {
+    let h = Harness::start().await;
+    let id = h.create("bearer", &[("token", "fields-token")]).await;
+    let (up, _) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: hop-value\r\n\
+          Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nSet-Cookie: b=2\r\nX-Mixed-Case: Value\r\n\
+          Date: Tue, 01 Dec 2026 00:00:00 GMT\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
+    s.write_all(get(&format!("http://{up}/"), &id).as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]), "{r:?}");
+    let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+    for gone in ["x-hop", "keep-alive", "upgrade", "proxy-authenticate"] {
+        assert!(!names.contains(&gone), "{gone} is hop-by-hop: {names:?}");
+    }
+    let cookies: Vec<&str> = r.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(cookies, ["a=1", "b=2"], "repeated fields keep their order");
+    assert_eq!(r.header("x-mixed-case"), Some("Value"));
+    let count = |n: &str| names.iter().filter(|k| **k == n).count();
+    assert_eq!(count("date"), 1, "the upstream's Date, not a second one: {names:?}");
+    assert_eq!(r.header("date"), Some("Tue, 01 Dec 2026 00:00:00 GMT"));
+    assert_eq!(count("transfer-encoding"), 1, "{names:?}");
+    assert_eq!(r.header("connection"), None, "the caller's connection stays open: {names:?}");
+
+    // A 204 with a Content-Length (which it must not have): the caller gets neither body nor length.
+    let (up, _) = raw_upstream(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\nContent-Length: 7\r\nX-B: 2\r\n\r\n").await;
+    s.write_all(get(&format!("http://{up}/"), &id).as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(r.status, 204);
+    assert_eq!((r.header("x-a"), r.header("x-b"), r.header("content-length")), (Some("1"), Some("2"), None), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_stops_answering_is_a_504_at_the_response_header_timeout() {
     let h = Harness::start_with(Opts {

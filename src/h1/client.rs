@@ -14,7 +14,7 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::server::write_fields;
-use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, MAX_RESPONSE_HEAD};
+use super::{find_head_end, read_into, Decoder, Encoder, Error, Framing, Pending, RawFields, MAX_RESPONSE_HEAD};
 
 /// Response header fields accepted; more is a protocol error (502).
 const MAX_RESPONSE_HEADERS: usize = 256;
@@ -86,14 +86,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     /// Sends `parts` and `body`, and reads the response head, giving up at
-    /// `deadline` ([`Error::Timeout`]). The response body is then read with
+    /// `deadline` ([`Error::Timeout`]). The response's header fields come as
+    /// its body, unparsed ([`RawFields`]); its body is then read with
     /// [`Conn::poll_body`].
     pub async fn send<B>(
         &mut self,
         parts: &http::request::Parts,
         body: B,
         deadline: Instant,
-    ) -> Result<Response<()>, SendError>
+    ) -> Result<Response<RawFields>, SendError>
     where
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
@@ -191,7 +192,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         cx: &mut Context<'_>,
         head_request: bool,
         received: &mut bool,
-    ) -> Poll<Result<Response<()>, SendError>> {
+    ) -> Poll<Result<Response<RawFields>, SendError>> {
         loop {
             if let Some(end) = find_head_end(&self.rbuf, &mut self.scanned) {
                 self.scanned = 0;
@@ -305,9 +306,10 @@ fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing:
     out.extend_from_slice(b"\r\n");
 }
 
-/// Parses a response head: the response, its body framing (RFC 9112 §6.3)
-/// and whether the upstream keeps the connection open.
-fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Framing, bool), Error> {
+/// Parses a response head: the response (its fields unparsed, in the body
+/// slot), its body framing (RFC 9112 §6.3) and whether the upstream keeps
+/// the connection open.
+fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<RawFields>, Framing, bool), Error> {
     let mut small = [httparse::EMPTY_HEADER; 48];
     let mut large;
     let mut resp = httparse::Response::new(&mut small);
@@ -329,7 +331,7 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Fram
     let minor = resp.version.unwrap_or(1);
     let code = status.as_u16();
     let bodiless = head_request || status.is_informational() || code == 204 || code == 304;
-    let (headers, s) = header_map(&head, resp.headers, bodiless)?;
+    let (fields, s) = RawFields::from_parsed(resp.headers, bodiless)?;
     let mut keep_alive = s.keep_alive(minor);
     let framing = if bodiless {
         Framing::Empty
@@ -354,10 +356,9 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Fram
     if framing == Framing::Close {
         keep_alive = false;
     }
-    let mut out = Response::new(());
+    let mut out = Response::new(fields);
     *out.status_mut() = status;
     *out.version_mut() = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };
-    *out.headers_mut() = headers;
     Ok((out, framing, keep_alive))
 }
 
@@ -365,7 +366,7 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<()>, Fram
 mod tests {
     use super::*;
 
-    fn resp(s: &str, head_request: bool) -> Result<(Response<()>, Framing, bool), Error> {
+    fn resp(s: &str, head_request: bool) -> Result<(Response<RawFields>, Framing, bool), Error> {
         parse_response(Bytes::copy_from_slice(s.as_bytes()), head_request)
     }
 
@@ -394,7 +395,10 @@ mod tests {
         assert!(resp("HTTP/1.1 999999 OK\r\n\r\n", false).is_err());
         let many: String = (0..60).map(|i| format!("X-{i}: v\r\n")).collect();
         let (r, _, _) = resp(&format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n"), false).unwrap();
-        assert_eq!(r.headers().len(), 60, "framing fields are the codec's, not in the map");
+        let mut map = http::HeaderMap::new();
+        r.body().append_to(&mut map).unwrap();
+        assert_eq!(map.len(), 60, "framing fields are the codec's, not among the fields");
+        assert_eq!(map["x-59"], "v");
         // Hop-by-hop fields (and what Connection lists) never reach the map;
         // a bodiless response keeps its Content-Length.
         let (r, _, keep) = resp(
@@ -403,8 +407,13 @@ mod tests {
         )
         .unwrap();
         assert!(keep);
-        let names: Vec<_> = r.headers().keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-end", "content-length"]);
+        assert_eq!(format!("{:?}", r.body()), r#"["X-End", "Content-Length"]"#);
+        let mut out = Vec::new();
+        r.body().write_to(&mut out, true);
+        assert_eq!(out, b"X-End: 2\r\nContent-Length: 7\r\n");
+        out.clear();
+        r.body().write_to(&mut out, false);
+        assert_eq!(out, b"X-End: 2\r\n", "the caller's side frames the body: no Content-Length");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, MAX_HEADERS};
+use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, RawFields, MAX_HEADERS};
 
 /// Anything a caller's connection can run over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -449,7 +449,8 @@ pub struct ResponseMeta {
     pub close: bool,
 }
 
-/// Writes `resp` (head, then its body as it streams). Returns whether the
+/// Writes `resp` (head, then its body as it streams), with an upstream's
+/// unparsed `fields` after those in its header map. Returns whether the
 /// connection can carry another request (false when the body had to be
 /// delimited by closing). An error leaves the connection unusable: a body
 /// cut short cannot be told apart from a complete one any other way.
@@ -457,6 +458,7 @@ pub async fn write_response<B>(
     wr: &mut WriteHalf,
     out: &mut Vec<u8>,
     resp: Response<B>,
+    fields: Option<RawFields>,
     meta: ResponseMeta,
 ) -> Result<bool, Error>
 where
@@ -500,6 +502,9 @@ where
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     write_fields(out, &headers, skip);
+    if let Some(f) = &fields {
+        f.write_to(out, keep_length);
+    }
     if let Some(n) = length {
         out.extend_from_slice(b"content-length: ");
         super::write_decimal(out, n);
@@ -507,7 +512,7 @@ where
     } else if encoder == Some(Encoder::Chunked) {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !headers.contains_key(header::DATE) && !fields.as_ref().is_some_and(RawFields::has_date) {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(super::date_value().as_bytes());
         out.extend_from_slice(b"\r\n");

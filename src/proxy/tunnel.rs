@@ -108,5 +108,5 @@ fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, re
     let (mut parts, body) = req.into_parts();
     parts.uri = target.absolute(&parts.uri);
     let req = Request::from_parts(parts, Either::Right(body));
-    Box::pin(async move { Ok(handle(&state, peer, req, None).await) })
+    Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, None).await)) })
 }

@@ -40,7 +40,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either as IoEither;
 
 use super::{ConnectError, GuardedConnector, UpstreamBody};
-use crate::h1;
+use crate::h1::{self, RawFields};
 
 type Io = IoEither<TcpStream, TlsStream<TcpStream>>;
 type H2Sender = http2::SendRequest<UpstreamBody>;
@@ -253,11 +253,13 @@ impl Pool {
             let framing = h1::client::framing_of(&body);
             match h1.conn.send(&parts, body, deadline).await {
                 Ok(resp) => {
-                    let mut pooled = PooledBody { inner: Inner::H1(Some((h1, self.clone(), now))) };
+                    let (parts, fields) = resp.into_parts();
+                    let mut pooled =
+                        PooledBody { inner: Inner::H1(Some((h1, self.clone(), now))), fields: Some(fields) };
                     if pooled.is_end_stream() {
                         pooled.release();
                     }
-                    return Ok(resp.map(|()| pooled));
+                    return Ok(Response::from_parts(parts, pooled));
                 }
                 Err(e) if matches!(e.error, h1::Error::Timeout) => return Err(UpstreamError::Timeout),
                 // The upstream closed the idle connection as the request went out.
@@ -396,13 +398,16 @@ async fn send_h2(
         .await
         .map_err(|_| UpstreamError::Timeout)?
         .map_err(UpstreamError::Http)?;
-    Ok(resp.map(|b| PooledBody { inner: Inner::H2(b) }))
+    Ok(resp.map(|b| PooledBody { inner: Inner::H2(b), fields: None }))
 }
 
 /// A response body from the pool. For HTTP/1.1 it is read from the
 /// connection it arrives on, which goes back to the pool at its end.
 pub struct PooledBody {
     inner: Inner,
+    /// An HTTP/1.1 response's header fields, unparsed: the response's
+    /// header map is empty until they are taken ([`PooledBody::take_fields`]).
+    fields: Option<RawFields>,
 }
 
 enum Inner {
@@ -412,6 +417,12 @@ enum Inner {
 }
 
 impl PooledBody {
+    /// The upstream's header fields, if they have not been put in the
+    /// response's header map: an HTTP/1.1 writer copies them as they are.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
+    }
+
     /// The body is complete: the connection goes back to the pool.
     fn release(&mut self) {
         if let Inner::H1(slot) = &mut self.inner {
