@@ -103,6 +103,8 @@ struct FieldSummary {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    /// A `Connection` field names other fields (hop-by-hop for this message).
+    lists_names: bool,
 }
 
 /// What a header field name means to the codec, found from its bytes in
@@ -173,6 +175,8 @@ impl FieldSummary {
                         self.close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         self.keep_alive = true;
+                    } else {
+                        self.lists_names = true;
                     }
                 }
             }
@@ -245,20 +249,25 @@ fn header_map(
     // Room for the few fields the proxy adds (Host, the credential) without regrowing.
     let mut map = HeaderMap::with_capacity(fields.len() + 2);
     let mut summary = FieldSummary::default();
-    let listed = Connection::listed(fields);
     for f in fields {
         let name = known_name(f.name.as_bytes())
             .map_or_else(|| HeaderName::from_bytes(f.name.as_bytes()), Ok)
             .map_err(|_| Error::Malformed("invalid header field name"))?;
         let kind = Kind::of(name.as_str().as_bytes());
         summary.observe(kind, f.value)?;
-        if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed.names(name.as_str().as_bytes())
-        {
+        if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
             .map_err(|_| Error::Malformed("invalid header value"))?;
         map.append(name, value);
+    }
+    if summary.lists_names {
+        for token in connection_tokens(fields) {
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                map.remove(name);
+            }
+        }
     }
     Ok((map, summary))
 }
@@ -285,15 +294,29 @@ impl RawFields {
     /// fields on the way (the counterpart of [`header_map`]).
     fn from_parsed(fields: &[httparse::Header<'_>], keep_length: bool) -> Result<(Self, FieldSummary), Error> {
         let mut summary = FieldSummary::default();
+        let raw = Self::build(fields, keep_length, |_| false, |kind, value| summary.observe(kind, value))?;
+        if !summary.lists_names {
+            return Ok((raw, summary));
+        }
+        // Rare: `Connection` names fields; build again without them.
+        let listed = |name: &[u8]| connection_tokens(fields).any(|t| t.eq_ignore_ascii_case(name));
+        Ok((Self::build(fields, keep_length, listed, |_, _| Ok(()))?, summary))
+    }
+
+    fn build(
+        fields: &[httparse::Header<'_>],
+        keep_length: bool,
+        listed: impl Fn(&[u8]) -> bool,
+        mut observe: impl FnMut(Kind, &[u8]) -> Result<(), Error>,
+    ) -> Result<Self, Error> {
         let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum();
         let mut lines = BytesMut::with_capacity(size);
         let mut raw = Self::default();
-        let listed = Connection::listed(fields);
         for f in fields {
             let name = f.name.as_bytes();
             let kind = Kind::of(name);
-            summary.observe(kind, f.value)?;
-            if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed.names(name) {
+            observe(kind, f.value)?;
+            if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed(name) {
                 continue;
             }
             raw.date |= kind == Kind::Date;
@@ -304,7 +327,7 @@ impl RawFields {
             lines.extend_from_slice(b"\r\n");
         }
         raw.lines = lines.freeze();
-        Ok((raw, summary))
+        Ok(raw)
     }
 
     pub fn has_date(&self) -> bool {
@@ -365,29 +388,12 @@ impl std::fmt::Debug for RawFields {
 
 /// The field names a message's `Connection` fields list (other than
 /// `keep-alive` and `close`): hop-by-hop for that message only.
-struct Connection<'h, 'b> {
-    fields: &'h [httparse::Header<'b>],
-    any: bool,
-}
-
-impl<'h, 'b> Connection<'h, 'b> {
-    fn listed(fields: &'h [httparse::Header<'b>]) -> Self {
-        let mut this = Self { fields, any: false };
-        this.any = this.tokens().next().is_some();
-        this
-    }
-
-    fn tokens(&self) -> impl Iterator<Item = &'b [u8]> + 'h {
-        self.fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|f| list_items(f.value))
-            .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
-    }
-
-    fn names(&self, name: &[u8]) -> bool {
-        self.any && self.tokens().any(|t| t.eq_ignore_ascii_case(name))
-    }
+fn connection_tokens<'h, 'b>(fields: &'h [httparse::Header<'b>]) -> impl Iterator<Item = &'b [u8]> + 'h {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|f| list_items(f.value))
+        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
 }
 
 /// Header names we see on every request that `http` does not know: static,

@@ -42,18 +42,41 @@ pub type UpstreamBody = Either<CallerBody, Full<Bytes>>;
 /// generic string searches, about 700 instructions a request for the two.
 pub fn host_port(uri: &Uri) -> Option<(&str, Option<u16>)> {
     let a = uri.authority()?.as_str();
-    let a = memchr::memrchr(b'@', a.as_bytes()).map_or(a, |at| &a[at + 1..]);
-    let (host, port) = if a.starts_with('[') {
-        let end = memchr::memchr(b']', a.as_bytes())? + 1;
-        (&a[..end], a[end..].strip_prefix(':'))
+    // One pass: where the host starts (after any userinfo), where the
+    // first ':' after it is, whether an IPv6 literal's ']' came first.
+    let (mut start, mut colon, mut bracket_end) = (0, None, None);
+    for (i, b) in a.bytes().enumerate() {
+        match b {
+            b'@' => (start, colon, bracket_end) = (i + 1, None, None),
+            b']' if bracket_end.is_none() => bracket_end = Some(i + 1),
+            b':' if colon.is_none() => colon = Some(i),
+            _ => {}
+        }
+    }
+    let (host, port) = if a[start..].starts_with('[') {
+        let end = bracket_end.filter(|e| *e > start)?;
+        (&a[start..end], a[end..].strip_prefix(':'))
     } else {
-        match memchr::memchr(b':', a.as_bytes()) {
-            Some(colon) => (&a[..colon], Some(&a[colon + 1..])),
-            None => (a, None),
+        match colon {
+            Some(c) => (&a[start..c], Some(&a[c + 1..])),
+            None => (&a[start..], None),
         }
     };
-    let port = port.filter(|p| p.bytes().all(|b| b.is_ascii_digit())).and_then(|p| p.parse().ok());
-    Some((host, port))
+    Some((host, port.and_then(parse_port)))
+}
+
+/// `1*DIGIT` that fits a `u16`.
+fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() {
+        return None;
+    }
+    p.bytes().try_fold(0u16, |n, b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u16::from(b - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 /// Why the connector did not produce a connection. Found again by the proxy
@@ -277,6 +300,9 @@ mod tests {
             "http://[fe80::1%25eth0]:80/",
             "http://user:pw@host.test:81/",
             "http://user@host.test/",
+            "http://u:p@[::1]:8080/",
+            "http://a@b@host.test:82/",
+            "http://host.test:8a/",
             "http://example.com:/",
             "http://example.com:99999/",
             "http://example.com:00080/",
