@@ -14,7 +14,9 @@
 //!   format, to a file), to set beside `credproxy+accesslog`.
 //!
 //! Systems alternate (A B C D, A B C D, …) and each row is the median of the
-//! rounds. CPU per request is the proxy process's utime+stime (all nginx
+//! rounds. A ratio between two systems is the median of the per-round
+//! ratios: the two ran back to back, so a round that the machine's other
+//! load slowed down slows both, and cancels out. CPU per request is the proxy process's utime+stime (all nginx
 //! processes) from `/proc/<pid>/stat` over the run, divided by the requests
 //! answered. The upstream counts requests carrying the injected header: a
 //! credproxy request that arrived without it fails the run.
@@ -542,6 +544,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median over rounds of `f(a) / f(b)` for the rounds' paired samples.
+fn paired(a: &[Sample], b: &[Sample], f: impl Fn(&Sample) -> Option<f64>) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| f(x).zip(f(y)).map_or(f64::NAN, |(x, y)| x / y)).collect();
+    if ratios.is_empty() {
+        f64::NAN
+    } else {
+        median(ratios)
+    }
+}
+
+/// CPU per request, p99 and throughput of `a` against `b`, paired by round.
+fn ratios(a: &[Sample], b: &[Sample]) -> (f64, f64, f64) {
+    (
+        paired(a, b, |s| s.cpu_us),
+        paired(a, b, |s| Some(f64::from(percentile(&s.latencies_us, 0.99)))),
+        paired(a, b, |s| Some(s.ok as f64 / s.secs)),
+    )
+}
+
 struct Row {
     rps: f64,
     p50: f64,
@@ -870,19 +891,16 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             r.rss_kb.map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
         );
     }
-    let get = |n: &str| rows.iter().find(|r| r.0 == n).map(|r| &r.1);
+    let get = |n: &str| systems.iter().position(|s| s.0 == n).map(|i| samples[i].as_slice());
     println!();
+    println!("ratios: median of the per-round ratios (each round runs the systems back to back)");
     if let (Some(cpx), Some(direct)) = (get("credproxy"), get("direct")) {
-        println!("credproxy/direct: throughput {:.2}, p99 {:.2}", cpx.rps / direct.rps, cpx.p99 / direct.p99);
+        let (_, p99, rps) = ratios(cpx, direct);
+        println!("credproxy/direct: throughput {rps:.2}, p99 {p99:.2}");
     }
     if let (Some(cpx), Some(b)) = (get("credproxy"), get("baseline")) {
-        let (c, bc) = (cpx.cpu.unwrap_or(f64::NAN), b.cpu.unwrap_or(f64::NAN));
-        println!(
-            "credproxy/baseline: CPU per request {:.2}, p99 {:.2}, throughput {:.2}",
-            c / bc,
-            cpx.p99 / b.p99,
-            cpx.rps / b.rps
-        );
+        let (cpu, p99, rps) = ratios(cpx, b);
+        println!("credproxy/baseline: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");
     }
     if let Some(n) = get("nginx") {
         // A LOAD_SYSTEMS subset prints only the ratios it has rows for.
@@ -895,14 +913,9 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             } else {
                 format!("{name}/nginx")
             };
-            let (c, nc) = (r.cpu.unwrap_or(f64::NAN), n.cpu.unwrap_or(f64::NAN));
+            let (cpu, p99, rps) = ratios(r, n);
             let (t_cpu, t_p99) = if target { (" (target ≤ 0.80)", " (target ≤ 1.00)") } else { ("", "") };
-            println!(
-                "{name}: CPU per request {:.2}{t_cpu}, p99 {:.2}{t_p99}, throughput {:.2}",
-                c / nc,
-                r.p99 / n.p99,
-                r.rps / n.rps
-            );
+            println!("{name}: CPU per request {cpu:.2}{t_cpu}, p99 {p99:.2}{t_p99}, throughput {rps:.2}");
         }
     }
     drop(nginx);
