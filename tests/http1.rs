@@ -51,6 +51,19 @@ async fn fill_until<T>(s: &mut TcpStream, buf: &mut Vec<u8>, mut f: impl FnMut(&
     }
 }
 
+/// Reads until the end of a request head; false if the peer went away first.
+async fn read_request_head(s: &mut TcpStream) -> bool {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// Reads one response (`head_request`: no body follows); leftover bytes stay in `buf`.
 async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> Raw {
     let end = fill_until(s, buf, |b| b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)).await;
@@ -146,13 +159,8 @@ async fn raw_upstream(reply: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
             let Ok((mut s, _)) = l.accept().await else { return };
             count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if !read_request_head(&mut s).await {
+                    return;
                 }
                 let _ = s.write_all(reply).await;
                 let _ = s.shutdown().await;
@@ -498,13 +506,8 @@ async fn an_upstream_that_stops_answering_is_a_504_at_the_response_header_timeou
         loop {
             let Ok((mut s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if !read_request_head(&mut s).await {
+                    return;
                 }
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                 tokio::time::sleep(Duration::from_secs(30)).await;
