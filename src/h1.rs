@@ -220,19 +220,17 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(trim).filter(|i| !i.is_empty())
 }
 
-/// Hop-by-hop header fields (RFC 9110 §7.6.1), by lowercase name.
+/// Hop-by-hop header fields (RFC 9110 §7.6.1), by name.
 pub fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+    Kind::of(name.as_bytes()).hop_by_hop()
+}
+
+/// Appends one `name: value` field line.
+fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
 }
 
 /// Builds a header map from parsed fields, sharing `head`'s bytes for the
@@ -321,10 +319,7 @@ impl RawFields {
             }
             raw.date |= kind == Kind::Date;
             raw.length |= kind == Kind::ContentLength;
-            lines.extend_from_slice(name);
-            lines.extend_from_slice(b": ");
-            lines.extend_from_slice(f.value);
-            lines.extend_from_slice(b"\r\n");
+            put_field(&mut lines, name, f.value);
         }
         raw.lines = lines.freeze();
         Ok(raw)
@@ -332,10 +327,6 @@ impl RawFields {
 
     pub fn has_date(&self) -> bool {
         self.date
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
     }
 
     /// `(name, value)` of each line.
@@ -360,10 +351,7 @@ impl RawFields {
         }
         for (name, value) in self.fields() {
             if Kind::of(name) != Kind::ContentLength {
-                out.extend_from_slice(name);
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(&value);
-                out.extend_from_slice(b"\r\n");
+                put_field(out, name, &value);
             }
         }
     }
@@ -389,11 +377,13 @@ impl std::fmt::Debug for RawFields {
 /// The field names a message's `Connection` fields list (other than
 /// `keep-alive` and `close`): hop-by-hop for that message only.
 fn connection_tokens<'h, 'b>(fields: &'h [httparse::Header<'b>]) -> impl Iterator<Item = &'b [u8]> + 'h {
-    fields
-        .iter()
-        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|f| list_items(f.value))
-        .filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
+    fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")).flat_map(|f| connection_names(f.value))
+}
+
+/// The field names one `Connection` value lists (other than `keep-alive`
+/// and `close`).
+pub fn connection_names(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list_items(value).filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
 }
 
 /// Header names we see on every request that `http` does not know: static,

@@ -33,6 +33,7 @@ use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, Outbound};
 use crate::policy::hosts::HostPattern;
+use crate::telemetry;
 use crate::tls::Interceptor;
 use crate::upstream::pool::PooledBody;
 use crate::upstream::GuardedConnector;
@@ -343,10 +344,7 @@ async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunn
         let meta = ResponseMeta { head_request: meta_head, connect: meta_connect, http10, close };
         let mut resp = resp;
         // An HTTP/1.1 upstream's fields are copied to the caller as they came.
-        let fields = match resp.body_mut() {
-            Either::Left(pooled) => pooled.take_fields(),
-            Either::Right(_) => None,
-        };
+        let fields = take_fields(&mut resp);
         match h1::server::write_response(&mut wr, &mut out, resp, fields, meta).await {
             Ok(true) => {}
             Ok(false) => close = true,
@@ -479,7 +477,7 @@ async fn handle(
     let metrics = &state.outbound.metrics;
     let in_flight = metrics.in_flight();
     // What the access line needs from the request, kept only if it is logged.
-    let logged = tracing::enabled!(target: "credproxy::access", tracing::Level::INFO)
+    let logged = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut access = Access::default();
     let resp = match forward(state, peer, req, &mut access, memo, started).await {
@@ -503,7 +501,7 @@ async fn handle(
     // `telemetry` writes access lines without re-escaping them.
     if let Some((method, path)) = logged {
         info!(
-            target: "credproxy::access",
+            target: telemetry::ACCESS,
             "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
              latency_us={} cache_hit={} code={} retried={}",
             state.org_id,
@@ -520,12 +518,20 @@ async fn handle(
     resp
 }
 
+/// An HTTP/1.1 upstream's header fields, still unparsed (the response's
+/// header map holds only what the proxy added).
+fn take_fields(resp: &mut Response<ProxyBody>) -> Option<h1::RawFields> {
+    match resp.body_mut() {
+        Either::Left(pooled) => pooled.take_fields(),
+        Either::Right(_) => None,
+    }
+}
+
 /// A response for a caller that our HTTP/1.1 writer does not serve (h2
 /// streams, written by hyper): an HTTP/1.1 upstream's unparsed fields go
 /// into the header map.
 fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
-    let Either::Left(pooled) = resp.body_mut() else { return resp };
-    let Some(fields) = pooled.take_fields() else { return resp };
+    let Some(fields) = take_fields(&mut resp) else { return resp };
     match fields.append_to(resp.headers_mut()) {
         Ok(()) => resp,
         // Cannot happen for fields httparse accepted; refused all the same.
@@ -611,8 +617,7 @@ async fn forward(
                 });
             }
             if up_scheme != scheme || port != Some(up_port) {
-                let rebuilt = rebuild_uri(&uri, up_scheme, host, up_port)?;
-                uri = rebuilt;
+                uri = rebuild_uri(&uri, up_scheme, host, up_port)?;
             }
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
@@ -738,12 +743,7 @@ fn strip(h: &mut HeaderMap, also: impl Fn(&str) -> bool) {
         present[found] = Some(name.clone());
         found += 1;
         if name == header::CONNECTION {
-            let tokens = value.to_str().unwrap_or_default().split(',').map(str::trim);
-            for t in tokens.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")) {
-                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-                    listed.push(n);
-                }
-            }
+            listed.extend(h1::connection_names(value.as_bytes()).filter_map(|t| HeaderName::from_bytes(t).ok()));
         }
     }
     for name in present.into_iter().flatten().chain(listed) {

@@ -233,7 +233,7 @@ mod tests {
             .event_format(AccessFast(Format::default()))
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(target: "credproxy::access", "peer={} status={}", "127.0.0.1:1", 200);
+            tracing::info!(target: ACCESS, "peer={} status={}", "127.0.0.1:1", 200);
             tracing::warn!(target: "credproxy::proxy", code = "x", "other");
         });
         let text = String::from_utf8(shared.buf.lock().unwrap().clone()).unwrap();

@@ -576,13 +576,9 @@ where
 /// `name: value` lines of `headers`, except the `skip` names.
 pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[http::HeaderName]) {
     for (name, value) in headers {
-        if skip.contains(name) {
-            continue;
+        if !skip.contains(name) {
+            super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
 }
 
