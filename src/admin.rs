@@ -98,6 +98,7 @@ impl Scope {
 pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/integrations", get(list_integrations))
+        .route("/v1/integrations/{id}", get(get_integration))
         .route("/v1/connections", get(list_connections).post(create_connection))
         .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
         .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
@@ -176,13 +177,12 @@ async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next:
             next.run(req).await
         }
         None => {
-            let mut r = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Unauthorized",
-                "send Authorization: Bearer <admin token>",
-            )
-            .into_response();
+            let detail = if presented.is_some() {
+                "the admin token was not accepted"
+            } else {
+                "no admin token: send Authorization: Bearer <admin token>"
+            };
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail).into_response();
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credproxy-admin\""));
             r
@@ -212,26 +212,37 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
+/// What the admin API shows of an integration: never a client secret.
+fn integration_view(i: &crate::integrations::Integration) -> Value {
+    json!({
+        "id": i.id,
+        "name": i.name,
+        "allowed_hosts": i.allowed_hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        "upstream_scheme": i.upstream_scheme.as_str(),
+        "base_url": i.base_url,
+        "auth_methods": i.auth_methods.iter().map(|m| json!({
+            "id": m.id, "type": m.kind_name(), "fields": m.fields,
+        })).collect::<Vec<_>>(),
+        "has_test": i.test.is_some(),
+    })
+}
+
 async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {
-    let items: Vec<Value> = st
-        .connections
-        .integrations()
-        .iter()
-        .map(|i| {
-            json!({
-                "id": i.id,
-                "name": i.name,
-                "allowed_hosts": i.allowed_hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-                "upstream_scheme": i.upstream_scheme.as_str(),
-                "base_url": i.base_url,
-                "auth_methods": i.auth_methods.iter().map(|m| json!({
-                    "id": m.id, "type": m.kind_name(), "fields": m.fields,
-                })).collect::<Vec<_>>(),
-                "has_test": i.test.is_some(),
-            })
-        })
-        .collect();
+    let items: Vec<Value> = st.connections.integrations().iter().map(|i| integration_view(i)).collect();
     Json(json!({ "integrations": items }))
+}
+
+async fn get_integration(State(st): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let integrations = st.connections.integrations();
+    let i = integrations.get(&id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "integration_not_found",
+            "Integration not found",
+            "no integration with this id",
+        )
+    })?;
+    Ok(Json(integration_view(i)))
 }
 
 /// The public view of a connection: metadata and the names of its fields.
@@ -386,11 +397,12 @@ async fn list_connections(
                 "this admin token is scoped to another organization",
             ))
         }
-        (_, Some(q)) => q,
-        (Some(s), None) => s.to_owned(),
-        (None, None) => return Err(ApiError::bad_request("invalid_request", "org_id query parameter is required")),
+        (_, Some(q)) => Some(q),
+        (Some(s), None) => Some(s.to_owned()),
+        // A global token without org_id: every organization's.
+        (None, None) => None,
     };
-    let items = st.connections.list(&org).await.map_err(ApiError::store)?;
+    let items = st.connections.list(org.as_deref()).await.map_err(ApiError::store)?;
     let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
     Ok(Json(json!({ "connections": items })))
 }

@@ -1,9 +1,14 @@
-//! A small client for the admin API, used by the CLI (and tests). Plain HTTP
-//! to a configured address; never goes through an environment proxy.
+//! A small client for the admin API, used by the CLI (and tests): `http://`
+//! or `https://` (webpki roots plus any CA files given, for an admin API
+//! behind a TLS-terminating ingress) to a configured address; never goes
+//! through an environment proxy. Its errors say what to do.
+
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -13,10 +18,17 @@ use crate::secret::SecretValue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminClientError {
-    #[error("invalid admin URL {0:?}")]
+    #[error("invalid admin URL {0:?}: expected http://HOST:PORT or https://HOST[:PORT]")]
     Url(String),
-    #[error("admin API request failed: {0}")]
-    Transport(String),
+    #[error("admin CA certificate: {0}")]
+    CaCert(String),
+    #[error(
+        "cannot reach the admin API at {url} ({cause}); is `credproxy serve` running there? \
+         (set --admin-url or CREDPROXY_ADMIN_URL)"
+    )]
+    Unreachable { url: String, cause: String },
+    #[error("the admin API at {url} rejected the admin token (401): check CREDPROXY_ADMIN_TOKEN or --admin-token")]
+    Rejected { url: String },
     #[error("admin API answered {status}: {body}")]
     Status { status: StatusCode, body: String },
 }
@@ -24,16 +36,36 @@ pub enum AdminClientError {
 pub struct AdminClient {
     base: String,
     token: SecretValue,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl AdminClient {
     pub fn new(base: &str, token: SecretValue) -> Result<Self, AdminClientError> {
+        Self::with_ca_certs(base, token, &[])
+    }
+
+    /// A client that also trusts the CA certificates in `ca_files` (PEM)
+    /// for an `https://` admin URL.
+    pub fn with_ca_certs(base: &str, token: SecretValue, ca_files: &[PathBuf]) -> Result<Self, AdminClientError> {
         let base = base.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        let ok = base
+            .parse::<http::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty()));
+        if !ok {
             return Err(AdminClientError::Url(base));
         }
-        Ok(Self { base, token, client: Client::builder(TokioExecutor::new()).build_http() })
+        let mut roots = Vec::new();
+        for f in ca_files {
+            roots.extend(crate::upstream::load_pem_certs(f).map_err(AdminClientError::CaCert)?);
+        }
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(crate::upstream::tls_config(&roots))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Self { base, token, client: Client::builder(TokioExecutor::new()).build(https) })
     }
 
     /// Sends a request; returns status and JSON body (or `Null` if empty).
@@ -45,17 +77,19 @@ impl AdminClient {
     ) -> Result<(StatusCode, Value), AdminClientError> {
         let uri = format!("{}{}", self.base, path);
         let bytes = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("json serializes"))).unwrap_or_default();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(&uri)
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.token.expose()));
+        let mut auth = http::HeaderValue::try_from(format!("Bearer {}", self.token.expose()))
+            .map_err(|_| AdminClientError::Rejected { url: self.base.clone() })?;
+        auth.set_sensitive(true);
+        let mut req = Request::builder().method(method).uri(&uri).header(header::AUTHORIZATION, auth);
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(bytes)).map_err(|_| AdminClientError::Url(uri.clone()))?;
-        let resp = self.client.request(req).await.map_err(|e| AdminClientError::Transport(e.to_string()))?;
+        let unreachable =
+            |e: &dyn std::error::Error| AdminClientError::Unreachable { url: self.base.clone(), cause: cause_of(e) };
+        let resp = self.client.request(req).await.map_err(|e| unreachable(&e))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| AdminClientError::Transport(e.to_string()))?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
         let value = if body.is_empty() {
             Value::Null
         } else {
@@ -69,8 +103,22 @@ impl AdminClient {
         let (status, value) = self.send(method, path, body).await?;
         if status.is_success() {
             Ok(value)
+        } else if status == StatusCode::UNAUTHORIZED {
+            Err(AdminClientError::Rejected { url: self.base.clone() })
         } else {
             Err(AdminClientError::Status { status, body: value.to_string() })
         }
     }
+}
+
+/// The innermost cause of a transport error ("Connection refused (os error
+/// 111)", a TLS failure), which says more than hyper's outer message.
+fn cause_of(e: &dyn std::error::Error) -> String {
+    let mut last = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        last = inner.to_string();
+        cur = inner.source();
+    }
+    last
 }

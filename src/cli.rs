@@ -33,22 +33,27 @@ struct Cli {
 enum Command {
     /// Run the proxy and admin listeners.
     Serve {
+        /// Configuration file (CREDPROXY_<SECTION>__<KEY> variables override its keys).
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Apply pending store migrations (also done on every start), then exit.
     Migrate {
+        /// Configuration file naming the store.
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Load and validate the configuration and integrations, then exit.
+    /// Check the configuration, the integrations and every file they name
+    /// (CA files, key files) exactly as `serve` does, then exit; creates nothing.
     CheckConfig {
+        /// Configuration file to check.
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Probe a running instance (container HEALTHCHECK, no curl needed):
     /// exit 0 if `GET <url>` answers 200 within 2 s.
     Health {
+        /// URL to probe.
         #[arg(long, default_value = "http://127.0.0.1:8081/healthz")]
         url: String,
     },
@@ -69,13 +74,31 @@ enum Command {
         #[command(subcommand)]
         command: ConnCommand,
     },
+    /// Show the integrations a running instance loaded, through the admin API.
+    Integrations {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: IntegrationsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IntegrationsCommand {
+    /// List every integration: id, name, allowed hosts, auth methods.
+    List,
+    /// Show one integration.
+    Show {
+        /// Integration id (e.g. github).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a CA key (mode 0600) and certificate for TLS interception.
     Init {
-        /// Directory for credproxy-ca.pem and credproxy-ca.key.
+        /// Directory for credproxy-ca.pem and credproxy-ca.key (the key is created 0600).
         #[arg(long, default_value = "certs")]
         out: PathBuf,
         /// Days the CA certificate is valid.
@@ -92,6 +115,7 @@ enum KeysCommand {
     /// resumes where an interrupted run stopped. Exit 0 only when every
     /// record is under the current key.
     Rotate {
+        /// Configuration file naming the store and the current key.
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Records per batch.
@@ -104,6 +128,7 @@ enum KeysCommand {
     /// Count records per table and wrapping key. Exit 0 when all are under
     /// the current key, 1 otherwise.
     Status {
+        /// Configuration file naming the store and the current key.
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
@@ -111,48 +136,73 @@ enum KeysCommand {
 
 #[derive(Args)]
 struct AdminArgs {
-    /// Admin API base URL.
+    /// Admin API base URL: http://HOST:PORT, or https:// behind a TLS-terminating ingress.
     #[arg(long, env = "CREDPROXY_ADMIN_URL", default_value = "http://127.0.0.1:8081", global = true)]
     admin_url: String,
-    /// Admin bearer token.
+    /// Admin bearer token (prefer the environment variable: arguments show in `ps`).
     #[arg(long, env = "CREDPROXY_ADMIN_TOKEN", hide_env_values = true, global = true)]
     admin_token: Option<String>,
+    /// PEM file of a CA to trust for an https:// admin URL, besides the public roots.
+    #[arg(long, env = "CREDPROXY_ADMIN_CA_CERT", global = true)]
+    admin_ca_cert: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum ConnCommand {
     /// Create a connection. Credential values: `name=value`, `name=@file`, or `name=@-` (stdin).
     Create {
+        /// Integration id (see `credproxy integrations list`).
         #[arg(long)]
         integration: String,
+        /// Auth method id of that integration.
         #[arg(long)]
         auth_method: String,
+        /// Organization that owns the connection.
         #[arg(long = "org")]
         org_id: String,
+        /// User who owns the connection.
         #[arg(long = "user")]
         user_id: String,
+        /// A credential field (repeatable): NAME=VALUE, NAME=@FILE, or NAME=@- for stdin.
         #[arg(long = "credential", value_name = "NAME=VALUE")]
         credentials: Vec<String>,
     },
-    /// List an organization's connections.
+    /// List connections: one organization's, or (global admin token, no
+    /// --org) every organization's; an org-scoped token lists its own.
     List {
+        /// Only this organization's connections.
         #[arg(long = "org")]
         org_id: Option<String>,
     },
     /// Show one connection.
-    Get { id: String },
+    Get {
+        /// Connection id (conn_…).
+        id: String,
+    },
     /// Delete a connection (revokes OAuth2 tokens at the provider where possible).
-    Delete { id: String },
-    /// Send the integration's test request through the connection.
-    Test { id: String },
-    /// Start an OAuth2 authorization-code flow; prints the URL to open in a browser.
+    Delete {
+        /// Connection id (conn_…).
+        id: String,
+    },
+    /// Send the integration's test request through the connection; exit 1
+    /// when the test fails.
+    Test {
+        /// Connection id (conn_…).
+        id: String,
+    },
+    /// Start an OAuth2 authorization-code flow; prints the URL to open in a
+    /// browser (`authorization_url`) and when it expires, as JSON.
     Authorize {
+        /// Integration id.
         #[arg(long)]
         integration: String,
+        /// OAuth2 authorization-code auth method of that integration.
         #[arg(long)]
         auth_method: String,
+        /// Organization that will own the connection.
         #[arg(long = "org")]
         org_id: String,
+        /// User who will own the connection.
         #[arg(long = "user")]
         user_id: String,
         /// Scopes to request instead of the integration's (repeatable).
@@ -161,6 +211,9 @@ enum ConnCommand {
         /// Where the callback redirects with `connection_id` once done.
         #[arg(long)]
         return_to: Option<String>,
+        /// Re-authorize this existing connection instead of creating one.
+        #[arg(long)]
+        connection_id: Option<String>,
     },
 }
 
@@ -199,14 +252,18 @@ pub fn main() -> ExitCode {
                 },
                 Err(e) => config_error(&e),
             },
-            Command::CheckConfig { config } => match load(&config) {
-                Ok((_, ints)) => {
+            Command::CheckConfig { config } => match load(&config).and_then(|(cfg, ints)| {
+                server::prepare(&cfg)?;
+                Ok(ints)
+            }) {
+                Ok(ints) => {
                     println!("{}: ok ({} integrations)", config.display(), ints.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => config_error(&e),
             },
             Command::Connections { admin, command } => connections(admin, command).await,
+            Command::Integrations { admin, command } => integrations(admin, command).await,
             Command::Keys { command } => keys(command).await,
             Command::Health { url } => health(&url).await,
             Command::Ca { command: CaCommand::Init { out, days } } => match crate::tls::init_ca(&out, days) {
@@ -232,10 +289,14 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
+/// The configuration and integrations, and a check that every `CREDPROXY_*`
+/// variable means something.
 fn load(path: &Path) -> Result<(Config, Integrations), ConfigError> {
     let env = config::process_env();
     let cfg = Config::load(path, &env)?;
     let ints = Integrations::load_dir(&cfg.integrations.dir, &env)?;
+    let used = cfg.env_refs.union(&ints.env_refs).cloned().collect();
+    config::check_environment(&env, &used)?;
     Ok((cfg, ints))
 }
 
@@ -318,7 +379,8 @@ async fn keys(command: KeysCommand) -> ExitCode {
     let path = match &command {
         KeysCommand::Rotate { config, .. } | KeysCommand::Status { config } => config,
     };
-    let cfg = match Config::load(path, &config::process_env()) {
+    let env = config::process_env();
+    let cfg = match Config::load(path, &env).and_then(|c| config::check_environment(&env, &c.env_refs).map(|()| c)) {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
@@ -397,17 +459,50 @@ async fn keys(command: KeysCommand) -> ExitCode {
     }
 }
 
-async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
+/// The admin API client from the common flags; an exit code when they do not make one.
+fn admin_client(admin: AdminArgs) -> Result<AdminClient, ExitCode> {
     let Some(token) = admin.admin_token.filter(|t| !t.is_empty()) else {
         eprintln!("credproxy: set CREDPROXY_ADMIN_TOKEN or pass --admin-token");
-        return ExitCode::from(EXIT_CONFIG);
+        return Err(ExitCode::from(EXIT_CONFIG));
     };
-    let client = match AdminClient::new(&admin.admin_url, SecretValue::new(token)) {
-        Ok(c) => c,
+    let cas: Vec<PathBuf> = admin.admin_ca_cert.into_iter().collect();
+    AdminClient::with_ca_certs(&admin.admin_url, SecretValue::new(token), &cas).map_err(|e| {
+        eprintln!("credproxy: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Prints a JSON answer (exit 0) or the error (exit 1).
+fn report(result: Result<Value, crate::admin_client::AdminClientError>) -> ExitCode {
+    match result {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("credproxy: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            ExitCode::FAILURE
         }
+    }
+}
+
+async fn integrations(admin: AdminArgs, command: IntegrationsCommand) -> ExitCode {
+    let client = match admin_client(admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    report(match command {
+        IntegrationsCommand::List => client.call(Method::GET, "/v1/integrations", None).await,
+        IntegrationsCommand::Show { id } => {
+            client.call(Method::GET, &format!("/v1/integrations/{}", path_segment(&id)), None).await
+        }
+    })
+}
+
+async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
+    let client = match admin_client(admin) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let result = match command {
         ConnCommand::Create { integration, auth_method, org_id, user_id, credentials } => {
@@ -438,9 +533,19 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             client.call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None).await
         }
         ConnCommand::Test { id } => {
-            client.call(Method::POST, &format!("/v1/connections/{}/test", path_segment(&id)), None).await
+            let path = format!("/v1/connections/{}/test", path_segment(&id));
+            match client.call(Method::POST, &path, None).await {
+                // The test ran and failed: the answer says why, the exit code says so.
+                Ok(v) if v["ok"] != Value::Bool(true) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    let why = v["error"]["detail"].as_str().unwrap_or("the test failed");
+                    eprintln!("credproxy: connection test failed: {why}");
+                    return ExitCode::FAILURE;
+                }
+                other => other,
+            }
         }
-        ConnCommand::Authorize { integration, auth_method, org_id, user_id, scopes, return_to } => {
+        ConnCommand::Authorize { integration, auth_method, org_id, user_id, scopes, return_to, connection_id } => {
             let mut body = json!({
                 "integration": integration, "auth_method": auth_method, "org_id": org_id, "user_id": user_id,
             });
@@ -450,29 +555,16 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             if let Some(rt) = return_to {
                 body["return_to"] = json!(rt);
             }
-            match client.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await {
-                Ok(v) => {
-                    // The URL alone on stdout, so scripts can open or follow it.
-                    println!("{}", v["authorization_url"].as_str().unwrap_or_default());
-                    return ExitCode::SUCCESS;
-                }
-                Err(e) => Err(e),
+            if let Some(id) = connection_id {
+                body["connection_id"] = json!(id);
             }
+            client.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await
         }
         ConnCommand::Delete { id } => {
             client.call(Method::DELETE, &format!("/v1/connections/{}", path_segment(&id)), None).await
         }
     };
-    match result {
-        Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("credproxy: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report(result)
 }
 
 fn path_segment(s: &str) -> String {

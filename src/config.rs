@@ -22,6 +22,12 @@ pub const DEFAULT_KEY_FILE: &str = "data/master.key";
 pub const DEFAULT_INTEGRATIONS_DIR: &str = "config/integrations";
 pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_BODY_IDLE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_BUFFERED_BODY_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT_SECS: u64 = 600;
+pub const DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
 pub const DEFAULT_CACHE_TTL_SECS: u64 = 300;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
@@ -65,6 +71,13 @@ impl ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Where this configuration came from (its file's path): errors about
+    /// what it names (CA files, key files) say so.
+    #[serde(skip)]
+    pub source: String,
+    /// Environment variables its `${VAR}` substitutions used.
+    #[serde(skip)]
+    pub env_refs: std::collections::BTreeSet<String>,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
@@ -176,6 +189,21 @@ pub struct ProxyConfig {
     /// Most client connections (including CONNECT tunnels) served at once;
     /// further connections are closed at accept.
     pub max_connections: usize,
+    /// Milliseconds a request body may go without a byte arriving; then
+    /// 408 (or the connection closes, if the response has started).
+    pub body_idle_timeout_ms: u64,
+    /// Milliseconds a body that is buffered (body placements, OAuth2
+    /// replay) may take to arrive in full.
+    pub buffered_body_timeout_ms: u64,
+    /// Bytes of request bodies buffered at once, all requests together;
+    /// a request that would go past it gets 503 with `Retry-After`.
+    pub max_buffered_total: u64,
+    /// Milliseconds a response may wait for the caller to take more of it
+    /// (a caller that stopped reading); then the connection closes.
+    pub send_timeout_ms: u64,
+    /// Seconds a `CONNECT` tunnel (blind, or intercepted h2) may carry no
+    /// byte either way before it is closed.
+    pub tunnel_idle_timeout_secs: u64,
 }
 
 impl Default for ProxyConfig {
@@ -189,6 +217,11 @@ impl Default for ProxyConfig {
             tls_key: None,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            body_idle_timeout_ms: DEFAULT_BODY_IDLE_TIMEOUT_MS,
+            buffered_body_timeout_ms: DEFAULT_BUFFERED_BODY_TIMEOUT_MS,
+            max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
+            send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
+            tunnel_idle_timeout_secs: DEFAULT_TUNNEL_IDLE_TIMEOUT_SECS,
         }
     }
 }
@@ -353,6 +386,10 @@ pub struct UpstreamConfig {
     pub tls_handshake_timeout_ms: u64,
     /// Milliseconds from sending a request to receiving the response head.
     pub response_header_timeout_ms: u64,
+    /// Milliseconds a response body may go without a byte arriving from the
+    /// upstream; then the caller's connection closes (nginx's
+    /// `proxy_read_timeout`).
+    pub response_body_idle_timeout_ms: u64,
     /// Seconds an idle pooled upstream connection is kept.
     pub pool_idle_timeout_secs: u64,
     /// Idle pooled connections kept per upstream host.
@@ -367,6 +404,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             tls_handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
             response_header_timeout_ms: DEFAULT_RESPONSE_HEADER_TIMEOUT_MS,
+            response_body_idle_timeout_ms: DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT_MS,
             pool_idle_timeout_secs: DEFAULT_POOL_IDLE_TIMEOUT_SECS,
             pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
             extra_ca_certs: Vec::new(),
@@ -413,13 +451,16 @@ impl Config {
     pub fn from_toml_str(name: &str, text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let mut value: toml::Value = toml::from_str(text)
             .map_err(|e| ConfigError::new(name, "(syntax)", e.message().to_owned() + &line_of(text, e.span())))?;
-        apply_env_overrides(&mut value, env)?;
-        substitute_env(&mut value, env, name, "")?;
-        let mut cfg: Config = deserialize_value(name, value)?;
+        let overrides = apply_env_overrides(&mut value, env)?;
+        let mut refs = std::collections::BTreeSet::new();
+        substitute_env_refs(&mut value, env, name, "", &mut refs)?;
+        let mut cfg: Config = deserialize_value(name, value).map_err(|e| blame_environment(e, &overrides))?;
+        cfg.source = name.to_owned();
+        cfg.env_refs = refs;
         if let Some(token) = env.get(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty()) {
             cfg.admin.tokens.push(AdminToken { token: SecretValue::new(token.clone()), org_id: None });
         }
-        cfg.validate(name)?;
+        cfg.validate(name).map_err(|e| blame_environment(e, &overrides))?;
         Ok(cfg)
     }
 
@@ -458,6 +499,13 @@ impl Config {
                 name,
                 format!("crypto.previous_key_files[{i}]"),
                 "is the current crypto.key_file; list only keys being rotated away from",
+            ));
+        }
+        if self.proxy.max_buffered_total < self.proxy.max_buffered_body {
+            return Err(ConfigError::new(
+                name,
+                "proxy.max_buffered_total",
+                "must be at least proxy.max_buffered_body (one buffered body must fit)",
             ));
         }
         if self.proxy.max_header_bytes < 8192 {
@@ -511,6 +559,11 @@ impl Config {
             ("oauth2.refresh_lock_wait_ms", self.oauth2.refresh_lock_wait_ms),
             ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity_hours),
             ("proxy.max_connections", self.proxy.max_connections as u64),
+            ("proxy.body_idle_timeout_ms", self.proxy.body_idle_timeout_ms),
+            ("proxy.buffered_body_timeout_ms", self.proxy.buffered_body_timeout_ms),
+            ("proxy.send_timeout_ms", self.proxy.send_timeout_ms),
+            ("proxy.tunnel_idle_timeout_secs", self.proxy.tunnel_idle_timeout_secs),
+            ("upstream.response_body_idle_timeout_ms", self.upstream.response_body_idle_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));
@@ -520,13 +573,58 @@ impl Config {
     }
 }
 
-/// Deserializes a TOML value, reporting the failing key path.
+/// Deserializes a TOML value, reporting the failing key path. The reason
+/// never holds a value (after `${VAR}` substitution it may be a secret):
+/// the key, the expected type and what was wrong, only.
 pub fn deserialize_value<T: serde::de::DeserializeOwned>(name: &str, value: toml::Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let key = if path == "." { "(top level)".to_owned() } else { path };
-        ConfigError::new(name, key, e.into_inner().to_string())
+        ConfigError::new(name, key, without_values(&e.into_inner().to_string()))
     })
+}
+
+/// A deserializer's error message without the value it quotes. serde's
+/// messages quote what they got (`invalid type: string "…", expected …`,
+/// `unknown variant `…``); these keep only its kind. `toml` appends the
+/// key (`in `admin.tokens``), which the error's key already names.
+pub fn without_values(message: &str) -> String {
+    let message = message.split("\nin `").next().unwrap_or(message).trim_end();
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            // What follows the last ", expected " is our own type's name.
+            let Some(at) = rest.rfind(", expected ") else { return format!("{prefix}the value is not accepted") };
+            let got = rest[..at].split(['`', '"']).next().unwrap_or("").trim();
+            return format!("{prefix}{got}, expected {}", &rest[at + ", expected ".len()..]);
+        }
+    }
+    if message.starts_with("unknown variant ") {
+        return match message.rfind("`, expected ") {
+            Some(at) => format!("unknown variant, expected {}", &message[at + "`, expected ".len()..]),
+            None => "unknown variant".to_owned(),
+        };
+    }
+    message.to_owned()
+}
+
+/// An error about a key an environment variable set names that variable,
+/// not the file.
+fn blame_environment(mut e: ConfigError, overrides: &[(String, String)]) -> ConfigError {
+    let hit = overrides.iter().find(|(path, _)| {
+        e.key == *path
+            || path.starts_with(&format!("{}.", e.key))
+            || e.key.starts_with(&format!("{path}."))
+            || e.key.starts_with(&format!("{path}["))
+    });
+    if let Some((_, var)) = hit {
+        e.source_name = format!("environment {var}");
+        if e.reason.starts_with("invalid type: string") {
+            e.reason.push_str(
+                " (a value that is not TOML is read as a string: write lists and tables as TOML, e.g. '[\"10.0.0.0/8\"]')",
+            );
+        }
+    }
+    e
 }
 
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -539,7 +637,12 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 /// `CREDPROXY_SECTION__KEY=value` sets `section.key`. The value is read as a
 /// TOML literal when it is one (`8080`, `true`, `["10.0.0.0/8"]`, `"123"`),
 /// otherwise as a string. `CREDPROXY_ADMIN_TOKEN` is handled separately.
-fn apply_env_overrides(root: &mut toml::Value, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+/// Returns the keys set, each with its variable.
+fn apply_env_overrides(
+    root: &mut toml::Value,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut set = Vec::new();
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -548,6 +651,13 @@ fn apply_env_overrides(root: &mut toml::Value, env: &BTreeMap<String, String>) -
             continue;
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        if section.is_empty() || key.is_empty() || key.contains("__") {
+            return Err(ConfigError::new(
+                format!("environment {var}"),
+                format!("{section}.{key}"),
+                "not a configuration key: overrides are CREDPROXY_<SECTION>__<KEY>",
+            ));
+        }
         let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -560,7 +670,38 @@ fn apply_env_overrides(root: &mut toml::Value, env: &BTreeMap<String, String>) -
         let Some(table) = table.as_table_mut() else {
             return Err(ConfigError::new(format!("environment {var}"), section, "is not a section"));
         };
-        table.insert(key, value);
+        table.insert(key.clone(), value);
+        set.push((format!("{section}.{key}"), var.clone()));
+    }
+    Ok(set)
+}
+
+/// Variables named `CREDPROXY_*` that are not configuration but are read
+/// elsewhere (the CLI's).
+pub const NON_CONFIG_ENV: &[&str] = &[ADMIN_TOKEN_ENV, "CREDPROXY_ADMIN_URL", "CREDPROXY_ADMIN_CA_CERT"];
+
+/// A `CREDPROXY_*` variable that is neither an override
+/// (`CREDPROXY_<SECTION>__<KEY>`), nor one of [`NON_CONFIG_ENV`], nor used
+/// by a `${VAR}` substitution is a mistake (`CREDPROXY_PROXY_LISTEN` with
+/// one underscore would otherwise be ignored in silence).
+pub fn check_environment(
+    env: &BTreeMap<String, String>,
+    used: &std::collections::BTreeSet<String>,
+) -> Result<(), ConfigError> {
+    for var in env.keys().filter(|v| v.starts_with(ENV_PREFIX)) {
+        if var.contains("__") || NON_CONFIG_ENV.contains(&var.as_str()) || used.contains(var) {
+            continue;
+        }
+        let hint = var
+            .strip_prefix(ENV_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(s, k)| format!("; did you mean {ENV_PREFIX}{s}__{k}?"))
+            .unwrap_or_default();
+        return Err(ConfigError::new(
+            format!("environment {var}"),
+            "(variable)",
+            format!("not a configuration variable: overrides are CREDPROXY_<SECTION>__<KEY> (two underscores){hint}"),
+        ));
     }
     Ok(())
 }
@@ -573,19 +714,30 @@ pub fn substitute_env(
     name: &str,
     path: &str,
 ) -> Result<(), ConfigError> {
+    substitute_env_refs(value, env, name, path, &mut std::collections::BTreeSet::new())
+}
+
+/// [`substitute_env`], collecting the variables it used into `refs`.
+pub fn substitute_env_refs(
+    value: &mut toml::Value,
+    env: &BTreeMap<String, String>,
+    name: &str,
+    path: &str,
+    refs: &mut std::collections::BTreeSet<String>,
+) -> Result<(), ConfigError> {
     match value {
         toml::Value::String(s) if s.contains('$') => {
-            *s = substitute_str(s, env).map_err(|reason| ConfigError::new(name, path, reason))?;
+            *s = substitute_str(s, env, refs).map_err(|reason| ConfigError::new(name, path, reason))?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                substitute_env(item, env, name, &format!("{path}[{i}]"))?;
+                substitute_env_refs(item, env, name, &format!("{path}[{i}]"), refs)?;
             }
         }
         toml::Value::Table(t) => {
             for (k, v) in t.iter_mut() {
                 let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                substitute_env(v, env, name, &p)?;
+                substitute_env_refs(v, env, name, &p, refs)?;
             }
         }
         _ => {}
@@ -593,7 +745,11 @@ pub fn substitute_env(
     Ok(())
 }
 
-fn substitute_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
+fn substitute_str(
+    s: &str,
+    env: &BTreeMap<String, String>,
+    refs: &mut std::collections::BTreeSet<String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(pos) = rest.find('$') {
@@ -606,6 +762,7 @@ fn substitute_str(s: &str, env: &BTreeMap<String, String>) -> Result<String, Str
             let end = after.find('}').ok_or_else(|| "unterminated ${...}".to_owned())?;
             let var = &after[..end];
             let val = env.get(var).ok_or_else(|| format!("environment variable {var} is not set"))?;
+            refs.insert(var.to_owned());
             out.push_str(val);
             rest = &after[end + 1..];
         } else {
@@ -709,7 +866,9 @@ mod tests {
         let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
         assert_eq!(err.key, "admin.tokens[0].token");
         assert!(err.reason.contains("TOK"));
-        assert_eq!(substitute_str("a$$b${X}c", &env(&[("X", "1")])).unwrap(), "a$b1c");
+        let mut refs = std::collections::BTreeSet::new();
+        assert_eq!(substitute_str("a$$b${X}c", &env(&[("X", "1")]), &mut refs).unwrap(), "a$b1c");
+        assert_eq!(refs.into_iter().collect::<Vec<_>>(), ["X"]);
     }
 
     #[test]
@@ -725,5 +884,67 @@ mod tests {
         let cfg = Config::from_toml_str("c.toml", MIN, &env(&[])).unwrap();
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+    }
+
+    /// Every key of every section, from the parser itself: an unknown key's
+    /// error lists the known ones.
+    fn known_keys(section: Option<&str>) -> Vec<String> {
+        let text = match section {
+            None => "zz_unknown = 1\n".to_owned(),
+            Some(s) => format!("[{s}]\nzz_unknown = 1\n"),
+        };
+        let value: toml::Value = toml::from_str(&text).unwrap();
+        let err = serde_path_to_error::deserialize::<_, Config>(value).unwrap_err().into_inner().to_string();
+        // serde: "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, …".
+        let list = err.split("expected ").nth(1).unwrap_or_else(|| panic!("{err}"));
+        let list = list.split('\n').next().unwrap().trim_start_matches("one of ");
+        list.split(", ").flat_map(|k| k.split(" or ")).map(|k| k.trim_matches('`').to_owned()).collect()
+    }
+
+    /// `config/credproxy.toml` shows every key of every section, each a key
+    /// the parser knows (uncommented, the file still parses), and the README's
+    /// configuration table names each of them.
+    #[test]
+    fn the_shipped_file_and_the_readme_document_every_key() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join(DEFAULT_CONFIG_PATH)).unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let mut documented: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut section = String::new();
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let bare = line.trim_start_matches('#').trim_start();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+            } else if bare == "[[admin.tokens]]" {
+                documented.entry("admin".into()).or_default().push("tokens".into());
+                section = "admin.tokens".into();
+            }
+            if let Some((key, _)) = bare.split_once(" = ") {
+                if key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    documented.entry(section.clone()).or_default().push(key.to_owned());
+                }
+            }
+            let setting = bare.contains(" = ") || bare.starts_with("[[");
+            uncommented.push_str(if line.starts_with("# ") && setting { &line[2..] } else { line });
+            uncommented.push('\n');
+        }
+        let sections = known_keys(None);
+        for s in &sections {
+            let mut want = known_keys(Some(s));
+            want.sort();
+            let mut got = documented.get(s.as_str()).cloned().unwrap_or_default();
+            got.sort();
+            got.dedup();
+            assert_eq!(got, want, "config/credproxy.toml [{s}]");
+            for k in &want {
+                assert!(readme.contains(&format!("`{s}.{k}`")), "README's configuration table lacks `{s}.{k}`");
+            }
+        }
+        // Every commented default is a value the parser takes.
+        let env = env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123"), ("ADMIN_TOKEN_ORG_ACME", "org-acme-token-0123")]);
+        if let Err(e) = Config::from_toml_str("uncommented", &uncommented, &env) {
+            panic!("the documented defaults do not parse: {e}");
+        }
     }
 }

@@ -403,7 +403,8 @@ impl Connections {
         Ok(row.map(|r| r.meta).filter(|m| org.is_none_or(|o| o == m.org_id)))
     }
 
-    pub async fn list(&self, org: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
+    /// One organization's connections, or every organization's (`None`).
+    pub async fn list(&self, org: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
         self.store.list_connections(org).await
     }
 
@@ -520,7 +521,7 @@ mod tests {
                 other => panic!("{creds:?}: {other:?}"),
             }
         }
-        assert!(store.list_connections("org_a").await.unwrap().is_empty());
+        assert!(store.list_connections(Some("org_a")).await.unwrap().is_empty());
     }
 
     #[tokio::test]

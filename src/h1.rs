@@ -66,6 +66,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("timed out")]
     Timeout,
+    #[error("the request body stopped arriving")]
+    BodyTimeout,
 }
 
 impl Error {
@@ -98,8 +100,6 @@ struct FieldSummary {
     transfer_encoding: bool,
     /// Every `Transfer-Encoding` value together is exactly `chunked`.
     chunked_only: bool,
-    /// The last transfer coding is `chunked` (responses).
-    chunked_last: bool,
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
@@ -118,12 +118,21 @@ enum Kind {
     Date,
     /// Another hop-by-hop field (RFC 9110 §7.6.1).
     HopByHop,
+    /// A name that differs from one the proxy owns or strips only by `_`
+    /// for `-` (`Content_Length`, `X_Connection_Id`): CGI-style upstreams
+    /// read both as the same field, so it is never forwarded.
+    Lookalike,
+    /// A response field that names a URL (`Location`, `Content-Location`,
+    /// `Link`, `Refresh`): where an upstream may echo an injected value.
+    UrlRef,
     Other,
 }
 
 impl Kind {
     fn of(name: &[u8]) -> Self {
         let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        let like = |s: &str| names_alike(name, s.as_bytes());
+        // By length first: most names are compared with nothing at all.
         match name.len() {
             14 if is("content-length") => Self::ContentLength,
             17 if is("transfer-encoding") => Self::TransferEncoding,
@@ -135,13 +144,41 @@ impl Kind {
             10 if is("keep-alive") => Self::HopByHop,
             16 if is("proxy-connection") => Self::HopByHop,
             18 if is("proxy-authenticate") => Self::HopByHop,
+            8 if is("location") => Self::UrlRef,
+            16 if is("content-location") => Self::UrlRef,
+            4 if is("link") => Self::UrlRef,
+            7 if is("refresh") => Self::UrlRef,
+            14 if like("content-length") => Self::Lookalike,
+            17 if like("transfer-encoding") => Self::Lookalike,
+            10 if like("keep-alive") => Self::Lookalike,
+            15 if like("x-connection-id") => Self::Lookalike,
+            16 if like("proxy-connection") => Self::Lookalike,
+            18 if like("proxy-authenticate") => Self::Lookalike,
+            19 if like("proxy-authorization") => Self::Lookalike,
             _ => Self::Other,
         }
     }
 
+    /// Never forwarded: hop-by-hop for this connection, or a lookalike of one.
     fn hop_by_hop(self) -> bool {
-        matches!(self, Self::TransferEncoding | Self::Connection | Self::HopByHop)
+        matches!(self, Self::TransferEncoding | Self::Connection | Self::HopByHop | Self::Lookalike)
     }
+}
+
+/// `name` is `of` with at least one `_` where `of` has `-` (any case):
+/// a different field to us, the same one to a CGI-style server.
+pub fn names_alike(name: &[u8], of: &[u8]) -> bool {
+    let mut underscore = false;
+    name.len() == of.len()
+        && name.iter().zip(of).all(|(a, b)| {
+            if *a == b'_' && *b == b'-' {
+                underscore = true;
+                true
+            } else {
+                a.eq_ignore_ascii_case(b)
+            }
+        })
+        && underscore
 }
 
 impl FieldSummary {
@@ -160,14 +197,11 @@ impl FieldSummary {
                 self.transfer_encoding = true;
                 let mut only = first_header;
                 let mut count = 0;
-                let mut last_chunked = false;
                 while let Some(c) = codings.next() {
                     count += 1;
-                    last_chunked = c.eq_ignore_ascii_case(b"chunked");
-                    only &= last_chunked && codings.peek().is_none();
+                    only &= c.eq_ignore_ascii_case(b"chunked") && codings.peek().is_none();
                 }
                 self.chunked_only = only && count == 1;
-                self.chunked_last = last_chunked;
             }
             Kind::Connection => {
                 for token in list_items(value) {
@@ -220,7 +254,8 @@ fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(trim).filter(|i| !i.is_empty())
 }
 
-/// Hop-by-hop header fields (RFC 9110 §7.6.1), by name.
+/// Hop-by-hop header fields (RFC 9110 §7.6.1), and names that differ from
+/// one the proxy owns only by `_` for `-`, by name.
 pub fn is_hop_by_hop(name: &str) -> bool {
     Kind::of(name.as_bytes()).hop_by_hop()
 }
@@ -285,6 +320,8 @@ pub struct RawFields {
     date: bool,
     /// A `Content-Length` field is among them (kept for bodiless responses).
     length: bool,
+    /// A field that names a URL is among them ([`RawFields::rewrite_url_refs`]).
+    url_refs: bool,
 }
 
 impl RawFields {
@@ -319,6 +356,7 @@ impl RawFields {
             }
             raw.date |= kind == Kind::Date;
             raw.length |= kind == Kind::ContentLength;
+            raw.url_refs |= kind == Kind::UrlRef;
             put_field(&mut lines, name, f.value);
         }
         raw.lines = lines.freeze();
@@ -327,6 +365,41 @@ impl RawFields {
 
     pub fn has_date(&self) -> bool {
         self.date
+    }
+
+    /// A field that names a URL (`Location`, `Content-Location`, `Link`,
+    /// `Refresh`) is among them.
+    pub fn has_url_refs(&self) -> bool {
+        self.url_refs
+    }
+
+    /// Replaces the value of each field that names a URL with what
+    /// `rewrite` returns for it (`None`: unchanged). An empty value drops
+    /// the field, and so does one holding CR, LF or NUL.
+    pub fn rewrite_url_refs(&mut self, mut rewrite: impl FnMut(&[u8]) -> Option<Vec<u8>>) {
+        if !self.url_refs {
+            return;
+        }
+        let mut lines = BytesMut::with_capacity(self.lines.len());
+        let mut changed = false;
+        for (name, value) in self.fields() {
+            if Kind::of(name) != Kind::UrlRef {
+                put_field(&mut lines, name, &value);
+                continue;
+            }
+            match rewrite(&value) {
+                None => put_field(&mut lines, name, &value),
+                Some(new) => {
+                    changed = true;
+                    if !new.is_empty() && !new.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                        put_field(&mut lines, name, &new);
+                    }
+                }
+            }
+        }
+        if changed {
+            self.lines = lines.freeze();
+        }
     }
 
     /// `(name, value)` of each line.
@@ -753,6 +826,8 @@ pub(crate) struct Pending {
     data: Option<Bytes>,
     crlf: bool,
     crlf_pos: usize,
+    /// Some bytes were written since [`Pending::take_progress`] last looked.
+    progressed: bool,
 }
 
 impl Pending {
@@ -765,6 +840,11 @@ impl Pending {
         self.data = data;
         self.crlf = crlf;
         self.crlf_pos = 0;
+    }
+
+    /// Whether bytes were written since the last call.
+    fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
     }
 
     /// Flushes `head` (bytes not written yet are `head[self.pos..]`) and the
@@ -791,6 +871,7 @@ impl Pending {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.progressed = true;
             // Advance over what was written: head, then data, then CRLF.
             let mut n = n;
             let from_head = n.min(hl);
@@ -805,6 +886,56 @@ impl Pending {
             }
             self.crlf_pos += n;
         }
+    }
+}
+
+/// Bounds the time between two pieces of progress on a stream (bytes read
+/// or written). Armed lazily, at the first wait after progress: a stream
+/// that never has to wait reads no clock and registers no timer.
+pub struct IdleTimer {
+    timeout: std::time::Duration,
+    deadline: Option<std::time::Instant>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleTimer {
+    pub fn new(timeout: std::time::Duration) -> Self {
+        Self { timeout, deadline: None, sleep: None }
+    }
+
+    /// Progress was made: the next wait starts a new period.
+    pub fn progress(&mut self) {
+        self.deadline = None;
+    }
+
+    /// The stream is about to wait: `Ready` once it has waited `timeout`
+    /// since the last progress; otherwise the task wakes when it has.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::future::Future;
+        let now = std::time::Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.timeout);
+        if now >= deadline {
+            return Poll::Ready(());
+        }
+        let at = tokio::time::Instant::from_std(deadline);
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        // Ready only at the deadline; a timer that fires early is re-armed.
+        while sleep.as_mut().poll(cx).is_ready() {
+            if std::time::Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(at);
+        }
+        Poll::Pending
+    }
+}
+
+impl std::fmt::Debug for IdleTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleTimer").field("timeout", &self.timeout).field("armed", &self.deadline.is_some()).finish()
     }
 }
 
@@ -908,14 +1039,14 @@ mod tests {
             for v in values {
                 s.observe(Kind::TransferEncoding, v.as_bytes()).unwrap();
             }
-            (s.chunked_only, s.chunked_last)
+            s.chunked_only
         };
-        assert_eq!(te(&["chunked"]), (true, true));
-        assert_eq!(te(&["Chunked "]), (true, true));
-        assert_eq!(te(&["gzip, chunked"]), (false, true));
-        assert_eq!(te(&["chunked", "chunked"]), (false, true));
-        assert_eq!(te(&["chunked, gzip"]), (false, false));
-        assert_eq!(te(&["identity"]), (false, false));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["chunked", "chunked"]));
+        assert!(!te(&["chunked, gzip"]));
+        assert!(!te(&["identity"]));
     }
 
     #[test]

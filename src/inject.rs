@@ -2,7 +2,8 @@
 //! give [`Edits`]; edits are applied to request parts (headers, query, cookies)
 //! and, for body placements, to a buffered body. No I/O here.
 //!
-//! Imports `integrations` (auth method shapes) and `creds::Credential` only.
+//! Imports `integrations` (auth method shapes), `creds::Credential` and the
+//! leaf `h1` (field-name rules) only.
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use zeroize::Zeroizing;
 
 use crate::creds::Credential;
+use crate::h1;
 use crate::integrations::{AuthKind, AuthMethod, Part, Placement, Target, Template};
 
 /// What to change in a request. `Debug` never shows values.
@@ -139,6 +141,18 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
 /// same name (e.g. `Authorization`) is replaced, never duplicated.
 /// The header edits are moved into `headers` (`e.headers` is left empty).
 pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Result<(), InjectError> {
+    // `X_Api_Key` beside an injected `X-Api-Key` is one field to a CGI-style
+    // upstream: the caller's lookalike goes.
+    if e.headers.iter().any(|(n, _)| n.as_str().contains('-')) {
+        let alike: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| e.headers.iter().any(|(n, _)| h1::names_alike(k.as_str().as_bytes(), n.as_str().as_bytes())))
+            .cloned()
+            .collect();
+        for name in alike {
+            headers.remove(name);
+        }
+    }
     for (name, value) in e.headers.drain(..) {
         headers.insert(name, value);
     }
@@ -253,6 +267,124 @@ pub fn apply_body(
     Ok((out, set_type))
 }
 
+/// Shortest value scrubbed from response fields: shorter credential parts
+/// (a two-letter account name) would take ordinary text with them.
+const MIN_SCRUBBED: usize = 4;
+
+/// What a connection injects, to take back out of response fields that
+/// name a URL (an upstream that redirects with the request's query, or
+/// echoes a header into a link): every credential value and every rendered
+/// placement (with its template's literal text), and the Basic pair.
+pub fn injected_values(method: &AuthMethod, cred: &Credential) -> Vec<Zeroizing<String>> {
+    let mut out: Vec<Zeroizing<String>> = cred.values().iter().map(|v| Zeroizing::new(v.expose().to_owned())).collect();
+    let placements: &[Placement] = match &method.kind {
+        AuthKind::ApiKey(p) => std::slice::from_ref(p),
+        AuthKind::OAuth2(o) => std::slice::from_ref(&o.placement),
+        AuthKind::Custom(ps) => ps,
+        AuthKind::Bearer | AuthKind::Basic => &[],
+    };
+    out.extend(placements.iter().map(|p| render(&p.template, cred)));
+    if let AuthKind::Basic = method.kind {
+        let raw = Zeroizing::new(format!("{}:{}", cred.value(0).expose(), cred.value(1).expose()));
+        out.push(Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())));
+    }
+    out.retain(|v| v.len() >= MIN_SCRUBBED);
+    // Longest first: a rendered `Token {key}` goes whole before `{key}` alone.
+    out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    out
+}
+
+/// Takes `secrets` out of the value of a field that names a URL
+/// (`Location`, `Content-Location`, `Link`, `Refresh`). `None`: nothing to
+/// take out. A query parameter whose (percent-decoded) name or value holds a
+/// secret goes whole, with its separator (and the `?` when none is left);
+/// any other occurrence, raw or percent-encoded, is cut out. If a secret
+/// still shows once the result is percent-decoded, the value is given up:
+/// `Some` of an empty value, and the field is dropped.
+pub fn scrub_url_field(value: &[u8], secrets: &[Zeroizing<String>]) -> Option<Vec<u8>> {
+    let holds = |b: &[u8]| secrets.iter().any(|s| memchr::memmem::find(b, s.as_bytes()).is_some());
+    let decoded_holds = |b: &[u8]| holds(&percent_decode(b, false)) || holds(&percent_decode(b, true));
+    if !holds(value) && !decoded_holds(value) {
+        return None;
+    }
+    let mut out = drop_query_params(value, &|p: &[u8]| decoded_holds(p));
+    for s in secrets {
+        for form in encodings(s) {
+            while let Some(at) = memchr::memmem::find(&out, form.as_bytes()) {
+                out.drain(at..at + form.len());
+            }
+        }
+    }
+    if decoded_holds(&out) {
+        out.clear();
+    }
+    Some(out)
+}
+
+/// A secret as it may appear in a URL: raw, form-encoded, percent-encoded
+/// (upper- and lower-case hex).
+fn encodings(s: &str) -> Vec<Zeroizing<String>> {
+    let form = Zeroizing::new(form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>());
+    let (mut upper, mut lower) = (Zeroizing::new(String::new()), Zeroizing::new(String::new()));
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            upper.push(b as char);
+            lower.push(b as char);
+        } else {
+            upper.push_str(&format!("%{b:02X}"));
+            lower.push_str(&format!("%{b:02x}"));
+        }
+    }
+    let mut v: Vec<Zeroizing<String>> = Vec::with_capacity(4);
+    for e in [Zeroizing::new(s.to_owned()), form, upper, lower] {
+        if !v.iter().any(|x| x.as_str() == e.as_str()) {
+            v.push(e);
+        }
+    }
+    v
+}
+
+/// Percent-decodes (and with `plus`, reads `+` as a space).
+fn percent_decode(b: &[u8], plus: bool) -> Zeroizing<Vec<u8>> {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Zeroizing::new(Vec::with_capacity(b.len()));
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            (b'+', ..) if plus => out.push(b' '),
+            (c, ..) => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Removes the query parameters `doomed` picks from every URL query in
+/// `value` (a query runs from `?` to `#`, `>`, `<`, a quote or white space:
+/// the ends of a URL inside `Link`'s `<…>` or `Refresh`'s `url=`).
+fn drop_query_params(value: &[u8], doomed: &dyn Fn(&[u8]) -> bool) -> Vec<u8> {
+    let ends = |c: u8| matches!(c, b'#' | b'>' | b'<' | b'"' | b'\'' | b' ' | b'\t');
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while let Some(q) = memchr::memchr(b'?', &value[i..]).map(|q| q + i) {
+        out.extend_from_slice(&value[i..q]);
+        let end = value[q + 1..].iter().position(|c| ends(*c)).map_or(value.len(), |e| e + q + 1);
+        let kept: Vec<&[u8]> = value[q + 1..end].split(|c| *c == b'&').filter(|p| !doomed(p)).collect();
+        if !kept.is_empty() {
+            out.push(b'?');
+            out.extend_from_slice(&kept.join(&b'&'));
+        }
+        i = end;
+    }
+    out.extend_from_slice(&value[i..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +487,38 @@ mod tests {
         assert_eq!(&b[..], b"q=1&sig=acct-7%3As%26%3Dx");
         h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
         assert_eq!(apply_body(&h, b"x", &only_form).unwrap_err(), InjectError::BodyNotForm);
+    }
+
+    #[test]
+    fn injected_values_come_back_out_of_url_fields() {
+        let m = method("[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"X-Api-Key\"\ntemplate = \"Token {api_key}\"\n");
+        let secrets = injected_values(&m, &cred(&m, &[("api_key", "Key-91c7 x")]));
+        assert_eq!(secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["Token Key-91c7 x", "Key-91c7 x"]);
+        let scrub = |v: &str| scrub_url_field(v.as_bytes(), &secrets).map(|b| String::from_utf8(b).unwrap());
+        assert_eq!(scrub("/dir/?x=1"), None, "nothing injected in it");
+        assert_eq!(scrub("/dir/?key=key-91C7%20x&x=1#f"), None, "secrets are case-sensitive");
+        for (given, want) in [
+            ("/dir/?x=1&key=Key-91c7%20x", "/dir/?x=1"),
+            ("/dir/?key=Key-91c7+x&x=1", "/dir/?x=1"),
+            ("/d?t=Token%20Key-91c7%20x", "/d"),
+            ("/d?a=1&t=Token+Key%2D91c7+x&b=2", "/d?a=1&b=2"),
+            (
+                "</n?k=Key%2d91c7%20x>; rel=\"next\", </o?k=1>; rel=\"prev\"",
+                "</n>; rel=\"next\", </o?k=1>; rel=\"prev\"",
+            ),
+            ("5; url=/r?u=Key-91c7%20x", "5; url=/r"),
+            ("/Key-91c7 x/doc", "//doc"),
+            ("/Key-91c7%20x/doc?q=1", "//doc?q=1"),
+            ("/Key-91c7+x/doc", "//doc"),
+            // Encoded some other way (an encoded letter): the field is given up.
+            ("/%4Bey-91c7%20x/doc", ""),
+        ] {
+            assert_eq!(scrub(given).as_deref(), Some(want), "{given}");
+        }
+        // Basic: the base64 pair, and each part.
+        let m = method("[[auth_methods]]\nid = \"b\"\ntype = \"basic\"\n");
+        let secrets = injected_values(&m, &cred(&m, &[("username", "ab"), ("password", "open sesame")]));
+        let forms: Vec<&str> = secrets.iter().map(|s| s.as_str()).collect();
+        assert_eq!(forms, ["YWI6b3BlbiBzZXNhbWU=", "open sesame"], "the 2-letter user is too short to scrub");
     }
 }

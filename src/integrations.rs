@@ -12,13 +12,15 @@ use std::sync::Arc;
 use http::HeaderName;
 use serde::Deserialize;
 
-use crate::config::{deserialize_value, substitute_env, ConfigError};
+use crate::config::{deserialize_value, substitute_env_refs, ConfigError};
 use crate::policy::hosts::HostPattern;
 
 /// All integrations, by id.
 #[derive(Debug, Default)]
 pub struct Integrations {
     by_id: HashMap<String, Arc<Integration>>,
+    /// Environment variables their `${VAR}` substitutions used.
+    pub env_refs: std::collections::BTreeSet<String>,
 }
 
 impl Integrations {
@@ -54,7 +56,8 @@ impl Integrations {
             let name = path.display().to_string();
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ConfigError::new(&name, "(file)", format!("cannot read: {e}")))?;
-            out.add(Integration::from_toml_str(&name, &text, env)?, &name)?;
+            let integration = Integration::from_toml_str_refs(&name, &text, env, &mut out.env_refs)?;
+            out.add(integration, &name)?;
         }
         Ok(out)
     }
@@ -242,18 +245,20 @@ impl Template {
                         match chars.next() {
                             Some('}') => break,
                             Some(c) => name.push(c),
-                            None => return Err(format!("unclosed `{{` in template {s:?}")),
+                            None => return Err("unclosed `{` (write `{{` for a literal brace)".to_owned()),
                         }
                     }
-                    let idx = fields.iter().position(|f| *f == name).ok_or_else(|| {
-                        format!("template {s:?} refers to unknown field {name:?} (fields: {fields:?})")
-                    })?;
+                    // Field names are slugs (checked); the template's text is not echoed.
+                    let idx = fields
+                        .iter()
+                        .position(|f| *f == name)
+                        .ok_or_else(|| format!("refers to an unknown field; the fields are: {}", fields.join(", ")))?;
                     if !lit.is_empty() {
                         parts.push(Part::Lit(std::mem::take(&mut lit)));
                     }
                     parts.push(Part::Field(idx));
                 }
-                '}' => return Err(format!("unmatched `}}` in template {s:?}")),
+                '}' => return Err("unmatched `}` (write `}}` for a literal brace)".to_owned()),
                 c => lit.push(c),
             }
         }
@@ -261,7 +266,7 @@ impl Template {
             parts.push(Part::Lit(lit));
         }
         if !parts.iter().any(|p| matches!(p, Part::Field(_))) {
-            return Err(format!("template {s:?} uses no credential field"));
+            return Err("uses no credential field".to_owned());
         }
         Ok(Self { parts })
     }
@@ -426,9 +431,20 @@ struct PlacementFile {
 
 impl Integration {
     pub fn from_toml_str(source: &str, text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_toml_str_refs(source, text, env, &mut std::collections::BTreeSet::new())
+    }
+
+    /// [`Integration::from_toml_str`], collecting the environment variables
+    /// its substitutions used into `refs`.
+    pub fn from_toml_str_refs(
+        source: &str,
+        text: &str,
+        env: &BTreeMap<String, String>,
+        refs: &mut std::collections::BTreeSet<String>,
+    ) -> Result<Self, ConfigError> {
         let mut value: toml::Value =
             toml::from_str(text).map_err(|e| ConfigError::new(source, "(syntax)", e.message()))?;
-        substitute_env(&mut value, env, source, "")?;
+        substitute_env_refs(&mut value, env, source, "", refs)?;
         let file: IntegrationFile = deserialize_value(source, value)?;
         let err = |key: String, reason: String| ConfigError::new(source, key, reason);
 
@@ -473,6 +489,9 @@ impl Integration {
             }
             if t.method.parse::<http::Method>().is_err() {
                 return Err(err("test.method".into(), "not an HTTP method".into()));
+            }
+            if t.method.eq_ignore_ascii_case("TRACE") {
+                return Err(err("test.method".into(), "TRACE would echo the credential back; use GET".into()));
             }
         }
         Ok(Self {
@@ -524,7 +543,7 @@ fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError
                 compile_placement(place, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
             let okey = format!("{key}.oauth2");
             let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
-                let u: http::Uri = v.parse().map_err(|_| (format!("{okey}.{field}"), format!("{v:?} is not a URL")))?;
+                let u: http::Uri = v.parse().map_err(|_| (format!("{okey}.{field}"), "not a URL".to_owned()))?;
                 if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
                     return Err((format!("{okey}.{field}"), "must be an absolute http(s) URL".into()));
                 }
@@ -627,16 +646,16 @@ fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[Strin
     let target = match place {
         PlaceIn::Header => {
             let h = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ("name".to_owned(), format!("{name:?} is not a valid header name")))?;
+                .map_err(|_| ("name".to_owned(), "not a valid header name".to_owned()))?;
             if is_protected_header(&h) {
-                return Err(("name".into(), format!("{name:?} is managed by the proxy and cannot carry a credential")));
+                return Err(("name".into(), format!("{h} is managed by the proxy and cannot carry a credential")));
             }
             Target::Header(h)
         }
         PlaceIn::Query => Target::Query(name.to_owned()),
         PlaceIn::Cookie => {
             if name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) {
-                return Err(("name".into(), format!("{name:?} is not a valid cookie name")));
+                return Err(("name".into(), "not a valid cookie name".to_owned()));
             }
             Target::Cookie(name.to_owned())
         }

@@ -39,6 +39,10 @@ pub struct TokenSet {
     /// Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// Unix seconds when the access token was obtained (absent in records
+    /// written before it was kept): with `expires_at`, its lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,12 +61,24 @@ impl fmt::Debug for TokenSet {
 }
 
 impl TokenSet {
-    /// True if there is no access token, or it expires within `skew_secs`.
+    /// True if there is no access token, or it expires within the skew.
+    /// The skew is `skew_secs`, but never more than half the token's
+    /// lifetime: a provider issuing tokens shorter than the skew would
+    /// otherwise get a token call on every request.
     pub fn needs_refresh(&self, now: i64, skew_secs: u64) -> bool {
         match (&self.access_token, self.expires_at) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(_), Some(exp)) => exp - now <= skew_secs as i64,
+            (Some(_), Some(exp)) => exp - now <= self.effective_skew(skew_secs),
+        }
+    }
+
+    /// `skew_secs`, bounded by half of the token's lifetime when known.
+    pub fn effective_skew(&self, skew_secs: u64) -> i64 {
+        let skew = skew_secs as i64;
+        match (self.issued_at, self.expires_at) {
+            (Some(issued), Some(exp)) if exp > issued => skew.min((exp - issued) / 2),
+            _ => skew,
         }
     }
 
@@ -74,6 +90,7 @@ impl TokenSet {
             access_token: Some(std::mem::take(&mut resp.access_token)),
             refresh_token: resp.refresh_token.take().or_else(|| self.refresh_token.clone()),
             expires_at: Some(now + resp.expires_in.unwrap_or(default_lifetime) as i64),
+            issued_at: Some(now),
             token_type: resp.token_type.take(),
             scope: resp.scope.take().or_else(|| self.scope.clone()),
         }
@@ -248,8 +265,14 @@ impl TokenClient {
         }
         let (status, body) = self.post(m, &m.token_url, params, true).await?;
         if status.is_success() {
-            return serde_json::from_slice::<TokenResponse>(&body)
-                .map_err(|_| TokenError::Unavailable("token response is not valid JSON with an access_token".into()));
+            // Not JSON (a proxy's error page, a truncated answer): maybe
+            // transient. JSON without an access token: the provider's answer,
+            // and a refusal in all but name.
+            let value: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|_| TokenError::Unavailable(format!("token endpoint answered {status} with no JSON body")))?;
+            return serde_json::from_value::<TokenResponse>(value).map_err(|_| {
+                TokenError::Rejected(format!("token endpoint answered {status} without a usable access_token"))
+            });
         }
         let error = serde_json::from_slice::<ErrorResponse>(&body).map(|e| e.error).ok();
         match (status, error.as_deref()) {
@@ -376,5 +399,30 @@ mod tests {
         assert_eq!(u.expires_at, Some(5600));
         let dbg = format!("{u:?}");
         assert!(!dbg.contains("r1") && !dbg.contains("\"b\""), "{dbg}");
+    }
+
+    #[test]
+    fn the_skew_never_exceeds_half_a_tokens_lifetime() {
+        let token = |issued: Option<i64>, expires: i64| {
+            let mut t = TokenSet::default();
+            t.access_token = Some("a".into());
+            t.issued_at = issued;
+            t.expires_at = Some(expires);
+            t
+        };
+        // A 10-second token with the default 60 s skew: fresh for its first half.
+        let t = token(Some(1000), 1010);
+        assert_eq!(t.effective_skew(60), 5);
+        assert!(!t.needs_refresh(1000, 60));
+        assert!(!t.needs_refresh(1004, 60));
+        assert!(t.needs_refresh(1005, 60));
+        // A long token keeps the configured skew.
+        let t = token(Some(1000), 4600);
+        assert_eq!(t.effective_skew(60), 60);
+        assert!(!t.needs_refresh(4539, 60) && t.needs_refresh(4540, 60));
+        // Records from before issued_at was kept: the configured skew.
+        assert_eq!(token(None, 1010).effective_skew(60), 60);
+        // A token that arrives already expired (expires_in 0) is stale at once.
+        assert!(token(Some(1000), 1000).needs_refresh(1000, 60));
     }
 }

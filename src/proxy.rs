@@ -77,6 +77,12 @@ pub struct ClientLimits {
     pub max_header_bytes: usize,
     /// Most client connections (tunnels included) at once.
     pub max_connections: usize,
+    /// Longest wait for more of a request body.
+    pub body_idle_timeout: Duration,
+    /// Longest wait for a caller to take more of a response.
+    pub send_timeout: Duration,
+    /// Longest a `CONNECT` tunnel (blind, or intercepted h2) may carry nothing.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// Shutdown for HTTP/1.1 connections without a shared future polled on
@@ -246,7 +252,7 @@ enum HeadEvent {
 async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunnel: Option<TunnelTarget>) {
     let limits = state.limits;
     let (rd, mut wr) = io.split();
-    let mut side = Some(ReadSide::new(rd));
+    let mut side = Some(ReadSide::new(rd, limits.body_idle_timeout));
     let mut out = Vec::with_capacity(1024);
     // One timer per connection, re-armed lazily: it fires at most once per
     // `header_read_timeout`, and only then is checked against the deadline
@@ -341,7 +347,13 @@ async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunn
         // A caller still waiting for `100 Continue` may never send the body.
         close |= !body_read && continue_unanswered;
         let status = resp.status();
-        let meta = ResponseMeta { head_request: meta_head, connect: meta_connect, http10, close };
+        let meta = ResponseMeta {
+            head_request: meta_head,
+            connect: meta_connect,
+            http10,
+            close,
+            send_timeout: limits.send_timeout,
+        };
         let mut resp = resp;
         // An HTTP/1.1 upstream's fields are copied to the caller as they came.
         let fields = take_fields(&mut resp);
@@ -427,7 +439,13 @@ async fn refuse_head(state: &ProxyState, wr: &mut WriteHalf, out: &mut Vec<u8>, 
     state.outbound.metrics.error(problem.code);
     state.outbound.metrics.request(None, problem.status.as_u16());
     let resp = problem.to_proxy_response().map(Full::new);
-    let meta = ResponseMeta { head_request: false, connect: false, http10: false, close: true };
+    let meta = ResponseMeta {
+        head_request: false,
+        connect: false,
+        http10: false,
+        close: true,
+        send_timeout: state.limits.send_timeout,
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), h1::server::write_response(wr, out, resp, None, meta)).await;
 }
 
@@ -560,18 +578,22 @@ async fn forward(
         return Box::pin(connect(state, peer, parts, access)).await;
     }
     let mut uri = std::mem::take(&mut parts.uri);
+    if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
+        // `http://host?q`: the path is empty, and origin-form needs "/".
+        uri = with_root_path(&uri)?;
+    }
     let (scheme, host, port) = target_of(&uri)?;
     access.host = uri.authority().cloned();
 
     // 2. Identify the caller: sidecar mode pins one organization.
     let org = state.org_id.as_str();
 
-    // 3. Which connection, if any. Taken out of the headers, shape checked.
-    let conn_id = parts.headers.remove(&X_CONNECTION_ID);
-    if let Some(v) = &conn_id {
-        if !v.to_str().is_ok_and(ids::is_connection_id) {
-            return Err(ProxyError::BadConnectionId);
-        }
+    // 3. Which connection, if any. Taken out of the headers, shape checked;
+    // more than one field is ambiguous (which one would an upstream see?).
+    let conn_id = take_connection_id(&mut parts.headers)?;
+    if conn_id.is_some() && parts.method == Method::TRACE {
+        // An upstream that echoes TRACE would hand the credential back (RFC 9110 §9.3.8).
+        return Err(ProxyError::TraceWithCredential);
     }
 
     // Hop-by-hop headers and our own control headers never go upstream.
@@ -673,16 +695,40 @@ async fn connect(
         None => {
             let upstream = state.connector.connect_checked(&host, port).await.map_err(ProxyError::Connect)?;
             let metrics = state.outbound.metrics.clone();
+            let idle = state.limits.tunnel_idle_timeout;
             state.tracker.spawn(async move {
                 let _open = metrics.client_connection();
                 match on_upgrade.wait().await {
-                    Ok(up) => tunnel::serve_blind(peer, up, upstream).await,
+                    Ok(up) => tunnel::serve_blind(peer, up, upstream, idle).await,
                     Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),
                 }
             });
         }
     }
     Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
+}
+
+/// The `X-Connection-Id` field, removed from `headers`: at most one, of
+/// the connection id's shape.
+fn take_connection_id(headers: &mut HeaderMap) -> Result<Option<http::HeaderValue>, ProxyError> {
+    let http::header::Entry::Occupied(entry) = headers.entry(X_CONNECTION_ID) else { return Ok(None) };
+    let (_, mut values) = entry.remove_entry_mult();
+    let id = values.next();
+    if values.next().is_some() {
+        return Err(ProxyError::DuplicateConnectionId);
+    }
+    match id {
+        Some(v) if !v.to_str().is_ok_and(ids::is_connection_id) => Err(ProxyError::BadConnectionId),
+        id => Ok(id),
+    }
+}
+
+/// `uri` with "/" in front of its query (its path was empty).
+fn with_root_path(uri: &Uri) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(format!("/{pq}").parse().map_err(|_| ProxyError::Malformed("invalid request target"))?);
+    Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("invalid request target"))
 }
 
 /// Scheme, host and explicit port of an absolute-form request target.

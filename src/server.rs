@@ -5,6 +5,7 @@
 //! by the tests.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvide
 use crate::integrations::Integrations;
 use crate::metrics::Metrics;
 use crate::oauth2::TokenClient;
-use crate::outbound::Outbound;
+use crate::outbound::{BufferBudget, Outbound};
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ClientLimits, ProxyState};
 use crate::store::postgres::{spawn_listener, Change, PgStore};
@@ -133,7 +134,7 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
     let mut previous: Vec<Arc<dyn KeyProvider>> = Vec::new();
     for (i, path) in c.previous_key_files.iter().enumerate() {
         let key = LocalKeyProvider::open(path)
-            .map_err(|e| ConfigError::new("config", format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
+            .map_err(|e| ConfigError::new(&config.source, format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
         previous.push(Arc::new(key));
     }
     let current: Arc<dyn KeyProvider> = match c.provider {
@@ -151,26 +152,64 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
     Ok(Arc::new(Keyring::new(current, previous)))
 }
 
-/// Opens the store and key provider, builds the pipeline state and starts
-/// serving on `listeners`.
-pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
-    let store = open_store(config).await?;
-    let keys = key_provider(config).await?;
-    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
+/// What a configuration names that must be read and checked before the
+/// server creates anything (database, master key): the upstream CA roots,
+/// the interception CA, the proxy listener's certificate, earlier and
+/// current key files. `check-config` and `serve` run the same [`prepare`].
+pub struct Prepared {
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    interceptor: Option<Arc<Interceptor>>,
+    proxy_tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Reads and checks every file the configuration names, creating nothing.
+/// Errors name the configuration file and the key.
+pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
+    let src = config.source.as_str();
     let mut extra_roots = Vec::new();
     for (i, path) in config.upstream.extra_ca_certs.iter().enumerate() {
         let certs = upstream::load_pem_certs(path)
-            .map_err(|reason| ConfigError::new("config", format!("upstream.extra_ca_certs[{i}]"), reason))?;
+            .map_err(|reason| ConfigError::new(src, format!("upstream.extra_ca_certs[{i}]"), reason))?;
         extra_roots.extend(certs);
     }
     let interceptor = if config.tls_intercept.enabled {
-        let leaf_validity = Duration::from_secs(config.tls_intercept.leaf_validity_hours * 3600);
-        let i = Interceptor::load(&config.tls_intercept.ca_cert, &config.tls_intercept.ca_key, leaf_validity)
-            .map_err(|e| ConfigError::new("config", "tls_intercept.ca_cert", e.to_string()))?;
+        let t = &config.tls_intercept;
+        let leaf_validity = Duration::from_secs(t.leaf_validity_hours * 3600);
+        let i = Interceptor::load(&t.ca_cert, &t.ca_key, leaf_validity).map_err(|e| {
+            let key = match &e {
+                crate::tls::TlsError::File { path, .. } if Path::new(path) == t.ca_key => "tls_intercept.ca_key",
+                _ => "tls_intercept.ca_cert",
+            };
+            ConfigError::new(src, key, format!("{e} (create the CA with `credproxy ca init`)"))
+        })?;
         Some(Arc::new(i))
     } else {
         None
     };
+    let proxy_tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+        (Some(cert), Some(key)) => Some(proxy_tls_acceptor(src, cert, key)?),
+        _ => None,
+    };
+    for (i, path) in config.crypto.previous_key_files.iter().enumerate() {
+        LocalKeyProvider::open(path)
+            .map_err(|e| ConfigError::new(src, format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
+    }
+    // The current key file is created on first start; one that exists must be usable.
+    if config.crypto.provider == KeyProviderKind::Local && config.crypto.key_file.exists() {
+        LocalKeyProvider::open(&config.crypto.key_file)
+            .map_err(|e| ConfigError::new(src, "crypto.key_file", e.to_string()))?;
+    }
+    Ok(Prepared { extra_roots, interceptor, proxy_tls })
+}
+
+/// Opens the store and key provider, builds the pipeline state and starts
+/// serving on `listeners`. Everything the configuration names is checked
+/// ([`prepare`]) before the store or a key is created.
+pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
+    let Prepared { extra_roots, interceptor, proxy_tls } = prepare(config)?;
+    let store = open_store(config).await?;
+    let keys = key_provider(config).await?;
+    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
     // Token and revocation calls: explicit client, same SSRF rules, own timeout.
     let token_client = TokenClient::new(
         policy.clone(),
@@ -196,6 +235,7 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         upstream::tls_config(&extra_roots),
         PoolSettings {
             tls_handshake_timeout: Duration::from_millis(config.upstream.tls_handshake_timeout_ms),
+            body_idle_timeout: Duration::from_millis(config.upstream.response_body_idle_timeout_ms),
             idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             max_idle_per_host: config.upstream.pool_max_idle_per_host,
         },
@@ -206,6 +246,8 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         pool,
         response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
         max_buffered_body: config.proxy.max_buffered_body,
+        buffered_body_timeout: Duration::from_millis(config.proxy.buffered_body_timeout_ms),
+        buffer_budget: Arc::new(BufferBudget::new(config.proxy.max_buffered_total)),
         metrics: metrics.clone(),
     });
     let (tx, rx) = watch::channel(false);
@@ -224,6 +266,9 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
             header_read_timeout: Duration::from_millis(config.proxy.header_read_timeout_ms),
             max_header_bytes: config.proxy.max_header_bytes,
             max_connections: config.proxy.max_connections,
+            body_idle_timeout: Duration::from_millis(config.proxy.body_idle_timeout_ms),
+            send_timeout: Duration::from_millis(config.proxy.send_timeout_ms),
+            tunnel_idle_timeout: Duration::from_secs(config.proxy.tunnel_idle_timeout_secs),
         },
         tracker: tracker.clone(),
         shutdown: rx.clone(),
@@ -249,10 +294,6 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         interceptor.clone(),
         draining.clone(),
     ));
-    let proxy_tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
-        (Some(cert), Some(key)) => Some(proxy_tls_acceptor(cert, key)?),
-        _ => None,
-    };
     // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
     let listener = config.store.is_postgres().then(|| {
         let c = connections.clone();
@@ -263,6 +304,7 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
         spawn_listener(config.store.url.clone(), on_change)
     });
     let mut tasks = JoinSet::new();
+    let proxy_tls_on = proxy_tls.is_some();
     tasks.spawn(proxy::serve(listeners.proxy, proxy_state, proxy_tls, rx));
     let app = admin::router(admin_state);
     let admin_listener = listeners.admin;
@@ -274,7 +316,17 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
             tracing::error!(error = %e, "admin server failed");
         }
     });
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, org = ?config.proxy.org_id, "credproxy listening");
+    let loaded: Vec<&str> = connections.integrations().iter().map(|i| i.id.as_str()).collect();
+    tracing::info!(
+        proxy = %proxy_addr,
+        admin = %admin_addr,
+        org = %config.proxy.org_id.as_deref().unwrap_or("-"),
+        interception = %if interceptor.is_some() { "on" } else { "off" },
+        proxy_tls = %if proxy_tls_on { "on" } else { "off" },
+        store = %if config.store.is_postgres() { "postgres" } else { "sqlite" },
+        integrations = %loaded.join(","),
+        "credproxy listening"
+    );
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -291,18 +343,22 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
 }
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).
-fn proxy_tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
+fn proxy_tls_acceptor(
+    src: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = upstream::load_pem_certs(cert).map_err(|r| ConfigError::new("config", "proxy.tls_cert", r))?;
+    let chain = upstream::load_pem_certs(cert).map_err(|r| ConfigError::new(src, "proxy.tls_cert", r))?;
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ConfigError::new("config", "proxy.tls_key", format!("{}: {e}", key.display())))?;
+        .map_err(|e| ConfigError::new(src, "proxy.tls_key", format!("{}: {e}", key.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::new("config", "proxy.tls_cert", e.to_string()))?
+        .map_err(|e| ConfigError::new(src, "proxy.tls_cert", e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain.into_iter().map(CertificateDer::into_owned).collect(), key)
-        .map_err(|e| ConfigError::new("config", "proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
+        .map_err(|e| ConfigError::new(src, "proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
@@ -315,6 +371,6 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     let path = config
         .store
         .sqlite_path()
-        .ok_or_else(|| ConfigError::new("config", "store.url", "must be sqlite://PATH or postgres://…"))?;
+        .ok_or_else(|| ConfigError::new(&config.source, "store.url", "must be sqlite://PATH or postgres://…"))?;
     Ok(Arc::new(SqliteStore::open(path)?))
 }

@@ -170,7 +170,8 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError>;
     async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError>;
-    async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError>;
+    /// Connections of one organization, or of all (`None`), oldest first.
+    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError>;
     /// True if a row was deleted.
     async fn delete_connection(&self, id: &str) -> Result<bool, StoreError>;
     /// Replaces a connection's sealed credential and state. True if the row exists.

@@ -246,6 +246,8 @@ async fn untrusted_upstream_certificate_is_a_502_never_a_downgrade() {
     assert_eq!(seen.status, 502, "{}", seen.text());
     assert_eq!(seen.json()["code"], "upstream_tls_error", "{}", seen.text());
     assert!(seen.header("proxy-status").unwrap().contains("tls_certificate_error"));
+    // An unknown issuer says where a private CA goes.
+    assert!(seen.json()["detail"].as_str().unwrap().contains("upstream.extra_ca_certs"), "{}", seen.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,6 +316,7 @@ async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["code"], "token_endpoint_unavailable");
     assert!(headers.iter().any(|(k, _)| k == "proxy-status"));
+    assert!(headers.iter().any(|(k, v)| k == "retry-after" && v == "5"), "the first 502 says when: {headers:?}");
     // No tight retry loop: within the cool-down the endpoint is not called again.
     let before = oidc.count("refresh_token").await;
     let (status, headers, _) = get_resource(&h, &oidc, &id).await;
@@ -327,6 +328,28 @@ async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
     assert_eq!(meta["state"], "active", "a transient failure leaves the state alone");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(get_resource(&h, &oidc, &id).await.0, 200, "recovers after the cool-down");
+
+    // Client credentials: the first fetch is not a "refresh", and a 200
+    // without an access token is a refusal, not an outage.
+    let machine =
+        json!({"integration": "oidc", "auth_method": "machine", "org_id": ORG, "user_id": "svc", "credentials": {}});
+    let mid =
+        h.admin.call(Method::POST, "/v1/connections", Some(&machine)).await.unwrap()["id"].as_str().unwrap().to_owned();
+    oidc.post("/test/token-fail?status=503").await;
+    let (status, headers, body) = get_resource(&h, &oidc, &mid).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, v["code"].as_str()), (502, Some("token_endpoint_unavailable")), "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("did not issue") && !detail.contains("refresh"), "{detail}");
+    assert!(headers.iter().any(|(k, _)| k == "retry-after"), "{headers:?}");
+    let mid2 =
+        h.admin.call(Method::POST, "/v1/connections", Some(&machine)).await.unwrap()["id"].as_str().unwrap().to_owned();
+    oidc.post("/test/token-fail?status=200").await;
+    let (status, _, body) = get_resource(&h, &oidc, &mid2).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, v["code"].as_str()), (502, Some("token_endpoint_rejected")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("without an access token"), "{v}");
+    oidc.post("/test/token-fail?status=0").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,6 +412,7 @@ expect_status = 200
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(out.status.code(), Some(0));
 
     // Not ok, with the upstream's status.
     let bad_id = h.admin.call(Method::POST, "/v1/connections", Some(&create("httpbin_teapot"))).await.unwrap()["id"]
@@ -398,6 +422,18 @@ expect_status = 200
     let v = h.admin.call(Method::POST, &format!("/v1/connections/{bad_id}/test"), None).await.unwrap();
     assert_eq!((v["ok"].as_bool(), v["status"].as_u64()), (Some(false), Some(418)), "{v}");
     assert_eq!(v["error"]["code"], "unexpected_status");
+    // The CLI says so in its exit code too.
+    let out = tokio::process::Command::new(credproxy_bin())
+        .args(["connections", "test", &bad_id])
+        .env("CREDPROXY_ADMIN_URL", h.admin_url())
+        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a failed test exits 1");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected status 200, got 418"));
 
     // A dead grant: not ok, with the proxy's error code.
     oidc.post("/test/revoke-refresh").await;
@@ -406,7 +442,17 @@ expect_status = 200
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["error"]["code"], "connection_needs_reauth", "{v}");
 
-    // The CLI prints the authorization URL.
+    // An OAuth2 test that fails (dead grant) exits 1 as well.
+    let out = tokio::process::Command::new(credproxy_bin())
+        .args(["connections", "test", &id])
+        .env("CREDPROXY_ADMIN_URL", h.admin_url())
+        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+
+    // The CLI prints the authorization URL, as JSON like its other answers.
     let out = tokio::process::Command::new(credproxy_bin())
         .args([
             "connections",
@@ -425,8 +471,10 @@ expect_status = 200
         .output()
         .await
         .unwrap();
-    let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="), "{url}");
+    assert!(v["expires_at"].is_string(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

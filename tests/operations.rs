@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -94,23 +94,6 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_not_failed() {
     assert_eq!(d("credproxy_upstream_connections_opened_total"), 2.0, "the closed one was replaced once");
     assert_eq!(d("credproxy_upstream_connections_reused_total"), 1.0);
     assert_eq!(d("credproxy_proxy_errors_total{code=\"upstream_error\"}"), 0.0);
-}
-
-fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
-    let path = dir.join("credproxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n{proxy_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/db.sqlite\"\n\
-             [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
-             [integrations]\ndir = \"{ints}\"\n{sections}\n",
-            d = dir.display(),
-            ints = repo().join("config/integrations").display(),
-        ),
-    )
-    .unwrap();
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

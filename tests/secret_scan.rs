@@ -188,3 +188,88 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     let b64 = base64::engine::general_purpose::STANDARD.encode("SEEDED-basic-user:SEEDED-basic-pw-51d2");
     assert!(!logs.contains(&b64));
 }
+
+/// Configuration and integration-file errors name the file, the key, the
+/// expected type and the reason — never a value, which after `${VAR}`
+/// substitution may be a secret. Each case runs the real binary (`serve`
+/// and `check-config`) and scans what it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_errors_never_print_a_value() {
+    const SEED: &str = "SEEDED-config-secret-5e1d";
+    let dir = tempfile::tempdir().unwrap();
+    let ints = dir.path().join("ints");
+    std::fs::create_dir(&ints).unwrap();
+    let base = format!("[proxy]\norg_id = \"org_a\"\n[integrations]\ndir = \"{}\"\n", ints.display());
+    let good_int =
+        "id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n";
+    let oauth = |field: &str| {
+        format!(
+            "id = \"o\"\nname = \"O\"\nallowed_hosts = [\"o.test\"]\n[[auth_methods]]\nid = \"c\"\ntype = \"oauth2\"\n\
+             [auth_methods.oauth2]\ngrant = \"client_credentials\"\ntoken_url = \"https://o.test/token\"\nclient_id = \"id\"\n{field}\n"
+        )
+    };
+    // (config text, integration file, extra environment): each is an error.
+    type Case<'a> = (String, String, Vec<(&'a str, String)>);
+    let cases: Vec<Case> = vec![
+        // The issue's example: a token where a table is expected, from ${VAR}.
+        (format!("{base}[admin]\ntokens = [\"${{SEED_VAR}}\"]\n"), good_int.into(), vec![("SEED_VAR", SEED.into())]),
+        (format!("{base}[admin]\ntokens = [\"{SEED}\"]\n"), good_int.into(), vec![]),
+        (format!("{base}[[admin.tokens]]\ntoken = [\"{SEED}\"]\n"), good_int.into(), vec![]),
+        (format!("{base}[[admin.tokens]]\ntoken = {{ v = \"{SEED}\" }}\n"), good_int.into(), vec![]),
+        (format!("{base}[crypto]\nprovider = \"{SEED}\"\n"), good_int.into(), vec![]),
+        (format!("{base}[proxy2]\nx = \"{SEED}\"\n"), good_int.into(), vec![]),
+        (format!("{base}[store]\npool_size = \"{SEED}\"\n"), good_int.into(), vec![]),
+        (format!("{base}[egress]\nallow_cidrs = [\"{SEED}\"]\n"), good_int.into(), vec![]),
+        (format!("{base}[proxy.listen]\nx = \"{SEED}\"\n"), good_int.into(), vec![]),
+        (base.clone(), good_int.into(), vec![("CREDPROXY_ADMIN__TOKENS", SEED.into())]),
+        (base.clone(), good_int.into(), vec![("CREDPROXY_PROXY__MAX_CONNECTIONS", SEED.into())]),
+        (base.clone(), oauth(&format!("client_secret = [\"{SEED}\"]")), vec![]),
+        (base.clone(), oauth(&format!("client_secret = \"s\"\nclient_auth = \"{SEED}\"")), vec![]),
+        (base.clone(), oauth(&format!("client_secret = \"s\"\nrevocation_url = \"{SEED} not a url\"")), vec![]),
+        (
+            base.clone(),
+            format!("id = \"x\"\nname = \"X\"\nallowed_hosts = \"{SEED}\"\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n"),
+            vec![],
+        ),
+        (
+            base.clone(),
+            format!("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Bad Name {SEED}\"\n"),
+            vec![],
+        ),
+        (
+            base.clone(),
+            format!("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"x.test\"]\n[[auth_methods]]\nid = \"k\"\ntype = \"custom\"\nfields = [\"a\"]\n[[auth_methods.placements]]\nin = \"header\"\nname = \"X-A\"\ntemplate = \"{SEED} {{b}}\"\n"),
+            vec![],
+        ),
+        (
+            base.clone(),
+            format!("id = \"x\"\nname = \"X\"\nallowed_hosts = [\"{SEED}/path\"]\n[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n"),
+            vec![],
+        ),
+    ];
+    let path = dir.path().join("credproxy.toml");
+    for (i, (config, integration, env)) in cases.iter().enumerate() {
+        std::fs::write(&path, config).unwrap();
+        std::fs::write(ints.join("i.toml"), integration).unwrap();
+        for command in ["check-config", "serve"] {
+            let mut cmd = tokio::process::Command::new(credproxy_bin());
+            cmd.args([command, "--config"]).arg(&path).current_dir(dir.path());
+            cmd.env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = tokio::time::timeout(std::time::Duration::from_secs(10), cmd.output())
+                .await
+                .expect("a configuration error ends the process")
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(64), "case {i} ({command}): {stderr}");
+            assert!(stderr.contains("configuration error"), "case {i} ({command}): {stderr}");
+            assert!(
+                !stderr.contains("SEEDED") && !stdout.contains("SEEDED"),
+                "case {i} ({command}) printed a value: {stderr}"
+            );
+        }
+    }
+}

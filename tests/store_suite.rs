@@ -42,9 +42,11 @@ async fn suite(s: Arc<dyn Store>) {
     assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
     assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
     assert_eq!(s.get_connection("nope").await.unwrap(), None);
-    let ids: Vec<_> = s.list_connections("o1").await.unwrap().into_iter().map(|m| m.id).collect();
+    let ids: Vec<_> = s.list_connections(Some("o1")).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids, ["c1", "c2"]);
-    assert!(s.list_connections("o9").await.unwrap().is_empty());
+    assert!(s.list_connections(Some("o9")).await.unwrap().is_empty());
+    let all: Vec<_> = s.list_connections(None).await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(all, ["c1", "c2", "c3"], "every organization's, oldest first");
 
     let sealed = SealedBytes { key_id: "k2".into(), wrapped_key: vec![9], nonce: vec![8], ciphertext: vec![7] };
     assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10).await.unwrap());

@@ -60,8 +60,12 @@ pub enum RefreshError {
     NeedsReauth,
     #[error("token refresh is cooling down after a failure")]
     CoolingDown,
+    /// Refreshing with the refresh token failed.
     #[error(transparent)]
     Token(TokenError),
+    /// Getting a client-credentials token failed (there is nothing to refresh).
+    #[error("fetching a client-credentials token failed: {0}")]
+    Fetch(TokenError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
@@ -263,7 +267,10 @@ impl Connections {
                 self.stats.refresh_failures.fetch_add(1, Relaxed);
                 self.oauth.cooldown.insert(id.to_owned(), ()).await;
                 tracing::warn!(connection = %id, integration = %current.integration.id, error = %e, "oauth2 refresh failed");
-                Err(RefreshError::Token(e))
+                match o.grant {
+                    Grant::ClientCredentials => Err(RefreshError::Fetch(e)),
+                    Grant::AuthorizationCode => Err(RefreshError::Token(e)),
+                }
             }
         }
     }

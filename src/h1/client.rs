@@ -14,7 +14,9 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::server::write_fields;
-use super::{find_head_end, read_into, Decoder, Encoder, Error, Framing, Pending, RawFields, MAX_RESPONSE_HEAD};
+use super::{
+    find_head_end, read_into, Decoder, Encoder, Error, Framing, IdleTimer, Pending, RawFields, MAX_RESPONSE_HEAD,
+};
 
 /// Response header fields accepted; more is a protocol error (502).
 const MAX_RESPONSE_HEADERS: usize = 256;
@@ -68,12 +70,16 @@ pub struct Conn<T> {
     scanned: usize,
     wbuf: Vec<u8>,
     body: Decoder,
+    /// Bounds the wait for more of a response body (its own timer: the
+    /// head timer above is re-armed lazily and must not be moved later).
+    body_idle: IdleTimer,
     /// Another request may follow once the current response's body is read.
     reusable: bool,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
-    pub fn new(io: T) -> Self {
+    /// `body_idle`: longest wait for more of a response body.
+    pub fn new(io: T, body_idle: std::time::Duration) -> Self {
         Self {
             io,
             timer: None,
@@ -81,6 +87,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             scanned: 0,
             wbuf: Vec::with_capacity(1024),
             body: Decoder::done(),
+            body_idle: IdleTimer::new(body_idle),
             reusable: true,
         }
     }
@@ -97,7 +104,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     ) -> Result<Response<RawFields>, SendError>
     where
         B: Body<Data = Bytes>,
-        B::Error: std::fmt::Display,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let framing = framing_of(&body);
         encode_request_head(&mut self.wbuf, parts, framing);
@@ -139,7 +146,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                             }
                         }
                         Poll::Ready(Some(Err(e))) => {
-                            return Poll::Ready(Err(send_error(Error::Body(e.to_string()), received, true)));
+                            return Poll::Ready(Err(send_error(body_error(e.into()), received, true)));
                         }
                         Poll::Ready(None) => {
                             if let Err(e) = enc.finish(&mut this.wbuf) {
@@ -208,6 +215,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     continue;
                 }
                 self.body = Decoder::new(framing);
+                self.body_idle.progress();
                 self.reusable &= keep_alive;
                 return Poll::Ready(Ok(resp));
             }
@@ -222,12 +230,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         }
     }
 
-    /// The next piece of the response body.
+    /// The next piece of the response body; [`Error::Timeout`] when none
+    /// arrived for the body idle timeout.
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Error>>> {
         match self.body.poll_next(&mut self.io, &mut self.rbuf, cx) {
             Poll::Ready(Some(Err(e))) => {
                 self.reusable = false;
                 Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(data))) => {
+                self.body_idle.progress();
+                Poll::Ready(Some(Ok(data)))
+            }
+            Poll::Pending => {
+                if self.body_idle.poll_expired(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.reusable = false;
+                Poll::Ready(Some(Err(Error::Timeout)))
             }
             other => other,
         }
@@ -267,6 +287,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 }
 
+/// Why the request body being sent failed; a caller that stopped sending
+/// it stays recognisable (408, not 400).
+fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> Error {
+    match e.downcast_ref::<Error>() {
+        Some(Error::BodyTimeout) => Error::BodyTimeout,
+        _ => Error::Body(e.to_string()),
+    }
+}
+
 fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
     SendError { error, nothing_received: !received, write_failed }
 }
@@ -276,11 +305,16 @@ fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing:
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    let target = match parts.uri.path_and_query() {
-        Some(pq) if !pq.as_str().is_empty() => pq.as_str(),
-        _ => "/",
-    };
-    out.extend_from_slice(target.as_bytes());
+    match parts.uri.path_and_query().map(|pq| pq.as_str()) {
+        // `http://host?q` has an empty path: origin-form needs its "/".
+        Some(t) if t.starts_with('/') => out.extend_from_slice(t.as_bytes()),
+        Some(t) if t.starts_with('?') => {
+            out.push(b'/');
+            out.extend_from_slice(t.as_bytes());
+        }
+        Some("*") => out.push(b'*'),
+        _ => out.push(b'/'),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_fields(out, &parts.headers, &[header::CONTENT_LENGTH, header::TRANSFER_ENCODING]);
     if !parts.headers.contains_key(header::HOST) {
@@ -336,16 +370,19 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<RawFields
     let framing = if bodiless {
         Framing::Empty
     } else if s.transfer_encoding {
-        // Transfer-Encoding overrides Content-Length; such a message may be
-        // an attempt at smuggling, so the connection is not reused.
+        // Only `chunked`, alone, on HTTP/1.1, without a length: anything
+        // else would be decoded one way here and relabelled (or framed
+        // another way) for the caller. nginx refuses the same (502).
+        if minor == 0 {
+            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 response"));
+        }
         if s.content_length.is_some() {
-            keep_alive = false;
+            return Err(Error::Malformed("both Content-Length and Transfer-Encoding in a response"));
         }
-        if s.chunked_last && minor >= 1 {
-            Framing::Chunked
-        } else {
-            Framing::Close
+        if !s.chunked_only {
+            return Err(Error::Malformed("a response transfer coding other than chunked"));
         }
+        Framing::Chunked
     } else {
         match s.content_length {
             Some(0) => Framing::Empty,
@@ -375,11 +412,16 @@ mod tests {
         let f = |s: &str| resp(s, false).map(|(_, f, k)| (f, k)).unwrap();
         assert_eq!(f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), (Framing::Length(5), true));
         assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"), (Framing::Chunked, true));
-        assert_eq!(f("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"), (Framing::Close, false));
-        assert_eq!(
-            f("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
-            (Framing::Chunked, false)
-        );
+        // Codings other than chunked, TE with a length, TE on HTTP/1.0: refused, never relabelled.
+        for bad in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(matches!(resp(bad, false), Err(Error::Malformed(_))), "{bad:?}");
+        }
         assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n"), (Framing::Close, false));
         assert_eq!(f("HTTP/1.1 204 No Content\r\n\r\n"), (Framing::Empty, true));
         assert_eq!(f("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"), (Framing::Empty, true));
@@ -433,5 +475,12 @@ mod tests {
         assert!(String::from_utf8_lossy(&out).ends_with("transfer-encoding: chunked\r\n\r\n"));
         encode_request_head(&mut out, &parts, Framing::Empty);
         assert!(String::from_utf8_lossy(&out).ends_with("content-length: 0\r\n\r\n"), "POST without body says so");
+        // A target with a query but no path gets its "/".
+        for (uri, line) in [("http://up.test?a=1", "GET /?a=1 HTTP/1.1\r\n"), ("http://up.test", "GET / HTTP/1.1\r\n")]
+        {
+            let (parts, ()) = http::Request::get(uri).body(()).unwrap().into_parts();
+            encode_request_head(&mut out, &parts, Framing::Empty);
+            assert!(String::from_utf8_lossy(&out).starts_with(line), "{uri}: {:?}", String::from_utf8_lossy(&out));
+        }
     }
 }

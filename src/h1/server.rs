@@ -21,7 +21,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::{find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, Pending, RawFields, MAX_HEADERS};
+use super::{
+    find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, IdleTimer, Pending, RawFields, MAX_HEADERS,
+};
 
 /// Anything a caller's connection can run over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -156,11 +158,20 @@ pub struct ReadSide {
     scanned: usize,
     /// The body of the current request (done between requests).
     body: Decoder,
+    /// Bounds the wait for the next bytes of a body (`proxy.body_idle_timeout_ms`).
+    idle: IdleTimer,
 }
 
 impl ReadSide {
-    pub fn new(io: ReadHalf) -> Self {
-        Self { io, buf: BytesMut::with_capacity(4096), scanned: 0, body: Decoder::done() }
+    /// `body_idle`: longest wait for more of a request body.
+    pub fn new(io: ReadHalf, body_idle: std::time::Duration) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(4096),
+            scanned: 0,
+            body: Decoder::done(),
+            idle: IdleTimer::new(body_idle),
+        }
     }
 
     /// Bytes of a next head have arrived (a caller mid-request, not idle).
@@ -204,6 +215,7 @@ impl ReadSide {
     /// Sets up reading `framing`'s body next.
     pub fn start_body(&mut self, framing: Framing) {
         self.body = Decoder::new(framing);
+        self.idle.progress();
     }
 
     /// Reads and drops what is left of the current body, up to `limit`
@@ -398,6 +410,7 @@ impl Body for RequestBody {
         let Some(side) = s.side.as_mut() else { return Poll::Ready(None) };
         match side.body.poll_next(&mut side.io, &mut side.buf, cx) {
             Poll::Ready(Some(Ok(data))) => {
+                side.idle.progress();
                 if side.body.is_done() {
                     s.go_home();
                 }
@@ -412,7 +425,14 @@ impl Body for RequestBody {
                 s.side = None;
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if side.idle.poll_expired(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // A caller that stopped sending its body: the connection goes.
+                s.side = None;
+                Poll::Ready(Some(Err(Error::BodyTimeout)))
+            }
         }
     }
 
@@ -447,6 +467,8 @@ pub struct ResponseMeta {
     pub http10: bool,
     /// The connection closes after this response.
     pub close: bool,
+    /// Longest wait for the caller to take more of the response.
+    pub send_timeout: std::time::Duration,
 }
 
 /// Writes `resp` (head, then its body as it streams), with an upstream's
@@ -525,8 +547,9 @@ where
     out.extend_from_slice(b"\r\n");
 
     let mut pending = Pending::default();
+    let mut idle = IdleTimer::new(meta.send_timeout);
     let Some(mut encoder) = encoder else {
-        std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+        flush(&mut pending, wr, out, &mut idle).await?;
         return Ok(!close);
     };
     let mut body = pin!(body);
@@ -539,17 +562,17 @@ where
         })
         .await;
         match next {
-            None => std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?,
+            None => flush(&mut pending, wr, out, &mut idle).await?,
             Some(None) => {
                 encoder.finish(out)?;
-                std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                flush(&mut pending, wr, out, &mut idle).await?;
                 return Ok(!close);
             }
             Some(Some(Err(e))) => {
                 // The upstream failed mid-body: the caller gets what there
                 // is, then the connection closes (a cut-short body must not
                 // look complete).
-                let _ = std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await;
+                let _ = flush(&mut pending, wr, out, &mut idle).await;
                 return Err(Error::Body(e.to_string()));
             }
             Some(Some(Ok(frame))) => {
@@ -561,16 +584,37 @@ where
                 let end = body.is_end_stream();
                 if rest.is_some() || out.len() >= 32 * 1024 {
                     pending.set(rest, crlf);
-                    std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                    flush(&mut pending, wr, out, &mut idle).await?;
                 }
                 if end {
                     encoder.finish(out)?;
-                    std::future::poll_fn(|cx| pending.poll_flush(wr, out, cx)).await?;
+                    flush(&mut pending, wr, out, &mut idle).await?;
                     return Ok(!close);
                 }
             }
         }
     }
+}
+
+/// Writes what is queued. A caller that takes none of it for `idle`'s
+/// timeout (it stopped reading) fails the write with [`Error::Timeout`].
+async fn flush(
+    pending: &mut Pending,
+    wr: &mut WriteHalf,
+    out: &mut Vec<u8>,
+    idle: &mut IdleTimer,
+) -> Result<(), Error> {
+    idle.progress();
+    std::future::poll_fn(|cx| match pending.poll_flush(wr, out, cx) {
+        Poll::Ready(r) => Poll::Ready(r.map_err(Error::Io)),
+        Poll::Pending => {
+            if pending.take_progress() {
+                idle.progress();
+            }
+            idle.poll_expired(cx).map(|()| Err(Error::Timeout))
+        }
+    })
+    .await
 }
 
 /// `name: value` lines of `headers`, except the `skip` names.

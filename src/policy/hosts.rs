@@ -26,23 +26,23 @@ impl HostPattern {
             return Err("empty host pattern".into());
         }
         if s.contains("://") || s.contains('/') {
-            return Err(format!("{s:?}: a host pattern is a host name with an optional :port, not a URL"));
+            return Err("a host pattern is a host name with an optional :port, not a URL".into());
         }
-        let (host, port) = split_host_port(s).ok_or_else(|| format!("{s:?}: invalid port"))?;
+        let (host, port) = split_host_port(s).ok_or_else(|| "invalid port".to_owned())?;
         let host = normalize_host(host);
         let (name, wildcard) = match host.strip_prefix("*.") {
             Some(rest) => (format!(".{rest}"), true),
             None => (host, false),
         };
         if name.contains('*') {
-            return Err(format!("{s:?}: only a leading `*.` wildcard is supported"));
+            return Err("only a leading `*.` wildcard is supported".into());
         }
         let labels = if wildcard { &name[1..] } else { &name[..] };
         if labels.is_empty() || labels.split('.').any(str::is_empty) && labels.parse::<std::net::IpAddr>().is_err() {
-            return Err(format!("{s:?}: not a valid host name"));
+            return Err("not a valid host name".into());
         }
         if wildcard && !labels.contains('.') {
-            return Err(format!("{s:?}: a wildcard needs at least two labels after `*.`"));
+            return Err("a wildcard needs at least two labels after `*.`".into());
         }
         Ok(Self { name, wildcard, port })
     }

@@ -8,7 +8,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme as UriScheme};
@@ -18,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -86,18 +89,116 @@ async fn intercepted(
     let svc = service_fn(move |req| inner(state.clone(), peer, target.clone(), req));
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    let result = super::serve_until_drained!(builder.serve_connection(TokioIo::new(stream), svc), shutdown);
-    if let Err(e) = result {
-        debug!(%peer, error = %e, "intercepted h2 tunnel ended with an error");
+    // An h2 connection with no stream open waits for nothing else: it ends
+    // when nothing has moved for the tunnel idle timeout.
+    let activity = Activity::new();
+    let serve = async {
+        super::serve_until_drained!(builder.serve_connection(TokioIo::new(activity.watch(stream)), svc), shutdown)
+    };
+    tokio::select! {
+        result = serve => if let Err(e) = result {
+            debug!(%peer, error = %e, "intercepted h2 tunnel ended with an error");
+        },
+        () = activity.idle_for(limits.tunnel_idle_timeout) => debug!(%peer, "intercepted h2 tunnel idle; closed"),
     }
 }
 
 /// Copies bytes both ways between the client and an already connected,
-/// policy-checked upstream socket.
-pub(super) async fn serve_blind(peer: SocketAddr, mut client: Upgraded, mut upstream: TcpStream) {
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => debug!(%peer, up, down, "blind tunnel closed"),
-        Err(e) => debug!(%peer, error = %e, "blind tunnel ended with an error"),
+/// policy-checked upstream socket, until either side closes or nothing
+/// moves for `idle` (`proxy.tunnel_idle_timeout_secs`).
+pub(super) async fn serve_blind(peer: SocketAddr, client: Upgraded, upstream: TcpStream, idle: Duration) {
+    let activity = Activity::new();
+    let (mut client, mut upstream) = (activity.watch(client), activity.watch(upstream));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+            Ok((up, down)) => debug!(%peer, up, down, "blind tunnel closed"),
+            Err(e) => debug!(%peer, error = %e, "blind tunnel ended with an error"),
+        },
+        () = activity.idle_for(idle) => debug!(%peer, idle_secs = idle.as_secs(), "blind tunnel idle; closed"),
+    }
+}
+
+/// When bytes last moved on a tunnel's streams.
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { start: Instant::now(), last: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn watch<T>(&self, io: T) -> Watched<T> {
+        Watched { io, activity: self.clone() }
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            if last.elapsed() >= idle {
+                return;
+            }
+            tokio::time::sleep_until((last + idle).into()).await;
+        }
+    }
+}
+
+/// A stream that records in [`Activity`] when bytes move.
+struct Watched<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -178,12 +178,14 @@ impl Store for PgStore {
         row.map(|r| Ok(ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, 8) })).transpose()
     }
 
-    async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
+    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
         let rows = self
             .client()
             .await?
             .query(
-                &format!("SELECT {META_COLUMNS} FROM connections WHERE org_id = $1 ORDER BY created_at, id"),
+                &format!(
+                    "SELECT {META_COLUMNS} FROM connections WHERE $1::text IS NULL OR org_id = $1 ORDER BY created_at, id"
+                ),
                 &[&org_id],
             )
             .await

@@ -71,9 +71,26 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 impl SqliteStore {
     /// Opens (creating the file and its directory if needed) and migrates.
+    /// Opens (or creates) the database file. A new directory is created
+    /// 0700 and a new file 0600, like the master key; SQLite gives its
+    /// `-wal` and `-shm` files the database file's mode.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| backend(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| backend(format!("cannot create {}: {e}", path.display())))?;
         }
         let conn = Connection::open(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
@@ -197,12 +214,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_connections(&self, org_id: &str) -> Result<Vec<ConnectionMeta>, StoreError> {
-        let org_id = org_id.to_owned();
+    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
+        let org_id = org_id.map(str::to_owned);
         self.with(move |c| {
             let mut stmt = c
                 .prepare_cached(&format!(
-                    "SELECT {META_COLUMNS} FROM connections WHERE org_id = ?1 ORDER BY created_at, id"
+                    "SELECT {META_COLUMNS} FROM connections WHERE ?1 IS NULL OR org_id = ?1 ORDER BY created_at, id"
                 ))
                 .map_err(backend)?;
             let rows = stmt.query_map([&org_id], meta_from_row).map_err(backend)?;

@@ -79,6 +79,8 @@ pub struct PoolStats {
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub tls_handshake_timeout: Duration,
+    /// Longest wait for more of a response body.
+    pub body_idle_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
 }
@@ -239,14 +241,14 @@ impl Pool {
         if key.https {
             if let Some(h2) = self.h2_sender(&key) {
                 self.stats.reused.fetch_add(1, Relaxed);
-                return send_h2(h2, Request::from_parts(parts, body), deadline).await;
+                return self.send_h2(h2, Request::from_parts(parts, body), deadline).await;
             }
         }
         let (mut h1, mut reused) = match self.checkout(&key, now) {
             Some(h1) => (h1, true),
             None => match self.connect_by(key.to_owned(), deadline).await? {
                 Fresh::H1(h1) => (h1, false),
-                Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body), deadline).await,
+                Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
             },
         };
         loop {
@@ -268,7 +270,7 @@ impl Pool {
                     body = Either::Right(Full::new(Bytes::new()));
                     h1 = match self.connect_by(h1.key.clone(), deadline).await? {
                         Fresh::H1(h1) => h1,
-                        Fresh::H2(h2) => return send_h2(h2, Request::from_parts(parts, body), deadline).await,
+                        Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
                     };
                 }
                 Err(e) => return Err(UpstreamError::H1(e.error)),
@@ -332,8 +334,9 @@ impl Pool {
     async fn connect(&self, key: Key) -> Result<Fresh, UpstreamError> {
         let tcp = self.connector.connect_checked(&key.host, key.port).await?;
         self.stats.opened.fetch_add(1, Relaxed);
+        let idle = self.settings.body_idle_timeout;
         if !key.https {
-            return Ok(fresh_h1(key, IoEither::Left(tcp)));
+            return Ok(fresh_h1(key, IoEither::Left(tcp), idle));
         }
         let bare = key.host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&key.host);
         let name = ServerName::try_from(bare.to_owned()).map_err(|_| UpstreamError::InvalidUri)?;
@@ -342,7 +345,7 @@ impl Pool {
             .map_err(|_| UpstreamError::TlsTimeout { host: key.host.to_string() })?
             .map_err(|source| UpstreamError::Tls { host: key.host.to_string(), source })?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Ok(fresh_h1(key, IoEither::Right(tls)));
+            return Ok(fresh_h1(key, IoEither::Right(tls), idle));
         }
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -385,20 +388,24 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
     }
 }
 
-fn fresh_h1(key: Key, io: Io) -> Fresh {
-    Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io) }))
+fn fresh_h1(key: Key, io: Io, body_idle: Duration) -> Fresh {
+    Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io, body_idle) }))
 }
 
-async fn send_h2(
-    mut h2: H2Sender,
-    req: Request<UpstreamBody>,
-    deadline: Instant,
-) -> Result<Response<PooledBody>, UpstreamError> {
-    let resp = tokio::time::timeout_at(deadline.into(), h2.send_request(req))
-        .await
-        .map_err(|_| UpstreamError::Timeout)?
-        .map_err(UpstreamError::Http)?;
-    Ok(resp.map(|b| PooledBody { inner: Inner::H2(b), fields: None }))
+impl Pool {
+    async fn send_h2(
+        &self,
+        mut h2: H2Sender,
+        req: Request<UpstreamBody>,
+        deadline: Instant,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let resp = tokio::time::timeout_at(deadline.into(), h2.send_request(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(UpstreamError::Http)?;
+        let idle = h1::IdleTimer::new(self.settings.body_idle_timeout);
+        Ok(resp.map(|b| PooledBody { inner: Inner::H2(b, idle), fields: None }))
+    }
 }
 
 /// A response body from the pool. For HTTP/1.1 it is read from the
@@ -413,7 +420,7 @@ pub struct PooledBody {
 enum Inner {
     /// The connection, its pool, and when the request using it started.
     H1(Option<(Box<H1>, Arc<Pool>, Instant)>),
-    H2(Incoming),
+    H2(Incoming, h1::IdleTimer),
 }
 
 impl PooledBody {
@@ -421,6 +428,11 @@ impl PooledBody {
     /// response's header map: an HTTP/1.1 writer copies them as they are.
     pub fn take_fields(&mut self) -> Option<RawFields> {
         self.fields.take()
+    }
+
+    /// The upstream's header fields while they are still unparsed.
+    pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
+        self.fields.as_mut()
     }
 
     /// The body is complete: the connection goes back to the pool.
@@ -460,14 +472,24 @@ impl Body for PooledBody {
                     Poll::Pending => Poll::Pending,
                 }
             }
-            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H2(b, idle) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.progress();
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+                Poll::Pending => match idle.poll_expired(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(h1::Error::Timeout.into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::H1(slot) => slot.as_ref().is_none_or(|(h1, ..)| h1.conn.body_done()),
-            Inner::H2(b) => b.is_end_stream(),
+            Inner::H2(b, _) => b.is_end_stream(),
         }
     }
 
@@ -478,7 +500,7 @@ impl Body for PooledBody {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),
             },
-            Inner::H2(b) => b.size_hint(),
+            Inner::H2(b, _) => b.size_hint(),
         }
     }
 }

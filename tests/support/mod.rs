@@ -32,11 +32,11 @@ pub fn repo() -> PathBuf {
 
 /// Base URL of the httpbin that `scripts/test` starts.
 pub fn httpbin() -> String {
-    std::env::var("CREDPROXY_TEST_HTTPBIN").unwrap_or_else(|_| {
+    std::env::var("CPTEST_HTTPBIN").unwrap_or_else(|_| {
         panic!(
-            "CREDPROXY_TEST_HTTPBIN is not set: run the suite with `scripts/test`, or start httpbin yourself \
+            "CPTEST_HTTPBIN is not set: run the suite with `scripts/test`, or start httpbin yourself \
              (`gunicorn -b 127.0.0.1:0 -k gthread --threads 16 httpbin:app` from a venv with tests/peers/requirements.txt) \
-             and export CREDPROXY_TEST_HTTPBIN=http://127.0.0.1:PORT"
+             and export CPTEST_HTTPBIN=http://127.0.0.1:PORT"
         )
     })
 }
@@ -44,9 +44,9 @@ pub fn httpbin() -> String {
 /// Base URL of the TLS httpbin (certificate from certs/test/, signed by
 /// certs/test/upstream-ca.pem).
 pub fn httpbin_tls() -> String {
-    std::env::var("CREDPROXY_TEST_HTTPBIN_TLS").unwrap_or_else(|_| {
+    std::env::var("CPTEST_HTTPBIN_TLS").unwrap_or_else(|_| {
         panic!(
-            "CREDPROXY_TEST_HTTPBIN_TLS is not set: run the suite with `scripts/test`, or start httpbin with \
+            "CPTEST_HTTPBIN_TLS is not set: run the suite with `scripts/test`, or start httpbin with \
              `--certfile certs/test/httpbin.pem --keyfile certs/test/httpbin.key` and export its https:// URL"
         )
     })
@@ -54,10 +54,10 @@ pub fn httpbin_tls() -> String {
 
 /// Python with requests and httpx installed.
 pub fn python() -> String {
-    std::env::var("CREDPROXY_TEST_PYTHON").unwrap_or_else(|_| {
+    std::env::var("CPTEST_PYTHON").unwrap_or_else(|_| {
         panic!(
-            "CREDPROXY_TEST_PYTHON is not set: run the suite with `scripts/test`, or create a venv with \
-             tests/peers/requirements.txt and export CREDPROXY_TEST_PYTHON=/path/to/venv/bin/python"
+            "CPTEST_PYTHON is not set: run the suite with `scripts/test`, or create a venv with \
+             tests/peers/requirements.txt and export CPTEST_PYTHON=/path/to/venv/bin/python"
         )
     })
 }
@@ -343,6 +343,12 @@ pub const OIDC_POST_SECRET: &str = "cp-post-client-secret-4b7d9a";
 
 impl Oidc {
     pub async fn start() -> Self {
+        Self::start_with_ttl(5).await
+    }
+
+    /// An instance whose access tokens (authorization code and client
+    /// credentials) live `ttl_secs`.
+    pub async fn start_with_ttl(ttl_secs: u64) -> Self {
         use tokio::io::AsyncBufReadExt;
         let dir = repo().join("tests/peers/node");
         assert!(
@@ -352,6 +358,7 @@ impl Oidc {
         let mut child = tokio::process::Command::new("node")
             .arg("server.js")
             .current_dir(&dir)
+            .env("OIDC_ACCESS_TTL", ttl_secs.to_string())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -573,6 +580,26 @@ impl Drop for PgCluster {
     }
 }
 
+/// A configuration file for the real binary in `dir` (SQLite and key file
+/// there, loopback allowed, the shipped integrations): `proxy_extra` goes
+/// into `[proxy]`, `sections` after the rest.
+pub fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
+    let path = dir.join("credproxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n{proxy_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/db.sqlite\"\n\
+             [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [integrations]\ndir = \"{ints}\"\n{sections}\n",
+            d = dir.display(),
+            ints = repo().join("config/integrations").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A real credproxy process (the built binary).
 pub struct Instance {
     pub proxy: std::net::SocketAddr,
@@ -632,8 +659,8 @@ pub struct Moto {
 }
 
 pub async fn start_moto() -> Moto {
-    let bin = std::env::var("CREDPROXY_TEST_MOTO_SERVER").unwrap_or_else(|_| {
-        panic!("CREDPROXY_TEST_MOTO_SERVER is not set: run the suite with `scripts/test` (it installs moto[server] in the test venv)")
+    let bin = std::env::var("CPTEST_MOTO_SERVER").unwrap_or_else(|_| {
+        panic!("CPTEST_MOTO_SERVER is not set: run the suite with `scripts/test` (it installs moto[server] in the test venv)")
     });
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let child = tokio::process::Command::new(bin)

@@ -12,7 +12,8 @@
 //   POST /test/revoke-refresh    destroys every refresh token issued so far
 //   GET  /test/active            how many issued access/refresh tokens are still active
 //   POST /test/token-delay?ms=N  delays every token endpoint response by N ms
-//   POST /test/token-fail?status=N  the next token requests fail with status N (0 = off)
+//   POST /test/token-fail?status=N  the next token requests fail with status N (0 = off;
+//                                200 = a success without an access_token)
 //
 // Prints "LISTENING http://127.0.0.1:PORT" once ready. Binds 127.0.0.1:0.
 import http from 'node:http';
@@ -116,6 +117,8 @@ provider.use(async (ctx, next) => {
         return undefined;
       }
     }
+    // 200 answers without an access token (a provider's odd success).
+    if (tokenFailStatus === 200) return json(200, { token_type: 'Bearer', expires_in: 60 });
     if (tokenFailStatus) return json(tokenFailStatus, { error: 'temporarily_unavailable' });
     return next();
   }
