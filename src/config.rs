@@ -41,6 +41,8 @@ pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
 pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
 pub const DEFAULT_KMS_REGION: &str = "us-east-1";
 pub const DEFAULT_DATA_KEY_CACHE_TTL_SECS: u64 = 300;
+pub const DEFAULT_KMS_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
@@ -268,17 +270,28 @@ pub struct StoreConfig {
     pub url: String,
     /// PostgreSQL: most pooled connections per instance.
     pub pool_size: usize,
+    /// PostgreSQL: milliseconds any one wait on the database may take
+    /// (connecting, a pooled connection, a statement).
+    pub timeout_ms: u64,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: DEFAULT_STORE_URL.to_owned(), pool_size: DEFAULT_STORE_POOL_SIZE }
+        Self {
+            url: DEFAULT_STORE_URL.to_owned(),
+            pool_size: DEFAULT_STORE_POOL_SIZE,
+            timeout_ms: DEFAULT_STORE_TIMEOUT_MS,
+        }
     }
 }
 
 impl fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreConfig").field("url", &redact_url(&self.url)).field("pool_size", &self.pool_size).finish()
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
     }
 }
 
@@ -327,6 +340,8 @@ pub struct CryptoConfig {
     pub kms_endpoint: Option<String>,
     /// Seconds an unwrapped data key stays cached.
     pub data_key_cache_ttl_secs: u64,
+    /// `aws-kms` provider: milliseconds one KMS call may take (connecting included).
+    pub kms_timeout_ms: u64,
     /// Earlier `local` master keys, used only to unwrap records not yet
     /// rewrapped by `credproxy keys rotate`. Must exist; never created.
     pub previous_key_files: Vec<PathBuf>,
@@ -341,6 +356,7 @@ impl Default for CryptoConfig {
             kms_region: DEFAULT_KMS_REGION.to_owned(),
             kms_endpoint: None,
             data_key_cache_ttl_secs: DEFAULT_DATA_KEY_CACHE_TTL_SECS,
+            kms_timeout_ms: DEFAULT_KMS_TIMEOUT_MS,
             previous_key_files: Vec::new(),
         }
     }
@@ -564,6 +580,8 @@ impl Config {
             ("proxy.send_timeout_ms", self.proxy.send_timeout_ms),
             ("proxy.tunnel_idle_timeout_secs", self.proxy.tunnel_idle_timeout_secs),
             ("upstream.response_body_idle_timeout_ms", self.upstream.response_body_idle_timeout_ms),
+            ("store.timeout_ms", self.store.timeout_ms),
+            ("crypto.kms_timeout_ms", self.crypto.kms_timeout_ms),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));

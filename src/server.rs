@@ -129,7 +129,9 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
     let kms = || async {
         let ttl = Duration::from_secs(c.data_key_cache_ttl_secs);
         let key = c.kms_key_id.as_deref().unwrap_or_default();
-        Arc::new(KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl).await) as Arc<dyn KeyProvider>
+        let timeout = Duration::from_millis(c.kms_timeout_ms);
+        Arc::new(KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl, timeout).await)
+            as Arc<dyn KeyProvider>
     };
     let mut previous: Vec<Arc<dyn KeyProvider>> = Vec::new();
     for (i, path) in c.previous_key_files.iter().enumerate() {
@@ -366,7 +368,8 @@ fn proxy_tls_acceptor(
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     if config.store.is_postgres() {
-        return Ok(Arc::new(PgStore::open(&config.store.url, config.store.pool_size).await?));
+        let timeout = Duration::from_millis(config.store.timeout_ms);
+        return Ok(Arc::new(PgStore::open_with_timeout(&config.store.url, config.store.pool_size, timeout).await?));
     }
     let path = config
         .store

@@ -514,3 +514,51 @@ async fn python_http_server(root: &std::path::Path) -> (u16, tokio::process::Chi
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (port, child)
 }
+
+/// Item 4: a PostgreSQL or a KMS endpoint that accepts connections and
+/// never answers is given up at `store.timeout_ms` / `crypto.kms_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_or_kms_that_never_answers_is_given_up_at_its_timeout() {
+    // Accepts and holds every connection, says nothing.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("url = \"sqlite://{}/db.sqlite\"", dir.path().display()),
+        &format!("url = \"postgres://credproxy@127.0.0.1:{port}/credproxy\"\ntimeout_ms = 1000"),
+    );
+    std::fs::write(&config, text).unwrap();
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::process::Command::new(credproxy_bin()).arg("migrate").arg("--config").arg(&config).output(),
+    )
+    .await
+    .expect("migrate gave up")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    aws_env();
+    let h = Harness::start_with(Opts {
+        crypto: format!(
+            "provider = \"aws-kms\"\nkms_key_id = \"k\"\nkms_endpoint = \"http://127.0.0.1:{port}\"\nkms_timeout_ms = 1000\n"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let body = serde_json::json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
+        "credentials": {"token": "kms-token"}});
+    let started = Instant::now();
+    let (status, v) = h.admin.send(http::Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    assert_eq!((status.as_u16(), v["code"].as_str()), (503, Some("key_service_unavailable")), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}

@@ -39,13 +39,27 @@ impl std::fmt::Debug for KmsKeyProvider {
 impl KmsKeyProvider {
     /// `kms_key` is a key id, ARN or alias; credentials come from the usual
     /// AWS environment (variables, web identity, container/instance roles).
-    pub async fn new(kms_key: &str, region: &str, endpoint: Option<&str>, cache_ttl: Duration) -> Self {
+    /// `timeout` bounds each call (connecting included; `crypto.kms_timeout_ms`).
+    pub async fn new(
+        kms_key: &str,
+        region: &str,
+        endpoint: Option<&str>,
+        cache_ttl: Duration,
+        timeout: Duration,
+    ) -> Self {
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
         let http =
             aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_owned()))
-            .http_client(http);
+            .http_client(http)
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(timeout)
+                    .operation_attempt_timeout(timeout)
+                    .operation_timeout(timeout * 2)
+                    .build(),
+            );
         if let Some(e) = endpoint {
             loader = loader.endpoint_url(e);
         }

@@ -60,7 +60,12 @@ const MIGRATION_LOCK: i64 = 0x6372_6564_7072_6f78; // "credprox"
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Bound of each wait on the database.
+    timeout: Duration,
 }
+
+/// `store.timeout_ms`'s default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,12 +78,32 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl PgStore {
-    /// Connects (lazily, through the pool) and applies pending migrations.
+    /// Connects (lazily, through the pool) and applies pending migrations,
+    /// with [`DEFAULT_TIMEOUT`] for each wait.
     pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| backend(format!("invalid store.url: {e}")))?;
+        Self::open_with_timeout(url, pool_size, DEFAULT_TIMEOUT).await
+    }
+
+    /// Connects (lazily, through the pool) and applies pending migrations.
+    /// `timeout` bounds every wait on the database (`store.timeout_ms`):
+    /// connecting, a pooled connection, each statement (a server that
+    /// accepts and never answers is given up, not waited on forever).
+    pub async fn open_with_timeout(url: &str, pool_size: usize, timeout: Duration) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| backend(format!("invalid store.url: {e}")))?;
+        config.connect_timeout(timeout);
+        let options =
+            format!("{} -c statement_timeout={}", config.get_options().unwrap_or_default(), timeout.as_millis().max(1));
+        config.options(options.trim_start());
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager).max_size(pool_size.max(1)).build().map_err(backend)?;
-        let store = Self { pool };
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(backend)?;
+        let store = Self { pool, timeout };
         store.migrate().await?;
         Ok(store)
     }
@@ -92,6 +117,8 @@ impl PgStore {
         let m = |e: tokio_postgres::Error| StoreError::Migration(e.to_string());
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(m)?;
+        // Another instance may hold the migration lock for as long as its migrations take.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await.map_err(m)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(m)?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
@@ -267,7 +294,14 @@ impl Store for PgStore {
     async fn lock_connection(&self, id: &str, wait: Duration) -> Result<Option<Box<dyn RowLock>>, StoreError> {
         let client = self.client().await?;
         let locked = async {
-            client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{}ms'", wait.as_millis().max(1))).await?;
+            // The lock wait is `wait`; the statement gets that plus the usual bound.
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'",
+                    wait.as_millis().max(1),
+                    (wait + self.timeout).as_millis()
+                ))
+                .await?;
             client
                 .query_opt(
                     &format!("SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = $1 FOR UPDATE"),
