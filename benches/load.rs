@@ -34,8 +34,9 @@
 //! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
 //! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
 //! LOAD_BASELINE_BIN (another credproxy binary, e.g. the previous commit's,
-//! measured as a `baseline` row beside `credproxy`), LOAD_CALLGRIND=0 (skip
-//! the instruction counts).
+//! measured as a `baseline` row beside `credproxy`, and under callgrind
+//! too), LOAD_CALLGRIND=0 (skip the instruction counts), LOAD_CALLGRIND_DIR
+//! (keep callgrind's dumps there, for `callgrind_annotate`).
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
 
@@ -930,8 +931,9 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
         (_, Ok("0")) => {}
         (None, _) => println!("\ninstructions per request: absent (install Debian's `valgrind` to count them)"),
         (Some((valgrind, control)), _) => {
-            let cg = dir.path().join("callgrind");
-            std::fs::create_dir(&cg).unwrap();
+            // LOAD_CALLGRIND_DIR keeps the dumps (for callgrind_annotate).
+            let cg = std::env::var_os("LOAD_CALLGRIND_DIR").map_or_else(|| dir.path().join("callgrind"), PathBuf::from);
+            std::fs::create_dir_all(&cg).unwrap();
             let wrapper = callgrind_wrapper(&valgrind, &cg);
             let one_thread = dir.path().join("credproxy-1.toml");
             let text = std::fs::read_to_string(&config).unwrap();
@@ -946,6 +948,18 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             let (t1, w1) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
             assert_eq!(w1 - w0, t1 - t0, "credproxy under callgrind: requests without the token");
             drop(cpv);
+            // The baseline binary too, so a change's instruction count is
+            // read before and after in one run.
+            let base_ir = match std::env::var_os("LOAD_BASELINE_BIN") {
+                Some(base) => {
+                    let log = "info,credproxy::access=off";
+                    let (bv, _) = spawn_wrapped(&wrapper, Path::new(&base), &one_thread, dir.path(), log).await;
+                    let target = Target::Proxy { proxy: bv.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
+                    let pid = bv.child.id().unwrap();
+                    Some(instructions_per_request(&control, &cg, pid, &target, 4, dur / 2, tck).await)
+                }
+                None => None,
+            };
             let ng_ir = match find_nginx() {
                 Some(bin) => {
                     let (ngv, addr) =
@@ -962,6 +976,9 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
                     cp_ir / n
                 ),
                 None => println!("user-space instructions per request (callgrind, one thread): credproxy {cp_ir:.0}; nginx absent"),
+            }
+            if let Some(b) = base_ir {
+                println!("baseline {b:.0} instructions per request, credproxy/baseline {:.3}", cp_ir / b);
             }
         }
     }

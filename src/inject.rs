@@ -25,6 +25,9 @@ pub struct Edits {
     pub cookies: Vec<(String, Zeroizing<String>)>,
     pub json_fields: Vec<(String, Zeroizing<String>)>,
     pub form_fields: Vec<(String, Zeroizing<String>)>,
+    /// A header name among `headers` has a `-` (so `_` lookalikes of it
+    /// may be among the caller's fields).
+    pub dashed_header: bool,
 }
 
 impl fmt::Debug for Edits {
@@ -121,6 +124,7 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
                 Part::Lit(s) => s.as_str(),
                 Part::Field(i) => cred.value(*i).expose(),
             });
+            e.dashed_header |= name.as_str().as_bytes().contains(&b'-');
             e.headers.push((name.clone(), header_from(pieces)?));
         }
         Target::Query(name) => e.query.push((name.clone(), render(&p.template, cred))),
@@ -143,7 +147,7 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
 pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Result<(), InjectError> {
     // `X_Api_Key` beside an injected `X-Api-Key` is one field to a CGI-style
     // upstream: the caller's lookalike goes.
-    if e.headers.iter().any(|(n, _)| n.as_str().contains('-')) {
+    if e.dashed_header {
         let alike: Vec<HeaderName> = headers
             .keys()
             .filter(|k| e.headers.iter().any(|(n, _)| h1::names_alike(k.as_str().as_bytes(), n.as_str().as_bytes())))

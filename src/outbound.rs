@@ -109,7 +109,10 @@ impl Outbound {
     /// Sends a request with a resolved connection's credential. The host
     /// check has passed. `headers` are the caller's, already stripped of
     /// hop-by-hop and control headers. Returns the response and whether it
-    /// was retried after a refresh.
+    /// was retried after a refresh. Buffered and OAuth2 requests come back
+    /// with what was injected scrubbed from the response's URL fields; the
+    /// caller runs [`scrub_echoes`] with `resolved` for the rest (again,
+    /// harmlessly, for those).
     pub async fn with_connection(
         &self,
         resolved: &Arc<Resolved>,
@@ -123,8 +126,9 @@ impl Outbound {
             // that static credentials in headers never need.
             return Box::pin(self.with_connection_buffered(resolved, method, uri, headers, body)).await;
         }
-        let mut resp = self.send(upstream_request(method, uri, headers, Some(resolved), body)?).await?;
-        scrub_echoes(&mut resp, resolved);
+        // The caller scrubs echoes of the credential ([`scrub_echoes`]):
+        // this future stays small enough to be inlined into the pipeline's.
+        let resp = self.send(upstream_request(method, uri, headers, Some(resolved), body)?).await?;
         Ok((resp, false))
     }
 
@@ -187,6 +191,7 @@ impl Outbound {
                 Ok((resp, true))
             }
             _ => {
+                // With the token actually used (`ensure_fresh` may have refreshed it).
                 scrub_echoes(&mut resp, &resolved);
                 Ok((resp, false))
             }
@@ -201,10 +206,20 @@ const URL_FIELDS: [header::HeaderName; 4] =
 
 /// Takes what `resolved` injected back out of the response's URL fields;
 /// a client that follows the URL through credproxy gets it injected again.
-/// Bodies are not scrubbed. Costs nothing when no such field is present.
-fn scrub_echoes(resp: &mut Response<PooledBody>, resolved: &Resolved) {
-    let raw = resp.body_mut().fields_mut().is_some_and(|f| f.has_url_refs());
-    let mapped = !resp.headers().is_empty() && URL_FIELDS.iter().any(|n| resp.headers().contains_key(n));
+/// Bodies are not scrubbed. Costs two checks when no such field is present
+/// (an HTTP/1.1 response's header map is empty: its fields are raw).
+#[inline]
+pub fn scrub_echoes(resp: &mut Response<PooledBody>, resolved: &Resolved) {
+    if resp.body().has_url_refs() || !resp.headers().is_empty() {
+        scrub_echoes_in(resp, resolved);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn scrub_echoes_in(resp: &mut Response<PooledBody>, resolved: &Resolved) {
+    let raw = resp.body().has_url_refs();
+    let mapped = URL_FIELDS.iter().any(|n| resp.headers().contains_key(n));
     if !raw && !mapped {
         return;
     }

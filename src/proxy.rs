@@ -643,9 +643,11 @@ async fn forward(
             }
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
-            let (resp, retried) =
+            let (mut resp, retried) =
                 state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
             access.retried = retried;
+            // What was injected does not come back in a URL field.
+            crate::outbound::scrub_echoes(&mut resp, &resolved);
             resp
         }
     };
@@ -711,16 +713,16 @@ async fn connect(
 /// The `X-Connection-Id` field, removed from `headers`: at most one, of
 /// the connection id's shape.
 fn take_connection_id(headers: &mut HeaderMap) -> Result<Option<http::HeaderValue>, ProxyError> {
-    let http::header::Entry::Occupied(entry) = headers.entry(X_CONNECTION_ID) else { return Ok(None) };
-    let (_, mut values) = entry.remove_entry_mult();
-    let id = values.next();
-    if values.next().is_some() {
+    // `len` counts values: `remove` takes every value of the name, returns the first.
+    let values = headers.len();
+    let Some(id) = headers.remove(&X_CONNECTION_ID) else { return Ok(None) };
+    if headers.len() + 1 != values {
         return Err(ProxyError::DuplicateConnectionId);
     }
-    match id {
-        Some(v) if !v.to_str().is_ok_and(ids::is_connection_id) => Err(ProxyError::BadConnectionId),
-        id => Ok(id),
+    if !id.to_str().is_ok_and(ids::is_connection_id) {
+        return Err(ProxyError::BadConnectionId);
     }
+    Ok(Some(id))
 }
 
 /// `uri` with "/" in front of its query (its path was empty).

@@ -547,9 +547,9 @@ where
     out.extend_from_slice(b"\r\n");
 
     let mut pending = Pending::default();
-    let mut idle = IdleTimer::new(meta.send_timeout);
+    let idle = meta.send_timeout;
     let Some(mut encoder) = encoder else {
-        flush(&mut pending, wr, out, &mut idle).await?;
+        flush(&mut pending, wr, out, idle).await?;
         return Ok(!close);
     };
     let mut body = pin!(body);
@@ -562,17 +562,17 @@ where
         })
         .await;
         match next {
-            None => flush(&mut pending, wr, out, &mut idle).await?,
+            None => flush(&mut pending, wr, out, idle).await?,
             Some(None) => {
                 encoder.finish(out)?;
-                flush(&mut pending, wr, out, &mut idle).await?;
+                flush(&mut pending, wr, out, idle).await?;
                 return Ok(!close);
             }
             Some(Some(Err(e))) => {
                 // The upstream failed mid-body: the caller gets what there
                 // is, then the connection closes (a cut-short body must not
                 // look complete).
-                let _ = flush(&mut pending, wr, out, &mut idle).await;
+                let _ = flush(&mut pending, wr, out, idle).await;
                 return Err(Error::Body(e.to_string()));
             }
             Some(Some(Ok(frame))) => {
@@ -584,11 +584,11 @@ where
                 let end = body.is_end_stream();
                 if rest.is_some() || out.len() >= 32 * 1024 {
                     pending.set(rest, crlf);
-                    flush(&mut pending, wr, out, &mut idle).await?;
+                    flush(&mut pending, wr, out, idle).await?;
                 }
                 if end {
                     encoder.finish(out)?;
-                    flush(&mut pending, wr, out, &mut idle).await?;
+                    flush(&mut pending, wr, out, idle).await?;
                     return Ok(!close);
                 }
             }
@@ -596,15 +596,15 @@ where
     }
 }
 
-/// Writes what is queued. A caller that takes none of it for `idle`'s
-/// timeout (it stopped reading) fails the write with [`Error::Timeout`].
+/// Writes what is queued. A caller that takes none of it for `timeout`
+/// (it stopped reading) fails the write with [`Error::Timeout`].
 async fn flush(
     pending: &mut Pending,
     wr: &mut WriteHalf,
     out: &mut Vec<u8>,
-    idle: &mut IdleTimer,
+    timeout: std::time::Duration,
 ) -> Result<(), Error> {
-    idle.progress();
+    let mut idle = IdleTimer::new(timeout);
     std::future::poll_fn(|cx| match pending.poll_flush(wr, out, cx) {
         Poll::Ready(r) => Poll::Ready(r.map_err(Error::Io)),
         Poll::Pending => {

@@ -404,7 +404,7 @@ impl Pool {
             .map_err(|_| UpstreamError::Timeout)?
             .map_err(UpstreamError::Http)?;
         let idle = h1::IdleTimer::new(self.settings.body_idle_timeout);
-        Ok(resp.map(|b| PooledBody { inner: Inner::H2(b, idle), fields: None }))
+        Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle })), fields: None }))
     }
 }
 
@@ -420,7 +420,14 @@ pub struct PooledBody {
 enum Inner {
     /// The connection, its pool, and when the request using it started.
     H1(Option<(Box<H1>, Arc<Pool>, Instant)>),
-    H2(Incoming, h1::IdleTimer),
+    /// Boxed: every response is moved through the pipeline's layers, and
+    /// an HTTP/1.1 one should not pay for the h2 variant's size.
+    H2(Box<H2Body>),
+}
+
+struct H2Body {
+    body: Incoming,
+    idle: h1::IdleTimer,
 }
 
 impl PooledBody {
@@ -433,6 +440,11 @@ impl PooledBody {
     /// The upstream's header fields while they are still unparsed.
     pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
         self.fields.as_mut()
+    }
+
+    /// Unparsed fields are kept and one of them names a URL.
+    pub fn has_url_refs(&self) -> bool {
+        self.fields.as_ref().is_some_and(RawFields::has_url_refs)
     }
 
     /// The body is complete: the connection goes back to the pool.
@@ -472,13 +484,13 @@ impl Body for PooledBody {
                     Poll::Pending => Poll::Pending,
                 }
             }
-            Inner::H2(b, idle) => match Pin::new(b).poll_frame(cx) {
+            Inner::H2(h2) => match Pin::new(&mut h2.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    idle.progress();
+                    h2.idle.progress();
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
-                Poll::Pending => match idle.poll_expired(cx) {
+                Poll::Pending => match h2.idle.poll_expired(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(h1::Error::Timeout.into()))),
                     Poll::Pending => Poll::Pending,
                 },
@@ -489,7 +501,7 @@ impl Body for PooledBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::H1(slot) => slot.as_ref().is_none_or(|(h1, ..)| h1.conn.body_done()),
-            Inner::H2(b, _) => b.is_end_stream(),
+            Inner::H2(h2) => h2.body.is_end_stream(),
         }
     }
 
@@ -500,7 +512,7 @@ impl Body for PooledBody {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),
             },
-            Inner::H2(b, _) => b.size_hint(),
+            Inner::H2(h2) => h2.body.size_hint(),
         }
     }
 }
