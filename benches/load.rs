@@ -36,7 +36,8 @@
 //! LOAD_BASELINE_BIN (another credproxy binary, e.g. the previous commit's,
 //! measured as a `baseline` row beside `credproxy`, and under callgrind
 //! too), LOAD_CALLGRIND=0 (skip the instruction counts), LOAD_CALLGRIND_DIR
-//! (keep callgrind's dumps there, for `callgrind_annotate`).
+//! (keep callgrind's dumps there, for `callgrind_annotate`), LOAD_ACCESS_LOG=1
+//! (the `baseline` row and the callgrind runs with the access log on).
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
 
@@ -62,6 +63,17 @@ const ORG: &str = "org_bench";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The log filter of the `baseline` row and of both callgrind runs: access
+/// log off, unless LOAD_ACCESS_LOG=1 (to compare two builds' log writers;
+/// the `credproxy+accesslog` row is then the one to set beside `baseline`).
+fn baseline_log() -> &'static str {
+    if std::env::var("LOAD_ACCESS_LOG").as_deref() == Ok("1") {
+        "info"
+    } else {
+        "info,credproxy::access=off"
+    }
 }
 
 fn repo() -> PathBuf {
@@ -778,7 +790,7 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
     // LOAD_BASELINE_BIN=/path/to/an/older/credproxy adds a `baseline` row on
     // the same store and config, so one run says what a change bought.
     let baseline = match std::env::var_os("LOAD_BASELINE_BIN") {
-        Some(bin) => Some(spawn_binary(Path::new(&bin), &config, dir.path(), "info,credproxy::access=off").await.0),
+        Some(bin) => Some(spawn_binary(Path::new(&bin), &config, dir.path(), baseline_log()).await.0),
         None => None,
     };
 
@@ -940,7 +952,7 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             std::fs::write(&one_thread, text.replace(&format!("worker_threads = {workers}"), "worker_threads = 1"))
                 .unwrap();
             let bin = Path::new(env!("CARGO_BIN_EXE_credproxy"));
-            let (cpv, _) = spawn_wrapped(&wrapper, bin, &one_thread, dir.path(), "info,credproxy::access=off").await;
+            let (cpv, _) = spawn_wrapped(&wrapper, bin, &one_thread, dir.path(), baseline_log()).await;
             let target = Target::Proxy { proxy: cpv.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
             let (t0, w0) = (seen.total.load(Ordering::Relaxed), seen.with_token.load(Ordering::Relaxed));
             let pid = cpv.child.id().unwrap();
@@ -952,7 +964,7 @@ async fn bench(dur: Duration, conns: usize, rounds: usize, cache_n: usize, worke
             // read before and after in one run.
             let base_ir = match std::env::var_os("LOAD_BASELINE_BIN") {
                 Some(base) => {
-                    let log = "info,credproxy::access=off";
+                    let log = baseline_log();
                     let (bv, _) = spawn_wrapped(&wrapper, Path::new(&base), &one_thread, dir.path(), log).await;
                     let target = Target::Proxy { proxy: bv.proxy, upstream: up, conn_id: Some(conn_id.clone()) };
                     let pid = bv.child.id().unwrap();
