@@ -107,8 +107,9 @@ pub struct Resolved {
     pub method: Arc<AuthMethod>,
     /// What templates inject (for OAuth2: the access token).
     pub credential: Credential,
-    /// OAuth2 connections: the whole token set.
-    pub tokens: Option<TokenSet>,
+    /// OAuth2 connections: the whole token set. Boxed: every cached
+    /// connection would otherwise carry its ~130 bytes.
+    pub tokens: Option<Box<TokenSet>>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -331,7 +332,7 @@ impl Connections {
         let (credential, tokens) = if method.oauth2().is_some() {
             let t: TokenSet = serde_json::from_slice(&plaintext)
                 .map_err(|_| misconfigured("stored OAuth2 token set is corrupt".into()))?;
-            (Credential::from_tokens(&t), Some(t))
+            (Credential::from_tokens(&t), Some(Box::new(t)))
         } else {
             (Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?, None)
         };

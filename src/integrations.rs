@@ -691,6 +691,10 @@ mod tests {
         assert_eq!(gh.auth_method("pat").unwrap().kind_name(), "bearer");
         assert!(gh.host_allowed("api.github.com", 443));
         assert!(!gh.host_allowed("evil.test", 443));
+        // The README's quickstart connection can be tested: [test] has somewhere to go.
+        let hb = all.get("httpbin").unwrap();
+        assert_eq!(hb.base_url.as_deref(), Some("http://127.0.0.1:8000"));
+        assert!(hb.test.is_some() && hb.host_allowed("127.0.0.1", 8000));
     }
 
     #[test]

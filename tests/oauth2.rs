@@ -403,13 +403,7 @@ expect_status = 200
         .as_str()
         .unwrap()
         .to_owned();
-    let out = tokio::process::Command::new(credproxy_bin())
-        .args(["connections", "test", &ok_id])
-        .env("CREDPROXY_ADMIN_URL", h.admin_url())
-        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let out = admin_cli(&h, &["connections", "test", &ok_id]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(out.status.code(), Some(0));
@@ -423,13 +417,7 @@ expect_status = 200
     assert_eq!((v["ok"].as_bool(), v["status"].as_u64()), (Some(false), Some(418)), "{v}");
     assert_eq!(v["error"]["code"], "unexpected_status");
     // The CLI says so in its exit code too.
-    let out = tokio::process::Command::new(credproxy_bin())
-        .args(["connections", "test", &bad_id])
-        .env("CREDPROXY_ADMIN_URL", h.admin_url())
-        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let out = admin_cli(&h, &["connections", "test", &bad_id]).await;
     assert_eq!(out.status.code(), Some(1), "a failed test exits 1");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false, "{v}");
@@ -443,38 +431,30 @@ expect_status = 200
     assert_eq!(v["error"]["code"], "connection_needs_reauth", "{v}");
 
     // An OAuth2 test that fails (dead grant) exits 1 as well.
-    let out = tokio::process::Command::new(credproxy_bin())
-        .args(["connections", "test", &id])
-        .env("CREDPROXY_ADMIN_URL", h.admin_url())
-        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let out = admin_cli(&h, &["connections", "test", &id]).await;
     assert_eq!(out.status.code(), Some(1));
 
     // The CLI prints the authorization URL, as JSON like its other answers.
-    let out = tokio::process::Command::new(credproxy_bin())
-        .args([
-            "connections",
-            "authorize",
-            "--integration",
-            "oidc",
-            "--auth-method",
-            "code",
-            "--org",
-            ORG,
-            "--user",
-            "u9",
-        ])
-        .env("CREDPROXY_ADMIN_URL", h.admin_url())
-        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .await
-        .unwrap();
+    let out = admin_cli(
+        &h,
+        &["connections", "authorize", "--integration", "oidc", "--auth-method", "code", "--org", ORG, "--user", "u9"],
+    )
+    .await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let url = v["authorization_url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/auth?", oidc.url)) && url.contains("code_challenge="), "{url}");
     assert!(v["expires_at"].is_string(), "{v}");
+}
+
+/// `credproxy <args>` against the harness's admin API.
+async fn admin_cli(h: &Harness, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(credproxy_bin())
+        .args(args)
+        .env("CREDPROXY_ADMIN_URL", h.admin_url())
+        .env("CREDPROXY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

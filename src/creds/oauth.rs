@@ -225,7 +225,7 @@ impl Connections {
             return Err(RefreshError::CoolingDown);
         }
 
-        let tokens = current.tokens.clone().unwrap_or_default();
+        let tokens = current.tokens.as_deref().cloned().unwrap_or_default();
         let result = match (o.grant, tokens.refresh_token.as_deref()) {
             (Grant::ClientCredentials, _) => self.oauth.client.client_credentials(o).await,
             (Grant::AuthorizationCode, Some(rt)) => self.oauth.client.refresh(o, rt).await,
@@ -248,7 +248,7 @@ impl Connections {
                     integration: current.integration.clone(),
                     method: current.method.clone(),
                     credential: Credential::from_tokens(&fresh),
-                    tokens: Some(fresh),
+                    tokens: Some(Box::new(fresh)),
                 });
                 self.cache.insert(id.to_owned(), next.clone()).await;
                 self.changed();
