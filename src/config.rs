@@ -80,6 +80,9 @@ pub struct Config {
     /// Environment variables its `${VAR}` substitutions used.
     #[serde(skip)]
     pub env_refs: std::collections::BTreeSet<String>,
+    /// Keys set by `CREDPROXY_<SECTION>__<KEY>` variables, with the variable.
+    #[serde(skip)]
+    pub overrides: Vec<(String, String)>,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
@@ -473,11 +476,18 @@ impl Config {
         let mut cfg: Config = deserialize_value(name, value).map_err(|e| blame_environment(e, &overrides))?;
         cfg.source = name.to_owned();
         cfg.env_refs = refs;
+        cfg.overrides = overrides.clone();
         if let Some(token) = env.get(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty()) {
             cfg.admin.tokens.push(AdminToken { token: SecretValue::new(token.clone()), org_id: None });
         }
         cfg.validate(name).map_err(|e| blame_environment(e, &overrides))?;
         Ok(cfg)
+    }
+
+    /// An error about `key` (or something it names, such as a file): blamed
+    /// on the environment variable that set it, else on the file.
+    pub fn error(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        blame_environment(ConfigError::new(&self.source, key, reason), &self.overrides)
     }
 
     /// Semantic checks the types cannot express. Always called by the loader.

@@ -136,7 +136,7 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
     let mut previous: Vec<Arc<dyn KeyProvider>> = Vec::new();
     for (i, path) in c.previous_key_files.iter().enumerate() {
         let key = LocalKeyProvider::open(path)
-            .map_err(|e| ConfigError::new(&config.source, format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
+            .map_err(|e| config.error(format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
         previous.push(Arc::new(key));
     }
     let current: Arc<dyn KeyProvider> = match c.provider {
@@ -167,11 +167,10 @@ pub struct Prepared {
 /// Reads and checks every file the configuration names, creating nothing.
 /// Errors name the configuration file and the key.
 pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
-    let src = config.source.as_str();
     let mut extra_roots = Vec::new();
     for (i, path) in config.upstream.extra_ca_certs.iter().enumerate() {
         let certs = upstream::load_pem_certs(path)
-            .map_err(|reason| ConfigError::new(src, format!("upstream.extra_ca_certs[{i}]"), reason))?;
+            .map_err(|reason| config.error(format!("upstream.extra_ca_certs[{i}]"), reason))?;
         extra_roots.extend(certs);
     }
     let interceptor = if config.tls_intercept.enabled {
@@ -182,24 +181,23 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
                 crate::tls::TlsError::File { path, .. } if Path::new(path) == t.ca_key => "tls_intercept.ca_key",
                 _ => "tls_intercept.ca_cert",
             };
-            ConfigError::new(src, key, format!("{e} (create the CA with `credproxy ca init`)"))
+            config.error(key, format!("{e} (create the CA with `credproxy ca init`)"))
         })?;
         Some(Arc::new(i))
     } else {
         None
     };
     let proxy_tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
-        (Some(cert), Some(key)) => Some(proxy_tls_acceptor(src, cert, key)?),
+        (Some(cert), Some(key)) => Some(proxy_tls_acceptor(config, cert, key)?),
         _ => None,
     };
     for (i, path) in config.crypto.previous_key_files.iter().enumerate() {
         LocalKeyProvider::open(path)
-            .map_err(|e| ConfigError::new(src, format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
+            .map_err(|e| config.error(format!("crypto.previous_key_files[{i}]"), e.to_string()))?;
     }
     // The current key file is created on first start; one that exists must be usable.
     if config.crypto.provider == KeyProviderKind::Local && config.crypto.key_file.exists() {
-        LocalKeyProvider::open(&config.crypto.key_file)
-            .map_err(|e| ConfigError::new(src, "crypto.key_file", e.to_string()))?;
+        LocalKeyProvider::open(&config.crypto.key_file).map_err(|e| config.error("crypto.key_file", e.to_string()))?;
     }
     Ok(Prepared { extra_roots, interceptor, proxy_tls })
 }
@@ -346,23 +344,23 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).
 fn proxy_tls_acceptor(
-    src: &str,
+    config: &Config,
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain = upstream::load_pem_certs(cert).map_err(|r| ConfigError::new(src, "proxy.tls_cert", r))?;
+    let chain = upstream::load_pem_certs(cert).map_err(|r| config.error("proxy.tls_cert", r))?;
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ConfigError::new(src, "proxy.tls_key", format!("{}: {e}", key.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .map_err(|e| config.error("proxy.tls_key", format!("{}: {e}", key.display())))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::new(src, "proxy.tls_cert", e.to_string()))?
+        .map_err(|e| config.error("proxy.tls_cert", e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain.into_iter().map(CertificateDer::into_owned).collect(), key)
-        .map_err(|e| ConfigError::new(src, "proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        .map_err(|e| config.error("proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
 /// Opens the configured store and applies its migrations.
@@ -371,9 +369,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
         let timeout = Duration::from_millis(config.store.timeout_ms);
         return Ok(Arc::new(PgStore::open_with_timeout(&config.store.url, config.store.pool_size, timeout).await?));
     }
-    let path = config
-        .store
-        .sqlite_path()
-        .ok_or_else(|| ConfigError::new(&config.source, "store.url", "must be sqlite://PATH or postgres://…"))?;
+    let path =
+        config.store.sqlite_path().ok_or_else(|| config.error("store.url", "must be sqlite://PATH or postgres://…"))?;
     Ok(Arc::new(SqliteStore::open(path)?))
 }

@@ -54,19 +54,35 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     }
     let cfg_path = dir.path().join("credproxy.toml");
     std::fs::write(&cfg_path, &toml_text).unwrap();
-    let out = tokio::process::Command::new(credproxy_bin())
-        .args(["check-config", "--config"])
-        .arg(&cfg_path)
-        .env("CREDPROXY_ORG_ID", "org_a")
-        .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
-        .env("CREDPROXY_DB_PASSWORD", "pw")
-        .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
-        .output()
-        .await
-        .unwrap();
+    // The Secret credproxy-ca, as `credproxy ca init` makes it (check-config
+    // reads the CA files the configuration names, as serve does).
+    let certs = dir.path().join("certs");
+    let out =
+        tokio::process::Command::new(credproxy_bin()).args(["ca", "init", "--out"]).arg(&certs).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = |ca_dir: &std::path::Path| {
+        let mut cmd = tokio::process::Command::new(credproxy_bin());
+        cmd.args(["check-config", "--config"])
+            .arg(&cfg_path)
+            .env("CREDPROXY_ORG_ID", "org_a")
+            .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
+            .env("CREDPROXY_DB_PASSWORD", "pw")
+            .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
+            .env("CREDPROXY_TLS_INTERCEPT__CA_CERT", ca_dir.join("credproxy-ca.pem"))
+            .env("CREDPROXY_TLS_INTERCEPT__CA_KEY", ca_dir.join("credproxy-ca.key"));
+        cmd
+    };
+    let out = check(&certs).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without the mounted CA, check-config says so (as serve would).
+    let out = check(&dir.path().join("not-mounted")).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("environment CREDPROXY_TLS_INTERCEPT__CA_CERT"));
     let parsed: toml::Value = toml::from_str(&toml_text).unwrap();
     assert_eq!(parsed["integrations"]["dir"].as_str(), Some("/etc/credproxy/integrations"));
+    // The configuration names the CA where the pods mount the Secret.
+    assert_eq!(parsed["tls_intercept"]["ca_cert"].as_str(), Some("/etc/credproxy/certs/credproxy-ca.pem"));
+    assert_eq!(parsed["tls_intercept"]["ca_key"].as_str(), Some("/etc/credproxy/certs/credproxy-ca.key"));
     let grace = parsed["shutdown"]["grace_secs"].as_integer().unwrap() as u64;
 
     // Native sidecar.
@@ -92,6 +108,8 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     let deploy = find(&shared, "Deployment", "credproxy");
     let spec = &deploy["spec"]["template"]["spec"];
     check_probes_and_grace(spec, &spec["containers"][0], grace);
+    let mounts = spec["containers"][0]["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["name"] == "ca" && m["mountPath"] == "/etc/credproxy/certs"), "{mounts:?}");
     let pdb = find(&shared, "PodDisruptionBudget", "credproxy");
     assert_eq!(pdb["spec"]["selector"], deploy["spec"]["selector"]);
     let svc = find(&shared, "Service", "credproxy");
