@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::config::AdminToken;
 use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
 use crate::outbound::{Outbound, ProxyError};
-use crate::problem::{Problem, ProxyErrorType};
+use crate::problem::{Code, Problem};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, StoreError};
 
@@ -122,39 +122,25 @@ pub fn router(state: Arc<AdminState>) -> Router {
 pub struct ApiError(Problem);
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self(Problem::new(status, code, title, detail.into(), ProxyErrorType::HttpRequestError))
-    }
-
-    fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, "Invalid request", detail)
+    fn new(code: Code, detail: impl Into<String>) -> Self {
+        Self(Problem::new(code, detail.into()))
     }
 
     fn not_found(detail: &'static str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "Not found", detail)
+        Self::new(Code::NotFound, detail)
     }
 
     fn connection_not_found() -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "connection_not_found",
-            "Connection not found",
-            "no connection with this id is visible to this token",
-        )
+        Self::new(Code::ConnectionNotFound, "no connection with this id is visible to this token")
     }
 
     fn store(e: StoreError) -> Self {
         tracing::error!(error = %e, "admin: store error");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            "Store unavailable",
-            "the store cannot be reached; retry later",
-        )
+        Self::new(Code::StoreUnavailable, "the store cannot be reached; retry later")
     }
 
     fn draining() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", "this instance is draining")
+        Self::new(Code::ShuttingDown, "this instance is draining")
     }
 }
 
@@ -182,7 +168,7 @@ async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next:
             } else {
                 "no admin token: send Authorization: Bearer <admin token>"
             };
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", detail).into_response();
+            let mut r = ApiError::new(Code::Unauthorized, detail).into_response();
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"credproxy-admin\""));
             r
@@ -234,14 +220,8 @@ async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {
 
 async fn get_integration(State(st): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let integrations = st.connections.integrations();
-    let i = integrations.get(&id).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "integration_not_found",
-            "Integration not found",
-            "no integration with this id",
-        )
-    })?;
+    let i =
+        integrations.get(&id).ok_or_else(|| ApiError::new(Code::IntegrationNotFound, "no integration with this id"))?;
     Ok(Json(integration_view(i)))
 }
 
@@ -301,17 +281,12 @@ async fn create_connection(
     body: Bytes,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
     let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
     let req: CreateBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
     if let Some(org) = scope.org() {
         if org != req.org_id {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_org",
-                "Forbidden",
-                "this admin token is scoped to another organization",
-            ));
+            return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
         }
     }
     let mut credentials = BTreeMap::new();
@@ -320,9 +295,7 @@ async fn create_connection(
             Value::String(s) => {
                 credentials.insert(k, SecretValue::new(s));
             }
-            _ => {
-                return Err(ApiError::bad_request("invalid_credentials", format!("credentials.{k}: must be a string")))
-            }
+            _ => return Err(ApiError::new(Code::InvalidCredentials, format!("credentials.{k}: must be a string"))),
         }
     }
     let meta = st
@@ -342,26 +315,19 @@ async fn create_connection(
 
 fn create_error(e: CreateError) -> ApiError {
     match e {
-        CreateError::UnknownIntegration(_) => ApiError::bad_request("unknown_integration", e.to_string()),
-        CreateError::UnknownAuthMethod { .. } => ApiError::bad_request("unknown_auth_method", e.to_string()),
-        CreateError::InvalidId { .. } => ApiError::bad_request("invalid_request", e.to_string()),
-        CreateError::UseAuthorize(_) => ApiError::bad_request("use_oauth2_authorize", e.to_string()),
-        CreateError::Credential(c) => ApiError::bad_request("invalid_credentials", c.to_string()),
+        CreateError::UnknownIntegration(_) => ApiError::new(Code::UnknownIntegration, e.to_string()),
+        CreateError::UnknownAuthMethod { .. } => ApiError::new(Code::UnknownAuthMethod, e.to_string()),
+        CreateError::InvalidId { .. } => ApiError::new(Code::InvalidRequest, e.to_string()),
+        CreateError::UseAuthorize(_) => ApiError::new(Code::UseOauth2Authorize, e.to_string()),
+        CreateError::Credential(c) => ApiError::new(Code::InvalidCredentials, c.to_string()),
         CreateError::Store(s) => ApiError::store(s),
         CreateError::Crypto(crate::crypto::CryptoError::KeyService(_)) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "key_service_unavailable",
-            "Key service unavailable",
+            Code::KeyServiceUnavailable,
             "the key service (KMS) cannot be reached; nothing was stored; retry later",
         ),
         CreateError::Crypto(c) => {
             tracing::error!(error = %c, "admin: sealing a credential failed");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "Internal error",
-                "sealing the credential failed; see the log",
-            )
+            ApiError::new(Code::InternalError, "sealing the credential failed; see the log")
         }
     }
 }
@@ -390,12 +356,7 @@ async fn list_connections(
 ) -> Result<Json<Value>, ApiError> {
     let org = match (scope.org(), q.org_id) {
         (Some(s), Some(q)) if s != q => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_org",
-                "Forbidden",
-                "this admin token is scoped to another organization",
-            ))
+            return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"))
         }
         (_, Some(q)) => Some(q),
         (Some(s), None) => Some(s.to_owned()),
@@ -462,16 +423,11 @@ async fn oauth2_authorize(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")))?;
+        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
     let req: AuthorizeBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::bad_request("invalid_request", format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
     if scope.org().is_some_and(|o| o != req.org_id) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden_org",
-            "Forbidden",
-            "this admin token is scoped to another organization",
-        ));
+        return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
     }
     let (url, expires_at) = st
         .connections
@@ -503,13 +459,11 @@ async fn oauth2_callback(
     State(st): State<Arc<AdminState>>,
     Query(q): Query<CallbackQuery>,
 ) -> Result<Response, ApiError> {
-    let state = q.state.ok_or_else(|| ApiError::bad_request("invalid_state", "the callback has no state parameter"))?;
+    let state = q.state.ok_or_else(|| ApiError::new(Code::InvalidState, "the callback has no state parameter"))?;
     let outcome = match (&q.code, &q.error) {
         (_, Some(e)) => Err(e.as_str()),
         (Some(c), None) => Ok(c.as_str()),
-        (None, None) => {
-            return Err(ApiError::bad_request("invalid_request", "the callback has neither code nor error"))
-        }
+        (None, None) => return Err(ApiError::new(Code::InvalidRequest, "the callback has neither code nor error")),
     };
     let (meta, return_to) = st.connections.complete_authorization(&state, outcome).await.map_err(authorize_error)?;
     if let Some(rt) = return_to {
@@ -529,28 +483,23 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
     match e {
         AuthorizeError::Create(c) => create_error(c),
         AuthorizeError::NotAuthorizationCode(_) | AuthorizeError::BadReturnTo => {
-            ApiError::bad_request("invalid_request", e.to_string())
+            ApiError::new(Code::InvalidRequest, e.to_string())
         }
         AuthorizeError::ConnectionNotFound => ApiError::connection_not_found(),
-        AuthorizeError::ConnectionMismatch => ApiError::bad_request("connection_mismatch", e.to_string()),
+        AuthorizeError::ConnectionMismatch => ApiError::new(Code::ConnectionMismatch, e.to_string()),
         AuthorizeError::UnknownState => {
-            ApiError::bad_request("invalid_state", "unknown or already used state; start the authorization again")
+            ApiError::new(Code::InvalidState, "unknown or already used state; start the authorization again")
         }
-        AuthorizeError::StateExpired => ApiError::bad_request("state_expired", e.to_string()),
-        AuthorizeError::Provider(_) => ApiError::bad_request("authorization_denied", e.to_string()),
+        AuthorizeError::StateExpired => ApiError::new(Code::StateExpired, e.to_string()),
+        AuthorizeError::Provider(_) => ApiError::new(Code::AuthorizationDenied, e.to_string()),
         AuthorizeError::Exchange(t) => {
             tracing::warn!(error = %t, "oauth2 code exchange failed");
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "code_exchange_failed",
-                "Code exchange failed",
-                format!("exchanging the authorization code failed: {t}"),
-            )
+            ApiError::new(Code::CodeExchangeFailed, format!("exchanging the authorization code failed: {t}"))
         }
         AuthorizeError::Store(s) => ApiError::store(s),
         AuthorizeError::Crypto(c) => {
             tracing::error!(error = %c, "oauth2: sealing or opening failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error", "see the log")
+            ApiError::new(Code::InternalError, "see the log")
         }
     }
 }
@@ -575,11 +524,11 @@ async fn test_connection(
         Ok((status, expect)) if status == expect => json!({ "ok": true, "status": status, "latency_ms": latency_ms }),
         Ok((status, expect)) => json!({
             "ok": false, "status": status, "latency_ms": latency_ms,
-            "error": { "code": "unexpected_status", "detail": format!("expected status {expect}, got {status}") },
+            "error": { "code": Code::UnexpectedStatus.as_str(), "detail": format!("expected status {expect}, got {status}") },
         }),
         Err(p) => json!({
             "ok": false, "status": null, "latency_ms": latency_ms,
-            "error": { "code": p.code, "detail": p.detail },
+            "error": { "code": p.code.as_str(), "detail": p.detail },
         }),
     };
     tracing::info!(connection = %id, ok = body["ok"].as_bool().unwrap_or(false), "connection tested");
@@ -587,15 +536,7 @@ async fn test_connection(
 }
 
 async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), Problem> {
-    let test_problem = |detail: String| {
-        Problem::new(
-            StatusCode::BAD_REQUEST,
-            "no_test_request",
-            "No test request",
-            detail,
-            ProxyErrorType::HttpRequestError,
-        )
-    };
+    let test_problem = |detail: String| Problem::new(Code::NoTestRequest, detail);
     let (resolved, _) =
         st.connections.resolve(&meta.org_id, &meta.id).await.map_err(|e| ProxyError::from(e).problem())?;
     let integration = &resolved.integration;

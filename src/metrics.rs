@@ -10,6 +10,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::problem::Code;
+
 /// Upstream latency histogram bounds, seconds.
 const LATENCY_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -54,39 +56,6 @@ impl Histogram {
     }
 }
 
-/// The problem codes credproxy answers with (a fixed set, see `problem.rs`).
-/// Unknown codes are counted under `other`.
-const ERROR_CODES: &[&str] = &[
-    "not_a_proxy_request",
-    "internal_error",
-    "unsupported_scheme",
-    "malformed_request",
-    "invalid_connection_id",
-    "passthrough_denied",
-    "connection_not_found",
-    "connection_needs_reauth",
-    "connection_revoked",
-    "connection_unusable",
-    "key_service_unavailable",
-    "store_unavailable",
-    "token_endpoint_unavailable",
-    "token_endpoint_rejected",
-    "refresh_lock_timeout",
-    "host_not_allowed",
-    "credential_not_injectable",
-    "request_body_not_injectable",
-    "request_body_too_large",
-    "request_body_error",
-    "destination_ip_prohibited",
-    "destination_not_found",
-    "upstream_connect_timeout",
-    "upstream_unreachable",
-    "upstream_tls_error",
-    "upstream_timeout",
-    "upstream_error",
-    "other",
-];
-
 pub struct Metrics {
     /// Integration id → row in `requests`; the last row is `none`.
     integrations: HashMap<String, usize, ahash::RandomState>,
@@ -126,7 +95,7 @@ impl Metrics {
             integrations,
             requests: names.iter().map(|_| Default::default()).collect(),
             names,
-            errors: ERROR_CODES.iter().map(|_| AtomicU64::new(0)).collect(),
+            errors: Code::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             upstream_latency: Histogram::new(),
             in_flight: AtomicI64::new(0),
             client_connections: AtomicI64::new(0),
@@ -142,9 +111,8 @@ impl Metrics {
     }
 
     /// credproxy answered with a problem of this code.
-    pub fn error(&self, code: &str) {
-        let i = ERROR_CODES.iter().position(|c| *c == code).unwrap_or(ERROR_CODES.len() - 1);
-        self.errors[i].fetch_add(1, Relaxed);
+    pub fn error(&self, code: Code) {
+        self.errors[code.index()].fetch_add(1, Relaxed);
     }
 
     /// Time from sending a request upstream to its response head.
@@ -182,7 +150,7 @@ impl Metrics {
             }
         }
         header(w, "credproxy_proxy_errors_total", "counter", "Responses made by credproxy, by problem code.");
-        for (code, c) in ERROR_CODES.iter().zip(&self.errors) {
+        for (code, c) in Code::ALL.iter().zip(&self.errors) {
             let _ = writeln!(w, "credproxy_proxy_errors_total{{code=\"{code}\"}} {}", c.load(Relaxed));
         }
         let h = &self.upstream_latency;
@@ -286,8 +254,8 @@ mod tests {
         m.request(Some("httpbin"), 503);
         m.request(Some("conn_or_anything_else"), 404);
         m.request(None, 403);
-        m.error("host_not_allowed");
-        m.error("a code nobody knows");
+        m.error(Code::HostNotAllowed);
+        m.error(Code::TraceNotAllowed);
         m.upstream_latency(Duration::from_micros(700));
         m.upstream_latency(Duration::from_millis(30));
         let guard = m.in_flight();
@@ -298,7 +266,8 @@ mod tests {
             "credproxy_requests_total{integration=\"none\",status=\"4xx\"} 2",
             "credproxy_requests_total{integration=\"github\",status=\"2xx\"} 0",
             "credproxy_proxy_errors_total{code=\"host_not_allowed\"} 1",
-            "credproxy_proxy_errors_total{code=\"other\"} 1",
+            "credproxy_proxy_errors_total{code=\"trace_not_allowed\"} 1",
+            "credproxy_proxy_errors_total{code=\"request_body_timeout\"} 0",
             "credproxy_upstream_connections_opened_total 5",
             "credproxy_upstream_connections_reused_total 6",
             "credproxy_upstream_latency_seconds_bucket{le=\"0.0005\"} 0",

@@ -6,6 +6,7 @@
 //!
 //! Uses `creds`, `inject`, `upstream`; must not import `proxy` or `admin`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use http_body_util::{BodyExt, Either, Full};
 use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
 use crate::inject::{self, InjectError};
 use crate::oauth2::TokenError;
-use crate::problem::{Problem, ProxyErrorType};
+use crate::problem::{Code, Problem};
 use crate::store::ConnectionState;
 use crate::upstream::pool::{Pool, PooledBody, UpstreamError};
 use crate::upstream::{self, CallerBody, ConnectError, UpstreamBody};
@@ -428,124 +429,131 @@ impl ProxyError {
 
     /// The caller-facing problem. Never includes a secret.
     pub fn problem(&self) -> Problem {
-        use ProxyErrorType as T;
-        use StatusCode as S;
+        let mut p = Problem::new(self.code(), self.detail());
+        p.retry_after_secs = self.retry_after_secs();
+        p
+    }
+
+    /// The stable code (status, title and Proxy-Status type come with it).
+    pub fn code(&self) -> Code {
+        use crate::crypto::CryptoError;
+        use crate::store::StoreError;
         match self {
-            Self::OriginForm => Problem::new(S::BAD_REQUEST, "not_a_proxy_request", "Not a proxy request",
-                "credproxy is a forward proxy: send absolute-form requests, e.g. `curl -x http://127.0.0.1:8080 http://api.example.com/` or set http_proxy / HTTP_PROXY",
-                T::HttpRequestError),
-            Self::Internal(_) => Problem::new(
-                S::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "Internal error",
-                "credproxy failed to serve this request; see the proxy log",
-                T::ProxyInternalError,
-            ),
-            Self::UnsupportedScheme => Problem::new(S::BAD_REQUEST, "unsupported_scheme", "Unsupported scheme",
-                "only http:// and https:// targets can be proxied", T::HttpRequestError),
-            Self::Malformed(what) => Problem::new(S::BAD_REQUEST, "malformed_request", "Malformed request", *what, T::HttpRequestError),
-            Self::HeadTooLarge { limit } => Problem::new(S::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_header_too_large",
-                "Request header too large", format!("the request head exceeds proxy.max_header_bytes ({limit} bytes)"), T::HttpRequestError),
-            Self::TooManyHeaders => Problem::new(S::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_header_too_large",
-                "Request header too large", format!("the request has more than {} header fields", crate::h1::MAX_HEADERS), T::HttpRequestError),
-            Self::BadConnectionId => Problem::new(S::BAD_REQUEST, "invalid_connection_id", "Invalid X-Connection-Id",
-                "X-Connection-Id must be a connection id: conn_ followed by 26 base32 characters", T::HttpRequestError),
-            Self::DuplicateConnectionId => Problem::new(S::BAD_REQUEST, "invalid_connection_id", "Invalid X-Connection-Id",
-                "X-Connection-Id appears more than once; send exactly one", T::HttpRequestError),
-            Self::TraceWithCredential => Problem::new(S::FORBIDDEN, "trace_not_allowed", "TRACE with a credential",
-                "TRACE echoes the request back, credential included (RFC 9110 §9.3.8): credproxy does not send it with a connection; send it without X-Connection-Id", T::HttpRequestDenied),
-            Self::PassthroughDenied => Problem::new(S::FORBIDDEN, "passthrough_denied", "Pass-through denied",
-                "requests without X-Connection-Id are not forwarded (egress.allow_passthrough = false)", T::HttpRequestDenied),
-            Self::Resolve(ResolveError::NotFound) => Problem::new(S::NOT_FOUND, "connection_not_found", "Connection not found",
-                "no connection with this id is visible to the caller", T::HttpRequestDenied),
-            Self::Resolve(ResolveError::NotActive(ConnectionState::NeedsReauth)) => Problem::new(S::CONFLICT, "connection_needs_reauth",
-                "Connection needs re-authorization", "the connection's authorization is no longer valid; a user must re-authorize it", T::HttpRequestDenied),
-            Self::Resolve(ResolveError::NotActive(_)) => Problem::new(S::CONFLICT, "connection_revoked", "Connection revoked",
-                "the connection has been revoked", T::HttpRequestDenied),
-            Self::Resolve(ResolveError::Crypto { source: crate::crypto::CryptoError::KeyService(_), .. }) => Problem::new(
-                S::SERVICE_UNAVAILABLE,
-                "key_service_unavailable",
-                "Key service unavailable",
-                "the key service (KMS) that unwraps this connection's credential cannot be reached; retry later",
-                T::ProxyInternalError,
-            ),
-            Self::Resolve(ResolveError::Misconfigured { .. } | ResolveError::Crypto { .. }) => Problem::new(S::INTERNAL_SERVER_ERROR,
-                "connection_unusable", "Connection unusable", "the connection's stored credential cannot be used; see the proxy log", T::ProxyConfigurationError),
-            Self::Resolve(ResolveError::Store(_)) => Problem::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable",
-                "the credential store cannot be reached; retry later", T::ProxyInternalError),
+            Self::OriginForm => Code::NotAProxyRequest,
+            Self::Internal(_) => Code::InternalError,
+            Self::UnsupportedScheme => Code::UnsupportedScheme,
+            Self::Malformed(_) => Code::MalformedRequest,
+            Self::HeadTooLarge { .. } | Self::TooManyHeaders => Code::RequestHeaderTooLarge,
+            Self::BadConnectionId | Self::DuplicateConnectionId => Code::InvalidConnectionId,
+            Self::TraceWithCredential => Code::TraceNotAllowed,
+            Self::PassthroughDenied => Code::PassthroughDenied,
+            Self::Resolve(e) | Self::Refresh(RefreshError::Resolve(e)) => match e {
+                ResolveError::NotFound => Code::ConnectionNotFound,
+                ResolveError::NotActive(ConnectionState::NeedsReauth) => Code::ConnectionNeedsReauth,
+                ResolveError::NotActive(_) => Code::ConnectionRevoked,
+                ResolveError::Crypto { source: CryptoError::KeyService(_), .. } => Code::KeyServiceUnavailable,
+                ResolveError::Misconfigured { .. } | ResolveError::Crypto { .. } => Code::ConnectionUnusable,
+                ResolveError::Store(_) => Code::StoreUnavailable,
+            },
             Self::Refresh(RefreshError::NeedsReauth | RefreshError::Token(TokenError::InvalidGrant)) => {
-                Self::Resolve(ResolveError::NotActive(ConnectionState::NeedsReauth)).problem()
+                Code::ConnectionNeedsReauth
             }
-            Self::Refresh(RefreshError::Resolve(e)) => Self::Resolve(e.clone()).problem(),
-            Self::Refresh(RefreshError::CoolingDown) => {
-                let mut p = Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable",
-                    "refreshing this connection's access token failed moments ago; retry shortly", T::DestinationUnavailable);
-                p.retry_after_secs = Some(crate::creds::REFRESH_COOLDOWN.as_secs());
-                p
-            }
-            Self::Refresh(RefreshError::Token(TokenError::Unavailable(_))) => {
-                // The cool-down starts with this failure: say when to come back, as later answers do.
-                let mut p = Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable",
-                    "the OAuth2 token endpoint could not refresh the access token; retry later", T::DestinationUnavailable);
-                p.retry_after_secs = Some(crate::creds::REFRESH_COOLDOWN.as_secs());
-                p
-            }
-            Self::Refresh(RefreshError::Fetch(TokenError::Unavailable(_))) => {
-                let mut p = Problem::new(S::BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable",
-                    "the OAuth2 token endpoint did not issue an access token (client credentials); retry later", T::DestinationUnavailable);
-                p.retry_after_secs = Some(crate::creds::REFRESH_COOLDOWN.as_secs());
-                p
-            }
-            Self::Refresh(RefreshError::Token(TokenError::Rejected(_))) => Problem::new(S::BAD_GATEWAY, "token_endpoint_rejected",
-                "Token endpoint rejected the refresh", "the OAuth2 token endpoint refused the refresh or answered without an access token; check the integration's client settings", T::ProxyConfigurationError),
-            Self::Refresh(RefreshError::Fetch(TokenError::Rejected(_) | TokenError::InvalidGrant)) => Problem::new(S::BAD_GATEWAY, "token_endpoint_rejected",
-                "Token endpoint rejected the client credentials", "the OAuth2 token endpoint refused to issue a token for the integration's client credentials, or answered without an access token; check its client_id and client_secret", T::ProxyConfigurationError),
-            Self::Refresh(RefreshError::Store(crate::store::StoreError::LockTimeout(_))) => Problem::new(
-                S::SERVICE_UNAVAILABLE,
-                "refresh_lock_timeout",
-                "Refresh in progress elsewhere",
-                "another credproxy instance is refreshing this connection's token and did not finish in time (oauth2.refresh_lock_wait_ms); retry",
-                T::ProxyInternalError,
-            ),
-            Self::Refresh(RefreshError::Store(_)) => Self::Resolve(ResolveError::Store(crate::store::StoreError::Unavailable(String::new()))).problem(),
-            Self::Refresh(RefreshError::Crypto(_)) => Problem::new(S::INTERNAL_SERVER_ERROR, "connection_unusable", "Connection unusable",
-                "the connection's refreshed credential could not be sealed; see the proxy log", T::ProxyInternalError),
-            Self::HostNotAllowed { integration, host, port } => Problem::new(S::FORBIDDEN, "host_not_allowed", "Host not allowed for this connection",
-                format!("integration {integration:?} does not allow {host}:{port}; the credential was not sent"), T::HttpRequestDenied),
-            Self::Inject(InjectError::InvalidValue(_)) | Self::Inject(InjectError::BadUri) => Problem::new(S::INTERNAL_SERVER_ERROR,
-                "credential_not_injectable", "Credential cannot be injected", self.to_string(), T::ProxyConfigurationError),
-            Self::Inject(e) => Problem::new(S::BAD_REQUEST, "request_body_not_injectable", "Request body cannot carry the credential", e.to_string(), T::HttpRequestError),
-            Self::BodyTooLarge { limit } => Problem::new(S::PAYLOAD_TOO_LARGE, "request_body_too_large", "Request body too large",
-                format!("this connection injects into the request body, which is buffered up to {limit} bytes (proxy.max_buffered_body)"), T::HttpRequestError),
-            Self::BodyRead => Problem::new(S::BAD_REQUEST, "request_body_error", "Request body error", "reading the request body failed", T::HttpRequestError),
-            Self::BodyTimeout => Problem::new(S::REQUEST_TIMEOUT, "request_body_timeout", "Request body timeout",
-                "the request body stopped arriving (proxy.body_idle_timeout_ms) or took too long in all (proxy.buffered_body_timeout_ms)", T::HttpRequestError),
-            Self::NoBodyToInject { method } => Problem::new(S::BAD_REQUEST, "request_body_required", "Request body required",
-                format!("this connection's credential goes into the request body, and credproxy does not make up a body for {method}; send the body, or use a method that carries one"), T::HttpRequestError),
-            Self::BufferBudgetExhausted => {
-                let mut p = Problem::new(S::SERVICE_UNAVAILABLE, "buffer_budget_exhausted", "Too many buffered bodies",
-                    "this connection's credential goes into the request body, which is buffered, and buffered bodies are at proxy.max_buffered_total; retry shortly", T::ProxyInternalError);
-                p.retry_after_secs = Some(1);
-                p
-            }
-            Self::Connect(ConnectError::Prohibited { host, why, .. }) => Problem::new(S::FORBIDDEN, "destination_ip_prohibited", "Destination prohibited",
-                format!("{host} resolves to a {why} address; allow it with egress.allow_cidrs if intended"), T::DestinationIpProhibited),
-            Self::Connect(ConnectError::Dns { host, .. } | ConnectError::NoAddresses { host }) => Problem::new(S::BAD_GATEWAY, "destination_not_found",
-                "Destination not found", format!("cannot resolve {host}"), T::DestinationNotFound),
-            Self::Connect(ConnectError::Timeout { host }) => Problem::new(S::GATEWAY_TIMEOUT, "upstream_connect_timeout", "Upstream connect timeout",
-                format!("connecting to {host} timed out"), T::ConnectionTimeout),
-            Self::Connect(e) => Problem::new(S::BAD_GATEWAY, "upstream_unreachable", "Upstream unreachable", e.to_string(), T::ConnectionRefused),
-            Self::UpstreamTls(why) if why.contains("UnknownIssuer") => Problem::new(S::BAD_GATEWAY, "upstream_tls_error", "Upstream TLS error",
-                "the upstream's certificate is signed by a CA credproxy does not trust; if it is yours (a private or test CA), add its PEM file to upstream.extra_ca_certs", T::TlsCertificateError),
-            Self::UpstreamTls(_) => Problem::new(S::BAD_GATEWAY, "upstream_tls_error", "Upstream TLS error",
-                "the upstream's TLS handshake or certificate verification failed", T::TlsCertificateError),
-            Self::UpstreamTimeout => Problem::new(S::GATEWAY_TIMEOUT, "upstream_timeout", "Upstream timeout",
-                "the upstream did not send a response head in time (upstream.response_header_timeout_ms)", T::HttpResponseTimeout),
-            Self::Upstream(_) => Problem::new(S::BAD_GATEWAY, "upstream_error", "Upstream error",
-                "the upstream connection failed or sent an invalid response", T::HttpProtocolError),
+            Self::Refresh(
+                RefreshError::CoolingDown
+                | RefreshError::Token(TokenError::Unavailable(_))
+                | RefreshError::Fetch(TokenError::Unavailable(_)),
+            ) => Code::TokenEndpointUnavailable,
+            Self::Refresh(
+                RefreshError::Token(TokenError::Rejected(_))
+                | RefreshError::Fetch(TokenError::Rejected(_) | TokenError::InvalidGrant),
+            ) => Code::TokenEndpointRejected,
+            Self::Refresh(RefreshError::Store(StoreError::LockTimeout(_))) => Code::RefreshLockTimeout,
+            Self::Refresh(RefreshError::Store(_)) => Code::StoreUnavailable,
+            Self::Refresh(RefreshError::Crypto(_)) => Code::ConnectionUnusable,
+            Self::HostNotAllowed { .. } => Code::HostNotAllowed,
+            Self::Inject(InjectError::InvalidValue(_) | InjectError::BadUri) => Code::CredentialNotInjectable,
+            Self::Inject(_) => Code::RequestBodyNotInjectable,
+            Self::NoBodyToInject { .. } => Code::RequestBodyRequired,
+            Self::BodyTooLarge { .. } => Code::RequestBodyTooLarge,
+            Self::BodyRead => Code::RequestBodyError,
+            Self::BodyTimeout => Code::RequestBodyTimeout,
+            Self::BufferBudgetExhausted => Code::BufferBudgetExhausted,
+            Self::Connect(ConnectError::Prohibited { .. }) => Code::DestinationIpProhibited,
+            Self::Connect(ConnectError::Dns { .. } | ConnectError::NoAddresses { .. }) => Code::DestinationNotFound,
+            Self::Connect(ConnectError::Timeout { .. }) => Code::UpstreamConnectTimeout,
+            Self::Connect(_) => Code::UpstreamUnreachable,
+            Self::UpstreamTls(_) => Code::UpstreamTlsError,
+            Self::UpstreamTimeout => Code::UpstreamTimeout,
+            Self::Upstream(_) => Code::UpstreamError,
+        }
+    }
+
+    /// What the caller reads: what went wrong and what to do. Never a secret
+    /// (hosts, limits and configuration keys only).
+    pub fn detail(&self) -> Cow<'static, str> {
+        use crate::crypto::CryptoError;
+        match self {
+            Self::OriginForm => "credproxy is a forward proxy: send absolute-form requests, e.g. `curl -x http://127.0.0.1:8080 http://api.example.com/` or set http_proxy / HTTP_PROXY".into(),
+            Self::Internal(_) => "credproxy failed to serve this request; see the proxy log".into(),
+            Self::UnsupportedScheme => "only http:// and https:// targets can be proxied".into(),
+            Self::Malformed(what) => Cow::Borrowed(what),
+            Self::HeadTooLarge { limit } => format!("the request head exceeds proxy.max_header_bytes ({limit} bytes)").into(),
+            Self::TooManyHeaders => format!("the request has more than {} header fields", crate::h1::MAX_HEADERS).into(),
+            Self::BadConnectionId => "X-Connection-Id must be a connection id: conn_ followed by 26 base32 characters".into(),
+            Self::DuplicateConnectionId => "X-Connection-Id appears more than once; send exactly one".into(),
+            Self::TraceWithCredential => "TRACE echoes the request back, credential included (RFC 9110 §9.3.8): credproxy does not send it with a connection; send it without X-Connection-Id".into(),
+            Self::PassthroughDenied => "requests without X-Connection-Id are not forwarded (egress.allow_passthrough = false)".into(),
+            Self::Resolve(e) | Self::Refresh(RefreshError::Resolve(e)) => match e {
+                ResolveError::NotFound => "no connection with this id is visible to the caller".into(),
+                ResolveError::NotActive(ConnectionState::NeedsReauth) => NEEDS_REAUTH.into(),
+                ResolveError::NotActive(_) => "the connection has been revoked".into(),
+                ResolveError::Crypto { source: CryptoError::KeyService(_), .. } => "the key service (KMS) that unwraps this connection's credential cannot be reached; retry later".into(),
+                ResolveError::Misconfigured { .. } | ResolveError::Crypto { .. } => "the connection's stored credential cannot be used; see the proxy log".into(),
+                ResolveError::Store(_) => STORE_DOWN.into(),
+            },
+            Self::Refresh(RefreshError::NeedsReauth | RefreshError::Token(TokenError::InvalidGrant)) => NEEDS_REAUTH.into(),
+            Self::Refresh(RefreshError::CoolingDown) => "refreshing this connection's access token failed moments ago; retry shortly".into(),
+            Self::Refresh(RefreshError::Token(TokenError::Unavailable(_))) => "the OAuth2 token endpoint could not refresh the access token; retry later".into(),
+            Self::Refresh(RefreshError::Fetch(TokenError::Unavailable(_))) => "the OAuth2 token endpoint did not issue an access token (client credentials); retry later".into(),
+            Self::Refresh(RefreshError::Token(TokenError::Rejected(_))) => "the OAuth2 token endpoint refused the refresh or answered without an access token; check the integration's client settings".into(),
+            Self::Refresh(RefreshError::Fetch(_)) => "the OAuth2 token endpoint refused to issue a token for the integration's client credentials, or answered without an access token; check its client_id and client_secret".into(),
+            Self::Refresh(RefreshError::Store(crate::store::StoreError::LockTimeout(_))) => "another credproxy instance is refreshing this connection's token and did not finish in time (oauth2.refresh_lock_wait_ms); retry".into(),
+            Self::Refresh(RefreshError::Store(_)) => STORE_DOWN.into(),
+            Self::Refresh(RefreshError::Crypto(_)) => "the connection's refreshed credential could not be sealed; see the proxy log".into(),
+            Self::HostNotAllowed { integration, host, port } => format!("integration {integration:?} does not allow {host}:{port}; the credential was not sent").into(),
+            Self::Inject(e) => e.to_string().into(),
+            Self::NoBodyToInject { method } => format!("this connection's credential goes into the request body, and credproxy does not make up a body for {method}; send the body, or use a method that carries one").into(),
+            Self::BodyTooLarge { limit } => format!("this connection injects into the request body, which is buffered up to {limit} bytes (proxy.max_buffered_body)").into(),
+            Self::BodyRead => "reading the request body failed".into(),
+            Self::BodyTimeout => "the request body stopped arriving (proxy.body_idle_timeout_ms) or took too long in all (proxy.buffered_body_timeout_ms)".into(),
+            Self::BufferBudgetExhausted => "this connection's credential goes into the request body, which is buffered, and buffered bodies are at proxy.max_buffered_total; retry shortly".into(),
+            Self::Connect(ConnectError::Prohibited { host, why, .. }) => format!("{host} resolves to a {why} address; allow it with egress.allow_cidrs if intended").into(),
+            Self::Connect(ConnectError::Dns { host, .. } | ConnectError::NoAddresses { host }) => format!("cannot resolve {host}").into(),
+            Self::Connect(ConnectError::Timeout { host }) => format!("connecting to {host} timed out").into(),
+            Self::Connect(e) => e.to_string().into(),
+            Self::UpstreamTls(why) if why.contains("UnknownIssuer") => "the upstream's certificate is signed by a CA credproxy does not trust; if it is yours (a private or test CA), add its PEM file to upstream.extra_ca_certs".into(),
+            Self::UpstreamTls(_) => "the upstream's TLS handshake or certificate verification failed".into(),
+            Self::UpstreamTimeout => "the upstream did not send a response head in time (upstream.response_header_timeout_ms)".into(),
+            Self::Upstream(_) => "the upstream connection failed or sent an invalid response".into(),
+        }
+    }
+
+    /// `Retry-After` for refusals that end by themselves.
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Refresh(
+                RefreshError::CoolingDown
+                | RefreshError::Token(TokenError::Unavailable(_))
+                | RefreshError::Fetch(TokenError::Unavailable(_)),
+            ) => Some(crate::creds::REFRESH_COOLDOWN.as_secs()),
+            Self::BufferBudgetExhausted => Some(1),
+            _ => None,
         }
     }
 }
+
+const NEEDS_REAUTH: &str = "the connection's authorization is no longer valid; a user must re-authorize it";
+const STORE_DOWN: &str = "the credential store cannot be reached; retry later";
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();

@@ -435,9 +435,9 @@ async fn refuse_head(state: &ProxyState, wr: &mut WriteHalf, out: &mut Vec<u8>, 
         _ => ProxyError::Malformed("invalid request"),
     };
     let problem = err.problem();
-    debug!(error = %err, code = problem.code, "request head refused");
+    debug!(error = %err, code = %problem.code, "request head refused");
     state.outbound.metrics.error(problem.code);
-    state.outbound.metrics.request(None, problem.status.as_u16());
+    state.outbound.metrics.request(None, problem.status().as_u16());
     let resp = problem.to_proxy_response().map(Full::new);
     let meta = ResponseMeta {
         head_request: false,
@@ -478,7 +478,7 @@ struct Access {
     integration: Option<Arc<crate::integrations::Integration>>,
     cache_hit: Option<bool>,
     host: Option<Authority>,
-    code: Option<&'static str>,
+    code: Option<crate::problem::Code>,
     /// An OAuth2 request retried after a 401 and a refresh.
     retried: bool,
 }
@@ -504,10 +504,10 @@ async fn handle(
             let problem = err.problem();
             metrics.error(problem.code);
             access.code = Some(problem.code);
-            if problem.status.is_server_error() {
-                warn!(error = %err, code = problem.code, "proxy error");
+            if problem.status().is_server_error() {
+                warn!(error = %err, code = %problem.code, "proxy error");
             } else {
-                debug!(error = %err, code = problem.code, "request refused");
+                debug!(error = %err, code = %problem.code, "request refused");
             }
             problem.to_proxy_response().map(|b| Either::Right(Full::new(b)))
         }
@@ -529,7 +529,7 @@ async fn handle(
             resp.status().as_u16(),
             started.elapsed().as_micros(),
             access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
-            access.code.unwrap_or("-"),
+            access.code.map_or("-", crate::problem::Code::as_str),
             access.retried,
         );
     }
@@ -844,7 +844,7 @@ mod tests {
     fn every_problem_has_a_code_and_no_debug_leak() {
         let e = ProxyError::HostNotAllowed { integration: "gh".into(), host: "evil.test".into(), port: 443 };
         let p = e.problem();
-        assert_eq!((p.status.as_u16(), p.code), (403, "host_not_allowed"));
+        assert_eq!((p.status().as_u16(), p.code.as_str()), (403, "host_not_allowed"));
         let r = p.to_proxy_response();
         assert!(r.headers()["proxy-status"].to_str().unwrap().starts_with("credproxy; error=http_request_denied"));
     }
