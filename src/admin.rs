@@ -2,7 +2,7 @@
 //! problem+json errors, bearer tokens (global or org-scoped). No response
 //! ever contains a credential value.
 //!
-//! Uses `creds`; nothing imports this module.
+//! Uses `creds` and `outbound`; only `server` imports this module.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

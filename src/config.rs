@@ -2,7 +2,7 @@
 //! environment overrides, `${VAR}` substitution, and validation whose errors
 //! name the file, the key and the reason.
 //!
-//! Leaf module: imports nothing from the crate but `secret`.
+//! Imports only `secret`, `ids` (id shapes) and `policy` (host patterns).
 
 use std::collections::BTreeMap;
 use std::fmt;

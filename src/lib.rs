@@ -4,30 +4,40 @@
 //!
 //! # Layout
 //!
-//! Dependencies point down this list; nothing imports [`proxy`] or [`admin`].
+//! A module imports only modules below it in this list (one line, one
+//! level; modules on the same line do not import each other), and nothing
+//! but `server` imports [`proxy`] or [`admin`]. `tests/layering.rs` reads
+//! this list and the sources and holds them together.
 //!
 //! - [`cli`]: argument parsing and the `credproxy` subcommands (binary edge).
-//! - [`server`]: builds the shared state, owns the listeners and shutdown.
+//! - [`server`]: checks what the configuration names, builds the shared
+//!   state, owns the listeners and shutdown.
 //! - [`proxy`]: the proxy listener and the request pipeline, top to bottom.
-//! - [`outbound`]: the credentialed request (fresh token, inject, forward,
-//!   OAuth2 401 retry) shared by the proxy and the connection test; its errors.
 //! - [`admin`]: the admin HTTP API (connections, integrations, health).
 //! - [`admin_client`]: the small HTTP client the CLI uses to drive the admin API.
-//! - [`policy`]: caller identity, `allowed_hosts` matching, the SSRF address
-//!   classifier and the egress policy. Pure.
-//! - [`inject`]: turns an auth method plus a credential into request edits. Pure.
-//! - [`upstream`]: the pooled upstream client and its SSRF-guarded connector.
-//! - [`h1`]: HTTP/1.1 on the data plane, both sides (caller and upstream),
-//!   driven by the task serving the request. Leaf.
+//! - [`outbound`]: the credentialed request (fresh token, inject, forward,
+//!   OAuth2 401 retry, echo scrubbing) shared by the proxy and the connection
+//!   test; its errors and their codes.
+//! - [`inject`]: turns an auth method plus a credential into request edits,
+//!   and takes them back out of URL response fields. Pure.
+//! - [`creds`]: connection resolution (cache, store, decrypt), OAuth2
+//!   refresh and authorization, key rotation, credential types.
 //! - [`oauth2`]: token sets, PKCE, and the token/revocation endpoint client.
-//! - [`creds`]: connection resolution (cache, store, decrypt) and credential types.
-//! - [`store`]: the `Store` trait and its SQLite implementation. Never imports `crypto`.
-//! - [`crypto`]: envelope encryption and key providers. Never imports `store`.
+//! - [`upstream`]: the proxy's upstream pool, the pooled client for token
+//!   calls, and their SSRF-guarded connector.
 //! - [`integrations`]: integration definitions loaded from `config/integrations/*.toml`.
 //! - [`config`]: `credproxy.toml` loading, environment overrides, validation.
-//! - [`problem`]: the one place that turns errors into problem+json responses.
+//! - [`metrics`]: Prometheus counters (atomics) and their text rendering.
 //! - [`tls`]: the interception CA and per-host leaf certificates.
-//! - [`metrics`]: Prometheus counters (atomics) and their text rendering. Leaf.
+//! - [`store`]: the `Store` trait and its SQLite and PostgreSQL
+//!   implementations. Never imports `crypto`.
+//! - [`crypto`]: envelope encryption and key providers. Never imports `store`.
+//! - [`h1`]: HTTP/1.1 on the data plane, both sides (caller and upstream),
+//!   driven by the task serving the request.
+//! - [`policy`]: `allowed_hosts` matching, the SSRF address classifier and
+//!   the egress policy. Pure.
+//! - [`problem`]: every problem code, and the one place that turns errors
+//!   into problem+json responses.
 //! - [`ids`], [`secret`], [`telemetry`]: leaves.
 
 pub mod admin;

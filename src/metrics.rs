@@ -4,6 +4,8 @@
 //! allocation. Label values are bounded sets fixed at start (configured
 //! integration ids, status classes, problem codes): never a connection id,
 //! a host, or anything a caller controls.
+//!
+//! Imports only `problem` (the codes it counts by).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -2,7 +2,7 @@
 //!
 //! [`forward`] holds the order of the steps, top to bottom, one line of *why*
 //! each. Errors from every step become [`ProxyError`]s, and [`ProxyError::problem`]
-//! is the one place they turn into responses. Nothing imports this module.
+//! is the one place they turn into responses. Only `server` imports this module.
 
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
