@@ -483,4 +483,97 @@ mod tests {
             assert!(String::from_utf8_lossy(&out).starts_with(line), "{uri}: {:?}", String::from_utf8_lossy(&out));
         }
     }
+
+    // ---- at the I/O boundary: a duplex pipe stands in for the upstream ----
+
+    use http_body_util::Full;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn upstream(buffer: usize) -> (Conn<DuplexStream>, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(buffer);
+        (Conn::new(ours, Duration::from_secs(5)), theirs)
+    }
+
+    fn post(body: Vec<u8>) -> (http::request::Parts, Full<Bytes>) {
+        let (parts, ()) = http::Request::post("http://up.test/p").body(()).unwrap().into_parts();
+        (parts, Full::new(Bytes::from(body)))
+    }
+
+    /// Reads a request head off the pipe.
+    async fn read_head(peer: &mut DuplexStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(peer.read(&mut b).await.unwrap(), 1, "closed mid-head");
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    async fn body_of(conn: &mut Conn<DuplexStream>) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(piece) = std::future::poll_fn(|cx| conn.poll_body(cx)).await {
+            out.extend_from_slice(&piece.unwrap());
+        }
+        out
+    }
+
+    /// An upstream that answers 413 after the head, without reading the
+    /// 1 MiB body (the pipe holds 4 KiB): the answer comes back, and the
+    /// connection is not reused (the rest of the body was never sent).
+    #[tokio::test]
+    async fn an_early_answer_ends_the_exchange_and_the_connection() {
+        let (mut conn, mut peer) = upstream(4096);
+        let server = tokio::spawn(async move {
+            let head = read_head(&mut peer).await;
+            peer.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            (head, peer)
+        });
+        let (parts, body) = post(vec![b'x'; 1 << 20]);
+        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert_eq!(resp.status(), 413);
+        let (head, _peer) = server.await.unwrap();
+        assert!(head.starts_with("POST /p HTTP/1.1\r\n") && head.contains("content-length: 1048576\r\n"), "{head}");
+        assert!(conn.body_done());
+        assert!(!conn.reusable(), "the body was cut short: the connection cannot carry another request");
+    }
+
+    /// 103 Early Hints, then the response: only the final one is returned.
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let (mut conn, mut peer) = upstream(64 * 1024);
+        let server = tokio::spawn(async move {
+            read_head(&mut peer).await;
+            let answer = "HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+                          HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-final: 1\r\n\r\nok";
+            peer.write_all(answer.as_bytes()).await.unwrap();
+            peer
+        });
+        let (parts, body) = post(b"hi".to_vec());
+        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(format!("{:?}", resp.body()), r#"["x-final"]"#, "the 103's fields are not the response's");
+        assert_eq!(body_of(&mut conn).await, b"ok");
+        let _peer = server.await.unwrap();
+        assert!(conn.reusable());
+    }
+
+    /// No length, no chunking: the body ends when the upstream closes, and
+    /// the connection is done.
+    #[tokio::test]
+    async fn a_close_delimited_body_ends_at_the_close() {
+        let (mut conn, mut peer) = upstream(64 * 1024);
+        tokio::spawn(async move {
+            read_head(&mut peer).await;
+            peer.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ").await.unwrap();
+            peer.write_all(b"the end").await.unwrap();
+        });
+        let (parts, body) = post(Vec::new());
+        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(conn.body_remaining(), None);
+        assert_eq!(body_of(&mut conn).await, b"until the end");
+        assert!(!conn.reusable(), "a close-delimited body uses up the connection");
+    }
 }

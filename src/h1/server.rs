@@ -759,4 +759,141 @@ mod tests {
         let h = head("POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").unwrap();
         assert_eq!(h.framing, Framing::Length(5));
     }
+
+    // ---- at the I/O boundary: a duplex pipe stands in for the caller ----
+
+    use http_body_util::{BodyExt, Full};
+    use std::collections::VecDeque;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    fn connection(buffer: usize) -> (ReadSide, WriteHalf, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(buffer);
+        let (rd, wr) = Transport::Boxed(Box::new(ours)).split();
+        (ReadSide::new(rd, Duration::from_secs(5)), wr, theirs)
+    }
+
+    /// A body of unknown length (no size hint), sent in pieces.
+    struct Pieces(VecDeque<Bytes>);
+
+    impl Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    /// Two pipelined requests, the first with a body, arriving split at
+    /// every byte: the same heads, the same body, and the read side comes
+    /// back from the body with the second request's bytes.
+    #[tokio::test]
+    async fn heads_and_bodies_split_at_every_byte_read_the_same() {
+        let raw: &[u8] = b"POST http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Connection-Id: conn_x\r\n\
+            Content-Length: 5\r\n\r\nhelloGET http://a.test/next HTTP/1.1\r\nConnection: close\r\n\r\n";
+        for split in 1..raw.len() {
+            let (mut side, _wr, mut peer) = connection(64 * 1024);
+            let (first, rest) = raw.split_at(split);
+            peer.write_all(first).await.unwrap();
+            let later = rest.to_vec();
+            let writer = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                peer.write_all(&later).await.unwrap();
+                peer
+            });
+            let head = std::future::poll_fn(|cx| side.poll_head(cx, 65_536)).await.unwrap().unwrap();
+            assert_eq!(head.parts.method, Method::POST, "split at {split}");
+            assert_eq!(head.parts.uri, "http://a.test/x?y=1");
+            assert_eq!(head.parts.headers["x-connection-id"], "conn_x");
+            assert_eq!((head.framing, head.keep_alive), (Framing::Length(5), true));
+            side.start_body(head.framing);
+            let (tx, rx) = oneshot::channel();
+            let body = RequestBody::streaming(side, tx, None);
+            assert_eq!(body.collect().await.unwrap().to_bytes(), &b"hello"[..], "split at {split}");
+            let mut side = rx.await.expect("the body hands the read side back");
+            assert!(side.body_done());
+            let next = std::future::poll_fn(|cx| side.poll_head(cx, 65_536)).await.unwrap().unwrap();
+            assert_eq!((next.parts.uri.path(), next.keep_alive), ("/next", false), "split at {split}");
+            drop(writer.await.unwrap());
+            assert!(std::future::poll_fn(|cx| side.poll_head(cx, 65_536)).await.unwrap().is_none(), "clean close");
+        }
+    }
+
+    /// What `write_response` puts on the wire, and whether the connection
+    /// may carry another request.
+    async fn written<B>(resp: Response<B>, meta: ResponseMeta) -> (String, bool)
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        let (_side, mut wr, mut peer) = connection(64 * 1024);
+        let mut out = Vec::new();
+        let reusable = write_response(&mut wr, &mut out, resp, None, meta).await.unwrap();
+        drop(wr);
+        drop(_side);
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.unwrap();
+        (String::from_utf8(all).unwrap(), reusable)
+    }
+
+    fn meta(head_request: bool, connect: bool, http10: bool) -> ResponseMeta {
+        ResponseMeta { head_request, connect, http10, close: false, send_timeout: Duration::from_secs(5) }
+    }
+
+    fn response(status: u16, fields: &[(&str, &str)], body: &'static str) -> Response<Full<Bytes>> {
+        let mut r = Response::builder().status(status);
+        for (k, v) in fields {
+            r = r.header(*k, *v);
+        }
+        r.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+    }
+
+    const DATE: (&str, &str) = ("date", "Wed, 02 Dec 2026 08:00:00 GMT");
+
+    #[tokio::test]
+    async fn response_heads_are_byte_exact() {
+        // A body of known length: its own Content-Length, never the map's.
+        let (w, keep) =
+            written(response(200, &[DATE, ("content-length", "99")], "hello"), meta(false, false, false)).await;
+        assert_eq!(w, "HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\ncontent-length: 5\r\n\r\nhello");
+        assert!(keep);
+        // HEAD: the representation's length stays, no body follows.
+        let (w, _) = written(response(200, &[("content-length", "5"), DATE], ""), meta(true, false, false)).await;
+        assert_eq!(w, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\n\r\n");
+        // 204 must not carry a length; 304 keeps the representation's.
+        let (w, _) = written(response(204, &[("content-length", "7"), DATE], ""), meta(false, false, false)).await;
+        assert_eq!(w, "HTTP/1.1 204 No Content\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\n\r\n");
+        let (w, _) = written(response(304, &[("content-length", "10"), DATE], ""), meta(false, false, false)).await;
+        assert_eq!(w, "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\n\r\n");
+        // CONNECT 200: no length, no body; the tunnel follows.
+        let (w, keep) = written(response(200, &[DATE], ""), meta(false, true, false)).await;
+        assert_eq!(w, "HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\n\r\n");
+        assert!(keep);
+        // Unknown length: chunked for HTTP/1.1 ...
+        let pieces = || Pieces(VecDeque::from([Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]));
+        let resp = |b| {
+            let mut r = Response::new(b);
+            r.headers_mut().insert("date", http::HeaderValue::from_static(DATE.1));
+            r
+        };
+        let (w, keep) = written(resp(pieces()), meta(false, false, false)).await;
+        assert_eq!(
+            w,
+            "HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+        );
+        assert!(keep);
+        // ... and delimited by closing for HTTP/1.0, which says so.
+        let (w, keep) = written(resp(pieces()), meta(false, false, true)).await;
+        assert_eq!(w, "HTTP/1.1 200 OK\r\ndate: Wed, 02 Dec 2026 08:00:00 GMT\r\nconnection: close\r\n\r\nabcde");
+        assert!(!keep, "a close-delimited body ends the connection");
+        // No Date from anyone: credproxy adds one.
+        let (w, _) = written(response(200, &[], "x"), meta(false, false, false)).await;
+        let date = w.lines().find_map(|l| l.strip_prefix("date: ")).expect("a Date line");
+        assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
+        assert!(w.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ndate: ") && w.ends_with("GMT\r\n\r\nx"), "{w}");
+    }
 }
