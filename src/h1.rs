@@ -34,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod client;
 pub mod server;
+pub mod transport;
 
 /// Header fields parsed per head; more is an error (431 from callers).
 pub const MAX_HEADERS: usize = 128;
@@ -218,6 +219,85 @@ impl FieldSummary {
     fn keep_alive(&self, minor: u8) -> bool {
         !self.close && (minor >= 1 || self.keep_alive)
     }
+}
+
+// ---- Message framing: RFC 9112 §6.3, step by step -----------------------
+//
+// Which body a message has is decided here and nowhere else; the caller's
+// side (`server`) and the upstream's (`client`) ask these three functions.
+// Strict on purpose: where the RFC lets a recipient guess or "treat the
+// message as faulty", credproxy refuses it (a proxy that frames a body
+// differently from its upstream is a request-smuggling vector).
+//
+//  1. A response to HEAD, any 1xx, 204 or 304 has no body, whatever its
+//     fields say ([`response_can_have_body`]).
+//  2. A 2xx response to CONNECT has no body: the tunnel follows (same).
+//     A CONNECT request's head is followed by tunnel data, not a body
+//     ([`request_framing`]).
+//  3. `Transfer-Encoding`: only a lone `chunked` on HTTP/1.1 is accepted
+//     (request: 400; response: 502, never relabelled for the caller);
+//     another coding, `chunked` twice, or any `Transfer-Encoding` in an
+//     HTTP/1.0 message is refused (RFC 9112 §6.1 calls the latter faulty).
+//  4. `Transfer-Encoding` with `Content-Length`: the RFC lets the
+//     transfer coding win; credproxy refuses both requests and responses.
+//  5. An invalid `Content-Length` (not 1*DIGIT, or values that differ):
+//     refused ([`FieldSummary::observe`]).
+//  6. A valid `Content-Length`: exactly that many bytes.
+//  7. A request with neither: no body.
+//  8. A response with neither: the body runs until the connection closes
+//     (which then cannot be reused).
+
+/// Steps 1 and 2: whether a response to this request can have a body.
+fn response_can_have_body(status: http::StatusCode, head_request: bool, connect: bool) -> bool {
+    !(head_request
+        || status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || (connect && status.is_success()))
+}
+
+/// Steps 2–7 for a request (HTTP/1.`minor`).
+fn request_framing(method: &http::Method, minor: u8, s: &FieldSummary) -> Result<Framing, Error> {
+    if method == http::Method::CONNECT {
+        return Ok(Framing::Empty);
+    }
+    if s.transfer_encoding {
+        if minor == 0 {
+            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if s.content_length.is_some() {
+            return Err(Error::Malformed("both Content-Length and Transfer-Encoding"));
+        }
+        if !s.chunked_only {
+            return Err(Error::Malformed("unsupported Transfer-Encoding (only chunked is accepted)"));
+        }
+        return Ok(Framing::Chunked);
+    }
+    Ok(match s.content_length {
+        None | Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// Steps 3–8 for a response that can have a body (HTTP/1.`minor`).
+fn response_framing(minor: u8, s: &FieldSummary) -> Result<Framing, Error> {
+    if s.transfer_encoding {
+        if minor == 0 {
+            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 response"));
+        }
+        if s.content_length.is_some() {
+            return Err(Error::Malformed("both Content-Length and Transfer-Encoding in a response"));
+        }
+        if !s.chunked_only {
+            return Err(Error::Malformed("a response transfer coding other than chunked"));
+        }
+        return Ok(Framing::Chunked);
+    }
+    Ok(match s.content_length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
 }
 
 /// `Content-Length` is 1*DIGIT; a list of identical values is accepted as

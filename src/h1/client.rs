@@ -363,36 +363,11 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<RawFields
     }
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| Error::Malformed("invalid status code"))?;
     let minor = resp.version.unwrap_or(1);
-    let code = status.as_u16();
-    let bodiless = head_request || status.is_informational() || code == 204 || code == 304;
+    // This client never sends CONNECT: only HEAD and the status decide.
+    let bodiless = !super::response_can_have_body(status, head_request, false);
     let (fields, s) = RawFields::from_parsed(resp.headers, bodiless)?;
-    let mut keep_alive = s.keep_alive(minor);
-    let framing = if bodiless {
-        Framing::Empty
-    } else if s.transfer_encoding {
-        // Only `chunked`, alone, on HTTP/1.1, without a length: anything
-        // else would be decoded one way here and relabelled (or framed
-        // another way) for the caller. nginx refuses the same (502).
-        if minor == 0 {
-            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 response"));
-        }
-        if s.content_length.is_some() {
-            return Err(Error::Malformed("both Content-Length and Transfer-Encoding in a response"));
-        }
-        if !s.chunked_only {
-            return Err(Error::Malformed("a response transfer coding other than chunked"));
-        }
-        Framing::Chunked
-    } else {
-        match s.content_length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
-        }
-    };
-    if framing == Framing::Close {
-        keep_alive = false;
-    }
+    let framing = if bodiless { Framing::Empty } else { super::response_framing(minor, &s)? };
+    let keep_alive = s.keep_alive(minor) && framing != Framing::Close;
     let mut out = Response::new(fields);
     *out.status_mut() = status;
     *out.version_mut() = if minor == 0 { Version::HTTP_10 } else { Version::HTTP_11 };

@@ -16,127 +16,12 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+pub use super::transport::{Io, ReadHalf, Rewind, Transport, Upgraded, WriteHalf};
 use super::{
     find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, IdleTimer, Pending, RawFields, MAX_HEADERS,
 };
-
-/// Anything a caller's connection can run over.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-
-/// A caller's connection: plain TCP (split without a lock) or anything else
-/// (the listener's TLS, an intercepted tunnel), boxed.
-pub enum Transport {
-    Tcp(TcpStream),
-    Boxed(Box<dyn Io>),
-}
-
-pub enum ReadHalf {
-    Tcp(OwnedReadHalf),
-    Boxed(tokio::io::ReadHalf<Box<dyn Io>>),
-}
-
-pub enum WriteHalf {
-    Tcp(OwnedWriteHalf),
-    Boxed(tokio::io::WriteHalf<Box<dyn Io>>),
-}
-
-impl Transport {
-    pub fn split(self) -> (ReadHalf, WriteHalf) {
-        match self {
-            Self::Tcp(s) => {
-                let (r, w) = s.into_split();
-                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
-            }
-            Self::Boxed(b) => {
-                let (r, w) = tokio::io::split(b);
-                (ReadHalf::Boxed(r), WriteHalf::Boxed(w))
-            }
-        }
-    }
-
-    /// Puts split halves back together (they must come from one `split`).
-    pub fn join(r: ReadHalf, w: WriteHalf) -> Option<Self> {
-        match (r, w) {
-            (ReadHalf::Tcp(r), WriteHalf::Tcp(w)) => r.reunite(w).ok().map(Self::Tcp),
-            (ReadHalf::Boxed(r), WriteHalf::Boxed(w)) => {
-                if r.is_pair_of(&w) {
-                    Some(Self::Boxed(r.unsplit(w)))
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        }
-    }
-}
-
-/// `AsyncRead` / `AsyncWrite` for an enum over a TCP half and a boxed one,
-/// passed through to whichever it holds.
-macro_rules! delegate_io {
-    (read $t:ty) => {
-        impl AsyncRead for $t {
-            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-                    Self::Boxed(s) => Pin::new(s).poll_read(cx, buf),
-                }
-            }
-        }
-    };
-    (write $t:ty) => {
-        impl AsyncWrite for $t {
-            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-                    Self::Boxed(s) => Pin::new(s).poll_write(cx, buf),
-                }
-            }
-
-            fn poll_write_vectored(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-                    Self::Boxed(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-                }
-            }
-
-            fn is_write_vectored(&self) -> bool {
-                match self {
-                    Self::Tcp(s) => s.is_write_vectored(),
-                    Self::Boxed(s) => s.is_write_vectored(),
-                }
-            }
-
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_flush(cx),
-                    Self::Boxed(s) => Pin::new(s).poll_flush(cx),
-                }
-            }
-
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-                    Self::Boxed(s) => Pin::new(s).poll_shutdown(cx),
-                }
-            }
-        }
-    };
-}
-
-delegate_io!(read Transport);
-delegate_io!(write Transport);
-delegate_io!(read ReadHalf);
-delegate_io!(write WriteHalf);
 
 /// A parsed request head.
 pub struct RequestHead {
@@ -260,26 +145,7 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
         .map_err(|_| Error::Malformed("invalid request target"))?;
     let minor = req.version.unwrap_or(1);
     let (headers, s) = header_map(&head, req.headers, false)?;
-    let framing = if method == Method::CONNECT {
-        // What follows a CONNECT head is tunnel data, whatever it declares.
-        Framing::Empty
-    } else if s.transfer_encoding {
-        if minor == 0 {
-            return Err(Error::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
-        }
-        if s.content_length.is_some() {
-            return Err(Error::Malformed("both Content-Length and Transfer-Encoding"));
-        }
-        if !s.chunked_only {
-            return Err(Error::Malformed("unsupported Transfer-Encoding (only chunked is accepted)"));
-        }
-        Framing::Chunked
-    } else {
-        match s.content_length {
-            None | Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-        }
-    };
+    let framing = super::request_framing(&method, minor, &s)?;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
@@ -488,63 +354,7 @@ where
     B::Error: std::fmt::Display,
 {
     let (parts, body) = resp.into_parts();
-    let status = parts.status;
-    let headers = parts.headers;
-    let mut close = meta.close;
-    let no_body = meta.head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-        || (meta.connect && status.is_success());
-    let mut encoder = None;
-    let mut length = None;
-    // Framing fields are always ours; a body-less response keeps the
-    // upstream's Content-Length (HEAD, 304) unless it must not have one.
-    let keep_length = no_body && status != StatusCode::NO_CONTENT && !(meta.connect && status.is_success());
-    let skip: &[http::HeaderName] =
-        if keep_length { &[header::TRANSFER_ENCODING] } else { &[header::TRANSFER_ENCODING, header::CONTENT_LENGTH] };
-    if !no_body {
-        encoder = Some(match body.size_hint().exact() {
-            Some(n) => {
-                length = Some(n);
-                Encoder::Length(n)
-            }
-            None if meta.http10 => {
-                close = true;
-                Encoder::Close
-            }
-            None => Encoder::Chunked,
-        });
-    }
-
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    write_fields(out, &headers, skip);
-    if let Some(f) = &fields {
-        f.write_to(out, keep_length);
-    }
-    if let Some(n) = length {
-        out.extend_from_slice(b"content-length: ");
-        super::write_decimal(out, n);
-        out.extend_from_slice(b"\r\n");
-    } else if encoder == Some(Encoder::Chunked) {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    if !headers.contains_key(header::DATE) && !fields.as_ref().is_some_and(RawFields::has_date) {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(super::date_value().as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if meta.http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    let (encoder, close) = encode_response_head(out, &parts, fields.as_ref(), body.size_hint().exact(), meta);
 
     let mut pending = Pending::default();
     let idle = meta.send_timeout;
@@ -596,6 +406,70 @@ where
     }
 }
 
+/// Encodes a response head into `out` (cleared first): status line, the
+/// response's fields and an upstream's unparsed ones, then the framing
+/// fields, which are always credproxy's own (`length`: the body's exact
+/// size, if known), a `Date` if nobody sent one, and `Connection` as
+/// needed. Returns how the body is to be framed (`None`: it has none) and
+/// whether the connection closes after it. Pure: no I/O.
+fn encode_response_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    fields: Option<&RawFields>,
+    length: Option<u64>,
+    meta: ResponseMeta,
+) -> (Option<Encoder>, bool) {
+    let status = parts.status;
+    let headers = &parts.headers;
+    let mut close = meta.close;
+    let has_body = super::response_can_have_body(status, meta.head_request, meta.connect);
+    // Framing fields are always ours; a body-less response keeps the
+    // upstream's Content-Length (HEAD, 304) unless it must not have one.
+    let keep_length = !has_body && status != StatusCode::NO_CONTENT && !(meta.connect && status.is_success());
+    let skip: &[http::HeaderName] =
+        if keep_length { &[header::TRANSFER_ENCODING] } else { &[header::TRANSFER_ENCODING, header::CONTENT_LENGTH] };
+    let encoder = has_body.then(|| match length {
+        Some(n) => Encoder::Length(n),
+        None if meta.http10 => {
+            close = true;
+            Encoder::Close
+        }
+        None => Encoder::Chunked,
+    });
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_fields(out, headers, skip);
+    if let Some(f) = fields {
+        f.write_to(out, keep_length);
+    }
+    match encoder {
+        Some(Encoder::Length(n)) => {
+            out.extend_from_slice(b"content-length: ");
+            super::write_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Some(Encoder::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !headers.contains_key(header::DATE) && !fields.is_some_and(RawFields::has_date) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(super::date_value().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if meta.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (encoder, close)
+}
+
 /// Writes what is queued. A caller that takes none of it for `timeout`
 /// (it stopped reading) fails the write with [`Error::Timeout`].
 async fn flush(
@@ -623,60 +497,6 @@ pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[http:
         if !skip.contains(name) {
             super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-    }
-}
-
-/// A stream with bytes already read from it put back in front: what a
-/// caller sent after its `CONNECT` head, a peeked first byte.
-pub struct Rewind<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
-        Self { prefix, inner }
-    }
-}
-
-/// A connection after a `2xx` answer to `CONNECT`.
-pub type Upgraded = Rewind<Transport>;
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
