@@ -4,13 +4,8 @@
 //! each. Errors from every step become [`ProxyError`]s, and [`ProxyError::problem`]
 //! is the one place they turn into responses. Only `server` imports this module.
 
-use std::collections::HashMap;
-use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Poll, Waker};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,16 +13,13 @@ use http::header::{self, HeaderName};
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::{Either, Full};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::creds::{Connections, ResolveMemo};
-use crate::h1::server::{
-    Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
-};
-use crate::h1::{self, Framing};
+use crate::h1;
+use crate::h1::server::{OnUpgrade, Transport};
 use crate::ids;
 use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
@@ -39,7 +31,14 @@ use crate::upstream::pool::PooledBody;
 use crate::upstream::GuardedConnector;
 use crate::upstream::{self, CallerBody, UpstreamBody};
 
+mod caller;
+mod drain;
 mod tunnel;
+
+use caller::serve_h1;
+use drain::draining;
+pub(crate) use drain::serve_until_drained;
+pub use drain::Drain;
 
 pub const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 
@@ -83,57 +82,6 @@ pub struct ClientLimits {
     pub send_timeout: Duration,
     /// Longest a `CONNECT` tunnel (blind, or intercepted h2) may carry nothing.
     pub tunnel_idle_timeout: Duration,
-}
-
-/// Shutdown for HTTP/1.1 connections without a shared future polled on
-/// every request (a `watch` future takes a process-wide lock each time it is
-/// polled): a connection registers its task's waker once, checks one flag
-/// while it waits for a head, and [`Drain::start`] flips the flag and wakes
-/// every registered task.
-#[derive(Default)]
-pub struct Drain {
-    draining: AtomicBool,
-    wakers: Mutex<(u64, HashMap<u64, Waker>)>,
-}
-
-impl Drain {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    pub fn start(&self) {
-        self.draining.store(true, Ordering::Release);
-        let wakers = std::mem::take(&mut self.wakers.lock().unwrap_or_else(PoisonError::into_inner).1);
-        for (_, w) in wakers {
-            w.wake();
-        }
-    }
-
-    fn register(&self, waker: &Waker) -> u64 {
-        let mut g = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
-        g.0 += 1;
-        let id = g.0;
-        g.1.insert(id, waker.clone());
-        id
-    }
-
-    fn deregister(&self, id: u64) {
-        self.wakers.lock().unwrap_or_else(PoisonError::into_inner).1.remove(&id);
-    }
-}
-
-/// A registration in [`Drain`], removed when the connection ends.
-struct DrainGuard<'a> {
-    drain: &'a Drain,
-    id: Option<u64>,
-}
-
-impl Drop for DrainGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.drain.deregister(id);
-        }
-    }
 }
 
 /// Accepts connections until `shutdown` flips to true, then drops the
@@ -191,28 +139,6 @@ pub async fn serve(
     info!("proxy listener closed; draining open connections");
 }
 
-/// Resolves once shutdown has started.
-async fn draining(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-/// Runs a hyper server connection (h2 in intercepted tunnels) to its end;
-/// once shutdown starts, asks it to finish the requests in flight and close.
-macro_rules! serve_until_drained {
-    ($conn:expr, $shutdown:expr) => {{
-        let conn = $conn;
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = $crate::proxy::draining(&mut $shutdown) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
-    }};
-}
-pub(crate) use serve_until_drained;
-
 /// Inside an intercepted tunnel every request goes to the tunnel's
 /// authority, whatever its request line or `Host` says.
 pub(crate) struct TunnelTarget {
@@ -232,241 +158,6 @@ impl TunnelTarget {
         // Origin-form without a path ("*") is answered 400 by the pipeline.
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }
-}
-
-/// Request bodies read and dropped (so the connection can carry the next
-/// request) when a response did not need them; more closes the connection.
-const DISCARD_LIMIT: u64 = 256 * 1024;
-
-/// What ended the wait for a request head.
-#[expect(clippy::large_enum_variant, reason = "returned once per request and matched at once; a box would allocate")]
-enum HeadEvent {
-    Head(Result<Option<RequestHead>, h1::Error>),
-    Drained,
-    TimedOut,
-}
-
-/// Serves one HTTP/1.1 connection (the proxy listener, or the inside of an
-/// intercepted tunnel): read a head, run the pipeline, write the response,
-/// and again while the caller keeps the connection alive.
-async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: SocketAddr, tunnel: Option<TunnelTarget>) {
-    let limits = state.limits;
-    let (rd, mut wr) = io.split();
-    let mut side = Some(ReadSide::new(rd, limits.body_idle_timeout));
-    let mut out = Vec::with_capacity(1024);
-    // One timer per connection, re-armed lazily: it fires at most once per
-    // `header_read_timeout`, and only then is checked against the deadline
-    // of the head being read (which moves on with every request).
-    let mut deadline = Instant::now() + limits.header_read_timeout;
-    let mut timer = pin!(tokio::time::sleep_until(deadline.into()));
-    let mut registered = DrainGuard { drain: &state.drain, id: None };
-    let mut memo = ResolveMemo::default();
-    loop {
-        let Some(rs) = side.as_mut() else { return };
-
-        // Read the next head; an idle connection closes when shutdown starts.
-        let event = poll_fn(|cx| {
-            if let Poll::Ready(r) = rs.poll_head(cx, limits.max_header_bytes) {
-                return Poll::Ready(HeadEvent::Head(r));
-            }
-            if registered.id.is_none() {
-                registered.id = Some(state.drain.register(cx.waker()));
-            }
-            if state.drain.is_draining() && !rs.has_partial_head() {
-                return Poll::Ready(HeadEvent::Drained);
-            }
-            while timer.as_mut().poll(cx).is_ready() {
-                if Instant::now() >= deadline {
-                    return Poll::Ready(HeadEvent::TimedOut);
-                }
-                timer.as_mut().reset(deadline.into());
-            }
-            Poll::Pending
-        })
-        .await;
-        let head = match event {
-            HeadEvent::Head(Ok(Some(head))) => head,
-            HeadEvent::Head(Ok(None)) | HeadEvent::Drained => return,
-            HeadEvent::TimedOut => {
-                debug!(%peer, "request head not received within proxy.header_read_timeout_ms; closing");
-                return;
-            }
-            HeadEvent::Head(Err(e)) => {
-                if !e.is_io() {
-                    refuse_head(state, &mut wr, &mut out, e).await;
-                    linger(side.take(), wr).await;
-                }
-                return;
-            }
-        };
-        let RequestHead { mut parts, framing, keep_alive, expect_continue } = head;
-        if let Some(t) = &tunnel {
-            parts.uri = t.absolute(&parts.uri);
-        }
-        let meta_head = parts.method == Method::HEAD;
-        let meta_connect = parts.method == Method::CONNECT;
-        let http10 = parts.version == http::Version::HTTP_10;
-
-        // A body owns the read side while it is read and sends it back.
-        let mut home = None;
-        let mut cont = None;
-        let body = match framing {
-            Framing::Empty => RequestBody::empty(),
-            _ => {
-                let mut rs = side.take().expect("present above");
-                rs.start_body(framing);
-                let (tx, rx) = oneshot::channel();
-                home = Some(rx);
-                cont = expect_continue.then(|| Arc::new(Continue::default()));
-                RequestBody::streaming(rs, tx, cont.clone())
-            }
-        };
-        let mut req = Request::from_parts(parts, Either::Left(body));
-        let upgrade = meta_connect.then(|| {
-            let (tx, on_upgrade) = OnUpgrade::pair();
-            req.extensions_mut().insert(on_upgrade);
-            tx
-        });
-
-        // The pipeline; `100 Continue` goes out when it first reads the body.
-        let resp = match &cont {
-            None => handle(state, peer, req, Some(&mut memo)).await,
-            Some(c) => match with_continue(handle(state, peer, req, Some(&mut memo)), c, &mut wr).await {
-                Ok(resp) => resp,
-                Err(_) => return,
-            },
-        };
-
-        // Is the read side back, and can the connection go on afterwards?
-        if let Some(mut rx) = home {
-            side = rx.try_recv().ok();
-        }
-        let body_read = side.as_ref().is_some_and(ReadSide::body_done);
-        let continue_unanswered = cont.as_ref().is_some_and(|c| !c.was_released());
-        let mut close = !keep_alive || side.is_none() || state.drain.is_draining();
-        // A caller still waiting for `100 Continue` may never send the body.
-        close |= !body_read && continue_unanswered;
-        let status = resp.status();
-        let meta = ResponseMeta {
-            head_request: meta_head,
-            connect: meta_connect,
-            http10,
-            close,
-            send_timeout: limits.send_timeout,
-        };
-        let mut resp = resp;
-        // An HTTP/1.1 upstream's fields are copied to the caller as they came.
-        let fields = take_fields(&mut resp);
-        match h1::server::write_response(&mut wr, &mut out, resp, fields, meta).await {
-            Ok(true) => {}
-            Ok(false) => close = true,
-            Err(e) => {
-                debug!(%peer, error = %e, "writing the response failed; closing");
-                return;
-            }
-        }
-        if let (Some(tx), true) = (upgrade, status.is_success()) {
-            if let Some(rs) = side.take() {
-                let (rd, leftover) = rs.into_parts();
-                if let Some(io) = Transport::join(rd, wr) {
-                    let _ = tx.send(Upgraded::new(leftover, io));
-                }
-            }
-            return;
-        }
-        if close {
-            linger(side.take(), wr).await;
-            return;
-        }
-        // A body the pipeline did not read: drop it, if it is small, to get
-        // to the next request.
-        if !body_read {
-            let Some(rs) = side.as_mut() else { return };
-            let discarded = tokio::time::timeout(limits.header_read_timeout, rs.discard_body(DISCARD_LIMIT)).await;
-            if !matches!(discarded, Ok(Ok(true))) {
-                linger(side.take(), wr).await;
-                return;
-            }
-        }
-        deadline = Instant::now() + limits.header_read_timeout;
-    }
-}
-
-/// Runs the pipeline, answering `100 Continue` when it first reads the body.
-async fn with_continue<F: Future<Output = Response<ProxyBody>>>(
-    pipeline: F,
-    cont: &Continue,
-    wr: &mut WriteHalf,
-) -> std::io::Result<Response<ProxyBody>> {
-    let mut pipeline = pin!(pipeline);
-    let mut wanted = false;
-    let mut sent = 0;
-    poll_fn(|cx| {
-        if let Poll::Ready(resp) = pipeline.as_mut().poll(cx) {
-            return Poll::Ready(Ok(resp));
-        }
-        if !wanted {
-            wanted = cont.poll_wanted(cx).is_ready();
-        }
-        while wanted && sent < h1::server::CONTINUE.len() {
-            match Pin::new(&mut *wr).poll_write(cx, &h1::server::CONTINUE[sent..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    sent += n;
-                    if sent == h1::server::CONTINUE.len() {
-                        cont.release();
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => break,
-            }
-        }
-        Poll::Pending
-    })
-    .await
-}
-
-/// Answers a head that could not be read (400, 431); the connection closes.
-async fn refuse_head(state: &ProxyState, wr: &mut WriteHalf, out: &mut Vec<u8>, e: h1::Error) {
-    let err = match e {
-        h1::Error::HeadTooLarge(limit) => ProxyError::HeadTooLarge { limit },
-        h1::Error::TooManyHeaders => ProxyError::TooManyHeaders,
-        h1::Error::Malformed(why) => ProxyError::Malformed(why),
-        _ => ProxyError::Malformed("invalid request"),
-    };
-    let problem = err.problem();
-    debug!(error = %err, code = %problem.code, "request head refused");
-    state.outbound.metrics.error(problem.code);
-    state.outbound.metrics.request(None, problem.status().as_u16());
-    let resp = problem.to_proxy_response().map(Full::new);
-    let meta = ResponseMeta {
-        head_request: false,
-        connect: false,
-        http10: false,
-        close: true,
-        send_timeout: state.limits.send_timeout,
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), h1::server::write_response(wr, out, resp, None, meta)).await;
-}
-
-/// Closes a connection without losing the response just written: stop
-/// writing (FIN), then read and drop what the caller still sends for a
-/// moment, so unread input does not make the kernel reset the connection.
-async fn linger(side: Option<ReadSide>, mut wr: WriteHalf) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    let Some(side) = side else { return };
-    let (mut rd, _) = side.into_parts();
-    let drain = async {
-        let mut sink = vec![0u8; 16 * 1024];
-        let mut total = 0usize;
-        while total < 1024 * 1024 {
-            match tokio::io::AsyncReadExt::read(&mut rd, &mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// What the access log records about one request. Never a secret: no header
@@ -562,6 +253,11 @@ fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
 }
 
 /// The life of a proxied request.
+///
+/// Longer than most on purpose: its numbered steps are the README's "Life of
+/// a request", read top to bottom, each a call or a few lines; and one
+/// `async fn` is one future (a nested one per step costs moves of the
+/// request on every request).
 async fn forward(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
