@@ -319,7 +319,7 @@ async fn serve(path: &Path) -> ExitCode {
         }
     };
     wait_for_signal().await;
-    let grace = std::time::Duration::from_secs(cfg.shutdown.grace_secs);
+    let grace = cfg.shutdown.grace;
     tracing::info!(grace_secs = grace.as_secs(), open = running.open_connections(), "shutting down: draining");
     let abandoned = running.shutdown(grace).await;
     tracing::info!(abandoned, "shut down");

@@ -2,58 +2,34 @@
 //! environment overrides, `${VAR}` substitution, and validation whose errors
 //! name the file, the key and the reason.
 //!
+//! Each section's `Default` impl is the one statement of its defaults: the
+//! shipped `config/credproxy.toml` is held to them by a test. Durations are
+//! [`Duration`]s; their TOML keys keep the unit in the name (`*_ms`,
+//! `*_secs`, `*_hours`).
+//!
 //! Imports only `secret`, `ids` (id shapes) and `policy` (host patterns).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::secret::SecretValue;
 
+/// Where the CLI looks for the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "config/credproxy.toml";
-pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:8080";
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
-pub const DEFAULT_STORE_URL: &str = "sqlite://data/credproxy.db";
-pub const DEFAULT_KEY_FILE: &str = "data/master.key";
-pub const DEFAULT_INTEGRATIONS_DIR: &str = "config/integrations";
-pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 1024 * 1024;
-pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
-pub const DEFAULT_BODY_IDLE_TIMEOUT_MS: u64 = 30_000;
-pub const DEFAULT_BUFFERED_BODY_TIMEOUT_MS: u64 = 60_000;
-pub const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 64 * 1024 * 1024;
-pub const DEFAULT_SEND_TIMEOUT_MS: u64 = 60_000;
-pub const DEFAULT_TUNNEL_IDLE_TIMEOUT_SECS: u64 = 600;
-pub const DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT_MS: u64 = 60_000;
-pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
-pub const DEFAULT_CACHE_TTL_SECS: u64 = 300;
-pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_RESPONSE_HEADER_TIMEOUT_MS: u64 = 60_000;
-pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-pub const DEFAULT_POOL_IDLE_TIMEOUT_SECS: u64 = 90;
-pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 64;
-pub const DEFAULT_LOG_LEVEL: &str = "info";
-pub const DEFAULT_TOKEN_TIMEOUT_MS: u64 = 10_000;
-pub const DEFAULT_STATE_TTL_SECS: u64 = 600;
-pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
-pub const DEFAULT_KMS_REGION: &str = "us-east-1";
-pub const DEFAULT_DATA_KEY_CACHE_TTL_SECS: u64 = 300;
-pub const DEFAULT_KMS_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 65_536;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
-pub const DEFAULT_REFRESH_LOCK_WAIT_MS: u64 = 15_000;
-pub const DEFAULT_CA_CERT: &str = "certs/credproxy-ca.pem";
-pub const DEFAULT_CA_KEY: &str = "certs/credproxy-ca.key";
-pub const DEFAULT_LEAF_VALIDITY_HOURS: u64 = 24;
 
 /// Environment variable that adds one global admin token.
 pub const ADMIN_TOKEN_ENV: &str = "CREDPROXY_ADMIN_TOKEN";
 const ENV_PREFIX: &str = "CREDPROXY_";
+
+/// The longest duration any key takes: longer is a typo (and would overflow
+/// a deadline).
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// A configuration error: where (file or environment variable), which key, why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +44,40 @@ impl ConfigError {
     pub fn new(source_name: impl fmt::Display, key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self { source_name: source_name.to_string(), key: key.into(), reason: reason.into() }
     }
+}
+
+/// Durations written as whole units in TOML (the key names the unit).
+mod duration {
+    use super::{Duration, MAX_DURATION};
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    fn bounded<'de, D: Deserializer<'de>>(d: D, unit: u64, name: &str) -> Result<Duration, D::Error> {
+        let n = u64::deserialize(d)?;
+        n.checked_mul(unit)
+            .map(Duration::from_millis)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| D::Error::custom(format!("invalid value: must be at most one year in {name}")))
+    }
+
+    pub fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        bounded(d, 1, "milliseconds")
+    }
+
+    pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        bounded(d, 1_000, "seconds")
+    }
+
+    pub fn hours<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        bounded(d, 3_600_000, "hours")
+    }
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -109,14 +119,16 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// Seconds in-flight requests and tunnels get to finish after SIGTERM or
-    /// SIGINT (new connections are refused and `/readyz` answers 503 at once).
-    pub grace_secs: u64,
+    /// In-flight requests and tunnels get this long to finish after SIGTERM
+    /// or SIGINT (new connections are refused and `/readyz` answers 503 at
+    /// once). `grace_secs`.
+    #[serde(rename = "grace_secs", deserialize_with = "duration::secs")]
+    pub grace: Duration,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        Self { grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS }
+        Self { grace: secs(30) }
     }
 }
 
@@ -130,8 +142,9 @@ pub struct TlsInterceptConfig {
     pub ca_cert: PathBuf,
     /// CA private key (PEM).
     pub ca_key: PathBuf,
-    /// Hours a minted leaf certificate is valid.
-    pub leaf_validity_hours: u64,
+    /// How long a minted leaf certificate is valid. `leaf_validity_hours`.
+    #[serde(rename = "leaf_validity_hours", deserialize_with = "duration::hours")]
+    pub leaf_validity: Duration,
     /// Hosts tunnelled blind (no interception), still SSRF-guarded.
     pub passthrough_hosts: Vec<crate::policy::hosts::HostPattern>,
 }
@@ -140,9 +153,9 @@ impl Default for TlsInterceptConfig {
     fn default() -> Self {
         Self {
             enabled: false,
-            ca_cert: PathBuf::from(DEFAULT_CA_CERT),
-            ca_key: PathBuf::from(DEFAULT_CA_KEY),
-            leaf_validity_hours: DEFAULT_LEAF_VALIDITY_HOURS,
+            ca_cert: PathBuf::from("certs/credproxy-ca.pem"),
+            ca_key: PathBuf::from("certs/credproxy-ca.key"),
+            leaf_validity: secs(24 * 3600),
             passthrough_hosts: Vec::new(),
         }
     }
@@ -151,22 +164,24 @@ impl Default for TlsInterceptConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OAuth2Config {
-    /// Milliseconds a token or revocation endpoint call may take in total.
-    pub token_timeout_ms: u64,
-    /// Seconds an authorization `state` (and its PKCE verifier) stays valid.
-    pub state_ttl_secs: u64,
-    /// Milliseconds a request waits for another instance's refresh of the
-    /// same connection (the row lock) before failing with 503.
-    pub refresh_lock_wait_ms: u64,
+    /// How long a token or revocation endpoint call may take in total.
+    /// `token_timeout_ms`.
+    #[serde(rename = "token_timeout_ms", deserialize_with = "duration::millis")]
+    pub token_timeout: Duration,
+    /// How long an authorization `state` (and its PKCE verifier) stays
+    /// valid. `state_ttl_secs`.
+    #[serde(rename = "state_ttl_secs", deserialize_with = "duration::secs")]
+    pub state_ttl: Duration,
+    /// How long a request waits for another instance's refresh of the same
+    /// connection (the row lock) before failing with 503.
+    /// `refresh_lock_wait_ms`.
+    #[serde(rename = "refresh_lock_wait_ms", deserialize_with = "duration::millis")]
+    pub refresh_lock_wait: Duration,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
-        Self {
-            token_timeout_ms: DEFAULT_TOKEN_TIMEOUT_MS,
-            state_ttl_secs: DEFAULT_STATE_TTL_SECS,
-            refresh_lock_wait_ms: DEFAULT_REFRESH_LOCK_WAIT_MS,
-        }
+        Self { token_timeout: ms(10_000), state_ttl: secs(600), refresh_lock_wait: ms(15_000) }
     }
 }
 
@@ -181,8 +196,10 @@ pub struct ProxyConfig {
     /// Largest request body (bytes) buffered for body placements of the
     /// `custom` auth method; larger bodies get 413.
     pub max_buffered_body: u64,
-    /// Time (milliseconds) a client gets to send a complete request head.
-    pub header_read_timeout_ms: u64,
+    /// Time a client gets to send a complete request head.
+    /// `header_read_timeout_ms`.
+    #[serde(rename = "header_read_timeout_ms", deserialize_with = "duration::millis")]
+    pub header_read_timeout: Duration,
     /// Serve the proxy listener over TLS with this certificate chain (PEM);
     /// clients then use an `https://` proxy URL. Needs `tls_key`.
     pub tls_cert: Option<PathBuf>,
@@ -194,39 +211,45 @@ pub struct ProxyConfig {
     /// Most client connections (including CONNECT tunnels) served at once;
     /// further connections are closed at accept.
     pub max_connections: usize,
-    /// Milliseconds a request body may go without a byte arriving; then
-    /// 408 (or the connection closes, if the response has started).
-    pub body_idle_timeout_ms: u64,
-    /// Milliseconds a body that is buffered (body placements, OAuth2
-    /// replay) may take to arrive in full.
-    pub buffered_body_timeout_ms: u64,
+    /// How long a request body may go without a byte arriving; then 408 (or
+    /// the connection closes, if the response has started).
+    /// `body_idle_timeout_ms`.
+    #[serde(rename = "body_idle_timeout_ms", deserialize_with = "duration::millis")]
+    pub body_idle_timeout: Duration,
+    /// How long a body that is buffered (body placements, OAuth2 replay) may
+    /// take to arrive in full. `buffered_body_timeout_ms`.
+    #[serde(rename = "buffered_body_timeout_ms", deserialize_with = "duration::millis")]
+    pub buffered_body_timeout: Duration,
     /// Bytes of request bodies buffered at once, all requests together;
     /// a request that would go past it gets 503 with `Retry-After`.
     pub max_buffered_total: u64,
-    /// Milliseconds a response may wait for the caller to take more of it
-    /// (a caller that stopped reading); then the connection closes.
-    pub send_timeout_ms: u64,
-    /// Seconds a `CONNECT` tunnel (blind, or intercepted h2) may carry no
-    /// byte either way before it is closed.
-    pub tunnel_idle_timeout_secs: u64,
+    /// How long a response may wait for the caller to take more of it (a
+    /// caller that stopped reading); then the connection closes.
+    /// `send_timeout_ms`.
+    #[serde(rename = "send_timeout_ms", deserialize_with = "duration::millis")]
+    pub send_timeout: Duration,
+    /// How long a `CONNECT` tunnel (blind, or intercepted h2) may carry no
+    /// byte either way before it is closed. `tunnel_idle_timeout_secs`.
+    #[serde(rename = "tunnel_idle_timeout_secs", deserialize_with = "duration::secs")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_PROXY_LISTEN.parse().expect("valid default"),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             org_id: None,
-            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
-            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            max_buffered_body: 1024 * 1024,
+            header_read_timeout: ms(10_000),
             tls_cert: None,
             tls_key: None,
-            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            body_idle_timeout_ms: DEFAULT_BODY_IDLE_TIMEOUT_MS,
-            buffered_body_timeout_ms: DEFAULT_BUFFERED_BODY_TIMEOUT_MS,
-            max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
-            send_timeout_ms: DEFAULT_SEND_TIMEOUT_MS,
-            tunnel_idle_timeout_secs: DEFAULT_TUNNEL_IDLE_TIMEOUT_SECS,
+            max_header_bytes: 65_536,
+            max_connections: 10_000,
+            body_idle_timeout: ms(30_000),
+            buffered_body_timeout: ms(60_000),
+            max_buffered_total: 64 * 1024 * 1024,
+            send_timeout: ms(60_000),
+            tunnel_idle_timeout: secs(600),
         }
     }
 }
@@ -246,7 +269,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"), public_url: None, tokens: Vec::new() }
+        Self { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)), public_url: None, tokens: Vec::new() }
     }
 }
 
@@ -273,18 +296,15 @@ pub struct StoreConfig {
     pub url: String,
     /// PostgreSQL: most pooled connections per instance.
     pub pool_size: usize,
-    /// PostgreSQL: milliseconds any one wait on the database may take
-    /// (connecting, a pooled connection, a statement).
-    pub timeout_ms: u64,
+    /// PostgreSQL: how long any one wait on the database may take
+    /// (connecting, a pooled connection, a statement). `timeout_ms`.
+    #[serde(rename = "timeout_ms", deserialize_with = "duration::millis")]
+    pub timeout: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self {
-            url: DEFAULT_STORE_URL.to_owned(),
-            pool_size: DEFAULT_STORE_POOL_SIZE,
-            timeout_ms: DEFAULT_STORE_TIMEOUT_MS,
-        }
+        Self { url: "sqlite://data/credproxy.db".to_owned(), pool_size: 16, timeout: ms(5_000) }
     }
 }
 
@@ -293,7 +313,7 @@ impl fmt::Debug for StoreConfig {
         f.debug_struct("StoreConfig")
             .field("url", &redact_url(&self.url))
             .field("pool_size", &self.pool_size)
-            .field("timeout_ms", &self.timeout_ms)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -341,10 +361,13 @@ pub struct CryptoConfig {
     pub kms_region: String,
     /// `aws-kms` provider: endpoint override (VPC endpoint, a test server).
     pub kms_endpoint: Option<String>,
-    /// Seconds an unwrapped data key stays cached.
-    pub data_key_cache_ttl_secs: u64,
-    /// `aws-kms` provider: milliseconds one KMS call may take (connecting included).
-    pub kms_timeout_ms: u64,
+    /// How long an unwrapped data key stays cached. `data_key_cache_ttl_secs`.
+    #[serde(rename = "data_key_cache_ttl_secs", deserialize_with = "duration::secs")]
+    pub data_key_cache_ttl: Duration,
+    /// `aws-kms` provider: how long one KMS call may take (connecting
+    /// included). `kms_timeout_ms`.
+    #[serde(rename = "kms_timeout_ms", deserialize_with = "duration::millis")]
+    pub kms_timeout: Duration,
     /// Earlier `local` master keys, used only to unwrap records not yet
     /// rewrapped by `credproxy keys rotate`. Must exist; never created.
     pub previous_key_files: Vec<PathBuf>,
@@ -354,12 +377,12 @@ impl Default for CryptoConfig {
     fn default() -> Self {
         Self {
             provider: KeyProviderKind::Local,
-            key_file: PathBuf::from(DEFAULT_KEY_FILE),
+            key_file: PathBuf::from("data/master.key"),
             kms_key_id: None,
-            kms_region: DEFAULT_KMS_REGION.to_owned(),
+            kms_region: "us-east-1".to_owned(),
             kms_endpoint: None,
-            data_key_cache_ttl_secs: DEFAULT_DATA_KEY_CACHE_TTL_SECS,
-            kms_timeout_ms: DEFAULT_KMS_TIMEOUT_MS,
+            data_key_cache_ttl: secs(300),
+            kms_timeout: ms(5_000),
             previous_key_files: Vec::new(),
         }
     }
@@ -370,13 +393,14 @@ impl Default for CryptoConfig {
 pub struct CacheConfig {
     /// Most decrypted connections held in memory.
     pub max_entries: u64,
-    /// Seconds a decrypted connection stays cached.
-    pub ttl_secs: u64,
+    /// How long a decrypted connection stays cached. `ttl_secs`.
+    #[serde(rename = "ttl_secs", deserialize_with = "duration::secs")]
+    pub ttl: Duration,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { max_entries: DEFAULT_CACHE_MAX_ENTRIES, ttl_secs: DEFAULT_CACHE_TTL_SECS }
+        Self { max_entries: 100_000, ttl: secs(300) }
     }
 }
 
@@ -399,18 +423,27 @@ impl Default for EgressConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Milliseconds to establish a TCP connection upstream.
-    pub connect_timeout_ms: u64,
-    /// Milliseconds for the TLS handshake with an `https://` upstream.
-    pub tls_handshake_timeout_ms: u64,
-    /// Milliseconds from sending a request to receiving the response head.
-    pub response_header_timeout_ms: u64,
-    /// Milliseconds a response body may go without a byte arriving from the
+    /// How long establishing a TCP connection upstream may take.
+    /// `connect_timeout_ms`.
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "duration::millis")]
+    pub connect_timeout: Duration,
+    /// How long the TLS handshake with an `https://` upstream may take.
+    /// `tls_handshake_timeout_ms`.
+    #[serde(rename = "tls_handshake_timeout_ms", deserialize_with = "duration::millis")]
+    pub tls_handshake_timeout: Duration,
+    /// Time from sending a request to receiving the response head.
+    /// `response_header_timeout_ms`.
+    #[serde(rename = "response_header_timeout_ms", deserialize_with = "duration::millis")]
+    pub response_header_timeout: Duration,
+    /// How long a response body may go without a byte arriving from the
     /// upstream; then the caller's connection closes (nginx's
-    /// `proxy_read_timeout`).
-    pub response_body_idle_timeout_ms: u64,
-    /// Seconds an idle pooled upstream connection is kept.
-    pub pool_idle_timeout_secs: u64,
+    /// `proxy_read_timeout`). `response_body_idle_timeout_ms`.
+    #[serde(rename = "response_body_idle_timeout_ms", deserialize_with = "duration::millis")]
+    pub response_body_idle_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    /// `pool_idle_timeout_secs`.
+    #[serde(rename = "pool_idle_timeout_secs", deserialize_with = "duration::secs")]
+    pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
     /// PEM files of CAs trusted for upstream TLS besides the public roots.
@@ -420,12 +453,12 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
-            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
-            tls_handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
-            response_header_timeout_ms: DEFAULT_RESPONSE_HEADER_TIMEOUT_MS,
-            response_body_idle_timeout_ms: DEFAULT_RESPONSE_BODY_IDLE_TIMEOUT_MS,
-            pool_idle_timeout_secs: DEFAULT_POOL_IDLE_TIMEOUT_SECS,
-            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+            connect_timeout: ms(5_000),
+            tls_handshake_timeout: ms(10_000),
+            response_header_timeout: ms(60_000),
+            response_body_idle_timeout: ms(60_000),
+            pool_idle_timeout: secs(90),
+            pool_max_idle_per_host: 64,
             extra_ca_certs: Vec::new(),
         }
     }
@@ -440,7 +473,7 @@ pub struct IntegrationsConfig {
 
 impl Default for IntegrationsConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from(DEFAULT_INTEGRATIONS_DIR) }
+        Self { dir: PathBuf::from("config/integrations") }
     }
 }
 
@@ -453,7 +486,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: DEFAULT_LOG_LEVEL.to_owned() }
+        Self { level: "info".to_owned() }
     }
 }
 
@@ -573,27 +606,31 @@ impl Config {
                 }
             }
         }
-        for (key, v) in [
-            ("cache.max_entries", self.cache.max_entries),
-            ("cache.ttl_secs", self.cache.ttl_secs),
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            ("upstream.tls_handshake_timeout_ms", self.upstream.tls_handshake_timeout_ms),
-            ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout_ms),
-            ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout_ms),
-            ("oauth2.token_timeout_ms", self.oauth2.token_timeout_ms),
-            ("oauth2.state_ttl_secs", self.oauth2.state_ttl_secs),
-            ("oauth2.refresh_lock_wait_ms", self.oauth2.refresh_lock_wait_ms),
-            ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity_hours),
-            ("proxy.max_connections", self.proxy.max_connections as u64),
-            ("proxy.body_idle_timeout_ms", self.proxy.body_idle_timeout_ms),
-            ("proxy.buffered_body_timeout_ms", self.proxy.buffered_body_timeout_ms),
-            ("proxy.send_timeout_ms", self.proxy.send_timeout_ms),
-            ("proxy.tunnel_idle_timeout_secs", self.proxy.tunnel_idle_timeout_secs),
-            ("upstream.response_body_idle_timeout_ms", self.upstream.response_body_idle_timeout_ms),
-            ("store.timeout_ms", self.store.timeout_ms),
-            ("crypto.kms_timeout_ms", self.crypto.kms_timeout_ms),
+        if self.cache.max_entries == 0 {
+            return Err(ConfigError::new(name, "cache.max_entries", "must be greater than 0"));
+        }
+        if self.proxy.max_connections == 0 {
+            return Err(ConfigError::new(name, "proxy.max_connections", "must be greater than 0"));
+        }
+        for (key, d) in [
+            ("cache.ttl_secs", self.cache.ttl),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout),
+            ("upstream.tls_handshake_timeout_ms", self.upstream.tls_handshake_timeout),
+            ("upstream.response_header_timeout_ms", self.upstream.response_header_timeout),
+            ("upstream.response_body_idle_timeout_ms", self.upstream.response_body_idle_timeout),
+            ("proxy.header_read_timeout_ms", self.proxy.header_read_timeout),
+            ("proxy.body_idle_timeout_ms", self.proxy.body_idle_timeout),
+            ("proxy.buffered_body_timeout_ms", self.proxy.buffered_body_timeout),
+            ("proxy.send_timeout_ms", self.proxy.send_timeout),
+            ("proxy.tunnel_idle_timeout_secs", self.proxy.tunnel_idle_timeout),
+            ("oauth2.token_timeout_ms", self.oauth2.token_timeout),
+            ("oauth2.state_ttl_secs", self.oauth2.state_ttl),
+            ("oauth2.refresh_lock_wait_ms", self.oauth2.refresh_lock_wait),
+            ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity),
+            ("store.timeout_ms", self.store.timeout),
+            ("crypto.kms_timeout_ms", self.crypto.kms_timeout),
         ] {
-            if v == 0 {
+            if d.is_zero() {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));
             }
         }
@@ -821,10 +858,10 @@ mod tests {
     fn shipped_config_file_parses_with_an_admin_token() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
         let cfg = Config::load(&path, &env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123")])).unwrap();
-        assert_eq!(cfg.proxy.listen.to_string(), DEFAULT_PROXY_LISTEN);
-        assert_eq!(cfg.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
-        assert_eq!(cfg.store.url, DEFAULT_STORE_URL);
-        assert_eq!(cfg.cache.ttl_secs, DEFAULT_CACHE_TTL_SECS);
+        assert_eq!(cfg.proxy.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(cfg.store.url, "sqlite://data/credproxy.db");
+        assert_eq!(cfg.cache.ttl, Duration::from_secs(300));
     }
 
     #[test]
@@ -881,7 +918,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.proxy.listen.port(), 9999);
-        assert_eq!(cfg.cache.ttl_secs, 7);
+        assert_eq!(cfg.cache.ttl, Duration::from_secs(7));
         assert_eq!(cfg.egress.allow_cidrs.len(), 1);
         assert_eq!(cfg.admin.tokens[0].token.expose(), "an-admin-token-from-env");
     }
@@ -931,7 +968,8 @@ mod tests {
 
     /// `config/credproxy.toml` shows every key of every section, each a key
     /// the parser knows (uncommented, the file still parses), and the README's
-    /// configuration table names each of them.
+    /// configuration table names each of them. A commented setting shows its
+    /// default, unless it ends in `# example` (keys without a default).
     #[test]
     fn the_shipped_file_and_the_readme_document_every_key() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -939,12 +977,12 @@ mod tests {
         let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
         let mut documented: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut section = String::new();
-        let mut uncommented = String::new();
+        let (uncommented, _) = uncomment(&text);
         for line in text.lines() {
             let bare = line.trim_start_matches('#').trim_start();
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name.to_owned();
-            } else if bare == "[[admin.tokens]]" {
+            } else if bare.starts_with("[[admin.tokens]]") {
                 documented.entry("admin".into()).or_default().push("tokens".into());
                 section = "admin.tokens".into();
             }
@@ -953,9 +991,6 @@ mod tests {
                     documented.entry(section.clone()).or_default().push(key.to_owned());
                 }
             }
-            let setting = bare.contains(" = ") || bare.starts_with("[[");
-            uncommented.push_str(if line.starts_with("# ") && setting { &line[2..] } else { line });
-            uncommented.push('\n');
         }
         let sections = known_keys(None);
         for s in &sections {
@@ -969,10 +1004,47 @@ mod tests {
                 assert!(readme.contains(&format!("`{s}.{k}`")), "README's configuration table lacks `{s}.{k}`");
             }
         }
-        // Every commented default is a value the parser takes.
+        // Every commented setting, examples included, is a value the parser takes.
         let env = env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123"), ("ADMIN_TOKEN_ORG_ACME", "org-acme-token-0123")]);
         if let Err(e) = Config::from_toml_str("uncommented", &uncommented, &env) {
             panic!("the documented defaults do not parse: {e}");
         }
+    }
+
+    /// The shipped file with its documented defaults uncommented is
+    /// `Config::default()` but for what has no default (the organization,
+    /// the admin tokens): the file cannot drift from the `Default` impls.
+    #[test]
+    fn the_shipped_file_states_the_defaults() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join(DEFAULT_CONFIG_PATH)).unwrap();
+        let (_, defaults) = uncomment(&text);
+        let mut cfg = Config::from_toml_str("defaults", &defaults, &env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123")]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.proxy.org_id.take().as_deref(), Some("org_local"));
+        assert_eq!(cfg.admin.tokens.len(), 1);
+        cfg.admin.tokens.clear();
+        cfg.source.clear();
+        let (file, defaults) = (format!("{cfg:#?}"), format!("{:#?}", Config::default()));
+        for (i, (f, d)) in file.lines().zip(defaults.lines()).enumerate() {
+            assert_eq!(f, d, "config/credproxy.toml states another default than the Default impls (line {i} of Debug)");
+        }
+        assert_eq!(file, defaults);
+    }
+
+    /// The file with every commented setting uncommented, and with only the
+    /// defaults uncommented (not the `# example` lines).
+    fn uncomment(text: &str) -> (String, String) {
+        let (mut all, mut defaults) = (String::new(), String::new());
+        for line in text.lines() {
+            let bare = line.trim_start_matches('#').trim_start();
+            let setting = line.starts_with("# ") && (bare.contains(" = ") || bare.starts_with("[["));
+            let live = if setting { &line[2..] } else { line };
+            all.push_str(live);
+            all.push('\n');
+            defaults.push_str(if line.ends_with("# example") { line } else { live });
+            defaults.push('\n');
+        }
+        (all, defaults)
     }
 }

@@ -636,6 +636,10 @@ impl Decoder {
     }
 
     /// Takes the next piece of body out of `buf`.
+    ///
+    /// The decoder's whole state machine in one `match`, on purpose: each
+    /// state's arm is short, and seen together they show that every byte is
+    /// either consumed or refused (RFC 9112 §7.1).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
         match &mut self.kind {
             DecoderKind::Done => Ok(Decoded::End),

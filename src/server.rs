@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -127,9 +128,8 @@ impl Running {
 pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, StartError> {
     let c = &config.crypto;
     let kms = || async {
-        let ttl = Duration::from_secs(c.data_key_cache_ttl_secs);
         let key = c.kms_key_id.as_deref().unwrap_or_default();
-        let timeout = Duration::from_millis(c.kms_timeout_ms);
+        let (ttl, timeout) = (c.data_key_cache_ttl, c.kms_timeout);
         Arc::new(KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl, timeout).await)
             as Arc<dyn KeyProvider>
     };
@@ -159,7 +159,7 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
 /// the interception CA, the proxy listener's certificate, earlier and
 /// current key files. `check-config` and `serve` run the same [`prepare`].
 pub struct Prepared {
-    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    extra_roots: Vec<CertificateDer<'static>>,
     interceptor: Option<Arc<Interceptor>>,
     proxy_tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -175,8 +175,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
     }
     let interceptor = if config.tls_intercept.enabled {
         let t = &config.tls_intercept;
-        let leaf_validity = Duration::from_secs(t.leaf_validity_hours * 3600);
-        let i = Interceptor::load(&t.ca_cert, &t.ca_key, leaf_validity).map_err(|e| {
+        let i = Interceptor::load(&t.ca_cert, &t.ca_key, t.leaf_validity).map_err(|e| {
             let key = match &e {
                 crate::tls::TlsError::File { path, .. } if Path::new(path) == t.ca_key => "tls_intercept.ca_key",
                 _ => "tls_intercept.ca_cert",
@@ -206,140 +205,184 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
 /// serving on `listeners`. Everything the configuration names is checked
 /// ([`prepare`]) before the store or a key is created.
 pub async fn start(listeners: Listeners, config: &Config, integrations: Integrations) -> Result<Running, StartError> {
-    let Prepared { extra_roots, interceptor, proxy_tls } = prepare(config)?;
+    let prepared = prepare(config)?;
+    let bound = |what, addr, l: &TcpListener| l.local_addr().map_err(|source| StartError::Bind { what, addr, source });
+    let proxy_addr = bound("proxy.listen", config.proxy.listen, &listeners.proxy)?;
+    let admin_addr = bound("admin.listen", config.admin.listen, &listeners.admin)?;
+    let app = App::build(config, integrations, prepared, admin_addr).await?;
+    Ok(app.serve(listeners, config, proxy_addr, admin_addr))
+}
+
+/// What the two listeners serve, built from the configuration.
+struct App {
+    connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
+    interceptor: Option<Arc<Interceptor>>,
+    proxy: Arc<ProxyState>,
+    proxy_tls: Option<tokio_rustls::TlsAcceptor>,
+    admin: Arc<AdminState>,
+    /// Set when the drain starts (`/readyz` turns 503).
+    draining: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl App {
+    /// Opens the store and the key provider and builds the pipeline: the
+    /// credential cache over them, the upstream pool, the proxy's and the
+    /// admin API's state. Serves nothing yet.
+    async fn build(
+        config: &Config,
+        integrations: Integrations,
+        prepared: Prepared,
+        admin_addr: SocketAddr,
+    ) -> Result<Self, StartError> {
+        let Prepared { extra_roots, interceptor, proxy_tls } = prepared;
+        let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
+        let connections = Arc::new(connections(config, integrations, &policy, &extra_roots).await?);
+        let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
+        let connector = GuardedConnector::new(policy, config.upstream.connect_timeout);
+        let outbound = Arc::new(outbound(config, &connections, connector.clone(), &extra_roots, &metrics));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let p = &config.proxy;
+        let proxy = Arc::new(ProxyState {
+            org_id: p.org_id.clone().unwrap_or_default(),
+            connections: connections.clone(),
+            outbound: outbound.clone(),
+            allow_passthrough: config.egress.allow_passthrough,
+            connector,
+            interceptor: interceptor.clone(),
+            passthrough_hosts: config.tls_intercept.passthrough_hosts.clone(),
+            limits: ClientLimits {
+                header_read_timeout: p.header_read_timeout,
+                max_header_bytes: p.max_header_bytes,
+                max_connections: p.max_connections,
+                body_idle_timeout: p.body_idle_timeout,
+                send_timeout: p.send_timeout,
+                tunnel_idle_timeout: p.tunnel_idle_timeout,
+            },
+            tracker: TaskTracker::new(),
+            shutdown: shutdown_rx,
+            drain: proxy::Drain::default(),
+        });
+        let draining = Arc::new(AtomicBool::new(false));
+        let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
+        let admin = Arc::new(AdminState::new(
+            connections.clone(),
+            outbound,
+            &config.admin.tokens,
+            &public_url,
+            interceptor.clone(),
+            draining.clone(),
+        ));
+        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, draining, shutdown })
+    }
+
+    /// Serves the proxy and the admin API on `listeners`, and (PostgreSQL)
+    /// follows other instances' changes; logs the start-up line.
+    fn serve(self, listeners: Listeners, config: &Config, proxy_addr: SocketAddr, admin_addr: SocketAddr) -> Running {
+        // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
+        let listener = config.store.is_postgres().then(|| {
+            let c = self.connections.clone();
+            let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| {
+                let c = c.clone();
+                tokio::spawn(async move { c.apply_change(change).await });
+            });
+            spawn_listener(config.store.url.clone(), on_change)
+        });
+        let mut tasks = JoinSet::new();
+        let proxy_tls_on = self.proxy_tls.is_some();
+        let tracker = self.proxy.tracker.clone();
+        let stop = self.proxy.shutdown.clone();
+        tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
+        let (admin_shutdown, mut admin_rx) = watch::channel(false);
+        let app = admin::router(self.admin);
+        let admin_listener = listeners.admin;
+        tasks.spawn(async move {
+            let served = axum::serve(admin_listener, app).with_graceful_shutdown(async move {
+                let _ = admin_rx.changed().await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+        let loaded: Vec<&str> = self.connections.integrations().iter().map(|i| i.id.as_str()).collect();
+        tracing::info!(
+            proxy = %proxy_addr,
+            admin = %admin_addr,
+            org = %config.proxy.org_id.as_deref().unwrap_or("-"),
+            interception = %if self.interceptor.is_some() { "on" } else { "off" },
+            proxy_tls = %if proxy_tls_on { "on" } else { "off" },
+            store = %if config.store.is_postgres() { "postgres" } else { "sqlite" },
+            integrations = %loaded.join(","),
+            "credproxy listening"
+        );
+        Running {
+            proxy_addr,
+            admin_addr,
+            connections: self.connections,
+            interceptor: self.interceptor,
+            metrics: self.metrics,
+            shutdown: self.shutdown,
+            admin_shutdown,
+            draining: self.draining,
+            tracker,
+            listener,
+            tasks,
+        }
+    }
+}
+
+/// The credential cache over the store and the key provider, with its
+/// OAuth2 token client (own timeout, same SSRF rules as proxied traffic).
+async fn connections(
+    config: &Config,
+    integrations: Integrations,
+    policy: &Arc<EgressPolicy>,
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<Connections, StartError> {
     let store = open_store(config).await?;
     let keys = key_provider(config).await?;
-    let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
-    // Token and revocation calls: explicit client, same SSRF rules, own timeout.
-    let token_client = TokenClient::new(
-        policy.clone(),
-        Duration::from_millis(config.upstream.connect_timeout_ms),
-        Duration::from_millis(config.oauth2.token_timeout_ms),
-        &extra_roots,
+    let token_client =
+        TokenClient::new(policy.clone(), config.upstream.connect_timeout, config.oauth2.token_timeout, extra_roots);
+    let c = Connections::new(
+        store,
+        Envelope::new(keys),
+        Arc::new(integrations),
+        config.cache.max_entries,
+        config.cache.ttl,
+        token_client,
     );
-    let connections = Arc::new(
-        Connections::new(
-            store,
-            Envelope::new(keys),
-            Arc::new(integrations),
-            config.cache.max_entries,
-            Duration::from_secs(config.cache.ttl_secs),
-            token_client,
-        )
-        .with_authorization_ttl(Duration::from_secs(config.oauth2.state_ttl_secs))
-        .with_refresh_lock_wait(Duration::from_millis(config.oauth2.refresh_lock_wait_ms)),
-    );
-    let connect_timeout = Duration::from_millis(config.upstream.connect_timeout_ms);
+    Ok(c.with_authorization_ttl(config.oauth2.state_ttl).with_refresh_lock_wait(config.oauth2.refresh_lock_wait))
+}
+
+/// The outbound pipeline: the upstream pool and the request-body limits.
+fn outbound(
+    config: &Config,
+    connections: &Arc<Connections>,
+    connector: GuardedConnector,
+    extra_roots: &[CertificateDer<'static>],
+    metrics: &Arc<Metrics>,
+) -> Outbound {
+    let u = &config.upstream;
     let pool = Pool::new(
-        GuardedConnector::new(policy.clone(), connect_timeout),
-        upstream::tls_config(&extra_roots),
+        connector,
+        upstream::tls_config(extra_roots),
         PoolSettings {
-            tls_handshake_timeout: Duration::from_millis(config.upstream.tls_handshake_timeout_ms),
-            body_idle_timeout: Duration::from_millis(config.upstream.response_body_idle_timeout_ms),
-            idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
-            max_idle_per_host: config.upstream.pool_max_idle_per_host,
+            tls_handshake_timeout: u.tls_handshake_timeout,
+            body_idle_timeout: u.response_body_idle_timeout,
+            idle_timeout: u.pool_idle_timeout,
+            max_idle_per_host: u.pool_max_idle_per_host,
         },
     );
-    let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
-    let outbound = Arc::new(Outbound {
+    Outbound {
         connections: connections.clone(),
         pool,
-        response_header_timeout: Duration::from_millis(config.upstream.response_header_timeout_ms),
+        response_header_timeout: u.response_header_timeout,
         max_buffered_body: config.proxy.max_buffered_body,
-        buffered_body_timeout: Duration::from_millis(config.proxy.buffered_body_timeout_ms),
+        buffered_body_timeout: config.proxy.buffered_body_timeout,
         buffer_budget: Arc::new(BufferBudget::new(config.proxy.max_buffered_total)),
         metrics: metrics.clone(),
-    });
-    let (tx, rx) = watch::channel(false);
-    let (admin_tx, mut admin_rx) = watch::channel(false);
-    let tracker = TaskTracker::new();
-    let draining = Arc::new(AtomicBool::new(false));
-    let proxy_state = Arc::new(ProxyState {
-        org_id: config.proxy.org_id.clone().unwrap_or_default(),
-        connections: connections.clone(),
-        outbound: outbound.clone(),
-        allow_passthrough: config.egress.allow_passthrough,
-        connector: GuardedConnector::new(policy, connect_timeout),
-        interceptor: interceptor.clone(),
-        passthrough_hosts: config.tls_intercept.passthrough_hosts.clone(),
-        limits: ClientLimits {
-            header_read_timeout: Duration::from_millis(config.proxy.header_read_timeout_ms),
-            max_header_bytes: config.proxy.max_header_bytes,
-            max_connections: config.proxy.max_connections,
-            body_idle_timeout: Duration::from_millis(config.proxy.body_idle_timeout_ms),
-            send_timeout: Duration::from_millis(config.proxy.send_timeout_ms),
-            tunnel_idle_timeout: Duration::from_secs(config.proxy.tunnel_idle_timeout_secs),
-        },
-        tracker: tracker.clone(),
-        shutdown: rx.clone(),
-        drain: proxy::Drain::default(),
-    });
-
-    let proxy_addr = listeners.proxy.local_addr().map_err(|source| StartError::Bind {
-        what: "proxy.listen",
-        addr: config.proxy.listen,
-        source,
-    })?;
-    let admin_addr = listeners.admin.local_addr().map_err(|source| StartError::Bind {
-        what: "admin.listen",
-        addr: config.admin.listen,
-        source,
-    })?;
-    let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
-    let admin_state = Arc::new(AdminState::new(
-        connections.clone(),
-        outbound,
-        &config.admin.tokens,
-        &public_url,
-        interceptor.clone(),
-        draining.clone(),
-    ));
-    // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
-    let listener = config.store.is_postgres().then(|| {
-        let c = connections.clone();
-        let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| {
-            let c = c.clone();
-            tokio::spawn(async move { c.apply_change(change).await });
-        });
-        spawn_listener(config.store.url.clone(), on_change)
-    });
-    let mut tasks = JoinSet::new();
-    let proxy_tls_on = proxy_tls.is_some();
-    tasks.spawn(proxy::serve(listeners.proxy, proxy_state, proxy_tls, rx));
-    let app = admin::router(admin_state);
-    let admin_listener = listeners.admin;
-    tasks.spawn(async move {
-        let served = axum::serve(admin_listener, app).with_graceful_shutdown(async move {
-            let _ = admin_rx.changed().await;
-        });
-        if let Err(e) = served.await {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    });
-    let loaded: Vec<&str> = connections.integrations().iter().map(|i| i.id.as_str()).collect();
-    tracing::info!(
-        proxy = %proxy_addr,
-        admin = %admin_addr,
-        org = %config.proxy.org_id.as_deref().unwrap_or("-"),
-        interception = %if interceptor.is_some() { "on" } else { "off" },
-        proxy_tls = %if proxy_tls_on { "on" } else { "off" },
-        store = %if config.store.is_postgres() { "postgres" } else { "sqlite" },
-        integrations = %loaded.join(","),
-        "credproxy listening"
-    );
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        connections,
-        interceptor,
-        metrics,
-        shutdown: tx,
-        admin_shutdown: admin_tx,
-        draining,
-        tracker,
-        listener,
-        tasks,
-    })
+    }
 }
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).
@@ -349,7 +392,7 @@ fn proxy_tls_acceptor(
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
     let chain = upstream::load_pem_certs(cert).map_err(|r| config.error("proxy.tls_cert", r))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| config.error("proxy.tls_key", format!("{}: {e}", key.display())))?;
@@ -366,8 +409,8 @@ fn proxy_tls_acceptor(
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     if config.store.is_postgres() {
-        let timeout = Duration::from_millis(config.store.timeout_ms);
-        return Ok(Arc::new(PgStore::open_with_timeout(&config.store.url, config.store.pool_size, timeout).await?));
+        let s = &config.store;
+        return Ok(Arc::new(PgStore::open(&s.url, s.pool_size, s.timeout).await?));
     }
     let path =
         config.store.sqlite_path().ok_or_else(|| config.error("store.url", "must be sqlite://PATH or postgres://…"))?;

@@ -106,7 +106,7 @@ async fn rotate_local_to_kms_under_load_resumes_and_the_old_key_is_then_unneeded
         ids.push(v["id"].as_str().unwrap().to_owned());
     }
     drop(a);
-    let store = PgStore::open(&db, 1).await.unwrap();
+    let store = PgStore::open(&db, 1, std::time::Duration::from_secs(5)).await.unwrap();
     let local_id = usage(&store).await[0].0.clone();
     assert!(local_id.starts_with("local:"), "{local_id}");
     assert_eq!(usage(&store).await, [(local_id.clone(), CONNECTIONS as u64)]);

@@ -13,6 +13,9 @@ use credproxy::store::{
     StoreError,
 };
 
+/// Each wait on PostgreSQL (`store.timeout_ms`'s default).
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
     ConnectionRow {
         meta: ConnectionMeta {
@@ -169,9 +172,9 @@ async fn sqlite_store_passes_the_suite() {
 #[tokio::test]
 async fn postgres_store_passes_the_suite_and_migrations_are_idempotent() {
     let url = support::fresh_postgres_database().await;
-    suite(Arc::new(PgStore::open(&url, 4).await.unwrap())).await;
+    suite(Arc::new(PgStore::open(&url, 4, STORE_TIMEOUT).await.unwrap())).await;
     // Several instances starting at once: migrations serialize and apply once.
-    let (a, b) = tokio::join!(PgStore::open(&url, 2), PgStore::open(&url, 2));
+    let (a, b) = tokio::join!(PgStore::open(&url, 2, STORE_TIMEOUT), PgStore::open(&url, 2, STORE_TIMEOUT));
     a.unwrap();
     let b = b.unwrap();
     assert!(b.get_connection("c3").await.unwrap().is_some(), "data survives re-opening");

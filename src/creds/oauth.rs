@@ -25,7 +25,7 @@ use crate::ids;
 use crate::integrations::{Grant, OAuth2Method};
 use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
 use crate::secret::SecretValue;
-use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, RowUpdate, StoreError};
+use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, RowLock, RowUpdate, StoreError};
 
 /// After a failed refresh, requests for that connection fail fast for this long
 /// instead of hammering the token endpoint.
@@ -43,13 +43,14 @@ pub(super) struct OAuthState {
 
 impl OAuthState {
     pub(super) fn new(client: TokenClient) -> Self {
+        let defaults = crate::config::OAuth2Config::default();
         Self {
             client,
             // Idle locks expire; an entry in use is held by its Arc.
             locks: Cache::builder().time_to_idle(Duration::from_secs(600)).build(),
             cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
-            state_ttl: Duration::from_secs(crate::config::DEFAULT_STATE_TTL_SECS),
-            lock_wait: Duration::from_millis(crate::config::DEFAULT_REFRESH_LOCK_WAIT_MS),
+            state_ttl: defaults.state_ttl,
+            lock_wait: defaults.refresh_lock_wait,
         }
     }
 }
@@ -204,14 +205,7 @@ impl Connections {
         }
         // Across instances: the row lock. Whoever held it before us may have
         // refreshed and committed; we read the row under the lock.
-        let waited = std::time::Instant::now();
-        let lock = self.store.lock_connection(id, self.oauth.lock_wait).await;
-        self.stats.lock_waits.fetch_add(1, Relaxed);
-        self.stats.lock_wait_micros.fetch_add(waited.elapsed().as_micros() as u64, Relaxed);
-        if let Err(StoreError::LockTimeout(_)) = &lock {
-            self.stats.lock_timeouts.fetch_add(1, Relaxed);
-        }
-        let lock = lock?.ok_or(ResolveError::NotFound)?;
+        let lock = self.lock_row(id).await?;
         let current = self.decrypt_row(lock.row().clone()).await?;
         if current.meta.state != ConnectionState::Active {
             return Err(RefreshError::NeedsReauth);
@@ -235,44 +229,82 @@ impl Connections {
             Ok(resp) => {
                 let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
                 self.stats.refreshes.fetch_add(1, Relaxed);
-                // Persist (and release the lock) before anyone uses it: a rotated
-                // refresh token must survive a crash.
-                let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
-                let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
-                let now = unix_now();
-                lock.commit(Some(RowUpdate::Credential(sealed)), now).await?;
-                let mut meta = current.meta.clone();
-                meta.updated_at = now;
-                let next = Arc::new(Resolved {
-                    meta,
-                    integration: current.integration.clone(),
-                    method: current.method.clone(),
-                    credential: Credential::from_tokens(&fresh),
-                    tokens: Some(Box::new(fresh)),
-                });
-                self.cache.insert(id.to_owned(), next.clone()).await;
-                self.changed();
-                tracing::info!(connection = %id, integration = %current.integration.id, "oauth2 token refreshed");
-                Ok(next)
+                self.store_refreshed(lock, &current, fresh).await
             }
-            Err(TokenError::InvalidGrant) => {
-                self.stats.refresh_failures.fetch_add(1, Relaxed);
-                lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await?;
-                self.cache.invalidate(id).await;
-                self.changed();
-                tracing::warn!(connection = %id, integration = %current.integration.id, "oauth2 grant rejected: connection needs re-authorization");
-                Err(RefreshError::NeedsReauth)
-            }
-            Err(e) => {
-                self.stats.refresh_failures.fetch_add(1, Relaxed);
-                self.oauth.cooldown.insert(id.to_owned(), ()).await;
-                tracing::warn!(connection = %id, integration = %current.integration.id, error = %e, "oauth2 refresh failed");
-                match o.grant {
-                    Grant::ClientCredentials => Err(RefreshError::Fetch(e)),
-                    Grant::AuthorizationCode => Err(RefreshError::Token(e)),
-                }
-            }
+            Err(e) => Err(self.refresh_failed(lock, &current, o.grant, e).await),
         }
+    }
+
+    /// A refresh the provider refused: a dead grant (`invalid_grant`) turns
+    /// the connection `needs_reauth` under the row lock; anything else
+    /// starts the cool-down (the row is left as it was).
+    async fn refresh_failed(
+        &self,
+        lock: Box<dyn RowLock>,
+        current: &Resolved,
+        grant: Grant,
+        e: TokenError,
+    ) -> RefreshError {
+        let (id, integration) = (current.meta.id.as_str(), &current.integration.id);
+        self.stats.refresh_failures.fetch_add(1, Relaxed);
+        if let TokenError::InvalidGrant = e {
+            let committed = lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await;
+            if let Err(e) = committed {
+                return e.into();
+            }
+            self.cache.invalidate(id).await;
+            self.changed();
+            tracing::warn!(connection = %id, integration = %integration, "oauth2 grant rejected: connection needs re-authorization");
+            return RefreshError::NeedsReauth;
+        }
+        self.oauth.cooldown.insert(id.to_owned(), ()).await;
+        tracing::warn!(connection = %id, integration = %integration, error = %e, "oauth2 refresh failed");
+        match grant {
+            Grant::ClientCredentials => RefreshError::Fetch(e),
+            Grant::AuthorizationCode => RefreshError::Token(e),
+        }
+    }
+
+    /// The connection's row lock (another instance's refresh ends first),
+    /// waiting at most `oauth2.refresh_lock_wait_ms`, counted in the stats.
+    async fn lock_row(&self, id: &str) -> Result<Box<dyn RowLock>, RefreshError> {
+        let waited = std::time::Instant::now();
+        let lock = self.store.lock_connection(id, self.oauth.lock_wait).await;
+        self.stats.lock_waits.fetch_add(1, Relaxed);
+        self.stats.lock_wait_micros.fetch_add(waited.elapsed().as_micros() as u64, Relaxed);
+        if let Err(StoreError::LockTimeout(_)) = &lock {
+            self.stats.lock_timeouts.fetch_add(1, Relaxed);
+        }
+        Ok(lock?.ok_or(ResolveError::NotFound)?)
+    }
+
+    /// Seals and commits a refreshed token set under the row lock (and so
+    /// releases it) before anyone uses it — a rotated refresh token must
+    /// survive a crash — then caches it.
+    async fn store_refreshed(
+        &self,
+        lock: Box<dyn RowLock>,
+        current: &Resolved,
+        fresh: TokenSet,
+    ) -> Result<Arc<Resolved>, RefreshError> {
+        let id = current.meta.id.as_str();
+        let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
+        let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
+        let now = unix_now();
+        lock.commit(Some(RowUpdate::Credential(sealed)), now).await?;
+        let mut meta = current.meta.clone();
+        meta.updated_at = now;
+        let next = Arc::new(Resolved {
+            meta,
+            integration: current.integration.clone(),
+            method: current.method.clone(),
+            credential: Credential::from_tokens(&fresh),
+            tokens: Some(Box::new(fresh)),
+        });
+        self.cache.insert(id.to_owned(), next.clone()).await;
+        self.changed();
+        tracing::info!(connection = %id, integration = %current.integration.id, "oauth2 token refreshed");
+        Ok(next)
     }
 
     /// Starts an authorization-code flow: stores `state` (hashed) and the

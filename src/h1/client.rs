@@ -96,6 +96,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// `deadline` ([`Error::Timeout`]). The response's header fields come as
     /// its body, unparsed ([`RawFields`]); its body is then read with
     /// [`Conn::poll_body`].
+    ///
+    /// One poll loop, longer than most on purpose: writing the request and
+    /// watching for an early answer happen in the same poll (an upstream
+    /// may answer 413 before it has read the body), and each way out of it
+    /// says whether the connection can be reused — split up, those
+    /// decisions would sit far from the state they read.
     pub async fn send<B>(
         &mut self,
         parts: &http::request::Parts,

@@ -64,9 +64,6 @@ pub struct PgStore {
     timeout: Duration,
 }
 
-/// `store.timeout_ms`'s default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("PgStore")
@@ -78,17 +75,11 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl PgStore {
-    /// Connects (lazily, through the pool) and applies pending migrations,
-    /// with [`DEFAULT_TIMEOUT`] for each wait.
-    pub async fn open(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        Self::open_with_timeout(url, pool_size, DEFAULT_TIMEOUT).await
-    }
-
     /// Connects (lazily, through the pool) and applies pending migrations.
     /// `timeout` bounds every wait on the database (`store.timeout_ms`):
     /// connecting, a pooled connection, each statement (a server that
     /// accepts and never answers is given up, not waited on forever).
-    pub async fn open_with_timeout(url: &str, pool_size: usize, timeout: Duration) -> Result<Self, StoreError> {
+    pub async fn open(url: &str, pool_size: usize, timeout: Duration) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| backend(format!("invalid store.url: {e}")))?;
         config.connect_timeout(timeout);
         let options =
