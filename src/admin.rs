@@ -559,7 +559,7 @@ async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), 
     let mut headers = http::HeaderMap::new();
     headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
     headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-    let body = http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()));
+    let body = crate::upstream::UpstreamBody::Buffered(http_body_util::Full::new(Bytes::new()));
     let (resp, _) =
         st.outbound.with_connection(&resolved, &method, uri, headers, body).await.map_err(|e| e.problem())?;
     // Only the status is read: nothing to scrub.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header;
 use http::uri::Scheme as UriScheme;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Full};
 
 use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
 use crate::inject::{self, InjectError};
@@ -153,7 +153,7 @@ impl Outbound {
         let _held: Option<Reservation>;
         let (body, replay) = if resolved.method.edits_body() {
             let edits = inject::edits(&resolved.method, &resolved.credential)?;
-            let Either::Left(incoming) = body else {
+            let UpstreamBody::Caller(incoming) = body else {
                 return Err(ProxyError::Malformed("a buffered body cannot be rewritten"));
             };
             // A body is made up for methods that carry one (an empty POST
@@ -168,7 +168,7 @@ impl Outbound {
                 headers.insert(header::CONTENT_TYPE, ct);
             }
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-            (Either::Right(Full::new(Bytes::from(new_body.to_vec()))), None)
+            (UpstreamBody::Buffered(Full::new(Bytes::from(new_body.to_vec()))), None)
         } else {
             let (body, replay, held) = self.replayable(body).await?;
             _held = held;
@@ -186,7 +186,13 @@ impl Outbound {
                 let failed = resolved.credential.values().first().map(|v| v.expose().to_owned()).unwrap_or_default();
                 drop(resp);
                 let refreshed = self.connections.force_refresh(&resolved, &failed).await?;
-                let retry = upstream_request(method, uri, headers, Some(&refreshed), Either::Right(Full::new(replay)))?;
+                let retry = upstream_request(
+                    method,
+                    uri,
+                    headers,
+                    Some(&refreshed),
+                    UpstreamBody::Buffered(Full::new(replay)),
+                )?;
                 let mut resp = self.send(retry).await?;
                 scrub_echoes(&mut resp, &refreshed);
                 Ok((resp, true))
@@ -294,16 +300,16 @@ impl Outbound {
         body: UpstreamBody,
     ) -> Result<(UpstreamBody, Option<Bytes>, Option<Reservation>), ProxyError> {
         match body {
-            Either::Left(incoming) => match http_body::Body::size_hint(&incoming).exact() {
+            UpstreamBody::Caller(incoming) => match http_body::Body::size_hint(&incoming).exact() {
                 Some(n) if n <= MAX_REPLAY_BODY => {
                     let (bytes, held) = self.buffer(incoming, MAX_REPLAY_BODY).await?;
-                    Ok((Either::Right(Full::new(bytes.clone())), Some(bytes), Some(held)))
+                    Ok((UpstreamBody::Buffered(Full::new(bytes.clone())), Some(bytes), Some(held)))
                 }
-                _ => Ok((Either::Left(incoming), None, None)),
+                _ => Ok((UpstreamBody::Caller(incoming), None, None)),
             },
-            Either::Right(full) => {
+            UpstreamBody::Buffered(full) => {
                 let bytes = full.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                Ok((Either::Right(Full::new(bytes.clone())), Some(bytes), None))
+                Ok((UpstreamBody::Buffered(Full::new(bytes.clone())), Some(bytes), None))
             }
         }
     }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderMap, Method, Request, Response, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -42,8 +42,15 @@ pub use drain::Drain;
 
 pub const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 
-/// Response bodies: the upstream's stream, or one we made.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+crate::upstream::body_enum! {
+    /// A response body.
+    pub enum ProxyBody {
+        /// The upstream's, streamed.
+        Upstream(PooledBody),
+        /// Made by credproxy: a problem, `CONNECT`'s 200.
+        Made(Full<Bytes>),
+    }
+}
 
 /// Everything the pipeline needs; built once by `server`.
 pub struct ProxyState {
@@ -200,7 +207,7 @@ async fn handle(
             } else {
                 debug!(error = %err, code = %problem.code, "request refused");
             }
-            problem.to_proxy_response().map(|b| Either::Right(Full::new(b)))
+            problem.to_proxy_response().map(|b| ProxyBody::Made(Full::new(b)))
         }
     };
     drop(in_flight);
@@ -231,8 +238,8 @@ async fn handle(
 /// header map holds only what the proxy added).
 fn take_fields(resp: &mut Response<ProxyBody>) -> Option<h1::RawFields> {
     match resp.body_mut() {
-        Either::Left(pooled) => pooled.take_fields(),
-        Either::Right(_) => None,
+        ProxyBody::Upstream(pooled) => pooled.take_fields(),
+        ProxyBody::Made(_) => None,
     }
 }
 
@@ -247,7 +254,7 @@ fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
         Err(e) => {
             let err = ProxyError::Upstream(e.to_string());
             warn!(error = %err, "upstream response fields do not fit a header map");
-            err.problem().to_proxy_response().map(|b| Either::Right(Full::new(b)))
+            err.problem().to_proxy_response().map(|b| ProxyBody::Made(Full::new(b)))
         }
     }
 }
@@ -295,7 +302,7 @@ async fn forward(
     // Hop-by-hop headers and our own control headers never go upstream.
     strip_request_headers(&mut parts.headers);
 
-    let body: UpstreamBody = Either::Left(body);
+    let body = UpstreamBody::Caller(body);
     let resp = match conn_id {
         None => {
             // No credential involved: egress policy and the SSRF guard only.
@@ -351,7 +358,7 @@ async fn forward(
     // 9. Respond: stream the body back, minus hop-by-hop headers.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    Ok(Response::from_parts(rparts, Either::Left(rbody)))
+    Ok(Response::from_parts(rparts, ProxyBody::Upstream(rbody)))
 }
 
 /// `CONNECT host:port`: the destination must pass the SSRF guard before
@@ -403,7 +410,7 @@ async fn connect(
             });
         }
     }
-    Ok(Response::new(Either::Right(Full::new(Bytes::new()))))
+    Ok(Response::new(ProxyBody::Made(Full::new(Bytes::new()))))
 }
 
 /// The `X-Connection-Id` field, removed from `headers`: at most one, of

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Uri;
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -29,12 +29,70 @@ use crate::policy::ssrf::{EgressPolicy, Prohibited};
 
 pub mod pool;
 
-/// A caller's request body: read by our HTTP/1.1 codec, or an h2 stream
-/// (intercepted tunnels, served by hyper).
-pub type CallerBody = Either<crate::h1::server::RequestBody, Incoming>;
+/// An enum of body kinds, each a named variant, as one [`http_body::Body`]
+/// (a named enum instead of nested `Either`s: a match says which kind it
+/// handles). Every variant is `Unpin`, carries [`Bytes`], and its error
+/// becomes a boxed error; `is_end_stream` and `size_hint` are the variant's
+/// (the HTTP/1.1 client frames a request by them).
+macro_rules! body_enum {
+    ($(#[$doc:meta])* $vis:vis enum $name:ident { $($(#[$vdoc:meta])* $variant:ident($ty:ty)),+ $(,)? }) => {
+        $(#[$doc])*
+        $vis enum $name {
+            $($(#[$vdoc])* $variant($ty)),+
+        }
 
-/// Request bodies we forward: the caller's stream, or a buffered rewrite.
-pub type UpstreamBody = Either<CallerBody, Full<Bytes>>;
+        impl http_body::Body for $name {
+            type Data = ::bytes::Bytes;
+            type Error = Box<dyn std::error::Error + Send + Sync>;
+
+            #[inline]
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+                match self.get_mut() {
+                    $(Self::$variant(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into)),+
+                }
+            }
+
+            #[inline]
+            fn is_end_stream(&self) -> bool {
+                match self {
+                    $(Self::$variant(b) => b.is_end_stream()),+
+                }
+            }
+
+            #[inline]
+            fn size_hint(&self) -> http_body::SizeHint {
+                match self {
+                    $(Self::$variant(b) => b.size_hint()),+
+                }
+            }
+        }
+    };
+}
+pub(crate) use body_enum;
+
+body_enum! {
+    /// A caller's request body.
+    pub enum CallerBody {
+        /// Read by our HTTP/1.1 codec.
+        H1(crate::h1::server::RequestBody),
+        /// An h2 stream (intercepted tunnels, served by hyper).
+        H2(Incoming),
+    }
+}
+
+body_enum! {
+    /// A request body we forward.
+    pub enum UpstreamBody {
+        /// The caller's, streamed.
+        Caller(CallerBody),
+        /// Buffered: rewritten by a body placement, replayed after a 401, or
+        /// empty (a retry on a fresh connection).
+        Buffered(Full<Bytes>),
+    }
+}
 
 /// The host and port of a URI's authority, as [`Uri::host`] and
 /// [`Uri::port_u16`] give them (an IPv6 literal keeps its brackets), found

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -201,7 +201,7 @@ impl<'a> CallerConn<'a> {
             // A head is only read when the read side is home.
             (_, None) => RequestBody::empty(),
         };
-        let mut req = Request::from_parts(parts, Either::Left(body));
+        let mut req = Request::from_parts(parts, CallerBody::H1(body));
         if connect {
             let (tx, on_upgrade) = OnUpgrade::pair();
             req.extensions_mut().insert(on_upgrade);

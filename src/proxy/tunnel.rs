@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::{Authority, Scheme as UriScheme};
 use http::Request;
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +26,7 @@ use tracing::debug;
 
 use super::{handle, serve_h1, ProxyState, TunnelTarget};
 use crate::h1::server::{Rewind, Transport, Upgraded};
+use crate::upstream::CallerBody;
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -208,6 +208,6 @@ type InnerFuture = Pin<Box<dyn Future<Output = Result<http::Response<super::Prox
 fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, req: Request<Incoming>) -> InnerFuture {
     let (mut parts, body) = req.into_parts();
     parts.uri = target.absolute(&parts.uri);
-    let req = Request::from_parts(parts, Either::Right(body));
+    let req = Request::from_parts(parts, CallerBody::H2(body));
     Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, None).await)) })
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -267,7 +267,7 @@ impl Pool {
                 // The upstream closed the idle connection as the request went out.
                 Err(e) if reused && e.retryable(&parts.method, framing) => {
                     reused = false;
-                    body = Either::Right(Full::new(Bytes::new()));
+                    body = UpstreamBody::Buffered(Full::new(Bytes::new()));
                     h1 = match self.connect_by(h1.key.clone(), deadline).await? {
                         Fresh::H1(h1) => h1,
                         Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
