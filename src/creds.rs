@@ -73,7 +73,7 @@ impl Credential {
 
     /// The credential of an OAuth2 connection: its access token (if any).
     pub fn from_tokens(t: &TokenSet) -> Self {
-        Self { values: t.access_token.iter().map(|a| SecretValue::new(a.clone())).collect() }
+        Self { values: t.access_token.iter().cloned().collect() }
     }
 
     pub fn value(&self, index: usize) -> &SecretValue {

@@ -2,10 +2,8 @@
 //! give [`Edits`]; edits are applied to request parts (headers, query, cookies)
 //! and, for body placements, to a buffered body. No I/O here.
 //!
-//! Imports `integrations` (auth method shapes), `creds::Credential` and the
+//! Imports `integrations` (auth method shapes), `creds::Credential`, `secret` and the
 //! leaf `h1` (field-name rules) only.
-
-use std::fmt;
 
 use base64::Engine as _;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE};
@@ -16,31 +14,20 @@ use zeroize::Zeroizing;
 use crate::creds::Credential;
 use crate::h1;
 use crate::integrations::{AuthKind, AuthMethod, Part, Placement, Target, Template};
+use crate::secret::SecretValue;
 
-/// What to change in a request. `Debug` never shows values.
-#[derive(Default)]
+/// What to change in a request. `Debug` never shows values: header values
+/// are marked sensitive (`Sensitive`), the others are [`SecretValue`]s.
+#[derive(Debug, Default)]
 pub struct Edits {
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub query: Vec<(String, Zeroizing<String>)>,
-    pub cookies: Vec<(String, Zeroizing<String>)>,
-    pub json_fields: Vec<(String, Zeroizing<String>)>,
-    pub form_fields: Vec<(String, Zeroizing<String>)>,
+    pub query: Vec<(String, SecretValue)>,
+    pub cookies: Vec<(String, SecretValue)>,
+    pub json_fields: Vec<(String, SecretValue)>,
+    pub form_fields: Vec<(String, SecretValue)>,
     /// A header name among `headers` has a `-` (so `_` lookalikes of it
     /// may be among the caller's fields).
     pub dashed_header: bool,
-}
-
-impl fmt::Debug for Edits {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = |v: &[(String, Zeroizing<String>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-        f.debug_struct("Edits")
-            .field("headers", &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>())
-            .field("query", &names(&self.query))
-            .field("cookies", &names(&self.cookies))
-            .field("json_fields", &names(&self.json_fields))
-            .field("form_fields", &names(&self.form_fields))
-            .finish()
-    }
 }
 
 impl Edits {
@@ -127,16 +114,16 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
             e.dashed_header |= name.as_str().as_bytes().contains(&b'-');
             e.headers.push((name.clone(), header_from(pieces)?));
         }
-        Target::Query(name) => e.query.push((name.clone(), render(&p.template, cred))),
+        Target::Query(name) => e.query.push((name.clone(), render(&p.template, cred).into())),
         Target::Cookie(name) => {
             let value = render(&p.template, cred);
             if value.bytes().any(|b| b == b';' || b == b',' || b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f) {
                 return Err(InjectError::InvalidValue("a cookie"));
             }
-            e.cookies.push((name.clone(), value));
+            e.cookies.push((name.clone(), value.into()));
         }
-        Target::JsonField(name) => e.json_fields.push((name.clone(), render(&p.template, cred))),
-        Target::FormField(name) => e.form_fields.push((name.clone(), render(&p.template, cred))),
+        Target::JsonField(name) => e.json_fields.push((name.clone(), render(&p.template, cred).into())),
+        Target::FormField(name) => e.form_fields.push((name.clone(), render(&p.template, cred).into())),
     }
     Ok(())
 }
@@ -181,7 +168,7 @@ pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Resu
             }
             out.push_str(n);
             out.push('=');
-            out.push_str(v);
+            out.push_str(v.expose());
         }
         headers.insert(COOKIE, sensitive(&out, "a cookie")?);
     }
@@ -190,7 +177,7 @@ pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Resu
 
 /// Replaces same-named query parameters, keeping the caller's other
 /// parameters byte for byte.
-fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, InjectError> {
+fn with_query(uri: &Uri, params: &[(String, SecretValue)]) -> Result<Uri, InjectError> {
     let path = uri.path();
     let mut q = Zeroizing::new(String::new());
     if let Some(existing) = uri.query() {
@@ -210,7 +197,7 @@ fn with_query(uri: &Uri, params: &[(String, Zeroizing<String>)]) -> Result<Uri, 
         }
         q.extend(form_urlencoded::byte_serialize(n.as_bytes()));
         q.push('=');
-        q.extend(form_urlencoded::byte_serialize(v.as_bytes()));
+        q.extend(form_urlencoded::byte_serialize(v.expose().as_bytes()));
     }
     let pq = Zeroizing::new(format!("{path}?{}", q.as_str()));
     let mut parts = uri.clone().into_parts();
@@ -245,7 +232,7 @@ pub fn apply_body(
             return Err(InjectError::BodyNotJson);
         };
         for (n, v) in &e.json_fields {
-            obj.insert(n.clone(), serde_json::Value::String(v.to_string()));
+            obj.insert(n.clone(), serde_json::Value::String(v.expose().to_owned()));
         }
         out = Zeroizing::new(serde_json::to_vec(&obj).map_err(|_| InjectError::BodyNotJson)?);
     }
@@ -264,7 +251,7 @@ pub fn apply_body(
             }
         }
         for (n, v) in &e.form_fields {
-            ser.append_pair(n, v);
+            ser.append_pair(n, v.expose());
         }
         out = Zeroizing::new(ser.finish().into_bytes());
     }
@@ -469,7 +456,9 @@ mod tests {
         let c = cred(&m, &[("account", "acct-7"), ("secret", "s&=x")]);
         let e = edits(&m, &c).unwrap();
         assert!(e.edits_body());
-        assert!(!format!("{e:?}").contains("acct-7"));
+        let dbg = format!("{e:?}");
+        assert!(!dbg.contains("acct-7") && !dbg.contains("s&=x"), "{dbg}");
+        assert!(dbg.contains("(\"x-account\", Sensitive)") && dbg.contains("(\"sig\", [redacted])"), "{dbg}");
 
         let mut only_json = edits(&m, &c).unwrap();
         only_json.form_fields.clear();

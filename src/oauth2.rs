@@ -6,7 +6,6 @@
 //! connector applies the same SSRF guard as the proxy. Uses `integrations`,
 //! `upstream`, `secret`; must not import `creds`, `proxy` or `admin`.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,13 +28,14 @@ use crate::upstream::{self, ClientSettings, GuardedConnector};
 /// Largest token-endpoint response we read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
-/// What a connection of an `oauth2` auth method stores (sealed).
-#[derive(Clone, Default, Serialize, Deserialize, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+/// What a connection of an `oauth2` auth method stores (sealed). The
+/// tokens are [`SecretValue`]s: zeroized on drop, `[redacted]` in `Debug`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenSet {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub access_token: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::secret::serde_opt")]
+    pub access_token: Option<SecretValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::secret::serde_opt")]
+    pub refresh_token: Option<SecretValue>,
     /// Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
@@ -47,17 +47,6 @@ pub struct TokenSet {
     pub token_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-}
-
-impl fmt::Debug for TokenSet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenSet")
-            .field("access_token", &self.access_token.as_ref().map(|_| "[redacted]"))
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "[redacted]"))
-            .field("expires_at", &self.expires_at)
-            .field("scope", &self.scope)
-            .finish()
-    }
 }
 
 impl TokenSet {
@@ -87,8 +76,8 @@ impl TokenSet {
     pub fn updated(&self, resp: TokenResponse, now: i64, default_lifetime: u64) -> TokenSet {
         let mut resp = resp;
         TokenSet {
-            access_token: Some(std::mem::take(&mut resp.access_token)),
-            refresh_token: resp.refresh_token.take().or_else(|| self.refresh_token.clone()),
+            access_token: Some(SecretValue::new(std::mem::take(&mut resp.access_token))),
+            refresh_token: resp.refresh_token.take().map(SecretValue::new).or_else(|| self.refresh_token.clone()),
             expires_at: Some(now + resp.expires_in.unwrap_or(default_lifetime) as i64),
             issued_at: Some(now),
             token_type: resp.token_type.take(),
@@ -394,21 +383,37 @@ mod tests {
             scope: None,
         };
         let u = t.updated(resp, 2000, 3600);
-        assert_eq!(u.access_token.as_deref(), Some("b"));
-        assert_eq!(u.refresh_token.as_deref(), Some("r1"), "a response without refresh_token keeps the old one");
+        assert_eq!(u.access_token.as_ref().map(SecretValue::expose), Some("b"));
+        let kept = u.refresh_token.as_ref().map(SecretValue::expose);
+        assert_eq!(kept, Some("r1"), "a response without refresh_token keeps the old one");
         assert_eq!(u.expires_at, Some(5600));
         let dbg = format!("{u:?}");
         assert!(!dbg.contains("r1") && !dbg.contains("\"b\""), "{dbg}");
+        assert!(dbg.contains("access_token: Some([redacted])"), "{dbg}");
+    }
+
+    /// Sealed token sets written before the tokens were `SecretValue`s
+    /// still read, and new ones are written the same way.
+    #[test]
+    fn the_stored_form_of_a_token_set_is_plain_json_strings() {
+        let stored =
+            r#"{"access_token":"at-1","refresh_token":"rt-1","expires_at":1100,"issued_at":1000,"scope":"read"}"#;
+        let t: TokenSet = serde_json::from_str(stored).unwrap();
+        assert_eq!(t.access_token.as_ref().map(SecretValue::expose), Some("at-1"));
+        assert_eq!(t.refresh_token.as_ref().map(SecretValue::expose), Some("rt-1"));
+        assert_eq!(serde_json::to_string(&t).unwrap(), stored);
+        let empty: TokenSet = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, TokenSet::default());
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
     }
 
     #[test]
     fn the_skew_never_exceeds_half_a_tokens_lifetime() {
-        let token = |issued: Option<i64>, expires: i64| {
-            let mut t = TokenSet::default();
-            t.access_token = Some("a".into());
-            t.issued_at = issued;
-            t.expires_at = Some(expires);
-            t
+        let token = |issued: Option<i64>, expires: i64| TokenSet {
+            access_token: Some("a".into()),
+            issued_at: issued,
+            expires_at: Some(expires),
+            ..Default::default()
         };
         // A 10-second token with the default 60 s skew: fresh for its first half.
         let t = token(Some(1000), 1010);

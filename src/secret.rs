@@ -24,6 +24,12 @@ impl SecretValue {
     }
 }
 
+impl From<Zeroizing<String>> for SecretValue {
+    fn from(value: Zeroizing<String>) -> Self {
+        Self(value)
+    }
+}
+
 impl From<&str> for SecretValue {
     fn from(value: &str) -> Self {
         Self::new(value.to_owned())
@@ -39,6 +45,26 @@ impl fmt::Debug for SecretValue {
 impl fmt::Display for SecretValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
+    }
+}
+
+/// `#[serde(with = "crate::secret::serde_opt")]` for an `Option<SecretValue>`
+/// field of a record that is sealed before it is stored (a token set). Not
+/// for anything an API returns: serializing exposes the value.
+pub mod serde_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::SecretValue;
+
+    pub fn serialize<S: Serializer>(value: &Option<SecretValue>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => s.serialize_some(v.expose()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretValue>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(SecretValue::new))
     }
 }
 

@@ -216,7 +216,8 @@ async fn invalid_grant_marks_the_connection_needs_reauth() {
     assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
     let (r, _) = h.running.connections.resolve(ORG, &id).await.unwrap();
     let tokens = r.tokens.clone().unwrap();
-    let secrets = [tokens.access_token.clone().unwrap(), tokens.refresh_token.clone().unwrap()];
+    let secrets =
+        [tokens.access_token.clone().unwrap(), tokens.refresh_token.clone().unwrap()].map(|s| s.expose().to_owned());
     oidc.post("/test/revoke-refresh").await;
     wait_for_expiry().await;
     for _ in 0..2 {

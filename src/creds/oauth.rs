@@ -169,7 +169,7 @@ impl Connections {
         }
         let seen = r.tokens.as_ref().and_then(|t| t.access_token.clone());
         // Boxed: a refresh is rare next to the requests that only check.
-        Box::pin(self.refresh_single_flight(&r, seen.as_deref(), false)).await
+        Box::pin(self.refresh_single_flight(&r, seen.as_ref().map(SecretValue::expose), false)).await
     }
 
     /// After an upstream 401: refresh, but only if `failed` is still the
@@ -193,7 +193,7 @@ impl Connections {
         // first in the cache, then in the store (the authority).
         let superseded = |c: &Resolved| {
             let t = c.tokens.as_ref();
-            let current = t.and_then(|t| t.access_token.as_deref());
+            let current = t.and_then(|t| t.access_token.as_ref()).map(SecretValue::expose);
             current.is_some()
                 && current != seen
                 && (forced || !t.is_some_and(|t| t.needs_refresh(unix_now(), o.refresh_skew_secs)))
@@ -220,7 +220,7 @@ impl Connections {
         }
 
         let tokens = current.tokens.as_deref().cloned().unwrap_or_default();
-        let result = match (o.grant, tokens.refresh_token.as_deref()) {
+        let result = match (o.grant, tokens.refresh_token.as_ref().map(SecretValue::expose)) {
             (Grant::ClientCredentials, _) => self.oauth.client.client_credentials(o).await,
             (Grant::AuthorizationCode, Some(rt)) => self.oauth.client.refresh(o, rt).await,
             (Grant::AuthorizationCode, None) => Err(TokenError::InvalidGrant),
@@ -450,9 +450,8 @@ impl Connections {
             return Revocation::NotApplicable;
         }
         let mut outcome = Revocation::NotApplicable;
-        for (token, hint) in
-            [(tokens.refresh_token.as_deref(), "refresh_token"), (tokens.access_token.as_deref(), "access_token")]
-        {
+        for (token, hint) in [(&tokens.refresh_token, "refresh_token"), (&tokens.access_token, "access_token")] {
+            let token = token.as_ref().map(SecretValue::expose);
             let Some(token) = token else { continue };
             match self.oauth.client.revoke(o, token, hint).await {
                 Ok(()) if outcome == Revocation::NotApplicable => outcome = Revocation::Revoked,
