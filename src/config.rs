@@ -644,8 +644,14 @@ impl Config {
 pub fn deserialize_value<T: serde::de::DeserializeOwned>(name: &str, value: toml::Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
+        let reason = without_values(&e.into_inner().to_string());
+        // serde names a missing field in its message, at the table's path.
+        if let Some(field) = reason.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+            let key = if path == "." { field.to_owned() } else { format!("{path}.{field}") };
+            return ConfigError::new(name, key, "required");
+        }
         let key = if path == "." { "(top level)".to_owned() } else { path };
-        ConfigError::new(name, key, without_values(&e.into_inner().to_string()))
+        ConfigError::new(name, key, reason)
     })
 }
 
@@ -895,6 +901,13 @@ mod tests {
         assert_eq!(err.source_name, "c.toml");
         assert_eq!(err.key, "cache.ttl");
         assert!(err.reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let text = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\norg_id = \"org_a\"\n";
+        let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
+        assert_eq!((err.key.as_str(), err.reason.as_str()), ("admin.tokens[0].token", "required"));
     }
 
     #[test]

@@ -288,7 +288,8 @@ struct IntegrationFile {
     upstream_scheme: Scheme,
     #[serde(default)]
     base_url: Option<String>,
-    auth_methods: Vec<AuthMethodFile>,
+    /// Read per `type` ([`MethodFile::parse`]).
+    auth_methods: Vec<toml::Value>,
     #[serde(default)]
     test: Option<TestRequest>,
 }
@@ -307,28 +308,211 @@ enum AuthType {
     Oauth2,
 }
 
+/// An auth method as written. Which keys a method takes depends on its
+/// `type`, so each type has its own table (a key another type uses is an
+/// unknown key, named in the error). Read in two steps — the `type`, then
+/// the table for it — so errors keep the key's full path (serde's
+/// internally tagged enums buffer the table and lose it).
+enum MethodFile {
+    ApiKey(ApiKeyFile),
+    Basic(PlainFile),
+    Bearer(PlainFile),
+    Custom(CustomFile),
+    OAuth2(Box<OAuth2MethodFile>),
+}
+
+/// `basic`, `bearer`: the fields and where they go are fixed.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuthMethodFile {
+struct PlainFile {
     id: String,
-    #[serde(rename = "type")]
-    kind: AuthType,
-    /// api_key: header | query | cookie
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyFile {
+    id: String,
+    /// header | query | cookie
+    #[serde(rename = "in")]
+    placement: PlaceIn,
+    name: String,
+    /// Default `{api_key}`.
+    #[serde(default)]
+    template: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomFile {
+    id: String,
+    /// The credential's field names.
+    fields: Vec<String>,
+    /// Where each value goes.
+    placements: Vec<PlacementFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuth2MethodFile {
+    id: String,
+    /// Where the access token goes: default `Authorization: Bearer {access_token}`.
     #[serde(rename = "in", default)]
     placement: Option<PlaceIn>,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
     template: Option<String>,
-    /// custom: credential field names
-    #[serde(default)]
-    fields: Option<Vec<String>>,
-    /// custom: where each value goes
-    #[serde(default)]
-    placements: Option<Vec<PlacementFile>>,
-    /// oauth2: provider settings
-    #[serde(default)]
-    oauth2: Option<OAuth2File>,
+    /// The provider's settings.
+    oauth2: OAuth2File,
+}
+
+impl MethodFile {
+    /// Reads `auth_methods[i]` (`key`) by its `type`.
+    fn parse(source: &str, key: &str, value: toml::Value) -> Result<Self, ConfigError> {
+        let toml::Value::Table(mut table) = value else {
+            return Err(ConfigError::new(source, key, "must be a table ([[auth_methods]])"));
+        };
+        let Some(kind) = table.remove("type") else {
+            return Err(ConfigError::new(
+                source,
+                format!("{key}.type"),
+                "required: api_key, basic, bearer, custom or oauth2",
+            ));
+        };
+        let within = |mut e: ConfigError, at: &str| {
+            e.key = if e.key == "(top level)" { at.to_owned() } else { format!("{at}.{}", e.key) };
+            e
+        };
+        let kind: AuthType = deserialize_value(source, kind).map_err(|e| within(e, &format!("{key}.type")))?;
+        let table = toml::Value::Table(table);
+        let body = |e| within(e, key);
+        Ok(match kind {
+            AuthType::ApiKey => Self::ApiKey(deserialize_value(source, table).map_err(body)?),
+            AuthType::Basic => Self::Basic(deserialize_value(source, table).map_err(body)?),
+            AuthType::Bearer => Self::Bearer(deserialize_value(source, table).map_err(body)?),
+            AuthType::Custom => Self::Custom(deserialize_value(source, table).map_err(body)?),
+            AuthType::Oauth2 => Self::OAuth2(deserialize_value(source, table).map_err(body)?),
+        })
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Self::ApiKey(m) => &m.id,
+            Self::Basic(m) | Self::Bearer(m) => &m.id,
+            Self::Custom(m) => &m.id,
+            Self::OAuth2(m) => &m.id,
+        }
+    }
+
+    /// The method compiled: templates and names parsed, the rules each
+    /// type has checked. Errors name the key under `key`.
+    fn compile(self, key: &str) -> Result<AuthMethod, FieldError> {
+        let at = |(f, r): FieldError| (format!("{key}.{f}"), r);
+        let (id, kind, fields) = match self {
+            Self::Basic(m) => (m.id, AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()]),
+            Self::Bearer(m) => (m.id, AuthKind::Bearer, vec!["token".to_owned()]),
+            Self::ApiKey(m) => {
+                let (kind, fields) = m.compile().map_err(at)?;
+                (m.id, kind, fields)
+            }
+            Self::Custom(m) => {
+                let (kind, fields) = compile_custom(&m.fields, &m.placements).map_err(at)?;
+                (m.id, kind, fields)
+            }
+            Self::OAuth2(m) => {
+                let mut m = *m;
+                let id = std::mem::take(&mut m.id);
+                let (kind, fields) = m.compile().map_err(at)?;
+                (id, kind, fields)
+            }
+        };
+        Ok(AuthMethod { id, kind, fields })
+    }
+}
+
+impl ApiKeyFile {
+    fn compile(&self) -> Result<(AuthKind, Vec<String>), FieldError> {
+        let fields = vec!["api_key".to_owned()];
+        if matches!(self.placement, PlaceIn::Json | PlaceIn::Form) {
+            return Err((
+                "in".into(),
+                "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into(),
+            ));
+        }
+        let template = self.template.as_deref().unwrap_or("{api_key}");
+        let p = compile_placement(self.placement, &self.name, template, &fields)?;
+        Ok((AuthKind::ApiKey(p), fields))
+    }
+}
+
+fn compile_custom(fields: &[String], placements: &[PlacementFile]) -> Result<(AuthKind, Vec<String>), FieldError> {
+    if fields.is_empty() {
+        return Err(("fields".into(), "must name at least one field".into()));
+    }
+    for (i, f) in fields.iter().enumerate() {
+        if !is_slug(f) {
+            return Err((format!("fields[{i}]"), "must be 1-64 characters of [a-z0-9_-]".into()));
+        }
+        if fields[..i].contains(f) {
+            return Err((format!("fields[{i}]"), format!("field {f:?} is listed twice")));
+        }
+    }
+    if placements.is_empty() {
+        return Err(("placements".into(), "must place at least one value".into()));
+    }
+    let mut out = Vec::new();
+    for (i, p) in placements.iter().enumerate() {
+        out.push(
+            compile_placement(p.placement, &p.name, &p.template, fields)
+                .map_err(|(f, r)| (format!("placements[{i}].{f}"), r))?,
+        );
+    }
+    Ok((AuthKind::Custom(out), fields.to_vec()))
+}
+
+impl OAuth2MethodFile {
+    fn compile(self) -> Result<(AuthKind, Vec<String>), FieldError> {
+        let fields = vec!["access_token".to_owned()];
+        let place = self.placement.unwrap_or(PlaceIn::Header);
+        if matches!(place, PlaceIn::Json | PlaceIn::Form) {
+            return Err(("in".into(), "an access token goes in a header, query or cookie".into()));
+        }
+        let name = self.name.as_deref().unwrap_or("Authorization");
+        let template = self.template.as_deref().unwrap_or("Bearer {access_token}");
+        let placement = compile_placement(place, name, template, &fields)?;
+        let o = self.oauth2;
+        let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
+            let u: http::Uri = v.parse().map_err(|_| (format!("oauth2.{field}"), "not a URL".to_owned()))?;
+            if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
+                return Err((format!("oauth2.{field}"), "must be an absolute http(s) URL".into()));
+            }
+            Ok(u)
+        };
+        let authorize_url = o.authorize_url.as_deref().map(|u| url("authorize_url", u)).transpose()?;
+        if o.grant == Grant::AuthorizationCode && authorize_url.is_none() {
+            return Err(("oauth2.authorize_url".into(), "required for grant = \"authorization_code\"".into()));
+        }
+        if o.client_id.is_empty() {
+            return Err(("oauth2.client_id".into(), "must not be empty".into()));
+        }
+        let method = OAuth2Method {
+            grant: o.grant,
+            authorize_url,
+            token_url: url("token_url", &o.token_url)?,
+            revocation_url: o.revocation_url.as_deref().map(|u| url("revocation_url", u)).transpose()?,
+            scopes: o.scopes,
+            client_id: o.client_id,
+            client_secret: crate::secret::SecretValue::new(o.client_secret),
+            client_auth: o.client_auth,
+            pkce: o.pkce,
+            authorize_params: o.authorize_params.into_iter().collect(),
+            token_params: o.token_params.into_iter().collect(),
+            refresh_skew_secs: o.refresh_skew_secs,
+            default_expires_in_secs: o.default_expires_in_secs.max(1),
+            placement,
+        };
+        Ok((AuthKind::OAuth2(Box::new(method)), fields))
+    }
 }
 
 #[derive(Deserialize)]
@@ -467,13 +651,14 @@ impl Integration {
         let mut auth_methods: Vec<Arc<AuthMethod>> = Vec::new();
         for (i, m) in file.auth_methods.into_iter().enumerate() {
             let key = format!("auth_methods[{i}]");
-            if !is_slug(&m.id) {
+            let m = MethodFile::parse(source, &key, m)?;
+            if !is_slug(m.id()) {
                 return Err(err(format!("{key}.id"), "must be 1-64 characters of [a-z0-9_-]".into()));
             }
-            if auth_methods.iter().any(|a| a.id == m.id) {
-                return Err(err(format!("{key}.id"), format!("auth method {:?} is defined twice", m.id)));
+            if auth_methods.iter().any(|a| a.id == m.id()) {
+                return Err(err(format!("{key}.id"), format!("auth method {:?} is defined twice", m.id())));
             }
-            auth_methods.push(Arc::new(compile_method(m, &key).map_err(|(k, r)| err(k, r))?));
+            auth_methods.push(Arc::new(m.compile(&key).map_err(|(k, r)| err(k, r))?));
         }
         if let Some(b) = &file.base_url {
             let ok = b
@@ -513,130 +698,6 @@ fn is_slug(s: &str) -> bool {
 }
 
 type FieldError = (String, String);
-
-fn compile_method(m: AuthMethodFile, key: &str) -> Result<AuthMethod, FieldError> {
-    let forbid = |present: bool, field: &str| -> Result<(), FieldError> {
-        if present {
-            Err((format!("{key}.{field}"), format!("not used by auth method type {:?}", m.kind)))
-        } else {
-            Ok(())
-        }
-    };
-    if m.kind != AuthType::Oauth2 {
-        forbid(m.oauth2.is_some(), "oauth2")?;
-    }
-    let (kind, fields) = match m.kind {
-        AuthType::Oauth2 => {
-            forbid(m.fields.is_some(), "fields")?;
-            forbid(m.placements.is_some(), "placements")?;
-            let fields = vec!["access_token".to_owned()];
-            let o = m.oauth2.ok_or_else(|| {
-                (format!("{key}.oauth2"), "required: the provider settings ([auth_methods.oauth2])".to_owned())
-            })?;
-            let place = m.placement.unwrap_or(PlaceIn::Header);
-            if matches!(place, PlaceIn::Json | PlaceIn::Form) {
-                return Err((format!("{key}.in"), "an access token goes in a header, query or cookie".into()));
-            }
-            let name = m.name.unwrap_or_else(|| "Authorization".to_owned());
-            let template = m.template.unwrap_or_else(|| "Bearer {access_token}".to_owned());
-            let placement =
-                compile_placement(place, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
-            let okey = format!("{key}.oauth2");
-            let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
-                let u: http::Uri = v.parse().map_err(|_| (format!("{okey}.{field}"), "not a URL".to_owned()))?;
-                if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
-                    return Err((format!("{okey}.{field}"), "must be an absolute http(s) URL".into()));
-                }
-                Ok(u)
-            };
-            let authorize_url = o.authorize_url.as_deref().map(|u| url("authorize_url", u)).transpose()?;
-            if o.grant == Grant::AuthorizationCode && authorize_url.is_none() {
-                return Err((format!("{okey}.authorize_url"), "required for grant = \"authorization_code\"".into()));
-            }
-            if o.client_id.is_empty() {
-                return Err((format!("{okey}.client_id"), "must not be empty".into()));
-            }
-            let method = OAuth2Method {
-                grant: o.grant,
-                authorize_url,
-                token_url: url("token_url", &o.token_url)?,
-                revocation_url: o.revocation_url.as_deref().map(|u| url("revocation_url", u)).transpose()?,
-                scopes: o.scopes,
-                client_id: o.client_id,
-                client_secret: crate::secret::SecretValue::new(o.client_secret),
-                client_auth: o.client_auth,
-                pkce: o.pkce,
-                authorize_params: o.authorize_params.into_iter().collect(),
-                token_params: o.token_params.into_iter().collect(),
-                refresh_skew_secs: o.refresh_skew_secs,
-                default_expires_in_secs: o.default_expires_in_secs.max(1),
-                placement,
-            };
-            (AuthKind::OAuth2(Box::new(method)), fields)
-        }
-        AuthType::Bearer | AuthType::Basic => {
-            forbid(m.placement.is_some(), "in")?;
-            forbid(m.name.is_some(), "name")?;
-            forbid(m.template.is_some(), "template")?;
-            forbid(m.fields.is_some(), "fields")?;
-            forbid(m.placements.is_some(), "placements")?;
-            if m.kind == AuthType::Bearer {
-                (AuthKind::Bearer, vec!["token".to_owned()])
-            } else {
-                (AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()])
-            }
-        }
-        AuthType::ApiKey => {
-            forbid(m.fields.is_some(), "fields")?;
-            forbid(m.placements.is_some(), "placements")?;
-            let fields = vec!["api_key".to_owned()];
-            let placement =
-                m.placement.ok_or_else(|| (format!("{key}.in"), "required: header, query or cookie".to_owned()))?;
-            if matches!(placement, PlaceIn::Json | PlaceIn::Form) {
-                return Err((
-                    format!("{key}.in"),
-                    "api_key goes in a header, query or cookie; use type = \"custom\" for body fields".into(),
-                ));
-            }
-            let name = m.name.ok_or_else(|| (format!("{key}.name"), "required".to_owned()))?;
-            let template = m.template.unwrap_or_else(|| "{api_key}".to_owned());
-            let p =
-                compile_placement(placement, &name, &template, &fields).map_err(|(f, r)| (format!("{key}.{f}"), r))?;
-            (AuthKind::ApiKey(p), fields)
-        }
-        AuthType::Custom => {
-            forbid(m.placement.is_some(), "in")?;
-            forbid(m.name.is_some(), "name")?;
-            forbid(m.template.is_some(), "template")?;
-            let fields =
-                m.fields.ok_or_else(|| (format!("{key}.fields"), "required: the credential field names".to_owned()))?;
-            if fields.is_empty() {
-                return Err((format!("{key}.fields"), "must name at least one field".into()));
-            }
-            for (i, f) in fields.iter().enumerate() {
-                if !is_slug(f) {
-                    return Err((format!("{key}.fields[{i}]"), "must be 1-64 characters of [a-z0-9_-]".into()));
-                }
-                if fields[..i].contains(f) {
-                    return Err((format!("{key}.fields[{i}]"), format!("field {f:?} is listed twice")));
-                }
-            }
-            let placements = m.placements.unwrap_or_default();
-            if placements.is_empty() {
-                return Err((format!("{key}.placements"), "must place at least one value".into()));
-            }
-            let mut out = Vec::new();
-            for (i, p) in placements.iter().enumerate() {
-                out.push(
-                    compile_placement(p.placement, &p.name, &p.template, &fields)
-                        .map_err(|(f, r)| (format!("{key}.placements[{i}].{f}"), r))?,
-                );
-            }
-            (AuthKind::Custom(out), fields)
-        }
-    };
-    Ok(AuthMethod { id: m.id, kind, fields })
-}
 
 fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[String]) -> Result<Placement, FieldError> {
     let template = Template::parse(template, fields).map_err(|r| ("template".to_owned(), r))?;
@@ -740,6 +801,14 @@ mod tests {
         assert_eq!(e.key, "auth_methods[0].name");
         let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"bearer\"\nname = \"X\"\n")).unwrap_err();
         assert_eq!(e.key, "auth_methods[0].name");
+        assert!(e.reason.contains("unknown field"), "{e}");
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"oauth2\"\n")).unwrap_err();
+        assert_eq!((e.key.as_str(), e.reason.as_str()), ("auth_methods[0].oauth2", "required"));
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\ntype = \"digest\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].type");
+        assert!(e.reason.contains("unknown variant"), "{e}");
+        let e = parse(&format!("{base}[[auth_methods]]\nid = \"k\"\n")).unwrap_err();
+        assert_eq!(e.key, "auth_methods[0].type");
         let e = parse(&format!(
             "{base}[[auth_methods]]\nid = \"k\"\ntype = \"api_key\"\nin = \"header\"\nname = \"Host\"\n"
         ))
