@@ -256,17 +256,7 @@ async fn the_start_up_line_says_what_is_running() {
     let config = config_in(dir.path(), "");
     let mut cmd = tokio::process::Command::new(credproxy_bin());
     cmd.args(["serve", "--config"]).arg(&config).current_dir(dir.path()).env("RUST_LOG", "info");
-    let mut child = cmd.stderr(std::process::Stdio::piped()).kill_on_drop(true).spawn().unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut found = None;
-    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(15), lines.next_line()).await {
-        if line.contains("credproxy listening") {
-            found = Some(line);
-            break;
-        }
-    }
-    let line = found.expect("a start-up line");
+    let line = support::process::serve(cmd, Duration::from_secs(15)).await.line;
     assert!(line.contains(&format!("org={ORG} ")), "{line}");
     assert!(!line.contains("Some("), "{line}");
     assert!(line.contains("proxy=127.0.0.1:") && line.contains("admin=127.0.0.1:"), "{line}");

@@ -1,0 +1,114 @@
+//! User-space instructions per request, counted by callgrind: credproxy,
+//! the baseline build and nginx, one thread each, counters zeroed after a
+//! warm-up and dumped after the last answer — a deterministic number where
+//! CPU time on a shared machine is not.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::client::{run_hooked, Target};
+use crate::knobs::Knobs;
+use crate::systems::{credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup};
+
+/// Counts credproxy's (and the baseline's, and nginx's) instructions per
+/// request and prints them; says so when valgrind is not installed.
+pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
+    if !k.callgrind {
+        return;
+    }
+    let Some((valgrind, control)) = find_tool("valgrind").zip(find_tool("callgrind_control")) else {
+        println!("\ninstructions per request: absent (install Debian's `valgrind` to count them)");
+        return;
+    };
+    let dir = setup.dir.path();
+    // LOAD_CALLGRIND_DIR keeps the dumps (for callgrind_annotate).
+    let cg = k.callgrind_dir.clone().unwrap_or_else(|| dir.join("callgrind"));
+    std::fs::create_dir_all(&cg).unwrap();
+    let wrapper = callgrind_wrapper(&valgrind, &cg);
+    let one_thread = dir.join("credproxy-1.toml");
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let text = text.replace(&format!("worker_threads = {}", k.workers), "worker_threads = 1");
+    std::fs::write(&one_thread, text).unwrap();
+    let log = k.baseline_log();
+    let dur = k.dur / 2;
+
+    let (cpv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &one_thread, dir, log).await;
+    let (t0, w0) = setup.seen.counts();
+    let pid = cpv.child.id().unwrap();
+    let cp_ir = instructions_per_request(&control, &cg, pid, &setup.via(cpv.proxy), dur, tck).await;
+    let (t1, w1) = setup.seen.counts();
+    assert_eq!(w1 - w0, t1 - t0, "credproxy under callgrind: requests without the token");
+    drop(cpv);
+    // The baseline binary too, so a change's count is read before and after in one run.
+    let base_ir = match &k.baseline_bin {
+        Some(base) => {
+            let (bv, _) = spawn_credproxy(&wrapper, base, &one_thread, dir, log).await;
+            let pid = bv.child.id().unwrap();
+            Some(instructions_per_request(&control, &cg, pid, &setup.via(bv.proxy), dur, tck).await)
+        }
+        None => None,
+    };
+    let ng_ir = match find_tool("nginx") {
+        Some(bin) => {
+            let (ngv, addr) = spawn_nginx(&wrapper, &bin, &dir.join("nginx-cg"), setup.upstream, None, false).await;
+            let target = Target::Proxy { proxy: addr, upstream: setup.upstream, conn_id: None };
+            Some(instructions_per_request(&control, &cg, ngv.id(), &target, dur, tck).await)
+        }
+        None => None,
+    };
+    crate::report::instructions(cp_ir, base_ir, ng_ir);
+}
+
+/// `valgrind --tool=callgrind`, writing its dumps into `dir`.
+fn callgrind_wrapper(valgrind: &Path, dir: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        valgrind.into(),
+        "--tool=callgrind".into(),
+        "--compress-strings=no".into(),
+        format!("--callgrind-out-file={}/cg.%p", dir.display()).into(),
+    ]
+}
+
+fn callgrind_control(control: &Path, flag: &str, pid: u32) {
+    let out =
+        std::process::Command::new(control).args([flag, &pid.to_string()]).output().expect("callgrind_control runs");
+    assert!(out.status.success(), "callgrind_control {flag} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The instruction count of the newest dump of `pid` in `dir`.
+fn dumped_instructions(dir: &Path, pid: u32) -> u64 {
+    let prefix = format!("cg.{pid}.");
+    let newest = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .max()
+        .expect("callgrind wrote a dump")
+        .1;
+    let text = std::fs::read_to_string(&newest).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")));
+    line.and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("callgrind dump has a summary")
+}
+
+/// User-space instructions per request of the process `pid` (running under
+/// callgrind): counters zeroed once connections are open and warm, dumped
+/// after the last answer, divided by the requests answered.
+async fn instructions_per_request(
+    control: &Path,
+    dir: &Path,
+    pid: u32,
+    target: &Target,
+    dur: Duration,
+    tck: u64,
+) -> f64 {
+    let s = run_hooked(target, 4, dur, None, tck, &|| callgrind_control(control, "-z", pid), &|| {
+        callgrind_control(control, "-d", pid)
+    })
+    .await;
+    assert_eq!(s.errors, 0, "requests failed under callgrind");
+    dumped_instructions(dir, pid) as f64 / s.ok.max(1) as f64
+}

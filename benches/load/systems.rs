@@ -1,0 +1,387 @@
+//! What is measured: the hello upstream, credproxy (and a baseline build of
+//! it) as real processes, nginx configured alike; each row a [`System`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use credproxy::admin_client::AdminClient;
+use credproxy::secret::SecretValue;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::client::{http_get, Target};
+use crate::knobs::Knobs;
+use crate::process::{self, Served};
+use crate::{repo, ADMIN_TOKEN, ORG, TOKEN};
+
+/// One row of the table: a target for the load generator, the process
+/// whose CPU is measured, and whether it injects the credential (then every
+/// request it forwards must arrive with it).
+pub struct System {
+    pub name: &'static str,
+    pub target: Target,
+    pub pid: Option<u32>,
+    pub injects: bool,
+}
+
+// ---------------------------------------------------------------- upstream
+
+/// Requests seen by the hello upstream, and how many carried the injected header.
+#[derive(Default)]
+pub struct Seen {
+    total: AtomicU64,
+    with_token: AtomicU64,
+}
+
+impl Seen {
+    /// (all requests, those with the injected header) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.total.load(Ordering::Relaxed), self.with_token.load(Ordering::Relaxed))
+    }
+}
+
+async fn hello(seen: Arc<Seen>, req: hyper::Request<Incoming>) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    seen.total.fetch_add(1, Ordering::Relaxed);
+    if req.headers().get(http::header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == bearer().as_bytes()) {
+        seen.with_token.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hyper::Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
+}
+
+fn bearer() -> &'static str {
+    static BEARER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BEARER.get_or_init(|| format!("Bearer {TOKEN}"))
+}
+
+/// The hyper hello server on `127.0.0.1:0`, over TLS with `tls`.
+async fn start_upstream(seen: Arc<Seen>, tls: Option<tokio_rustls::TlsAcceptor>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let (seen, tls) = (seen.clone(), tls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| hello(seen.clone(), req));
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(acceptor) => {
+                        if let Ok(s) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn upstream_tls() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<_> = CertificateDer::pem_file_iter(repo().join("certs/test/httpbin.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(repo().join("certs/test/httpbin.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+// ---------------------------------------------------------------- credproxy
+
+/// `credproxy serve` (`bin`, run by `wrapper` such as valgrind, if any)
+/// until it answers `/readyz`; with the time that took.
+pub async fn spawn_credproxy(
+    wrapper: &[std::ffi::OsString],
+    bin: &Path,
+    config: &Path,
+    cwd: &Path,
+    log: &str,
+) -> (Served, Duration) {
+    let started = Instant::now();
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => tokio::process::Command::new(bin),
+    };
+    cmd.args(["serve", "--config"]).arg(config).current_dir(cwd).env("RUST_LOG", log);
+    // Under valgrind start-up takes seconds.
+    let served = process::serve(cmd, Duration::from_secs(120)).await;
+    while http_get(served.admin, "/readyz").await != Some(200) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    (served, started.elapsed())
+}
+
+pub fn credproxy_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_credproxy"))
+}
+
+/// A bearer connection for the bench integration, through the admin API.
+async fn create_connection(admin: SocketAddr) -> String {
+    let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
+    let body = serde_json::json!({
+        "integration": "bench", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
+        "credentials": {"token": TOKEN},
+    });
+    let v = client.call(http::Method::POST, "/v1/connections", Some(&body)).await.expect("connection created");
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// credproxy's files in `dir`: SQLite, local key, one bench integration,
+/// interception on with a CA from `credproxy ca init`. Returns the config
+/// file and the CA directory.
+fn credproxy_files(dir: &Path, workers: usize) -> (PathBuf, PathBuf) {
+    let ca = dir.join("ca");
+    let out = std::process::Command::new(credproxy_bin()).args(["ca", "init", "--out"]).arg(&ca).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ints = dir.join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    std::fs::write(
+        ints.join("bench.toml"),
+        "id = \"bench\"\nname = \"bench\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
+         [[auth_methods]]\nid = \"bearer\"\ntype = \"bearer\"\n",
+    )
+    .unwrap();
+    let config = dir.join("credproxy.toml");
+    std::fs::write(&config, credproxy_config(dir, &ints, &ca, workers)).unwrap();
+    (config, ca)
+}
+
+pub fn credproxy_config(dir: &Path, ints: &Path, ca: &Path, workers: usize) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/credproxy.db\"\n\
+         [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+         [upstream]\nextra_ca_certs = [\"{ca_up}\"]\n[integrations]\ndir = \"{ints}\"\n\
+         [tls_intercept]\nenabled = true\nca_cert = \"{ca}/credproxy-ca.pem\"\nca_key = \"{ca}/credproxy-ca.key\"\n\
+         [runtime]\nworker_threads = {workers}\n",
+        d = dir.display(),
+        ca_up = repo().join("certs/test/upstream-ca.pem").display(),
+        ints = ints.display(),
+        ca = ca.display(),
+    )
+}
+
+/// A TLS client trusting the interception CA in `ca`.
+fn client_tls(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in credproxy::upstream::load_pem_certs(&ca.join("credproxy-ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+// ---------------------------------------------------------------- nginx
+
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin", "/usr/bin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// An nginx master process. Stopped with SIGTERM, which it passes on to its
+/// workers: a SIGKILL (`kill_on_drop`) would leave the workers running.
+pub struct Nginx(std::process::Child);
+
+impl Nginx {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx proxying to `upstream` with a static `Authorization` header and an
+/// upstream keep-alive pool. `workers: None`: no master, the one worker is
+/// the process itself (to run it under `wrapper`, e.g. valgrind).
+/// `access_log`: nginx's default (combined format, a write per request)
+/// instead of `access_log off`.
+pub async fn spawn_nginx(
+    wrapper: &[std::ffi::OsString],
+    bin: &Path,
+    prefix: &Path,
+    upstream: SocketAddr,
+    workers: Option<usize>,
+    access_log: bool,
+) -> (Nginx, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::create_dir_all(prefix.join("logs")).unwrap();
+    let (master, workers) = match workers {
+        Some(n) => ("on", n),
+        None => ("off", 1),
+    };
+    let conf = format!(
+        "daemon off;\nmaster_process {master};\nworker_processes {workers};\npid {p}/nginx.pid;\nerror_log stderr warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log {log};\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+           fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+           upstream hello {{ server {upstream}; keepalive 64; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://hello;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_set_header Authorization \"Bearer {TOKEN}\";\n    }}\n  }}\n}}\n",
+        p = prefix.display(),
+        log = if access_log { format!("{}/access.log", prefix.display()) } else { "off".into() },
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
+    let child = Nginx(
+        cmd.arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts"),
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    for _ in 0..3000 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return (child, addr);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nginx did not listen on {addr}");
+}
+
+// ---------------------------------------------------------------- setup
+
+/// Everything the rows run against, started once: the upstreams, credproxy
+/// without and with its access log, the baseline build, nginx without and
+/// with its access log. Dropping it stops the processes.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub seen: Arc<Seen>,
+    pub upstream: SocketAddr,
+    upstream_tls: SocketAddr,
+    pub config: PathBuf,
+    pub conn_id: String,
+    tls: tokio_rustls::TlsConnector,
+    credproxy: Served,
+    credproxy_log: Served,
+    baseline: Option<Served>,
+    nginx: Option<((Nginx, SocketAddr), (Nginx, SocketAddr))>,
+}
+
+impl Setup {
+    pub async fn start(k: &Knobs) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Seen::default());
+        let upstream = start_upstream(seen.clone(), None).await;
+        let upstream_tls = start_upstream(seen.clone(), Some(upstream_tls())).await;
+        let (config, ca) = credproxy_files(dir.path(), k.workers);
+        // Like the nginx row (access_log off): no access log. A second
+        // instance on the same store keeps the default access log, to show its cost.
+        let off = "info,credproxy::access=off";
+        let (credproxy, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), off).await;
+        let (credproxy_log, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), "info").await;
+        let conn_id = create_connection(credproxy.admin).await;
+        // LOAD_BASELINE_BIN adds a `baseline` row on the same store and
+        // config, so one run says what a change bought.
+        let baseline = match &k.baseline_bin {
+            Some(bin) => Some(spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log()).await.0),
+            None => None,
+        };
+        let nginx = match find_tool("nginx") {
+            Some(bin) => Some((
+                spawn_nginx(&[], &bin, &dir.path().join("nginx"), upstream, Some(k.workers), false).await,
+                spawn_nginx(&[], &bin, &dir.path().join("nginx-log"), upstream, Some(k.workers), true).await,
+            )),
+            None => None,
+        };
+        let tls = client_tls(&ca);
+        Self { dir, seen, upstream, upstream_tls, config, conn_id, tls, credproxy, credproxy_log, baseline, nginx }
+    }
+
+    pub fn has_nginx(&self) -> bool {
+        self.nginx.is_some()
+    }
+
+    /// A forward-proxy target on `proxy` with the bench connection.
+    pub fn via(&self, proxy: SocketAddr) -> Target {
+        Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(self.conn_id.clone()) }
+    }
+
+    /// The rows, in the order each round runs them (LOAD_SYSTEMS narrows them).
+    pub fn systems(&self, k: &Knobs) -> Vec<System> {
+        let row = |name, target, pid, injects| System { name, target, pid, injects };
+        let mut systems = vec![
+            row("direct", Target::Direct(self.upstream), None, false),
+            row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
+            row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
+            row(
+                "credproxy-connect",
+                Target::Connect {
+                    proxy: self.credproxy.proxy,
+                    upstream: self.upstream_tls,
+                    conn_id: self.conn_id.clone(),
+                    tls: self.tls.clone(),
+                },
+                self.credproxy.child.id(),
+                true,
+            ),
+        ];
+        if let Some(b) = &self.baseline {
+            systems.insert(2, row("baseline", self.via(b.proxy), b.child.id(), true));
+        }
+        if let Some(((plain, addr), (logged, addr_log))) = &self.nginx {
+            let direct = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None };
+            systems.push(row("nginx", direct(*addr), Some(plain.id()), false));
+            systems.push(row("nginx+accesslog", direct(*addr_log), Some(logged.id()), false));
+        }
+        if let Some(keep) = &k.systems {
+            systems.retain(|s| keep.iter().any(|n| n == s.name));
+        }
+        systems
+    }
+
+    /// Stops the proxies (the upstream and the files stay, for what follows).
+    pub fn stop_proxies(&mut self) {
+        self.nginx = None;
+        self.baseline = None;
+        let _ = self.credproxy.child.start_kill();
+        let _ = self.credproxy_log.child.start_kill();
+    }
+}
