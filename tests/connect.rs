@@ -186,16 +186,7 @@ async fn node_fetch(t: &Tls, target: &str, conn: &str) -> Seen {
         .unwrap();
     assert!(out.status.success(), "node: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    Seen {
-        status: v["status"].as_u64().unwrap() as u16,
-        headers: v["headers"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-            .collect(),
-        body: v["body"].as_str().unwrap().as_bytes().to_vec(),
-    }
+    Seen::from_json(&v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

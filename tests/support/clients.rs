@@ -14,6 +14,20 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// What a client script printed: `{"status": …, "headers": {…}, "body": "…"}`.
+    pub fn from_json(v: &Value) -> Self {
+        Self {
+            status: v["status"].as_u64().expect("status") as u16,
+            headers: v["headers"]
+                .as_object()
+                .expect("headers")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect(),
+            body: v["body"].as_str().expect("body").as_bytes().to_vec(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
@@ -88,16 +102,7 @@ pub async fn python_client(script: &str, env: &[(&str, &str)]) -> Seen {
     let out = cmd.output().await.expect("python runs");
     assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("python printed JSON");
-    Seen {
-        status: v["status"].as_u64().unwrap() as u16,
-        headers: v["headers"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-            .collect(),
-        body: v["body"].as_str().unwrap().as_bytes().to_vec(),
-    }
+    Seen::from_json(&v)
 }
 
 /// A GET (or other method) through the proxy on a fresh TCP connection, in
