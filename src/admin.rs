@@ -22,6 +22,7 @@ use crate::config::AdminToken;
 use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
 use crate::outbound::{Outbound, ProxyError};
 use crate::problem::{Code, Problem};
+use crate::runtoken::{RunClaims, RunTokenKeys};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, StoreError};
 
@@ -36,6 +37,15 @@ pub struct AdminState {
     interceptor: Option<Arc<crate::tls::Interceptor>>,
     /// Set when shutdown starts: `/readyz` answers 503.
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Mints run tokens (`POST /v1/run-tokens`).
+    run_tokens: Option<RunTokenIssuer>,
+}
+
+/// What minting run tokens needs: the keys and the lifetimes allowed.
+pub struct RunTokenIssuer {
+    pub keys: Arc<RunTokenKeys>,
+    pub default_ttl: std::time::Duration,
+    pub max_ttl: std::time::Duration,
 }
 
 impl AdminState {
@@ -55,7 +65,13 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope)
             })
             .collect();
-        Self { connections, outbound, callback_url, tokens, interceptor, draining }
+        Self { connections, outbound, callback_url, tokens, interceptor, draining, run_tokens: None }
+    }
+
+    /// Serves `POST /v1/run-tokens` with `issuer`.
+    pub fn with_run_tokens(mut self, issuer: RunTokenIssuer) -> Self {
+        self.run_tokens = Some(issuer);
+        self
     }
 
     fn scope_for(&self, presented: &str) -> Option<Scope> {
@@ -103,6 +119,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
         .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
         .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
+        .route("/v1/run-tokens", axum::routing::post(mint_run_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/healthz", get(healthz))
@@ -399,6 +416,80 @@ async fn delete_connection(
         body["provider_revocation_error"] = json!(why);
     }
     Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunTokenBody {
+    org_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    /// Only these connections.
+    #[serde(default)]
+    connection_ids: Option<Vec<String>>,
+    /// Only connections of these integrations.
+    #[serde(default)]
+    integrations: Option<Vec<String>>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+/// Mints a run token for one workflow run: `{token, expires_at, id, key_id}`.
+/// An org-scoped admin token mints only for its organization.
+async fn mint_run_token(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
+    let req: RunTokenBody = serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    if scope.org().is_some_and(|o| o != req.org_id) {
+        return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
+    }
+    let Some(issuer) = &st.run_tokens else {
+        return Err(ApiError::new(Code::NotFound, "run tokens are not available on this instance"));
+    };
+    let invalid = |detail: String| ApiError::new(Code::InvalidRequest, detail);
+    for (field, value) in [("org_id", Some(&req.org_id)), ("user_id", req.user_id.as_ref())] {
+        if value.is_some_and(|v| !crate::ids::is_valid_external_id(v)) {
+            return Err(invalid(format!("{field}: must be 1-128 characters of [A-Za-z0-9_.:@-]")));
+        }
+    }
+    for (i, id) in req.connection_ids.iter().flatten().enumerate() {
+        if !crate::ids::is_connection_id(id) {
+            return Err(invalid(format!("connection_ids[{i}]: not a connection id")));
+        }
+    }
+    for (i, int) in req.integrations.iter().flatten().enumerate() {
+        if st.connections.integrations().get(int).is_none() {
+            return Err(ApiError::new(Code::UnknownIntegration, format!("integrations[{i}]: no such integration")));
+        }
+    }
+    let ttl = req.ttl_secs.map_or(issuer.default_ttl, std::time::Duration::from_secs);
+    if ttl.is_zero() || ttl > issuer.max_ttl {
+        return Err(invalid(format!("ttl_secs: must be 1 to {} (run_tokens.max_ttl_secs)", issuer.max_ttl.as_secs())));
+    }
+    let now = crate::creds::unix_now();
+    let claims = RunClaims {
+        jti: crate::runtoken::new_jti(),
+        org: req.org_id,
+        sub: req.user_id,
+        conns: req.connection_ids,
+        ints: req.integrations,
+        iat: now,
+        exp: now + ttl.as_secs() as i64,
+    };
+    let token = issuer.keys.mint(&claims);
+    tracing::info!(run_token = %claims.jti, org = %claims.org, expires_at = claims.exp, "run token minted");
+    let body = json!({
+        "token": token.expose(),
+        "expires_at": claims.exp,
+        "id": claims.jti,
+        "key_id": issuer.keys.signing_id(),
+    });
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 #[derive(Deserialize)]

@@ -81,6 +81,37 @@ enum Command {
         #[command(subcommand)]
         command: IntegrationsCommand,
     },
+    /// Run tokens (shared mode: what a workflow run presents to the proxy),
+    /// through the admin API.
+    RunTokens {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: RunTokensCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunTokensCommand {
+    /// Mint a run token; prints {token, expires_at, id, key_id}. The run
+    /// then uses HTTP_PROXY=http://[CONNECTION_ID]:TOKEN@PROXY_HOST:PORT.
+    Mint {
+        /// The organization the run acts for.
+        #[arg(long = "org")]
+        org_id: String,
+        /// The user the run acts for.
+        #[arg(long = "user")]
+        user_id: Option<String>,
+        /// Only this connection (repeat for more).
+        #[arg(long = "connection")]
+        connections: Vec<String>,
+        /// Only connections of this integration (repeat for more).
+        #[arg(long = "integration")]
+        integrations: Vec<String>,
+        /// Lifetime in seconds (default run_tokens.default_ttl_secs).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -264,6 +295,7 @@ pub fn main() -> ExitCode {
             },
             Command::Connections { admin, command } => connections(admin, command).await,
             Command::Integrations { admin, command } => integrations(admin, command).await,
+            Command::RunTokens { admin, command } => run_tokens(admin, command).await,
             Command::Keys { command } => keys(command).await,
             Command::Health { url } => health(&url).await,
             Command::Ca { command: CaCommand::Init { out, days } } => match crate::tls::init_ca(&out, days) {
@@ -565,6 +597,28 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
         }
     };
     report(result)
+}
+
+async fn run_tokens(admin: AdminArgs, command: RunTokensCommand) -> ExitCode {
+    let client = match admin_client(admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let RunTokensCommand::Mint { org_id, user_id, connections, integrations, ttl_secs } = command;
+    let mut body = json!({ "org_id": org_id });
+    if let Some(u) = user_id {
+        body["user_id"] = json!(u);
+    }
+    if !connections.is_empty() {
+        body["connection_ids"] = json!(connections);
+    }
+    if !integrations.is_empty() {
+        body["integrations"] = json!(integrations);
+    }
+    if let Some(t) = ttl_secs {
+        body["ttl_secs"] = json!(t);
+    }
+    report(client.call(Method::POST, "/v1/run-tokens", Some(&body)).await)
 }
 
 fn path_segment(s: &str) -> String {

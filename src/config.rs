@@ -103,6 +103,7 @@ pub struct Config {
     pub integrations: IntegrationsConfig,
     pub oauth2: OAuth2Config,
     pub tls_intercept: TlsInterceptConfig,
+    pub run_tokens: RunTokensConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -185,14 +186,30 @@ impl Default for OAuth2Config {
     }
 }
 
+/// Whom a proxy serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyMode {
+    /// One organization (`proxy.org_id`), callers its own pod.
+    #[default]
+    Sidecar,
+    /// Every organization: each request and `CONNECT` proves its caller
+    /// with a run token.
+    Shared,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Address of the proxy listener (`HTTP_PROXY` points here).
     pub listen: SocketAddr,
-    /// Organization this sidecar serves. Required: shared-mode run tokens are
-    /// not implemented yet, so every caller is this organization.
+    /// `sidecar` (one organization) or `shared` (run tokens name it).
+    pub mode: ProxyMode,
+    /// Sidecar mode: the organization every caller acts for. Required in
+    /// sidecar mode, refused in shared mode.
     pub org_id: Option<String>,
+    /// Sidecar mode: require a run token all the same.
+    pub require_run_token: bool,
     /// Largest request body (bytes) buffered for body placements of the
     /// `custom` auth method; larger bodies get 413.
     pub max_buffered_body: u64,
@@ -238,7 +255,9 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            mode: ProxyMode::Sidecar,
             org_id: None,
+            require_run_token: false,
             max_buffered_body: 1024 * 1024,
             header_read_timeout: ms(10_000),
             tls_cert: None,
@@ -286,6 +305,14 @@ pub struct AdminToken {
 
 fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretValue, D::Error> {
     String::deserialize(d).map(SecretValue::new)
+}
+
+fn deserialize_secret_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretValue>, D::Error> {
+    String::deserialize(d).map(|s| Some(SecretValue::new(s)))
+}
+
+fn deserialize_secrets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretValue>, D::Error> {
+    Vec::<String>::deserialize(d).map(|v| v.into_iter().map(SecretValue::new).collect())
 }
 
 #[derive(Clone, Deserialize)]
@@ -466,6 +493,52 @@ impl Default for UpstreamConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RunTokensConfig {
+    /// The key that signs run tokens (base64 of at least 32 random bytes),
+    /// created 0600 on first start. Default: `run-token.key` beside
+    /// `crypto.key_file`.
+    pub signing_key_file: Option<PathBuf>,
+    /// The signing key itself (use `${VAR}`); instead of the file.
+    #[serde(deserialize_with = "deserialize_secret_opt")]
+    pub signing_key: Option<SecretValue>,
+    /// Earlier signing keys, verification only (a rotation): files...
+    pub verification_key_files: Vec<PathBuf>,
+    /// ...or values (`${VAR}`).
+    #[serde(deserialize_with = "deserialize_secrets")]
+    pub verification_keys: Vec<SecretValue>,
+    /// Lifetime of a token minted without `ttl_secs`. `default_ttl_secs`.
+    #[serde(rename = "default_ttl_secs", deserialize_with = "duration::secs")]
+    pub default_ttl: Duration,
+    /// Longest lifetime a token may be minted with. `max_ttl_secs`.
+    #[serde(rename = "max_ttl_secs", deserialize_with = "duration::secs")]
+    pub max_ttl: Duration,
+}
+
+impl Default for RunTokensConfig {
+    fn default() -> Self {
+        Self {
+            signing_key_file: None,
+            signing_key: None,
+            verification_key_files: Vec::new(),
+            verification_keys: Vec::new(),
+            default_ttl: secs(15 * 60),
+            max_ttl: secs(24 * 3600),
+        }
+    }
+}
+
+impl RunTokensConfig {
+    /// The signing key's file (when not given as a value).
+    pub fn signing_key_path(&self, crypto: &CryptoConfig) -> PathBuf {
+        match &self.signing_key_file {
+            Some(p) => p.clone(),
+            None => crypto.key_file.parent().unwrap_or(Path::new("")).join("run-token.key"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct IntegrationsConfig {
     /// Directory of integration files (`*.toml`, one integration each).
     pub dir: PathBuf,
@@ -525,18 +598,32 @@ impl Config {
 
     /// Semantic checks the types cannot express. Always called by the loader.
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
-        match &self.proxy.org_id {
-            None => {
+        match (&self.proxy.org_id, self.proxy.mode) {
+            (None, ProxyMode::Sidecar) => {
                 return Err(ConfigError::new(
                     name,
                     "proxy.org_id",
-                    "required: the organization this proxy serves (shared-mode run tokens are not available yet)",
+                    "required in sidecar mode: the organization this proxy serves (or proxy.mode = \"shared\")",
                 ))
             }
-            Some(org) if !crate::ids::is_valid_external_id(org) => {
+            (Some(_), ProxyMode::Shared) => {
+                return Err(ConfigError::new(
+                    name,
+                    "proxy.org_id",
+                    "not used in shared mode: each caller's run token names its organization",
+                ))
+            }
+            (Some(org), _) if !crate::ids::is_valid_external_id(org) => {
                 return Err(ConfigError::new(name, "proxy.org_id", "must be 1-128 characters of [A-Za-z0-9_.:@-]"))
             }
-            Some(_) => {}
+            _ => {}
+        }
+        if self.run_tokens.default_ttl > self.run_tokens.max_ttl {
+            return Err(ConfigError::new(
+                name,
+                "run_tokens.default_ttl_secs",
+                "must not exceed run_tokens.max_ttl_secs",
+            ));
         }
         if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
             return Err(ConfigError::new(name, "proxy.tls_key", "proxy.tls_cert and proxy.tls_key go together"));
@@ -629,6 +716,8 @@ impl Config {
             ("tls_intercept.leaf_validity_hours", self.tls_intercept.leaf_validity),
             ("store.timeout_ms", self.store.timeout),
             ("crypto.kms_timeout_ms", self.crypto.kms_timeout),
+            ("run_tokens.default_ttl_secs", self.run_tokens.default_ttl),
+            ("run_tokens.max_ttl_secs", self.run_tokens.max_ttl),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(name, key, "must be greater than 0"));
@@ -904,6 +993,26 @@ mod tests {
     }
 
     #[test]
+    fn modes_decide_whether_an_organization_is_configured() {
+        let shared = "[proxy]\nmode = \"shared\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
+        let cfg = Config::from_toml_str("c.toml", shared, &env(&[])).unwrap();
+        assert_eq!((cfg.proxy.mode, cfg.proxy.org_id), (ProxyMode::Shared, None));
+        let err = Config::from_toml_str("c.toml", &format!("{shared}[proxy]\norg_id = \"o\"\n"), &env(&[]));
+        assert!(err.is_err(), "TOML refuses a second [proxy]; the override below is the real case");
+        let err = Config::from_toml_str("c.toml", shared, &env(&[("CREDPROXY_PROXY__ORG_ID", "org_a")])).unwrap_err();
+        assert_eq!(
+            (err.key.as_str(), err.source_name.as_str()),
+            ("proxy.org_id", "environment CREDPROXY_PROXY__ORG_ID")
+        );
+        assert!(err.reason.contains("shared mode"), "{err}");
+        let err = Config::from_toml_str("c.toml", "[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n", &env(&[]));
+        assert!(err.unwrap_err().reason.contains("sidecar mode"));
+        let key = Path::new("/var/lib/credproxy/master.key");
+        let crypto = CryptoConfig { key_file: key.into(), ..CryptoConfig::default() };
+        assert_eq!(RunTokensConfig::default().signing_key_path(&crypto), Path::new("/var/lib/credproxy/run-token.key"));
+    }
+
+    #[test]
     fn a_missing_key_is_named() {
         let text = "[proxy]\norg_id = \"org_a\"\n[[admin.tokens]]\norg_id = \"org_a\"\n";
         let err = Config::from_toml_str("c.toml", text, &env(&[])).unwrap_err();
@@ -1018,7 +1127,11 @@ mod tests {
             }
         }
         // Every commented setting, examples included, is a value the parser takes.
-        let env = env(&[(ADMIN_TOKEN_ENV, "dev-admin-token-0123"), ("ADMIN_TOKEN_ORG_ACME", "org-acme-token-0123")]);
+        let env = env(&[
+            (ADMIN_TOKEN_ENV, "dev-admin-token-0123"),
+            ("ADMIN_TOKEN_ORG_ACME", "org-acme-token-0123"),
+            ("RUN_TOKEN_KEY", "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMh"),
+        ]);
         if let Err(e) = Config::from_toml_str("uncommented", &uncommented, &env) {
             panic!("the documented defaults do not parse: {e}");
         }

@@ -32,6 +32,8 @@
 //! - [`store`]: the `Store` trait and its SQLite and PostgreSQL
 //!   implementations. Never imports `crypto`.
 //! - [`crypto`]: envelope encryption and key providers. Never imports `store`.
+//! - [`runtoken`]: run tokens (HMAC-signed claims: organization, user,
+//!   usable connections), minted and verified with a keyring. Pure.
 //! - [`h1`]: HTTP/1.1 on the data plane, both sides (caller and upstream),
 //!   driven by the task serving the request.
 //! - [`policy`]: `allowed_hosts` matching, the SSRF address classifier and
@@ -56,6 +58,7 @@ pub mod outbound;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
+pub mod runtoken;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -387,6 +387,12 @@ pub enum ProxyError {
     TooManyHeaders,
     #[error("pass-through is disabled")]
     PassthroughDenied,
+    #[error("no run token")]
+    RunTokenMissing,
+    #[error("invalid run token")]
+    RunTokenInvalid(&'static str),
+    #[error("expired run token")]
+    RunTokenExpired,
     #[error(transparent)]
     Resolve(#[from] ResolveError),
     #[error(transparent)]
@@ -453,6 +459,9 @@ impl ProxyError {
             Self::BadConnectionId | Self::DuplicateConnectionId => Code::InvalidConnectionId,
             Self::TraceWithCredential => Code::TraceNotAllowed,
             Self::PassthroughDenied => Code::PassthroughDenied,
+            Self::RunTokenMissing => Code::RunTokenMissing,
+            Self::RunTokenInvalid(_) => Code::RunTokenInvalid,
+            Self::RunTokenExpired => Code::RunTokenExpired,
             Self::Resolve(e) | Self::Refresh(RefreshError::Resolve(e)) => match e {
                 ResolveError::NotFound => Code::ConnectionNotFound,
                 ResolveError::NotActive(ConnectionState::NeedsReauth) => Code::ConnectionNeedsReauth,
@@ -509,6 +518,9 @@ impl ProxyError {
             Self::DuplicateConnectionId => "X-Connection-Id appears more than once; send exactly one".into(),
             Self::TraceWithCredential => "TRACE echoes the request back, credential included (RFC 9110 §9.3.8): credproxy does not send it with a connection; send it without X-Connection-Id".into(),
             Self::PassthroughDenied => "requests without X-Connection-Id are not forwarded (egress.allow_passthrough = false)".into(),
+            Self::RunTokenMissing => "this proxy needs a run token: put it in the proxy URL (http://CONNECTION_ID:TOKEN@host:port, or any user name) or send Proxy-Authorization: Bearer TOKEN".into(),
+            Self::RunTokenInvalid(why) => format!("the run token is not valid ({why}); mint a new one with POST /v1/run-tokens").into(),
+            Self::RunTokenExpired => "the run token has expired; mint a new one with POST /v1/run-tokens".into(),
             Self::Resolve(e) | Self::Refresh(RefreshError::Resolve(e)) => match e {
                 ResolveError::NotFound => "no connection with this id is visible to the caller".into(),
                 ResolveError::NotActive(ConnectionState::NeedsReauth) => NEEDS_REAUTH.into(),

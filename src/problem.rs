@@ -98,6 +98,11 @@ codes! {
     MalformedRequest = BAD_REQUEST, "malformed_request", "Malformed request", HttpRequestError;
     RequestHeaderTooLarge = REQUEST_HEADER_FIELDS_TOO_LARGE, "request_header_too_large", "Request header too large", HttpRequestError;
     InvalidConnectionId = BAD_REQUEST, "invalid_connection_id", "Invalid X-Connection-Id", HttpRequestError;
+    /// Shared mode (or `proxy.require_run_token`): no run token.
+    RunTokenMissing = PROXY_AUTHENTICATION_REQUIRED, "run_token_missing", "Run token required", HttpRequestDenied;
+    /// Malformed, truncated, an unknown key id or a signature that does not verify.
+    RunTokenInvalid = PROXY_AUTHENTICATION_REQUIRED, "run_token_invalid", "Invalid run token", HttpRequestDenied;
+    RunTokenExpired = PROXY_AUTHENTICATION_REQUIRED, "run_token_expired", "Run token expired", HttpRequestDenied;
     TraceNotAllowed = FORBIDDEN, "trace_not_allowed", "TRACE with a credential", HttpRequestDenied;
     PassthroughDenied = FORBIDDEN, "passthrough_denied", "Pass-through denied", HttpRequestDenied;
     HostNotAllowed = FORBIDDEN, "host_not_allowed", "Host not allowed for this connection", HttpRequestDenied;
@@ -212,7 +217,14 @@ impl Problem {
         let mut resp = self.to_response();
         // RFC 9209: `details` is an sf-string; the code is always a safe token.
         let ps = format!("{PROXY_NAME}; error={}; details=\"{}\"", self.code.proxy_error().as_str(), self.code);
-        resp.headers_mut().insert("proxy-status", HeaderValue::from_str(&ps).expect("proxy-status is ascii"));
+        let h = resp.headers_mut();
+        h.insert("proxy-status", HeaderValue::from_str(&ps).expect("proxy-status is ascii"));
+        if self.code.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            // Both ways a caller can present a run token (RFC 9110 §11.7.1).
+            for scheme in ["Basic realm=\"credproxy\"", "Bearer realm=\"credproxy\""] {
+                h.append(header::PROXY_AUTHENTICATE, HeaderValue::from_static(scheme));
+            }
+        }
         resp
     }
 

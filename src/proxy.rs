@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::creds::{Connections, ResolveMemo};
+use crate::config::ProxyMode;
+use crate::creds::{Connections, ResolveError, ResolveMemo};
 use crate::h1;
 use crate::h1::server::{OnUpgrade, Transport};
 use crate::ids;
@@ -25,6 +26,7 @@ use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, Outbound};
 use crate::policy::hosts::HostPattern;
+use crate::runtoken::RunTokenKeys;
 use crate::telemetry;
 use crate::tls::Interceptor;
 use crate::upstream::pool::PooledBody;
@@ -33,12 +35,14 @@ use crate::upstream::{self, CallerBody, UpstreamBody};
 
 mod caller;
 mod drain;
+mod identity;
 mod tunnel;
 
 use caller::serve_h1;
 use drain::draining;
 pub(crate) use drain::serve_until_drained;
 pub use drain::Drain;
+use identity::{identify, AuthMemo, Caller};
 
 pub const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 
@@ -54,8 +58,14 @@ crate::upstream::body_enum! {
 
 /// Everything the pipeline needs; built once by `server`.
 pub struct ProxyState {
+    /// Sidecar (one organization) or shared (run tokens name it).
+    pub mode: ProxyMode,
     /// Sidecar mode: every caller belongs to this organization.
     pub org_id: String,
+    /// Sidecar mode: a run token is required all the same.
+    pub require_run_token: bool,
+    /// Verify run tokens.
+    pub run_tokens: Arc<RunTokenKeys>,
     pub connections: Arc<Connections>,
     pub outbound: Arc<Outbound>,
     pub allow_passthrough: bool,
@@ -151,6 +161,24 @@ pub async fn serve(
 pub(crate) struct TunnelTarget {
     pub scheme: UriScheme,
     pub authority: Authority,
+    /// What the `CONNECT` proved: it holds for every request inside.
+    pub caller: Option<Arc<Caller>>,
+}
+
+/// What a caller connection remembers between its requests, and (inside
+/// a tunnel) what its `CONNECT` proved.
+#[derive(Default)]
+pub(crate) struct ConnMemo {
+    resolve: ResolveMemo,
+    auth: AuthMemo,
+    tunnel: Option<Arc<Caller>>,
+}
+
+impl ConnMemo {
+    /// For the requests inside a tunnel whose `CONNECT` proved `caller`.
+    pub(crate) fn in_tunnel(caller: Option<Arc<Caller>>) -> Self {
+        Self { tunnel: caller, ..Self::default() }
+    }
 }
 
 impl TunnelTarget {
@@ -182,12 +210,13 @@ struct Access {
 }
 
 /// One request through the pipeline, with its metrics and access line.
-/// `memo`: what this caller connection resolved last (none for h2 streams).
+/// `memo`: what this caller connection resolved and proved last, and what
+/// the `CONNECT` of the tunnel it came through proved.
 async fn handle(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
     req: Request<CallerBody>,
-    memo: Option<&mut ResolveMemo>,
+    memo: &mut ConnMemo,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let metrics = &state.outbound.metrics;
@@ -270,15 +299,19 @@ async fn forward(
     peer: SocketAddr,
     req: Request<CallerBody>,
     access: &mut Access,
-    memo: Option<&mut ResolveMemo>,
+    memo: &mut ConnMemo,
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    let ConnMemo { resolve: memo, auth: auth_memo, tunnel } = memo;
+    let tunnel = tunnel.as_ref();
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
     if parts.method == Method::CONNECT {
+        // The caller is identified (step 2) for the whole tunnel.
+        let caller = identify(state, &mut parts.headers, tunnel, auth_memo)?;
         // Boxed: rare, and its future would otherwise weigh on every request's.
-        return Box::pin(connect(state, peer, parts, access)).await;
+        return Box::pin(connect(state, peer, parts, access, caller)).await;
     }
     let mut uri = std::mem::take(&mut parts.uri);
     if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
@@ -288,12 +321,19 @@ async fn forward(
     let (scheme, host, port) = target_of(&uri)?;
     access.host = uri.authority().cloned();
 
-    // 2. Identify the caller: sidecar mode pins one organization.
-    let org = state.org_id.as_str();
+    // 2. Identify the caller: a run token in Proxy-Authorization names the
+    // organization (shared mode), else the sidecar's is the one.
+    let caller = identify(state, &mut parts.headers, tunnel, auth_memo)?;
+    let org = caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state));
+    let claims = caller.as_deref().and_then(|c| c.claims.as_ref());
 
     // 3. Which connection, if any. Taken out of the headers, shape checked;
     // more than one field is ambiguous (which one would an upstream see?).
-    let conn_id = take_connection_id(&mut parts.headers)?;
+    // Without the field, the proxy URL's user name may name it.
+    let conn_id = match take_connection_id(&mut parts.headers)? {
+        None => caller.as_deref().and_then(|c| c.connection.clone()),
+        named => named,
+    };
     if conn_id.is_some() && parts.method == Method::TRACE {
         // An upstream that echoes TRACE would hand the credential back (RFC 9110 §9.3.8).
         return Err(ProxyError::TraceWithCredential);
@@ -314,14 +354,18 @@ async fn forward(
         Some(id) => {
             access.connection = Some(id.clone());
             let id = id.to_str().unwrap_or_default();
+            // A connection the run token does not list is an unknown one.
+            if claims.is_some_and(|c| !c.allows(id, None)) {
+                return Err(ProxyError::Resolve(ResolveError::NotFound));
+            }
             // 4. Resolve (org, id): cache → store → decrypt; other orgs see the same 404.
             // A keep-alive caller's last connection is remembered while the cache is unchanged.
-            let (resolved, hit) = match memo {
-                Some(memo) => state.connections.resolve_memo(org, id, memo, started).await?,
-                None => state.connections.resolve(org, id).await?,
-            };
+            let (resolved, hit) = state.connections.resolve_memo(org, id, memo, started).await?;
             access.cache_hit = Some(hit);
             access.integration = Some(resolved.integration.clone());
+            if claims.is_some_and(|c| !c.allows(id, Some(&resolved.integration.id))) {
+                return Err(ProxyError::Resolve(ResolveError::NotFound));
+            }
 
             // An `http://` request to an https-only integration is forwarded over TLS.
             let up_scheme = match (scheme, resolved.integration.upstream_scheme) {
@@ -370,6 +414,7 @@ async fn connect(
     peer: SocketAddr,
     mut parts: http::request::Parts,
     access: &mut Access,
+    caller: Option<Arc<Caller>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = parts.uri.authority().cloned().ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
     let host = authority.host().to_owned();
@@ -392,7 +437,7 @@ async fn connect(
             state.tracker.clone().spawn(async move {
                 let _open = metrics.client_connection();
                 match on_upgrade.wait().await {
-                    Ok(up) => tunnel::serve_intercepted(state, peer, up, authority, tls).await,
+                    Ok(up) => tunnel::serve_intercepted(state, peer, up, authority, tls, caller).await,
                     Err(e) => debug!(%peer, error = %e, "CONNECT upgrade failed"),
                 }
             });

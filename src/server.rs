@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, RunTokenIssuer};
 use crate::config::{Config, ConfigError, KeyProviderKind};
 use crate::creds::Connections;
 use crate::crypto::kms::KmsKeyProvider;
@@ -27,6 +27,7 @@ use crate::oauth2::TokenClient;
 use crate::outbound::{BufferBudget, Outbound};
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ClientLimits, ProxyState};
+use crate::runtoken::{self, RunTokenKeys};
 use crate::store::postgres::{spawn_listener, Change, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -198,6 +199,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
     if config.crypto.provider == KeyProviderKind::Local && config.crypto.key_file.exists() {
         LocalKeyProvider::open(&config.crypto.key_file).map_err(|e| config.error("crypto.key_file", e.to_string()))?;
     }
+    run_token_keys(config, false)?;
     Ok(Prepared { extra_roots, interceptor, proxy_tls })
 }
 
@@ -245,7 +247,10 @@ impl App {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let p = &config.proxy;
         let proxy = Arc::new(ProxyState {
+            mode: p.mode,
             org_id: p.org_id.clone().unwrap_or_default(),
+            require_run_token: p.require_run_token,
+            run_tokens: Arc::new(run_token_keys(config, true)?.expect("created")),
             connections: connections.clone(),
             outbound: outbound.clone(),
             allow_passthrough: config.egress.allow_passthrough,
@@ -266,14 +271,21 @@ impl App {
         });
         let draining = Arc::new(AtomicBool::new(false));
         let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
-        let admin = Arc::new(AdminState::new(
-            connections.clone(),
-            outbound,
-            &config.admin.tokens,
-            &public_url,
-            interceptor.clone(),
-            draining.clone(),
-        ));
+        let admin = Arc::new(
+            AdminState::new(
+                connections.clone(),
+                outbound,
+                &config.admin.tokens,
+                &public_url,
+                interceptor.clone(),
+                draining.clone(),
+            )
+            .with_run_tokens(RunTokenIssuer {
+                keys: proxy.run_tokens.clone(),
+                default_ttl: config.run_tokens.default_ttl,
+                max_ttl: config.run_tokens.max_ttl,
+            }),
+        );
         Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, draining, shutdown })
     }
 
@@ -383,6 +395,35 @@ fn outbound(
         buffer_budget: Arc::new(BufferBudget::new(config.proxy.max_buffered_total)),
         metrics: metrics.clone(),
     }
+}
+
+/// The run-token keys: the signing key (a value, or a file created 0600
+/// when `create`) and the verification-only ones, which must exist.
+/// `None`: not `create`, and the signing key file does not exist yet (the
+/// rest was checked).
+pub fn run_token_keys(config: &Config, create: bool) -> Result<Option<RunTokenKeys>, ConfigError> {
+    let r = &config.run_tokens;
+    let mut verifying = Vec::new();
+    for (i, path) in r.verification_key_files.iter().enumerate() {
+        let key = runtoken::key_file(path, false)
+            .map_err(|e| config.error(format!("run_tokens.verification_key_files[{i}]"), e))?;
+        verifying.push(key);
+    }
+    for (i, v) in r.verification_keys.iter().enumerate() {
+        verifying
+            .push(runtoken::decode_key(v).map_err(|e| config.error(format!("run_tokens.verification_keys[{i}]"), e))?);
+    }
+    let signing = match &r.signing_key {
+        Some(v) => runtoken::decode_key(v).map_err(|e| config.error("run_tokens.signing_key", e))?,
+        None => {
+            let path = r.signing_key_path(&config.crypto);
+            if !create && !path.exists() {
+                return Ok(None);
+            }
+            runtoken::key_file(&path, create).map_err(|e| config.error("run_tokens.signing_key_file", e))?
+        }
+    };
+    Ok(Some(RunTokenKeys::new(&signing, &verifying)))
 }
 
 /// The proxy listener's own TLS (`proxy.tls_cert` / `proxy.tls_key`).

@@ -64,7 +64,7 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
         let mut cmd = tokio::process::Command::new(credproxy_bin());
         cmd.args(["check-config", "--config"])
             .arg(&cfg_path)
-            .env("CREDPROXY_ORG_ID", "org_a")
+            .env("CREDPROXY_PROXY__ORG_ID", "org_a")
             .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
             .env("CREDPROXY_DB_PASSWORD", "pw")
             .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
@@ -103,10 +103,34 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
         assert!(env.iter().any(|(k, v)| k == name && v == "http://127.0.0.1:8080"), "{name}");
     }
 
-    // Shared tier.
+    let org = env.iter().find(|(k, _)| k == "CREDPROXY_PROXY__ORG_ID");
+    let sidecar_env = init["env"].as_array().unwrap();
+    assert!(org.is_none(), "the runner does not configure credproxy");
+    assert!(sidecar_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__ORG_ID"), "the sidecar serves one organization");
+    assert!(!sidecar_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__MODE"), "the sidecar stays in sidecar mode");
+
+    // Shared tier: shared mode, every replica with the same signing key from the Secret.
     let shared = manifests("shared/deployment.yaml").await;
     let deploy = find(&shared, "Deployment", "credproxy");
     let spec = &deploy["spec"]["template"]["spec"];
+    let shared_env = spec["containers"][0]["env"].as_array().unwrap();
+    assert!(shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__MODE" && e["value"] == "shared"), "{shared_env:?}");
+    assert!(!shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__ORG_ID"), "{shared_env:?}");
+    let key_ref = shared_env.iter().find(|e| e["name"] == "CREDPROXY_RUN_TOKENS__SIGNING_KEY").expect("a signing key");
+    assert_eq!(key_ref["valueFrom"]["secretKeyRef"]["key"], "run-token-key");
+    let mut shared_check = tokio::process::Command::new(credproxy_bin());
+    shared_check
+        .args(["check-config", "--config"])
+        .arg(&cfg_path)
+        .env("CREDPROXY_PROXY__MODE", "shared")
+        .env("CREDPROXY_RUN_TOKENS__SIGNING_KEY", "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMh")
+        .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
+        .env("CREDPROXY_DB_PASSWORD", "pw")
+        .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
+        .env("CREDPROXY_TLS_INTERCEPT__CA_CERT", certs.join("credproxy-ca.pem"))
+        .env("CREDPROXY_TLS_INTERCEPT__CA_KEY", certs.join("credproxy-ca.key"));
+    let out = shared_check.output().await.unwrap();
+    assert!(out.status.success(), "shared mode: {}", String::from_utf8_lossy(&out.stderr));
     check_probes_and_grace(spec, &spec["containers"][0], grace);
     let mounts = spec["containers"][0]["volumeMounts"].as_array().unwrap();
     assert!(mounts.iter().any(|m| m["name"] == "ca" && m["mountPath"] == "/etc/credproxy/certs"), "{mounts:?}");

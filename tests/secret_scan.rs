@@ -122,6 +122,20 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
             seen_text.push(format!("{:?}", seen.headers));
         }
     }
+    // A run token in the proxy URL (Basic), used, and refused when cut short:
+    // the token is a secret like a credential (its mint answer is the one
+    // place it may appear).
+    let minted = h.admin.call(Method::POST, "/v1/run-tokens", Some(&json!({"org_id": ORG}))).await.unwrap();
+    let run_token = minted["token"].as_str().unwrap().to_owned();
+    let run_proxy = |t: &str| format!("http://{}:{t}@{}", ids[0], h.running.proxy_addr);
+    let used = curl(&["-x", &run_proxy(&run_token), &format!("{}/status/200", httpbin())], &[]).await;
+    assert_eq!(used.status, 200, "{}", used.text());
+    seen_text.push(used.text());
+    let cut =
+        curl(&["-x", &run_proxy(&run_token[..run_token.len() - 4]), &format!("{}/headers", httpbin())], &[]).await;
+    assert_eq!(cut.status, 407, "{}", cut.text());
+    seen_text.push(cut.text());
+    seen_text.push(format!("{:?}", cut.headers));
     // OAuth2: an authorization-code connection (exchange, use, forced refresh
     // after a 401, test, delete with revocation) and a client-credentials one.
     let (seen, final_url) = h.authorize("code", json!({})).await;
@@ -151,6 +165,10 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     }
     let oauth_secrets = oidc.get_json("/test/secrets").await;
     let mut dynamic: Vec<String> = vec![OIDC_BASIC_SECRET.to_owned(), OIDC_POST_SECRET.to_owned()];
+    // The run token, its MAC, and the Basic field that carried it.
+    dynamic.push(run_token.clone());
+    dynamic.push(run_token.rsplit_once('.').unwrap().1.to_owned());
+    dynamic.push(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{}:{run_token}", ids[0])));
     for kind in ["access", "refresh", "clientCredentials", "codes", "verifiers"] {
         let list = oauth_secrets[kind].as_array().unwrap_or_else(|| panic!("{kind}: {oauth_secrets}"));
         assert!(!list.is_empty(), "the OAuth2 flow must have produced {kind}");

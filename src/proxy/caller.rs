@@ -18,8 +18,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::drain::DrainGuard;
-use super::{handle, take_fields, ProxyBody, ProxyError, ProxyState, TunnelTarget};
-use crate::creds::ResolveMemo;
+use super::{handle, take_fields, ConnMemo, ProxyBody, ProxyError, ProxyState, TunnelTarget};
 use crate::h1::server::{
     Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
 };
@@ -103,8 +102,9 @@ struct CallerConn<'a> {
     deadline: Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
     drain: DrainGuard<'a>,
-    /// What this connection resolved last (a keep-alive caller repeats it).
-    memo: ResolveMemo,
+    /// What this connection resolved and proved last (a keep-alive caller
+    /// repeats it).
+    memo: ConnMemo,
     /// The request in flight.
     ex: Exchange,
 }
@@ -114,6 +114,7 @@ impl<'a> CallerConn<'a> {
         let limits = state.limits;
         let (rd, wr) = io.split();
         let deadline = Instant::now() + limits.header_read_timeout;
+        let memo = ConnMemo::in_tunnel(tunnel.as_ref().and_then(|t| t.caller.clone()));
         Self {
             state,
             peer,
@@ -124,7 +125,7 @@ impl<'a> CallerConn<'a> {
             deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
             drain: DrainGuard { drain: &state.drain, id: None },
-            memo: ResolveMemo::default(),
+            memo,
             ex: Exchange::default(),
         }
     }
@@ -212,19 +213,21 @@ impl<'a> CallerConn<'a> {
 
     /// Runs the pipeline; `100 Continue` goes out when it first reads the
     /// body. `None`: the caller went away while `100 Continue` was written.
+    #[inline(always)]
     async fn run(&mut self, req: Request<CallerBody>) -> Option<Response<ProxyBody>> {
         // The pipeline's future is awaited where it is made: it is large,
         // and a binding would be one more copy of it per request.
         match &self.ex.cont {
-            None => Some(handle(self.state, self.peer, req, Some(&mut self.memo)).await),
+            None => Some(handle(self.state, self.peer, req, &mut self.memo).await),
             Some(c) => {
-                let pipeline = handle(self.state, self.peer, req, Some(&mut self.memo));
+                let pipeline = handle(self.state, self.peer, req, &mut self.memo);
                 with_continue(pipeline, c, &mut self.wr).await.ok()
             }
         }
     }
 
     /// Writes the response, and says what comes next.
+    #[inline(always)]
     async fn respond(&mut self, mut resp: Response<ProxyBody>) -> After {
         let exchange = &mut self.ex;
         // Is the read side back, and can the connection go on afterwards?

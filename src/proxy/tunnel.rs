@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{handle, serve_h1, ProxyState, TunnelTarget};
+use super::{handle, serve_h1, Caller, ConnMemo, ProxyState, TunnelTarget};
 use crate::h1::server::{Rewind, Transport, Upgraded};
 use crate::upstream::CallerBody;
 
@@ -43,8 +43,9 @@ pub(super) fn serve_intercepted(
     upgraded: Upgraded,
     authority: Authority,
     tls: Arc<ServerConfig>,
+    caller: Option<Arc<Caller>>,
 ) -> Served {
-    Box::pin(intercepted(state, peer, upgraded, authority, tls))
+    Box::pin(intercepted(state, peer, upgraded, authority, tls, caller))
 }
 
 async fn intercepted(
@@ -53,6 +54,7 @@ async fn intercepted(
     mut upgraded: Upgraded,
     authority: Authority,
     tls: Arc<ServerConfig>,
+    caller: Option<Arc<Caller>>,
 ) {
     let limits = state.limits;
     let mut first = [0u8; 1];
@@ -64,7 +66,7 @@ async fn intercepted(
     let io = Rewind::new(Bytes::copy_from_slice(&first[..n]), upgraded);
     if first[0] != TLS_HANDSHAKE {
         // undici tunnels even http:// targets: plain HTTP inside CONNECT.
-        let target = TunnelTarget { scheme: UriScheme::HTTP, authority };
+        let target = TunnelTarget { scheme: UriScheme::HTTP, authority, caller };
         return serve_h1(&state, Transport::Boxed(Box::new(io)), peer, Some(target)).await;
     }
     let accepted = tokio::time::timeout(limits.header_read_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(io));
@@ -80,7 +82,7 @@ async fn intercepted(
             return;
         }
     };
-    let target = TunnelTarget { scheme: UriScheme::HTTPS, authority };
+    let target = TunnelTarget { scheme: UriScheme::HTTPS, authority, caller };
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         return serve_h1(&state, Transport::Boxed(Box::new(stream)), peer, Some(target)).await;
     }
@@ -209,5 +211,7 @@ fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, re
     let (mut parts, body) = req.into_parts();
     parts.uri = target.absolute(&parts.uri);
     let req = Request::from_parts(parts, CallerBody::H2(body));
-    Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, None).await)) })
+    // Each stream its own memo: streams run at once.
+    let mut memo = ConnMemo::in_tunnel(target.caller.clone());
+    Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, &mut memo).await)) })
 }

@@ -39,6 +39,8 @@ pub struct Opts {
     pub key_file: Option<PathBuf>,
     /// Extra keys of the `[crypto]` section.
     pub crypto: String,
+    /// `proxy.mode = "shared"` (and no `proxy.org_id`).
+    pub shared: bool,
 }
 
 impl Default for Opts {
@@ -52,6 +54,7 @@ impl Default for Opts {
             store_url: None,
             key_file: None,
             crypto: String::new(),
+            shared: false,
         }
     }
 }
@@ -82,7 +85,7 @@ impl Harness {
             r#"
 [proxy]
 listen = "127.0.0.1:0"
-org_id = "{ORG}"
+{mode}
 max_buffered_body = 65536
 {extra_proxy}
 [admin]
@@ -104,6 +107,7 @@ key_file = "{key}"
 dir = "{ints}"
 {sections}
 "#,
+            mode = if opts.shared { "mode = \"shared\"".to_owned() } else { format!("org_id = \"{ORG}\"") },
             sections = opts.sections,
             crypto = opts.crypto,
             egress = opts.egress,
