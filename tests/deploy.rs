@@ -114,7 +114,10 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     let deploy = find(&shared, "Deployment", "credproxy");
     let spec = &deploy["spec"]["template"]["spec"];
     let shared_env = spec["containers"][0]["env"].as_array().unwrap();
-    assert!(shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__MODE" && e["value"] == "shared"), "{shared_env:?}");
+    assert!(
+        shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__MODE" && e["value"] == "shared"),
+        "{shared_env:?}"
+    );
     assert!(!shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__ORG_ID"), "{shared_env:?}");
     let key_ref = shared_env.iter().find(|e| e["name"] == "CREDPROXY_RUN_TOKENS__SIGNING_KEY").expect("a signing key");
     assert_eq!(key_ref["valueFrom"]["secretKeyRef"]["key"], "run-token-key");

@@ -138,6 +138,49 @@ print(json.dumps({"status": 200, "headers": {}, "body": json.dumps(out)}))
     }
 }
 
+/// Node's undici: `EnvHttpProxyAgent` with the token in `HTTP(S)_PROXY`'s
+/// user info (no `X-Connection-Id`), and a `ProxyAgent` given the token.
+/// undici tunnels http:// targets too, so both go through `CONNECT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_undici_carries_the_run_token() {
+    let dir = repo().join("tests/peers/node");
+    assert!(dir.join("node_modules/undici").is_dir(), "undici is not installed: run the suite with `scripts/test`");
+    let ca_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = credproxy::tls::init_ca(ca_dir.path(), 1).unwrap();
+    let sections = format!(
+        "[tls_intercept]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n[upstream]\nextra_ca_certs = [\"{}\"]\n",
+        cert.display(),
+        key.display(),
+        repo().join("certs/test/upstream-ca.pem").display()
+    );
+    let h = shared(&sections).await;
+    let id = h.create("bearer", &[("token", "node-run-token")]).await;
+    let token = mint(&h, json!({"org_id": ORG})).await;
+    let in_url = proxy_with(&h, &id, &token);
+    for target in [format!("{}/headers", httpbin_tls()), format!("{}/headers", httpbin())] {
+        for (how, env) in [
+            ("user info", vec![("HTTP_PROXY", in_url.clone()), ("HTTPS_PROXY", in_url.clone())]),
+            (
+                "ProxyAgent token",
+                vec![("PROXY_URI", h.proxy_url()), ("PROXY_TOKEN", token.clone()), ("CONN", id.clone())],
+            ),
+        ] {
+            let mut cmd = tokio::process::Command::new("node");
+            cmd.arg("proxy_client.mjs")
+                .current_dir(&dir)
+                .env("NODE_EXTRA_CA_CERTS", &cert)
+                .env("TARGET", &target)
+                .env_remove("NO_PROXY")
+                .env_remove("no_proxy")
+                .envs(env);
+            let out = cmd.output().await.unwrap();
+            assert!(out.status.success(), "node ({how}): {}", String::from_utf8_lossy(&out.stderr));
+            let seen = Seen::from_json(&serde_json::from_slice(&out.stdout).unwrap());
+            assert_injected(&seen, "node-run-token");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_run_tokens_get_407_with_their_code() {
     let h = shared("").await;
