@@ -51,7 +51,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let ng_ir = match find_tool("nginx") {
         Some(bin) => {
             let (ngv, addr) = spawn_nginx(&wrapper, &bin, &dir.join("nginx-cg"), setup.upstream, None, false).await;
-            let target = Target::Proxy { proxy: addr, upstream: setup.upstream, conn_id: None };
+            let target = Target::Proxy { proxy: addr, upstream: setup.upstream, conn_id: None, auth: None };
             Some(instructions_per_request(&control, &cg, ngv.id(), &target, dur, tck).await)
         }
         None => None,

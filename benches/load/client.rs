@@ -16,7 +16,8 @@ pub enum Target {
     /// Origin-form requests straight to the upstream.
     Direct(SocketAddr),
     /// Absolute-form requests to a forward proxy.
-    Proxy { proxy: SocketAddr, upstream: SocketAddr, conn_id: Option<String> },
+    /// `auth`: a `Proxy-Authorization` value sent on every request (a run token).
+    Proxy { proxy: SocketAddr, upstream: SocketAddr, conn_id: Option<String>, auth: Option<String> },
     /// CONNECT to the upstream's TLS port, TLS inside (trusting `ca`), then requests.
     Connect { proxy: SocketAddr, upstream: SocketAddr, conn_id: String, tls: tokio_rustls::TlsConnector },
 }
@@ -56,12 +57,15 @@ fn request(target: &Target) -> http::Request<Empty<Bytes>> {
     let b = http::Request::builder();
     let b = match target {
         Target::Direct(addr) => b.uri("/").header("host", addr.to_string()),
-        Target::Proxy { upstream, conn_id, .. } => {
-            let b = b.uri(format!("http://{upstream}/")).header("host", upstream.to_string());
-            match conn_id {
-                Some(id) => b.header("x-connection-id", id),
-                None => b,
+        Target::Proxy { upstream, conn_id, auth, .. } => {
+            let mut b = b.uri(format!("http://{upstream}/")).header("host", upstream.to_string());
+            if let Some(id) = conn_id {
+                b = b.header("x-connection-id", id);
             }
+            if let Some(auth) = auth {
+                b = b.header("proxy-authorization", auth);
+            }
+            b
         }
         Target::Connect { upstream, conn_id, .. } => {
             b.uri("/").header("host", upstream.to_string()).header("x-connection-id", conn_id)

@@ -6,6 +6,8 @@
 //!   (cache hit), the built release binary as its own process;
 //! - `credproxy+accesslog`: the same with the default access log (one line
 //!   per request to stderr), which the other rows and nginx have off;
+//! - `credproxy-shared`: the same in shared mode, a run token in
+//!   `Proxy-Authorization` on every request of each keep-alive connection;
 //! - `credproxy-connect`: `CONNECT` + TLS interception, HTTP/1.1 inside, to the
 //!   upstream's TLS port;
 //! - `nginx`: nginx (Debian package) proxying with a static `Authorization`

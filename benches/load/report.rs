@@ -53,6 +53,12 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool) {
         let (_, p99, rps) = ratios(cpx, direct);
         println!("credproxy/direct: throughput {rps:.2}, p99 {p99:.2}");
     }
+    if let (Some(shared), Some(cpx)) = (get("credproxy-shared"), get("credproxy")) {
+        let (cpu, p99, rps) = ratios(shared, cpx);
+        println!(
+            "credproxy-shared/credproxy: CPU per request {cpu:.2} (target ≤ 1.05), p99 {p99:.2}, throughput {rps:.2}"
+        );
+    }
     if let (Some(cpx), Some(b)) = (get("credproxy"), get("baseline")) {
         let (cpu, p99, rps) = ratios(cpx, b);
         println!("credproxy/baseline: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");

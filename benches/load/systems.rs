@@ -150,6 +150,14 @@ async fn create_connection(admin: SocketAddr) -> String {
     v["id"].as_str().unwrap().to_owned()
 }
 
+/// A run token for the bench organization (a day long: a run outlives the default).
+async fn mint_run_token(admin: SocketAddr) -> String {
+    let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
+    let body = serde_json::json!({"org_id": ORG, "ttl_secs": 86_400});
+    let v = client.call(http::Method::POST, "/v1/run-tokens", Some(&body)).await.expect("run token minted");
+    v["token"].as_str().unwrap().to_owned()
+}
+
 /// credproxy's files in `dir`: SQLite, local key, one bench integration,
 /// interception on with a CA from `credproxy ca init`. Returns the config
 /// file and the CA directory.
@@ -301,6 +309,9 @@ pub struct Setup {
     tls: tokio_rustls::TlsConnector,
     credproxy: Served,
     credproxy_log: Served,
+    /// Shared mode on the same store and keys, and a run token for it.
+    shared: Served,
+    run_token: String,
     baseline: Option<Served>,
     nginx: Option<((Nginx, SocketAddr), (Nginx, SocketAddr))>,
 }
@@ -318,6 +329,13 @@ impl Setup {
         let (credproxy, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), off).await;
         let (credproxy_log, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), "info").await;
         let conn_id = create_connection(credproxy.admin).await;
+        // The same store and signing key in shared mode: every request
+        // carries a run token (minted by the sidecar instance, same key).
+        let shared_config = dir.path().join("credproxy-shared.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&shared_config, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
+        let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off).await;
+        let run_token = mint_run_token(credproxy.admin).await;
         // LOAD_BASELINE_BIN adds a `baseline` row on the same store and
         // config, so one run says what a change bought.
         let baseline = match &k.baseline_bin {
@@ -332,7 +350,21 @@ impl Setup {
             None => None,
         };
         let tls = client_tls(&ca);
-        Self { dir, seen, upstream, upstream_tls, config, conn_id, tls, credproxy, credproxy_log, baseline, nginx }
+        Self {
+            dir,
+            seen,
+            upstream,
+            upstream_tls,
+            config,
+            conn_id,
+            tls,
+            credproxy,
+            credproxy_log,
+            shared,
+            run_token,
+            baseline,
+            nginx,
+        }
     }
 
     pub fn has_nginx(&self) -> bool {
@@ -341,7 +373,7 @@ impl Setup {
 
     /// A forward-proxy target on `proxy` with the bench connection.
     pub fn via(&self, proxy: SocketAddr) -> Target {
-        Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(self.conn_id.clone()) }
+        Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(self.conn_id.clone()), auth: None }
     }
 
     /// The rows, in the order each round runs them (LOAD_SYSTEMS narrows them).
@@ -351,6 +383,17 @@ impl Setup {
             row("direct", Target::Direct(self.upstream), None, false),
             row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
+            row(
+                "credproxy-shared",
+                Target::Proxy {
+                    proxy: self.shared.proxy,
+                    upstream: self.upstream,
+                    conn_id: Some(self.conn_id.clone()),
+                    auth: Some(format!("Bearer {}", self.run_token)),
+                },
+                self.shared.child.id(),
+                true,
+            ),
             row(
                 "credproxy-connect",
                 Target::Connect {
@@ -367,7 +410,7 @@ impl Setup {
             systems.insert(2, row("baseline", self.via(b.proxy), b.child.id(), true));
         }
         if let Some(((plain, addr), (logged, addr_log))) = &self.nginx {
-            let direct = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None };
+            let direct = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None, auth: None };
             systems.push(row("nginx", direct(*addr), Some(plain.id()), false));
             systems.push(row("nginx+accesslog", direct(*addr_log), Some(logged.id()), false));
         }
@@ -383,5 +426,6 @@ impl Setup {
         self.baseline = None;
         let _ = self.credproxy.child.start_kill();
         let _ = self.credproxy_log.child.start_kill();
+        let _ = self.shared.child.start_kill();
     }
 }
