@@ -60,11 +60,17 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     let out =
         tokio::process::Command::new(credproxy_bin()).args(["ca", "init", "--out"]).arg(&certs).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let check = |ca_dir: &std::path::Path| {
+    // What each layout sets in its environment.
+    let sidecar_mode = [("CREDPROXY_PROXY__ORG_ID", "org_a")];
+    let shared_mode = [
+        ("CREDPROXY_PROXY__MODE", "shared"),
+        ("CREDPROXY_RUN_TOKENS__SIGNING_KEY", "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMh"),
+    ];
+    let check = |ca_dir: &std::path::Path, layout: &[(&str, &str)]| {
         let mut cmd = tokio::process::Command::new(credproxy_bin());
         cmd.args(["check-config", "--config"])
             .arg(&cfg_path)
-            .env("CREDPROXY_PROXY__ORG_ID", "org_a")
+            .envs(layout.iter().copied())
             .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
             .env("CREDPROXY_DB_PASSWORD", "pw")
             .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
@@ -72,10 +78,10 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
             .env("CREDPROXY_TLS_INTERCEPT__CA_KEY", ca_dir.join("credproxy-ca.key"));
         cmd
     };
-    let out = check(&certs).output().await.unwrap();
+    let out = check(&certs, &sidecar_mode).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Without the mounted CA, check-config says so (as serve would).
-    let out = check(&dir.path().join("not-mounted")).output().await.unwrap();
+    let out = check(&dir.path().join("not-mounted"), &sidecar_mode).output().await.unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("environment CREDPROXY_TLS_INTERCEPT__CA_CERT"));
     let parsed: toml::Value = toml::from_str(&toml_text).unwrap();
@@ -121,18 +127,7 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     assert!(!shared_env.iter().any(|e| e["name"] == "CREDPROXY_PROXY__ORG_ID"), "{shared_env:?}");
     let key_ref = shared_env.iter().find(|e| e["name"] == "CREDPROXY_RUN_TOKENS__SIGNING_KEY").expect("a signing key");
     assert_eq!(key_ref["valueFrom"]["secretKeyRef"]["key"], "run-token-key");
-    let mut shared_check = tokio::process::Command::new(credproxy_bin());
-    shared_check
-        .args(["check-config", "--config"])
-        .arg(&cfg_path)
-        .env("CREDPROXY_PROXY__MODE", "shared")
-        .env("CREDPROXY_RUN_TOKENS__SIGNING_KEY", "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMh")
-        .env("CREDPROXY_PLATFORM_TOKEN", "platform-token-0123456789")
-        .env("CREDPROXY_DB_PASSWORD", "pw")
-        .env("CREDPROXY_INTEGRATIONS__DIR", &ints_dir)
-        .env("CREDPROXY_TLS_INTERCEPT__CA_CERT", certs.join("credproxy-ca.pem"))
-        .env("CREDPROXY_TLS_INTERCEPT__CA_KEY", certs.join("credproxy-ca.key"));
-    let out = shared_check.output().await.unwrap();
+    let out = check(&certs, &shared_mode).output().await.unwrap();
     assert!(out.status.success(), "shared mode: {}", String::from_utf8_lossy(&out.stderr));
     check_probes_and_grace(spec, &spec["containers"][0], grace);
     let mounts = spec["containers"][0]["volumeMounts"].as_array().unwrap();

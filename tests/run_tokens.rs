@@ -20,6 +20,26 @@ async fn shared(sections: &str) -> Harness {
     Harness::start_with(Opts { shared: true, sections: sections.to_owned(), ..Default::default() }).await
 }
 
+/// A shared-mode proxy that intercepts TLS (its CA in `cert`) and trusts
+/// the TLS httpbin.
+struct Intercepting {
+    h: Harness,
+    cert: std::path::PathBuf,
+    _ca_dir: tempfile::TempDir,
+}
+
+async fn intercepting() -> Intercepting {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = credproxy::tls::init_ca(ca_dir.path(), 1).unwrap();
+    let sections = format!(
+        "[tls_intercept]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n[upstream]\nextra_ca_certs = [\"{}\"]\n",
+        cert.display(),
+        key.display(),
+        repo().join("certs/test/upstream-ca.pem").display()
+    );
+    Intercepting { h: shared(&sections).await, cert, _ca_dir: ca_dir }
+}
+
 /// Mints a run token through the admin API.
 async fn mint(h: &Harness, body: Value) -> String {
     let (status, v) = h.admin.send(Method::POST, "/v1/run-tokens", Some(&body)).await.unwrap();
@@ -52,15 +72,7 @@ fn assert_injected(seen: &Seen, token: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_puts_the_run_token_in_the_proxy_url_for_http_and_https() {
-    let ca_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = credproxy::tls::init_ca(ca_dir.path(), 1).unwrap();
-    let sections = format!(
-        "[tls_intercept]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n[upstream]\nextra_ca_certs = [\"{}\"]\n",
-        cert.display(),
-        key.display(),
-        repo().join("certs/test/upstream-ca.pem").display()
-    );
-    let h = shared(&sections).await;
+    let Intercepting { h, cert, _ca_dir } = intercepting().await;
     let id = h.create("bearer", &[("token", "shared-token-1")]).await;
     let token = mint(&h, json!({"org_id": ORG, "user_id": "user_1", "connection_ids": [id]})).await;
 
@@ -91,15 +103,7 @@ async fn curl_puts_the_run_token_in_the_proxy_url_for_http_and_https() {
 /// connection: no `X-Connection-Id` anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_carry_the_run_token_in_the_proxy_variables() {
-    let ca_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = credproxy::tls::init_ca(ca_dir.path(), 1).unwrap();
-    let sections = format!(
-        "[tls_intercept]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n[upstream]\nextra_ca_certs = [\"{}\"]\n",
-        cert.display(),
-        key.display(),
-        repo().join("certs/test/upstream-ca.pem").display()
-    );
-    let h = shared(&sections).await;
+    let Intercepting { h, cert, _ca_dir } = intercepting().await;
     let id = h.create("bearer", &[("token", "python-run-token")]).await;
     let token = mint(&h, json!({"org_id": ORG, "connection_ids": [id]})).await;
     let proxy = proxy_with(&h, &id, &token);
@@ -145,15 +149,7 @@ print(json.dumps({"status": 200, "headers": {}, "body": json.dumps(out)}))
 async fn node_undici_carries_the_run_token() {
     let dir = repo().join("tests/peers/node");
     assert!(dir.join("node_modules/undici").is_dir(), "undici is not installed: run the suite with `scripts/test`");
-    let ca_dir = tempfile::tempdir().unwrap();
-    let (cert, key) = credproxy::tls::init_ca(ca_dir.path(), 1).unwrap();
-    let sections = format!(
-        "[tls_intercept]\nenabled = true\nca_cert = \"{}\"\nca_key = \"{}\"\n[upstream]\nextra_ca_certs = [\"{}\"]\n",
-        cert.display(),
-        key.display(),
-        repo().join("certs/test/upstream-ca.pem").display()
-    );
-    let h = shared(&sections).await;
+    let Intercepting { h, cert, _ca_dir } = intercepting().await;
     let id = h.create("bearer", &[("token", "node-run-token")]).await;
     let token = mint(&h, json!({"org_id": ORG})).await;
     let in_url = proxy_with(&h, &id, &token);
