@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::client::{run_hooked, Target};
 use crate::knobs::Knobs;
 use crate::systems::{credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup};
+use crate::ORG;
 
 /// Counts credproxy's (and the baseline's, and nginx's) instructions per
 /// request and prints them; says so when valgrind is not installed.
@@ -39,6 +40,17 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let (t1, w1) = setup.seen.counts();
     assert_eq!(w1 - w0, t1 - t0, "credproxy under callgrind: requests without the token");
     drop(cpv);
+    // Shared mode: the same, with a run token on every request.
+    let shared = dir.join("credproxy-shared-1.toml");
+    let text = std::fs::read_to_string(&one_thread).unwrap();
+    std::fs::write(&shared, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
+    let (sv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &shared, dir, log).await;
+    let (t0, w0) = setup.seen.counts();
+    let pid = sv.child.id().unwrap();
+    let shared_ir = instructions_per_request(&control, &cg, pid, &setup.via_shared(sv.proxy), dur, tck).await;
+    let (t1, w1) = setup.seen.counts();
+    assert_eq!(w1 - w0, t1 - t0, "credproxy-shared under callgrind: requests without the token");
+    drop(sv);
     // The baseline binary too, so a change's count is read before and after in one run.
     let base_ir = match &k.baseline_bin {
         Some(base) => {
@@ -57,6 +69,10 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
         None => None,
     };
     crate::report::instructions(cp_ir, base_ir, ng_ir);
+    println!(
+        "credproxy-shared {shared_ir:.0} instructions per request, credproxy-shared/credproxy {:.3}",
+        shared_ir / cp_ir
+    );
 }
 
 /// `valgrind --tool=callgrind`, writing its dumps into `dir`.

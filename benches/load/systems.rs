@@ -376,6 +376,17 @@ impl Setup {
         Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(self.conn_id.clone()), auth: None }
     }
 
+    /// A shared-mode target on `proxy`: the bench connection, and the run
+    /// token in `Proxy-Authorization` on every request.
+    pub fn via_shared(&self, proxy: SocketAddr) -> Target {
+        Target::Proxy {
+            proxy,
+            upstream: self.upstream,
+            conn_id: Some(self.conn_id.clone()),
+            auth: Some(format!("Bearer {}", self.run_token)),
+        }
+    }
+
     /// The rows, in the order each round runs them (LOAD_SYSTEMS narrows them).
     pub fn systems(&self, k: &Knobs) -> Vec<System> {
         let row = |name, target, pid, injects| System { name, target, pid, injects };
@@ -383,17 +394,7 @@ impl Setup {
             row("direct", Target::Direct(self.upstream), None, false),
             row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
-            row(
-                "credproxy-shared",
-                Target::Proxy {
-                    proxy: self.shared.proxy,
-                    upstream: self.upstream,
-                    conn_id: Some(self.conn_id.clone()),
-                    auth: Some(format!("Bearer {}", self.run_token)),
-                },
-                self.shared.child.id(),
-                true,
-            ),
+            row("credproxy-shared", self.via_shared(self.shared.proxy), self.shared.child.id(), true),
             row(
                 "credproxy-connect",
                 Target::Connect {
