@@ -292,15 +292,21 @@ struct CreateBody {
     credentials: serde_json::Map<String, Value>,
 }
 
+/// A JSON request body as `T`: 400 `invalid_json` if it is not JSON, 400
+/// `invalid_request` naming the field (never its value) if it does not fit.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))
+}
+
 async fn create_connection(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
-    let req: CreateBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    let req: CreateBody = json_body(&body)?;
     if let Some(org) = scope.org() {
         if org != req.org_id {
             return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
@@ -441,10 +447,7 @@ async fn mint_run_token(
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
-    let req: RunTokenBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    let req: RunTokenBody = json_body(&body)?;
     if scope.org().is_some_and(|o| o != req.org_id) {
         return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
     }
@@ -513,10 +516,7 @@ async fn oauth2_authorize(
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidJson, format!("body is not valid JSON: {e}")))?;
-    let req: AuthorizeBody = serde_path_to_error::deserialize(value)
-        .map_err(|e| ApiError::new(Code::InvalidRequest, format!("{}: {}", e.path(), redact_serde(e.inner()))))?;
+    let req: AuthorizeBody = json_body(&body)?;
     if scope.org().is_some_and(|o| o != req.org_id) {
         return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
     }
