@@ -12,6 +12,7 @@
 //! Leaf module.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -27,36 +28,102 @@ pub const ACCESS: &str = "credproxy::access";
 
 /// How long a line may wait in the buffer.
 const FLUSH_EVERY: Duration = Duration::from_millis(20);
-/// Above this, the logging thread writes the buffer out itself.
+/// Above this, the appending thread writes the buffer out itself.
 const MAX_BUFFERED: usize = 256 * 1024;
 
-#[derive(Default)]
-struct Shared {
+/// Whole lines appended by any thread, written to one output in batches
+/// by a background thread (the log on stderr, the audit trail). Nothing is
+/// dropped: a full buffer is written by the thread that fills it.
+pub struct LineBatcher {
     buf: Mutex<Vec<u8>>,
-    /// Signalled when a line lands in an empty buffer.
+    /// Signalled when a line lands in an empty buffer, and on close.
     started: Condvar,
+    /// Taken while the buffer is still held, so batches keep their order.
+    out: Mutex<Box<dyn Write + Send>>,
+    closed: AtomicBool,
 }
 
-impl Shared {
-    /// Takes the buffer and writes it outside the buffer lock; stderr's lock
-    /// is taken first, so chunks reach stderr in order.
+impl LineBatcher {
+    fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { buf: Mutex::default(), started: Condvar::new(), out: Mutex::new(out), closed: AtomicBool::new(false) }
+    }
+
+    /// A batcher writing to `out`, with its thread (named `name`) started.
+    pub fn start(name: &str, out: Box<dyn Write + Send>) -> std::io::Result<Arc<Self>> {
+        let batcher = Arc::new(Self::new(out));
+        let bg = batcher.clone();
+        std::thread::Builder::new().name(name.into()).spawn(move || bg.run())?;
+        Ok(batcher)
+    }
+
+    /// Waits for a batch to start, lets it collect lines, writes it; until closed.
+    fn run(&self) {
+        loop {
+            let Ok(guard) = self.buf.lock() else { return };
+            let Ok(guard) = self.started.wait_while(guard, |b| b.is_empty() && !self.is_closed()) else { return };
+            if self.is_closed() {
+                return self.write_out(guard);
+            }
+            drop(guard);
+            #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread, not a runtime worker")]
+            std::thread::sleep(FLUSH_EVERY);
+            let Ok(guard) = self.buf.lock() else { return };
+            self.write_out(guard);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Appends one or more whole lines.
+    pub fn append(&self, lines: &[u8]) {
+        let Ok(mut buf) = self.buf.lock() else { return };
+        let first = buf.is_empty();
+        buf.extend_from_slice(lines);
+        if buf.len() >= MAX_BUFFERED {
+            self.write_out(buf);
+        } else if first {
+            drop(buf);
+            self.started.notify_one();
+        }
+    }
+
+    /// Writes out what is buffered now.
+    pub fn flush(&self) {
+        if let Ok(guard) = self.buf.lock() {
+            self.write_out(guard);
+        }
+    }
+
+    /// Writes out what is buffered and ends the background thread; lines
+    /// appended later are written when the buffer fills or on [`Self::flush`].
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.flush();
+        self.started.notify_all();
+    }
+
+    /// Takes the buffer and writes it outside the buffer lock; the output's
+    /// lock is taken first, so chunks reach it in order. Errors are the
+    /// output's to count: the batch is gone either way.
     fn write_out(&self, mut guard: std::sync::MutexGuard<'_, Vec<u8>>) {
         if guard.is_empty() {
             return;
         }
         let data = std::mem::take(&mut *guard);
-        let mut stderr = std::io::stderr().lock();
+        let Ok(mut out) = self.out.lock() else { return };
         drop(guard);
-        let _ = stderr.write_all(&data);
+        let _ = out.write_all(&data).and_then(|()| out.flush());
     }
 }
 
-static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
+static SHARED: OnceLock<Arc<LineBatcher>> = OnceLock::new();
 
 /// The writer the subscriber gets per event: collects one line, appends it
-/// to the shared buffer on drop.
+/// to the batcher on drop.
 pub struct LineWriter {
-    shared: Arc<Shared>,
+    shared: Arc<LineBatcher>,
     line: Vec<u8>,
 }
 
@@ -73,19 +140,11 @@ impl Write for LineWriter {
 
 impl Drop for LineWriter {
     fn drop(&mut self) {
-        let Ok(mut buf) = self.shared.buf.lock() else { return };
-        let first = buf.is_empty();
-        buf.extend_from_slice(&self.line);
-        if buf.len() >= MAX_BUFFERED {
-            self.shared.write_out(buf);
-        } else if first {
-            drop(buf);
-            self.shared.started.notify_one();
-        }
+        self.shared.append(&self.line);
     }
 }
 
-struct Buffered(Arc<Shared>);
+struct Buffered(Arc<LineBatcher>);
 
 impl<'a> MakeWriter<'a> for Buffered {
     type Writer = LineWriter;
@@ -99,19 +158,8 @@ impl<'a> MakeWriter<'a> for Buffered {
 pub fn init(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let shared = SHARED.get_or_init(|| {
-        let shared = Arc::new(Shared::default());
-        let bg = shared.clone();
-        let _ = std::thread::Builder::new().name("credproxy-log".into()).spawn(move || loop {
-            // Wait for a batch to start, let it collect lines, write it.
-            let Ok(guard) = bg.buf.lock() else { return };
-            let Ok(guard) = bg.started.wait_while(guard, |b| b.is_empty()) else { return };
-            drop(guard);
-            #[allow(clippy::disallowed_methods, reason = "a dedicated OS thread, not a runtime worker")]
-            std::thread::sleep(FLUSH_EVERY);
-            let Ok(guard) = bg.buf.lock() else { return };
-            bg.write_out(guard);
-        });
-        shared
+        LineBatcher::start("credproxy-log", Box::new(std::io::stderr()))
+            .unwrap_or_else(|_| Arc::new(LineBatcher::new(Box::new(std::io::stderr()))))
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -165,16 +213,22 @@ impl Visit for Message<'_, '_> {
     }
 }
 
-/// `2026-12-01T19:20:31.646661Z`, the default format's timestamp; the part
-/// up to the second is formatted once a second.
+/// `2026-12-01T19:20:31.646661Z`, the default format's timestamp.
 fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
-    use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
+    format_time(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(), w);
+    Ok(())
+}
+
+/// `since_epoch` as RFC 3339 UTC with microseconds
+/// (`2026-12-01T19:20:31.646661Z`); the part up to the second is formatted
+/// once a second per thread.
+pub fn format_time(since_epoch: Duration, w: &mut impl std::fmt::Write) {
+    use std::cell::RefCell;
     thread_local! {
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
     }
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
+    let secs = since_epoch.as_secs();
     SECOND.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs {
@@ -183,7 +237,7 @@ fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
             c.1 = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60);
             c.0 = secs;
         }
-        write!(w, "{}.{:06}Z", c.1, since.subsec_micros())
+        let _ = write!(w, "{}.{:06}Z", c.1, since_epoch.subsec_micros());
     })
 }
 
@@ -204,9 +258,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// Writes out buffered log lines now (before exit).
 pub fn flush() {
     if let Some(shared) = SHARED.get() {
-        if let Ok(guard) = shared.buf.lock() {
-            shared.write_out(guard);
-        }
+        shared.flush();
     }
 }
 
@@ -226,7 +278,7 @@ mod tests {
     /// events keep the default formatter.
     #[test]
     fn access_lines_keep_the_default_layout() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(LineBatcher::new(Box::new(std::io::sink())));
         let subscriber = tracing_subscriber::fmt()
             .with_writer(Buffered(shared.clone()))
             .with_ansi(false)
@@ -248,7 +300,7 @@ mod tests {
 
     #[test]
     fn lines_are_appended_whole_and_flushed() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(LineBatcher::new(Box::new(std::io::sink())));
         let make = Buffered(shared.clone());
         {
             let mut w = make.make_writer();
