@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use ring::digest;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::audit::{AdminAction, Audit};
 use crate::config::AdminToken;
 use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
 use crate::outbound::{Outbound, ProxyError};
@@ -32,13 +33,15 @@ pub struct AdminState {
     outbound: Arc<Outbound>,
     /// `admin.public_url` + `/v1/oauth2/callback`: the redirect URI sent to providers.
     callback_url: String,
-    /// SHA-256 of each token with its scope; compared in constant time.
-    tokens: Vec<([u8; 32], Scope)>,
+    /// SHA-256 of each token with its scope and name; compared in constant time.
+    tokens: Vec<([u8; 32], Scope, TokenName)>,
     interceptor: Option<Arc<crate::tls::Interceptor>>,
     /// Set when shutdown starts: `/readyz` answers 503.
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// Mints run tokens (`POST /v1/run-tokens`).
     run_tokens: Option<RunTokenIssuer>,
+    /// One line per action on a credential.
+    audit: Audit,
 }
 
 /// What minting run tokens needs: the keys and the lifetimes allowed.
@@ -56,16 +59,18 @@ impl AdminState {
         public_url: &str,
         interceptor: Option<Arc<crate::tls::Interceptor>>,
         draining: Arc<std::sync::atomic::AtomicBool>,
+        audit: Audit,
     ) -> Self {
         let callback_url = format!("{}/v1/oauth2/callback", public_url.trim_end_matches('/'));
         let tokens = tokens
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(i, t)| {
                 let scope = t.org_id.clone().map_or(Scope::Global, Scope::Org);
-                (sha256(t.token.expose().as_bytes()), scope)
+                (sha256(t.token.expose().as_bytes()), scope, TokenName(t.audit_name(i).into()))
             })
             .collect();
-        Self { connections, outbound, callback_url, tokens, interceptor, draining, run_tokens: None }
+        Self { connections, outbound, callback_url, tokens, interceptor, draining, run_tokens: None, audit }
     }
 
     /// Serves `POST /v1/run-tokens` with `issuer`.
@@ -74,14 +79,14 @@ impl AdminState {
         self
     }
 
-    fn scope_for(&self, presented: &str) -> Option<Scope> {
+    fn scope_for(&self, presented: &str) -> Option<(Scope, TokenName)> {
         let h = sha256(presented.as_bytes());
         let mut found = None;
         // Check every token so timing does not depend on which one matched.
-        for (t, scope) in &self.tokens {
+        for (t, scope, name) in &self.tokens {
             let diff = t.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 {
-                found = Some(scope.clone());
+                found = Some((scope.clone(), name.clone()));
             }
         }
         found
@@ -93,6 +98,90 @@ fn sha256(b: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// The name of the admin token a request came with (`admin.tokens[].name`).
+#[derive(Debug, Clone)]
+struct TokenName(Arc<str>);
+
+/// What an admin action did, for its audit line: set by the handler on
+/// its answer. A refused action has none; its line has what the request
+/// named.
+#[derive(Debug, Clone, Default)]
+struct Audited {
+    /// Instead of the route's action (re-authorization).
+    action: Option<&'static str>,
+    org: Option<String>,
+    user: Option<String>,
+    connection: Option<String>,
+    integration: Option<String>,
+    auth_method: Option<String>,
+    run_token: Option<String>,
+    run_subject: Option<String>,
+    /// What went wrong in an answer that is not an error (a failed test).
+    code: Option<Code>,
+}
+
+impl Audited {
+    fn connection(m: &ConnectionMeta) -> Self {
+        Self {
+            org: Some(m.org_id.clone()),
+            user: Some(m.user_id.clone()),
+            connection: Some(m.id.clone()),
+            integration: Some(m.integration.clone()),
+            auth_method: Some(m.auth_method.clone()),
+            ..Self::default()
+        }
+    }
+}
+
+/// The audited admin actions: every one that touches a credential.
+fn audited_action(method: &axum::http::Method, route: &str) -> Option<&'static str> {
+    use axum::http::Method;
+    Some(match (method, route) {
+        (&Method::POST, "/v1/connections") => "connection.create",
+        (&Method::DELETE, "/v1/connections/{id}") => "connection.delete",
+        (&Method::POST, "/v1/connections/{id}/test") => "connection.test",
+        (&Method::POST, "/v1/oauth2/authorize") => "connection.authorize",
+        (&Method::GET, "/v1/oauth2/callback") => "connection.authorized",
+        (&Method::POST, "/v1/run-tokens") => "run_token.mint",
+        _ => return None,
+    })
+}
+
+/// Writes the audit line of an audited action, after its answer: who
+/// (the admin token's name), what, on which connection, and the outcome.
+async fn audit(State(st): State<Arc<AdminState>>, route: MatchedPath, req: Request, next: Next) -> Response {
+    let Some(action) = audited_action(req.method(), route.as_str()).filter(|_| st.audit.is_on()) else {
+        return next.run(req).await;
+    };
+    let time = std::time::SystemTime::now();
+    let token = req.extensions().get::<TokenName>().map(|t| t.0.clone());
+    let scope_org = req.extensions().get::<Scope>().and_then(|s| s.org().map(str::to_owned));
+    // `/v1/connections/{id}…`: the connection the request named.
+    let named = route
+        .as_str()
+        .starts_with("/v1/connections/")
+        .then(|| req.uri().path().split('/').nth(3).map(str::to_owned))
+        .flatten();
+    let resp = next.run(req).await;
+    let done = resp.extensions().get::<Audited>().cloned().unwrap_or_default();
+    let code = resp.extensions().get::<Code>().copied().or(done.code);
+    st.audit.admin_action(&AdminAction {
+        time,
+        action: done.action.unwrap_or(action),
+        admin_token: token.as_deref(),
+        org: done.org.as_deref().or(scope_org.as_deref()),
+        user: done.user.as_deref(),
+        connection: done.connection.as_deref().or(named.as_deref()),
+        integration: done.integration.as_deref(),
+        auth_method: done.auth_method.as_deref(),
+        run_token: done.run_token.as_deref(),
+        run_subject: done.run_subject.as_deref(),
+        status: resp.status().as_u16(),
+        code: code.map(Code::as_str),
+    });
+    resp
 }
 
 /// What an admin token may see.
@@ -120,7 +209,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
         .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
         .route("/v1/run-tokens", axum::routing::post(mint_run_token))
+        // Inside `authenticate`: the audit line names the token that acted.
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let callback = Router::new()
+        .route("/v1/oauth2/callback", get(oauth2_callback))
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -128,7 +222,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         // no label carries a connection id or a secret.
         .route("/metrics", get(metrics))
         // Reached by the user's browser: no admin token; `state` protects it.
-        .route("/v1/oauth2/callback", get(oauth2_callback))
+        .merge(callback)
         .merge(v1)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)
@@ -163,7 +257,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        self.0.to_response().map(Body::from)
+        let code = self.0.code;
+        let mut r = self.0.to_response().map(Body::from);
+        // For the audit line.
+        r.extensions_mut().insert(code);
+        r
     }
 }
 
@@ -175,8 +273,9 @@ async fn authenticate(State(st): State<Arc<AdminState>>, mut req: Request, next:
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented.and_then(|t| st.scope_for(t)) {
-        Some(scope) => {
+        Some((scope, name)) => {
             req.extensions_mut().insert(scope);
+            req.extensions_mut().insert(name);
             next.run(req).await
         }
         None => {
@@ -305,7 +404,7 @@ async fn create_connection(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
-) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
+) -> Result<(StatusCode, axum::Extension<Audited>, Json<ConnectionView>), ApiError> {
     let req: CreateBody = json_body(&body)?;
     if let Some(org) = scope.org() {
         if org != req.org_id {
@@ -333,7 +432,7 @@ async fn create_connection(
         .await
         .map_err(create_error)?;
     tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "connection created");
-    Ok((StatusCode::CREATED, Json(view(&st, meta))))
+    Ok((StatusCode::CREATED, axum::Extension(Audited::connection(&meta)), Json(view(&st, meta))))
 }
 
 fn create_error(e: CreateError) -> ApiError {
@@ -404,8 +503,9 @@ async fn delete_connection(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    st.connections
+) -> Result<(axum::Extension<Audited>, Json<Value>), ApiError> {
+    let meta = st
+        .connections
         .get_meta(scope.org(), &id)
         .await
         .map_err(ApiError::store)?
@@ -421,7 +521,7 @@ async fn delete_connection(
     if let Revocation::Failed(why) = &revocation {
         body["provider_revocation_error"] = json!(why);
     }
-    Ok(Json(body))
+    Ok((axum::Extension(Audited::connection(&meta)), Json(body)))
 }
 
 #[derive(Deserialize)]
@@ -446,7 +546,7 @@ async fn mint_run_token(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, axum::Extension<Audited>, Json<Value>), ApiError> {
     let req: RunTokenBody = json_body(&body)?;
     if scope.org().is_some_and(|o| o != req.org_id) {
         return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
@@ -492,7 +592,9 @@ async fn mint_run_token(
         "id": claims.jti,
         "key_id": issuer.keys.signing_id(),
     });
-    Ok((StatusCode::CREATED, Json(body)))
+    let audited =
+        Audited { org: Some(claims.org), run_token: Some(claims.jti), run_subject: claims.sub, ..Audited::default() };
+    Ok((StatusCode::CREATED, axum::Extension(audited), Json(body)))
 }
 
 #[derive(Deserialize)]
@@ -515,11 +617,20 @@ async fn oauth2_authorize(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(axum::Extension<Audited>, Json<Value>), ApiError> {
     let req: AuthorizeBody = json_body(&body)?;
     if scope.org().is_some_and(|o| o != req.org_id) {
         return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
     }
+    let audited = Audited {
+        action: req.connection_id.is_some().then_some("connection.reauthorize"),
+        org: Some(req.org_id.clone()),
+        user: Some(req.user_id.clone()),
+        connection: req.connection_id.clone(),
+        integration: Some(req.integration.clone()),
+        auth_method: Some(req.auth_method.clone()),
+        ..Audited::default()
+    };
     let (url, expires_at) = st
         .connections
         .start_authorization(
@@ -536,7 +647,7 @@ async fn oauth2_authorize(
         )
         .await
         .map_err(authorize_error)?;
-    Ok(Json(json!({ "authorization_url": url, "expires_at": rfc3339(expires_at) })))
+    Ok((axum::Extension(audited), Json(json!({ "authorization_url": url, "expires_at": rfc3339(expires_at) }))))
 }
 
 #[derive(Deserialize)]
@@ -557,17 +668,19 @@ async fn oauth2_callback(
         (None, None) => return Err(ApiError::new(Code::InvalidRequest, "the callback has neither code nor error")),
     };
     let (meta, return_to) = st.connections.complete_authorization(&state, outcome).await.map_err(authorize_error)?;
+    let audited = axum::Extension(Audited::connection(&meta));
     if let Some(rt) = return_to {
         let sep = if rt.contains('?') { '&' } else { '?' };
         let location = format!("{rt}{sep}connection_id={}", meta.id);
-        let mut r = StatusCode::SEE_OTHER.into_response();
+        let mut r = (StatusCode::SEE_OTHER, audited).into_response();
         if let Ok(v) = HeaderValue::try_from(location) {
             r.headers_mut().insert(header::LOCATION, v);
         }
         return Ok(r);
     }
     let id = meta.id.clone();
-    Ok((StatusCode::CREATED, Json(json!({ "connection_id": id, "connection": view(&st, meta) }))).into_response())
+    let body = json!({ "connection_id": id, "connection": view(&st, meta) });
+    Ok((StatusCode::CREATED, audited, Json(body)).into_response())
 }
 
 fn authorize_error(e: AuthorizeError) -> ApiError {
@@ -601,29 +714,36 @@ async fn test_connection(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(axum::Extension<Audited>, Json<Value>), ApiError> {
     let meta = st
         .connections
         .get_meta(scope.org(), &id)
         .await
         .map_err(ApiError::store)?
         .ok_or_else(ApiError::connection_not_found)?;
+    let mut audited = Audited::connection(&meta);
     let started = std::time::Instant::now();
     let outcome = run_test(&st, &meta).await;
     let latency_ms = started.elapsed().as_millis() as u64;
     let body = match outcome {
         Ok((status, expect)) if status == expect => json!({ "ok": true, "status": status, "latency_ms": latency_ms }),
-        Ok((status, expect)) => json!({
-            "ok": false, "status": status, "latency_ms": latency_ms,
-            "error": { "code": Code::UnexpectedStatus.as_str(), "detail": format!("expected status {expect}, got {status}") },
-        }),
-        Err(p) => json!({
-            "ok": false, "status": null, "latency_ms": latency_ms,
-            "error": { "code": p.code.as_str(), "detail": p.detail },
-        }),
+        Ok((status, expect)) => {
+            audited.code = Some(Code::UnexpectedStatus);
+            json!({
+                "ok": false, "status": status, "latency_ms": latency_ms,
+                "error": { "code": Code::UnexpectedStatus.as_str(), "detail": format!("expected status {expect}, got {status}") },
+            })
+        }
+        Err(p) => {
+            audited.code = Some(p.code);
+            json!({
+                "ok": false, "status": null, "latency_ms": latency_ms,
+                "error": { "code": p.code.as_str(), "detail": p.detail },
+            })
+        }
     };
     tracing::info!(connection = %id, ok = body["ok"].as_bool().unwrap_or(false), "connection tested");
-    Ok(Json(body))
+    Ok((axum::Extension(audited), Json(body)))
 }
 
 async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), Problem> {

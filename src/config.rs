@@ -104,6 +104,7 @@ pub struct Config {
     pub oauth2: OAuth2Config,
     pub tls_intercept: TlsInterceptConfig,
     pub run_tokens: RunTokensConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -301,6 +302,17 @@ pub struct AdminToken {
     /// Restrict the token to one organization; absent = global.
     #[serde(default)]
     pub org_id: Option<String>,
+    /// What the audit trail calls this token (never its value). Default:
+    /// its place in the file, `admin.tokens[N]`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl AdminToken {
+    /// The token's name in the audit trail; `index` is its place in `admin.tokens`.
+    pub fn audit_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("admin.tokens[{index}]"))
+    }
 }
 
 fn deserialize_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretValue, D::Error> {
@@ -550,6 +562,39 @@ impl Default for IntegrationsConfig {
     }
 }
 
+/// Where audit lines go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditSink {
+    /// Standard output, one JSON line each (the log is on stderr).
+    #[default]
+    Stdout,
+    /// `audit.path`, rotated by size.
+    File,
+    /// No audit trail.
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `stdout`, `file` or `off`.
+    pub sink: AuditSink,
+    /// The audit file (`sink = "file"`); its directory must exist.
+    pub path: PathBuf,
+    /// A file reaching this size is renamed to `PATH.1` (`PATH.1` to
+    /// `PATH.2`, …) and a new one started.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`PATH.1` … `PATH.N`); older ones are deleted.
+    pub keep_files: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { sink: AuditSink::Stdout, path: PathBuf::from("audit.log"), max_file_bytes: 100 << 20, keep_files: 5 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -584,7 +629,11 @@ impl Config {
         cfg.env_refs = refs;
         cfg.overrides = overrides.clone();
         if let Some(token) = env.get(ADMIN_TOKEN_ENV).filter(|t| !t.is_empty()) {
-            cfg.admin.tokens.push(AdminToken { token: SecretValue::new(token.clone()), org_id: None });
+            cfg.admin.tokens.push(AdminToken {
+                token: SecretValue::new(token.clone()),
+                org_id: None,
+                name: Some(ADMIN_TOKEN_ENV.to_owned()),
+            });
         }
         cfg.validate(name).map_err(|e| blame_environment(e, &overrides))?;
         Ok(cfg)
@@ -617,6 +666,14 @@ impl Config {
                 return Err(ConfigError::new(name, "proxy.org_id", "must be 1-128 characters of [A-Za-z0-9_.:@-]"))
             }
             _ => {}
+        }
+        if self.audit.sink == AuditSink::File {
+            if self.audit.max_file_bytes < 4096 {
+                return Err(ConfigError::new(name, "audit.max_file_bytes", "must be at least 4096"));
+            }
+            if self.audit.keep_files == 0 {
+                return Err(ConfigError::new(name, "audit.keep_files", "must be at least 1"));
+            }
         }
         if self.run_tokens.default_ttl > self.run_tokens.max_ttl {
             return Err(ConfigError::new(
@@ -681,6 +738,13 @@ impl Config {
                     name,
                     format!("admin.tokens[{i}].token"),
                     "must be at least 16 characters",
+                ));
+            }
+            if t.name.as_deref().is_some_and(|n| !crate::ids::is_valid_external_id(n)) {
+                return Err(ConfigError::new(
+                    name,
+                    format!("admin.tokens[{i}].name"),
+                    "must be 1-128 characters of [A-Za-z0-9_.:@-]",
                 ));
             }
             if let Some(org) = &t.org_id {

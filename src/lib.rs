@@ -26,6 +26,8 @@
 //! - [`upstream`]: the proxy's upstream pool, the pooled client for token
 //!   calls, and their SSRF-guarded connector.
 //! - [`integrations`]: integration definitions loaded from `config/integrations/*.toml`.
+//! - [`audit`]: the audit trail: one JSON line per credential use and per
+//!   admin action on a credential, to stdout or a file rotated by size.
 //! - [`config`]: `credproxy.toml` loading, environment overrides, validation.
 //! - [`metrics`]: Prometheus counters (atomics) and their text rendering.
 //! - [`tls`]: the interception CA and per-host leaf certificates.
@@ -44,6 +46,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod creds;

@@ -69,6 +69,8 @@ pub struct Metrics {
     in_flight: AtomicI64,
     client_connections: AtomicI64,
     client_connections_refused: AtomicU64,
+    audit_lines: AtomicU64,
+    audit_write_errors: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,6 +104,8 @@ impl Metrics {
             in_flight: AtomicI64::new(0),
             client_connections: AtomicI64::new(0),
             client_connections_refused: AtomicU64::new(0),
+            audit_lines: AtomicU64::new(0),
+            audit_write_errors: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +142,16 @@ impl Metrics {
         self.client_connections_refused.fetch_add(1, Relaxed);
     }
 
+    /// An audit line was handed to the audit sink.
+    pub fn audit_line(&self) {
+        self.audit_lines.fetch_add(1, Relaxed);
+    }
+
+    /// Writing a batch of audit lines failed (the batch is lost).
+    pub fn audit_write_error(&self) {
+        self.audit_write_errors.fetch_add(1, Relaxed);
+    }
+
     /// Prometheus text exposition format 0.0.4.
     /// `upstream`: connections the upstream pool opened and reused;
     /// `tls`: leaf certificates minted and served from the cache.
@@ -167,7 +181,7 @@ impl Metrics {
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_sum {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_count {count}");
 
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 14] = [
             ("credproxy_upstream_connections_opened_total", "Upstream connections opened.", upstream.0),
             (
                 "credproxy_upstream_connections_reused_total",
@@ -201,6 +215,16 @@ impl Metrics {
                 "credproxy_client_connections_refused_total",
                 "Client connections closed at once because proxy.max_connections was reached.",
                 self.client_connections_refused.load(Relaxed),
+            ),
+            (
+                "credproxy_audit_lines_total",
+                "Audit lines written (credential uses, admin actions).",
+                self.audit_lines.load(Relaxed),
+            ),
+            (
+                "credproxy_audit_write_errors_total",
+                "Batches of audit lines the audit sink failed to write.",
+                self.audit_write_errors.load(Relaxed),
             ),
             ("credproxy_leaf_certs_minted_total", "Interception leaf certificates minted.", tls.map_or(0, |t| t.0)),
             (

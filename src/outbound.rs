@@ -109,8 +109,8 @@ impl Outbound {
 
     /// Sends a request with a resolved connection's credential. The host
     /// check has passed. `headers` are the caller's, already stripped of
-    /// hop-by-hop and control headers. Returns the response and whether it
-    /// was retried after a refresh. Buffered and OAuth2 requests come back
+    /// hop-by-hop and control headers. Returns the response and whether the
+    /// token was refreshed, and the request retried after a refresh. Buffered and OAuth2 requests come back
     /// with what was injected scrubbed from the response's URL fields; the
     /// caller runs [`scrub_echoes`] with `resolved` for the rest (again,
     /// harmlessly, for those).
@@ -121,7 +121,7 @@ impl Outbound {
         uri: Uri,
         headers: HeaderMap,
         body: UpstreamBody,
-    ) -> Result<(Response<PooledBody>, bool), ProxyError> {
+    ) -> Result<(Response<PooledBody>, Renewal), ProxyError> {
         if resolved.method.edits_body() || resolved.method.oauth2().is_some() {
             // Boxed: buffering, refreshing and retrying make a large future
             // that static credentials in headers never need.
@@ -130,7 +130,7 @@ impl Outbound {
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
         let resp = self.send(upstream_request(method, uri, headers, Some(resolved), body)?).await?;
-        Ok((resp, false))
+        Ok((resp, Renewal::default()))
     }
 
     /// Body placements and OAuth2: the body is buffered (to rewrite it, or
@@ -142,10 +142,12 @@ impl Outbound {
         uri: Uri,
         mut headers: HeaderMap,
         body: UpstreamBody,
-    ) -> Result<(Response<PooledBody>, bool), ProxyError> {
+    ) -> Result<(Response<PooledBody>, Renewal), ProxyError> {
         // Fresh token: an OAuth2 access token about to expire is refreshed
         // once, however many requests are waiting for it.
-        let resolved = self.connections.ensure_fresh(resolved.clone()).await?;
+        let fresh = self.connections.ensure_fresh(resolved.clone()).await?;
+        let refreshed = !Arc::ptr_eq(&fresh, resolved);
+        let resolved = fresh;
 
         // Body placements need the body in hand; OAuth2 requests keep a small
         // body so a 401 can be retried once after a refresh. Buffered bytes
@@ -195,15 +197,25 @@ impl Outbound {
                 )?;
                 let mut resp = self.send(retry).await?;
                 scrub_echoes(&mut resp, &refreshed);
-                Ok((resp, true))
+                Ok((resp, Renewal { refreshed: true, retried: true }))
             }
             _ => {
                 // With the token actually used (`ensure_fresh` may have refreshed it).
                 scrub_echoes(&mut resp, &resolved);
-                Ok((resp, false))
+                Ok((resp, Renewal { refreshed, retried: false }))
             }
         }
     }
+}
+
+/// What keeping a request's OAuth2 token valid took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// The token was refreshed first (by this request, or by another it
+    /// waited for).
+    pub refreshed: bool,
+    /// The request was retried once after an upstream 401 and a refresh.
+    pub retried: bool,
 }
 
 /// Response fields that name a URL: where an upstream may echo what was

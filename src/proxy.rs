@@ -17,14 +17,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::audit::{Audit, CredentialUse};
 use crate::config::ProxyMode;
-use crate::creds::{Connections, ResolveError, ResolveMemo};
+use crate::creds::{Connections, ResolveError, ResolveMemo, Resolved};
 use crate::h1;
 use crate::h1::server::{OnUpgrade, Transport};
 use crate::ids;
 use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
-use crate::outbound::{upstream_request, Outbound};
+use crate::outbound::{upstream_request, Outbound, Renewal};
 use crate::policy::hosts::HostPattern;
 use crate::runtoken::RunTokenKeys;
 use crate::telemetry;
@@ -76,6 +77,8 @@ pub struct ProxyState {
     /// Tunnelled blind even when interception is on.
     pub passthrough_hosts: Vec<HostPattern>,
     pub limits: ClientLimits,
+    /// One line per request that names a connection.
+    pub audit: Audit,
     /// Every client connection and tunnel task, so shutdown can wait for them.
     pub tracker: tokio_util::task::TaskTracker,
     /// Flips to true when shutdown starts (the listener, h2 connections, tunnels).
@@ -195,18 +198,28 @@ impl TunnelTarget {
     }
 }
 
-/// What the access log records about one request. Never a secret: no header
-/// values, no query string. Cheap to fill (shared handles, no copies): it
-/// is filled whether or not the line is logged.
+/// What the access log and the audit trail record about one request.
+/// Never a secret: no header values, no query string. Cheap to fill
+/// (shared handles, no copies): it is filled whether or not a line is
+/// written.
 #[derive(Default)]
 struct Access {
+    /// The run token's claims, when one was presented.
+    caller: Option<Arc<Caller>>,
     connection: Option<http::HeaderValue>,
-    integration: Option<Arc<crate::integrations::Integration>>,
+    /// The connection, once found: its integration, auth method and owner.
+    resolved: Option<Arc<Resolved>>,
     cache_hit: Option<bool>,
     host: Option<Authority>,
     code: Option<crate::problem::Code>,
-    /// An OAuth2 request retried after a 401 and a refresh.
-    retried: bool,
+    /// An OAuth2 token refreshed, a request retried after a 401.
+    renewal: Renewal,
+}
+
+impl Access {
+    fn integration(&self) -> Option<&str> {
+        self.resolved.as_ref().map(|r| r.integration.id.as_str())
+    }
 }
 
 /// One request through the pipeline, with its metrics and access line.
@@ -221,9 +234,10 @@ async fn handle(
     let started = Instant::now();
     let metrics = &state.outbound.metrics;
     let in_flight = metrics.in_flight();
-    // What the access line needs from the request, kept only if it is logged.
-    let logged = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO)
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
+    // What the access and audit lines need from the request, kept only if
+    // one is written.
+    let access_log = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO);
+    let logged = (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path().to_owned()));
     let mut access = Access::default();
     let resp = match forward(state, peer, req, &mut access, memo, started).await {
         Ok(resp) => resp,
@@ -240,27 +254,64 @@ async fn handle(
         }
     };
     drop(in_flight);
-    metrics.request(access.integration.as_ref().map(|i| i.id.as_str()), resp.status().as_u16());
+    metrics.request(access.integration(), resp.status().as_u16());
+    let Some((method, path)) = logged else { return resp };
+    if let Some(connection) = access.connection.as_ref().filter(|_| state.audit.is_on()) {
+        audit_use(state, &access, connection, &method, &path, resp.status().as_u16(), started);
+    }
     // One message instead of a dozen structured fields: the formatter's
     // per-field work was most of the line's cost (load bench), and
     // `telemetry` writes access lines without re-escaping them.
-    if let Some((method, path)) = logged {
+    if access_log {
         info!(
             target: telemetry::ACCESS,
             "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
              latency_us={} cache_hit={} code={} retried={}",
             state.org_id,
             access.connection.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
-            access.integration.as_ref().map_or("-", |i| i.id.as_str()),
+            access.integration().unwrap_or("-"),
             access.host.as_ref().map_or("-", Authority::host),
             resp.status().as_u16(),
             started.elapsed().as_micros(),
             access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
             access.code.map_or("-", crate::problem::Code::as_str),
-            access.retried,
+            access.renewal.retried,
         );
     }
     resp
+}
+
+/// The audit line of a request that named `connection`.
+fn audit_use(
+    state: &ProxyState,
+    access: &Access,
+    connection: &http::HeaderValue,
+    method: &Method,
+    path: &str,
+    status: u16,
+    started: Instant,
+) {
+    let latency = started.elapsed();
+    let claims = access.caller.as_deref().and_then(|c| c.claims.as_ref());
+    let resolved = access.resolved.as_deref();
+    state.audit.credential_use(&CredentialUse {
+        time: std::time::SystemTime::now() - latency,
+        org: access.caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state)),
+        user: resolved.map(|r| r.meta.user_id.as_str()),
+        run_token: claims.map(|c| c.jti.as_str()),
+        run_subject: claims.and_then(|c| c.sub.as_deref()),
+        connection: connection.to_str().unwrap_or_default(),
+        integration: access.integration(),
+        auth_method: resolved.map(|r| r.method.id.as_str()),
+        method: method.as_str(),
+        host: access.host.as_ref().map(Authority::host),
+        path,
+        status,
+        latency,
+        refreshed: access.renewal.refreshed,
+        retried: access.renewal.retried,
+        code: access.code.map(crate::problem::Code::as_str),
+    });
 }
 
 /// An HTTP/1.1 upstream's header fields, still unparsed (the response's
@@ -324,6 +375,7 @@ async fn forward(
     // 2. Identify the caller: a run token in Proxy-Authorization names the
     // organization (shared mode), else the sidecar's is the one.
     let caller = identify(state, &mut parts.headers, tunnel, auth_memo)?;
+    access.caller.clone_from(&caller);
     let org = caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state));
     let claims = caller.as_deref().and_then(|c| c.claims.as_ref());
 
@@ -362,7 +414,7 @@ async fn forward(
             // A keep-alive caller's last connection is remembered while the cache is unchanged.
             let (resolved, hit) = state.connections.resolve_memo(org, id, memo, started).await?;
             access.cache_hit = Some(hit);
-            access.integration = Some(resolved.integration.clone());
+            access.resolved = Some(resolved.clone());
             if claims.is_some_and(|c| !c.allows(id, Some(&resolved.integration.id))) {
                 return Err(ProxyError::Resolve(ResolveError::NotFound));
             }
@@ -390,9 +442,9 @@ async fn forward(
             }
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
-            let (mut resp, retried) =
+            let (mut resp, renewal) =
                 state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
-            access.retried = retried;
+            access.renewal = renewal;
             // What was injected does not come back in a URL field.
             crate::outbound::scrub_echoes(&mut resp, &resolved);
             resp

@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState, RunTokenIssuer};
-use crate::config::{Config, ConfigError, KeyProviderKind};
+use crate::audit::Audit;
+use crate::config::{AuditSink, Config, ConfigError, KeyProviderKind};
 use crate::creds::Connections;
 use crate::crypto::kms::KmsKeyProvider;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvider};
@@ -90,6 +91,8 @@ pub struct Running {
     /// PostgreSQL change listener (cache invalidation across instances).
     listener: Option<tokio::task::JoinHandle<()>>,
     tasks: JoinSet<()>,
+    /// Written out and closed last.
+    audit: Audit,
 }
 
 impl Running {
@@ -114,12 +117,18 @@ impl Running {
             l.abort();
         }
         while self.tasks.join_next().await.is_some() {}
+        self.audit.close();
         abandoned
     }
 
     /// Client connections and tunnels currently open.
     pub fn open_connections(&self) -> usize {
         self.tracker.len()
+    }
+
+    /// The audit trail (e.g. to flush it).
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 }
 
@@ -200,6 +209,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, ConfigError> {
         LocalKeyProvider::open(&config.crypto.key_file).map_err(|e| config.error("crypto.key_file", e.to_string()))?;
     }
     run_token_keys(config, false)?;
+    if config.audit.sink == AuditSink::File {
+        let dir = config.audit.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(config.error("audit.path", format!("directory {} does not exist", dir.display())));
+        }
+    }
     Ok(Prepared { extra_roots, interceptor, proxy_tls })
 }
 
@@ -223,6 +238,7 @@ struct App {
     proxy: Arc<ProxyState>,
     proxy_tls: Option<tokio_rustls::TlsAcceptor>,
     admin: Arc<AdminState>,
+    audit: Audit,
     /// Set when the drain starts (`/readyz` turns 503).
     draining: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -244,6 +260,8 @@ impl App {
         let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
         let connector = GuardedConnector::new(policy, config.upstream.connect_timeout);
         let outbound = Arc::new(outbound(config, &connections, connector.clone(), &extra_roots, &metrics));
+        let audit = Audit::open(&config.audit, metrics.clone())
+            .map_err(|e| config.error("audit.path", format!("cannot open {}: {e}", config.audit.path.display())))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let p = &config.proxy;
         let proxy = Arc::new(ProxyState {
@@ -265,6 +283,7 @@ impl App {
                 send_timeout: p.send_timeout,
                 tunnel_idle_timeout: p.tunnel_idle_timeout,
             },
+            audit: audit.clone(),
             tracker: TaskTracker::new(),
             shutdown: shutdown_rx,
             drain: proxy::Drain::default(),
@@ -279,6 +298,7 @@ impl App {
                 &public_url,
                 interceptor.clone(),
                 draining.clone(),
+                audit.clone(),
             )
             .with_run_tokens(RunTokenIssuer {
                 keys: proxy.run_tokens.clone(),
@@ -286,7 +306,7 @@ impl App {
                 max_ttl: config.run_tokens.max_ttl,
             }),
         );
-        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, draining, shutdown })
+        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, audit, draining, shutdown })
     }
 
     /// Serves the proxy and the admin API on `listeners`, and (PostgreSQL)
@@ -340,6 +360,7 @@ impl App {
             tracker,
             listener,
             tasks,
+            audit: self.audit,
         }
     }
 }

@@ -216,29 +216,41 @@ impl Visit for Message<'_, '_> {
 /// `2026-12-01T19:20:31.646661Z`, the default format's timestamp.
 fn write_timestamp(w: &mut Writer<'_>) -> std::fmt::Result {
     use std::time::{SystemTime, UNIX_EPOCH};
-    format_time(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(), w);
-    Ok(())
+    let mut text = [0u8; TIME_LEN];
+    w.write_str(format_time(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(), &mut text))
 }
 
+/// Bytes in a [`format_time`] text.
+pub const TIME_LEN: usize = 27;
+
 /// `since_epoch` as RFC 3339 UTC with microseconds
-/// (`2026-12-01T19:20:31.646661Z`); the part up to the second is formatted
-/// once a second per thread.
-pub fn format_time(since_epoch: Duration, w: &mut impl std::fmt::Write) {
-    use std::cell::RefCell;
+/// (`2026-12-01T19:20:31.646661Z`), in `buf`. The part up to the second is
+/// formatted once a second per thread; the rest is six digits (no
+/// `fmt` machinery: this runs for every access and audit line).
+pub fn format_time(since_epoch: Duration, buf: &mut [u8; TIME_LEN]) -> &str {
+    use std::cell::Cell;
     thread_local! {
-        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
     }
     let secs = since_epoch.as_secs();
-    SECOND.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-            let t = secs % 86_400;
-            c.1 = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60);
-            c.0 = secs;
-        }
-        let _ = write!(w, "{}.{:06}Z", c.1, since_epoch.subsec_micros());
-    })
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        let t = secs % 86_400;
+        let s = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60);
+        // Years past 9999 do not fit; they are not this program's problem.
+        text.copy_from_slice(&s.as_bytes()[..19]);
+        SECOND.set((secs, text));
+    }
+    buf[..19].copy_from_slice(&text);
+    buf[19] = b'.';
+    let mut micros = since_epoch.subsec_micros();
+    for b in buf[20..26].iter_mut().rev() {
+        *b = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    buf[26] = b'Z';
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// Year, month, day of a count of days since 1970-01-01 (proleptic
@@ -265,6 +277,16 @@ pub fn flush() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_with_micros() {
+        let mut buf = [0u8; TIME_LEN];
+        assert_eq!(format_time(Duration::from_micros(0), &mut buf), "1970-01-01T00:00:00.000000Z");
+        let t = Duration::from_micros(1_764_703_580_000_042);
+        assert_eq!(format_time(t, &mut buf), "2025-12-02T19:26:20.000042Z");
+        assert_eq!(format_time(t + Duration::from_micros(999_000), &mut buf), "2025-12-02T19:26:20.999042Z");
+        assert_eq!(format_time(t + Duration::from_secs(1), &mut buf), "2025-12-02T19:26:21.000042Z");
+    }
 
     #[test]
     fn civil_dates() {

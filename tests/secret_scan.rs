@@ -189,6 +189,15 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
         "capture is not working:\n{logs}"
     );
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "TRACE/DEBUG lines expected");
+    // The audit trail: every use and admin action above, no secret in it
+    // (nor an admin token).
+    let audit = h.audit_text();
+    for kind in ["\"credential_use\"", "\"connection.create\"", "\"run_token.mint\"", "\"connection.authorized\""] {
+        assert!(audit.contains(kind), "the audit trail lacks {kind}:\n{audit}");
+    }
+    for s in dynamic.iter().map(String::as_str).chain(SECRETS.iter().copied()).chain([ADMIN_TOKEN, ORG_TOKEN]) {
+        assert!(!audit.contains(s), "secret {s} found in the audit trail");
+    }
     for s in &dynamic {
         assert!(!logs.contains(s.as_str()), "OAuth2 secret found in logs");
         for (i, text) in seen_text.iter().enumerate() {

@@ -92,6 +92,7 @@ max_buffered_body = 65536
 listen = "127.0.0.1:0"
 [[admin.tokens]]
 token = "{ADMIN_TOKEN}"
+name = "{ADMIN_TOKEN_NAME}"
 [[admin.tokens]]
 token = "{ORG_TOKEN}"
 org_id = "{ORG}"
@@ -105,6 +106,7 @@ key_file = "{key}"
 {egress}
 [integrations]
 dir = "{ints}"
+{audit}
 {sections}
 "#,
             mode = if opts.shared { "mode = \"shared\"".to_owned() } else { format!("org_id = \"{ORG}\"") },
@@ -118,6 +120,12 @@ dir = "{ints}"
                 .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("credproxy.db").display())),
             key = opts.key_file.clone().unwrap_or_else(|| dir.path().join("master.key")).display(),
             ints = ints_dir.display(),
+            // An audit file in the temp dir, unless the test configures its own.
+            audit = if opts.sections.contains("[audit]") {
+                String::new()
+            } else {
+                format!("[audit]\nsink = \"file\"\npath = \"{}\"", dir.path().join("audit.log").display())
+            },
         );
         let env = BTreeMap::new();
         let cfg = Config::from_toml_str("test.toml", &text, &env).expect("test config is valid");
@@ -138,6 +146,20 @@ dir = "{ints}"
 
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.running.admin_addr)
+    }
+
+    /// The audit file so far (every harness writes one in its temp dir).
+    pub fn audit_text(&self) -> String {
+        self.running.audit().flush();
+        std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default()
+    }
+
+    /// The audit file's lines, each parsed.
+    pub fn audit_lines(&self) -> Vec<Value> {
+        self.audit_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+            .collect()
     }
 
     /// Creates an httpbin connection in `org` and returns its id.

@@ -19,6 +19,8 @@ use std::path::PathBuf;
 pub use {clients::*, harness::*, peers::*};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// `ADMIN_TOKEN`'s name in the audit trail.
+pub const ADMIN_TOKEN_NAME: &str = "test-backend";
 pub const ORG_TOKEN: &str = "test-org-token-for-org-local-0123";
 pub const ORG: &str = "org_local";
 

@@ -1,0 +1,435 @@
+//! The audit trail: one JSON line per credential use (a proxied request
+//! that names a connection) and per admin action on a credential, apart
+//! from the access log. A line holds ids, names, a method, a host and a
+//! path without its query — never a credential, a run token or an admin
+//! token.
+//!
+//! Lines are formatted by the thread that records them and written by a
+//! background thread in batches ([`LineBatcher`], as the log is), to
+//! standard output or to a file rotated by size. Nothing is dropped: a
+//! full buffer is written by the thread that fills it. A batch the sink
+//! cannot write is counted (`credproxy_audit_write_errors_total`) and
+//! logged.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::config::{AuditConfig, AuditSink};
+use crate::metrics::Metrics;
+use crate::telemetry::{self, LineBatcher};
+
+/// `,"name":`, a field's prefix, made at compile time.
+macro_rules! key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+
+/// What a line is about.
+pub const KIND_USE: &str = "credential_use";
+pub const KIND_ADMIN: &str = "admin";
+
+/// One proxied request that named a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialUse<'a> {
+    /// When the request arrived.
+    pub time: SystemTime,
+    /// The organization the caller acts for (its run token's, or the sidecar's).
+    pub org: &'a str,
+    /// The connection's owner, once the connection was found.
+    pub user: Option<&'a str>,
+    /// The run token's id and subject (its `user_id`), when one was presented.
+    pub run_token: Option<&'a str>,
+    pub run_subject: Option<&'a str>,
+    pub connection: &'a str,
+    pub integration: Option<&'a str>,
+    pub auth_method: Option<&'a str>,
+    pub method: &'a str,
+    pub host: Option<&'a str>,
+    /// Without the query.
+    pub path: &'a str,
+    /// The status the caller got.
+    pub status: u16,
+    pub latency: Duration,
+    /// The OAuth2 token was refreshed for this request (by it, or by
+    /// another it waited for).
+    pub refreshed: bool,
+    /// Retried once after an upstream 401 and a refresh.
+    pub retried: bool,
+    /// The problem code of a response credproxy made.
+    pub code: Option<&'a str>,
+}
+
+/// One admin API action that touches a credential.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAction<'a> {
+    pub time: SystemTime,
+    /// `connection.create`, `connection.delete`, `connection.authorize`
+    /// (start), `connection.authorized` (the provider's callback),
+    /// `connection.test`, `run_token.mint`.
+    pub action: &'a str,
+    /// The admin token's name; none for the OAuth2 callback (a browser).
+    pub admin_token: Option<&'a str>,
+    pub org: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub connection: Option<&'a str>,
+    pub integration: Option<&'a str>,
+    pub auth_method: Option<&'a str>,
+    /// The minted run token's id and subject.
+    pub run_token: Option<&'a str>,
+    pub run_subject: Option<&'a str>,
+    /// The admin API's answer.
+    pub status: u16,
+    /// The problem code of a refused action, or of a failed connection test.
+    pub code: Option<&'a str>,
+}
+
+/// The audit sink, or nothing (`audit.sink = "off"`). Cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    lines: Option<Arc<LineBatcher>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit").field("on", &self.is_on()).finish()
+    }
+}
+
+impl Audit {
+    /// Opens the configured sink (a file is created or appended to).
+    pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = match config.sink {
+            AuditSink::Off => return Ok(Self::off(metrics)),
+            AuditSink::Stdout => Box::new(Counted { out: io::stdout(), metrics: metrics.clone() }),
+            AuditSink::File => Box::new(Counted {
+                out: RotatingFile::open(&config.path, config.max_file_bytes, config.keep_files)?,
+                metrics: metrics.clone(),
+            }),
+        };
+        Ok(Self { lines: Some(LineBatcher::start("credproxy-audit", out)?), metrics })
+    }
+
+    /// No audit trail.
+    pub fn off(metrics: Arc<Metrics>) -> Self {
+        Self { lines: None, metrics }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.lines.is_some()
+    }
+
+    pub fn credential_use(&self, u: &CredentialUse<'_>) {
+        let Some(lines) = &self.lines else { return };
+        let mut l = Line::start(u.time, KIND_USE);
+        l.str(key!("org"), Some(u.org));
+        l.str(key!("user"), u.user);
+        l.str(key!("run_token"), u.run_token);
+        l.str(key!("run_subject"), u.run_subject);
+        l.str(key!("connection"), Some(u.connection));
+        l.str(key!("integration"), u.integration);
+        l.str(key!("auth_method"), u.auth_method);
+        l.str(key!("method"), Some(u.method));
+        l.str(key!("host"), u.host);
+        l.str(key!("path"), Some(u.path));
+        l.num(key!("status"), u.status.into());
+        l.num(key!("latency_us"), u.latency.as_micros().min(u128::from(u64::MAX)) as u64);
+        l.bool(key!("refreshed"), u.refreshed);
+        l.bool(key!("retried"), u.retried);
+        l.str(key!("code"), u.code);
+        lines.append(l.end().as_bytes());
+        self.metrics.audit_line();
+    }
+
+    pub fn admin_action(&self, a: &AdminAction<'_>) {
+        let Some(lines) = &self.lines else { return };
+        let mut l = Line::start(a.time, KIND_ADMIN);
+        l.str(key!("action"), Some(a.action));
+        l.str(key!("admin_token"), a.admin_token);
+        l.str(key!("org"), a.org);
+        l.str(key!("user"), a.user);
+        l.str(key!("connection"), a.connection);
+        l.str(key!("integration"), a.integration);
+        l.str(key!("auth_method"), a.auth_method);
+        l.str(key!("run_token"), a.run_token);
+        l.str(key!("run_subject"), a.run_subject);
+        l.num(key!("status"), a.status.into());
+        l.str(key!("code"), a.code);
+        lines.append(l.end().as_bytes());
+        self.metrics.audit_line();
+    }
+
+    /// Writes out what is buffered (before exit).
+    pub fn flush(&self) {
+        if let Some(lines) = &self.lines {
+            lines.flush();
+        }
+    }
+
+    /// Writes out what is buffered and stops the background thread.
+    pub fn close(&self) {
+        if let Some(lines) = &self.lines {
+            lines.close();
+        }
+    }
+}
+
+/// A JSON object on one line, fields in a fixed order. Written without
+/// `fmt`: one line is written for every request that names a connection.
+struct Line(String);
+
+impl Line {
+    fn start(time: SystemTime, kind: &str) -> Self {
+        let mut s = String::with_capacity(512);
+        let mut text = [0u8; telemetry::TIME_LEN];
+        s.push_str("{\"time\":\"");
+        s.push_str(telemetry::format_time(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text));
+        s.push_str("\",\"kind\":\"");
+        s.push_str(kind);
+        s.push('"');
+        Self(s)
+    }
+
+    /// `key` is a field's prefix, [`key!`].
+    fn str(&mut self, key: &str, value: Option<&str>) {
+        self.0.push_str(key);
+        match value {
+            None => self.0.push_str("null"),
+            Some(v) => escape_into(v, &mut self.0),
+        }
+    }
+
+    fn num(&mut self, key: &str, value: u64) {
+        self.0.push_str(key);
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut v = value;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.0.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    }
+
+    fn bool(&mut self, key: &str, value: bool) {
+        self.0.push_str(key);
+        self.0.push_str(if value { "true" } else { "false" });
+    }
+
+    fn end(mut self) -> String {
+        self.0.push_str("}\n");
+        self.0
+    }
+}
+
+/// `value` as a JSON string (RFC 8259 §7). Ids and paths rarely need
+/// escaping: the common case is one byte scan and one copy.
+fn escape_into(value: &str, out: &mut String) {
+    let special = |b: u8| b == b'"' || b == b'\\' || b < b' ';
+    out.push('"');
+    let mut rest = value;
+    while let Some(i) = rest.bytes().position(special) {
+        out.push_str(&rest[..i]);
+        match rest.as_bytes()[i] {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            c => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(c >> 4)]));
+                out.push(char::from(HEX[usize::from(c & 15)]));
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
+}
+
+/// Counts the batches `out` fails to write, and logs the first of a run
+/// of failures (the log is on stderr, a separate sink).
+struct Counted<W> {
+    out: W,
+    metrics: Arc<Metrics>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.write_all(b).map(|()| b.len())
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        self.out.write_all(b).and_then(|()| self.out.flush()).inspect_err(|e| {
+            self.metrics.audit_write_error();
+            tracing::error!(error = %e, lines = b.iter().filter(|c| **c == b'\n').count(), "audit lines lost: the audit sink failed");
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An append-only file that is renamed to `PATH.1` (and `PATH.1` to
+/// `PATH.2`, up to `PATH.keep`) before a write would take it past `max`.
+/// Rotation happens between batches, so every line is whole in one file.
+struct RotatingFile {
+    path: PathBuf,
+    max: u64,
+    keep: u32,
+    /// Closed after a failed write; reopened by the next.
+    file: Option<File>,
+    size: u64,
+}
+
+impl RotatingFile {
+    fn open(path: &Path, max: u64, keep: u32) -> io::Result<Self> {
+        let mut f = Self { path: path.to_owned(), max, keep, file: None, size: 0 };
+        f.reopen()?;
+        Ok(f)
+    }
+
+    fn reopen(&mut self) -> io::Result<&mut File> {
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+        let file = options.open(&self.path)?;
+        self.size = file.metadata()?.len();
+        Ok(self.file.insert(file))
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        p.into()
+    }
+
+    /// `PATH.keep-1` → `PATH.keep` (replacing the oldest), …, `PATH` → `PATH.1`.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.file = None;
+        for n in (1..self.keep).rev() {
+            match std::fs::rename(self.rotated(n), self.rotated(n + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        self.reopen().map(drop)
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.write_all(b).map(|()| b.len())
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        if self.size > 0 && self.size + b.len() as u64 > self.max {
+            self.rotate()?;
+        }
+        let file = self.file.as_mut().expect("opened above");
+        match file.write_all(b) {
+            Ok(()) => {
+                self.size += b.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.file = None;
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(["httpbin"]))
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let mut s = String::new();
+        escape_into("plain/path", &mut s);
+        s.push(',');
+        escape_into("a\"b\\c\nd\u{1}", &mut s);
+        assert_eq!(s, r#""plain/path","a\"b\\c\u000ad\u0001""#);
+        let v: serde_json::Value = serde_json::from_str(&format!("[{s}]")).unwrap();
+        assert_eq!(v[1], "a\"b\\c\nd\u{1}");
+    }
+
+    #[test]
+    fn a_use_is_one_json_line_with_every_field() {
+        let mut l = Line::start(SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456), KIND_USE);
+        l.str(key!("org"), Some("org_a"));
+        l.str(key!("user"), None);
+        l.num(key!("status"), 200);
+        l.bool(key!("retried"), true);
+        let line = l.end();
+        assert!(line.ends_with("}\n") && line.matches('\n').count() == 1, "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["time"], "2025-12-02T18:26:40.123456Z");
+        assert_eq!(v["kind"], "credential_use");
+        assert_eq!((v["org"].as_str(), v["user"].is_null(), v["status"].as_u64()), (Some("org_a"), true, Some(200)));
+        assert_eq!(v["retried"], true);
+    }
+
+    #[test]
+    fn the_file_rotates_between_batches_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut f = RotatingFile::open(&path, 10, 2).unwrap();
+        for batch in ["aaaa\n", "bbbb\n", "cccc\n", "dddd\n", "eeeeeeeeeeeeeeee\n"] {
+            f.write_all(batch.as_bytes()).unwrap();
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        // 10 bytes a file: two batches each; the long batch alone in a new one.
+        assert_eq!(read(path.clone()), "eeeeeeeeeeeeeeee\n");
+        assert_eq!(read(f.rotated(1)), "cccc\ndddd\n");
+        assert_eq!(read(f.rotated(2)), "aaaa\nbbbb\n");
+        assert!(!f.rotated(3).exists());
+        // Reopened: appends, and knows the size it found.
+        drop(f);
+        let mut f = RotatingFile::open(&path, 10, 2).unwrap();
+        f.write_all(b"ffff\n").unwrap();
+        assert_eq!(read(path.clone()), "ffff\n");
+        assert_eq!(read(f.rotated(1)), "eeeeeeeeeeeeeeee\n");
+        assert_eq!(read(f.rotated(2)), "cccc\ndddd\n");
+    }
+
+    #[test]
+    fn a_failed_write_is_counted() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let m = metrics();
+        let mut c = Counted { out: Broken, metrics: m.clone() };
+        assert!(c.write_all(b"x\n").is_err());
+        let text = m.render(&Default::default(), (0, 0), None, false);
+        assert!(text.contains("credproxy_audit_write_errors_total 1\n"), "{text}");
+    }
+}
