@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::client::{run_hooked, Target};
 use crate::knobs::Knobs;
-use crate::systems::{credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup};
+use crate::systems::{credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup, AUDIT_OFF};
 use crate::ORG;
 
 /// Counts credproxy's (and the baseline's, and nginx's) instructions per
@@ -31,9 +31,11 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let text = text.replace(&format!("worker_threads = {}", k.workers), "worker_threads = 1");
     std::fs::write(&one_thread, text).unwrap();
     let log = k.baseline_log();
+    // The audit trail goes with the access log (LOAD_ACCESS_LOG=1).
+    let audit = if k.access_log { &[][..] } else { AUDIT_OFF };
     let dur = k.dur / 2;
 
-    let (cpv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &one_thread, dir, log).await;
+    let (cpv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &one_thread, dir, log, audit).await;
     let (t0, w0) = setup.seen.counts();
     let pid = cpv.child.id().unwrap();
     let cp_ir = instructions_per_request(&control, &cg, pid, &setup.via(cpv.proxy), dur, tck).await;
@@ -44,7 +46,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let shared = dir.join("credproxy-shared-1.toml");
     let text = std::fs::read_to_string(&one_thread).unwrap();
     std::fs::write(&shared, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
-    let (sv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &shared, dir, log).await;
+    let (sv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &shared, dir, log, audit).await;
     let (t0, w0) = setup.seen.counts();
     let pid = sv.child.id().unwrap();
     let shared_ir = instructions_per_request(&control, &cg, pid, &setup.via_shared(sv.proxy), dur, tck).await;
@@ -54,7 +56,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     // The baseline binary too, so a change's count is read before and after in one run.
     let base_ir = match &k.baseline_bin {
         Some(base) => {
-            let (bv, _) = spawn_credproxy(&wrapper, base, &one_thread, dir, log).await;
+            let (bv, _) = spawn_credproxy(&wrapper, base, &one_thread, dir, log, &[]).await;
             let pid = bv.child.id().unwrap();
             Some(instructions_per_request(&control, &cg, pid, &setup.via(bv.proxy), dur, tck).await)
         }

@@ -39,7 +39,7 @@ async fn start_to_ready() -> f64 {
             ),
         )
         .unwrap();
-        let (p, ready) = spawn_credproxy(&[], credproxy_bin(), &cfg, d.path(), "info").await;
+        let (p, ready) = spawn_credproxy(&[], credproxy_bin(), &cfg, d.path(), "info", &[]).await;
         drop(p);
         readies.push(ready.as_secs_f64() * 1000.0);
     }

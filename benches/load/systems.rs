@@ -116,6 +116,7 @@ pub async fn spawn_credproxy(
     config: &Path,
     cwd: &Path,
     log: &str,
+    env: &[(&str, &str)],
 ) -> (Served, Duration) {
     let started = Instant::now();
     let mut cmd = match wrapper.split_first() {
@@ -126,7 +127,7 @@ pub async fn spawn_credproxy(
         }
         None => tokio::process::Command::new(bin),
     };
-    cmd.args(["serve", "--config"]).arg(config).current_dir(cwd).env("RUST_LOG", log);
+    cmd.args(["serve", "--config"]).arg(config).current_dir(cwd).env("RUST_LOG", log).envs(env.iter().copied());
     // Under valgrind start-up takes seconds.
     let served = process::serve(cmd, Duration::from_secs(120)).await;
     while http_get(served.admin, "/readyz").await != Some(200) {
@@ -134,6 +135,10 @@ pub async fn spawn_credproxy(
     }
     (served, started.elapsed())
 }
+
+/// The environment that turns credproxy's audit trail off (rows without
+/// an access log).
+pub const AUDIT_OFF: &[(&str, &str)] = &[("CREDPROXY_AUDIT__SINK", "off")];
 
 pub fn credproxy_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_credproxy"))
@@ -323,23 +328,25 @@ impl Setup {
         let upstream = start_upstream(seen.clone(), None).await;
         let upstream_tls = start_upstream(seen.clone(), Some(upstream_tls())).await;
         let (config, ca) = credproxy_files(dir.path(), k.workers);
-        // Like the nginx row (access_log off): no access log. A second
-        // instance on the same store keeps the default access log, to show its cost.
+        // Like the nginx row (access_log off): no access log, no audit
+        // trail. A second instance on the same store keeps the defaults
+        // (access log, audit lines to stdout), to show their cost.
         let off = "info,credproxy::access=off";
-        let (credproxy, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), off).await;
-        let (credproxy_log, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), "info").await;
+        let (credproxy, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), off, AUDIT_OFF).await;
+        let (credproxy_log, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), "info", &[]).await;
         let conn_id = create_connection(credproxy.admin).await;
         // The same store and signing key in shared mode: every request
         // carries a run token (minted by the sidecar instance, same key).
         let shared_config = dir.path().join("credproxy-shared.toml");
         let text = std::fs::read_to_string(&config).unwrap();
         std::fs::write(&shared_config, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
-        let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off).await;
+        let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, AUDIT_OFF).await;
         let run_token = mint_run_token(credproxy.admin).await;
         // LOAD_BASELINE_BIN adds a `baseline` row on the same store and
         // config, so one run says what a change bought.
         let baseline = match &k.baseline_bin {
-            Some(bin) => Some(spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log()).await.0),
+            // No audit setting: a baseline build may predate it.
+            Some(bin) => Some(spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), &[]).await.0),
             None => None,
         };
         let nginx = match find_tool("nginx") {
