@@ -324,6 +324,11 @@ fn integration_view(i: &crate::integrations::Integration) -> Value {
         "base_url": i.base_url,
         "auth_methods": i.auth_methods.iter().map(|m| json!({
             "id": m.id, "type": m.kind_name(), "fields": m.fields,
+            // What a form asks for, field by field (empty for OAuth2).
+            "form": m.form.iter().map(|f| json!({
+                "name": f.name, "label": f.label, "description": f.description, "secret": f.secret,
+                "optional": f.optional, "pattern": f.pattern, "placeholder": f.placeholder,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "has_test": i.test.is_some(),
     })

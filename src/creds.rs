@@ -44,18 +44,35 @@ pub struct CredentialError {
 }
 
 impl Credential {
-    /// Validates supplied fields against the auth method: every field present,
-    /// no unknown field, no empty value, no control character (CR, LF, NUL, ...).
+    /// Validates supplied fields against the auth method: every field present
+    /// (an optional one may be left out, or empty), no unknown field, no empty
+    /// value, no control character (CR, LF, NUL, ...), the field's `pattern`
+    /// matched. A left-out field is held as an empty value.
     pub fn from_fields(method: &AuthMethod, mut input: BTreeMap<String, SecretValue>) -> Result<Self, CredentialError> {
         if let Some(unknown) = input.keys().find(|k| !method.fields.contains(k)) {
             return Err(CredentialError { field: unknown.clone(), reason: "unknown field for this auth method" });
         }
         let mut values = Vec::with_capacity(method.fields.len());
-        for f in &method.fields {
-            let v = input.remove(f).ok_or_else(|| CredentialError { field: f.clone(), reason: "missing" })?;
+        for (i, f) in method.fields.iter().enumerate() {
+            let form = method.form.get(i);
+            let optional = form.is_some_and(|m| m.optional);
+            let v = match input.remove(f) {
+                Some(v) if !(optional && v.expose().is_empty()) => v,
+                _ if optional => {
+                    values.push(SecretValue::new(String::new()));
+                    continue;
+                }
+                _ => return Err(CredentialError { field: f.clone(), reason: "missing" }),
+            };
             let s = v.expose();
             if s.is_empty() {
                 return Err(CredentialError { field: f.clone(), reason: "must not be empty" });
+            }
+            if form.is_some_and(|m| !m.accepts(s)) {
+                return Err(CredentialError {
+                    field: f.clone(),
+                    reason: "does not match the pattern of its form field",
+                });
             }
             if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(CredentialError { field: f.clone(), reason: "must not contain CR, LF or NUL" });
@@ -85,8 +102,14 @@ impl Credential {
     }
 
     fn to_plaintext(&self, method: &AuthMethod) -> Zeroizing<Vec<u8>> {
-        let map: BTreeMap<&str, &str> =
-            method.fields.iter().map(String::as_str).zip(self.values.iter().map(SecretValue::expose)).collect();
+        // A left-out optional field is not stored.
+        let map: BTreeMap<&str, &str> = method
+            .fields
+            .iter()
+            .map(String::as_str)
+            .zip(self.values.iter().map(SecretValue::expose))
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
         Zeroizing::new(serde_json::to_vec(&map).expect("string maps serialize"))
     }
 

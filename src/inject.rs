@@ -96,7 +96,14 @@ pub fn edits(method: &AuthMethod, cred: &Credential) -> Result<Edits, InjectErro
         AuthKind::ApiKey(p) => place(&mut e, p, cred)?,
         AuthKind::OAuth2(o) => place(&mut e, &o.placement, cred)?,
         AuthKind::Custom(ps) => {
-            for p in ps {
+            // A placement that uses a left-out optional field is left out.
+            let absent = |p: &&Placement| {
+                p.template
+                    .parts()
+                    .iter()
+                    .any(|part| matches!(part, Part::Field(i) if cred.value(*i).expose().is_empty()))
+            };
+            for p in ps.iter().filter(|p| !absent(p)) {
                 place(&mut e, p, cred)?;
             }
         }

@@ -143,6 +143,62 @@ pub struct AuthMethod {
     /// Credential fields a connection of this method must supply, in the
     /// order templates refer to them.
     pub fields: Vec<String>,
+    /// How a form asks for each field, in the order of `fields`; empty for
+    /// OAuth2 (its credential comes from the provider).
+    pub form: Vec<FormField>,
+}
+
+/// How a connect form shows one credential field, and what a value must
+/// look like (`[auth_methods.form.<field>]`; defaults from the type).
+#[derive(Debug, Clone)]
+pub struct FormField {
+    pub name: String,
+    pub label: String,
+    pub description: Option<String>,
+    /// Typed into a password input, never shown back.
+    pub secret: bool,
+    /// A custom method's field a connection may leave out; placements
+    /// that use it are then left out.
+    pub optional: bool,
+    /// What a value must match, whole (as HTML's `pattern` attribute).
+    pub pattern: Option<String>,
+    matcher: Option<regex_lite::Regex>,
+    pub placeholder: Option<String>,
+}
+
+impl FormField {
+    /// True if `value` matches the field's `pattern` (or it has none).
+    pub fn accepts(&self, value: &str) -> bool {
+        self.matcher.as_ref().is_none_or(|m| m.is_match(value))
+    }
+
+    /// The defaults for field `name` of a method of `kind`.
+    fn default_for(kind: &AuthKind, name: &str) -> Self {
+        let label = match (kind, name) {
+            (AuthKind::Basic, "username") => "Username".to_owned(),
+            (AuthKind::Basic, "password") => "Password".to_owned(),
+            (AuthKind::Bearer, _) => "Token".to_owned(),
+            (AuthKind::ApiKey(_), _) => "API key".to_owned(),
+            _ => humanize(name),
+        };
+        Self {
+            name: name.to_owned(),
+            label,
+            description: None,
+            secret: !matches!((kind, name), (AuthKind::Basic, "username")),
+            optional: false,
+            pattern: None,
+            matcher: None,
+            placeholder: None,
+        }
+    }
+}
+
+/// `client_secret` → `Client secret`.
+fn humanize(name: &str) -> String {
+    let words = name.replace(['_', '-'], " ");
+    let mut chars = words.chars();
+    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
 }
 
 impl AuthMethod {
@@ -326,6 +382,26 @@ enum MethodFile {
 #[serde(deny_unknown_fields)]
 struct PlainFile {
     id: String,
+    #[serde(default)]
+    form: BTreeMap<String, FormFieldFile>,
+}
+
+/// `[auth_methods.form.<field>]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormFieldFile {
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    secret: Option<bool>,
+    #[serde(default)]
+    optional: bool,
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    placeholder: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +415,8 @@ struct ApiKeyFile {
     /// Default `{api_key}`.
     #[serde(default)]
     template: Option<String>,
+    #[serde(default)]
+    form: BTreeMap<String, FormFieldFile>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +427,8 @@ struct CustomFile {
     fields: Vec<String>,
     /// Where each value goes.
     placements: Vec<PlacementFile>,
+    #[serde(default)]
+    form: BTreeMap<String, FormFieldFile>,
 }
 
 #[derive(Deserialize)]
@@ -406,8 +486,14 @@ impl MethodFile {
 
     /// The method compiled: templates and names parsed, the rules each
     /// type has checked. Errors name the key under `key`.
-    fn compile(self, key: &str) -> Result<AuthMethod, FieldError> {
+    fn compile(mut self, key: &str) -> Result<AuthMethod, FieldError> {
         let at = |(f, r): FieldError| (format!("{key}.{f}"), r);
+        let form = match &mut self {
+            Self::ApiKey(m) => std::mem::take(&mut m.form),
+            Self::Basic(m) | Self::Bearer(m) => std::mem::take(&mut m.form),
+            Self::Custom(m) => std::mem::take(&mut m.form),
+            Self::OAuth2(_) => BTreeMap::new(),
+        };
         let (id, kind, fields) = match self {
             Self::Basic(m) => (m.id, AuthKind::Basic, vec!["username".to_owned(), "password".to_owned()]),
             Self::Bearer(m) => (m.id, AuthKind::Bearer, vec!["token".to_owned()]),
@@ -426,8 +512,67 @@ impl MethodFile {
                 (id, kind, fields)
             }
         };
-        Ok(AuthMethod { id, kind, fields })
+        let form = if matches!(kind, AuthKind::OAuth2(_)) {
+            Vec::new()
+        } else {
+            compile_form(&kind, &fields, form).map_err(at)?
+        };
+        Ok(AuthMethod { id, kind, fields, form })
     }
+}
+
+/// The form of a method's `fields`: the type's defaults, with what
+/// `[form.<field>]` says.
+fn compile_form(
+    kind: &AuthKind,
+    fields: &[String],
+    mut written: BTreeMap<String, FormFieldFile>,
+) -> Result<Vec<FormField>, FieldError> {
+    if let Some(name) = written.keys().find(|n| !fields.contains(n)) {
+        return Err((
+            format!("form.{name}"),
+            format!("not a field of this method; its fields are: {}", fields.join(", ")),
+        ));
+    }
+    let mut out = Vec::with_capacity(fields.len());
+    for name in fields {
+        let mut f = FormField::default_for(kind, name);
+        let Some(w) = written.remove(name) else {
+            out.push(f);
+            continue;
+        };
+        let at = |key: &str| format!("form.{name}.{key}");
+        for (key, value, max) in
+            [("label", &w.label, 80), ("description", &w.description, 500), ("placeholder", &w.placeholder, 200)]
+        {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.is_empty() || v.chars().count() > max || v.chars().any(char::is_control))
+            {
+                return Err((at(key), format!("must be 1-{max} characters, without control characters")));
+            }
+        }
+        if w.optional && !matches!(kind, AuthKind::Custom(_)) {
+            return Err((at("optional"), "only a custom method's fields can be optional".into()));
+        }
+        if let Some(p) = &w.pattern {
+            f.matcher = Some(
+                regex_lite::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|_| (at("pattern"), "not a valid regular expression".to_owned()))?,
+            );
+        }
+        f.label = w.label.unwrap_or(f.label);
+        f.description = w.description;
+        f.secret = w.secret.unwrap_or(f.secret);
+        f.optional = w.optional;
+        f.pattern = w.pattern;
+        f.placeholder = w.placeholder;
+        out.push(f);
+    }
+    if !out.is_empty() && out.iter().all(|f| f.optional) {
+        return Err(("form".into(), "at least one field must not be optional".into()));
+    }
+    Ok(out)
 }
 
 impl ApiKeyFile {
@@ -740,6 +885,85 @@ mod tests {
 
     fn parse(text: &str) -> Result<Integration, ConfigError> {
         Integration::from_toml_str("t.toml", text, &BTreeMap::new())
+    }
+
+    const FORM: &str = r#"
+id = "f"
+name = "F"
+allowed_hosts = ["f.test"]
+[[auth_methods]]
+id = "b"
+type = "basic"
+[[auth_methods]]
+id = "k"
+type = "api_key"
+in = "header"
+name = "X-Key"
+[auth_methods.form.api_key]
+placeholder = "sk_live_..."
+[[auth_methods]]
+id = "c"
+type = "custom"
+fields = ["account_id", "secret", "region"]
+[auth_methods.form.account_id]
+label = "Account"
+secret = false
+pattern = "[a-z]{3,8}"
+[auth_methods.form.region]
+optional = true
+description = "Leave empty for the default."
+[[auth_methods.placements]]
+in = "header"
+name = "X-A"
+template = "{account_id}:{secret}"
+[[auth_methods.placements]]
+in = "header"
+name = "X-R"
+template = "{region}"
+"#;
+
+    #[test]
+    fn form_fields_have_defaults_by_type_and_take_what_the_file_says() {
+        let i = parse(FORM).unwrap();
+        let show = |m: &str| -> Vec<(String, String, bool, bool)> {
+            let m = i.auth_method(m).unwrap();
+            m.form.iter().map(|f| (f.name.clone(), f.label.clone(), f.secret, f.optional)).collect()
+        };
+        let row = |n: &str, l: &str, s, o| (n.to_owned(), l.to_owned(), s, o);
+        assert_eq!(show("b"), [row("username", "Username", false, false), row("password", "Password", true, false)]);
+        assert_eq!(show("k"), [row("api_key", "API key", true, false)]);
+        assert_eq!(i.auth_method("k").unwrap().form[0].placeholder.as_deref(), Some("sk_live_..."));
+        assert_eq!(
+            show("c"),
+            [
+                row("account_id", "Account", false, false),
+                row("secret", "Secret", true, false),
+                row("region", "Region", true, true)
+            ]
+        );
+        let account = &i.auth_method("c").unwrap().form[0];
+        assert!(
+            account.accepts("acme")
+                && !account.accepts("ac")
+                && !account.accepts("acme!")
+                && !account.accepts("xacmex1")
+        );
+    }
+
+    #[test]
+    fn form_errors_name_the_key() {
+        for (from, to, key) in [
+            ("[auth_methods.form.region]", "[auth_methods.form.zone]", "auth_methods[2].form.zone"),
+            ("pattern = \"[a-z]{3,8}\"", "pattern = \"[a-z\"", "auth_methods[2].form.account_id.pattern"),
+            ("placeholder = \"sk_live_...\"", "optional = true", "auth_methods[1].form.api_key.optional"),
+            ("label = \"Account\"", "label = \"\"", "auth_methods[2].form.account_id.label"),
+            ("label = \"Account\"", "colour = \"red\"", "auth_methods[2].form.account_id"),
+        ] {
+            let text = FORM.replace(from, to);
+            assert_ne!(text, FORM, "{from}");
+            let e = parse(&text).unwrap_err();
+            assert!(e.key.starts_with(key), "{key}: {e}");
+        }
     }
 
     #[test]

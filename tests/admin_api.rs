@@ -300,3 +300,71 @@ async fn binary_serves_the_shipped_config_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Integration files describe each credential field for a form (label,
+/// secret, optional, pattern, …, with defaults by type); an optional field
+/// may be left out (its placements are then left out too), and a value
+/// must match its field's pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forms_describe_fields_optional_fields_may_be_left_out_and_patterns_hold() {
+    let h = Harness::start().await;
+    let v = h.admin.call(Method::GET, "/v1/integrations/httpbin", None).await.unwrap();
+    let method = |id: &str| v["auth_methods"].as_array().unwrap().iter().find(|m| m["id"] == id).unwrap().clone();
+    assert_eq!(
+        method("custom_region")["form"],
+        json!([
+            {"name": "account", "label": "Account ID", "description": "The account the secret belongs to.",
+             "secret": false, "optional": false, "pattern": "[a-z0-9-]{3,40}", "placeholder": "acme-prod"},
+            {"name": "secret", "label": "Secret", "description": null, "secret": true, "optional": false,
+             "pattern": null, "placeholder": null},
+            {"name": "region", "label": "Region", "description": "Leave empty for the account's default region.",
+             "secret": false, "optional": true, "pattern": null, "placeholder": null},
+        ])
+    );
+    let labels = |id: &str| -> Vec<(String, bool)> {
+        method(id)["form"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["label"].as_str().unwrap().to_owned(), f["secret"].as_bool().unwrap()))
+            .collect()
+    };
+    assert_eq!(labels("basic"), [("Username".to_owned(), false), ("Password".to_owned(), true)]);
+    assert_eq!(labels("bearer"), [("Token".to_owned(), true)]);
+    assert_eq!(labels("key_header"), [("API key".to_owned(), true)]);
+
+    let sent = |id: String| async move {
+        let url = format!("{}/headers", httpbin());
+        let (status, _, body) = proxy_request(h.running.proxy_addr, "GET", &url, Some(&id), None).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<Value>(&body).unwrap()["headers"].clone()
+    };
+    // Left out (or empty): no X-Region; given: sent.
+    let without = h.create("custom_region", &[("account", "acme-prod"), ("secret", "form-secret-1")]).await;
+    let headers = sent(without).await;
+    assert_eq!(
+        (headers["X-Account"].as_str(), headers["X-Secret"].as_str()),
+        (Some("acme-prod"), Some("form-secret-1"))
+    );
+    assert!(headers.get("X-Region").is_none(), "{headers}");
+    let empty =
+        h.create("custom_region", &[("account", "acme-prod"), ("secret", "form-secret-1"), ("region", "")]).await;
+    assert!(sent(empty).await.get("X-Region").is_none());
+    let with = h.create("custom_region", &[("account", "acme-prod"), ("secret", "s"), ("region", "eu-west-1")]).await;
+    assert_eq!(sent(with).await["X-Region"], "eu-west-1");
+    // A required field is still required; a value off its pattern is refused, never echoed.
+    for (creds, field, reason) in [
+        (json!({"account": "acme-prod", "region": "eu"}), "secret", "missing"),
+        (json!({"account": "Not An Account!", "secret": "s"}), "account", "does not match"),
+    ] {
+        let (s, v) = h
+            .admin
+            .send(Method::POST, "/v1/connections", Some(&create_body(ORG, "custom_region", creds)))
+            .await
+            .unwrap();
+        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_credentials")), "{v}");
+        let detail = v["detail"].as_str().unwrap();
+        assert!(detail.contains(&format!("credentials.{field}")) && detail.contains(reason), "{detail}");
+        assert!(!v.to_string().contains("Not An Account"), "{v}");
+    }
+}
