@@ -25,7 +25,7 @@ use crate::outbound::{Outbound, ProxyError};
 use crate::problem::{Code, Problem};
 use crate::runtoken::{RunClaims, RunTokenKeys};
 use crate::secret::SecretValue;
-use crate::store::{ConnectionMeta, StoreError};
+use crate::store::{ConnectionMeta, LastTest, StoreError};
 
 pub struct AdminState {
     pub connections: Arc<Connections>,
@@ -358,6 +358,10 @@ struct ConnectionView {
     created_at: String,
     updated_at: String,
     credential_fields: Vec<String>,
+    /// When a proxied request last used it (to the minute), or null.
+    last_used_at: Option<String>,
+    /// `{at, ok, code}` of the last connection test, or null.
+    last_test: Option<Value>,
 }
 
 fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
@@ -368,7 +372,10 @@ fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
         .and_then(|i| i.auth_method(&m.auth_method))
         .map(|a| a.fields.clone())
         .unwrap_or_default();
+    let last_test = m.activity.last_test.as_ref().map(|t| json!({"at": rfc3339(t.at), "ok": t.ok, "code": t.code}));
     ConnectionView {
+        last_used_at: m.activity.last_used_at.map(rfc3339),
+        last_test,
         state: m.state.as_str(),
         created_at: rfc3339(m.created_at),
         updated_at: rfc3339(m.updated_at),
@@ -747,7 +754,13 @@ async fn test_connection(
             })
         }
     };
-    tracing::info!(connection = %id, ok = body["ok"].as_bool().unwrap_or(false), "connection tested");
+    let ok = body["ok"].as_bool().unwrap_or(false);
+    let last = LastTest { at: crate::creds::unix_now(), ok, code: audited.code.map(|c| c.as_str().to_owned()) };
+    if let Err(e) = st.connections.store().record_test(&id, &last).await {
+        // The answer stands: the test ran; only its record is missing.
+        tracing::warn!(connection = %id, error = %e, "recording the test result failed");
+    }
+    tracing::info!(connection = %id, ok, "connection tested");
     Ok((axum::Extension(audited), Json(body)))
 }
 

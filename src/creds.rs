@@ -12,8 +12,8 @@ pub mod rotate;
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -133,6 +133,8 @@ pub struct Resolved {
     /// OAuth2 connections: the whole token set. Boxed: every cached
     /// connection would otherwise carry its ~130 bytes.
     pub tokens: Option<Box<TokenSet>>,
+    /// When a use of it was last queued for the store (unix seconds).
+    pub(crate) use_noted: AtomicI64,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -228,7 +230,12 @@ pub struct Connections {
     generation: Arc<AtomicU64>,
     oauth: oauth::OAuthState,
     stats: Arc<CredsStats>,
+    /// Uses not yet written: `(connection id, unix seconds)`.
+    uses: std::sync::Mutex<Vec<(String, i64)>>,
 }
+
+/// A connection's `last_used_at` is written at most this often.
+pub const USE_RESOLUTION_SECS: i64 = 60;
 
 impl Connections {
     pub fn new(
@@ -253,7 +260,32 @@ impl Connections {
                 }
             })
             .build();
-        Self { store, envelope, integrations, cache, generation, oauth: oauth::OAuthState::new(token_client), stats }
+        let oauth = oauth::OAuthState::new(token_client);
+        Self { store, envelope, integrations, cache, generation, oauth, stats, uses: Default::default() }
+    }
+
+    /// A proxied request is about to use `r`: queued for `last_used_at` if
+    /// its last queued use is a minute old (an atomic load otherwise).
+    pub fn note_use(&self, r: &Resolved) {
+        let now = unix_now();
+        let noted = r.use_noted.load(Relaxed);
+        if now - noted < USE_RESOLUTION_SECS || r.use_noted.compare_exchange(noted, now, Relaxed, Relaxed).is_err() {
+            return;
+        }
+        if let Ok(mut uses) = self.uses.lock() {
+            uses.push((r.meta.id.clone(), now));
+        }
+    }
+
+    /// Writes the queued uses (every few seconds, and at shutdown).
+    pub async fn flush_uses(&self) {
+        let batch = self.uses.lock().map(|mut u| std::mem::take(&mut *u)).unwrap_or_default();
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.record_used(&batch).await {
+            tracing::warn!(error = %e, connections = batch.len(), "recording last_used_at failed");
+        }
     }
 
     /// Every change to the cache also goes through here (the eviction
@@ -359,7 +391,8 @@ impl Connections {
         } else {
             (Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?, None)
         };
-        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential, tokens }))
+        let use_noted = AtomicI64::new(row.meta.activity.last_used_at.unwrap_or(0));
+        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential, tokens, use_noted }))
     }
 
     pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
@@ -413,6 +446,7 @@ impl Connections {
             state: ConnectionState::Active,
             created_at: now,
             updated_at: now,
+            activity: Default::default(),
         };
         let sealed = self.seal(&meta.org_id, &meta.id, plaintext).await?;
         let row = ConnectionRow { meta: meta.clone(), sealed };

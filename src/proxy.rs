@@ -440,6 +440,8 @@ async fn forward(
             if up_scheme != scheme || port != Some(up_port) {
                 uri = rebuild_uri(&uri, up_scheme, host, up_port)?;
             }
+            // For `last_used_at` (an atomic load, but once a minute).
+            state.connections.note_use(&resolved);
 
             // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (mut resp, renewal) =

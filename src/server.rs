@@ -117,6 +117,7 @@ impl Running {
             l.abort();
         }
         while self.tasks.join_next().await.is_some() {}
+        self.connections.flush_uses().await;
         self.audit.close();
         abandoned
     }
@@ -230,6 +231,9 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     Ok(app.serve(listeners, config, proxy_addr, admin_addr))
 }
 
+/// How often queued connection uses are written (`last_used_at`).
+const USES_WRITTEN_EVERY: Duration = Duration::from_secs(10);
+
 /// What the two listeners serve, built from the configuration.
 struct App {
     connections: Arc<Connections>,
@@ -322,6 +326,18 @@ impl App {
             spawn_listener(config.store.url.clone(), on_change)
         });
         let mut tasks = JoinSet::new();
+        // `last_used_at`: queued uses are written every few seconds (and at shutdown).
+        let (c, mut stop) = (self.connections.clone(), self.proxy.shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(USES_WRITTEN_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => c.flush_uses().await,
+                    _ = stop.changed() => break,
+                }
+            }
+        });
         let proxy_tls_on = self.proxy_tls.is_some();
         let tracker = self.proxy.tracker.clone();
         let stop = self.proxy.shutdown.clone();

@@ -48,7 +48,34 @@ pub struct ConnectionMeta {
     /// Unix seconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// When it was last used and tested (not a change of the connection).
+    pub activity: Activity,
 }
+
+/// When a connection was last used by a proxied request (to the minute:
+/// uses are written in batches) and how its last test went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Unix seconds.
+    pub last_used_at: Option<i64>,
+    pub last_test: Option<LastTest>,
+}
+
+/// The last `POST /v1/connections/{id}/test`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastTest {
+    /// Unix seconds.
+    pub at: i64,
+    pub ok: bool,
+    /// The problem code of a failed test.
+    pub code: Option<String>,
+}
+
+/// The columns `META_COLUMNS` of both stores read, in order.
+pub(crate) const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at, \
+     last_used_at, last_test_at, last_test_ok, last_test_code";
+/// How many they are: the sealed columns follow.
+pub(crate) const META_LEN: usize = 12;
 
 /// A sealed blob as stored: which key wrapped the data key, the wrapped data
 /// key, and the AEAD nonce and ciphertext. Opaque to the store.
@@ -218,4 +245,10 @@ pub trait Store: Send + Sync + 'static {
     async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Records a connection test's outcome (not a change: no notification,
+    /// `updated_at` stays). False if the row is gone.
+    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError>;
+    /// Records when connections were last used, `(id, unix seconds)`; a
+    /// time earlier than the stored one is ignored.
+    async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError>;
 }

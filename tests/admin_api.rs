@@ -368,3 +368,60 @@ async fn forms_describe_fields_optional_fields_may_be_left_out_and_patterns_hold
         assert!(!v.to_string().contains("Not An Account"), "{v}");
     }
 }
+
+/// `GET /v1/connections/{id}` shows when a proxied request last used the
+/// connection (to the minute; written in batches) and how its last test
+/// went (`POST /v1/connections/{id}/test` records it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_shows_its_last_use_and_its_last_test() {
+    let began = std::time::SystemTime::now();
+    let tested = format!(
+        "id = \"tested\"\nname = \"Tested\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
+         base_url = \"{}\"\n[[auth_methods]]\nid = \"bearer\"\ntype = \"bearer\"\n\
+         [[auth_methods]]\nid = \"basic\"\ntype = \"basic\"\n[test]\npath = \"/bearer\"\n",
+        httpbin()
+    );
+    let h =
+        Harness::start_with(Opts { integrations: vec![("tested.toml".into(), tested)], ..Default::default() }).await;
+    let create = |method: &'static str, creds: Value| {
+        let body = json!({"integration": "tested", "auth_method": method, "org_id": ORG, "user_id": "u1", "credentials": creds});
+        let admin = &h.admin;
+        async move {
+            admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let good = create("bearer", json!({"token": "activity-token"})).await;
+    let bad = create("basic", json!({"username": "u", "password": "p"})).await;
+    let get = |id: &str| {
+        let (admin, path) = (&h.admin, format!("/v1/connections/{id}"));
+        async move { admin.call(Method::GET, &path, None).await.unwrap() }
+    };
+    let v = get(&good).await;
+    assert!(v["last_used_at"].is_null() && v["last_test"].is_null(), "{v}");
+
+    for _ in 0..2 {
+        let (status, _, _) =
+            proxy_request(h.running.proxy_addr, "GET", &format!("{}/get", httpbin()), Some(&good), None).await;
+        assert_eq!(status, 200);
+    }
+    h.running.connections.flush_uses().await;
+    let within = |v: &Value| {
+        let at = humantime::parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}"))).unwrap();
+        assert!(at + std::time::Duration::from_secs(1) >= began && at <= std::time::SystemTime::now(), "{v}");
+    };
+    within(&get(&good).await["last_used_at"]);
+    assert!(get(&bad).await["last_used_at"].is_null());
+
+    let test = |id: &str| {
+        let (admin, path) = (&h.admin, format!("/v1/connections/{id}/test"));
+        async move { admin.call(Method::POST, &path, None).await.unwrap() }
+    };
+    assert_eq!(test(&good).await["ok"], true);
+    let last = get(&good).await["last_test"].clone();
+    within(&last["at"]);
+    assert_eq!((last["ok"].clone(), last["code"].clone()), (json!(true), Value::Null), "{last}");
+    // httpbin's /bearer answers a Basic credential 401.
+    assert_eq!(test(&bad).await["ok"], false);
+    let last = get(&bad).await["last_test"].clone();
+    assert_eq!((last["ok"].clone(), last["code"].clone()), (json!(false), json!("unexpected_status")), "{last}");
+}

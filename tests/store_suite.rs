@@ -9,8 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, SealedBytes, SealedTable, Store,
-    StoreError,
+    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, SealedBytes,
+    SealedTable, Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -27,6 +27,7 @@ fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
             state: ConnectionState::Active,
             created_at: t,
             updated_at: t,
+            activity: Activity::default(),
         },
         sealed: SealedBytes {
             key_id: "k".into(),
@@ -59,6 +60,20 @@ async fn suite(s: Arc<dyn Store>) {
     assert!(s.set_state("c2", ConnectionState::Revoked, 11).await.unwrap());
     assert_eq!(s.get_connection("c2").await.unwrap().unwrap().meta.state, ConnectionState::Revoked);
     assert!(!s.set_state("nope", ConnectionState::Active, 11).await.unwrap());
+
+    // Activity is not a change (updated_at stays); a later use wins.
+    let test = LastTest { at: 20, ok: false, code: Some("unexpected_status".into()) };
+    assert!(s.record_test("c1", &test).await.unwrap());
+    assert!(!s.record_test("nope", &test).await.unwrap());
+    s.record_used(&[("c1".into(), 30), ("c3".into(), 31), ("nope".into(), 1)]).await.unwrap();
+    s.record_used(&[("c1".into(), 25)]).await.unwrap();
+    let m = s.get_connection("c1").await.unwrap().unwrap().meta;
+    assert_eq!((m.activity, m.updated_at), (Activity { last_used_at: Some(30), last_test: Some(test) }, 1));
+    let listed = s.list_connections(Some("o2")).await.unwrap();
+    assert_eq!(listed[0].activity, Activity { last_used_at: Some(31), last_test: None });
+    let ok = LastTest { at: 40, ok: true, code: None };
+    assert!(s.record_test("c3", &ok).await.unwrap());
+    assert_eq!(s.get_connection("c3").await.unwrap().unwrap().meta.activity.last_test, Some(ok));
 
     assert!(s.delete_connection("c1").await.unwrap());
     assert!(!s.delete_connection("c1").await.unwrap());

@@ -82,6 +82,7 @@ async fn cache_memory(n: usize) -> f64 {
             state: ConnectionState::Active,
             created_at: 1,
             updated_at: 1,
+            activity: Default::default(),
         };
         let sealed =
             SealedBytes { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext };

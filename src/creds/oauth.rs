@@ -11,6 +11,7 @@
 //! mid-refresh drops its database connection, which rolls back and frees the
 //! lock.
 
+use std::sync::atomic::AtomicI64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,6 +301,7 @@ impl Connections {
             method: current.method.clone(),
             credential: Credential::from_tokens(&fresh),
             tokens: Some(Box::new(fresh)),
+            use_noted: AtomicI64::new(current.use_noted.load(Relaxed)),
         });
         self.cache.insert(id.to_owned(), next.clone()).await;
         self.changed();

@@ -156,6 +156,7 @@ mod tests {
                 state: ConnectionState::Active,
                 created_at: 1,
                 updated_at: 1,
+                activity: Default::default(),
             };
             store.insert_connection(&ConnectionRow { meta, sealed: to_store(sealed) }).await.unwrap();
         }

@@ -11,8 +11,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
-    SealedRecord, SealedTable, Store, StoreError,
+    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, RowLock,
+    RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS, META_LEN,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -52,6 +52,11 @@ const MIGRATIONS: &[&str] = &[
         expires_at    BIGINT NOT NULL
     );
     CREATE INDEX oauth2_pending_expiry ON oauth2_pending (expires_at);",
+    "ALTER TABLE connections
+        ADD COLUMN last_used_at   BIGINT,
+        ADD COLUMN last_test_at   BIGINT,
+        ADD COLUMN last_test_ok   BOOLEAN,
+        ADD COLUMN last_test_code TEXT;",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -136,8 +141,6 @@ impl PgStore {
     }
 }
 
-const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
-
 fn meta(r: &Row) -> Result<ConnectionMeta, StoreError> {
     let id: String = r.get(0);
     let state: String = r.get(5);
@@ -152,6 +155,13 @@ fn meta(r: &Row) -> Result<ConnectionMeta, StoreError> {
         state,
         created_at: r.get(6),
         updated_at: r.get(7),
+        activity: Activity {
+            last_used_at: r.get(8),
+            last_test: match (r.get::<_, Option<i64>>(9), r.get::<_, Option<bool>>(10)) {
+                (Some(at), Some(ok)) => Some(LastTest { at, ok, code: r.get(11) }),
+                _ => None,
+            },
+        },
     })
 }
 
@@ -193,7 +203,7 @@ impl Store for PgStore {
             )
             .await
             .map_err(backend)?;
-        row.map(|r| Ok(ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, 8) })).transpose()
+        row.map(|r| Ok(ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, META_LEN) })).transpose()
     }
 
     async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
@@ -303,7 +313,7 @@ impl Store for PgStore {
         .await;
         match locked {
             Ok(Some(r)) => {
-                let row = ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, 8) };
+                let row = ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, META_LEN) };
                 Ok(Some(Box::new(PgRowLock { client: Some(client), row })))
             }
             Ok(None) => {
@@ -386,6 +396,35 @@ impl Store for PgStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.client().await?.query_one("SELECT 1", &[]).await.map_err(backend).map(|_| ())
+    }
+
+    // Neither is a change of the connection: no NOTIFY, `updated_at` stays.
+    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE connections SET last_test_at = $2, last_test_ok = $3, last_test_code = $4 WHERE id = $1",
+                &[&id, &test.at, &test.ok, &test.code],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
+    async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let (ids, ats): (Vec<&str>, Vec<i64>) = uses.iter().map(|(id, at)| (id.as_str(), *at)).unzip();
+        self.client()
+            .await?
+            .execute(
+                "UPDATE connections c SET last_used_at = u.at
+                 FROM unnest($1::text[], $2::bigint[]) AS u(id, at)
+                 WHERE c.id = u.id AND (c.last_used_at IS NULL OR c.last_used_at < u.at)",
+                &[&ids, &ats],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 }
 

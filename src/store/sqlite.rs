@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
-    SealedRecord, SealedTable, Store, StoreError,
+    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, RowLock,
+    RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS, META_LEN,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -51,6 +51,12 @@ CREATE TABLE oauth2_pending (
     expires_at   INTEGER NOT NULL
 );
 CREATE INDEX oauth2_pending_expiry ON oauth2_pending (expires_at);
+",
+    "
+ALTER TABLE connections ADD COLUMN last_used_at INTEGER;
+ALTER TABLE connections ADD COLUMN last_test_at INTEGER;
+ALTER TABLE connections ADD COLUMN last_test_ok INTEGER;
+ALTER TABLE connections ADD COLUMN last_test_code TEXT;
 ",
 ];
 
@@ -139,8 +145,6 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at";
-
 fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, String)> {
     let state: String = r.get(5)?;
     Ok((
@@ -153,6 +157,13 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, Str
             state: ConnectionState::Active,
             created_at: r.get(6)?,
             updated_at: r.get(7)?,
+            activity: Activity {
+                last_used_at: r.get(8)?,
+                last_test: match (r.get::<_, Option<i64>>(9)?, r.get::<_, Option<bool>>(10)?) {
+                    (Some(at), Some(ok)) => Some(LastTest { at, ok, code: r.get(11)? }),
+                    _ => None,
+                },
+            },
         },
         state,
     ))
@@ -205,7 +216,7 @@ impl Store for SqliteStore {
                         "SELECT {META_COLUMNS}, key_id, wrapped_key, nonce, ciphertext FROM connections WHERE id = ?1"
                     ),
                     [&id],
-                    |r| Ok((meta_from_row(r)?, sealed(r, 8)?)),
+                    |r| Ok((meta_from_row(r)?, sealed(r, META_LEN)?)),
                 )
                 .optional()
                 .map_err(backend)?;
@@ -397,6 +408,39 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
     }
+
+    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError> {
+        let (id, test) = (id.to_owned(), test.clone());
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE connections SET last_test_at = ?2, last_test_ok = ?3, last_test_code = ?4 WHERE id = ?1",
+                    params![id, test.at, test.ok, test.code],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
+        let uses = uses.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "UPDATE connections SET last_used_at = ?2 WHERE id = ?1 AND (last_used_at IS NULL OR last_used_at < ?2)",
+                    )
+                    .map_err(backend)?;
+                for (id, at) in &uses {
+                    st.execute(params![id, at]).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+        .await
+    }
 }
 
 struct SqliteRowLock {
@@ -444,6 +488,7 @@ mod tests {
                 state: ConnectionState::Active,
                 created_at: 1,
                 updated_at: 1,
+                activity: Default::default(),
             },
             sealed: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
         };
