@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::client::{run_hooked, Target};
 use crate::knobs::Knobs;
-use crate::systems::{credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup, AUDIT_OFF};
+use crate::systems::{baseline_config, credproxy_bin, find_tool, spawn_credproxy, spawn_nginx, Setup, AUDIT_OFF};
 use crate::ORG;
 
 /// Counts credproxy's (and the baseline's, and nginx's) instructions per
@@ -54,13 +54,14 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     assert_eq!(w1 - w0, t1 - t0, "credproxy-shared under callgrind: requests without the token");
     drop(sv);
     // The baseline binary too, so a change's count is read before and after in one run.
-    let base_ir = match &k.baseline_bin {
-        Some(base) => {
-            let (bv, _) = spawn_credproxy(&wrapper, base, &one_thread, dir, log, &[]).await;
+    let base_ir = match (&k.baseline_bin, setup.baseline_conn()) {
+        (Some(base), Some(conn)) => {
+            // The baseline's own store (see `Setup::start`).
+            let (bv, _) = spawn_credproxy(&wrapper, base, &baseline_config(&one_thread), dir, log, &[]).await;
             let pid = bv.child.id().unwrap();
-            Some(instructions_per_request(&control, &cg, pid, &setup.via(bv.proxy), dur, tck).await)
+            Some(instructions_per_request(&control, &cg, pid, &setup.via_conn(bv.proxy, conn), dur, tck).await)
         }
-        None => None,
+        _ => None,
     };
     let ng_ir = match find_tool("nginx") {
         Some(bin) => {

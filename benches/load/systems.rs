@@ -198,6 +198,14 @@ pub fn credproxy_config(dir: &Path, ints: &Path, ca: &Path, workers: usize) -> S
     )
 }
 
+/// `config` with its own SQLite store, written beside it: the baseline's.
+pub fn baseline_config(config: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let out = config.with_file_name(format!("{}-baseline.toml", config.file_stem().unwrap().to_string_lossy()));
+    std::fs::write(&out, text.replace("/credproxy.db\"", "/baseline.db\"")).unwrap();
+    out
+}
+
 /// A TLS client trusting the interception CA in `ca`.
 fn client_tls(ca: &Path) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
@@ -318,6 +326,9 @@ pub struct Setup {
     shared: Served,
     run_token: String,
     baseline: Option<Served>,
+    /// The connection in the baseline's own store (kept after the stop:
+    /// the callgrind run starts the baseline again).
+    baseline_conn: Option<String>,
     nginx: Option<((Nginx, SocketAddr), (Nginx, SocketAddr))>,
 }
 
@@ -342,12 +353,19 @@ impl Setup {
         std::fs::write(&shared_config, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
         let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, AUDIT_OFF).await;
         let run_token = mint_run_token(credproxy.admin).await;
-        // LOAD_BASELINE_BIN adds a `baseline` row on the same store and
-        // config, so one run says what a change bought.
-        let baseline = match &k.baseline_bin {
-            // No audit setting: a baseline build may predate it.
-            Some(bin) => Some(spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), &[]).await.0),
-            None => None,
+        // LOAD_BASELINE_BIN adds a `baseline` row with the same config and
+        // key, so one run says what a change bought. Its own store, with its
+        // own copy of the connection: a build from before a store migration
+        // refuses a store migrated by this one. No audit setting: a baseline
+        // build may predate it.
+        let (baseline, baseline_conn) = match &k.baseline_bin {
+            Some(bin) => {
+                let config = baseline_config(&config);
+                let served = spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), &[]).await.0;
+                let conn = create_connection(served.admin).await;
+                (Some(served), Some(conn))
+            }
+            None => (None, None),
         };
         let nginx = match find_tool("nginx") {
             Some(bin) => Some((
@@ -370,6 +388,7 @@ impl Setup {
             shared,
             run_token,
             baseline,
+            baseline_conn,
             nginx,
         }
     }
@@ -380,7 +399,17 @@ impl Setup {
 
     /// A forward-proxy target on `proxy` with the bench connection.
     pub fn via(&self, proxy: SocketAddr) -> Target {
-        Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(self.conn_id.clone()), auth: None }
+        self.via_conn(proxy, &self.conn_id)
+    }
+
+    /// A forward-proxy target on `proxy` with connection `conn`.
+    pub fn via_conn(&self, proxy: SocketAddr, conn: &str) -> Target {
+        Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(conn.to_owned()), auth: None }
+    }
+
+    /// The baseline's connection (in its own store), when there is a baseline.
+    pub fn baseline_conn(&self) -> Option<&str> {
+        self.baseline_conn.as_deref()
     }
 
     /// A shared-mode target on `proxy`: the bench connection, and the run
@@ -414,8 +443,8 @@ impl Setup {
                 true,
             ),
         ];
-        if let Some(b) = &self.baseline {
-            systems.insert(2, row("baseline", self.via(b.proxy), b.child.id(), true));
+        if let (Some(b), Some(conn)) = (&self.baseline, &self.baseline_conn) {
+            systems.insert(2, row("baseline", self.via_conn(b.proxy, conn), b.child.id(), true));
         }
         if let Some(((plain, addr), (logged, addr_log))) = &self.nginx {
             let direct = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None, auth: None };
