@@ -35,24 +35,25 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let audit = if k.access_log { &[][..] } else { AUDIT_OFF };
     let dur = k.dur / 2;
 
-    let (cpv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &one_thread, dir, log, audit).await;
-    let (t0, w0) = setup.seen.counts();
-    let pid = cpv.child.id().unwrap();
-    let cp_ir = instructions_per_request(&control, &cg, pid, &setup.via(cpv.proxy), dur, tck).await;
-    let (t1, w1) = setup.seen.counts();
-    assert_eq!(w1 - w0, t1 - t0, "credproxy under callgrind: requests without the token");
-    drop(cpv);
+    // This build, checking the upstream saw the token on every request.
+    let counted = |config: std::path::PathBuf, target: fn(&Setup, std::net::SocketAddr) -> Target, name| {
+        let (wrapper, control, cg) = (&wrapper, &control, &cg);
+        async move {
+            let (served, _) = spawn_credproxy(wrapper, credproxy_bin(), &config, dir, log, audit).await;
+            let (t0, w0) = setup.seen.counts();
+            let pid = served.child.id().unwrap();
+            let ir = instructions_per_request(control, cg, pid, &target(setup, served.proxy), dur, tck).await;
+            let (t1, w1) = setup.seen.counts();
+            assert_eq!(w1 - w0, t1 - t0, "{name} under callgrind: requests without the token");
+            ir
+        }
+    };
+    let cp_ir = counted(one_thread.clone(), Setup::via, "credproxy").await;
     // Shared mode: the same, with a run token on every request.
     let shared = dir.join("credproxy-shared-1.toml");
     let text = std::fs::read_to_string(&one_thread).unwrap();
     std::fs::write(&shared, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
-    let (sv, _) = spawn_credproxy(&wrapper, credproxy_bin(), &shared, dir, log, audit).await;
-    let (t0, w0) = setup.seen.counts();
-    let pid = sv.child.id().unwrap();
-    let shared_ir = instructions_per_request(&control, &cg, pid, &setup.via_shared(sv.proxy), dur, tck).await;
-    let (t1, w1) = setup.seen.counts();
-    assert_eq!(w1 - w0, t1 - t0, "credproxy-shared under callgrind: requests without the token");
-    drop(sv);
+    let shared_ir = counted(shared, Setup::via_shared, "credproxy-shared").await;
     // The baseline binary too, so a change's count is read before and after in one run.
     let base_ir = match (&k.baseline_bin, setup.baseline_conn()) {
         (Some(base), Some(conn)) => {
