@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t credproxy .
-# Run:   docker run -e CREDPROXY_ADMIN_TOKEN=... -p 8080:8080 -p 8081:8081 credproxy
+# Run:   docker run -e CREDPROXY_ADMIN_TOKEN=... -p 8080:8080 -p 8081:8081 -p 8082:8082 credproxy
 # CI cannot run Docker here: scripts/docker-check lints this file (hadolint)
 # and runs the same build and start-up commands outside a container.
 FROM rust:1.95-slim-bookworm AS build
@@ -26,9 +26,10 @@ WORKDIR /var/lib/credproxy
 # the working directory; the interception CA is mounted at /etc/credproxy/certs.
 ENV CREDPROXY_PROXY__LISTEN=0.0.0.0:8080 \
     CREDPROXY_ADMIN__LISTEN=0.0.0.0:8081 \
+    CREDPROXY_PUBLIC__LISTEN=0.0.0.0:8082 \
     CREDPROXY_INTEGRATIONS__DIR=/etc/credproxy/integrations
 VOLUME ["/var/lib/credproxy"]
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=3s CMD ["credproxy", "health", "--url", "http://127.0.0.1:8081/healthz"]
 ENTRYPOINT ["credproxy"]
 CMD ["serve", "--config", "/etc/credproxy/credproxy.toml"]

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::audit::{AdminAction, Audit};
 use crate::config::AdminToken;
+use crate::connect::{ConnectSettings, NewSession, SessionError, SessionRequest};
 use crate::creds::{AuthorizeError, AuthorizeRequest, Connections, CreateError, NewConnection, Revocation};
 use crate::outbound::{Outbound, ProxyError};
 use crate::problem::{Code, Problem};
@@ -31,8 +32,9 @@ pub struct AdminState {
     pub connections: Arc<Connections>,
     /// Sends connection tests through the same inject/refresh/forward path as the proxy.
     outbound: Arc<Outbound>,
-    /// `admin.public_url` + `/v1/oauth2/callback`: the redirect URI sent to providers.
-    callback_url: String,
+    /// The public listener's settings: the OAuth2 redirect URI, and what
+    /// connect sessions may ask for.
+    connect: Arc<ConnectSettings>,
     /// SHA-256 of each token with its scope and name; compared in constant time.
     tokens: Vec<([u8; 32], Scope, TokenName)>,
     interceptor: Option<Arc<crate::tls::Interceptor>>,
@@ -56,12 +58,11 @@ impl AdminState {
         connections: Arc<Connections>,
         outbound: Arc<Outbound>,
         tokens: &[AdminToken],
-        public_url: &str,
+        connect: Arc<ConnectSettings>,
         interceptor: Option<Arc<crate::tls::Interceptor>>,
         draining: Arc<std::sync::atomic::AtomicBool>,
         audit: Audit,
     ) -> Self {
-        let callback_url = format!("{}/v1/oauth2/callback", public_url.trim_end_matches('/'));
         let tokens = tokens
             .iter()
             .enumerate()
@@ -70,7 +71,7 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope, TokenName(t.audit_name(i).into()))
             })
             .collect();
-        Self { connections, outbound, callback_url, tokens, interceptor, draining, run_tokens: None, audit }
+        Self { connections, outbound, connect, tokens, interceptor, draining, run_tokens: None, audit }
     }
 
     /// Serves `POST /v1/run-tokens` with `issuer`.
@@ -118,6 +119,7 @@ struct Audited {
     auth_method: Option<String>,
     run_token: Option<String>,
     run_subject: Option<String>,
+    connect_session: Option<String>,
     /// What went wrong in an answer that is not an error (a failed test).
     code: Option<Code>,
 }
@@ -143,7 +145,7 @@ fn audited_action(method: &axum::http::Method, route: &str) -> Option<&'static s
         (&Method::DELETE, "/v1/connections/{id}") => "connection.delete",
         (&Method::POST, "/v1/connections/{id}/test") => "connection.test",
         (&Method::POST, "/v1/oauth2/authorize") => "connection.authorize",
-        (&Method::GET, "/v1/oauth2/callback") => "connection.authorized",
+        (&Method::POST, "/v1/connect-sessions") => "connect_session.create",
         (&Method::POST, "/v1/run-tokens") => "run_token.mint",
         _ => return None,
     })
@@ -171,6 +173,7 @@ async fn audit(State(st): State<Arc<AdminState>>, route: MatchedPath, req: Reque
         time,
         action: done.action.unwrap_or(action),
         admin_token: token.as_deref(),
+        connect_session: done.connect_session.as_deref(),
         org: done.org.as_deref().or(scope_org.as_deref()),
         user: done.user.as_deref(),
         connection: done.connection.as_deref().or(named.as_deref()),
@@ -209,20 +212,16 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/oauth2/authorize", axum::routing::post(oauth2_authorize))
         .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
         .route("/v1/run-tokens", axum::routing::post(mint_run_token))
+        .route("/v1/connect-sessions", axum::routing::post(create_connect_session))
         // Inside `authenticate`: the audit line names the token that acted.
         .route_layer(middleware::from_fn_with_state(state.clone(), audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    let callback = Router::new()
-        .route("/v1/oauth2/callback", get(oauth2_callback))
-        .route_layer(middleware::from_fn_with_state(state.clone(), audit));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // Prometheus scrapes without a token: the admin port is private and
         // no label carries a connection id or a secret.
         .route("/metrics", get(metrics))
-        // Reached by the user's browser: no admin token; `state` protects it.
-        .merge(callback)
         .merge(v1)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(state)
@@ -654,8 +653,9 @@ async fn oauth2_authorize(
                 scopes: req.scopes,
                 return_to: req.return_to,
                 connection_id: req.connection_id,
+                connect_session: None,
             },
-            &st.callback_url,
+            &st.connect.callback_url(),
         )
         .await
         .map_err(authorize_error)?;
@@ -663,36 +663,53 @@ async fn oauth2_authorize(
 }
 
 #[derive(Deserialize)]
-struct CallbackQuery {
-    state: Option<String>,
-    code: Option<String>,
-    error: Option<String>,
+#[serde(deny_unknown_fields)]
+struct ConnectSessionBody {
+    org_id: String,
+    user_id: String,
+    #[serde(default)]
+    integrations: Option<Vec<String>>,
+    #[serde(default)]
+    connection_id: Option<String>,
+    #[serde(default)]
+    return_to: Option<String>,
+    #[serde(default)]
+    expires_in_secs: Option<u64>,
 }
 
-async fn oauth2_callback(
+/// `POST /v1/connect-sessions`: a link for one end user to create (or
+/// re-authorize) a connection in a browser: `{url, expires_at, id}`. The
+/// URL carries the session's token; the store keeps only its hash.
+async fn create_connect_session(
     State(st): State<Arc<AdminState>>,
-    Query(q): Query<CallbackQuery>,
-) -> Result<Response, ApiError> {
-    let state = q.state.ok_or_else(|| ApiError::new(Code::InvalidState, "the callback has no state parameter"))?;
-    let outcome = match (&q.code, &q.error) {
-        (_, Some(e)) => Err(e.as_str()),
-        (Some(c), None) => Ok(c.as_str()),
-        (None, None) => return Err(ApiError::new(Code::InvalidRequest, "the callback has neither code nor error")),
-    };
-    let (meta, return_to) = st.connections.complete_authorization(&state, outcome).await.map_err(authorize_error)?;
-    let audited = axum::Extension(Audited::connection(&meta));
-    if let Some(rt) = return_to {
-        let sep = if rt.contains('?') { '&' } else { '?' };
-        let location = format!("{rt}{sep}connection_id={}", meta.id);
-        let mut r = (StatusCode::SEE_OTHER, audited).into_response();
-        if let Ok(v) = HeaderValue::try_from(location) {
-            r.headers_mut().insert(header::LOCATION, v);
-        }
-        return Ok(r);
+    axum::Extension(scope): axum::Extension<Scope>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Extension<Audited>, Json<Value>), ApiError> {
+    let req: ConnectSessionBody = json_body(&body)?;
+    if scope.org().is_some_and(|o| o != req.org_id) {
+        return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
     }
-    let id = meta.id.clone();
-    let body = json!({ "connection_id": id, "connection": view(&st, meta) });
-    Ok((StatusCode::CREATED, audited, Json(body)).into_response())
+    let request = SessionRequest {
+        org_id: req.org_id,
+        user_id: req.user_id,
+        integrations: req.integrations,
+        connection_id: req.connection_id,
+        return_to: req.return_to,
+        expires_in_secs: req.expires_in_secs,
+    };
+    let NewSession { url, session } = crate::connect::session::create(&st.connections, &st.connect, request)
+        .await
+        .map_err(|e: SessionError| ApiError::new(e.code, e.detail))?;
+    tracing::info!(session = %session.id, org = %session.org_id, "connect session created");
+    let body = json!({ "url": url.expose(), "expires_at": rfc3339(session.expires_at), "id": session.id });
+    let audited = Audited {
+        org: Some(session.org_id),
+        user: Some(session.user_id),
+        connection: session.connection_id,
+        connect_session: Some(session.id),
+        ..Audited::default()
+    };
+    Ok((StatusCode::CREATED, axum::Extension(audited), Json(body)))
 }
 
 fn authorize_error(e: AuthorizeError) -> ApiError {
@@ -707,6 +724,7 @@ fn authorize_error(e: AuthorizeError) -> ApiError {
             ApiError::new(Code::InvalidState, "unknown or already used state; start the authorization again")
         }
         AuthorizeError::StateExpired => ApiError::new(Code::StateExpired, e.to_string()),
+        AuthorizeError::SessionUsed => ApiError::new(Code::SessionUsed, e.to_string()),
         AuthorizeError::Provider(_) => ApiError::new(Code::AuthorizationDenied, e.to_string()),
         AuthorizeError::Exchange(t) => {
             tracing::warn!(error = %t, "oauth2 code exchange failed");
@@ -765,32 +783,7 @@ async fn test_connection(
 }
 
 async fn run_test(st: &AdminState, meta: &ConnectionMeta) -> Result<(u16, u16), Problem> {
-    let test_problem = |detail: String| Problem::new(Code::NoTestRequest, detail);
     let (resolved, _) =
         st.connections.resolve(&meta.org_id, &meta.id).await.map_err(|e| ProxyError::from(e).problem())?;
-    let integration = &resolved.integration;
-    let test = integration
-        .test
-        .as_ref()
-        .ok_or_else(|| test_problem(format!("integration {:?} defines no [test] request", integration.id)))?;
-    let base = integration.base_url.as_deref().ok_or_else(|| {
-        test_problem(format!("integration {:?} has no base_url for its test request", integration.id))
-    })?;
-    let uri: http::Uri = format!("{}{}", base.trim_end_matches('/'), test.path)
-        .parse()
-        .map_err(|_| test_problem("base_url + test.path is not a valid URL".into()))?;
-    let host = uri.host().unwrap_or_default().to_owned();
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    if !integration.host_allowed(&host, port) {
-        return Err(ProxyError::HostNotAllowed { integration: integration.id.clone(), host, port }.problem());
-    }
-    let method: http::Method = test.method.parse().map_err(|_| test_problem("test.method is invalid".into()))?;
-    let mut headers = http::HeaderMap::new();
-    headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
-    headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-    let body = crate::upstream::UpstreamBody::Buffered(http_body_util::Full::new(Bytes::new()));
-    let (resp, _) =
-        st.outbound.with_connection(&resolved, &method, uri, headers, body).await.map_err(|e| e.problem())?;
-    // Only the status is read: nothing to scrub.
-    Ok((resp.status().as_u16(), test.expect_status))
+    st.outbound.test_connection(&resolved).await
 }

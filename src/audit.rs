@@ -68,11 +68,17 @@ pub struct CredentialUse<'a> {
 pub struct AdminAction<'a> {
     pub time: SystemTime,
     /// `connection.create`, `connection.delete`, `connection.authorize`
-    /// (start), `connection.authorized` (the provider's callback),
-    /// `connection.test`, `run_token.mint`.
+    /// (start), `connection.authorized` / `connection.reauthorized` (the
+    /// provider's callback), `connection.test`, `run_token.mint`,
+    /// `connect_session.create`; from the connect pages (no admin token, a
+    /// `connect_session`): `connection.create`, `connection.replace`, and
+    /// `connection.test` for a credential that failed its test (not stored).
     pub action: &'a str,
-    /// The admin token's name; none for the OAuth2 callback (a browser).
+    /// The admin token's name; none for the OAuth2 callback and the connect
+    /// pages (a browser).
     pub admin_token: Option<&'a str>,
+    /// The connect session (`cs_…`) a browser acted through.
+    pub connect_session: Option<&'a str>,
     pub org: Option<&'a str>,
     pub user: Option<&'a str>,
     pub connection: Option<&'a str>,
@@ -150,6 +156,7 @@ impl Audit {
         let mut l = Line::start(a.time, KIND_ADMIN);
         l.str(key!("action"), Some(a.action));
         l.str(key!("admin_token"), a.admin_token);
+        l.str(key!("connect_session"), a.connect_session);
         l.str(key!("org"), a.org);
         l.str(key!("user"), a.user);
         l.str(key!("connection"), a.connection);

@@ -95,6 +95,7 @@ pub struct Config {
     pub overrides: Vec<(String, String)>,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    pub public: PublicConfig,
     pub store: StoreConfig,
     pub crypto: CryptoConfig,
     pub cache: CacheConfig,
@@ -279,9 +280,6 @@ impl Default for ProxyConfig {
 pub struct AdminConfig {
     /// Address of the admin API listener.
     pub listen: SocketAddr,
-    /// Base URL browsers use to reach the admin API; the OAuth2 redirect URI
-    /// is this + `/v1/oauth2/callback`. Default: `http://` + the bound address.
-    pub public_url: Option<String>,
     /// Bearer tokens accepted by the admin API. `CREDPROXY_ADMIN_TOKEN` adds
     /// one global token.
     pub tokens: Vec<AdminToken>,
@@ -289,7 +287,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)), public_url: None, tokens: Vec::new() }
+        Self { listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)), tokens: Vec::new() }
     }
 }
 
@@ -575,6 +573,88 @@ pub enum AuditSink {
     Off,
 }
 
+/// The public listener: what end users' browsers reach (the OAuth2
+/// callback and the connect pages), apart from the private admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicConfig {
+    /// Address of the public listener.
+    pub listen: SocketAddr,
+    /// The URL browsers reach the public listener at (through an ingress);
+    /// the OAuth2 redirect URI is this + `/oauth2/callback`. Default:
+    /// `http://` + the bound address.
+    pub base_url: Option<String>,
+    /// Origins (`https://app.example.com`) a connect session's `return_to`
+    /// may point at; none: sessions end on a page of their own.
+    pub allowed_return_origins: Vec<String>,
+    /// The pages' CSP `frame-ancestors` (who may embed them in a frame).
+    pub frame_ancestors: String,
+    /// A connect session's lifetime when its request names none.
+    #[serde(rename = "session_ttl_secs", deserialize_with = "duration::secs")]
+    pub session_ttl: Duration,
+    /// The longest lifetime a connect session may ask for.
+    #[serde(rename = "max_session_ttl_secs", deserialize_with = "duration::secs")]
+    pub max_session_ttl: Duration,
+    /// Unknown session tokens one client address may present per minute
+    /// before it is refused (429) for the rest of that minute.
+    pub failed_lookups_per_minute: u32,
+}
+
+impl PublicConfig {
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        if let Some(u) = &self.base_url {
+            let ok = u.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() && u.query().is_none()
+            });
+            if !ok {
+                return Err(ConfigError::new(
+                    name,
+                    "public.base_url",
+                    "must be an absolute http(s) URL without a query",
+                ));
+            }
+        }
+        for (i, o) in self.allowed_return_origins.iter().enumerate() {
+            if crate::ids::origin_of(o).as_deref() != Some(o.as_str()) {
+                return Err(ConfigError::new(
+                    name,
+                    format!("public.allowed_return_origins[{i}]"),
+                    "must be an origin: scheme://host[:port], no path, no trailing slash",
+                ));
+            }
+        }
+        let fa = &self.frame_ancestors;
+        if fa.is_empty() || fa.bytes().any(|b| matches!(b, b';' | b',' | b'\r' | b'\n') || !(0x20..0x7f).contains(&b)) {
+            return Err(ConfigError::new(
+                name,
+                "public.frame_ancestors",
+                "must be a CSP source list ('none', 'self', https://app.example.com …) without ; or ,",
+            ));
+        }
+        if self.session_ttl.is_zero() || self.session_ttl > self.max_session_ttl {
+            return Err(ConfigError::new(name, "public.session_ttl_secs", "must be 1 to public.max_session_ttl_secs"));
+        }
+        if self.failed_lookups_per_minute == 0 {
+            return Err(ConfigError::new(name, "public.failed_lookups_per_minute", "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for PublicConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8082)),
+            base_url: None,
+            allowed_return_origins: Vec::new(),
+            frame_ancestors: "'none'".to_owned(),
+            session_ttl: secs(1800),
+            max_session_ttl: secs(86_400),
+            failed_lookups_per_minute: 20,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
@@ -622,6 +702,14 @@ impl Config {
         let mut value: toml::Value = toml::from_str(text)
             .map_err(|e| ConfigError::new(name, "(syntax)", e.message().to_owned() + &line_of(text, e.span())))?;
         let overrides = apply_env_overrides(&mut value, env)?;
+        if value.get("admin").and_then(|a| a.get("public_url")).is_some() {
+            return Err(ConfigError::new(
+                name,
+                "admin.public_url",
+                "moved: the OAuth2 callback is served on the public listener now; set public.base_url \
+                 (the redirect URI becomes <public.base_url>/oauth2/callback; register it with the provider)",
+            ));
+        }
         let mut refs = std::collections::BTreeSet::new();
         substitute_env_refs(&mut value, env, name, "", &mut refs)?;
         let mut cfg: Config = deserialize_value(name, value).map_err(|e| blame_environment(e, &overrides))?;
@@ -717,14 +805,7 @@ impl Config {
         if self.store.pool_size == 0 {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));
         }
-        if let Some(u) = &self.admin.public_url {
-            let ok = u
-                .parse::<http::Uri>()
-                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
-            if !ok {
-                return Err(ConfigError::new(name, "admin.public_url", "must be an absolute http(s) URL"));
-            }
-        }
+        self.public.validate(name)?;
         if self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
                 name,

@@ -396,20 +396,8 @@ impl Connections {
     }
 
     pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
-        if !ids::is_valid_external_id(&new.org_id) {
-            return Err(CreateError::InvalidId { field: "org_id" });
-        }
-        if !ids::is_valid_external_id(&new.user_id) {
-            return Err(CreateError::InvalidId { field: "user_id" });
-        }
-        let integration = self
-            .integrations
-            .get(&new.integration)
-            .ok_or_else(|| CreateError::UnknownIntegration(new.integration.clone()))?;
-        let method = integration.auth_method(&new.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
-            integration: new.integration.clone(),
-            method: new.auth_method.clone(),
-        })?;
+        check_ids(&new.org_id, &new.user_id)?;
+        let (_, method) = self.method_of(&new.integration, &new.auth_method)?;
         let plaintext = match method.oauth2() {
             Some(o) if o.grant == Grant::AuthorizationCode => return Err(CreateError::UseAuthorize(method.id.clone())),
             Some(_) => {
@@ -421,9 +409,68 @@ impl Connections {
                 }
                 Zeroizing::new(serde_json::to_vec(&TokenSet::default()).expect("token sets serialize"))
             }
-            None => Credential::from_fields(method, new.credentials)?.to_plaintext(method),
+            None => Credential::from_fields(&method, new.credentials)?.to_plaintext(&method),
         };
         self.insert_new(new.org_id, new.user_id, new.integration, new.auth_method, &plaintext).await
+    }
+
+    /// An integration's auth method, or which of the two is unknown.
+    fn method_of(&self, integration: &str, method: &str) -> Result<(Arc<Integration>, Arc<AuthMethod>), CreateError> {
+        let i =
+            self.integrations.get(integration).ok_or_else(|| CreateError::UnknownIntegration(integration.into()))?;
+        let m = i
+            .auth_method(method)
+            .cloned()
+            .ok_or_else(|| CreateError::UnknownAuthMethod { integration: integration.into(), method: method.into() })?;
+        Ok((i.clone(), m))
+    }
+
+    /// A connection that is not stored yet, from fields a user typed: what
+    /// the connect pages test before they store it ([`Connections::store_candidate`]).
+    /// Its id is the one it will be stored under (or `replaces`).
+    pub fn candidate(&self, new: NewConnection, replaces: Option<&str>) -> Result<Arc<Resolved>, CreateError> {
+        check_ids(&new.org_id, &new.user_id)?;
+        let (integration, method) = self.method_of(&new.integration, &new.auth_method)?;
+        if method.oauth2().is_some() {
+            return Err(CreateError::UseAuthorize(method.id.clone()));
+        }
+        let credential = Credential::from_fields(&method, new.credentials)?;
+        let now = unix_now();
+        let meta = ConnectionMeta {
+            id: replaces.map_or_else(ids::new_connection_id, str::to_owned),
+            org_id: new.org_id,
+            user_id: new.user_id,
+            integration: new.integration,
+            auth_method: new.auth_method,
+            state: ConnectionState::Active,
+            created_at: now,
+            updated_at: now,
+            activity: Default::default(),
+        };
+        Ok(Arc::new(Resolved { meta, integration, method, credential, tokens: None, use_noted: AtomicI64::new(0) }))
+    }
+
+    /// Stores a [`Connections::candidate`]: a new connection, or (`replace`)
+    /// the credential of an existing one, whose state becomes `active`.
+    pub async fn store_candidate(&self, c: &Resolved, replace: bool) -> Result<ConnectionMeta, CreateError> {
+        let plaintext = c.credential.to_plaintext(&c.method);
+        let sealed = self.seal(&c.meta.org_id, &c.meta.id, &plaintext).await?;
+        if !replace {
+            self.store.insert_connection(&ConnectionRow { meta: c.meta.clone(), sealed }).await?;
+            return Ok(c.meta.clone());
+        }
+        let id = &c.meta.id;
+        if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now()).await? {
+            return Err(StoreError::Corrupt {
+                id: id.clone(),
+                reason: "deleted while its credential was replaced".into(),
+            }
+            .into());
+        }
+        self.cache.invalidate(id).await;
+        self.changed();
+        let row = self.store.get_connection(id).await?;
+        Ok(row.map_or_else(|| c.meta.clone(), |r| r.meta))
     }
 
     /// Seals `plaintext` for a new connection id and stores the row.
@@ -499,6 +546,16 @@ fn to_store(s: Sealed) -> SealedBytes {
 
 fn from_store(s: SealedBytes) -> Sealed {
     Sealed { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext }
+}
+
+fn check_ids(org_id: &str, user_id: &str) -> Result<(), CreateError> {
+    if !ids::is_valid_external_id(org_id) {
+        return Err(CreateError::InvalidId { field: "org_id" });
+    }
+    if !ids::is_valid_external_id(user_id) {
+        return Err(CreateError::InvalidId { field: "user_id" });
+    }
+    Ok(())
 }
 
 pub fn unix_now() -> i64 {

@@ -13,16 +13,21 @@ const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// Mints a new connection id from the system CSPRNG.
 pub fn new_connection_id() -> String {
+    new_id(CONNECTION_ID_PREFIX)
+}
+
+/// `prefix` and 26 random base32 characters (130 bits).
+pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 17]; // 136 bits, of which 130 are used
     SystemRandom::new().fill(&mut bytes).expect("the system random source failed");
-    let mut out = String::with_capacity(CONNECTION_ID_PREFIX.len() + ID_CHARS);
-    out.push_str(CONNECTION_ID_PREFIX);
+    let mut out = String::with_capacity(prefix.len() + ID_CHARS);
+    out.push_str(prefix);
     let mut acc: u32 = 0;
     let mut bits = 0;
     for b in bytes {
         acc = (acc << 8) | u32::from(b);
         bits += 8;
-        while bits >= 5 && out.len() < CONNECTION_ID_PREFIX.len() + ID_CHARS {
+        while bits >= 5 && out.len() < prefix.len() + ID_CHARS {
             bits -= 5;
             out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
         }
@@ -46,9 +51,37 @@ pub fn is_valid_external_id(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
 
+/// The origin (`scheme://host[:port]`, lowercase, default port left out)
+/// of an absolute http(s) URL without user info; `None` for anything else.
+pub fn origin_of(url: &str) -> Option<String> {
+    let u: http::Uri = url.parse().ok()?;
+    let scheme = u.scheme_str()?.to_ascii_lowercase();
+    let auth = u.authority()?;
+    if auth.as_str().contains('@') || !matches!(scheme.as_str(), "http" | "https") || auth.host().is_empty() {
+        return None;
+    }
+    let host = auth.host().to_ascii_lowercase();
+    let default = if scheme == "https" { 443 } else { 80 };
+    Some(match auth.port_u16() {
+        Some(p) if p != default => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_normalized_and_only_http() {
+        assert_eq!(origin_of("https://App.Example.com/done?x=1").as_deref(), Some("https://app.example.com"));
+        assert_eq!(origin_of("http://127.0.0.1:8080/a").as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(origin_of("https://a.example:443/").as_deref(), Some("https://a.example"));
+        assert_eq!(origin_of("https://user@a.example/"), None, "user info can disguise the host");
+        assert_eq!(origin_of("javascript:alert(1)"), None);
+        assert_eq!(origin_of("/relative"), None);
+        assert!(new_id("cs_").starts_with("cs_") && new_id("cs_").len() == 29);
+    }
 
     #[test]
     fn minted_ids_have_the_documented_shape_and_differ() {

@@ -14,6 +14,8 @@
 //!   state, owns the listeners and shutdown.
 //! - [`proxy`]: the proxy listener and the request pipeline, top to bottom.
 //! - [`admin`]: the admin HTTP API (connections, integrations, health).
+//! - [`connect`]: the public listener: connect pages where end users make
+//!   their own connections, connect sessions, the OAuth2 callback.
 //! - [`admin_client`]: the small HTTP client the CLI uses to drive the admin API.
 //! - [`outbound`]: the credentialed request (fresh token, inject, forward,
 //!   OAuth2 401 retry, echo scrubbing) shared by the proxy and the connection
@@ -49,6 +51,7 @@ pub mod admin_client;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod creds;
 pub mod crypto;
 pub mod h1;

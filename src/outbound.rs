@@ -595,3 +595,36 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+impl Outbound {
+    /// Sends the integration's `[test]` request with `resolved`'s
+    /// credential (stored or not yet: the connect pages test first) through
+    /// the refresh/inject/forward path: `(status, expected status)`.
+    pub async fn test_connection(&self, resolved: &Arc<Resolved>) -> Result<(u16, u16), Problem> {
+        let test_problem = |detail: String| Problem::new(Code::NoTestRequest, detail);
+        let integration = &resolved.integration;
+        let test = integration
+            .test
+            .as_ref()
+            .ok_or_else(|| test_problem(format!("integration {:?} defines no [test] request", integration.id)))?;
+        let base = integration.base_url.as_deref().ok_or_else(|| {
+            test_problem(format!("integration {:?} has no base_url for its test request", integration.id))
+        })?;
+        let uri: Uri = format!("{}{}", base.trim_end_matches('/'), test.path)
+            .parse()
+            .map_err(|_| test_problem("base_url + test.path is not a valid URL".into()))?;
+        let host = uri.host().unwrap_or_default().to_owned();
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        if !integration.host_allowed(&host, port) {
+            return Err(ProxyError::HostNotAllowed { integration: integration.id.clone(), host, port }.problem());
+        }
+        let method: Method = test.method.parse().map_err(|_| test_problem("test.method is invalid".into()))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
+        let (resp, _) = self.with_connection(resolved, &method, uri, headers, body).await.map_err(|e| e.problem())?;
+        // Only the status is read: nothing to scrub.
+        Ok((resp.status().as_u16(), test.expect_status))
+    }
+}

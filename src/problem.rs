@@ -149,6 +149,16 @@ codes! {
     NoTestRequest = BAD_REQUEST, "no_test_request", "No test request", HttpRequestError;
     CodeExchangeFailed = BAD_GATEWAY, "code_exchange_failed", "Code exchange failed", DestinationUnavailable;
     ShuttingDown = SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", ProxyInternalError;
+    // The public listener (connect pages; HTML pages and redirects carry these).
+    SessionNotFound = NOT_FOUND, "session_not_found", "Unknown connect session", HttpRequestDenied;
+    SessionExpired = GONE, "session_expired", "Connect session expired", HttpRequestDenied;
+    SessionUsed = GONE, "session_used", "Connect session already used", HttpRequestDenied;
+    NotInSession = FORBIDDEN, "not_in_session", "Not offered by this connect session", HttpRequestDenied;
+    ReturnToNotAllowed = BAD_REQUEST, "return_to_not_allowed", "return_to not allowed", HttpRequestError;
+    CsrfFailed = FORBIDDEN, "csrf_failed", "Form token missing or wrong", HttpRequestDenied;
+    TooManyAttempts = TOO_MANY_REQUESTS, "too_many_attempts", "Too many attempts", HttpRequestDenied;
+    /// The connect page's test of a credential before storing it failed.
+    ConnectionTestFailed = UNPROCESSABLE_ENTITY, "connection_test_failed", "The credential did not work", HttpRequestError;
     /// Not a response: a connection test's result when the upstream's status
     /// was not the expected one (`{"ok": false, "error": {"code": …}}`).
     UnexpectedStatus = BAD_GATEWAY, "unexpected_status", "Unexpected status", HttpProtocolError;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminState, RunTokenIssuer};
 use crate::audit::Audit;
 use crate::config::{AuditSink, Config, ConfigError, KeyProviderKind};
+use crate::connect::{self, ConnectSettings, PublicState};
 use crate::creds::Connections;
 use crate::crypto::kms::KmsKeyProvider;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvider};
@@ -54,10 +55,13 @@ pub enum StartError {
     },
 }
 
-/// The two listening sockets.
+/// The three listening sockets: the proxy (runners), the admin API
+/// (private: the platform's backend, Prometheus) and the public listener
+/// (end users' browsers: connect pages and the OAuth2 callback).
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
+    pub public: TcpListener,
 }
 
 impl Listeners {
@@ -68,6 +72,7 @@ impl Listeners {
         Ok(Self {
             proxy: bind("proxy.listen", config.proxy.listen).await?,
             admin: bind("admin.listen", config.admin.listen).await?,
+            public: bind("public.listen", config.public.listen).await?,
         })
     }
 }
@@ -76,14 +81,15 @@ impl Listeners {
 pub struct Running {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub public_addr: SocketAddr,
     pub connections: Arc<Connections>,
     /// The TLS interception CA, when enabled (leaf mint/cache counters).
     pub interceptor: Option<Arc<Interceptor>>,
     pub metrics: Arc<Metrics>,
     /// Stops the proxy listener and drains its connections.
     shutdown: watch::Sender<bool>,
-    /// Stops the admin listener (after the drain, so `/readyz` and
-    /// `/metrics` answer throughout).
+    /// Stops the admin and public listeners (after the drain, so `/readyz`
+    /// and `/metrics` answer throughout).
     admin_shutdown: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
     /// Client connections and tunnels.
@@ -227,8 +233,16 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     let bound = |what, addr, l: &TcpListener| l.local_addr().map_err(|source| StartError::Bind { what, addr, source });
     let proxy_addr = bound("proxy.listen", config.proxy.listen, &listeners.proxy)?;
     let admin_addr = bound("admin.listen", config.admin.listen, &listeners.admin)?;
-    let app = App::build(config, integrations, prepared, admin_addr).await?;
-    Ok(app.serve(listeners, config, proxy_addr, admin_addr))
+    let public_addr = bound("public.listen", config.public.listen, &listeners.public)?;
+    let app = App::build(config, integrations, prepared, public_addr).await?;
+    Ok(app.serve(listeners, config, Addrs { proxy: proxy_addr, admin: admin_addr, public: public_addr }))
+}
+
+/// Where the three listeners are bound.
+struct Addrs {
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    public: SocketAddr,
 }
 
 /// How often queued connection uses are written (`last_used_at`).
@@ -242,6 +256,7 @@ struct App {
     proxy: Arc<ProxyState>,
     proxy_tls: Option<tokio_rustls::TlsAcceptor>,
     admin: Arc<AdminState>,
+    public: Arc<PublicState>,
     audit: Audit,
     /// Set when the drain starts (`/readyz` turns 503).
     draining: Arc<AtomicBool>,
@@ -256,7 +271,7 @@ impl App {
         config: &Config,
         integrations: Integrations,
         prepared: Prepared,
-        admin_addr: SocketAddr,
+        public_addr: SocketAddr,
     ) -> Result<Self, StartError> {
         let Prepared { extra_roots, interceptor, proxy_tls } = prepared;
         let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
@@ -293,13 +308,14 @@ impl App {
             drain: proxy::Drain::default(),
         });
         let draining = Arc::new(AtomicBool::new(false));
-        let public_url = config.admin.public_url.clone().unwrap_or_else(|| format!("http://{admin_addr}"));
+        let settings = Arc::new(ConnectSettings::new(&config.public, public_addr));
+        let public = Arc::new(PublicState::new(connections.clone(), outbound.clone(), settings.clone(), audit.clone()));
         let admin = Arc::new(
             AdminState::new(
                 connections.clone(),
                 outbound,
                 &config.admin.tokens,
-                &public_url,
+                settings,
                 interceptor.clone(),
                 draining.clone(),
                 audit.clone(),
@@ -310,12 +326,12 @@ impl App {
                 max_ttl: config.run_tokens.max_ttl,
             }),
         );
-        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, audit, draining, shutdown })
+        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, public, audit, draining, shutdown })
     }
 
     /// Serves the proxy and the admin API on `listeners`, and (PostgreSQL)
     /// follows other instances' changes; logs the start-up line.
-    fn serve(self, listeners: Listeners, config: &Config, proxy_addr: SocketAddr, admin_addr: SocketAddr) -> Running {
+    fn serve(self, listeners: Listeners, config: &Config, addrs: Addrs) -> Running {
         // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
         let listener = config.store.is_postgres().then(|| {
             let c = self.connections.clone();
@@ -342,21 +358,35 @@ impl App {
         let tracker = self.proxy.tracker.clone();
         let stop = self.proxy.shutdown.clone();
         tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
-        let (admin_shutdown, mut admin_rx) = watch::channel(false);
+        let (admin_shutdown, admin_rx) = watch::channel(false);
         let app = admin::router(self.admin);
+        let mut stop = admin_rx.clone();
         let admin_listener = listeners.admin;
         tasks.spawn(async move {
             let served = axum::serve(admin_listener, app).with_graceful_shutdown(async move {
-                let _ = admin_rx.changed().await;
+                let _ = stop.changed().await;
             });
             if let Err(e) = served.await {
                 tracing::error!(error = %e, "admin server failed");
             }
         });
+        // The public listener: the peer address counts failed session lookups.
+        let app = connect::router(self.public).into_make_service_with_connect_info::<SocketAddr>();
+        let mut stop = admin_rx;
+        let public_listener = listeners.public;
+        tasks.spawn(async move {
+            let served = axum::serve(public_listener, app).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "public server failed");
+            }
+        });
         let loaded: Vec<&str> = self.connections.integrations().iter().map(|i| i.id.as_str()).collect();
         tracing::info!(
-            proxy = %proxy_addr,
-            admin = %admin_addr,
+            proxy = %addrs.proxy,
+            admin = %addrs.admin,
+            public = %addrs.public,
             org = %config.proxy.org_id.as_deref().unwrap_or("-"),
             interception = %if self.interceptor.is_some() { "on" } else { "off" },
             proxy_tls = %if proxy_tls_on { "on" } else { "off" },
@@ -365,8 +395,9 @@ impl App {
             "credproxy listening"
         );
         Running {
-            proxy_addr,
-            admin_addr,
+            proxy_addr: addrs.proxy,
+            admin_addr: addrs.admin,
+            public_addr: addrs.public,
             connections: self.connections,
             interceptor: self.interceptor,
             metrics: self.metrics,

@@ -111,6 +111,44 @@ pub struct PendingAuthorization {
     pub verifier: SealedBytes,
     pub created_at: i64,
     pub expires_at: i64,
+    /// Started from a connect page: the id of its connect session.
+    pub connect_session: Option<String>,
+}
+
+/// How long an expired connect session is kept (its page can still say
+/// "expired" rather than "unknown") before it is swept.
+pub(crate) const SESSION_KEPT_SECS: i64 = 86_400;
+
+/// A stored list of ids (`a,b,c`; ids have no commas).
+pub(crate) fn split_list(s: &str) -> Vec<String> {
+    s.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect()
+}
+
+/// A connect session: what one end user may connect through the connect
+/// pages, reached through a URL that carries a random token (stored here
+/// only as its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectSession {
+    /// `cs_…`: names the session in logs and audit lines (not a secret).
+    pub id: String,
+    /// SHA-256 (hex) of the session token.
+    pub token_hash: String,
+    pub org_id: String,
+    pub user_id: String,
+    /// The integrations the user may pick from; `None`: every one.
+    pub integrations: Option<Vec<String>>,
+    /// Re-authorization / credential replacement of this connection.
+    pub connection_id: Option<String>,
+    /// Where the browser goes when done (an allowed origin).
+    pub return_to: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// When a connection was being made with it (claimed); a session is
+    /// claimed at most once.
+    pub claimed_at: Option<i64>,
+    /// The connection it made.
+    pub connection_made: Option<String>,
 }
 
 /// What a refresh writes back while it holds the row lock.
@@ -251,4 +289,14 @@ pub trait Store: Send + Sync + 'static {
     /// Records when connections were last used, `(id, unix seconds)`; a
     /// time earlier than the stored one is ignored.
     async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError>;
+    /// Stores a new connect session (and sweeps sessions expired a day ago).
+    async fn insert_connect_session(&self, s: &ConnectSession) -> Result<(), StoreError>;
+    /// The session whose token hashes to `token_hash`.
+    async fn connect_session(&self, token_hash: &str) -> Result<Option<ConnectSession>, StoreError>;
+    /// Claims a session for making its one connection: true if it was
+    /// unclaimed and not expired at `now` (one caller wins).
+    async fn claim_connect_session(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// Ends a claim: `Some(connection)` records what it made; `None`
+    /// releases it (nothing was stored; the user may try again).
+    async fn finish_connect_session(&self, id: &str, made: Option<&str>) -> Result<(), StoreError>;
 }

@@ -42,7 +42,7 @@ fn used(fields: Value) -> Value {
 
 fn admin(fields: Value) -> Value {
     let mut v = json!({
-        "kind": "admin", "admin_token": ADMIN_TOKEN_NAME, "org": ORG, "user": null, "connection": null,
+        "kind": "admin", "admin_token": ADMIN_TOKEN_NAME, "connect_session": null, "org": ORG, "user": null, "connection": null,
         "integration": null, "auth_method": null, "run_token": null, "run_subject": null, "code": null,
     });
     merge(&mut v, fields);
@@ -190,7 +190,7 @@ async fn oauth2_refreshes_retries_and_reauthorization_are_recorded() {
             use_of(json!({"refreshed": true})),
             with(admin(json!({"action": "connection.test", "status": 200})), json!({})),
             with(admin(json!({"action": "connection.reauthorize", "status": 200})), json!({})),
-            authorized,
+            with(admin(json!({"action": "connection.reauthorized", "status": 201, "admin_token": null})), json!({})),
             with(admin(json!({"action": "connection.delete", "status": 200})), json!({})),
         ],
     );

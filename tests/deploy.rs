@@ -136,4 +136,19 @@ async fn kubernetes_examples_are_consistent_with_the_binary() {
     assert_eq!(pdb["spec"]["selector"], deploy["spec"]["selector"]);
     let svc = find(&shared, "Service", "credproxy");
     assert_eq!(svc["spec"]["selector"], deploy["spec"]["selector"]["matchLabels"]);
+
+    // The Ingress exposes the public listener only: its Service's port is
+    // the container's public port, which the configuration listens on, and
+    // base_url is the Ingress's host.
+    assert_eq!(parsed["public"]["listen"].as_str(), Some("0.0.0.0:8082"));
+    let ports = spec["containers"][0]["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["name"] == "public" && p["containerPort"] == 8082), "{ports:?}");
+    let ingress = find(&shared, "Ingress", "credproxy-connect");
+    let host = ingress["spec"]["rules"][0]["host"].as_str().unwrap();
+    assert_eq!(parsed["public"]["base_url"].as_str(), Some(format!("https://{host}").as_str()));
+    for path in ingress["spec"]["rules"][0]["http"]["paths"].as_array().unwrap() {
+        assert_eq!(path["backend"]["service"]["name"], "credproxy-public", "{path}");
+    }
+    let public_svc = find(&shared, "Service", "credproxy-public");
+    assert_eq!(public_svc["spec"]["ports"][0]["targetPort"], "public");
 }

@@ -21,7 +21,7 @@ const CONNECTIONS: usize = 40;
 fn write_config(dir: &Path, name: &str, db: &str, crypto: &str) -> PathBuf {
     let path = dir.join(name);
     let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"{db}\"\npool_size = 4\n\
          [crypto]\n{crypto}\n[cache]\nttl_secs = 1\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
          [integrations]\ndir = \"{}\"\n",

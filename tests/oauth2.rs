@@ -18,7 +18,7 @@ async fn harness(oidc: &Oidc) -> Harness {
 async fn authorized(h: &Harness, method: &str) -> String {
     let (seen, final_url) = h.authorize(method, json!({})).await;
     assert_eq!(seen.status, 201, "callback at {final_url}: {}", seen.text());
-    assert!(final_url.contains("/v1/oauth2/callback?code="), "{final_url}");
+    assert!(final_url.contains("/oauth2/callback?code="), "{final_url}");
     seen.json()["connection_id"].as_str().unwrap().to_owned()
 }
 
@@ -95,7 +95,7 @@ async fn bad_state_and_provider_errors_create_nothing() {
     let h = harness(&oidc).await;
     let id = authorized(&h, "code").await;
     assert_eq!(connection_count(&h).await, 1);
-    let callback = format!("{}/v1/oauth2/callback", h.admin_url());
+    let callback = format!("{}/oauth2/callback", h.public_url());
 
     // Replay the exact callback the browser used: the state is single-use.
     let (seen, final_url) = h.authorize("code", json!({})).await;

@@ -41,7 +41,7 @@ fn config_in(dir: &Path, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[integrations]\ndir = \"{}\"\n{extra}\n",
             repo().join("config/integrations").display()
         ),

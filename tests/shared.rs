@@ -20,7 +20,7 @@ fn write_config(dir: &tempfile::TempDir, oidc: &Oidc, db: &str) -> std::path::Pa
     std::fs::write(
         &config,
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
              [store]\nurl = \"{db}\"\npool_size = 8\n[crypto]\nkey_file = \"{}\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
              [integrations]\ndir = \"{}\"\n",
             dir.path().join("master.key").display(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, SealedBytes,
-    SealedTable, Store, StoreError,
+    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization,
+    SealedBytes, SealedTable, Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -91,6 +91,7 @@ async fn suite(s: Arc<dyn Store>) {
         verifier: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
         created_at: 100,
         expires_at: 700,
+        connect_session: Some("cs_1".into()),
     };
     s.insert_pending(&p).await.unwrap();
     assert_eq!(s.take_pending("h1").await.unwrap(), Some(p.clone()), "round trip");
@@ -107,7 +108,54 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(s.take_pending("h1").await.unwrap(), None, "expired ones are swept");
     assert_eq!(s.take_pending("h2").await.unwrap().unwrap().connection_id.as_deref(), Some("c3"));
 
+    connect_sessions(&*s).await;
     rotation(&*s).await;
+}
+
+/// Connect sessions: found by token hash, claimed at most once (and only
+/// before they expire), released when nothing was made, swept a day after.
+async fn connect_sessions(s: &dyn Store) {
+    let cs = ConnectSession {
+        id: "cs_1".into(),
+        token_hash: "th1".into(),
+        org_id: "o".into(),
+        user_id: "u".into(),
+        integrations: Some(vec!["a".into(), "b".into()]),
+        connection_id: None,
+        return_to: Some("https://app.example/done?x=1".into()),
+        created_at: 1000,
+        expires_at: 1600,
+        claimed_at: None,
+        connection_made: None,
+    };
+    s.insert_connect_session(&cs).await.unwrap();
+    assert_eq!(s.connect_session("th1").await.unwrap(), Some(cs.clone()), "round trip");
+    assert_eq!(s.connect_session("th2").await.unwrap(), None);
+    assert!(!s.claim_connect_session("cs_1", 1600).await.unwrap(), "an expired session cannot be claimed");
+    assert!(s.claim_connect_session("cs_1", 1100).await.unwrap());
+    assert!(!s.claim_connect_session("cs_1", 1101).await.unwrap(), "claimed once");
+    s.finish_connect_session("cs_1", None).await.unwrap();
+    assert!(s.claim_connect_session("cs_1", 1102).await.unwrap(), "released: claimable again");
+    s.finish_connect_session("cs_1", Some("conn_x")).await.unwrap();
+    s.finish_connect_session("cs_1", None).await.unwrap();
+    let done = s.connect_session("th1").await.unwrap().unwrap();
+    assert_eq!(
+        (done.claimed_at, done.connection_made.as_deref()),
+        (Some(1102), Some("conn_x")),
+        "a made session stays claimed"
+    );
+    assert!(!s.claim_connect_session("cs_1", 1103).await.unwrap());
+    let all = ConnectSession {
+        id: "cs_2".into(),
+        token_hash: "th2".into(),
+        integrations: None,
+        created_at: 1600 + 86_401,
+        expires_at: 1600 + 90_000,
+        ..cs
+    };
+    s.insert_connect_session(&all).await.unwrap();
+    assert_eq!(s.connect_session("th1").await.unwrap(), None, "swept a day after it expired");
+    assert_eq!(s.connect_session("th2").await.unwrap().unwrap().integrations, None);
 }
 
 /// What `keys rotate` needs: a resumable walk of records not under a key,
@@ -129,6 +177,7 @@ async fn rotation(s: &dyn Store) {
         verifier: SealedBytes { key_id: "k".into(), wrapped_key: vec![5], nonce: vec![6], ciphertext: vec![7] },
         created_at: 2000,
         expires_at: 2600,
+        connect_session: None,
     };
     s.insert_pending(&pending).await.unwrap();
     let usage = s.key_usage().await.unwrap();

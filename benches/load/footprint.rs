@@ -33,7 +33,7 @@ async fn start_to_ready() -> f64 {
         std::fs::write(
             &cfg,
             format!(
-                "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
                  [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[integrations]\ndir = \"{}\"\n",
                 repo().join("config/integrations").display()
             ),

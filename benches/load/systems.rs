@@ -185,7 +185,7 @@ fn credproxy_files(dir: &Path, workers: usize) -> (PathBuf, PathBuf) {
 
 pub fn credproxy_config(dir: &Path, ints: &Path, ca: &Path, workers: usize) -> String {
     format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/credproxy.db\"\n\
          [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
          [upstream]\nextra_ca_certs = [\"{ca_up}\"]\n[integrations]\ndir = \"{ints}\"\n\

@@ -22,7 +22,6 @@ use zeroize::Zeroizing;
 
 use super::{unix_now, Connections, CreateError, Credential, ResolveError, Resolved};
 use crate::crypto::CryptoError;
-use crate::ids;
 use crate::integrations::{Grant, OAuth2Method};
 use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
 use crate::secret::SecretValue;
@@ -104,6 +103,9 @@ pub struct AuthorizeRequest {
     /// Re-authorize this existing connection (same org, integration and
     /// method) instead of creating a new one.
     pub connection_id: Option<String>,
+    /// Started from a connect page: its session (claimed when the
+    /// callback makes the connection).
+    pub connect_session: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,8 @@ pub enum AuthorizeError {
     UnknownState,
     #[error("the authorization expired; start again")]
     StateExpired,
+    #[error("the connect session was already used or has expired")]
+    SessionUsed,
     #[error("the provider returned error {0:?}")]
     Provider(String),
     #[error("the provider rejected the authorization code: {0}")]
@@ -316,12 +320,7 @@ impl Connections {
         req: AuthorizeRequest,
         redirect_uri: &str,
     ) -> Result<(String, i64), AuthorizeError> {
-        if !ids::is_valid_external_id(&req.org_id) {
-            return Err(CreateError::InvalidId { field: "org_id" }.into());
-        }
-        if !ids::is_valid_external_id(&req.user_id) {
-            return Err(CreateError::InvalidId { field: "user_id" }.into());
-        }
+        super::check_ids(&req.org_id, &req.user_id)?;
         if let Some(rt) = &req.return_to {
             let ok = rt
                 .parse::<http::Uri>()
@@ -369,6 +368,7 @@ impl Connections {
                 redirect_uri: redirect_uri.to_owned(),
                 return_to: req.return_to,
                 connection_id: req.connection_id,
+                connect_session: req.connect_session,
                 verifier: sealed,
                 created_at: now,
                 expires_at,
@@ -380,19 +380,46 @@ impl Connections {
         Ok((url, expires_at))
     }
 
-    /// The callback: consumes `state` (once), exchanges the code with the
-    /// verifier, stores the token set and creates the connection.
-    pub async fn complete_authorization(
-        &self,
-        state: &str,
-        outcome: Result<&str, &str>,
-    ) -> Result<(ConnectionMeta, Option<String>), AuthorizeError> {
+    /// The callback's first step: consumes `state` (once) and returns
+    /// what was pending under it, unless it expired.
+    pub async fn take_authorization(&self, state: &str) -> Result<PendingAuthorization, AuthorizeError> {
         let pending = self.store.take_pending(&sha256_hex(state)).await?.ok_or(AuthorizeError::UnknownState)?;
         if pending.expires_at < unix_now() {
             return Err(AuthorizeError::StateExpired);
         }
+        Ok(pending)
+    }
+
+    /// The callback's second step: exchanges the code with the verifier,
+    /// stores the token set and creates (or re-authorizes) the connection.
+    /// One started from a connect page claims its session first: a session
+    /// makes one connection at most.
+    pub async fn finish_authorization(
+        &self,
+        pending: &PendingAuthorization,
+        outcome: Result<&str, &str>,
+    ) -> Result<ConnectionMeta, AuthorizeError> {
         let code = outcome
             .map_err(|e| AuthorizeError::Provider(e.chars().filter(|c| c.is_ascii_graphic()).take(64).collect()))?;
+        let Some(session) = &pending.connect_session else {
+            return self.exchange_and_store(pending, code).await;
+        };
+        if !self.store.claim_connect_session(session, unix_now()).await? {
+            return Err(AuthorizeError::SessionUsed);
+        }
+        let made = self.exchange_and_store(pending, code).await;
+        let finished = self.store.finish_connect_session(session, made.as_ref().ok().map(|m| m.id.as_str())).await;
+        if let Err(e) = finished {
+            tracing::warn!(session = %session, error = %e, "recording the connect session's outcome failed");
+        }
+        made
+    }
+
+    async fn exchange_and_store(
+        &self,
+        pending: &PendingAuthorization,
+        code: &str,
+    ) -> Result<ConnectionMeta, AuthorizeError> {
         let method = self
             .integrations
             .get(&pending.integration)
@@ -428,13 +455,12 @@ impl Connections {
             self.oauth.cooldown.invalidate(id).await;
             let meta = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
             tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection re-authorized");
-            return Ok((meta, pending.return_to));
+            return Ok(meta);
         }
-        let meta = self
-            .insert_new(pending.org_id, pending.user_id, pending.integration, pending.auth_method, &plaintext)
-            .await?;
+        let p = pending.clone();
+        let meta = self.insert_new(p.org_id, p.user_id, p.integration, p.auth_method, &plaintext).await?;
         tracing::info!(connection = %meta.id, org = %meta.org_id, integration = %meta.integration, "oauth2 connection authorized");
-        Ok((meta, pending.return_to))
+        Ok(meta)
     }
 
     /// Revokes an OAuth2 connection's tokens at the provider (RFC 7009):

@@ -171,6 +171,7 @@ mod tests {
             redirect_uri: "http://x/cb".into(),
             return_to: None,
             connection_id: None,
+            connect_session: None,
             verifier: to_store(verifier.unwrap()),
             created_at: super::super::unix_now(),
             expires_at: super::super::unix_now() + 600,

@@ -11,8 +11,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, RowLock,
-    RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS, META_LEN,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest,
+    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS,
+    META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -57,6 +58,21 @@ const MIGRATIONS: &[&str] = &[
         ADD COLUMN last_test_at   BIGINT,
         ADD COLUMN last_test_ok   BOOLEAN,
         ADD COLUMN last_test_code TEXT;",
+    "CREATE TABLE connect_sessions (
+        id              TEXT PRIMARY KEY,
+        token_hash      TEXT NOT NULL UNIQUE,
+        org_id          TEXT NOT NULL,
+        user_id         TEXT NOT NULL,
+        integrations    TEXT,
+        connection_id   TEXT,
+        return_to       TEXT,
+        created_at      BIGINT NOT NULL,
+        expires_at      BIGINT NOT NULL,
+        claimed_at      BIGINT,
+        connection_made TEXT
+    );
+    CREATE INDEX connect_sessions_expiry ON connect_sessions (expires_at);
+    ALTER TABLE oauth2_pending ADD COLUMN connect_session TEXT;",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -257,9 +273,9 @@ impl Store for PgStore {
         let v = &p.verifier;
         client
             .execute(
-                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, connection_id, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                &[&p.state_hash, &p.org_id, &p.user_id, &p.integration, &p.auth_method, &p.redirect_uri, &p.return_to, &p.connection_id, &v.key_id, &v.wrapped_key, &v.nonce, &v.ciphertext, &p.created_at, &p.expires_at],
+                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, connection_id, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connect_session)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                &[&p.state_hash, &p.org_id, &p.user_id, &p.integration, &p.auth_method, &p.redirect_uri, &p.return_to, &p.connection_id, &v.key_id, &v.wrapped_key, &v.nonce, &v.ciphertext, &p.created_at, &p.expires_at, &p.connect_session],
             )
             .await
             .map_err(backend)?;
@@ -272,7 +288,7 @@ impl Store for PgStore {
             .await?
             .query_opt(
                 "DELETE FROM oauth2_pending WHERE state_hash = $1
-                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, connection_id, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at",
+                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, connection_id, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connect_session",
                 &[&state_hash],
             )
             .await
@@ -289,6 +305,7 @@ impl Store for PgStore {
             verifier: sealed(&r, 8),
             created_at: r.get(12),
             expires_at: r.get(13),
+            connect_session: r.get(14),
         }))
     }
 
@@ -424,6 +441,82 @@ impl Store for PgStore {
             )
             .await
             .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn insert_connect_session(&self, s: &ConnectSession) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM connect_sessions WHERE expires_at < $1", &[&(s.created_at - SESSION_KEPT_SECS)])
+            .await
+            .map_err(backend)?;
+        let integrations = s.integrations.as_ref().map(|i| i.join(","));
+        client
+            .execute(
+                "INSERT INTO connect_sessions (id, token_hash, org_id, user_id, integrations, connection_id, return_to, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[&s.id, &s.token_hash, &s.org_id, &s.user_id, &integrations, &s.connection_id, &s.return_to, &s.created_at, &s.expires_at],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn connect_session(&self, token_hash: &str) -> Result<Option<ConnectSession>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT id, token_hash, org_id, user_id, integrations, connection_id, return_to, created_at, expires_at, claimed_at, connection_made
+                 FROM connect_sessions WHERE token_hash = $1",
+                &[&token_hash],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(row.map(|r| ConnectSession {
+            id: r.get(0),
+            token_hash: r.get(1),
+            org_id: r.get(2),
+            user_id: r.get(3),
+            integrations: r.get::<_, Option<String>>(4).map(|i| split_list(&i)),
+            connection_id: r.get(5),
+            return_to: r.get(6),
+            created_at: r.get(7),
+            expires_at: r.get(8),
+            claimed_at: r.get(9),
+            connection_made: r.get(10),
+        }))
+    }
+
+    async fn claim_connect_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE connect_sessions SET claimed_at = $2 WHERE id = $1 AND claimed_at IS NULL AND expires_at > $2",
+                &[&id, &now],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(n > 0)
+    }
+
+    async fn finish_connect_session(&self, id: &str, made: Option<&str>) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        match made {
+            Some(conn) => {
+                client.execute("UPDATE connect_sessions SET connection_made = $2 WHERE id = $1", &[&id, &conn]).await
+            }
+            None => {
+                client
+                    .execute(
+                        "UPDATE connect_sessions SET claimed_at = NULL WHERE id = $1 AND connection_made IS NULL",
+                        &[&id],
+                    )
+                    .await
+            }
+        }
+        .map_err(backend)?;
         Ok(())
     }
 }

@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    Activity, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization, RowLock,
-    RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS, META_LEN,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest,
+    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS,
+    META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -57,6 +58,23 @@ ALTER TABLE connections ADD COLUMN last_used_at INTEGER;
 ALTER TABLE connections ADD COLUMN last_test_at INTEGER;
 ALTER TABLE connections ADD COLUMN last_test_ok INTEGER;
 ALTER TABLE connections ADD COLUMN last_test_code TEXT;
+",
+    "
+CREATE TABLE connect_sessions (
+    id            TEXT PRIMARY KEY,
+    token_hash    TEXT NOT NULL UNIQUE,
+    org_id        TEXT NOT NULL,
+    user_id       TEXT NOT NULL,
+    integrations  TEXT,
+    connection_id TEXT,
+    return_to     TEXT,
+    created_at    INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    claimed_at    INTEGER,
+    connection_made TEXT
+);
+CREATE INDEX connect_sessions_expiry ON connect_sessions (expires_at);
+ALTER TABLE oauth2_pending ADD COLUMN connect_session TEXT;
 ",
 ];
 
@@ -284,9 +302,9 @@ impl Store for SqliteStore {
             // Expired authorizations are dead weight: sweep them on the way in.
             c.execute("DELETE FROM oauth2_pending WHERE expires_at < ?1", [p.created_at]).map_err(backend)?;
             c.execute(
-                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                params![p.state_hash, p.org_id, p.user_id, p.integration, p.auth_method, p.redirect_uri, p.return_to, p.verifier.key_id, p.verifier.wrapped_key, p.verifier.nonce, p.verifier.ciphertext, p.created_at, p.expires_at, p.connection_id],
+                "INSERT INTO oauth2_pending (state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id, connect_session)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                params![p.state_hash, p.org_id, p.user_id, p.integration, p.auth_method, p.redirect_uri, p.return_to, p.verifier.key_id, p.verifier.wrapped_key, p.verifier.nonce, p.verifier.ciphertext, p.created_at, p.expires_at, p.connection_id, p.connect_session],
             )
             .map_err(backend)?;
             Ok(())
@@ -299,7 +317,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             c.query_row(
                 "DELETE FROM oauth2_pending WHERE state_hash = ?1
-                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id",
+                 RETURNING state_hash, org_id, user_id, integration, auth_method, redirect_uri, return_to, key_id, wrapped_key, nonce, ciphertext, created_at, expires_at, connection_id, connect_session",
                 [&state_hash],
                 |r| {
                     Ok(PendingAuthorization {
@@ -314,6 +332,7 @@ impl Store for SqliteStore {
                         created_at: r.get(11)?,
                         expires_at: r.get(12)?,
                         connection_id: r.get(13)?,
+                        connect_session: r.get(14)?,
                     })
                 },
             )
@@ -438,6 +457,84 @@ impl Store for SqliteStore {
                 }
             }
             tx.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn insert_connect_session(&self, s: &ConnectSession) -> Result<(), StoreError> {
+        let s = s.clone();
+        self.with(move |c| {
+            c.execute("DELETE FROM connect_sessions WHERE expires_at < ?1", [s.created_at - SESSION_KEPT_SECS])
+                .map_err(backend)?;
+            c.execute(
+                "INSERT INTO connect_sessions (id, token_hash, org_id, user_id, integrations, connection_id, return_to, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![s.id, s.token_hash, s.org_id, s.user_id, s.integrations.as_ref().map(|i| i.join(",")), s.connection_id, s.return_to, s.created_at, s.expires_at],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn connect_session(&self, token_hash: &str) -> Result<Option<ConnectSession>, StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, token_hash, org_id, user_id, integrations, connection_id, return_to, created_at, expires_at, claimed_at, connection_made
+                 FROM connect_sessions WHERE token_hash = ?1",
+                [&token_hash],
+                |r| {
+                    let integrations: Option<String> = r.get(4)?;
+                    Ok(ConnectSession {
+                        id: r.get(0)?,
+                        token_hash: r.get(1)?,
+                        org_id: r.get(2)?,
+                        user_id: r.get(3)?,
+                        integrations: integrations.map(|i| split_list(&i)),
+                        connection_id: r.get(5)?,
+                        return_to: r.get(6)?,
+                        created_at: r.get(7)?,
+                        expires_at: r.get(8)?,
+                        claimed_at: r.get(9)?,
+                        connection_made: r.get(10)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn claim_connect_session(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE connect_sessions SET claimed_at = ?2 WHERE id = ?1 AND claimed_at IS NULL AND expires_at > ?2",
+                    params![id, now],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn finish_connect_session(&self, id: &str, made: Option<&str>) -> Result<(), StoreError> {
+        let (id, made) = (id.to_owned(), made.map(str::to_owned));
+        self.with(move |c| {
+            match made {
+                Some(conn) => {
+                    c.execute("UPDATE connect_sessions SET connection_made = ?2 WHERE id = ?1", params![id, conn])
+                }
+                None => c.execute(
+                    "UPDATE connect_sessions SET claimed_at = NULL WHERE id = ?1 AND connection_made IS NULL",
+                    [&id],
+                ),
+            }
+            .map_err(backend)?;
+            Ok(())
         })
         .await
     }

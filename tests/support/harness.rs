@@ -133,6 +133,7 @@ dir = "{ints}"
         let listeners = Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
         let running = server::start(listeners, &cfg, ints).await.expect("server starts");
         let admin =
@@ -146,6 +147,11 @@ dir = "{ints}"
 
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.running.admin_addr)
+    }
+
+    /// The public listener (connect pages, OAuth2 callback).
+    pub fn public_url(&self) -> String {
+        format!("http://{}", self.running.public_addr)
     }
 
     /// The audit file so far (every harness writes one in its temp dir).
@@ -220,7 +226,7 @@ pub fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n{proxy_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n{proxy_extra}\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/db.sqlite\"\n\
              [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
              [integrations]\ndir = \"{ints}\"\n{sections}\n",

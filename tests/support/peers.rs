@@ -69,6 +69,16 @@ impl Oidc {
     /// An instance whose access tokens (authorization code and client
     /// credentials) live `ttl_secs`.
     pub async fn start_with_ttl(ttl_secs: u64) -> Self {
+        Self::spawn(ttl_secs, false).await
+    }
+
+    /// An instance with oidc-provider's own login and consent pages (for a
+    /// browser to fill in) instead of the automatic login.
+    pub async fn start_interactive() -> Self {
+        Self::spawn(5, true).await
+    }
+
+    async fn spawn(ttl_secs: u64, interactive: bool) -> Self {
         use tokio::io::AsyncBufReadExt;
         let dir = repo().join("tests/peers/node");
         assert!(
@@ -79,6 +89,7 @@ impl Oidc {
             .arg("server.js")
             .current_dir(&dir)
             .env("OIDC_ACCESS_TTL", ttl_secs.to_string())
+            .env("OIDC_INTERACTIVE", if interactive { "1" } else { "0" })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)

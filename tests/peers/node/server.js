@@ -5,6 +5,7 @@
 //
 // Test-only routes (never in a real provider):
 //   GET  /interaction/:uid       logs in TEST_ACCOUNT and grants the requested scopes
+//                                (OIDC_INTERACTIVE=1: the provider's own login and consent pages)
 //   ANY  /resource               protected resource: 200 for a live access token, else 401
 //   GET  /test/counts            grants issued, by grant_type
 //   GET  /test/secrets           every token, code and PKCE verifier seen (for secret scans)
@@ -20,6 +21,9 @@ import http from 'node:http';
 import Provider from 'oidc-provider';
 
 const ACCESS_TTL = Number(process.env.OIDC_ACCESS_TTL || 5);
+// OIDC_INTERACTIVE=1: oidc-provider's own login and consent pages (its
+// devInteractions), filled in by a browser, instead of the automatic login.
+const INTERACTIVE = process.env.OIDC_INTERACTIVE === '1';
 const TEST_ACCOUNT = 'test-user';
 
 const server = http.createServer();
@@ -47,7 +51,7 @@ const clients = [
   application_type: 'native', // loopback redirect URIs match on any port (RFC 8252)
   grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
   response_types: ['code'],
-  redirect_uris: ['http://127.0.0.1/v1/oauth2/callback'],
+  redirect_uris: ['http://127.0.0.1/oauth2/callback'],
   scope: 'openid offline_access profile api:read',
 }));
 
@@ -55,7 +59,7 @@ const provider = new Provider(issuer, {
   clients,
   pkce: { required: () => true },
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: INTERACTIVE },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
     introspection: { enabled: true },
@@ -73,7 +77,7 @@ const provider = new Provider(issuer, {
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   rotateRefreshToken: () => true,
   findAccount: async (ctx, id) => ({ accountId: id, claims: async () => ({ sub: id }) }),
-  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  ...(INTERACTIVE ? {} : { interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` } }),
 });
 
 const exchanged = { codes: [], verifiers: [] };
@@ -123,7 +127,7 @@ provider.use(async (ctx, next) => {
     return next();
   }
   const interaction = ctx.path.match(/^\/interaction\/([^/]+)$/);
-  if (interaction && ctx.method === 'GET') {
+  if (interaction && ctx.method === 'GET' && !INTERACTIVE) {
     const details = await provider.interactionDetails(ctx.req, ctx.res);
     const { prompt, params, grantId } = details;
     if (prompt.name === 'login') {
