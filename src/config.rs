@@ -1172,6 +1172,22 @@ mod tests {
     }
 
     #[test]
+    fn the_public_listener_is_checked_and_the_old_callback_setting_says_where_it_went() {
+        let bad = |extra: &str| Config::from_toml_str("c.toml", &format!("{MIN}{extra}"), &env(&[])).unwrap_err();
+        let e = bad("[admin]\npublic_url = \"https://x.example\"\n");
+        assert_eq!(e.key, "admin.public_url");
+        assert!(e.to_string().contains("public.base_url"), "{e}");
+        let e = bad("[public]\nallowed_return_origins = [\"https://app.example/done\"]\n");
+        assert_eq!(e.key, "public.allowed_return_origins[0]");
+        assert_eq!(bad("[public]\nbase_url = \"connect.example\"\n").key, "public.base_url");
+        assert_eq!(bad("[public]\nframe_ancestors = \"'none'; script-src *\"\n").key, "public.frame_ancestors");
+        assert_eq!(bad("[public]\nsession_ttl_secs = 90000\n").key, "public.session_ttl_secs");
+        let ok = "[public]\nbase_url = \"https://connect.example\"\nallowed_return_origins = [\"https://app.example\", \"http://127.0.0.1:3000\"]\n";
+        let cfg = Config::from_toml_str("c.toml", &format!("{MIN}{ok}"), &env(&[])).unwrap();
+        assert_eq!(cfg.public.allowed_return_origins.len(), 2);
+    }
+
+    #[test]
     fn env_overrides_and_admin_token() {
         let cfg = Config::from_toml_str(
             "c.toml",

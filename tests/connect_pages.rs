@@ -595,3 +595,68 @@ async fn sign_in_at_provider(b: &mut Browser, login: &str) -> (bool, bool) {
     let url = b.url().await;
     panic!("the provider's pages did not lead back: at {url}");
 }
+
+/// Without a browser: what the session API refuses, the rate limit on
+/// unknown links, and which listener serves what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_checked_guessing_is_limited_and_listeners_stay_apart() {
+    log_capture();
+    let sections =
+        format!("[public]\nallowed_return_origins = [\"{}\"]\nfailed_lookups_per_minute = 3\n", httpbin_origin());
+    let h = Harness::start_with(Opts { integrations: integrations(), sections, ..Default::default() }).await;
+    let refused = |body: Value| {
+        let admin = &h.admin;
+        async move {
+            let (status, v) = admin.send(Method::POST, "/v1/connect-sessions", Some(&body)).await.unwrap();
+            (status.as_u16(), v["code"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let other_user = h.create("bearer", &[("token", "not-a-seed-0001")]).await;
+    for (body, want) in [
+        (json!({"org_id": ORG, "user_id": "u", "integrations": ["nope"]}), (400, "unknown_integration")),
+        (json!({"org_id": ORG, "user_id": "u", "integrations": []}), (400, "invalid_request")),
+        (json!({"org_id": ORG, "user_id": "u", "expires_in_secs": 86_401}), (400, "invalid_request")),
+        (json!({"org_id": ORG, "user_id": "u", "return_to": "javascript:alert(1)"}), (400, "return_to_not_allowed")),
+        (
+            json!({"org_id": ORG, "user_id": "u", "return_to": "https://user@evil.example/"}),
+            (400, "return_to_not_allowed"),
+        ),
+        // Another user's connection is not this user's to re-authorize.
+        (json!({"org_id": ORG, "user_id": "someone_else", "connection_id": other_user}), (404, "connection_not_found")),
+        (json!({"org_id": ORG, "user_id": "u", "surprise": 1}), (400, "invalid_request")),
+    ] {
+        assert_eq!(refused(body.clone()).await, (want.0, want.1.to_owned()), "{body}");
+    }
+    let scoped = credproxy::admin_client::AdminClient::new(&h.admin_url(), ORG_TOKEN.into()).unwrap();
+    let (status, v) = scoped
+        .send(Method::POST, "/v1/connect-sessions", Some(&json!({"org_id": "org_other", "user_id": "u"})))
+        .await
+        .unwrap();
+    assert_eq!((status.as_u16(), v["code"].as_str()), (403, Some("forbidden_org")));
+
+    // Three unknown links from one address, then 429 — for a good link too.
+    let good = session(&h, json!({"integrations": ["keyed"]})).await;
+    for i in 0..3 {
+        let seen = curl(&[&format!("{}/connect/session/cps_{}{i}", h.public_url(), "B".repeat(42))], &[]).await;
+        assert_eq!(seen.status, 404, "{}", seen.text());
+    }
+    let seen = curl(&[&good], &[]).await;
+    assert_eq!(seen.status, 429, "{}", seen.text());
+    assert!(seen.text().contains("too_many_attempts"));
+
+    // The public listener serves the pages and the callback only; the admin
+    // API and /metrics stay on the admin listener, which serves no page.
+    for path in ["/v1/connections", "/metrics", "/healthz", "/v1/connect-sessions"] {
+        let seen =
+            curl(&["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}"), &format!("{}{path}", h.public_url())], &[])
+                .await;
+        assert_eq!(seen.status, 404, "{path} on the public listener");
+    }
+    for path in ["/oauth2/callback?state=x&code=y", "/connect", "/v1/oauth2/callback?state=x&code=y"] {
+        let seen = curl(&[&format!("{}{path}", h.admin_url())], &[]).await;
+        assert_eq!(seen.status, 404, "{path} on the admin listener");
+    }
+    let css = curl(&[&format!("{}/connect/static/connect.css", h.public_url())], &[]).await;
+    assert_eq!(css.status, 200);
+    assert!(css.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/css")));
+}
