@@ -163,7 +163,7 @@ impl Browser {
             let path = dir.join(format!("{name}{suffix}.png"));
             self.cmd(json!({"op": "screenshot", "path": path, "width": width, "height": height})).await;
         }
-        self.cmd(json!({"op": "screenshot", "path": dir.join(".last.png"), "width": 1024, "height": 900})).await;
+        self.cmd(json!({"op": "resize", "width": 1024, "height": 900})).await;
     }
 
     /// Scans every kept page, every requested URL and the console for the

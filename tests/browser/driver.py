@@ -8,6 +8,7 @@ decides what to click and checks what it sees; this only moves the browser.
 Commands: goto {url}; fill {css, value}; click {css}; wait {css | url_contains,
 secs}; url; source; text {css}; exists {css}; script {js} (test-only DOM
 edits, e.g. removing the CSRF field); screenshot {path, width, height};
+resize {width, height};
 visited (every URL the browser requested, redirects included); logs (the
 browser console); quit.
 """
@@ -85,6 +86,8 @@ def main():
             elif op == "screenshot":
                 d.set_window_size(cmd.get("width", 1024), cmd.get("height", 900))
                 d.save_screenshot(cmd["path"])
+            elif op == "resize":
+                d.set_window_size(cmd["width"], cmd["height"])
             elif op == "visited":
                 drain_logs()
                 value = visited
