@@ -9,9 +9,7 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::Method;
@@ -19,7 +17,6 @@ use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tracing_subscriber::fmt::MakeWriter;
 
 /// The valid API key of the `keyed` integration: its `[test]` is httpbin's
 /// `/basic-auth/keyuser/keypass-8c1e`, and the key is that user and password.
@@ -33,39 +30,8 @@ const SEEDS: &[&str] = &[API_KEY, WRONG_KEY, BASIC_PW, CUSTOM_SECRET, PROVIDER_P
 /// Takes turns: one browser at a time.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// credproxy's log, at TRACE, for every test in this binary.
-fn log_capture() -> &'static Capture {
-    static CAPTURE: OnceLock<Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture = Capture::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(capture.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        capture
-    })
+fn log_capture() -> &'static logs::Capture {
+    logs::trace_capture()
 }
 
 /// A headless Chromium behind tests/browser/driver.py.
@@ -333,7 +299,7 @@ async fn echoed_headers(h: &Harness, id: &str) -> Value {
 
 /// credproxy's log and audit file hold none of the seeded secrets.
 fn scan_logs(h: &Harness, extra: &[String]) {
-    let log = String::from_utf8_lossy(&log_capture().0.lock().unwrap()).into_owned();
+    let log = log_capture().text();
     assert!(log.contains("connect:"), "the log capture saw the connect pages (is TRACE capture on?)");
     let audit = h.audit_text();
     for s in SEEDS.iter().map(|s| s.to_string()).chain(extra.iter().cloned()) {

@@ -4,33 +4,9 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use http::Method;
 use serde_json::json;
 use support::*;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 const SECRETS: &[&str] = &[
     "SEEDED-bearer-7f3a9c",
@@ -48,13 +24,7 @@ const SECRETS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_error_bodies_or_admin_responses() {
-    let capture = Capture::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let capture = logs::trace_capture();
 
     let oidc = Oidc::start().await;
     let h = Harness::start_with(Opts { integrations: vec![oidc.integration()], ..Default::default() }).await;
@@ -183,7 +153,7 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
         seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
     }
     // Debug of what the resolver holds.
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("connection created") && logs.contains("credproxy::access"),
         "capture is not working:\n{logs}"

@@ -1,14 +1,16 @@
 //! Shared test support, by role: [`harness`] (credproxy in process on
 //! 127.0.0.1:0 with a fresh SQLite store and key, or the built binary),
 //! [`process`] (starting `credproxy serve` and reading its listening line;
-//! shared with the load bench), [`clients`] (curl, Python requests/httpx)
-//! and [`peers`] (httpbin, oidc-provider, PostgreSQL, moto, h2 httpbin).
+//! shared with the load bench), [`clients`] (curl, Python requests/httpx),
+//! [`peers`] (httpbin, oidc-provider, PostgreSQL, moto, h2 httpbin) and
+//! [`logs`] (credproxy's log captured at TRACE for secret scans).
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 #![allow(clippy::print_stderr, reason = "test diagnostics")]
 
 pub mod clients;
 pub mod harness;
+pub mod logs;
 pub mod peers;
 pub mod process;
 
