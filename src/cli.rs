@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy and admin listeners.
+    /// Run the proxy, admin and public (connect pages) listeners.
     Serve {
         /// Configuration file (CREDPROXY_<SECTION>__<KEY> variables override its keys).
         #[arg(long, short, default_value = config::DEFAULT_CONFIG_PATH)]

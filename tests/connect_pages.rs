@@ -600,6 +600,21 @@ async fn sessions_are_checked_guessing_is_limited_and_listeners_stay_apart() {
         .unwrap();
     assert_eq!((status.as_u16(), v["code"].as_str()), (403, Some("forbidden_org")));
 
+    // Opening a link: the token moves into an HttpOnly, SameSite=Lax cookie
+    // for the pages (not Secure: this base URL is http) and out of the URL.
+    let opened = curl(&[&session(&h, json!({"integrations": ["keyed"]})).await], &[]).await;
+    assert_eq!(opened.status, 303, "{}", opened.text());
+    let header = |name: &str| {
+        opened.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    assert_eq!(header("location"), "/connect");
+    let cookie = header("set-cookie");
+    assert!(cookie.starts_with("credproxy_connect=cps_"), "{cookie}");
+    for attr in ["; HttpOnly", "; SameSite=Lax", "; Path=/connect", "; Max-Age="] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "{cookie}");
+
     // Three unknown links from one address, then 429 — for a good link too.
     let good = session(&h, json!({"integrations": ["keyed"]})).await;
     for i in 0..3 {

@@ -271,6 +271,21 @@ mod tests {
     }
 
     #[test]
+    fn settings_follow_the_base_url() {
+        let bound: std::net::SocketAddr = "127.0.0.1:8082".parse().unwrap();
+        let mut c = PublicConfig { allowed_return_origins: vec!["https://app.example".into()], ..Default::default() };
+        let s = ConnectSettings::new(&c, bound);
+        assert_eq!((s.base_url.as_str(), s.secure_cookies), ("http://127.0.0.1:8082", false));
+        c.base_url = Some("https://connect.example/".into());
+        let s = ConnectSettings::new(&c, bound);
+        assert_eq!((s.callback_url().as_str(), s.secure_cookies), ("https://connect.example/oauth2/callback", true));
+        assert!(s.return_to_allowed("https://app.example/done?x=1"));
+        assert!(s.return_to_allowed("https://APP.example:443/done"), "origins are compared normalized");
+        assert!(!s.return_to_allowed("https://app.example.evil.example/"));
+        assert!(!s.return_to_allowed("http://app.example/done"), "the scheme is part of the origin");
+    }
+
+    #[test]
     fn the_guard_blocks_an_address_past_its_limit() {
         let g = Guard::new(3);
         let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
