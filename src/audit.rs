@@ -71,8 +71,10 @@ pub struct AdminAction<'a> {
     /// (start), `connection.authorized` / `connection.reauthorized` (the
     /// provider's callback), `connection.test`, `run_token.mint`,
     /// `connect_session.create`; from the connect pages (no admin token, a
-    /// `connect_session`): `connection.create`, `connection.replace`, and
-    /// `connection.test` for a credential that failed its test (not stored).
+    /// `connect_session`): `connection.create`, `connection.replace` (also
+    /// refused posts, with their code), `connection.authorize` /
+    /// `connection.reauthorize`, and `connection.test` for a credential that
+    /// failed its test (not stored).
     pub action: &'a str,
     /// The admin token's name; none for the OAuth2 callback and the connect
     /// pages (a browser).

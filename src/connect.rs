@@ -449,8 +449,11 @@ async fn submit_form(
     Path((integration, method)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
+    let open = match st.cookie_session(&headers, peer).await {
+        Ok(o) => o,
+        Err(e) => return e.render(&st),
+    };
     let result = async {
-        let open = st.cookie_session(&headers, peer).await?;
         let mut csrf = None;
         let mut typed = BTreeMap::new();
         for (k, v) in form_urlencoded::parse(&body) {
@@ -473,7 +476,14 @@ async fn submit_form(
         save(&st, &open, picked, typed).await
     }
     .await;
-    result.unwrap_or_else(|e: PageError| e.render(&st))
+    result.unwrap_or_else(|e: PageError| {
+        // A refused post through a live session: who tried what, and why.
+        let s = &open.session;
+        let action = if s.connection_id.is_some() { "connection.replace" } else { "connection.create" };
+        let short = |v: &str| v.chars().take(64).collect::<String>();
+        st.audit(action, s, None, (&short(&integration), &short(&method)), e.0.status().as_u16(), Some(e.0));
+        e.render(&st)
+    })
 }
 
 async fn start_oauth2(
@@ -500,6 +510,8 @@ async fn start_oauth2(
         .await;
     match started {
         Ok((url, _)) => {
+            let action = if s.connection_id.is_some() { "connection.reauthorize" } else { "connection.authorize" };
+            st.audit(action, s, None, (&i.id, &m.id), 303, None);
             tracing::info!(session = %s.id, integration = %i.id, "connect: oauth2 authorization started");
             Ok(see_other(&url))
         }

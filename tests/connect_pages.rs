@@ -436,6 +436,8 @@ async fn wrong_keys_and_refused_sessions_store_nothing() {
     assert_eq!(b.text("#error-code").await, "csrf_failed");
     b.page().await;
     assert_eq!(connections(&h).await.len(), 1, "nothing stored by the forged post");
+    let audit = h.audit_text();
+    assert!(audit.contains("\"status\":403,\"code\":\"csrf_failed\""), "the refused post is audited: {audit}");
 
     // return_to outside the allowed origins: the session is refused.
     let (status, v) = h
