@@ -325,6 +325,7 @@ async fn forms_create_connections_that_work() {
     assert!(html.contains("Find it under Settings, API keys."), "the field's description is shown");
     assert!(html.contains("type=\"password\""), "an API key is typed into a password input");
     b.screenshot("api-key-form").await;
+    assert_accessible(&mut b).await;
     b.fill("#f_api_key", API_KEY).await;
     b.click("#submit").await;
     let id = returned_connection(&mut b).await;
@@ -356,6 +357,7 @@ async fn forms_create_connections_that_work() {
     b.wait_for("#f_account").await;
     let html = b.page().await;
     assert!(html.contains("Account ID") && html.contains("(optional)"), "labels and the optional field");
+    assert_accessible(&mut b).await;
     b.fill("#f_account", "acme-prod").await;
     b.fill("#f_secret", CUSTOM_SECRET).await;
     b.click("#submit").await;
@@ -464,6 +466,26 @@ async fn wrong_keys_and_refused_sessions_store_nothing() {
     let _ = id;
     b.scan_and_quit(&[]).await;
     scan_logs(&h, &[]);
+}
+
+/// What screen readers and keyboards need of a form: every visible input
+/// has a label, a described one points at its description, the page has a
+/// language and one heading the main landmark names, and nothing takes
+/// focus order into its own hands.
+async fn assert_accessible(b: &mut Browser) {
+    let js = "const bad = []; \
+        for (const i of document.querySelectorAll('input:not([type=hidden])')) { \
+          if (!i.labels || i.labels.length === 0) bad.push('no label: ' + i.name); \
+          const d = i.getAttribute('aria-describedby'); \
+          if (d && !document.getElementById(d)) bad.push('dangling description: ' + i.name); } \
+        if (!document.documentElement.lang) bad.push('no lang'); \
+        const main = document.querySelector('main'); \
+        if (!main || !document.getElementById(main.getAttribute('aria-labelledby'))) bad.push('main is not named'); \
+        if (document.querySelectorAll('[tabindex]').length) bad.push('tabindex used'); \
+        if (!document.querySelector('button[type=submit]')) bad.push('no submit button'); \
+        return bad;";
+    let bad = b.cmd(json!({"op": "script", "js": js})).await;
+    assert_eq!(bad, json!([]), "accessibility");
 }
 
 fn base64_of(s: &str) -> String {
