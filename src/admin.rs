@@ -213,6 +213,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
         .route("/v1/run-tokens", axum::routing::post(mint_run_token))
         .route("/v1/connect-sessions", axum::routing::post(create_connect_session))
+        .route("/v1/events", get(list_events))
         // Inside `authenticate`: the audit line names the token that acted.
         .route_layer(middleware::from_fn_with_state(state.clone(), audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -523,7 +524,7 @@ async fn delete_connection(
         .ok_or_else(ApiError::connection_not_found)?;
     // Revoke first (we still hold the tokens); delete even if revocation fails.
     let revocation = st.connections.revoke_at_provider(&id).await;
-    let deleted = st.connections.delete(&id).await.map_err(ApiError::store)?;
+    let deleted = st.connections.delete(&meta, revocation.as_str()).await.map_err(ApiError::store)?;
     if !deleted {
         return Err(ApiError::connection_not_found());
     }
@@ -663,6 +664,48 @@ async fn oauth2_authorize(
 }
 
 #[derive(Deserialize)]
+struct EventsQuery {
+    org_id: Option<String>,
+    /// The `next` of the previous page (an event's `seq`); 0 for the first.
+    #[serde(default)]
+    after: i64,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/events?after=…`: the connection lifecycle events, oldest first
+/// (a pull feed for platforms without a webhook endpoint). An org-scoped
+/// token sees its organization's only. `next` is the cursor of the next
+/// page (the last `seq`, or `after` when there is nothing new).
+async fn list_events(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let org = match (scope.org(), q.org_id) {
+        (Some(s), Some(q)) if s != q => {
+            return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"))
+        }
+        (Some(s), _) => Some(s.to_owned()),
+        (None, q) => q,
+    };
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 || q.after < 0 {
+        return Err(ApiError::new(Code::InvalidRequest, "limit: 1 to 1000; after: a seq from a previous page"));
+    }
+    let stored = st.connections.store().list_events(org.as_deref(), q.after, limit).await.map_err(ApiError::store)?;
+    let next = stored.last().map_or(q.after, |e| e.seq);
+    let events: Vec<Value> = stored
+        .into_iter()
+        .map(|e| {
+            let mut v: Value = serde_json::from_str(&e.event.payload).unwrap_or(Value::Null);
+            v["seq"] = json!(e.seq);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "events": events, "next": next })))
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConnectSessionBody {
     org_id: String,
@@ -774,7 +817,11 @@ async fn test_connection(
     };
     let ok = body["ok"].as_bool().unwrap_or(false);
     let last = LastTest { at: crate::creds::unix_now(), ok, code: audited.code.map(|c| c.as_str().to_owned()) };
-    if let Err(e) = st.connections.store().record_test(&id, &last).await {
+    let event = (!ok).then(|| {
+        let kind = crate::events::Kind::TestFailed;
+        crate::events::connection_event(kind, &meta, meta.state, last.code.as_deref(), None)
+    });
+    if let Err(e) = st.connections.store().record_test(&id, &last, event.as_ref()).await {
         // The answer stands: the test ran; only its record is missing.
         tracing::warn!(connection = %id, error = %e, "recording the test result failed");
     }

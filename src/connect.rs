@@ -592,7 +592,7 @@ async fn save(
     }
     if tested {
         let last = LastTest { at: unix_now(), ok: true, code: None };
-        if let Err(e) = store.record_test(&made.id, &last).await {
+        if let Err(e) = store.record_test(&made.id, &last, None).await {
             tracing::warn!(connection = %made.id, error = %e, "recording the test result failed");
         }
     }

@@ -21,6 +21,7 @@ use moka::future::Cache;
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, Envelope, Sealed};
+use crate::events::{self, Kind};
 use crate::ids;
 use crate::integrations::{AuthKind, AuthMethod, Grant, Integration, Integrations};
 use crate::metrics::CredsStats;
@@ -456,11 +457,13 @@ impl Connections {
         let plaintext = c.credential.to_plaintext(&c.method);
         let sealed = self.seal(&c.meta.org_id, &c.meta.id, &plaintext).await?;
         if !replace {
-            self.store.insert_connection(&ConnectionRow { meta: c.meta.clone(), sealed }).await?;
+            let event = events::connection_event(Kind::Created, &c.meta, c.meta.state, None, None);
+            self.store.insert_connection(&ConnectionRow { meta: c.meta.clone(), sealed }, Some(&event)).await?;
             return Ok(c.meta.clone());
         }
         let id = &c.meta.id;
-        if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now()).await? {
+        let event = events::connection_event(Kind::Reauthorized, &c.meta, ConnectionState::Active, None, None);
+        if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now(), Some(&event)).await? {
             return Err(StoreError::Corrupt {
                 id: id.clone(),
                 reason: "deleted while its credential was replaced".into(),
@@ -497,7 +500,8 @@ impl Connections {
         };
         let sealed = self.seal(&meta.org_id, &meta.id, plaintext).await?;
         let row = ConnectionRow { meta: meta.clone(), sealed };
-        self.store.insert_connection(&row).await?;
+        let event = events::connection_event(Kind::Created, &row.meta, row.meta.state, None, None);
+        self.store.insert_connection(&row, Some(&event)).await?;
         Ok(meta)
     }
 
@@ -513,9 +517,12 @@ impl Connections {
         self.store.list_connections(org).await
     }
 
-    /// Deletes the row and evicts the cached credential.
-    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        let deleted = self.store.delete_connection(id).await?;
+    /// Deletes the row (with its `connection.deleted` event, naming the
+    /// provider revocation's result) and evicts the cached credential.
+    pub async fn delete(&self, meta: &ConnectionMeta, provider_revocation: &str) -> Result<bool, StoreError> {
+        let id = meta.id.as_str();
+        let event = events::connection_event(Kind::Deleted, meta, meta.state, None, Some(provider_revocation));
+        let deleted = self.store.delete_connection(id, Some(&event)).await?;
         self.cache.invalidate(id).await;
         self.changed();
         Ok(deleted)
@@ -612,7 +619,7 @@ mod tests {
         assert!(hit);
         assert!(matches!(svc.resolve("org_b", &meta.id).await, Err(ResolveError::NotFound)));
         assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
-        assert!(svc.delete(&meta.id).await.unwrap());
+        assert!(svc.delete(&meta, "not_applicable").await.unwrap());
         assert!(matches!(svc.resolve("org_a", &meta.id).await, Err(ResolveError::NotFound)));
     }
 
@@ -649,8 +656,8 @@ mod tests {
         let row_a = store.get_connection(&a.id).await.unwrap().unwrap();
         let mut row_b = store.get_connection(&b.id).await.unwrap().unwrap();
         row_b.sealed = row_a.sealed;
-        store.delete_connection(&b.id).await.unwrap();
-        store.insert_connection(&row_b).await.unwrap();
+        store.delete_connection(&b.id, None).await.unwrap();
+        store.insert_connection(&row_b, None).await.unwrap();
         let err = svc.resolve("org_a", &b.id).await.unwrap_err();
         assert!(matches!(err, ResolveError::Crypto { source: CryptoError::Open, .. }), "{err:?}");
         assert!(!format!("{err} {err:?}").contains("token-of"));

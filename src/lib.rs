@@ -33,6 +33,7 @@
 //! - [`config`]: `credproxy.toml` loading, environment overrides, validation.
 //! - [`metrics`]: Prometheus counters (atomics) and their text rendering.
 //! - [`tls`]: the interception CA and per-host leaf certificates.
+//! - [`events`]: connection lifecycle events (the outbox rows' JSON).
 //! - [`store`]: the `Store` trait and its SQLite and PostgreSQL
 //!   implementations. Never imports `crypto`.
 //! - [`crypto`]: envelope encryption and key providers. Never imports `store`.
@@ -54,6 +55,7 @@ pub mod config;
 pub mod connect;
 pub mod creds;
 pub mod crypto;
+pub mod events;
 pub mod h1;
 pub mod ids;
 pub mod inject;

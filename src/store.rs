@@ -115,6 +115,29 @@ pub struct PendingAuthorization {
     pub connect_session: Option<String>,
 }
 
+/// An event about a connection (`connection.created`, …), written in the
+/// same transaction as the change that caused it: a change that rolls
+/// back leaves no event, and a committed one always has its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// `evt_…`: stable across redeliveries.
+    pub id: String,
+    pub kind: String,
+    pub org_id: String,
+    pub connection_id: String,
+    /// The JSON body (never a credential).
+    pub payload: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An event as stored: its place in the feed (`seq`, increasing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub event: NewEvent,
+}
+
 /// How long an expired connect session is kept (its page can still say
 /// "expired" rather than "unknown") before it is swept.
 pub(crate) const SESSION_KEPT_SECS: i64 = 86_400;
@@ -167,8 +190,13 @@ pub enum RowUpdate {
 pub trait RowLock: Send {
     /// The row as read under the lock.
     fn row(&self) -> &ConnectionRow;
-    /// Writes `update` (if any), publishes the change, commits, releases.
-    async fn commit(self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError>;
+    /// Writes `update` (if any) and `event`, publishes the change, commits, releases.
+    async fn commit(
+        self: Box<Self>,
+        update: Option<RowUpdate>,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The tables that hold sealed blobs (what `credproxy keys rotate` walks).
@@ -233,12 +261,14 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError>;
+    /// Inserts a connection, and `event` with it (one transaction).
+    async fn insert_connection(&self, row: &ConnectionRow, event: Option<&NewEvent>) -> Result<(), StoreError>;
     async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError>;
     /// Connections of one organization, or of all (`None`), oldest first.
     async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError>;
-    /// True if a row was deleted.
-    async fn delete_connection(&self, id: &str) -> Result<bool, StoreError>;
+    /// True if a row was deleted; `event` is written only then (one
+    /// transaction), as for every change below.
+    async fn delete_connection(&self, id: &str, event: Option<&NewEvent>) -> Result<bool, StoreError>;
     /// Replaces a connection's sealed credential and state. True if the row exists.
     async fn update_credential(
         &self,
@@ -246,9 +276,16 @@ pub trait Store: Send + Sync + 'static {
         sealed: &SealedBytes,
         state: ConnectionState,
         updated_at: i64,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError>;
     /// Sets a connection's state. True if the row exists.
-    async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError>;
+    async fn set_state(
+        &self,
+        id: &str,
+        state: ConnectionState,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError>;
     async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError>;
     /// Removes and returns a pending authorization: each `state` is usable once.
     async fn take_pending(&self, state_hash: &str) -> Result<Option<PendingAuthorization>, StoreError>;
@@ -284,8 +321,11 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Records a connection test's outcome (not a change: no notification,
-    /// `updated_at` stays). False if the row is gone.
-    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError>;
+    /// `updated_at` stays), with `event` (a failed test). False if the row is gone.
+    async fn record_test(&self, id: &str, test: &LastTest, event: Option<&NewEvent>) -> Result<bool, StoreError>;
+    /// Events after `after` (a `seq`; 0 for the first), oldest first, at
+    /// most `limit`; one organization's or every one's (`None`).
+    async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
     /// Records when connections were last used, `(id, unix seconds)`; a
     /// time earlier than the stored one is ignored.
     async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError>;

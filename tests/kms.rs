@@ -38,8 +38,8 @@ async fn kms_records_decrypt_and_a_moved_record_fails_cleanly() {
     // context {org_id, connection_id} no longer matches, so KMS refuses.
     let mut row_b = store.get_connection(&b).await.unwrap().unwrap();
     row_b.sealed = row_a.sealed.clone();
-    store.delete_connection(&b).await.unwrap();
-    store.insert_connection(&row_b).await.unwrap();
+    store.delete_connection(&b, None).await.unwrap();
+    store.insert_connection(&row_b, None).await.unwrap();
     let (status, v) = get(&h, &b).await;
     assert_eq!(status, 500, "{v}");
     assert_eq!(v["code"], "connection_unusable");

@@ -478,3 +478,72 @@ async fn token_endpoint_calls_obey_the_ssrf_guard() {
     assert_eq!(v["code"], "token_endpoint_unavailable");
     assert_eq!(oidc.count("client_credentials").await, 0, "no request may reach a prohibited token endpoint");
 }
+
+/// The events feed (`GET /v1/events`): a grant revoked at the provider
+/// makes exactly one `connection.needs_reauth` however many requests fail;
+/// re-authorizing makes `connection.reauthorized`; deleting makes
+/// `connection.deleted` with the provider revocation's result. An
+/// org-scoped token sees its organization's only, pages follow `next`, and
+/// no event carries a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_are_in_the_feed() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    oidc.post("/test/revoke-refresh").await;
+    oidc.post("/test/revoke-access").await;
+    for _ in 0..3 {
+        assert_eq!(get_resource(&h, &oidc, &id).await.0, 409);
+    }
+    let (seen, _) = h.authorize("code", json!({"connection_id": id})).await;
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    let other = h.create_in("org_other", "bearer", &[("token", "events-bearer-0001")]).await;
+    let v = h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert_eq!(v["provider_revocation"], "revoked");
+
+    let feed = h.admin.call(Method::GET, "/v1/events", None).await.unwrap();
+    let events = feed["events"].as_array().unwrap();
+    let mine: Vec<&Value> = events.iter().filter(|e| e["data"]["connection_id"] == id.as_str()).collect();
+    let kinds: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["connection.created", "connection.needs_reauth", "connection.reauthorized", "connection.deleted"],
+        "{feed}"
+    );
+    assert_eq!(mine[1]["data"]["state"], "needs_reauth");
+    assert_eq!(mine[1]["data"]["code"], "connection_needs_reauth");
+    assert_eq!(mine[2]["data"]["state"], "active");
+    assert_eq!(mine[3]["data"]["provider_revocation"], "revoked");
+    for e in &mine {
+        assert!(e["id"].as_str().unwrap().starts_with("evt_"), "{e}");
+        assert_eq!((e["data"]["org_id"].as_str(), e["data"]["integration"].as_str()), (Some(ORG), Some("oidc")));
+    }
+    assert_eq!(feed["next"], events.last().unwrap()["seq"]);
+    let empty = h.admin.call(Method::GET, &format!("/v1/events?after={}", feed["next"]), None).await.unwrap();
+    assert_eq!((empty["events"].as_array().unwrap().len(), &empty["next"]), (0, &feed["next"]));
+    let page = h.admin.call(Method::GET, "/v1/events?limit=1", None).await.unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 1);
+    assert_eq!(page["events"][0]["id"], events[0]["id"]);
+
+    // An org-scoped token: its organization's events only.
+    let scoped = credproxy::admin_client::AdminClient::new(&h.admin_url(), ORG_TOKEN.into()).unwrap();
+    let (_, v) = scoped.send(Method::GET, "/v1/events", None).await.unwrap();
+    let orgs: Vec<&str> =
+        v["events"].as_array().unwrap().iter().map(|e| e["data"]["org_id"].as_str().unwrap()).collect();
+    assert!(!orgs.is_empty() && orgs.iter().all(|o| *o == ORG), "{v}");
+    let global = events.iter().any(|e| e["data"]["connection_id"] == other.as_str());
+    assert!(global, "a global token sees every organization's");
+    let (status, _) = scoped.send(Method::GET, "/v1/events?org_id=org_other", None).await.unwrap();
+    assert_eq!(status.as_u16(), 403);
+
+    // No token value in any event.
+    let text = feed.to_string();
+    let seen = oidc.get_json("/test/secrets").await;
+    for k in ["access", "refresh", "codes", "verifiers"] {
+        for s in seen[k].as_array().unwrap() {
+            assert!(!text.contains(s.as_str().unwrap()), "a {k} value in the events feed");
+        }
+    }
+    assert!(!text.contains("events-bearer-0001"));
+}

@@ -152,6 +152,10 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
         seen_text.push(h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
         seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
     }
+    // The outbox: every event written above, through the feed.
+    let events = h.admin.call(Method::GET, "/v1/events?limit=1000", None).await.unwrap();
+    assert!(events["events"].as_array().unwrap().len() >= 10, "the actions above made events: {events}");
+    seen_text.push(events.to_string());
     // Debug of what the resolver holds.
     let logs = capture.text();
     assert!(

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, PendingAuthorization,
-    SealedBytes, SealedTable, Store, StoreError,
+    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
+    PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -40,10 +40,10 @@ fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
 
 async fn suite(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
-    s.insert_connection(&row("c1", "o1", 1)).await.unwrap();
-    s.insert_connection(&row("c2", "o1", 2)).await.unwrap();
-    s.insert_connection(&row("c3", "o2", 3)).await.unwrap();
-    assert!(matches!(s.insert_connection(&row("c1", "o1", 1)).await, Err(StoreError::Duplicate(_))));
+    s.insert_connection(&row("c1", "o1", 1), None).await.unwrap();
+    s.insert_connection(&row("c2", "o1", 2), None).await.unwrap();
+    s.insert_connection(&row("c3", "o2", 3), None).await.unwrap();
+    assert!(matches!(s.insert_connection(&row("c1", "o1", 1), None).await, Err(StoreError::Duplicate(_))));
     assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
     assert_eq!(s.get_connection("nope").await.unwrap(), None);
     let ids: Vec<_> = s.list_connections(Some("o1")).await.unwrap().into_iter().map(|m| m.id).collect();
@@ -53,18 +53,18 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(all, ["c1", "c2", "c3"], "every organization's, oldest first");
 
     let sealed = SealedBytes { key_id: "k2".into(), wrapped_key: vec![9], nonce: vec![8], ciphertext: vec![7] };
-    assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10).await.unwrap());
+    assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10, None).await.unwrap());
     let r = s.get_connection("c2").await.unwrap().unwrap();
     assert_eq!((r.sealed, r.meta.state, r.meta.updated_at), (sealed.clone(), ConnectionState::NeedsReauth, 10));
-    assert!(!s.update_credential("nope", &sealed, ConnectionState::Active, 10).await.unwrap());
-    assert!(s.set_state("c2", ConnectionState::Revoked, 11).await.unwrap());
+    assert!(!s.update_credential("nope", &sealed, ConnectionState::Active, 10, None).await.unwrap());
+    assert!(s.set_state("c2", ConnectionState::Revoked, 11, None).await.unwrap());
     assert_eq!(s.get_connection("c2").await.unwrap().unwrap().meta.state, ConnectionState::Revoked);
-    assert!(!s.set_state("nope", ConnectionState::Active, 11).await.unwrap());
+    assert!(!s.set_state("nope", ConnectionState::Active, 11, None).await.unwrap());
 
     // Activity is not a change (updated_at stays); a later use wins.
     let test = LastTest { at: 20, ok: false, code: Some("unexpected_status".into()) };
-    assert!(s.record_test("c1", &test).await.unwrap());
-    assert!(!s.record_test("nope", &test).await.unwrap());
+    assert!(s.record_test("c1", &test, None).await.unwrap());
+    assert!(!s.record_test("nope", &test, None).await.unwrap());
     s.record_used(&[("c1".into(), 30), ("c3".into(), 31), ("nope".into(), 1)]).await.unwrap();
     s.record_used(&[("c1".into(), 25)]).await.unwrap();
     let m = s.get_connection("c1").await.unwrap().unwrap().meta;
@@ -72,11 +72,11 @@ async fn suite(s: Arc<dyn Store>) {
     let listed = s.list_connections(Some("o2")).await.unwrap();
     assert_eq!(listed[0].activity, Activity { last_used_at: Some(31), last_test: None });
     let ok = LastTest { at: 40, ok: true, code: None };
-    assert!(s.record_test("c3", &ok).await.unwrap());
+    assert!(s.record_test("c3", &ok, None).await.unwrap());
     assert_eq!(s.get_connection("c3").await.unwrap().unwrap().meta.activity.last_test, Some(ok));
 
-    assert!(s.delete_connection("c1").await.unwrap());
-    assert!(!s.delete_connection("c1").await.unwrap());
+    assert!(s.delete_connection("c1", None).await.unwrap());
+    assert!(!s.delete_connection("c1", None).await.unwrap());
     assert_eq!(s.get_connection("c1").await.unwrap(), None);
 
     let p = PendingAuthorization {
@@ -109,6 +109,7 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(s.take_pending("h2").await.unwrap().unwrap().connection_id.as_deref(), Some("c3"));
 
     connect_sessions(&*s).await;
+    events(&*s).await;
     rotation(&*s).await;
 }
 
@@ -158,12 +159,70 @@ async fn connect_sessions(s: &dyn Store) {
     assert_eq!(s.connect_session("th2").await.unwrap().unwrap().integrations, None);
 }
 
+fn event(id: &str, org: &str, conn: &str) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        kind: "connection.test".into(),
+        org_id: org.into(),
+        connection_id: conn.into(),
+        payload: format!("{{\"id\":\"{id}\"}}"),
+        created_at: 5,
+    }
+}
+
+/// The outbox: an event is written with its change, in one transaction —
+/// none when the change changes nothing or fails — and read back in order.
+async fn events(s: &dyn Store) {
+    let before = s.list_events(None, 0, 1000).await.unwrap().len();
+    assert_eq!(before, 0);
+    s.insert_connection(&row("e1", "oe", 40), Some(&event("evt_1", "oe", "e1"))).await.unwrap();
+    // A failed insert (duplicate id) rolls back: no event.
+    let dup = s.insert_connection(&row("e1", "oe", 40), Some(&event("evt_dup", "oe", "e1"))).await;
+    assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+    let sealed = SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] };
+    assert!(s
+        .update_credential("e1", &sealed, ConnectionState::Active, 41, Some(&event("evt_2", "oe", "e1")))
+        .await
+        .unwrap());
+    assert!(!s
+        .update_credential("gone", &sealed, ConnectionState::Active, 41, Some(&event("evt_x1", "oe", "gone")))
+        .await
+        .unwrap());
+    assert!(s.set_state("e1", ConnectionState::NeedsReauth, 42, Some(&event("evt_3", "oe", "e1"))).await.unwrap());
+    assert!(!s.set_state("gone", ConnectionState::Active, 42, Some(&event("evt_x2", "oe", "gone"))).await.unwrap());
+    let test = LastTest { at: 43, ok: false, code: Some("unexpected_status".into()) };
+    assert!(s.record_test("e1", &test, Some(&event("evt_4", "oe", "e1"))).await.unwrap());
+    s.insert_connection(&row("e2", "other", 44), Some(&event("evt_5", "other", "e2"))).await.unwrap();
+    // Under the row lock, as a refresh writes it.
+    let lock = s.lock_connection("e1", std::time::Duration::from_secs(5)).await.unwrap().unwrap();
+    lock.commit(Some(RowUpdate::State(ConnectionState::Active)), 45, Some(&event("evt_6", "oe", "e1"))).await.unwrap();
+    let lock = s.lock_connection("e1", std::time::Duration::from_secs(5)).await.unwrap().unwrap();
+    lock.commit(None, 46, Some(&event("evt_x3", "oe", "e1"))).await.unwrap();
+    assert!(s.delete_connection("e1", Some(&event("evt_7", "oe", "e1"))).await.unwrap());
+    assert!(!s.delete_connection("e1", Some(&event("evt_x4", "oe", "e1"))).await.unwrap());
+
+    let all = s.list_events(None, 0, 1000).await.unwrap();
+    let ids: Vec<&str> = all.iter().map(|e| e.event.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["evt_1", "evt_2", "evt_3", "evt_4", "evt_5", "evt_6", "evt_7"],
+        "in order, no event of a non-change"
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(all[0].event, event("evt_1", "oe", "e1"), "round trip");
+    let org: Vec<String> = s.list_events(Some("oe"), 0, 1000).await.unwrap().into_iter().map(|e| e.event.id).collect();
+    assert_eq!(org.len(), 6, "{org:?}");
+    let page = s.list_events(None, all[1].seq, 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(), ["evt_3", "evt_4"], "after and limit");
+    assert!(s.delete_connection("e2", None).await.unwrap());
+}
+
 /// What `keys rotate` needs: a resumable walk of records not under a key,
 /// compare-and-set rewrap, and per-key counts.
 async fn rotation(s: &dyn Store) {
     // Left from above: c2 under k2, c3 under k. Add more under k.
     for (i, id) in ["r1", "r2", "r3"].iter().enumerate() {
-        s.insert_connection(&row(id, "o3", 20 + i as i64)).await.unwrap();
+        s.insert_connection(&row(id, "o3", 20 + i as i64), None).await.unwrap();
     }
     let pending = PendingAuthorization {
         state_hash: "h9".into(),
@@ -207,7 +266,7 @@ async fn rotation(s: &dyn Store) {
     // ciphertext are kept.
     let old = row("r1", "o3", 20).sealed;
     let rewritten = SealedBytes { key_id: "k".into(), wrapped_key: vec![42], nonce: vec![43], ciphertext: vec![44] };
-    assert!(s.update_credential("r1", &rewritten, ConnectionState::Active, 30).await.unwrap());
+    assert!(s.update_credential("r1", &rewritten, ConnectionState::Active, 30, None).await.unwrap());
     assert!(!s.rewrap(SealedTable::Connections, "r1", &old, "k2", &[1]).await.unwrap());
     assert_eq!(s.get_connection("r1").await.unwrap().unwrap().sealed, rewritten);
     assert!(s.rewrap(SealedTable::Connections, "r1", &rewritten, "k2", &[50, 51]).await.unwrap());

@@ -86,7 +86,7 @@ async fn cache_memory(n: usize) -> f64 {
         };
         let sealed =
             SealedBytes { key_id: s.key_id, wrapped_key: s.wrapped_key, nonce: s.nonce, ciphertext: s.ciphertext };
-        store.insert_connection(&ConnectionRow { meta, sealed }).await.unwrap();
+        store.insert_connection(&ConnectionRow { meta, sealed }, None).await.unwrap();
         ids.push(id);
     }
     let conns = Connections::new(

@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 
 use super::{unix_now, Connections, CreateError, Credential, ResolveError, Resolved};
 use crate::crypto::CryptoError;
+use crate::events::{self, Kind};
 use crate::integrations::{Grant, OAuth2Method};
 use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
 use crate::secret::SecretValue;
@@ -253,7 +254,10 @@ impl Connections {
         let (id, integration) = (current.meta.id.as_str(), &current.integration.id);
         self.stats.refresh_failures.fetch_add(1, Relaxed);
         if let TokenError::InvalidGrant = e {
-            let committed = lock.commit(Some(RowUpdate::State(ConnectionState::NeedsReauth)), unix_now()).await;
+            let state = ConnectionState::NeedsReauth;
+            let code = crate::problem::Code::ConnectionNeedsReauth.as_str();
+            let event = events::connection_event(Kind::NeedsReauth, &lock.row().meta, state, Some(code), None);
+            let committed = lock.commit(Some(RowUpdate::State(state)), unix_now(), Some(&event)).await;
             if let Err(e) = committed {
                 return e.into();
             }
@@ -296,7 +300,7 @@ impl Connections {
         let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
         let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
         let now = unix_now();
-        lock.commit(Some(RowUpdate::Credential(sealed)), now).await?;
+        lock.commit(Some(RowUpdate::Credential(sealed)), now, None).await?;
         let mut meta = current.meta.clone();
         meta.updated_at = now;
         let next = Arc::new(Resolved {
@@ -447,7 +451,10 @@ impl Connections {
         if let Some(id) = &pending.connection_id {
             // Re-authorization: new tokens replace the old ones, the state is active again.
             let sealed = self.seal(&pending.org_id, id, &plaintext).await?;
-            if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now()).await? {
+            let before = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
+            let active = ConnectionState::Active;
+            let event = events::connection_event(Kind::Reauthorized, &before, active, None, None);
+            if !self.store.update_credential(id, &sealed, active, unix_now(), Some(&event)).await? {
                 return Err(AuthorizeError::ConnectionNotFound);
             }
             self.cache.invalidate(id).await;

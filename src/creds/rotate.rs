@@ -158,7 +158,7 @@ mod tests {
                 updated_at: 1,
                 activity: Default::default(),
             };
-            store.insert_connection(&ConnectionRow { meta, sealed: to_store(sealed) }).await.unwrap();
+            store.insert_connection(&ConnectionRow { meta, sealed: to_store(sealed) }, None).await.unwrap();
         }
         let state_hash = "ab".repeat(32);
         let verifier = env.seal(Context { org_id: "org", connection_id: &pending_context(&state_hash) }, b"v").await;
@@ -226,7 +226,7 @@ mod tests {
         // One record under a key the rotation was not given.
         let lost_env = Envelope::new(lost.clone());
         let orphan = to_store(lost_env.seal(Context { org_id: "org", connection_id: "conn_001" }, b"x").await.unwrap());
-        store.update_credential("conn_001", &orphan, ConnectionState::Active, 2).await.unwrap();
+        store.update_credential("conn_001", &orphan, ConnectionState::Active, 2, None).await.unwrap();
 
         let ring = Envelope::new(Arc::new(Keyring::new(new.clone(), vec![old])));
         let report = rotate_keys(&store, &ring, &RotateOptions::default(), &mut |_, _| {}).await.unwrap();

@@ -11,9 +11,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest,
-    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS,
-    META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
+    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent,
+    META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -73,6 +73,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX connect_sessions_expiry ON connect_sessions (expires_at);
     ALTER TABLE oauth2_pending ADD COLUMN connect_session TEXT;",
+    "CREATE TABLE events (
+        seq           BIGSERIAL PRIMARY KEY,
+        id            TEXT NOT NULL UNIQUE,
+        kind          TEXT NOT NULL,
+        org_id        TEXT NOT NULL,
+        connection_id TEXT NOT NULL,
+        payload       TEXT NOT NULL,
+        created_at    BIGINT NOT NULL
+    );
+    CREATE INDEX events_org ON events (org_id, seq);",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -188,20 +198,22 @@ fn sealed(r: &Row, at: usize) -> SealedBytes {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError> {
+    async fn insert_connection(&self, row: &ConnectionRow, event: Option<&NewEvent>) -> Result<(), StoreError> {
         let m = &row.meta;
         let s = &row.sealed;
-        let res = self
-            .client()
-            .await?
-            .execute(
+        let client = self.client().await?;
+        let res = in_transaction(client, async |c| {
+            c.execute(
                 "INSERT INTO connections (id, org_id, user_id, integration, auth_method, state, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &[&m.id, &m.org_id, &m.user_id, &m.integration, &m.auth_method, &m.state.as_str(), &m.created_at, &m.updated_at, &s.key_id, &s.wrapped_key, &s.nonce, &s.ciphertext],
             )
-            .await;
+            .await?;
+            insert_event(c, event).await
+        })
+        .await;
         match res {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Err(StoreError::Duplicate(m.id.clone())),
             Err(e) => Err(backend(e)),
         }
@@ -237,18 +249,24 @@ impl Store for PgStore {
         rows.iter().map(meta).collect()
     }
 
-    async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
-        // The notification is delivered at commit, to every instance's listener.
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "WITH d AS (DELETE FROM connections WHERE id = $1 RETURNING id) SELECT pg_notify($2, id) FROM d",
-                &[&id, &CHANGES_CHANNEL],
-            )
-            .await
-            .map_err(backend)?;
-        Ok(!rows.is_empty())
+    async fn delete_connection(&self, id: &str, event: Option<&NewEvent>) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        in_transaction(client, async |c| {
+            // The notification is delivered at commit, to every instance's listener.
+            let rows = c
+                .query(
+                    "WITH d AS (DELETE FROM connections WHERE id = $1 RETURNING id) SELECT pg_notify($2, id) FROM d",
+                    &[&id, &CHANGES_CHANNEL],
+                )
+                .await?;
+            let deleted = !rows.is_empty();
+            if deleted {
+                insert_event(c, event).await?;
+            }
+            Ok(deleted)
+        })
+        .await
+        .map_err(backend)
     }
 
     async fn update_credential(
@@ -257,14 +275,37 @@ impl Store for PgStore {
         sealed: &SealedBytes,
         state: ConnectionState,
         updated_at: i64,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        write_credential(&client, id, sealed, state, updated_at).await.map_err(backend)
+        in_transaction(client, async |c| {
+            let changed = write_credential(c, id, sealed, state, updated_at).await?;
+            if changed {
+                insert_event(c, event).await?;
+            }
+            Ok(changed)
+        })
+        .await
+        .map_err(backend)
     }
 
-    async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError> {
+    async fn set_state(
+        &self,
+        id: &str,
+        state: ConnectionState,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        write_state(&client, id, state, updated_at).await.map_err(backend)
+        in_transaction(client, async |c| {
+            let changed = write_state(c, id, state, updated_at).await?;
+            if changed {
+                insert_event(c, event).await?;
+            }
+            Ok(changed)
+        })
+        .await
+        .map_err(backend)
     }
 
     async fn insert_pending(&self, p: &PendingAuthorization) -> Result<(), StoreError> {
@@ -416,17 +457,49 @@ impl Store for PgStore {
     }
 
     // Neither is a change of the connection: no NOTIFY, `updated_at` stays.
-    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError> {
-        let n = self
+    async fn record_test(&self, id: &str, test: &LastTest, event: Option<&NewEvent>) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        in_transaction(client, async |c| {
+            let n = c
+                .execute(
+                    "UPDATE connections SET last_test_at = $2, last_test_ok = $3, last_test_code = $4 WHERE id = $1",
+                    &[&id, &test.at, &test.ok, &test.code],
+                )
+                .await?;
+            if n > 0 {
+                insert_event(c, event).await?;
+            }
+            Ok(n > 0)
+        })
+        .await
+        .map_err(backend)
+    }
+
+    async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
             .client()
             .await?
-            .execute(
-                "UPDATE connections SET last_test_at = $2, last_test_ok = $3, last_test_code = $4 WHERE id = $1",
-                &[&id, &test.at, &test.ok, &test.code],
+            .query(
+                "SELECT seq, id, kind, org_id, connection_id, payload, created_at FROM events
+                 WHERE seq > $1 AND ($2::text IS NULL OR org_id = $2) ORDER BY seq LIMIT $3",
+                &[&after, &org_id, &i64::from(limit)],
             )
             .await
             .map_err(backend)?;
-        Ok(n > 0)
+        Ok(rows
+            .iter()
+            .map(|r| StoredEvent {
+                seq: r.get(0),
+                event: NewEvent {
+                    id: r.get(1),
+                    kind: r.get(2),
+                    org_id: r.get(3),
+                    connection_id: r.get(4),
+                    payload: r.get(5),
+                    created_at: r.get(6),
+                },
+            })
+            .collect())
     }
 
     async fn record_used(&self, uses: &[(String, i64)]) -> Result<(), StoreError> {
@@ -555,6 +628,36 @@ async fn write_state(
     Ok(!rows.is_empty())
 }
 
+/// Runs `work` in a transaction on `client`: committed if it succeeds;
+/// otherwise the connection is closed (the server rolls back).
+async fn in_transaction<T>(
+    client: Object,
+    work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, tokio_postgres::Error> {
+    let done = async {
+        client.batch_execute("BEGIN").await?;
+        let out = work(&client).await?;
+        client.batch_execute("COMMIT").await?;
+        Ok(out)
+    }
+    .await;
+    if done.is_err() {
+        discard(client);
+    }
+    done
+}
+
+async fn insert_event(client: &tokio_postgres::Client, event: Option<&NewEvent>) -> Result<(), tokio_postgres::Error> {
+    let Some(e) = event else { return Ok(()) };
+    client
+        .execute(
+            "INSERT INTO events (id, kind, org_id, connection_id, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&e.id, &e.kind, &e.org_id, &e.connection_id, &e.payload, &e.created_at],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Closes a pooled connection instead of returning it: an open or failed
 /// transaction must never be reused. Closing makes the server roll back and
 /// release any row lock — also what happens when the process dies.
@@ -573,18 +676,24 @@ impl RowLock for PgRowLock {
         &self.row
     }
 
-    async fn commit(mut self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError> {
+    async fn commit(
+        mut self: Box<Self>,
+        update: Option<RowUpdate>,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<(), StoreError> {
         let client = self.client.take().expect("a lock commits once");
         let id = self.row.meta.id.as_str();
         let written = async {
-            match &update {
-                None => {}
+            let changed = match &update {
+                None => false,
                 Some(RowUpdate::Credential(sealed)) => {
-                    write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?;
+                    write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?
                 }
-                Some(RowUpdate::State(state)) => {
-                    write_state(&client, id, *state, updated_at).await?;
-                }
+                Some(RowUpdate::State(state)) => write_state(&client, id, *state, updated_at).await?,
+            };
+            if changed {
+                insert_event(&client, event).await?;
             }
             client.batch_execute("COMMIT").await
         }

@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest,
-    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, META_COLUMNS,
-    META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
+    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent,
+    META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -75,6 +75,18 @@ CREATE TABLE connect_sessions (
 );
 CREATE INDEX connect_sessions_expiry ON connect_sessions (expires_at);
 ALTER TABLE oauth2_pending ADD COLUMN connect_session TEXT;
+",
+    "
+CREATE TABLE events (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    kind          TEXT NOT NULL,
+    org_id        TEXT NOT NULL,
+    connection_id TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+CREATE INDEX events_org ON events (org_id, seq);
 ",
 ];
 
@@ -205,22 +217,25 @@ fn sealed(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SealedBytes> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert_connection(&self, row: &ConnectionRow) -> Result<(), StoreError> {
-        let row = row.clone();
+    async fn insert_connection(&self, row: &ConnectionRow, event: Option<&NewEvent>) -> Result<(), StoreError> {
+        let (row, event) = (row.clone(), event.cloned());
         self.with(move |c| {
             let m = &row.meta;
-            let res = c.execute(
+            let tx = c.transaction().map_err(backend)?;
+            let res = tx.execute(
                 "INSERT INTO connections (id, org_id, user_id, integration, auth_method, state, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![m.id, m.org_id, m.user_id, m.integration, m.auth_method, m.state.as_str(), m.created_at, m.updated_at, row.sealed.key_id, row.sealed.wrapped_key, row.sealed.nonce, row.sealed.ciphertext],
             );
             match res {
-                Ok(_) => Ok(()),
+                Ok(_) => {}
                 Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Err(StoreError::Duplicate(m.id.clone()))
+                    return Err(StoreError::Duplicate(m.id.clone()));
                 }
-                Err(e) => Err(backend(e)),
+                Err(e) => return Err(backend(e)),
             }
+            insert_event(&tx, event.as_ref())?;
+            tx.commit().map_err(backend)
         })
         .await
     }
@@ -257,9 +272,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn delete_connection(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_owned();
-        self.with(move |c| Ok(c.execute("DELETE FROM connections WHERE id = ?1", [&id]).map_err(backend)? > 0)).await
+    async fn delete_connection(&self, id: &str, event: Option<&NewEvent>) -> Result<bool, StoreError> {
+        let (id, event) = (id.to_owned(), event.cloned());
+        self.with(move |c| {
+            changed_with_event(c, event.as_ref(), |tx| tx.execute("DELETE FROM connections WHERE id = ?1", [&id]))
+        })
+        .await
     }
 
     async fn update_credential(
@@ -268,30 +286,35 @@ impl Store for SqliteStore {
         sealed: &SealedBytes,
         state: ConnectionState,
         updated_at: i64,
+        event: Option<&NewEvent>,
     ) -> Result<bool, StoreError> {
-        let (id, sealed) = (id.to_owned(), sealed.clone());
+        let (id, sealed, event) = (id.to_owned(), sealed.clone(), event.cloned());
         self.with(move |c| {
-            let n = c
-                .execute(
+            changed_with_event(c, event.as_ref(), |tx| {
+                tx.execute(
                     "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5, state = ?6, updated_at = ?7 WHERE id = ?1",
                     params![id, sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext, state.as_str(), updated_at],
                 )
-                .map_err(backend)?;
-            Ok(n > 0)
+            })
         })
         .await
     }
 
-    async fn set_state(&self, id: &str, state: ConnectionState, updated_at: i64) -> Result<bool, StoreError> {
-        let id = id.to_owned();
+    async fn set_state(
+        &self,
+        id: &str,
+        state: ConnectionState,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<bool, StoreError> {
+        let (id, event) = (id.to_owned(), event.cloned());
         self.with(move |c| {
-            let n = c
-                .execute(
+            changed_with_event(c, event.as_ref(), |tx| {
+                tx.execute(
                     "UPDATE connections SET state = ?2, updated_at = ?3 WHERE id = ?1",
                     params![id, state.as_str(), updated_at],
                 )
-                .map_err(backend)?;
-            Ok(n > 0)
+            })
         })
         .await
     }
@@ -428,16 +451,44 @@ impl Store for SqliteStore {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend)).await
     }
 
-    async fn record_test(&self, id: &str, test: &LastTest) -> Result<bool, StoreError> {
-        let (id, test) = (id.to_owned(), test.clone());
+    async fn record_test(&self, id: &str, test: &LastTest, event: Option<&NewEvent>) -> Result<bool, StoreError> {
+        let (id, test, event) = (id.to_owned(), test.clone(), event.cloned());
         self.with(move |c| {
-            let n = c
-                .execute(
+            changed_with_event(c, event.as_ref(), |tx| {
+                tx.execute(
                     "UPDATE connections SET last_test_at = ?2, last_test_ok = ?3, last_test_code = ?4 WHERE id = ?1",
                     params![id, test.at, test.ok, test.code],
                 )
+            })
+        })
+        .await
+    }
+
+    async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let org = org_id.map(str::to_owned);
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT seq, id, kind, org_id, connection_id, payload, created_at FROM events
+                     WHERE seq > ?1 AND (?2 IS NULL OR org_id = ?2) ORDER BY seq LIMIT ?3",
+                )
                 .map_err(backend)?;
-            Ok(n > 0)
+            let rows = st
+                .query_map(params![after, org, limit], |r| {
+                    Ok(StoredEvent {
+                        seq: r.get(0)?,
+                        event: NewEvent {
+                            id: r.get(1)?,
+                            kind: r.get(2)?,
+                            org_id: r.get(3)?,
+                            connection_id: r.get(4)?,
+                            payload: r.get(5)?,
+                            created_at: r.get(6)?,
+                        },
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
         .await
     }
@@ -540,6 +591,31 @@ impl Store for SqliteStore {
     }
 }
 
+/// Runs `change` and, if it changed a row, writes `event`: one transaction.
+fn changed_with_event(
+    c: &mut Connection,
+    event: Option<&NewEvent>,
+    change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
+) -> Result<bool, StoreError> {
+    let tx = c.transaction().map_err(backend)?;
+    let changed = change(&tx).map_err(backend)? > 0;
+    if changed {
+        insert_event(&tx, event)?;
+    }
+    tx.commit().map_err(backend)?;
+    Ok(changed)
+}
+
+fn insert_event(tx: &rusqlite::Transaction<'_>, event: Option<&NewEvent>) -> Result<(), StoreError> {
+    let Some(e) = event else { return Ok(()) };
+    tx.execute(
+        "INSERT INTO events (id, kind, org_id, connection_id, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![e.id, e.kind, e.org_id, e.connection_id, e.payload, e.created_at],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
 struct SqliteRowLock {
     store: SqliteStore,
     row: ConnectionRow,
@@ -551,15 +627,19 @@ impl RowLock for SqliteRowLock {
         &self.row
     }
 
-    async fn commit(self: Box<Self>, update: Option<RowUpdate>, updated_at: i64) -> Result<(), StoreError> {
+    async fn commit(
+        self: Box<Self>,
+        update: Option<RowUpdate>,
+        updated_at: i64,
+        event: Option<&NewEvent>,
+    ) -> Result<(), StoreError> {
+        let id = &self.row.meta.id;
         match update {
             None => Ok(()),
-            Some(RowUpdate::Credential(sealed)) => self
-                .store
-                .update_credential(&self.row.meta.id, &sealed, ConnectionState::Active, updated_at)
-                .await
-                .map(drop),
-            Some(RowUpdate::State(state)) => self.store.set_state(&self.row.meta.id, state, updated_at).await.map(drop),
+            Some(RowUpdate::Credential(sealed)) => {
+                self.store.update_credential(id, &sealed, ConnectionState::Active, updated_at, event).await.map(drop)
+            }
+            Some(RowUpdate::State(state)) => self.store.set_state(id, state, updated_at, event).await.map(drop),
         }
     }
 }
@@ -589,7 +669,7 @@ mod tests {
             },
             sealed: SealedBytes { key_id: "k".into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
         };
-        s.insert_connection(&row).await.unwrap();
+        s.insert_connection(&row, None).await.unwrap();
         drop(s);
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.get_connection("c1").await.unwrap(), Some(row));
