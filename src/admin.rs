@@ -214,6 +214,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/run-tokens", axum::routing::post(mint_run_token))
         .route("/v1/connect-sessions", axum::routing::post(create_connect_session))
         .route("/v1/events", get(list_events))
+        .route("/v1/events/{id}/redeliver", axum::routing::post(redeliver_event))
         // Inside `authenticate`: the audit line names the token that acted.
         .route_layer(middleware::from_fn_with_state(state.clone(), audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -310,7 +311,9 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     let stats = &st.outbound.pool.stats;
     use std::sync::atomic::Ordering::Relaxed;
     let upstream = (stats.opened.load(Relaxed), stats.reused.load(Relaxed));
-    let body = st.outbound.metrics.render(st.connections.stats(), upstream, tls, draining);
+    let mut body = st.outbound.metrics.render(st.connections.stats(), upstream, tls, draining);
+    let outbox = st.connections.store().delivery_counts().await.ok();
+    crate::metrics::Metrics::render_outbox(&mut body, outbox);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
@@ -703,6 +706,28 @@ async fn list_events(
         })
         .collect();
     Ok(Json(json!({ "events": events, "next": next })))
+}
+
+/// `POST /v1/events/{id}/redeliver`: sends an event again to every
+/// endpoint that had it (delivered or given up). Global tokens only: an
+/// event's endpoints are the deployment's, not an organization's.
+async fn redeliver_event(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if scope.org().is_some() {
+        return Err(ApiError::new(Code::ForbiddenOrg, "redelivery needs a global admin token"));
+    }
+    let n = st.connections.store().redeliver(&id, crate::creds::unix_now()).await.map_err(ApiError::store)?;
+    if n == 0 {
+        return Err(ApiError::new(
+            Code::NotFound,
+            "no delivery of this event to redo (unknown id, or no endpoint took it)",
+        ));
+    }
+    tracing::info!(event = %id, endpoints = n, "event queued for redelivery");
+    Ok(Json(json!({ "id": id, "redelivered": n })))
 }
 
 #[derive(Deserialize)]

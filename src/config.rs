@@ -106,6 +106,7 @@ pub struct Config {
     pub tls_intercept: TlsInterceptConfig,
     pub run_tokens: RunTokensConfig,
     pub audit: AuditConfig,
+    pub events: EventsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -573,6 +574,58 @@ pub enum AuditSink {
     Off,
 }
 
+/// Connection events: their delivery to webhook endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Endpoints that receive events (Standard Webhooks).
+    pub webhooks: Vec<WebhookConfig>,
+    /// One delivery attempt may take this long. `delivery_timeout_secs`.
+    #[serde(rename = "delivery_timeout_secs", deserialize_with = "duration::secs")]
+    pub delivery_timeout: Duration,
+    /// An event is retried (exponential backoff with jitter) for this long
+    /// after it happened, then marked failed. `retry_for_secs`.
+    #[serde(rename = "retry_for_secs", deserialize_with = "duration::secs")]
+    pub retry_for: Duration,
+    /// How often the outbox is read for new events and due retries.
+    #[serde(rename = "poll_interval_ms", deserialize_with = "duration::millis")]
+    pub poll_interval: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { webhooks: Vec::new(), delivery_timeout: secs(10), retry_for: secs(86_400), poll_interval: ms(1000) }
+    }
+}
+
+/// One webhook endpoint (`[[events.webhooks]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the endpoint in the outbox, logs and metrics (default
+    /// `events.webhooks[N]`); keep it when the list changes.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where events are POSTed (http or https; the SSRF guard applies).
+    pub url: String,
+    /// The signing secret, `whsec_` + base64 (Standard Webhooks).
+    #[serde(deserialize_with = "deserialize_secret")]
+    pub secret: SecretValue,
+    /// Event types sent here (default: every one).
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Only this organization's events.
+    #[serde(default)]
+    pub org_id: Option<String>,
+}
+
+impl WebhookConfig {
+    /// The endpoint's name: `name`, or its place in the list.
+    pub fn name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| format!("events.webhooks[{index}]"))
+    }
+}
+
 /// The public listener: what end users' browsers reach (the OAuth2
 /// callback and the connect pages), apart from the private admin API.
 #[derive(Debug, Clone, Deserialize)]
@@ -598,6 +651,48 @@ pub struct PublicConfig {
     /// Unknown session tokens one client address may present per minute
     /// before it is refused (429) for the rest of that minute.
     pub failed_lookups_per_minute: u32,
+}
+
+impl EventsConfig {
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        if self.delivery_timeout.is_zero() || self.retry_for.is_zero() || self.poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                name,
+                "events",
+                "delivery_timeout_secs, retry_for_secs and poll_interval_ms must be greater than 0",
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let key = |k: &str| format!("events.webhooks[{i}].{k}");
+            let ok = w
+                .url
+                .parse::<http::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            if !ok {
+                return Err(ConfigError::new(name, key("url"), "must be an absolute http(s) URL"));
+            }
+            let secret = w.secret.expose().strip_prefix("whsec_").unwrap_or(w.secret.expose());
+            let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret);
+            if !decoded.is_ok_and(|k| (24..=64).contains(&k.len())) {
+                return Err(ConfigError::new(
+                    name,
+                    key("secret"),
+                    "must be whsec_ followed by the base64 of 24 to 64 random bytes",
+                ));
+            }
+            if let Some(e) = w.events.iter().find(|e| crate::events::Kind::parse(e).is_none()) {
+                return Err(ConfigError::new(name, key("events"), format!("unknown event type {e:?}")));
+            }
+            if w.org_id.as_deref().is_some_and(|o| !crate::ids::is_valid_external_id(o)) {
+                return Err(ConfigError::new(name, key("org_id"), "must be 1-128 characters of [A-Za-z0-9_.:@-]"));
+            }
+            if !names.insert(w.name(i)) {
+                return Err(ConfigError::new(name, key("name"), "another endpoint has this name"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PublicConfig {
@@ -806,6 +901,7 @@ impl Config {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));
         }
         self.public.validate(name)?;
+        self.events.validate(name)?;
         if self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
                 name,
@@ -1265,9 +1361,12 @@ mod tests {
             let bare = line.trim_start_matches('#').trim_start();
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
                 section = name.to_owned();
-            } else if bare.starts_with("[[admin.tokens]]") {
-                documented.entry("admin".into()).or_default().push("tokens".into());
-                section = "admin.tokens".into();
+            } else if let Some(table) = bare.strip_prefix("[[").and_then(|b| b.split("]]").next()) {
+                // `[[admin.tokens]]`: the key `tokens` of `[admin]`.
+                if let Some((parent, key)) = table.split_once('.') {
+                    documented.entry(parent.into()).or_default().push(key.into());
+                }
+                section = table.to_owned();
             }
             if let Some((key, _)) = bare.split_once(" = ") {
                 if key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
@@ -1292,6 +1391,7 @@ mod tests {
             (ADMIN_TOKEN_ENV, "dev-admin-token-0123"),
             ("ADMIN_TOKEN_ORG_ACME", "org-acme-token-0123"),
             ("RUN_TOKEN_KEY", "c2lnbmluZy1rZXktb2YtYXQtbGVhc3QtMzItYnl0ZXMh"),
+            ("CREDPROXY_WEBHOOK_SECRET", "whsec_c2VlZGVkLXdlYmhvb2stc2VjcmV0LTAxMjM0NTY3ODk="),
         ]);
         if let Err(e) = Config::from_toml_str("uncommented", &uncommented, &env) {
             panic!("the documented defaults do not parse: {e}");

@@ -26,6 +26,12 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [Self::Created, Self::Reauthorized, Self::NeedsReauth, Self::TestFailed, Self::Deleted];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Created => "connection.created",

@@ -25,6 +25,8 @@
 //! - [`creds`]: connection resolution (cache, store, decrypt), OAuth2
 //!   refresh and authorization, key rotation, credential types.
 //! - [`oauth2`]: token sets, PKCE, and the token/revocation endpoint client.
+//! - [`webhooks`]: delivery of connection events from the outbox
+//!   (Standard Webhooks signatures, retries, leases).
 //! - [`upstream`]: the proxy's upstream pool, the pooled client for token
 //!   calls, and their SSRF-guarded connector.
 //! - [`integrations`]: integration definitions loaded from `config/integrations/*.toml`.
@@ -73,3 +75,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod webhooks;

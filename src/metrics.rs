@@ -71,6 +71,20 @@ pub struct Metrics {
     client_connections_refused: AtomicU64,
     audit_lines: AtomicU64,
     audit_write_errors: AtomicU64,
+    /// Webhook deliveries (the events outbox).
+    pub webhooks: WebhookStats,
+}
+
+/// Webhook delivery counters.
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    pub delivered: AtomicU64,
+    /// Attempts that failed and were scheduled again.
+    pub retried: AtomicU64,
+    /// Deliveries given up (`events.retry_for_secs` passed).
+    pub failed: AtomicU64,
+    /// From each delivered event's creation to its delivery, summed.
+    pub latency_micros: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -106,6 +120,7 @@ impl Metrics {
             client_connections_refused: AtomicU64::new(0),
             audit_lines: AtomicU64::new(0),
             audit_write_errors: AtomicU64::new(0),
+            webhooks: WebhookStats::default(),
         }
     }
 
@@ -181,7 +196,7 @@ impl Metrics {
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_sum {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
         let _ = writeln!(w, "credproxy_upstream_latency_seconds_count {count}");
 
-        let counters: [(&str, &str, u64); 14] = [
+        let counters: [(&str, &str, u64); 17] = [
             ("credproxy_upstream_connections_opened_total", "Upstream connections opened.", upstream.0),
             (
                 "credproxy_upstream_connections_reused_total",
@@ -226,6 +241,21 @@ impl Metrics {
                 "Batches of audit lines the audit sink failed to write.",
                 self.audit_write_errors.load(Relaxed),
             ),
+            (
+                "credproxy_webhook_deliveries_total",
+                "Events delivered to webhook endpoints (2xx).",
+                self.webhooks.delivered.load(Relaxed),
+            ),
+            (
+                "credproxy_webhook_retries_total",
+                "Webhook delivery attempts that failed and were scheduled again.",
+                self.webhooks.retried.load(Relaxed),
+            ),
+            (
+                "credproxy_webhook_failures_total",
+                "Webhook deliveries given up after events.retry_for_secs.",
+                self.webhooks.failed.load(Relaxed),
+            ),
             ("credproxy_leaf_certs_minted_total", "Interception leaf certificates minted.", tls.map_or(0, |t| t.0)),
             (
                 "credproxy_leaf_cert_cache_hits_total",
@@ -237,6 +267,17 @@ impl Metrics {
             header(w, name, "counter", help);
             let _ = writeln!(w, "{name} {v}");
         }
+        header(
+            w,
+            "credproxy_webhook_delivery_latency_seconds_total",
+            "counter",
+            "From each delivered event's creation to its delivery, summed (divide by the deliveries).",
+        );
+        let _ = writeln!(
+            w,
+            "credproxy_webhook_delivery_latency_seconds_total {}",
+            self.webhooks.latency_micros.load(Relaxed) as f64 / 1e6
+        );
         header(w, "credproxy_refresh_lock_wait_seconds_total", "counter", "Time spent waiting for refresh row locks.");
         let _ = writeln!(
             w,
@@ -261,6 +302,26 @@ impl Metrics {
             let _ = writeln!(w, "{name} {v}");
         }
         out
+    }
+
+    /// The outbox's queue, read from the store at scrape time: deliveries
+    /// waiting and given up (`None`: the store did not answer).
+    pub fn render_outbox(out: &mut String, counts: Option<(u64, u64)>) {
+        let Some((pending, failed)) = counts else { return };
+        header(
+            out,
+            "credproxy_webhook_deliveries_pending",
+            "gauge",
+            "Webhook deliveries waiting (due or backing off).",
+        );
+        let _ = writeln!(out, "credproxy_webhook_deliveries_pending {pending}");
+        header(
+            out,
+            "credproxy_webhook_deliveries_failed",
+            "gauge",
+            "Webhook deliveries given up (redeliver to retry).",
+        );
+        let _ = writeln!(out, "credproxy_webhook_deliveries_failed {failed}");
     }
 }
 

@@ -37,6 +37,7 @@ use crate::store::StoreError;
 use crate::tls::Interceptor;
 use crate::upstream::pool::{Pool, PoolSettings};
 use crate::upstream::{self, GuardedConnector};
+use crate::webhooks::Webhooks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -257,6 +258,8 @@ struct App {
     proxy_tls: Option<tokio_rustls::TlsAcceptor>,
     admin: Arc<AdminState>,
     public: Arc<PublicState>,
+    /// Delivers events to `[[events.webhooks]]` (none configured: `None`).
+    webhooks: Option<Arc<Webhooks>>,
     audit: Audit,
     /// Set when the drain starts (`/readyz` turns 503).
     draining: Arc<AtomicBool>,
@@ -277,7 +280,7 @@ impl App {
         let policy = Arc::new(EgressPolicy::new(config.egress.allow_cidrs.clone()));
         let connections = Arc::new(connections(config, integrations, &policy, &extra_roots).await?);
         let metrics = Arc::new(Metrics::new(connections.integrations().iter().map(|i| i.id.as_str())));
-        let connector = GuardedConnector::new(policy, config.upstream.connect_timeout);
+        let connector = GuardedConnector::new(policy.clone(), config.upstream.connect_timeout);
         let outbound = Arc::new(outbound(config, &connections, connector.clone(), &extra_roots, &metrics));
         let audit = Audit::open(&config.audit, metrics.clone())
             .map_err(|e| config.error("audit.path", format!("cannot open {}: {e}", config.audit.path.display())))?;
@@ -326,7 +329,28 @@ impl App {
                 max_ttl: config.run_tokens.max_ttl,
             }),
         );
-        Ok(Self { connections, metrics, interceptor, proxy, proxy_tls, admin, public, audit, draining, shutdown })
+        let webhooks = Webhooks::new(
+            &config.events,
+            connections.store().clone(),
+            policy.clone(),
+            config.upstream.connect_timeout,
+            &extra_roots,
+            metrics.clone(),
+        )
+        .map(Arc::new);
+        Ok(Self {
+            connections,
+            metrics,
+            interceptor,
+            proxy,
+            proxy_tls,
+            admin,
+            public,
+            webhooks,
+            audit,
+            draining,
+            shutdown,
+        })
     }
 
     /// Serves the proxy and the admin API on `listeners`, and (PostgreSQL)
@@ -354,6 +378,9 @@ impl App {
                 }
             }
         });
+        if let Some(w) = self.webhooks.clone() {
+            tasks.spawn(w.run(self.proxy.shutdown.clone()));
+        }
         let proxy_tls_on = self.proxy_tls.is_some();
         let tracker = self.proxy.tracker.clone();
         let stop = self.proxy.shutdown.clone();

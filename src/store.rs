@@ -138,6 +138,31 @@ pub struct StoredEvent {
     pub event: NewEvent,
 }
 
+/// One webhook delivery claimed for an attempt: the endpoint, the event
+/// and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The endpoint's name (`events.webhooks[].name`).
+    pub endpoint: String,
+    pub event_id: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub payload: String,
+    /// When the event happened (unix seconds).
+    pub created_at: i64,
+}
+
+/// How a delivery attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// 2xx.
+    Delivered,
+    /// Not yet: try again at `next_attempt_at`.
+    Retry { next_attempt_at: i64, error: String },
+    /// Retried for long enough: given up.
+    Failed { error: String },
+}
+
 /// How long an expired connect session is kept (its page can still say
 /// "expired" rather than "unknown") before it is swept.
 pub(crate) const SESSION_KEPT_SECS: i64 = 86_400;
@@ -323,6 +348,32 @@ pub trait Store: Send + Sync + 'static {
     /// Records a connection test's outcome (not a change: no notification,
     /// `updated_at` stays), with `event` (a failed test). False if the row is gone.
     async fn record_test(&self, id: &str, test: &LastTest, event: Option<&NewEvent>) -> Result<bool, StoreError>;
+    /// Queues every event since `since` (unix seconds) that `endpoint` has
+    /// not got yet, of the `kinds` (empty: all) and organization it takes.
+    /// Returns how many were queued. Safe to run on many instances at once.
+    async fn enqueue_deliveries(
+        &self,
+        endpoint: &str,
+        kinds: &[String],
+        org_id: Option<&str>,
+        since: i64,
+    ) -> Result<u64, StoreError>;
+    /// Claims up to `limit` due deliveries (oldest events first) until
+    /// `lease_until`: no other instance claims them before then (PostgreSQL:
+    /// `FOR UPDATE SKIP LOCKED`).
+    async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<Delivery>, StoreError>;
+    /// Records how an attempt ended (and releases the claim).
+    async fn finish_delivery(
+        &self,
+        endpoint: &str,
+        event_id: &str,
+        now: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError>;
+    /// Delivers an event again to every endpoint that had it: how many.
+    async fn redeliver(&self, event_id: &str, now: i64) -> Result<u64, StoreError>;
+    /// Deliveries waiting (due or not) and given up.
+    async fn delivery_counts(&self) -> Result<(u64, u64), StoreError>;
     /// Events after `after` (a `seq`; 0 for the first), oldest first, at
     /// most `limit`; one organization's or every one's (`None`).
     async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;

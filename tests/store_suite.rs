@@ -9,8 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
-    PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
+    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, DeliveryOutcome, KeyUsage, LastTest,
+    NewEvent, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -110,6 +110,7 @@ async fn suite(s: Arc<dyn Store>) {
 
     connect_sessions(&*s).await;
     events(&*s).await;
+    deliveries(&*s).await;
     rotation(&*s).await;
 }
 
@@ -215,6 +216,57 @@ async fn events(s: &dyn Store) {
     let page = s.list_events(None, all[1].seq, 2).await.unwrap();
     assert_eq!(page.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(), ["evt_3", "evt_4"], "after and limit");
     assert!(s.delete_connection("e2", None).await.unwrap());
+}
+
+/// The delivery queue over the events above (evt_1..evt_7, created at 5;
+/// evt_5 is org `other`'s): queued once per endpoint with its filters,
+/// claimed under a lease, finished, redelivered.
+async fn deliveries(s: &dyn Store) {
+    let all = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    assert_eq!(s.enqueue_deliveries("a", &[], None, 0).await.unwrap(), 7);
+    assert_eq!(s.enqueue_deliveries("a", &[], None, 0).await.unwrap(), 0, "queued once");
+    assert_eq!(s.enqueue_deliveries("b", &[], Some("other"), 0).await.unwrap(), 1, "org filter");
+    assert_eq!(s.enqueue_deliveries("c", &all(&["connection.none"]), None, 0).await.unwrap(), 0, "type filter");
+    assert_eq!(s.enqueue_deliveries("d", &[], None, 6).await.unwrap(), 0, "older than `since`");
+    assert_eq!(s.delivery_counts().await.unwrap(), (8, 0));
+
+    let first = s.claim_deliveries(100, 130, 5).await.unwrap();
+    assert_eq!(first.len(), 5);
+    assert_eq!((first[0].event_id.as_str(), first[0].attempts, first[0].created_at), ("evt_1", 0, 5));
+    assert!(first[0].payload.contains("evt_1"));
+    let rest = s.claim_deliveries(100, 130, 50).await.unwrap();
+    assert_eq!(rest.len(), 3, "claimed rows are not claimed again while leased");
+    assert!(s.claim_deliveries(120, 150, 50).await.unwrap().is_empty());
+    let d = &first[0];
+    s.finish_delivery(&d.endpoint, &d.event_id, 101, &DeliveryOutcome::Delivered).await.unwrap();
+    let r = &first[1];
+    let retry = DeliveryOutcome::Retry { next_attempt_at: 200, error: "503".into() };
+    s.finish_delivery(&r.endpoint, &r.event_id, 101, &retry).await.unwrap();
+    let f = &first[2];
+    s.finish_delivery(&f.endpoint, &f.event_id, 101, &DeliveryOutcome::Failed { error: "gave up".into() })
+        .await
+        .unwrap();
+    assert_eq!(s.delivery_counts().await.unwrap(), (6, 1));
+    // The lease ran out for the unfinished ones; the retry is not due yet.
+    let again = s.claim_deliveries(131, 160, 50).await.unwrap();
+    assert_eq!(again.len(), 5, "{again:?}");
+    assert!(again.iter().all(|x| x.event_id != r.event_id));
+    for x in &again {
+        s.finish_delivery(&x.endpoint, &x.event_id, 140, &DeliveryOutcome::Delivered).await.unwrap();
+    }
+    let due = s.claim_deliveries(200, 230, 50).await.unwrap();
+    assert_eq!((due.len(), due[0].attempts), (1, 1), "the retry, with its attempt counted");
+    s.finish_delivery(&due[0].endpoint, &due[0].event_id, 201, &DeliveryOutcome::Delivered).await.unwrap();
+    assert_eq!(s.delivery_counts().await.unwrap(), (0, 1));
+    assert_eq!(s.redeliver(&d.event_id, 300).await.unwrap(), 1);
+    assert_eq!(s.redeliver(&f.event_id, 300).await.unwrap(), 1, "a failed one too");
+    assert_eq!(s.redeliver("evt_unknown", 300).await.unwrap(), 0);
+    let re = s.claim_deliveries(300, 330, 50).await.unwrap();
+    assert_eq!(re.iter().map(|x| x.attempts).collect::<Vec<_>>(), [0, 0]);
+    for x in &re {
+        s.finish_delivery(&x.endpoint, &x.event_id, 301, &DeliveryOutcome::Delivered).await.unwrap();
+    }
+    assert_eq!(s.delivery_counts().await.unwrap(), (0, 0));
 }
 
 /// What `keys rotate` needs: a resumable walk of records not under a key,

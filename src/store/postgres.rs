@@ -11,9 +11,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
-    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent,
-    META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, Delivery, DeliveryOutcome,
+    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable,
+    Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -83,6 +83,21 @@ const MIGRATIONS: &[&str] = &[
         created_at    BIGINT NOT NULL
     );
     CREATE INDEX events_org ON events (org_id, seq);",
+    "CREATE INDEX events_created ON events (created_at);
+    CREATE TABLE deliveries (
+        endpoint        TEXT NOT NULL,
+        event_id        TEXT NOT NULL,
+        seq             BIGINT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at BIGINT NOT NULL,
+        locked_until    BIGINT,
+        delivered_at    BIGINT,
+        failed_at       BIGINT,
+        last_error      TEXT,
+        PRIMARY KEY (endpoint, event_id)
+    );
+    CREATE INDEX deliveries_due ON deliveries (next_attempt_at);
+    CREATE INDEX deliveries_event ON deliveries (event_id);",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -473,6 +488,110 @@ impl Store for PgStore {
         })
         .await
         .map_err(backend)
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        endpoint: &str,
+        kinds: &[String],
+        org_id: Option<&str>,
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO deliveries (endpoint, event_id, seq, next_attempt_at)
+                 SELECT $1, e.id, e.seq, e.created_at FROM events e
+                 WHERE e.created_at >= $2 AND ($3::text IS NULL OR e.org_id = $3)
+                   AND (cardinality($4::text[]) = 0 OR e.kind = ANY($4))
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = $1 AND d.event_id = e.id)
+                 ON CONFLICT DO NOTHING",
+                &[&endpoint, &since, &org_id, &kinds],
+            )
+            .await
+            .map_err(backend)
+    }
+
+    async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        // SKIP LOCKED: instances claiming at the same moment take disjoint
+        // rows; the lease keeps them from claiming each other's afterwards.
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "WITH c AS (
+                   SELECT endpoint, event_id FROM deliveries
+                   WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1
+                     AND (locked_until IS NULL OR locked_until <= $1)
+                   ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+                 UPDATE deliveries d SET locked_until = $2 FROM c, events e
+                 WHERE d.endpoint = c.endpoint AND d.event_id = c.event_id AND e.id = d.event_id
+                 RETURNING d.endpoint, d.event_id, d.attempts, e.payload, e.created_at",
+                &[&now, &lease_until, &i64::from(limit)],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| Delivery {
+                endpoint: r.get(0),
+                event_id: r.get(1),
+                attempts: r.get::<_, i32>(2).max(0) as u32,
+                payload: r.get(3),
+                created_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn finish_delivery(
+        &self,
+        endpoint: &str,
+        event_id: &str,
+        now: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError> {
+        let (delivered, failed, next, error) = match outcome {
+            DeliveryOutcome::Delivered => (Some(now), None, None, None),
+            DeliveryOutcome::Retry { next_attempt_at, error } => (None, None, Some(*next_attempt_at), Some(error)),
+            DeliveryOutcome::Failed { error } => (None, Some(now), None, Some(error)),
+        };
+        self.client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET attempts = attempts + 1, locked_until = NULL, delivered_at = $3,
+                   failed_at = $4, next_attempt_at = COALESCE($5, next_attempt_at), last_error = $6
+                 WHERE endpoint = $1 AND event_id = $2",
+                &[&endpoint, &event_id, &delivered, &failed, &next, &error],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn redeliver(&self, event_id: &str, now: i64) -> Result<u64, StoreError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE deliveries SET delivered_at = NULL, failed_at = NULL, locked_until = NULL,
+                   attempts = 0, next_attempt_at = $2, last_error = NULL WHERE event_id = $1",
+                &[&event_id, &now],
+            )
+            .await
+            .map_err(backend)
+    }
+
+    async fn delivery_counts(&self) -> Result<(u64, u64), StoreError> {
+        let r = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FILTER (WHERE delivered_at IS NULL AND failed_at IS NULL),
+                        count(*) FILTER (WHERE failed_at IS NOT NULL) FROM deliveries",
+                &[],
+            )
+            .await
+            .map_err(backend)?;
+        Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
     }
 
     async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {

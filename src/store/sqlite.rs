@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, KeyUsage, LastTest, NewEvent,
-    PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent,
-    META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, Delivery, DeliveryOutcome,
+    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable,
+    Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -87,6 +87,23 @@ CREATE TABLE events (
     created_at    INTEGER NOT NULL
 );
 CREATE INDEX events_org ON events (org_id, seq);
+",
+    "
+CREATE INDEX events_created ON events (created_at);
+CREATE TABLE deliveries (
+    endpoint        TEXT NOT NULL,
+    event_id        TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    locked_until    INTEGER,
+    delivered_at    INTEGER,
+    failed_at       INTEGER,
+    last_error      TEXT,
+    PRIMARY KEY (endpoint, event_id)
+);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at);
+CREATE INDEX deliveries_event ON deliveries (event_id);
 ",
 ];
 
@@ -460,6 +477,122 @@ impl Store for SqliteStore {
                     params![id, test.at, test.ok, test.code],
                 )
             })
+        })
+        .await
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        endpoint: &str,
+        kinds: &[String],
+        org_id: Option<&str>,
+        since: i64,
+    ) -> Result<u64, StoreError> {
+        let endpoint = endpoint.to_owned();
+        let kinds = if kinds.is_empty() { String::new() } else { format!(",{},", kinds.join(",")) };
+        let org = org_id.map(str::to_owned);
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "INSERT OR IGNORE INTO deliveries (endpoint, event_id, seq, next_attempt_at)
+                     SELECT ?1, e.id, e.seq, e.created_at FROM events e
+                     WHERE e.created_at >= ?2 AND (?3 IS NULL OR e.org_id = ?3)
+                       AND (?4 = '' OR instr(?4, ',' || e.kind || ',') > 0)
+                       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.endpoint = ?1 AND d.event_id = e.id)",
+                    params![endpoint, since, org, kinds],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn claim_deliveries(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(backend)?;
+            let claimed = {
+                let mut st = tx
+                    .prepare(
+                        "UPDATE deliveries SET locked_until = ?2 WHERE rowid IN (
+                           SELECT rowid FROM deliveries
+                           WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= ?1
+                             AND (locked_until IS NULL OR locked_until <= ?1)
+                           ORDER BY seq LIMIT ?3)
+                         RETURNING endpoint, event_id, attempts",
+                    )
+                    .map_err(backend)?;
+                let rows = st
+                    .query_map(params![now, lease_until, limit], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?))
+                    })
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            let mut out = Vec::with_capacity(claimed.len());
+            for (endpoint, event_id, attempts) in claimed {
+                let (payload, created_at) = tx
+                    .query_row("SELECT payload, created_at FROM events WHERE id = ?1", [&event_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(backend)?;
+                out.push(Delivery { endpoint, event_id, attempts, payload, created_at });
+            }
+            tx.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn finish_delivery(
+        &self,
+        endpoint: &str,
+        event_id: &str,
+        now: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError> {
+        let (endpoint, event_id, outcome) = (endpoint.to_owned(), event_id.to_owned(), outcome.clone());
+        self.with(move |c| {
+            let (delivered, failed, next, error) = match outcome {
+                DeliveryOutcome::Delivered => (Some(now), None, None, None),
+                DeliveryOutcome::Retry { next_attempt_at, error } => (None, None, Some(next_attempt_at), Some(error)),
+                DeliveryOutcome::Failed { error } => (None, Some(now), None, Some(error)),
+            };
+            c.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, locked_until = NULL, delivered_at = ?3,
+                   failed_at = ?4, next_attempt_at = COALESCE(?5, next_attempt_at), last_error = ?6
+                 WHERE endpoint = ?1 AND event_id = ?2",
+                params![endpoint, event_id, delivered, failed, next, error],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeliver(&self, event_id: &str, now: i64) -> Result<u64, StoreError> {
+        let event_id = event_id.to_owned();
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE deliveries SET delivered_at = NULL, failed_at = NULL, locked_until = NULL,
+                       attempts = 0, next_attempt_at = ?2, last_error = NULL WHERE event_id = ?1",
+                    params![event_id, now],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn delivery_counts(&self) -> Result<(u64, u64), StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(delivered_at IS NULL AND failed_at IS NULL), 0), COALESCE(SUM(failed_at IS NOT NULL), 0)
+                 FROM deliveries",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(backend)
         })
         .await
     }
