@@ -365,6 +365,8 @@ struct ConnectionView {
     last_used_at: Option<String>,
     /// `{at, ok, code}` of the last connection test, or null.
     last_test: Option<Value>,
+    /// The last successful OAuth2 refresh, or null.
+    last_refreshed_at: Option<String>,
 }
 
 fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
@@ -378,6 +380,7 @@ fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
     let last_test = m.activity.last_test.as_ref().map(|t| json!({"at": rfc3339(t.at), "ok": t.ok, "code": t.code}));
     ConnectionView {
         last_used_at: m.activity.last_used_at.map(rfc3339),
+        last_refreshed_at: m.activity.last_refreshed_at.map(rfc3339),
         last_test,
         state: m.state.as_str(),
         created_at: rfc3339(m.created_at),

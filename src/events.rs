@@ -19,6 +19,12 @@ pub enum Kind {
     Reauthorized,
     /// The provider refused its refresh token (`invalid_grant`).
     NeedsReauth,
+    /// A refresh failed for a passing reason (the token endpoint was down,
+    /// or refused for a reason other than `invalid_grant`): the first
+    /// failure of a streak only.
+    RefreshFailed,
+    /// The first successful refresh after a failed one.
+    Recovered,
     /// A connection test failed.
     TestFailed,
     /// Deleted (with the provider revocation's result).
@@ -26,7 +32,15 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Self::Created, Self::Reauthorized, Self::NeedsReauth, Self::TestFailed, Self::Deleted];
+    pub const ALL: [Kind; 7] = [
+        Self::Created,
+        Self::Reauthorized,
+        Self::NeedsReauth,
+        Self::RefreshFailed,
+        Self::Recovered,
+        Self::TestFailed,
+        Self::Deleted,
+    ];
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
@@ -37,6 +51,8 @@ impl Kind {
             Self::Created => "connection.created",
             Self::Reauthorized => "connection.reauthorized",
             Self::NeedsReauth => "connection.needs_reauth",
+            Self::RefreshFailed => "connection.refresh_failed",
+            Self::Recovered => "connection.recovered",
             Self::TestFailed => "connection.test_failed",
             Self::Deleted => "connection.deleted",
         }

@@ -59,6 +59,11 @@ pub struct Activity {
     /// Unix seconds.
     pub last_used_at: Option<i64>,
     pub last_test: Option<LastTest>,
+    /// The last successful OAuth2 refresh (unix seconds).
+    pub last_refreshed_at: Option<i64>,
+    /// Since when refreshes have been failing (transiently); cleared by
+    /// the next success.
+    pub refresh_failed_at: Option<i64>,
 }
 
 /// The last `POST /v1/connections/{id}/test`.
@@ -73,9 +78,9 @@ pub struct LastTest {
 
 /// The columns `META_COLUMNS` of both stores read, in order.
 pub(crate) const META_COLUMNS: &str = "id, org_id, user_id, integration, auth_method, state, created_at, updated_at, \
-     last_used_at, last_test_at, last_test_ok, last_test_code";
+     last_used_at, last_test_at, last_test_ok, last_test_code, last_refreshed_at, refresh_failed_at";
 /// How many they are: the sealed columns follow.
-pub(crate) const META_LEN: usize = 12;
+pub(crate) const META_LEN: usize = 14;
 
 /// A sealed blob as stored: which key wrapped the data key, the wrapped data
 /// key, and the AEAD nonce and ciphertext. Opaque to the store.
@@ -202,8 +207,12 @@ pub struct ConnectSession {
 /// What a refresh writes back while it holds the row lock.
 #[derive(Debug, Clone)]
 pub enum RowUpdate {
-    /// New sealed credential; the state becomes `active`.
+    /// A refreshed credential: the state becomes `active`,
+    /// `last_refreshed_at` the update's time, and a failure streak ends.
     Credential(SealedBytes),
+    /// A refresh failed (transiently): the failure streak starts, unless
+    /// one is on (then nothing changes and no event is written).
+    RefreshFailed,
     /// State only (e.g. `needs_reauth` after `invalid_grant`).
     State(ConnectionState),
 }

@@ -547,3 +547,34 @@ async fn lifecycle_events_are_in_the_feed() {
     }
     assert!(!text.contains("events-bearer-0001"));
 }
+
+/// A token endpoint that fails for a while: one `connection.refresh_failed`
+/// for the whole streak (however many refreshes fail), then one
+/// `connection.recovered` at the first success; `last_refreshed_at` moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_token_endpoint_makes_one_failure_event_and_one_recovery() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let id = authorized(&h, "code").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert_eq!(meta["last_refreshed_at"], Value::Null, "never refreshed yet");
+    oidc.post("/test/token-fail?status=503").await;
+    wait_for_expiry().await;
+    for round in 0..2 {
+        let (status, _, body) = get_resource(&h, &oidc, &id).await;
+        assert_eq!(status, 502, "round {round}: {}", String::from_utf8_lossy(&body));
+        // Past the cool-down: the next request tries the endpoint again.
+        tokio::time::sleep(credproxy::creds::REFRESH_COOLDOWN + Duration::from_millis(200)).await;
+    }
+    oidc.post("/test/token-fail?status=0").await;
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200, "refreshed");
+    let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+    assert!(meta["last_refreshed_at"].is_string(), "{meta}");
+    assert_eq!(meta["state"], "active");
+
+    let feed = h.admin.call(Method::GET, "/v1/events", None).await.unwrap();
+    let kinds: Vec<&str> = feed["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["connection.created", "connection.refresh_failed", "connection.recovered"], "{feed}");
+    assert_eq!(feed["events"][1]["data"]["code"], "token_endpoint_unavailable");
+}

@@ -68,9 +68,12 @@ async fn suite(s: Arc<dyn Store>) {
     s.record_used(&[("c1".into(), 30), ("c3".into(), 31), ("nope".into(), 1)]).await.unwrap();
     s.record_used(&[("c1".into(), 25)]).await.unwrap();
     let m = s.get_connection("c1").await.unwrap().unwrap().meta;
-    assert_eq!((m.activity, m.updated_at), (Activity { last_used_at: Some(30), last_test: Some(test) }, 1));
+    assert_eq!(
+        (m.activity, m.updated_at),
+        (Activity { last_used_at: Some(30), last_test: Some(test), ..Default::default() }, 1)
+    );
     let listed = s.list_connections(Some("o2")).await.unwrap();
-    assert_eq!(listed[0].activity, Activity { last_used_at: Some(31), last_test: None });
+    assert_eq!(listed[0].activity, Activity { last_used_at: Some(31), last_test: None, ..Default::default() });
     let ok = LastTest { at: 40, ok: true, code: None };
     assert!(s.record_test("c3", &ok, None).await.unwrap());
     assert_eq!(s.get_connection("c3").await.unwrap().unwrap().meta.activity.last_test, Some(ok));
@@ -199,6 +202,18 @@ async fn events(s: &dyn Store) {
     lock.commit(Some(RowUpdate::State(ConnectionState::Active)), 45, Some(&event("evt_6", "oe", "e1"))).await.unwrap();
     let lock = s.lock_connection("e1", std::time::Duration::from_secs(5)).await.unwrap().unwrap();
     lock.commit(None, 46, Some(&event("evt_x3", "oe", "e1"))).await.unwrap();
+    // A failure streak: its start is recorded (with its event) once.
+    for (at, ev) in [(47, "evt_f1"), (48, "evt_x5")] {
+        let lock = s.lock_connection("e1", std::time::Duration::from_secs(5)).await.unwrap().unwrap();
+        lock.commit(Some(RowUpdate::RefreshFailed), at, Some(&event(ev, "oe", "e1"))).await.unwrap();
+    }
+    let a = s.get_connection("e1").await.unwrap().unwrap().meta.activity;
+    assert_eq!((a.refresh_failed_at, a.last_refreshed_at), (Some(47), None));
+    // A refreshed credential ends it and is the last refresh.
+    let lock = s.lock_connection("e1", std::time::Duration::from_secs(5)).await.unwrap().unwrap();
+    lock.commit(Some(RowUpdate::Credential(sealed.clone())), 49, Some(&event("evt_r1", "oe", "e1"))).await.unwrap();
+    let a = s.get_connection("e1").await.unwrap().unwrap().meta.activity;
+    assert_eq!((a.refresh_failed_at, a.last_refreshed_at), (None, Some(49)));
     assert!(s.delete_connection("e1", Some(&event("evt_7", "oe", "e1"))).await.unwrap());
     assert!(!s.delete_connection("e1", Some(&event("evt_x4", "oe", "e1"))).await.unwrap());
 
@@ -206,36 +221,36 @@ async fn events(s: &dyn Store) {
     let ids: Vec<&str> = all.iter().map(|e| e.event.id.as_str()).collect();
     assert_eq!(
         ids,
-        ["evt_1", "evt_2", "evt_3", "evt_4", "evt_5", "evt_6", "evt_7"],
+        ["evt_1", "evt_2", "evt_3", "evt_4", "evt_5", "evt_6", "evt_f1", "evt_r1", "evt_7"],
         "in order, no event of a non-change"
     );
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(all[0].event, event("evt_1", "oe", "e1"), "round trip");
     let org: Vec<String> = s.list_events(Some("oe"), 0, 1000).await.unwrap().into_iter().map(|e| e.event.id).collect();
-    assert_eq!(org.len(), 6, "{org:?}");
+    assert_eq!(org.len(), 8, "{org:?}");
     let page = s.list_events(None, all[1].seq, 2).await.unwrap();
     assert_eq!(page.iter().map(|e| e.event.id.as_str()).collect::<Vec<_>>(), ["evt_3", "evt_4"], "after and limit");
     assert!(s.delete_connection("e2", None).await.unwrap());
 }
 
-/// The delivery queue over the events above (evt_1..evt_7, created at 5;
+/// The delivery queue over the events above (nine events, created at 5;
 /// evt_5 is org `other`'s): queued once per endpoint with its filters,
 /// claimed under a lease, finished, redelivered.
 async fn deliveries(s: &dyn Store) {
     let all = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
-    assert_eq!(s.enqueue_deliveries("a", &[], None, 0).await.unwrap(), 7);
+    assert_eq!(s.enqueue_deliveries("a", &[], None, 0).await.unwrap(), 9);
     assert_eq!(s.enqueue_deliveries("a", &[], None, 0).await.unwrap(), 0, "queued once");
     assert_eq!(s.enqueue_deliveries("b", &[], Some("other"), 0).await.unwrap(), 1, "org filter");
     assert_eq!(s.enqueue_deliveries("c", &all(&["connection.none"]), None, 0).await.unwrap(), 0, "type filter");
     assert_eq!(s.enqueue_deliveries("d", &[], None, 6).await.unwrap(), 0, "older than `since`");
-    assert_eq!(s.delivery_counts().await.unwrap(), (8, 0));
+    assert_eq!(s.delivery_counts().await.unwrap(), (10, 0));
 
     let first = s.claim_deliveries(100, 130, 5).await.unwrap();
     assert_eq!(first.len(), 5);
     assert_eq!((first[0].event_id.as_str(), first[0].attempts, first[0].created_at), ("evt_1", 0, 5));
     assert!(first[0].payload.contains("evt_1"));
     let rest = s.claim_deliveries(100, 130, 50).await.unwrap();
-    assert_eq!(rest.len(), 3, "claimed rows are not claimed again while leased");
+    assert_eq!(rest.len(), 5, "claimed rows are not claimed again while leased");
     assert!(s.claim_deliveries(120, 150, 50).await.unwrap().is_empty());
     let d = &first[0];
     s.finish_delivery(&d.endpoint, &d.event_id, 101, &DeliveryOutcome::Delivered).await.unwrap();
@@ -246,10 +261,10 @@ async fn deliveries(s: &dyn Store) {
     s.finish_delivery(&f.endpoint, &f.event_id, 101, &DeliveryOutcome::Failed { error: "gave up".into() })
         .await
         .unwrap();
-    assert_eq!(s.delivery_counts().await.unwrap(), (6, 1));
+    assert_eq!(s.delivery_counts().await.unwrap(), (8, 1));
     // The lease ran out for the unfinished ones; the retry is not due yet.
     let again = s.claim_deliveries(131, 160, 50).await.unwrap();
-    assert_eq!(again.len(), 5, "{again:?}");
+    assert_eq!(again.len(), 7, "{again:?}");
     assert!(again.iter().all(|x| x.event_id != r.event_id));
     for x in &again {
         s.finish_delivery(&x.endpoint, &x.event_id, 140, &DeliveryOutcome::Delivered).await.unwrap();

@@ -268,6 +268,17 @@ impl Connections {
         }
         self.oauth.cooldown.insert(id.to_owned(), ()).await;
         tracing::warn!(connection = %id, integration = %integration, error = %e, "oauth2 refresh failed");
+        // The first failure of a streak is an event (written only if the
+        // streak was not on already).
+        let code = match e {
+            TokenError::Unavailable(_) => crate::problem::Code::TokenEndpointUnavailable,
+            _ => crate::problem::Code::TokenEndpointRejected,
+        };
+        let meta = &lock.row().meta;
+        let event = events::connection_event(Kind::RefreshFailed, meta, meta.state, Some(code.as_str()), None);
+        if let Err(err) = lock.commit(Some(RowUpdate::RefreshFailed), unix_now(), Some(&event)).await {
+            tracing::warn!(connection = %id, error = %err, "recording the failed refresh failed");
+        }
         match grant {
             Grant::ClientCredentials => RefreshError::Fetch(e),
             Grant::AuthorizationCode => RefreshError::Token(e),
@@ -300,9 +311,16 @@ impl Connections {
         let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
         let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
         let now = unix_now();
-        lock.commit(Some(RowUpdate::Credential(sealed)), now, None).await?;
+        // The first success after failures: `connection.recovered`.
+        let row = &lock.row().meta;
+        let recovered = row.activity.refresh_failed_at.is_some();
+        let event =
+            recovered.then(|| events::connection_event(Kind::Recovered, row, ConnectionState::Active, None, None));
+        lock.commit(Some(RowUpdate::Credential(sealed)), now, event.as_ref()).await?;
         let mut meta = current.meta.clone();
         meta.updated_at = now;
+        meta.activity.last_refreshed_at = Some(now);
+        meta.activity.refresh_failed_at = None;
         let next = Arc::new(Resolved {
             meta,
             integration: current.integration.clone(),

@@ -98,6 +98,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX deliveries_due ON deliveries (next_attempt_at);
     CREATE INDEX deliveries_event ON deliveries (event_id);",
+    "ALTER TABLE connections
+        ADD COLUMN last_refreshed_at BIGINT,
+        ADD COLUMN refresh_failed_at BIGINT;",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -202,6 +205,8 @@ fn meta(r: &Row) -> Result<ConnectionMeta, StoreError> {
                 (Some(at), Some(ok)) => Some(LastTest { at, ok, code: r.get(11) }),
                 _ => None,
             },
+            last_refreshed_at: r.get(12),
+            refresh_failed_at: r.get(13),
         },
     })
 }
@@ -807,7 +812,23 @@ impl RowLock for PgRowLock {
             let changed = match &update {
                 None => false,
                 Some(RowUpdate::Credential(sealed)) => {
-                    write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?
+                    let changed = write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?;
+                    client
+                        .execute(
+                            "UPDATE connections SET last_refreshed_at = $2, refresh_failed_at = NULL WHERE id = $1",
+                            &[&id, &updated_at],
+                        )
+                        .await?;
+                    changed
+                }
+                Some(RowUpdate::RefreshFailed) => {
+                    let n = client
+                        .execute(
+                            "UPDATE connections SET refresh_failed_at = $2 WHERE id = $1 AND refresh_failed_at IS NULL",
+                            &[&id, &updated_at],
+                        )
+                        .await?;
+                    n > 0
                 }
                 Some(RowUpdate::State(state)) => write_state(&client, id, *state, updated_at).await?,
             };

@@ -105,6 +105,10 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at);
 CREATE INDEX deliveries_event ON deliveries (event_id);
 ",
+    "
+ALTER TABLE connections ADD COLUMN last_refreshed_at INTEGER;
+ALTER TABLE connections ADD COLUMN refresh_failed_at INTEGER;
+",
 ];
 
 #[derive(Clone)]
@@ -210,6 +214,8 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ConnectionMeta, Str
                     (Some(at), Some(ok)) => Some(LastTest { at, ok, code: r.get(11)? }),
                     _ => None,
                 },
+                last_refreshed_at: r.get(12)?,
+                refresh_failed_at: r.get(13)?,
             },
         },
         state,
@@ -766,13 +772,47 @@ impl RowLock for SqliteRowLock {
         updated_at: i64,
         event: Option<&NewEvent>,
     ) -> Result<(), StoreError> {
-        let id = &self.row.meta.id;
+        let id = self.row.meta.id.clone();
         match update {
             None => Ok(()),
             Some(RowUpdate::Credential(sealed)) => {
-                self.store.update_credential(id, &sealed, ConnectionState::Active, updated_at, event).await.map(drop)
+                let event = event.cloned();
+                self.store
+                    .with(move |c| {
+                        changed_with_event(c, event.as_ref(), |tx| {
+                            tx.execute(
+                                "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5,
+                                   state = 'active', updated_at = ?6, last_refreshed_at = ?6, refresh_failed_at = NULL
+                                 WHERE id = ?1",
+                                params![
+                                    id,
+                                    sealed.key_id,
+                                    sealed.wrapped_key,
+                                    sealed.nonce,
+                                    sealed.ciphertext,
+                                    updated_at
+                                ],
+                            )
+                        })
+                    })
+                    .await
+                    .map(drop)
             }
-            Some(RowUpdate::State(state)) => self.store.set_state(id, state, updated_at, event).await.map(drop),
+            Some(RowUpdate::RefreshFailed) => {
+                let event = event.cloned();
+                self.store
+                    .with(move |c| {
+                        changed_with_event(c, event.as_ref(), |tx| {
+                            tx.execute(
+                                "UPDATE connections SET refresh_failed_at = ?2 WHERE id = ?1 AND refresh_failed_at IS NULL",
+                                params![id, updated_at],
+                            )
+                        })
+                    })
+                    .await
+                    .map(drop)
+            }
+            Some(RowUpdate::State(state)) => self.store.set_state(&id, state, updated_at, event).await.map(drop),
         }
     }
 }
