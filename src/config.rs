@@ -181,11 +181,20 @@ pub struct OAuth2Config {
     /// `refresh_lock_wait_ms`.
     #[serde(rename = "refresh_lock_wait_ms", deserialize_with = "duration::millis")]
     pub refresh_lock_wait: Duration,
+    /// How often each instance looks for idle connections to refresh (auth
+    /// methods with `idle_refresh_after_days`). `idle_sweep_interval_secs`.
+    #[serde(rename = "idle_sweep_interval_secs", deserialize_with = "duration::secs")]
+    pub idle_sweep_interval: Duration,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
-        Self { token_timeout: ms(10_000), state_ttl: secs(600), refresh_lock_wait: ms(15_000) }
+        Self {
+            token_timeout: ms(10_000),
+            state_ttl: secs(600),
+            refresh_lock_wait: ms(15_000),
+            idle_sweep_interval: secs(600),
+        }
     }
 }
 

@@ -654,6 +654,18 @@ impl OAuth2MethodFile {
             token_params: o.token_params.into_iter().collect(),
             refresh_skew_secs: o.refresh_skew_secs,
             default_expires_in_secs: o.default_expires_in_secs.max(1),
+            idle_refresh_after: match o.idle_refresh_after_days {
+                None => None,
+                Some(d) if d.is_finite() && d > 0.0 && d <= 3650.0 && o.grant == Grant::AuthorizationCode => {
+                    Some(std::time::Duration::from_secs_f64(d * 86_400.0))
+                }
+                Some(_) => {
+                    return Err((
+                        "oauth2.idle_refresh_after_days".into(),
+                        "must be more than 0 and at most 3650, on an authorization_code method".into(),
+                    ))
+                }
+            },
             placement,
         };
         Ok((AuthKind::OAuth2(Box::new(method)), fields))
@@ -685,6 +697,8 @@ struct OAuth2File {
     refresh_skew_secs: u64,
     #[serde(default = "default_lifetime")]
     default_expires_in_secs: u64,
+    #[serde(default)]
+    idle_refresh_after_days: Option<f64>,
 }
 
 fn default_client_auth() -> ClientAuth {
@@ -735,6 +749,10 @@ pub struct OAuth2Method {
     pub token_params: Vec<(String, String)>,
     pub refresh_skew_secs: u64,
     pub default_expires_in_secs: u64,
+    /// Refresh the tokens of connections idle this long (not used, not
+    /// refreshed), before the provider lets an unused refresh token lapse.
+    /// `idle_refresh_after_days`; off when unset.
+    pub idle_refresh_after: Option<std::time::Duration>,
     /// Where the access token goes (default `Authorization: Bearer {access_token}`).
     pub placement: Placement,
 }

@@ -378,6 +378,26 @@ impl App {
                 }
             }
         });
+        // The idle sweeper (when an auth method sets idle_refresh_after_days).
+        let sweeps = self
+            .connections
+            .integrations()
+            .iter()
+            .any(|i| i.auth_methods.iter().any(|m| m.oauth2().is_some_and(|o| o.idle_refresh_after.is_some())));
+        if sweeps {
+            let (c, mut stop, every) =
+                (self.connections.clone(), self.proxy.shutdown.clone(), config.oauth2.idle_sweep_interval);
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => { c.sweep_idle().await; }
+                        _ = stop.changed() => break,
+                    }
+                }
+            });
+        }
         if let Some(w) = self.webhooks.clone() {
             tasks.spawn(w.run(self.proxy.shutdown.clone()));
         }

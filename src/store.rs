@@ -383,6 +383,16 @@ pub trait Store: Send + Sync + 'static {
     async fn redeliver(&self, event_id: &str, now: i64) -> Result<u64, StoreError>;
     /// Deliveries waiting (due or not) and given up.
     async fn delivery_counts(&self) -> Result<(u64, u64), StoreError>;
+    /// Active connections of `integration`/`auth_method` idle since before
+    /// `cutoff` (unix seconds): not used, refreshed or created after it.
+    /// At most `limit`, least recently active first.
+    async fn idle_connections(
+        &self,
+        integration: &str,
+        auth_method: &str,
+        cutoff: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError>;
     /// Events after `after` (a `seq`; 0 for the first), oldest first, at
     /// most `limit`; one organization's or every one's (`None`).
     async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;

@@ -12,17 +12,28 @@ use serde_json::{json, Value};
 use support::*;
 
 fn write_config(dir: &tempfile::TempDir, oidc: &Oidc, db: &str) -> std::path::PathBuf {
+    write_config_with(dir, oidc, db, |t| t, "")
+}
+
+/// [`write_config`], with the integration file edited and sections added.
+fn write_config_with(
+    dir: &tempfile::TempDir,
+    oidc: &Oidc,
+    db: &str,
+    edit: impl FnOnce(String) -> String,
+    sections: &str,
+) -> std::path::PathBuf {
     let ints = dir.path().join("integrations");
     std::fs::create_dir(&ints).unwrap();
     let (name, text) = oidc.integration();
-    std::fs::write(ints.join(name), text).unwrap();
+    std::fs::write(ints.join(name), edit(text)).unwrap();
     let config = dir.path().join("credproxy.toml");
     std::fs::write(
         &config,
         format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n\
              [store]\nurl = \"{db}\"\npool_size = 8\n[crypto]\nkey_file = \"{}\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
-             [integrations]\ndir = \"{}\"\n",
+             [integrations]\ndir = \"{}\"\n{sections}",
             dir.path().join("master.key").display(),
             ints.display()
         ),
@@ -214,4 +225,43 @@ async fn postgres_restart_cached_traffic_continues_cold_lookups_503_then_recover
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(pg);
+}
+
+/// The idle sweeper with short lifetimes: a connection nobody used for its
+/// method's `idle_refresh_after_days` (here 15 s) is refreshed by exactly one
+/// of three instances sweeping every second; one used (and so refreshed on
+/// the request path) meanwhile is not refreshed by the sweeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_refreshed_once_by_one_of_three_instances() {
+    let oidc = Oidc::start().await;
+    let db = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 15 s, in days; on the `code` method (the first with this skew).
+    let idle = |t: String| {
+        t.replacen("refresh_skew_secs = 1\n", "refresh_skew_secs = 1\nidle_refresh_after_days = 0.000173611\n", 1)
+    };
+    let config = write_config_with(&dir, &oidc, &db, idle, "[oauth2]\nidle_sweep_interval_secs = 1\n");
+    let a = spawn_instance(&config).await;
+    let (b, c) = tokio::join!(spawn_instance(&config), spawn_instance(&config));
+    let started = Instant::now();
+    let idle_id = authorize(&a, &dir).await;
+    let used_id = authorize(&b, &dir).await;
+    let resource = format!("{}/resource", oidc.url);
+    // The used one: its token expires (5 s) and a request refreshes it.
+    tokio::time::sleep(Duration::from_millis(7000)).await;
+    assert_eq!(proxy_request(c.proxy, "GET", &resource, Some(&used_id), None).await.0, 200);
+    let used_meta = a.admin.call(Method::GET, &format!("/v1/connections/{used_id}"), None).await.unwrap();
+    let used_refreshed = used_meta["last_refreshed_at"].clone();
+    assert!(used_refreshed.is_string(), "refreshed on the request path: {used_meta}");
+    assert_eq!(oidc.count("refresh_token").await, 1);
+    // Past 15 s idle (plus a sweep), before the used one is idle for 15 s.
+    let until = started + Duration::from_secs(19);
+    tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+    assert_eq!(oidc.count("refresh_token").await, 2, "one sweeper refresh, not three");
+    let idle_meta = a.admin.call(Method::GET, &format!("/v1/connections/{idle_id}"), None).await.unwrap();
+    assert!(idle_meta["last_refreshed_at"].is_string(), "{idle_meta}");
+    let used_meta = a.admin.call(Method::GET, &format!("/v1/connections/{used_id}"), None).await.unwrap();
+    assert_eq!(used_meta["last_refreshed_at"], used_refreshed, "the used one was left alone");
+    // The refreshed token works (the rotated refresh token was kept).
+    assert_eq!(proxy_request(b.proxy, "GET", &resource, Some(&idle_id), None).await.0, 200);
 }

@@ -285,6 +285,66 @@ impl Connections {
         }
     }
 
+    /// One round of the idle sweeper: refreshes the tokens of connections
+    /// of every auth method with `idle_refresh_after_days` that nobody used
+    /// or refreshed for that long, so the provider does not let their
+    /// refresh tokens lapse. Returns how many it refreshed.
+    pub async fn sweep_idle(&self) -> usize {
+        let now = unix_now();
+        let mut refreshed = 0;
+        for i in self.integrations.iter() {
+            for m in &i.auth_methods {
+                let Some(after) = m.oauth2().and_then(|o| o.idle_refresh_after) else { continue };
+                let cutoff = now - after.as_secs() as i64;
+                let ids = match self.store.idle_connections(&i.id, &m.id, cutoff, 100).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tracing::warn!(integration = %i.id, error = %e, "idle sweep: listing connections failed");
+                        continue;
+                    }
+                };
+                for id in ids {
+                    match self.refresh_if_idle(&id, cutoff).await {
+                        Ok(true) => refreshed += 1,
+                        Ok(false) => {}
+                        Err(e) => tracing::info!(connection = %id, error = %e, "idle sweep: refresh failed"),
+                    }
+                }
+            }
+        }
+        refreshed
+    }
+
+    /// Refreshes `id` if, under its row lock, it is still idle since before
+    /// `cutoff`: a connection another instance's sweeper (or a request)
+    /// refreshed meanwhile, or one used since, is left alone. The same
+    /// locks as a request's refresh: never two refreshes of one connection.
+    async fn refresh_if_idle(&self, id: &str, cutoff: i64) -> Result<bool, RefreshError> {
+        let local = self.oauth.locks.get_with_by_ref(id, async { Arc::new(tokio::sync::Mutex::new(())) }).await;
+        let _guard = local.lock().await;
+        let lock = self.lock_row(id).await?;
+        let m = &lock.row().meta;
+        let a = &m.activity;
+        let last_active = m.created_at.max(a.last_used_at.unwrap_or(0)).max(a.last_refreshed_at.unwrap_or(0));
+        if m.state != ConnectionState::Active || last_active >= cutoff || self.oauth.cooldown.contains_key(id) {
+            return Ok(false);
+        }
+        let current = self.decrypt_row(lock.row().clone()).await?;
+        let Some(o) = current.method.oauth2() else { return Ok(false) };
+        let tokens = current.tokens.as_deref().cloned().unwrap_or_default();
+        let Some(rt) = tokens.refresh_token.clone() else { return Ok(false) };
+        match self.oauth.client.refresh(o, rt.expose()).await {
+            Ok(resp) => {
+                let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
+                self.stats.refreshes.fetch_add(1, Relaxed);
+                self.store_refreshed(lock, &current, fresh).await?;
+                tracing::info!(connection = %id, integration = %current.integration.id, "idle connection refreshed");
+                Ok(true)
+            }
+            Err(e) => Err(self.refresh_failed(lock, &current, o.grant, e).await),
+        }
+    }
+
     /// The connection's row lock (another instance's refresh ends first),
     /// waiting at most `oauth2.refresh_lock_wait_ms`, counted in the stats.
     async fn lock_row(&self, id: &str) -> Result<Box<dyn RowLock>, RefreshError> {

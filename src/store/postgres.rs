@@ -599,6 +599,28 @@ impl Store for PgStore {
         Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
     }
 
+    async fn idle_connections(
+        &self,
+        integration: &str,
+        auth_method: &str,
+        cutoff: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT id FROM connections
+                 WHERE integration = $1 AND auth_method = $2 AND state = 'active'
+                   AND GREATEST(created_at, COALESCE(last_used_at, 0), COALESCE(last_refreshed_at, 0)) < $3
+                 ORDER BY GREATEST(created_at, COALESCE(last_used_at, 0), COALESCE(last_refreshed_at, 0)) LIMIT $4",
+                &[&integration, &auth_method, &cutoff, &i64::from(limit)],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = self
             .client()

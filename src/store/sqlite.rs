@@ -603,6 +603,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn idle_connections(
+        &self,
+        integration: &str,
+        auth_method: &str,
+        cutoff: i64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let (integration, auth_method) = (integration.to_owned(), auth_method.to_owned());
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT id FROM connections
+                     WHERE integration = ?1 AND auth_method = ?2 AND state = 'active'
+                       AND max(created_at, COALESCE(last_used_at, 0), COALESCE(last_refreshed_at, 0)) < ?3
+                     ORDER BY max(created_at, COALESCE(last_used_at, 0), COALESCE(last_refreshed_at, 0)) LIMIT ?4",
+                )
+                .map_err(backend)?;
+            let rows = st.query_map(params![integration, auth_method, cutoff, limit], |r| r.get(0)).map_err(backend)?;
+            rows.collect::<Result<Vec<String>, _>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn list_events(&self, org_id: Option<&str>, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
         let org = org_id.map(str::to_owned);
         self.with(move |c| {
