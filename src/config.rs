@@ -107,6 +107,8 @@ pub struct Config {
     pub run_tokens: RunTokensConfig,
     pub audit: AuditConfig,
     pub events: EventsConfig,
+    /// Endpoints that receive connection events (Standard Webhooks).
+    pub webhooks: Vec<WebhookConfig>,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -587,8 +589,6 @@ pub enum AuditSink {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
-    /// Endpoints that receive events (Standard Webhooks).
-    pub webhooks: Vec<WebhookConfig>,
     /// One delivery attempt may take this long. `delivery_timeout_secs`.
     #[serde(rename = "delivery_timeout_secs", deserialize_with = "duration::secs")]
     pub delivery_timeout: Duration,
@@ -603,16 +603,16 @@ pub struct EventsConfig {
 
 impl Default for EventsConfig {
     fn default() -> Self {
-        Self { webhooks: Vec::new(), delivery_timeout: secs(10), retry_for: secs(86_400), poll_interval: ms(1000) }
+        Self { delivery_timeout: secs(10), retry_for: secs(86_400), poll_interval: ms(1000) }
     }
 }
 
-/// One webhook endpoint (`[[events.webhooks]]`).
+/// One webhook endpoint (`[[webhooks]]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Names the endpoint in the outbox, logs and metrics (default
-    /// `events.webhooks[N]`); keep it when the list changes.
+    /// `webhooks[N]`); keep it when the list changes.
     #[serde(default)]
     pub name: Option<String>,
     /// Where events are POSTed (http or https; the SSRF guard applies).
@@ -631,7 +631,7 @@ pub struct WebhookConfig {
 impl WebhookConfig {
     /// The endpoint's name: `name`, or its place in the list.
     pub fn name(&self, index: usize) -> String {
-        self.name.clone().unwrap_or_else(|| format!("events.webhooks[{index}]"))
+        self.name.clone().unwrap_or_else(|| format!("webhooks[{index}]"))
     }
 }
 
@@ -663,7 +663,7 @@ pub struct PublicConfig {
 }
 
 impl EventsConfig {
-    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+    fn validate(&self, name: &str, webhooks: &[WebhookConfig]) -> Result<(), ConfigError> {
         if self.delivery_timeout.is_zero() || self.retry_for.is_zero() || self.poll_interval.is_zero() {
             return Err(ConfigError::new(
                 name,
@@ -672,8 +672,8 @@ impl EventsConfig {
             ));
         }
         let mut names = std::collections::BTreeSet::new();
-        for (i, w) in self.webhooks.iter().enumerate() {
-            let key = |k: &str| format!("events.webhooks[{i}].{k}");
+        for (i, w) in webhooks.iter().enumerate() {
+            let key = |k: &str| format!("webhooks[{i}].{k}");
             let ok = w
                 .url
                 .parse::<http::Uri>()
@@ -910,7 +910,7 @@ impl Config {
             return Err(ConfigError::new(name, "store.pool_size", "must be greater than 0"));
         }
         self.public.validate(name)?;
-        self.events.validate(name)?;
+        self.events.validate(name, &self.webhooks)?;
         if self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
                 name,
@@ -1293,6 +1293,26 @@ mod tests {
     }
 
     #[test]
+    fn webhook_endpoints_are_checked_key_by_key() {
+        const GOOD: &str = "whsec_c2VlZGVkLXdlYmhvb2stc2VjcmV0LTAxMjM0NTY3ODk=";
+        let hook = |extra: &str| format!("[[webhooks]]\nurl = \"https://p.example/h\"\nsecret = \"{GOOD}\"\n{extra}");
+        let bad = |text: String| Config::from_toml_str("c.toml", &format!("{MIN}{text}"), &env(&[])).unwrap_err();
+        assert_eq!(bad("[[webhooks]]\nurl = \"ftp://x\"\nsecret = \"x\"\n".into()).key, "webhooks[0].url");
+        let e = bad("[[webhooks]]\nurl = \"https://p.example/h\"\nsecret = \"whsec_c2hvcnQ=\"\n".into());
+        assert_eq!(e.key, "webhooks[0].secret");
+        assert!(!e.to_string().contains("c2hvcnQ"), "the value is not quoted: {e}");
+        assert_eq!(bad(hook("events = [\"connection.nope\"]\n")).key, "webhooks[0].events");
+        let twice = hook("name = \"p\"\n") + &hook("name = \"p\"\n");
+        assert_eq!(bad(twice).key, "webhooks[1].name", "a name twice");
+        let cfg = Config::from_toml_str(
+            "c.toml",
+            &format!("{MIN}{}", hook("events = [\"connection.deleted\"]\n")),
+            &env(&[]),
+        );
+        assert_eq!(cfg.unwrap().webhooks[0].name(0), "webhooks[0]");
+    }
+
+    #[test]
     fn env_overrides_and_admin_token() {
         let cfg = Config::from_toml_str(
             "c.toml",
@@ -1342,12 +1362,18 @@ mod tests {
     /// Every key of every section, from the parser itself: an unknown key's
     /// error lists the known ones.
     fn known_keys(section: Option<&str>) -> Vec<String> {
-        let text = match section {
+        let probe = |text: String| {
+            let value: toml::Value = toml::from_str(&text).unwrap();
+            serde_path_to_error::deserialize::<_, Config>(value).unwrap_err().into_inner().to_string()
+        };
+        let mut err = probe(match section {
             None => "zz_unknown = 1\n".to_owned(),
             Some(s) => format!("[{s}]\nzz_unknown = 1\n"),
-        };
-        let value: toml::Value = toml::from_str(&text).unwrap();
-        let err = serde_path_to_error::deserialize::<_, Config>(value).unwrap_err().into_inner().to_string();
+        });
+        if let (Some(s), true) = (section, err.contains("expected a sequence")) {
+            // A list of tables (`[[webhooks]]`): its tables' keys.
+            err = probe(format!("[[{s}]]\nzz_unknown = 1\n"));
+        }
         // serde: "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, …".
         let list = err.split("expected ").nth(1).unwrap_or_else(|| panic!("{err}"));
         let list = list.split('\n').next().unwrap().trim_start_matches("one of ");

@@ -258,7 +258,7 @@ struct App {
     proxy_tls: Option<tokio_rustls::TlsAcceptor>,
     admin: Arc<AdminState>,
     public: Arc<PublicState>,
-    /// Delivers events to `[[events.webhooks]]` (none configured: `None`).
+    /// Delivers events to `[[webhooks]]` (none configured: `None`).
     webhooks: Option<Arc<Webhooks>>,
     audit: Audit,
     /// Set when the drain starts (`/readyz` turns 503).
@@ -331,6 +331,7 @@ impl App {
         );
         let webhooks = Webhooks::new(
             &config.events,
+            &config.webhooks,
             connections.store().clone(),
             policy.clone(),
             config.upstream.connect_timeout,

@@ -147,7 +147,7 @@ pub struct StoredEvent {
 /// and its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    /// The endpoint's name (`events.webhooks[].name`).
+    /// The endpoint's name (`webhooks[].name`).
     pub endpoint: String,
     pub event_id: String,
     /// Attempts made before this one.

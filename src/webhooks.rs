@@ -26,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use ring::hmac;
 use zeroize::Zeroizing;
 
-use crate::config::EventsConfig;
+use crate::config::{EventsConfig, WebhookConfig};
 use crate::metrics::Metrics;
 use crate::policy::ssrf::EgressPolicy;
 use crate::store::{Delivery, DeliveryOutcome, Store};
@@ -91,17 +91,17 @@ impl Webhooks {
     /// The worker for `config`'s endpoints; `None` without any.
     pub fn new(
         config: &EventsConfig,
+        webhooks: &[WebhookConfig],
         store: Arc<dyn Store>,
         policy: Arc<EgressPolicy>,
         connect_timeout: Duration,
         extra_roots: &[rustls::pki_types::CertificateDer<'static>],
         metrics: Arc<Metrics>,
     ) -> Option<Self> {
-        if config.webhooks.is_empty() {
+        if webhooks.is_empty() {
             return None;
         }
-        let endpoints = config
-            .webhooks
+        let endpoints = webhooks
             .iter()
             .enumerate()
             .filter_map(|(i, w)| {

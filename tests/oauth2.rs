@@ -496,6 +496,9 @@ async fn lifecycle_events_are_in_the_feed() {
     for _ in 0..3 {
         assert_eq!(get_resource(&h, &oidc, &id).await.0, 409);
     }
+    // A connection test now fails: connection.test_failed with its code.
+    let v = h.admin.call(Method::POST, &format!("/v1/connections/{id}/test"), None).await.unwrap();
+    assert_eq!(v["ok"], false, "{v}");
     let (seen, _) = h.authorize("code", json!({"connection_id": id})).await;
     assert_eq!(seen.status, 201, "{}", seen.text());
     let other = h.create_in("org_other", "bearer", &[("token", "events-bearer-0001")]).await;
@@ -508,13 +511,20 @@ async fn lifecycle_events_are_in_the_feed() {
     let kinds: Vec<&str> = mine.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["connection.created", "connection.needs_reauth", "connection.reauthorized", "connection.deleted"],
+        [
+            "connection.created",
+            "connection.needs_reauth",
+            "connection.test_failed",
+            "connection.reauthorized",
+            "connection.deleted"
+        ],
         "{feed}"
     );
     assert_eq!(mine[1]["data"]["state"], "needs_reauth");
     assert_eq!(mine[1]["data"]["code"], "connection_needs_reauth");
-    assert_eq!(mine[2]["data"]["state"], "active");
-    assert_eq!(mine[3]["data"]["provider_revocation"], "revoked");
+    assert_eq!(mine[2]["data"]["code"], "connection_needs_reauth", "the failed test's code");
+    assert_eq!(mine[3]["data"]["state"], "active");
+    assert_eq!(mine[4]["data"]["provider_revocation"], "revoked");
     for e in &mine {
         assert!(e["id"].as_str().unwrap().starts_with("evt_"), "{e}");
         assert_eq!((e["data"]["org_id"].as_str(), e["data"]["integration"].as_str()), (Some(ORG), Some("oidc")));

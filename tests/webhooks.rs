@@ -80,7 +80,9 @@ async fn wait_for(log: &std::path::Path, within: Duration, enough: impl Fn(&[Val
 }
 
 fn sections(url: &str) -> String {
-    format!("[events]\npoll_interval_ms = 100\n[[events.webhooks]]\nname = \"platform\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n")
+    format!(
+        "[events]\npoll_interval_ms = 100\n[[webhooks]]\nname = \"platform\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n"
+    )
 }
 
 /// 200 deliveries by the event's id (only 2xx counts as delivered).
@@ -227,7 +229,7 @@ async fn an_event_survives_kill_9_before_its_delivery() {
     let url = format!("http://127.0.0.1:{port}/hooks");
     // A long poll interval: after the first round at start, the next is a minute away.
     let sections = format!(
-        "[events]\npoll_interval_ms = 60000\n[[events.webhooks]]\nname = \"platform\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n"
+        "[events]\npoll_interval_ms = 60000\n[[webhooks]]\nname = \"platform\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n"
     );
     let config = write_config(dir.path(), "", &sections);
     let mut first = spawn_instance(&config).await;
@@ -258,7 +260,7 @@ async fn three_instances_deliver_each_of_100_events_exactly_once() {
     let receiver = Receiver::start(dir.path().join("received.jsonl"), 0, 200).await;
     let db = fresh_postgres_database().await;
     let sections = format!(
-        "[store]\nurl = \"{db}\"\npool_size = 4\n[events]\npoll_interval_ms = 50\n[[events.webhooks]]\nname = \"platform\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        "[store]\nurl = \"{db}\"\npool_size = 4\n[events]\npoll_interval_ms = 50\n[[webhooks]]\nname = \"platform\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
         receiver.url()
     );
     let config = write_pg_config(dir.path(), &sections);
