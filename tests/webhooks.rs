@@ -309,3 +309,28 @@ fn write_pg_config(dir: &std::path::Path, sections: &str) -> PathBuf {
     .unwrap();
     path
 }
+
+/// Deliveries go through the same SSRF guard as proxied traffic: without
+/// `egress.allow_cidrs` allowing loopback, a loopback endpoint gets nothing
+/// (the attempts fail and are retried, never sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_obey_the_ssrf_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path().join("received.jsonl"), 0, 200).await;
+    let h =
+        Harness::start_with(Opts { allow_loopback: false, sections: sections(&receiver.url()), ..Default::default() })
+            .await;
+    let body = json!({"integration": "github", "auth_method": "pat", "org_id": ORG, "user_id": "u",
+        "credentials": {"token": "ssrf-guard-0001"}});
+    h.admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = curl(&[&format!("{}/metrics", h.admin_url())], &[]).await.text();
+        if !m.contains("credproxy_webhook_retries_total 0\n") {
+            break;
+        }
+        assert!(Instant::now() < until, "no delivery attempt was made: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(received(&receiver.log).is_empty(), "a loopback endpoint was reached without egress.allow_cidrs");
+}
