@@ -85,8 +85,7 @@ impl AdminState {
         let mut found = None;
         // Check every token so timing does not depend on which one matched.
         for (t, scope, name) in &self.tokens {
-            let diff = t.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 {
+            if crate::secret::constant_time_eq(t, &h) {
                 found = Some((scope.clone(), name.clone()));
             }
         }
@@ -199,6 +198,19 @@ impl Scope {
         match self {
             Scope::Global => None,
             Scope::Org(o) => Some(o),
+        }
+    }
+
+    /// The organization a listing asked for (`?org_id=`) as this token may
+    /// see it: its own for an org-scoped token (another is 403), and for a
+    /// global token the one asked for, or every one (`None`).
+    fn filter(&self, asked: Option<String>) -> Result<Option<String>, ApiError> {
+        match (self.org(), asked) {
+            (Some(s), Some(q)) if s != q => {
+                Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"))
+            }
+            (Some(s), _) => Ok(Some(s.to_owned())),
+            (None, q) => Ok(q),
         }
     }
 }
@@ -494,15 +506,7 @@ async fn list_connections(
     axum::Extension(scope): axum::Extension<Scope>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let org = match (scope.org(), q.org_id) {
-        (Some(s), Some(q)) if s != q => {
-            return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"))
-        }
-        (_, Some(q)) => Some(q),
-        (Some(s), None) => Some(s.to_owned()),
-        // A global token without org_id: every organization's.
-        (None, None) => None,
-    };
+    let org = scope.filter(q.org_id)?;
     let items = st.connections.list(org.as_deref()).await.map_err(ApiError::store)?;
     let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
     Ok(Json(json!({ "connections": items })))
@@ -687,13 +691,7 @@ async fn list_events(
     axum::Extension(scope): axum::Extension<Scope>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let org = match (scope.org(), q.org_id) {
-        (Some(s), Some(q)) if s != q => {
-            return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"))
-        }
-        (Some(s), _) => Some(s.to_owned()),
-        (None, q) => q,
-    };
+    let org = scope.filter(q.org_id)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 || q.after < 0 {
         return Err(ApiError::new(Code::InvalidRequest, "limit: 1 to 1000; after: a seq from a previous page"));

@@ -245,22 +245,46 @@ impl PublicState {
         status: u16,
         code: Option<Code>,
     ) {
+        let who =
+            Browser { session: Some(&s.id), org: &s.org_id, user: &s.user_id, connection: s.connection_id.as_deref() };
+        self.audit_as(action, who, made, target, status, code);
+    }
+
+    /// An audit line for what a browser did (no admin token).
+    fn audit_as(
+        &self,
+        action: &str,
+        who: Browser<'_>,
+        made: Option<&ConnectionMeta>,
+        (integration, auth_method): (&str, &str),
+        status: u16,
+        code: Option<Code>,
+    ) {
         self.audit.admin_action(&AdminAction {
             time: std::time::SystemTime::now(),
             action,
             admin_token: None,
-            connect_session: Some(&s.id),
-            org: Some(&s.org_id),
-            user: Some(&s.user_id),
-            connection: made.map(|m| m.id.as_str()).or(s.connection_id.as_deref()),
-            integration: Some(target.0),
-            auth_method: Some(target.1),
+            connect_session: who.session,
+            org: Some(who.org),
+            user: Some(who.user),
+            connection: made.map(|m| m.id.as_str()).or(who.connection),
+            integration: Some(integration),
+            auth_method: Some(auth_method),
             run_token: None,
             run_subject: None,
             status,
             code: code.map(Code::as_str),
         });
     }
+}
+
+/// Whom a browser's audit line names: its connect session (if any), the
+/// organization and user, and the connection it acted on (if one existed).
+struct Browser<'a> {
+    session: Option<&'a str>,
+    org: &'a str,
+    user: &'a str,
+    connection: Option<&'a str>,
 }
 
 /// `GET /connect/session/{token}`: the link the platform gave its user.
@@ -663,21 +687,13 @@ async fn oauth2_callback(State(st): State<Arc<PublicState>>, Query(q): Query<Cal
     let result = st.connections.finish_authorization(&pending, outcome).await;
     let action = if pending.connection_id.is_some() { "connection.reauthorized" } else { "connection.authorized" };
     let audit = |made: Option<&ConnectionMeta>, status: u16, code: Option<Code>| {
-        st.audit.admin_action(&AdminAction {
-            time: std::time::SystemTime::now(),
-            action,
-            admin_token: None,
-            connect_session: pending.connect_session.as_deref(),
-            org: Some(&pending.org_id),
-            user: Some(&pending.user_id),
-            connection: made.map(|m| m.id.as_str()).or(pending.connection_id.as_deref()),
-            integration: Some(&target.0),
-            auth_method: Some(&target.1),
-            run_token: None,
-            run_subject: None,
-            status,
-            code: code.map(Code::as_str),
-        })
+        let who = Browser {
+            session: pending.connect_session.as_deref(),
+            org: &pending.org_id,
+            user: &pending.user_id,
+            connection: pending.connection_id.as_deref(),
+        };
+        st.audit_as(action, who, made, (&target.0, &target.1), status, code)
     };
     let from_page = pending.connect_session.is_some();
     match result {

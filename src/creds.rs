@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use zeroize::Zeroizing;
@@ -28,6 +28,7 @@ use crate::metrics::CredsStats;
 use crate::oauth2::{TokenClient, TokenSet};
 use crate::secret::SecretValue;
 use crate::store::{ConnectionMeta, ConnectionRow, ConnectionState, SealedBytes, Store, StoreError};
+pub use crate::telemetry::unix_now;
 
 /// A decrypted credential: one value per field of its auth method, in the
 /// method's field order (templates index into it).
@@ -563,10 +564,6 @@ fn check_ids(org_id: &str, user_id: &str) -> Result<(), CreateError> {
         return Err(CreateError::InvalidId { field: "user_id" });
     }
     Ok(())
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ pub fn connection_event(
 ) -> NewEvent {
     let id = crate::ids::new_id("evt_");
     let now = std::time::SystemTime::now();
-    let created_at = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let created_at = crate::telemetry::unix_now();
     let mut data = json!({
         "connection_id": meta.id,
         "org_id": meta.org_id,

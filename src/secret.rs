@@ -68,6 +68,17 @@ pub mod serde_opt {
     }
 }
 
+/// SHA-256 of `s`, lowercase hex: how single-use secrets (OAuth2 `state`,
+/// connect-session tokens) are stored and looked up.
+pub fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Equal bytes, compared in time that depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

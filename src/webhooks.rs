@@ -30,6 +30,7 @@ use crate::config::{EventsConfig, WebhookConfig};
 use crate::metrics::Metrics;
 use crate::policy::ssrf::EgressPolicy;
 use crate::store::{Delivery, DeliveryOutcome, Store};
+use crate::telemetry::unix_now;
 use crate::upstream::{self, ClientSettings, GuardedConnector};
 
 /// Deliveries claimed per round.
@@ -38,10 +39,6 @@ const BATCH: u32 = 32;
 /// jitter), up to [`MAX_BACKOFF_SECS`].
 const FIRST_BACKOFF_SECS: f64 = 1.0;
 const MAX_BACKOFF_SECS: f64 = 3600.0;
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
 
 /// One configured endpoint.
 pub struct Endpoint {
@@ -151,7 +148,7 @@ impl Webhooks {
 
     /// Queues new events, claims due deliveries and sends them (at once).
     /// Returns how many were claimed.
-    pub async fn round(&self) -> usize {
+    pub async fn round(self: &Arc<Self>) -> usize {
         let now = unix_now();
         let since = now - self.retry_for.as_secs() as i64;
         for e in &self.endpoints {
@@ -172,39 +169,16 @@ impl Webhooks {
         let n = claimed.len();
         let mut sends = tokio::task::JoinSet::new();
         for d in claimed {
-            let this = self.clone_parts();
+            let this = self.clone();
             sends.spawn(async move { this.deliver(d).await });
         }
         while sends.join_next().await.is_some() {}
         n
     }
 
-    fn clone_parts(&self) -> Sender {
-        Sender {
-            store: self.store.clone(),
-            client: self.client.clone(),
-            timeout: self.timeout,
-            retry_for: self.retry_for,
-            metrics: self.metrics.clone(),
-            endpoints: self.endpoints.iter().map(|e| (e.name.clone(), e.url.clone(), e.key.clone())).collect(),
-        }
-    }
-}
-
-/// What one delivery needs (owned: it runs on its own task).
-struct Sender {
-    store: Arc<dyn Store>,
-    client: Client<HttpsConnector<GuardedConnector>, Full<Bytes>>,
-    timeout: Duration,
-    retry_for: Duration,
-    metrics: Arc<Metrics>,
-    endpoints: Vec<(String, Uri, hmac::Key)>,
-}
-
-impl Sender {
-    async fn deliver(self, d: Delivery) {
-        let outcome = match self.endpoints.iter().find(|(name, _, _)| *name == d.endpoint) {
-            Some((_, url, key)) => match self.attempt(url, key, &d).await {
+    async fn deliver(&self, d: Delivery) {
+        let outcome = match self.endpoints.iter().find(|e| e.name == d.endpoint) {
+            Some(e) => match self.attempt(&e.url, &e.key, &d).await {
                 Ok(()) => DeliveryOutcome::Delivered,
                 Err(error) => self.retry_or_fail(&d, error),
             },

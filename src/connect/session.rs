@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine;
-use ring::{digest, hmac};
+use ring::hmac;
 
 use crate::config::PublicConfig;
 use crate::creds::{unix_now, Connections};
@@ -185,7 +185,7 @@ pub fn is_token(s: &str) -> bool {
 }
 
 pub fn token_hash(token: &str) -> String {
-    digest::digest(&digest::SHA256, token.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::secret::sha256_hex(token)
 }
 
 /// The form token of a session: derived from its (secret) session token,
@@ -199,8 +199,7 @@ pub fn csrf_token(token: &str) -> String {
 /// Compares a presented form token with the session's in constant time.
 pub fn csrf_ok(token: &str, presented: Option<&str>) -> bool {
     let Some(p) = presented else { return false };
-    let want = csrf_token(token);
-    p.len() == want.len() && p.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    crate::secret::constant_time_eq(p.as_bytes(), csrf_token(token).as_bytes())
 }
 
 /// Why a session cannot be used.

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
-use ring::digest;
 use zeroize::Zeroizing;
 
 use super::{unix_now, Connections, CreateError, Credential, ResolveError, Resolved};
@@ -25,7 +24,7 @@ use crate::crypto::CryptoError;
 use crate::events::{self, Kind};
 use crate::integrations::{Grant, OAuth2Method};
 use crate::oauth2::{self, Pkce, TokenClient, TokenError, TokenSet};
-use crate::secret::SecretValue;
+use crate::secret::{sha256_hex, SecretValue};
 use crate::store::{ConnectionMeta, ConnectionState, PendingAuthorization, RowLock, RowUpdate, StoreError};
 
 /// After a failed refresh, requests for that connection fail fast for this long
@@ -135,10 +134,6 @@ pub enum AuthorizeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
-}
-
-fn sha256_hex(s: &str) -> String {
-    digest::digest(&digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(super) fn pending_context(state_hash: &str) -> String {

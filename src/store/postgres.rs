@@ -299,7 +299,7 @@ impl Store for PgStore {
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
         in_transaction(client, async |c| {
-            let changed = write_credential(c, id, sealed, state, updated_at).await?;
+            let changed = write_credential(c, id, sealed, state, updated_at, false).await?;
             if changed {
                 insert_event(c, event).await?;
             }
@@ -740,19 +740,24 @@ impl Store for PgStore {
     }
 }
 
+/// Replaces a connection's credential and state; `refreshed`: it is an
+/// OAuth2 refresh (the last refresh is now, a failure streak ends).
 async fn write_credential(
     client: &tokio_postgres::Client,
     id: &str,
     sealed: &SealedBytes,
     state: ConnectionState,
     updated_at: i64,
+    refreshed: bool,
 ) -> Result<bool, tokio_postgres::Error> {
     let rows = client
         .query(
-            "WITH u AS (UPDATE connections SET key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, state = $6, updated_at = $7
+            "WITH u AS (UPDATE connections SET key_id = $2, wrapped_key = $3, nonce = $4, ciphertext = $5, state = $6, updated_at = $7,
+                          last_refreshed_at = CASE WHEN $9 THEN $7 ELSE last_refreshed_at END,
+                          refresh_failed_at = CASE WHEN $9 THEN NULL ELSE refresh_failed_at END
                         WHERE id = $1 RETURNING id)
              SELECT pg_notify($8, id) FROM u",
-            &[&id, &sealed.key_id, &sealed.wrapped_key, &sealed.nonce, &sealed.ciphertext, &state.as_str(), &updated_at, &CHANGES_CHANNEL],
+            &[&id, &sealed.key_id, &sealed.wrapped_key, &sealed.nonce, &sealed.ciphertext, &state.as_str(), &updated_at, &CHANGES_CHANNEL, &refreshed],
         )
         .await?;
     Ok(!rows.is_empty())
@@ -834,14 +839,7 @@ impl RowLock for PgRowLock {
             let changed = match &update {
                 None => false,
                 Some(RowUpdate::Credential(sealed)) => {
-                    let changed = write_credential(&client, id, sealed, ConnectionState::Active, updated_at).await?;
-                    client
-                        .execute(
-                            "UPDATE connections SET last_refreshed_at = $2, refresh_failed_at = NULL WHERE id = $1",
-                            &[&id, &updated_at],
-                        )
-                        .await?;
-                    changed
+                    write_credential(&client, id, sealed, ConnectionState::Active, updated_at, true).await?
                 }
                 Some(RowUpdate::RefreshFailed) => {
                     let n = client

@@ -313,12 +313,7 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let (id, sealed, event) = (id.to_owned(), sealed.clone(), event.cloned());
         self.with(move |c| {
-            changed_with_event(c, event.as_ref(), |tx| {
-                tx.execute(
-                    "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5, state = ?6, updated_at = ?7 WHERE id = ?1",
-                    params![id, sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext, state.as_str(), updated_at],
-                )
-            })
+            changed_with_event(c, event.as_ref(), |tx| write_credential(tx, &id, &sealed, state, updated_at, false))
         })
         .await
     }
@@ -753,6 +748,25 @@ impl Store for SqliteStore {
     }
 }
 
+/// Replaces a connection's credential and state; `refreshed`: it is an
+/// OAuth2 refresh (the last refresh is now, a failure streak ends).
+fn write_credential(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    sealed: &SealedBytes,
+    state: ConnectionState,
+    updated_at: i64,
+    refreshed: bool,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5, state = ?6, updated_at = ?7,
+           last_refreshed_at = CASE WHEN ?8 THEN ?7 ELSE last_refreshed_at END,
+           refresh_failed_at = CASE WHEN ?8 THEN NULL ELSE refresh_failed_at END
+         WHERE id = ?1",
+        params![id, sealed.key_id, sealed.wrapped_key, sealed.nonce, sealed.ciphertext, state.as_str(), updated_at, refreshed],
+    )
+}
+
 /// Runs `change` and, if it changed a row, writes `event`: one transaction.
 fn changed_with_event(
     c: &mut Connection,
@@ -796,46 +810,33 @@ impl RowLock for SqliteRowLock {
         event: Option<&NewEvent>,
     ) -> Result<(), StoreError> {
         let id = self.row.meta.id.clone();
+        let event = event.cloned();
         match update {
             None => Ok(()),
-            Some(RowUpdate::Credential(sealed)) => {
-                let event = event.cloned();
-                self.store
-                    .with(move |c| {
-                        changed_with_event(c, event.as_ref(), |tx| {
-                            tx.execute(
-                                "UPDATE connections SET key_id = ?2, wrapped_key = ?3, nonce = ?4, ciphertext = ?5,
-                                   state = 'active', updated_at = ?6, last_refreshed_at = ?6, refresh_failed_at = NULL
-                                 WHERE id = ?1",
-                                params![
-                                    id,
-                                    sealed.key_id,
-                                    sealed.wrapped_key,
-                                    sealed.nonce,
-                                    sealed.ciphertext,
-                                    updated_at
-                                ],
-                            )
-                        })
+            Some(RowUpdate::Credential(sealed)) => self
+                .store
+                .with(move |c| {
+                    changed_with_event(c, event.as_ref(), |tx| {
+                        write_credential(tx, &id, &sealed, ConnectionState::Active, updated_at, true)
                     })
-                    .await
-                    .map(drop)
-            }
-            Some(RowUpdate::RefreshFailed) => {
-                let event = event.cloned();
-                self.store
-                    .with(move |c| {
-                        changed_with_event(c, event.as_ref(), |tx| {
-                            tx.execute(
-                                "UPDATE connections SET refresh_failed_at = ?2 WHERE id = ?1 AND refresh_failed_at IS NULL",
-                                params![id, updated_at],
-                            )
-                        })
+                })
+                .await
+                .map(drop),
+            Some(RowUpdate::RefreshFailed) => self
+                .store
+                .with(move |c| {
+                    changed_with_event(c, event.as_ref(), |tx| {
+                        tx.execute(
+                            "UPDATE connections SET refresh_failed_at = ?2 WHERE id = ?1 AND refresh_failed_at IS NULL",
+                            params![id, updated_at],
+                        )
                     })
-                    .await
-                    .map(drop)
+                })
+                .await
+                .map(drop),
+            Some(RowUpdate::State(state)) => {
+                self.store.set_state(&id, state, updated_at, event.as_ref()).await.map(drop)
             }
-            Some(RowUpdate::State(state)) => self.store.set_state(&id, state, updated_at, event).await.map(drop),
         }
     }
 }
