@@ -129,14 +129,22 @@ pub fn key_file(path: &Path, create: bool) -> Result<Vec<u8>, String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let mut f = std::fs::OpenOptions::new()
+        // Written whole to a private temporary file, then linked into place:
+        // instances starting together never read a half-written key, and the
+        // first link wins (the others read the winner's key).
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        std::io::Write::write_all(&mut f, B64.encode(key).as_bytes())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, B64.encode(key).as_bytes()))
+            .and_then(|()| match std::fs::hard_link(&tmp, path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                other => other,
+            });
+        let _ = std::fs::remove_file(&tmp);
+        written.map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
