@@ -23,7 +23,10 @@ pub struct Served {
 /// Spawns `cmd` — a `credproxy serve` command line, with whatever wrapper,
 /// working directory and environment the caller gave it — and waits for
 /// its listening line, at most `wait` for each line of its log. The rest of
-/// its log is read and dropped (a full pipe would stall it).
+/// its log is read and dropped (a full pipe would stall it), or echoed to
+/// the test's stderr when `CREDPROXY_TEST_INSTANCE_LOGS` is set (for
+/// chasing a failure: `CREDPROXY_TEST_INSTANCE_LOGS=1 scripts/test --test
+/// webhooks -- --nocapture`).
 pub async fn serve(mut cmd: tokio::process::Command, wait: Duration) -> Served {
     let mut child = cmd
         .stdout(Stdio::null())
@@ -42,7 +45,14 @@ pub async fn serve(mut cmd: tokio::process::Command, wait: Duration) -> Served {
     let Some((proxy, admin, line)) = found else {
         panic!("credproxy did not print its listening line (waited up to {wait:?} for each log line)");
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let echo = std::env::var_os("CREDPROXY_TEST_INSTANCE_LOGS").is_some();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if echo {
+                eprintln!("[instance] {l}");
+            }
+        }
+    });
     Served { child, proxy, admin, line }
 }
 

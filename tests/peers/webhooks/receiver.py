@@ -43,6 +43,15 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+class Server(ThreadingHTTPServer):
+    # The default backlog of 5 overflows when three instances deliver at
+    # once: Linux then drops handshakes, a delivery lands late, credproxy's
+    # attempt times out after the receiver has logged it, and the retry is
+    # a duplicate. Real receivers listen with a deeper queue.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
+server = Server(("127.0.0.1", PORT), Handler)
 print(f"LISTENING {server.server_address[1]}", flush=True)
 server.serve_forever()
