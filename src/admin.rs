@@ -44,6 +44,8 @@ pub struct AdminState {
     run_tokens: Option<RunTokenIssuer>,
     /// One line per action on a credential.
     audit: Audit,
+    /// Cool-downs in force (shown on a connection), quota metrics.
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 /// What minting run tokens needs: the keys and the lifetimes allowed.
@@ -71,7 +73,14 @@ impl AdminState {
                 (sha256(t.token.expose().as_bytes()), scope, TokenName(t.audit_name(i).into()))
             })
             .collect();
-        Self { connections, outbound, connect, tokens, interceptor, draining, run_tokens: None, audit }
+        let quotas = Arc::new(crate::quota::Quotas::none());
+        Self { connections, outbound, connect, tokens, interceptor, draining, run_tokens: None, audit, quotas }
+    }
+
+    /// Shows `quotas`' cool-downs and metrics.
+    pub fn with_quotas(mut self, quotas: Arc<crate::quota::Quotas>) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// Serves `POST /v1/run-tokens` with `issuer`.
@@ -326,6 +335,7 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
     let mut body = st.outbound.metrics.render(st.connections.stats(), upstream, tls, draining);
     let outbox = st.connections.store().delivery_counts().await.ok();
     crate::metrics::Metrics::render_outbox(&mut body, outbox);
+    st.quotas.render_metrics(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 
@@ -379,6 +389,9 @@ struct ConnectionView {
     last_test: Option<Value>,
     /// The last successful OAuth2 refresh, or null.
     last_refreshed_at: Option<String>,
+    /// A cool-down an upstream asked for and this instance knows of:
+    /// `{scope, until, retry_after_secs}`, or null.
+    cooldown: Option<Value>,
 }
 
 fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
@@ -390,7 +403,13 @@ fn view(st: &AdminState, m: ConnectionMeta) -> ConnectionView {
         .map(|a| a.fields.clone())
         .unwrap_or_default();
     let last_test = m.activity.last_test.as_ref().map(|t| json!({"at": rfc3339(t.at), "ok": t.ok, "code": t.code}));
+    let cooldown = st.quotas.cooldown_of(&m.integration, &m.id).map(|c| {
+        let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.until_ms.max(0) as u64);
+        json!({"scope": c.scope.as_str(), "until": humantime::format_rfc3339_millis(until).to_string(),
+               "retry_after_secs": c.retry_after_secs})
+    });
     ConnectionView {
+        cooldown,
         last_used_at: m.activity.last_used_at.map(rfc3339),
         last_refreshed_at: m.activity.last_refreshed_at.map(rfc3339),
         last_test,

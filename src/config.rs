@@ -46,6 +46,8 @@ impl ConfigError {
     }
 }
 
+pub mod limits;
+
 /// Durations written as whole units in TOML (the key names the unit).
 mod duration {
     use super::{Duration, MAX_DURATION};
@@ -109,6 +111,8 @@ pub struct Config {
     pub events: EventsConfig,
     /// Endpoints that receive connection events (Standard Webhooks).
     pub webhooks: Vec<WebhookConfig>,
+    /// Provider quotas: the defaults for integrations that declare none.
+    pub limits: LimitsConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -635,6 +639,44 @@ impl WebhookConfig {
     }
 }
 
+/// `[limits]`: how many instances share each quota, and the quotas of
+/// integrations whose files declare none (`quota` keeps them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Instances that share a deployment's quotas: each keeps
+    /// `1/instances` of every rate, burst and in-flight cap.
+    pub instances: u32,
+    pub rate_limits: Vec<limits::RateLimit>,
+    pub in_flight_limits: Vec<limits::InFlightLimit>,
+    pub backoff: limits::Backoff,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            instances: 1,
+            rate_limits: Vec::new(),
+            in_flight_limits: Vec::new(),
+            backoff: limits::Backoff::default(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        if self.instances == 0 {
+            return Err(ConfigError::new(name, "limits.instances", "must be at least 1"));
+        }
+        let declared = limits::Declared {
+            rate_limits: Some(self.rate_limits.clone()),
+            in_flight_limits: Some(self.in_flight_limits.clone()),
+            backoff: Some(self.backoff.clone()),
+        };
+        declared.validate(name, "limits.")
+    }
+}
+
 /// The public listener: what end users' browsers reach (the OAuth2
 /// callback and the connect pages), apart from the private admin API.
 #[derive(Debug, Clone, Deserialize)]
@@ -911,6 +953,7 @@ impl Config {
         }
         self.public.validate(name)?;
         self.events.validate(name, &self.webhooks)?;
+        self.limits.validate(name)?;
         if self.admin.tokens.is_empty() {
             return Err(ConfigError::new(
                 name,
@@ -1395,6 +1438,10 @@ mod tests {
         for line in text.lines() {
             let bare = line.trim_start_matches('#').trim_start();
             if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                // `[limits.backoff]`: the key `backoff` of `[limits]`.
+                if let Some((parent, key)) = name.split_once('.') {
+                    documented.entry(parent.into()).or_default().push(key.into());
+                }
                 section = name.to_owned();
             } else if let Some(table) = bare.strip_prefix("[[").and_then(|b| b.split("]]").next()) {
                 // `[[admin.tokens]]`: the key `tokens` of `[admin]`.

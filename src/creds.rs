@@ -534,6 +534,8 @@ impl Connections {
         match change {
             crate::store::postgres::Change::Connection(id) => self.cache.invalidate(&id).await,
             crate::store::postgres::Change::Resync => self.cache.invalidate_all(),
+            // Not the cache's: `server` hands these to `quota`.
+            crate::store::postgres::Change::Cooldown(_) => return,
         }
         self.changed();
     }

@@ -477,6 +477,13 @@ impl RawFields {
         }
     }
 
+    /// The value of the first field named `name` (ASCII case-insensitive).
+    /// A scan of the lines: for the rare response that needs one (a 429's
+    /// `Retry-After`), not for every one.
+    pub fn get(&self, name: &str) -> Option<Bytes> {
+        self.fields().find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
+    }
+
     /// `(name, value)` of each line.
     fn fields(&self) -> impl Iterator<Item = (&[u8], Bytes)> + '_ {
         let mut rest = &self.lines[..];

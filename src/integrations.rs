@@ -105,6 +105,9 @@ pub struct Integration {
     pub base_url: Option<String>,
     pub auth_methods: Vec<Arc<AuthMethod>>,
     pub test: Option<TestRequest>,
+    /// Provider quotas (`[[rate_limits]]`, `[[in_flight_limits]]`,
+    /// `[backoff]`); each part left out takes `[limits]`' default.
+    pub quotas: crate::config::limits::Declared,
 }
 
 impl Integration {
@@ -348,6 +351,12 @@ struct IntegrationFile {
     auth_methods: Vec<toml::Value>,
     #[serde(default)]
     test: Option<TestRequest>,
+    #[serde(default)]
+    rate_limits: Option<Vec<crate::config::limits::RateLimit>>,
+    #[serde(default)]
+    in_flight_limits: Option<Vec<crate::config::limits::InFlightLimit>>,
+    #[serde(default)]
+    backoff: Option<crate::config::limits::Backoff>,
 }
 
 fn default_scheme() -> Scheme {
@@ -842,6 +851,12 @@ impl Integration {
                 return Err(err("test.method".into(), "TRACE would echo the credential back; use GET".into()));
             }
         }
+        let quotas = crate::config::limits::Declared {
+            rate_limits: file.rate_limits,
+            in_flight_limits: file.in_flight_limits,
+            backoff: file.backoff,
+        };
+        quotas.validate(source, "")?;
         Ok(Self {
             id: file.id,
             name: file.name,
@@ -850,6 +865,7 @@ impl Integration {
             base_url: file.base_url,
             auth_methods,
             test: file.test,
+            quotas,
         })
     }
 }
@@ -900,6 +916,7 @@ fn is_protected_header(h: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn parse(text: &str) -> Result<Integration, ConfigError> {
         Integration::from_toml_str("t.toml", text, &BTreeMap::new())
@@ -981,6 +998,46 @@ template = "{region}"
             assert_ne!(text, FORM, "{from}");
             let e = parse(&text).unwrap_err();
             assert!(e.key.starts_with(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn quotas_are_read_and_their_errors_name_the_key() {
+        use crate::config::limits::{CooldownScope, Per};
+        let base = "id = \"x\"\nname = \"X\"\nallowed_hosts = [\"a.example\"]\n\
+                    [[auth_methods]]\nid = \"t\"\ntype = \"bearer\"\n";
+        let with = |extra: &str| Integration::from_toml_str("x.toml", &format!("{base}{extra}"), &BTreeMap::new());
+        let i = with(
+            "[[rate_limits]]\nper = \"connection\"\nrequests = 5\nperiod = \"1s\"\nburst = 5\nmax_wait = \"500ms\"\n\
+             [[rate_limits]]\nper = \"integration\"\nrequests = 100\nperiod = 10\npaths = [\"/search/*\"]\n\
+             [[in_flight_limits]]\nper = \"connection\"\nmax_in_flight = 2\n\
+             [backoff]\nper = \"integration\"\nmax_cooldown = \"2m\"\n",
+        )
+        .unwrap();
+        let rates = i.quotas.rate_limits.as_ref().unwrap();
+        assert_eq!((rates[0].per, rates[0].requests, rates[0].burst), (Per::Connection, 5, Some(5)));
+        assert_eq!((rates[0].period, rates[0].max_wait), (Duration::from_secs(1), Duration::from_millis(500)));
+        assert_eq!((rates[1].period, rates[1].paths.len()), (Duration::from_secs(10), 1));
+        assert_eq!(i.quotas.in_flight_limits.as_ref().unwrap()[0].max_in_flight, 2);
+        let b = i.quotas.backoff.as_ref().unwrap();
+        assert_eq!(
+            (b.per, b.max_cooldown, b.respect_retry_after),
+            (CooldownScope::Integration, Duration::from_secs(120), true)
+        );
+        // Left out: `[limits]`' defaults apply.
+        assert_eq!(with("").unwrap().quotas, crate::config::limits::Declared::default());
+        for (extra, key) in [
+            ("[[rate_limits]]\nper = \"connection\"\nrequests = 0\nperiod = \"1s\"\n", "rate_limits[0].requests"),
+            ("[[rate_limits]]\nper = \"connection\"\nrequests = 1\nperiod = \"soon\"\n", "rate_limits[0].period"),
+            ("[[rate_limits]]\nper = \"user\"\nrequests = 1\nperiod = 1\n", "rate_limits[0].per"),
+            ("[[rate_limits]]\nper = \"org\"\nrequests = 1\nperiod = 1\n[[rate_limits]]\nper = \"org\"\nrequests = 2\nperiod = 1\n", "rate_limits[1].name"),
+            ("[[rate_limits]]\nper = \"org\"\nrequests = 1\nperiod = 1\npaths = [\"search\"]\n", "rate_limits[0].paths"),
+            ("[[in_flight_limits]]\nper = \"org\"\nmax_in_flight = 0\n", "in_flight_limits[0].max_in_flight"),
+            ("[backoff]\nreset_headers = [\"bad header\"]\n", "backoff.reset_headers"),
+            ("[backoff]\nmax_cooldown = \"2 years\"\n", "backoff.max_cooldown"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!((e.source_name.as_str(), e.key.as_str()), ("x.toml", key), "{e}");
         }
     }
 

@@ -29,6 +29,8 @@
 //!   (Standard Webhooks signatures, retries, leases).
 //! - [`upstream`]: the proxy's upstream pool, the pooled client for token
 //!   calls, and their SSRF-guarded connector.
+//! - [`quota`]: provider quotas on the request path: rate limits, in-flight
+//!   caps, cool-downs learnt from an upstream's `Retry-After`.
 //! - [`integrations`]: integration definitions loaded from `config/integrations/*.toml`.
 //! - [`audit`]: the audit trail: one JSON line per credential use and per
 //!   admin action on a credential, to stdout or a file rotated by size.
@@ -68,6 +70,7 @@ pub mod outbound;
 pub mod policy;
 pub mod problem;
 pub mod proxy;
+pub mod quota;
 pub mod runtoken;
 pub mod secret;
 pub mod server;

@@ -325,7 +325,8 @@ impl Metrics {
     }
 }
 
-fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+/// `# HELP` and `# TYPE` lines of one metric.
+pub fn header(w: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 

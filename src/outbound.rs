@@ -411,6 +411,8 @@ pub enum ProxyError {
     Refresh(#[from] RefreshError),
     #[error("integration {integration} does not allow host {host}:{port}")]
     HostNotAllowed { integration: String, host: String, port: u16 },
+    #[error("{}", .0.description)]
+    Quota(Box<crate::quota::Refusal>),
     #[error(transparent)]
     Inject(#[from] InjectError),
     #[error("request body larger than {limit} bytes")]
@@ -455,6 +457,9 @@ impl ProxyError {
     pub fn problem(&self) -> Problem {
         let mut p = Problem::new(self.code(), self.detail());
         p.retry_after_secs = self.retry_after_secs();
+        if let Self::Quota(r) = self {
+            p.limit = Some(r.limit.clone());
+        }
         p
     }
 
@@ -498,6 +503,11 @@ impl ProxyError {
             Self::Refresh(RefreshError::Store(_)) => Code::StoreUnavailable,
             Self::Refresh(RefreshError::Crypto(_)) => Code::ConnectionUnusable,
             Self::HostNotAllowed { .. } => Code::HostNotAllowed,
+            Self::Quota(r) => match r.kind {
+                crate::quota::Refused::Rate => Code::RateLimited,
+                crate::quota::Refused::InFlight => Code::InFlightLimit,
+                crate::quota::Refused::Cooldown => Code::UpstreamCoolingDown,
+            },
             Self::Inject(InjectError::InvalidValue(_) | InjectError::BadUri) => Code::CredentialNotInjectable,
             Self::Inject(_) => Code::RequestBodyNotInjectable,
             Self::NoBodyToInject { .. } => Code::RequestBodyRequired,
@@ -551,6 +561,7 @@ impl ProxyError {
             Self::Refresh(RefreshError::Store(_)) => STORE_DOWN.into(),
             Self::Refresh(RefreshError::Crypto(_)) => "the connection's refreshed credential could not be sealed; see the proxy log".into(),
             Self::HostNotAllowed { integration, host, port } => format!("integration {integration:?} does not allow {host}:{port}; the credential was not sent").into(),
+            Self::Quota(r) => format!("{}; retry after {} s", r.description, r.retry_after_secs).into(),
             Self::Inject(e) => e.to_string().into(),
             Self::NoBodyToInject { method } => format!("this connection's credential goes into the request body, and credproxy does not make up a body for {method}; send the body, or use a method that carries one").into(),
             Self::BodyTooLarge { limit } => format!("this connection injects into the request body, which is buffered up to {limit} bytes (proxy.max_buffered_body)").into(),
@@ -577,6 +588,7 @@ impl ProxyError {
                 | RefreshError::Fetch(TokenError::Unavailable(_)),
             ) => Some(crate::creds::REFRESH_COOLDOWN.as_secs()),
             Self::BufferBudgetExhausted => Some(1),
+            Self::Quota(r) => Some(r.retry_after_secs),
             _ => None,
         }
     }

@@ -118,6 +118,12 @@ codes! {
     ConnectionUnusable = INTERNAL_SERVER_ERROR, "connection_unusable", "Connection unusable", ProxyConfigurationError;
     CredentialNotInjectable = INTERNAL_SERVER_ERROR, "credential_not_injectable", "Credential cannot be injected", ProxyConfigurationError;
     InternalError = INTERNAL_SERVER_ERROR, "internal_error", "Internal error", ProxyInternalError;
+    /// A rate limit of the integration (`[[rate_limits]]`); `Retry-After` says when.
+    RateLimited = TOO_MANY_REQUESTS, "rate_limited", "Rate limit reached", HttpRequestDenied;
+    /// An in-flight cap of the integration (`[[in_flight_limits]]`).
+    InFlightLimit = TOO_MANY_REQUESTS, "in_flight_limit", "Too many requests in flight", HttpRequestDenied;
+    /// The upstream answered 429/503 with `Retry-After`: credproxy answers until then.
+    UpstreamCoolingDown = TOO_MANY_REQUESTS, "upstream_cooling_down", "Upstream asked to back off", HttpRequestDenied;
     DestinationNotFound = BAD_GATEWAY, "destination_not_found", "Destination not found", DestinationNotFound;
     UpstreamUnreachable = BAD_GATEWAY, "upstream_unreachable", "Upstream unreachable", ConnectionRefused;
     UpstreamTlsError = BAD_GATEWAY, "upstream_tls_error", "Upstream TLS error", TlsCertificateError;
@@ -184,6 +190,8 @@ pub struct Problem {
     /// Human text for the caller. Never a secret.
     pub detail: Cow<'static, str>,
     pub retry_after_secs: Option<u64>,
+    /// The limit that refused the request (an extension member, `limit`).
+    pub limit: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -194,11 +202,13 @@ struct Body<'a> {
     status: u16,
     code: &'a str,
     detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'a serde_json::Value>,
 }
 
 impl Problem {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, detail: detail.into(), retry_after_secs: None }
+        Self { code, detail: detail.into(), retry_after_secs: None, limit: None }
     }
 
     /// With `Retry-After: secs`.
@@ -218,6 +228,7 @@ impl Problem {
             status: self.code.status().as_u16(),
             code: self.code.as_str(),
             detail: &self.detail,
+            limit: self.limit.as_ref(),
         };
         Bytes::from(serde_json::to_vec(&body).expect("problem bodies always serialize"))
     }

@@ -27,6 +27,7 @@ use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, Outbound, Renewal};
 use crate::policy::hosts::HostPattern;
+use crate::quota::{Quotas, Verdict};
 use crate::runtoken::RunTokenKeys;
 use crate::telemetry;
 use crate::tls::Interceptor;
@@ -69,6 +70,8 @@ pub struct ProxyState {
     pub run_tokens: Arc<RunTokenKeys>,
     pub connections: Arc<Connections>,
     pub outbound: Arc<Outbound>,
+    /// Rate limits, in-flight caps and upstream cool-downs.
+    pub quotas: Arc<Quotas>,
     pub allow_passthrough: bool,
     /// Resolves and checks `CONNECT` targets; connects blind tunnels.
     pub connector: GuardedConnector,
@@ -440,23 +443,50 @@ async fn forward(
             if up_scheme != scheme || port != Some(up_port) {
                 uri = rebuild_uri(&uri, up_scheme, host, up_port)?;
             }
+            // 7. Quotas: a cool-down the upstream asked for, rate limits
+            // (perhaps waiting for a reserved turn), in-flight caps.
+            let integration = resolved.integration.id.as_str();
+            let permit = match state.quotas.check(integration, id, org, uri.path()) {
+                Verdict::Go(p) => p,
+                Verdict::Wait(turn) => turn.await.map_err(|r| ProxyError::Quota(Box::new(r)))?,
+                Verdict::No(r) => return Err(ProxyError::Quota(Box::new(r))),
+            };
             // For `last_used_at` (an atomic load, but once a minute).
             state.connections.note_use(&resolved);
 
-            // 6-8. Fresh token, inject, forward (and the OAuth2 401 retry).
+            // 6, 8, 9. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (mut resp, renewal) =
                 state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
             access.renewal = renewal;
+            if let Some(p) = permit {
+                // In flight until the caller has the whole body (or is gone).
+                resp.body_mut().hold_until_end(Box::new(p));
+            }
+            if matches!(resp.status().as_u16(), 429 | 503) {
+                // The upstream's answer goes back untouched; what it asked
+                // for holds the next requests back.
+                let (head, body) = (resp.headers(), resp.body());
+                state.quotas.learn(integration, id, resp.status().as_u16(), |name| response_field(head, body, name));
+            }
             // What was injected does not come back in a URL field.
             crate::outbound::scrub_echoes(&mut resp, &resolved);
             resp
         }
     };
 
-    // 9. Respond: stream the body back, minus hop-by-hop headers.
+    // 10. Respond: stream the body back, minus hop-by-hop headers.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, ProxyBody::Upstream(rbody)))
+}
+
+/// A response header field, from the header map or (an HTTP/1.1
+/// upstream's) the unparsed fields.
+fn response_field(head: &HeaderMap, body: &PooledBody, name: &str) -> Option<Bytes> {
+    match head.get(name) {
+        Some(v) => Some(Bytes::copy_from_slice(v.as_bytes())),
+        None => body.fields().and_then(|f| f.get(name)),
+    }
 }
 
 /// `CONNECT host:port`: the destination must pass the SSRF guard before

@@ -29,6 +29,7 @@ use crate::oauth2::TokenClient;
 use crate::outbound::{BufferBudget, Outbound};
 use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ClientLimits, ProxyState};
+use crate::quota::Quotas;
 use crate::runtoken::{self, RunTokenKeys};
 use crate::store::postgres::{spawn_listener, Change, PgStore};
 use crate::store::sqlite::SqliteStore;
@@ -285,6 +286,11 @@ impl App {
         let audit = Audit::open(&config.audit, metrics.clone())
             .map_err(|e| config.error("audit.path", format!("cannot open {}: {e}", config.audit.path.display())))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let quotas = Arc::new(Quotas::new(
+            &config.limits,
+            connections.integrations(),
+            config.store.is_postgres().then(|| connections.store().clone()),
+        ));
         let p = &config.proxy;
         let proxy = Arc::new(ProxyState {
             mode: p.mode,
@@ -293,6 +299,7 @@ impl App {
             run_tokens: Arc::new(run_token_keys(config, true)?.expect("created")),
             connections: connections.clone(),
             outbound: outbound.clone(),
+            quotas: quotas.clone(),
             allow_passthrough: config.egress.allow_passthrough,
             connector,
             interceptor: interceptor.clone(),
@@ -327,7 +334,8 @@ impl App {
                 keys: proxy.run_tokens.clone(),
                 default_ttl: config.run_tokens.default_ttl,
                 max_ttl: config.run_tokens.max_ttl,
-            }),
+            })
+            .with_quotas(quotas),
         );
         let webhooks = Webhooks::new(
             &config.events,
@@ -359,10 +367,13 @@ impl App {
     fn serve(self, listeners: Listeners, config: &Config, addrs: Addrs) -> Running {
         // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
         let listener = config.store.is_postgres().then(|| {
-            let c = self.connections.clone();
-            let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| {
-                let c = c.clone();
-                tokio::spawn(async move { c.apply_change(change).await });
+            let (c, quotas) = (self.connections.clone(), self.proxy.quotas.clone());
+            let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| match change {
+                Change::Cooldown(payload) => quotas.learn_remote(&payload),
+                change => {
+                    let c = c.clone();
+                    tokio::spawn(async move { c.apply_change(change).await });
+                }
             });
             spawn_listener(config.store.url.clone(), on_change)
         });

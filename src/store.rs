@@ -354,6 +354,12 @@ pub trait Store: Send + Sync + 'static {
     async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Tells the other instances of a cool-down an upstream asked for
+    /// (`quota`; PostgreSQL notifies them). A lone SQLite instance has
+    /// nobody to tell.
+    async fn publish_cooldown(&self, _payload: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Records a connection test's outcome (not a change: no notification,
     /// `updated_at` stays), with `event` (a failed test). False if the row is gone.
     async fn record_test(&self, id: &str, test: &LastTest, event: Option<&NewEvent>) -> Result<bool, StoreError>;

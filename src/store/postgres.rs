@@ -18,6 +18,8 @@ use super::{
 
 /// `NOTIFY` channel carrying the id of every changed connection.
 pub const CHANGES_CHANNEL: &str = "credproxy_connections";
+/// `NOTIFY` channel carrying cool-downs upstreams asked for (`quota`).
+pub const COOLDOWNS_CHANNEL: &str = "credproxy_cooldowns";
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
 const MIGRATIONS: &[&str] = &[
@@ -585,6 +587,15 @@ impl Store for PgStore {
             .map_err(backend)
     }
 
+    async fn publish_cooldown(&self, payload: &str) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .execute("SELECT pg_notify($1, $2)", &[&COOLDOWNS_CHANNEL, &payload])
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn delivery_counts(&self) -> Result<(u64, u64), StoreError> {
         let r = self
             .client()
@@ -883,9 +894,12 @@ pub enum Change {
     Connection(String),
     /// The listener (re)connected and may have missed changes: drop everything cached.
     Resync,
+    /// A cool-down another instance learnt from an upstream (`quota`).
+    Cooldown(String),
 }
 
-/// Listens for connection changes on [`CHANGES_CHANNEL`] for as long as the
+/// Listens for connection changes on [`CHANGES_CHANNEL`] (and cool-downs on
+/// [`COOLDOWNS_CHANNEL`]) for as long as the
 /// task runs, reconnecting (and reporting [`Change::Resync`]) after any failure.
 pub fn spawn_listener(
     url: String,
@@ -907,7 +921,7 @@ pub fn spawn_listener(
 async fn listen_once(url: &str, on_change: &(dyn Fn(Change) + Send + Sync)) -> Result<(), tokio_postgres::Error> {
     use tokio_postgres::AsyncMessage;
     let (client, mut conn) = tokio_postgres::connect(url, NoTls).await?;
-    let sql = format!("LISTEN {CHANGES_CHANNEL}");
+    let sql = format!("LISTEN {CHANGES_CHANNEL}; LISTEN {COOLDOWNS_CHANNEL}");
     let listen = client.batch_execute(&sql);
     tokio::pin!(listen);
     // The LISTEN needs the connection driven while it runs.
@@ -926,6 +940,9 @@ async fn listen_once(url: &str, on_change: &(dyn Fn(Change) + Send + Sync)) -> R
     tracing::info!("store change listener subscribed");
     loop {
         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) if n.channel() == COOLDOWNS_CHANNEL => {
+                on_change(Change::Cooldown(n.payload().to_owned()))
+            }
             Some(Ok(AsyncMessage::Notification(n))) => on_change(Change::Connection(n.payload().to_owned())),
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e),

@@ -256,8 +256,11 @@ impl Pool {
             match h1.conn.send(&parts, body, deadline).await {
                 Ok(resp) => {
                     let (parts, fields) = resp.into_parts();
-                    let mut pooled =
-                        PooledBody { inner: Inner::H1(Some((h1, self.clone(), now))), fields: Some(fields) };
+                    let mut pooled = PooledBody {
+                        inner: Inner::H1(Some((h1, self.clone(), now))),
+                        fields: Some(fields),
+                        held: None,
+                    };
                     if pooled.is_end_stream() {
                         pooled.release();
                     }
@@ -404,7 +407,7 @@ impl Pool {
             .map_err(|_| UpstreamError::Timeout)?
             .map_err(UpstreamError::Http)?;
         let idle = h1::IdleTimer::new(self.settings.body_idle_timeout);
-        Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle })), fields: None }))
+        Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle })), fields: None, held: None }))
     }
 }
 
@@ -415,6 +418,8 @@ pub struct PooledBody {
     /// An HTTP/1.1 response's header fields, unparsed: the response's
     /// header map is empty until they are taken ([`PooledBody::take_fields`]).
     fields: Option<RawFields>,
+    /// Kept until the body ends, fails or is dropped (an in-flight permit).
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 enum Inner {
@@ -438,6 +443,11 @@ impl PooledBody {
     }
 
     /// The upstream's header fields while they are still unparsed.
+    pub fn fields(&self) -> Option<&RawFields> {
+        self.fields.as_ref()
+    }
+
+    /// The upstream's header fields while they are still unparsed.
     pub fn fields_mut(&mut self) -> Option<&mut RawFields> {
         self.fields.as_mut()
     }
@@ -447,8 +457,15 @@ impl PooledBody {
         self.fields.as_ref().is_some_and(RawFields::has_url_refs)
     }
 
+    /// Keeps `held` until the body ends, fails or is dropped, whichever
+    /// comes first.
+    pub fn hold_until_end(&mut self, held: Box<dyn Send + Sync>) {
+        self.held = Some(held);
+    }
+
     /// The body is complete: the connection goes back to the pool.
     fn release(&mut self) {
+        self.held = None;
         if let Inner::H1(slot) = &mut self.inner {
             if let Some((h1, pool, since)) = slot.take() {
                 pool.checkin(h1, since);
@@ -479,6 +496,7 @@ impl Body for PooledBody {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         *slot = None;
+                        this.held = None;
                         Poll::Ready(Some(Err(e.into())))
                     }
                     Poll::Pending => Poll::Pending,
@@ -487,9 +505,15 @@ impl Body for PooledBody {
             Inner::H2(h2) => match Pin::new(&mut h2.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     h2.idle.progress();
+                    if h2.body.is_end_stream() {
+                        this.held = None;
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+                Poll::Ready(other) => {
+                    this.held = None;
+                    Poll::Ready(other.map(|r| r.map_err(Into::into)))
+                }
                 Poll::Pending => match h2.idle.poll_expired(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(h1::Error::Timeout.into()))),
                     Poll::Pending => Poll::Pending,

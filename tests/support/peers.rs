@@ -381,3 +381,116 @@ pub async fn create_key(endpoint: &str) -> String {
     let out = client.create_key().key_spec(KeySpec::SymmetricDefault).send().await.expect("CreateKey at moto");
     out.key_metadata.unwrap().key_id
 }
+
+/// nginx (Debian package, installed by `scripts/test`) on a free loopback
+/// port with `locations` as its server block's body: a real server that
+/// answers what a rate-limiting provider answers (429 + `Retry-After`).
+/// Its access log has one `METHOD URI STATUS` line per request.
+pub struct Nginx {
+    pub url: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    pub async fn start(locations: &str) -> Self {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .expect("nginx is missing: run the suite with `scripts/test` (it installs Debian's nginx), or apt-get install nginx");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  log_format counting '$request_method $uri $status';\n  access_log {p}/access.log counting;\n\
+               client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n\
+               uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n{locations}\n  }}\n}}\n",
+            p = p.display(),
+        );
+        std::fs::write(p.join("nginx.conf"), conf).unwrap();
+        let child = std::process::Command::new(&bin)
+            .arg("-p")
+            .arg(p)
+            .arg("-c")
+            .arg(p.join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let log = p.join("access.log");
+        let nginx = Nginx { url: format!("http://127.0.0.1:{port}"), log, _dir: dir, child };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return nginx;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let errors = std::fs::read_to_string(nginx._dir.path().join("error.log")).unwrap_or_default();
+        panic!("nginx did not listen on 127.0.0.1:{port} within 10 s: {errors}");
+    }
+
+    /// Requests for `uri` it has logged so far.
+    pub fn count(&self, uri: &str) -> usize {
+        count_requests(&self.log, uri)
+    }
+}
+
+/// Lines of an access log (`METHOD URI STATUS`) whose URI is `uri`.
+pub fn count_requests(log: &std::path::Path, uri: &str) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter(|l| l.split(' ').nth(1) == Some(uri)).count()
+}
+
+/// A private httpbin under gunicorn whose access log (one `METHOD URI
+/// STATUS` line per request) counts what reached the upstream.
+pub struct LoggedHttpbin {
+    pub url: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+    _child: tokio::process::Child,
+}
+
+impl LoggedHttpbin {
+    pub async fn start() -> Self {
+        let python = PathBuf::from(python());
+        let bin = python.with_file_name("gunicorn");
+        assert!(bin.exists(), "{} is missing: run the suite with `scripts/test`", bin.display());
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = tokio::process::Command::new(&bin)
+            .args(["-b", &format!("127.0.0.1:{port}"), "-w", "1", "-k", "gthread", "--threads", "32"])
+            .args(["--access-logformat", "%(m)s %(U)s %(s)s", "--access-logfile"])
+            .arg(&log)
+            .arg("httpbin:app")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("gunicorn starts");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return LoggedHttpbin { url: format!("http://127.0.0.1:{port}"), log, _dir: dir, _child: child };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("gunicorn (httpbin) did not listen on 127.0.0.1:{port} within 20 s");
+    }
+
+    /// Requests for `uri` (path, no query) it has logged so far.
+    pub fn count(&self, uri: &str) -> usize {
+        count_requests(&self.log, uri)
+    }
+}

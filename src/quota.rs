@@ -1,0 +1,738 @@
+//! Provider quotas on the request path (step 7 of the life of a request):
+//! rate limits (GCRA) and in-flight caps per connection, organization or
+//! integration, and cool-downs learnt from an upstream's `429`/`503` with
+//! `Retry-After`, shared with the other instances through the store.
+//!
+//! [`Quotas::check`] is synchronous and cheap: an integration without
+//! limits costs one hash lookup, and no cool-down anywhere costs one atomic
+//! load. Only a request that has to wait gets a future of its own.
+//!
+//! Limits are kept by each instance; `limits.instances` divides a declared
+//! quota among them. The rate limits that apply to a request are decided
+//! together, all or none: a request refused by one spends no cell of the
+//! others. A request refused by an in-flight cap has spent its rate cells
+//! (caps are checked after the rates, and after any wait for them).
+//!
+//! Imports `config` (the limits as written), `integrations`, `store`
+//! (publishing cool-downs), `metrics` and `telemetry`.
+
+mod cooldown;
+mod limiters;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+pub use crate::config::limits::{Backoff, CooldownScope, InFlightLimit, Per, RateLimit, MAX_LIMITS};
+use crate::config::LimitsConfig;
+use crate::integrations::Integrations;
+use crate::store::Store;
+pub use cooldown::ActiveCooldown;
+use cooldown::Cooldowns;
+use limiters::{nanos_since, Gcra, Keyed};
+
+/// Every integration's limiters and the cool-downs in force.
+pub struct Quotas {
+    /// Integrations with a rate limit or an in-flight cap.
+    limited: HashMap<String, Arc<IntegrationQuota>, ahash::RandomState>,
+    /// Each integration's back-off policy.
+    backoff: HashMap<String, Backoff, ahash::RandomState>,
+    cooldowns: Cooldowns,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quotas").field("limited", &self.limited.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A rate limit (`rate_limited`).
+    Rate,
+    /// An in-flight cap (`in_flight_limit`).
+    InFlight,
+    /// A cool-down an upstream asked for (`upstream_cooling_down`).
+    Cooldown,
+}
+
+/// A request refused, and when to try again.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub kind: Refused,
+    pub integration: String,
+    /// Whole seconds, rounded up, at least 1.
+    pub retry_after_secs: u64,
+    /// What the caller reads about the limit (`name`, `per`, the numbers).
+    pub limit: Value,
+    /// One line for the caller: which limit, its numbers.
+    pub description: String,
+}
+
+/// What [`Quotas::check`] decided.
+pub enum Verdict {
+    /// Go on; the permit (if any) holds in-flight places until dropped.
+    Go(Option<Permit>),
+    /// Go on once this resolves (a reserved rate cell, a free in-flight place).
+    Wait(Pin<Box<dyn Future<Output = Result<Option<Permit>, Refusal>> + Send>>),
+    No(Refusal),
+}
+
+impl Quotas {
+    /// The limits of every integration (their own, else `defaults`'), for
+    /// one of `defaults.instances` instances.
+    pub fn new(defaults: &LimitsConfig, integrations: &Integrations, store: Option<Arc<dyn Store>>) -> Self {
+        let epoch = Instant::now();
+        let mut limited = HashMap::default();
+        let mut backoff = HashMap::default();
+        for i in integrations.iter() {
+            let rates = i.quotas.rate_limits.as_ref().unwrap_or(&defaults.rate_limits);
+            let caps = i.quotas.in_flight_limits.as_ref().unwrap_or(&defaults.in_flight_limits);
+            backoff.insert(i.id.clone(), i.quotas.backoff.clone().unwrap_or_else(|| defaults.backoff.clone()));
+            if rates.is_empty() && caps.is_empty() {
+                continue;
+            }
+            let q = IntegrationQuota::new(&i.id, rates, caps, defaults.instances);
+            limited.insert(i.id.clone(), Arc::new(q));
+        }
+        let ids = integrations.iter().map(|i| i.id.clone());
+        Self { limited, backoff, cooldowns: Cooldowns::new(ids, store), epoch }
+    }
+
+    /// No limits and no back-off anywhere (tests, benches).
+    pub fn none() -> Self {
+        Self {
+            limited: HashMap::default(),
+            backoff: HashMap::default(),
+            cooldowns: Cooldowns::new(std::iter::empty(), None),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Admits a request of `connection` (of `org`) to `path` of
+    /// `integration`, makes it wait for its turn, or refuses it.
+    pub fn check(&self, integration: &str, connection: &str, org: &str, path: &str) -> Verdict {
+        if let Some(r) = self.cooldowns.refusal(integration, connection) {
+            return Verdict::No(r);
+        }
+        match self.limited.get(integration) {
+            None => Verdict::Go(None),
+            Some(q) => q.check(self.epoch, connection, org, path),
+        }
+    }
+
+    /// An upstream answered a request of `connection` with `status`: a 429
+    /// or 503 asking to come back later (`field` reads the response's
+    /// header fields) starts a cool-down, here and, through the store, on
+    /// the other instances. Returns how long it lasts.
+    pub fn learn(
+        &self,
+        integration: &str,
+        connection: &str,
+        status: u16,
+        field: impl Fn(&str) -> Option<Bytes>,
+    ) -> Option<Duration> {
+        if !matches!(status, 429 | 503) {
+            return None;
+        }
+        let policy = self.backoff.get(integration)?;
+        if !policy.respect_retry_after {
+            return None;
+        }
+        let now = crate::telemetry::unix_now();
+        let asked = field("retry-after")
+            .and_then(|v| retry_after(&v, now))
+            .or_else(|| policy.reset_headers.iter().find_map(|h| field(h).and_then(|v| reset_at(&v, now))))?;
+        let lasts = asked.min(policy.max_cooldown);
+        if lasts.is_zero() {
+            return None;
+        }
+        let key = match policy.per {
+            CooldownScope::Connection => connection,
+            CooldownScope::Integration => integration,
+        };
+        self.cooldowns.start(policy.per, integration, key, lasts);
+        Some(lasts)
+    }
+
+    /// Applies a cool-down another instance learnt (a store notification).
+    pub fn learn_remote(&self, payload: &str) {
+        self.cooldowns.apply_remote(payload);
+    }
+
+    /// The cool-down `connection` (of `integration`) is under, if any.
+    pub fn cooldown_of(&self, integration: &str, connection: &str) -> Option<ActiveCooldown> {
+        self.cooldowns.active(integration, connection)
+    }
+
+    /// Prometheus text: refusals and waits per integration and limit,
+    /// cool-downs per integration. No connection ids.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mut ids: Vec<&String> = self.limited.keys().collect();
+        ids.sort();
+        let rows = |out: &mut String, name: &str, help: &str, pick: fn(&Stats) -> u64| {
+            crate::metrics::header(out, name, "counter", help);
+            for id in &ids {
+                for l in self.limited[*id].limits() {
+                    let v = pick(&l.stats);
+                    let _ =
+                        writeln!(out, "{name}{{integration=\"{id}\",limit=\"{}\",kind=\"{}\"}} {v}", l.name, l.kind);
+                }
+            }
+        };
+        rows(out, "credproxy_quota_limited_total", "Requests refused by a rate limit or in-flight cap.", |s| {
+            s.refused.load(Relaxed)
+        });
+        rows(out, "credproxy_quota_waits_total", "Requests that waited for a rate limit or in-flight cap.", |s| {
+            s.waited.load(Relaxed)
+        });
+        rows(out, "credproxy_quota_wait_seconds_total", "Time requests spent waiting, summed.", |s| {
+            s.waited_micros.load(Relaxed) / 1_000_000
+        });
+        self.cooldowns.render_metrics(out);
+    }
+}
+
+/// One limit's counters.
+#[derive(Debug, Default)]
+struct Stats {
+    refused: AtomicU64,
+    waited: AtomicU64,
+    waited_micros: AtomicU64,
+}
+
+/// What a limit is called and what it says, for problems and metrics.
+struct Named {
+    name: String,
+    kind: &'static str,
+    per: Per,
+    max_wait: Duration,
+    paths: Paths,
+    view: Value,
+    description: String,
+    stats: Stats,
+}
+
+impl Named {
+    fn key<'k>(&self, connection: &'k str, org: &'k str) -> &'k str {
+        match self.per {
+            Per::Connection => connection,
+            Per::Org => org,
+            Per::Integration => "",
+        }
+    }
+
+    fn refusal(&self, kind: Refused, integration: &str, wait: Duration) -> Refusal {
+        self.stats.refused.fetch_add(1, Relaxed);
+        Refusal {
+            kind,
+            integration: integration.to_owned(),
+            retry_after_secs: whole_secs(wait),
+            limit: self.view.clone(),
+            description: self.description.clone(),
+        }
+    }
+
+    fn waited(&self, d: Duration) {
+        self.stats.waited.fetch_add(1, Relaxed);
+        self.stats.waited_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+struct Rate {
+    named: Named,
+    gcra: Gcra,
+    keys: Keyed,
+}
+
+struct Cap {
+    named: Named,
+    max: u64,
+    keys: Keyed,
+}
+
+/// One integration's limiters, narrowest first.
+struct IntegrationQuota {
+    id: String,
+    rates: Vec<Rate>,
+    caps: Vec<Cap>,
+    /// Woken when an in-flight place frees and someone waits for one.
+    freed: tokio::sync::Notify,
+    waiting: AtomicUsize,
+}
+
+impl IntegrationQuota {
+    fn new(id: &str, rates: &[RateLimit], caps: &[InFlightLimit], instances: u32) -> Self {
+        let instances = instances.max(1);
+        let mut rates: Vec<Rate> = rates
+            .iter()
+            .map(|r| {
+                let burst = r.burst.unwrap_or(r.requests);
+                let gcra = Gcra::new(r.requests, r.period, burst, instances);
+                let period = humantime::format_duration(r.period);
+                let name = r.name.clone().unwrap_or_else(|| r.per.as_str().to_owned());
+                let description = format!(
+                    "rate limit {name:?} of integration {id}: {} requests per {period} per {}, bursts of {burst}{}",
+                    r.requests,
+                    r.per.as_str(),
+                    if instances > 1 { format!(", shared by {instances} instances") } else { String::new() },
+                );
+                let view = json!({
+                    "name": name, "kind": "rate", "per": r.per.as_str(), "requests": r.requests,
+                    "period_secs": r.period.as_secs_f64(), "burst": burst, "instances": instances,
+                    "max_wait_secs": r.max_wait.as_secs_f64(),
+                });
+                let named = Named {
+                    name,
+                    kind: "rate",
+                    per: r.per,
+                    max_wait: r.max_wait,
+                    paths: Paths::new(&r.paths),
+                    view,
+                    description,
+                    stats: Stats::default(),
+                };
+                Rate { named, gcra, keys: Keyed::new() }
+            })
+            .collect();
+        let mut caps: Vec<Cap> = caps
+            .iter()
+            .map(|c| {
+                let max = u64::from((c.max_in_flight / instances).max(1));
+                let name = c.name.clone().unwrap_or_else(|| c.per.as_str().to_owned());
+                let description = format!(
+                    "in-flight cap {name:?} of integration {id}: {max} requests at once per {}",
+                    c.per.as_str()
+                );
+                let view = json!({
+                    "name": name, "kind": "in_flight", "per": c.per.as_str(), "max_in_flight": max,
+                    "max_wait_secs": c.max_wait.as_secs_f64(),
+                });
+                let named = Named {
+                    name,
+                    kind: "in_flight",
+                    per: c.per,
+                    max_wait: c.max_wait,
+                    paths: Paths::new(&c.paths),
+                    view,
+                    description,
+                    stats: Stats::default(),
+                };
+                Cap { named, max, keys: Keyed::new() }
+            })
+            .collect();
+        // The lock order, and the narrowest-first order of the module doc.
+        rates.sort_by_key(|r| r.named.per);
+        caps.sort_by_key(|c| c.named.per);
+        Self { id: id.to_owned(), rates, caps, freed: tokio::sync::Notify::new(), waiting: AtomicUsize::new(0) }
+    }
+
+    fn limits(&self) -> impl Iterator<Item = &Named> {
+        self.rates.iter().map(|r| &r.named).chain(self.caps.iter().map(|c| &c.named))
+    }
+
+    fn check(self: &Arc<Self>, epoch: Instant, connection: &str, org: &str, path: &str) -> Verdict {
+        let now = Instant::now();
+        let wait = match self.reserve(epoch, now, connection, org, path) {
+            Ok(w) => w,
+            Err(r) => return Verdict::No(r),
+        };
+        if self.caps.is_empty() && wait.is_zero() {
+            return Verdict::Go(None);
+        }
+        let keys = Held::new(self, connection, org, path);
+        if wait.is_zero() {
+            match self.try_hold(&keys) {
+                Ok(()) => return Verdict::Go(Some(Permit { quota: self.clone(), keys })),
+                Err(full) if self.caps[full].named.max_wait.is_zero() => {
+                    return Verdict::No(self.caps[full].named.refusal(
+                        Refused::InFlight,
+                        &self.id,
+                        Duration::from_secs(1),
+                    ))
+                }
+                Err(_) => {}
+            }
+        }
+        let this = self.clone();
+        Verdict::Wait(Box::pin(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep_until((now + wait).into()).await;
+            }
+            this.hold_waiting(keys).await.map(Some)
+        }))
+    }
+
+    /// Reserves a cell of every rate limit that applies, all or none:
+    /// how long until the reservation's time, or the refusal of a limit
+    /// whose wait exceeds its `max_wait`.
+    fn reserve(
+        &self,
+        epoch: Instant,
+        now: Instant,
+        connection: &str,
+        org: &str,
+        path: &str,
+    ) -> Result<Duration, Refusal> {
+        if self.rates.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let t = nanos_since(epoch, now);
+        // Held together: the decision covers every limit at once.
+        let mut slots: [Option<(limiters::Slot<'_>, &str, u64)>; MAX_LIMITS] = Default::default();
+        let mut wait = 0u64;
+        let mut over: Option<(usize, u64)> = None;
+        for (i, r) in self.rates.iter().enumerate() {
+            if !r.named.paths.matches(path) {
+                continue;
+            }
+            let key = r.named.key(connection, org);
+            let slot = r.keys.lock(key);
+            let tat = slot.get(key);
+            let w = r.gcra.wait(tat, t);
+            if w > r.named.max_wait.as_nanos() as u64 && over.is_none_or(|(_, o)| w > o) {
+                over = Some((i, w));
+            }
+            wait = wait.max(w);
+            slots[i] = Some((slot, key, tat));
+        }
+        if let Some((i, w)) = over {
+            drop(slots);
+            return Err(self.rates[i].named.refusal(Refused::Rate, &self.id, Duration::from_nanos(w)));
+        }
+        let at = t + wait;
+        for (i, s) in slots.iter_mut().enumerate() {
+            if let Some((slot, key, tat)) = s {
+                let r = &self.rates[i];
+                slot.set(key, r.gcra.admit(*tat, at), |v| Gcra::is_stale(v, t));
+                if wait > 0 {
+                    r.named.waited(Duration::from_nanos(wait));
+                }
+            }
+        }
+        Ok(Duration::from_nanos(wait))
+    }
+
+    /// Takes a place under every cap that applies, or none: the index of
+    /// a full one.
+    fn try_hold(&self, held: &Held) -> Result<(), usize> {
+        for (n, (i, key)) in held.keys.iter().enumerate() {
+            let c = &self.caps[*i];
+            let mut slot = c.keys.lock(key);
+            let v = slot.get(key);
+            if v >= c.max {
+                drop(slot);
+                for (j, key) in &held.keys[..n] {
+                    self.release_one(*j, key);
+                }
+                return Err(*i);
+            }
+            slot.set(key, v + 1, |v| v == 0);
+        }
+        Ok(())
+    }
+
+    fn release_one(&self, i: usize, key: &str) {
+        let mut slot = self.caps[i].keys.lock(key);
+        match slot.get(key) {
+            0 | 1 => slot.remove(key),
+            v => slot.set(key, v - 1, |v| v == 0),
+        }
+    }
+
+    /// Waits for a place under every cap, up to the `max_wait` of the
+    /// first one found full.
+    async fn hold_waiting(self: Arc<Self>, held: Held) -> Result<Permit, Refusal> {
+        let started = Instant::now();
+        let mut deadline: Option<(usize, Instant)> = None;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            self.waiting.fetch_add(1, Relaxed);
+            let r = self.try_hold(&held);
+            let full = match r {
+                Ok(()) => {
+                    self.waiting.fetch_sub(1, Relaxed);
+                    if let Some((i, _)) = deadline {
+                        self.caps[i].named.waited(started.elapsed());
+                    }
+                    return Ok(Permit { quota: self.clone(), keys: held });
+                }
+                Err(i) => i,
+            };
+            let (i, until) = *deadline.get_or_insert_with(|| (full, started + self.caps[full].named.max_wait));
+            let timed_out = tokio::time::timeout_at(until.into(), freed).await.is_err();
+            self.waiting.fetch_sub(1, Relaxed);
+            if timed_out {
+                return Err(self.caps[i].named.refusal(Refused::InFlight, &self.id, Duration::from_secs(1)));
+            }
+        }
+    }
+}
+
+/// The in-flight keys a request holds: (cap index, key).
+struct Held {
+    keys: Vec<(usize, Box<str>)>,
+}
+
+impl Held {
+    fn new(q: &IntegrationQuota, connection: &str, org: &str, path: &str) -> Self {
+        let keys = q
+            .caps
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.named.paths.matches(path))
+            .map(|(i, c)| (i, Box::from(c.named.key(connection, org))))
+            .collect();
+        Self { keys }
+    }
+}
+
+/// Places under in-flight caps, given back when dropped (the proxy keeps
+/// it with the response body until the body ends or is dropped).
+pub struct Permit {
+    quota: Arc<IntegrationQuota>,
+    keys: Held,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        for (i, key) in &self.keys.keys {
+            self.quota.release_one(*i, key);
+        }
+        if !self.keys.keys.is_empty() && self.quota.waiting.load(Relaxed) > 0 {
+            self.quota.freed.notify_waiters();
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit").field("integration", &self.quota.id).finish_non_exhaustive()
+    }
+}
+
+/// `paths` of a limit: `*` matches any run of characters.
+struct Paths(Vec<Vec<String>>);
+
+impl Paths {
+    fn new(patterns: &[String]) -> Self {
+        Self(patterns.iter().map(|p| p.split('*').map(str::to_owned).collect()).collect())
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|parts| glob(parts, path))
+    }
+}
+
+/// `parts` is a pattern split at its `*`s.
+fn glob(parts: &[String], path: &str) -> bool {
+    let [first, middle @ .., last] = parts else {
+        return parts.first().is_some_and(|p| p == path);
+    };
+    let Some(mut rest) = path.strip_prefix(first.as_str()) else { return false };
+    for m in middle {
+        match rest.find(m.as_str()) {
+            Some(at) => rest = &rest[at + m.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last.as_str())
+}
+
+fn whole_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000).max(1) as u64
+}
+
+/// `Retry-After`: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+fn retry_after(value: &[u8], now: i64) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse().ok().map(Duration::from_secs);
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+    Some(Duration::from_secs(at.saturating_sub(now).max(0) as u64))
+}
+
+/// `X-RateLimit-Reset` / `RateLimit-Reset`: a Unix time (above 10^9) or
+/// seconds from now.
+fn reset_at(value: &[u8], now: i64) -> Option<Duration> {
+    let n: i64 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
+    let secs = if n > 1_000_000_000 { n.saturating_sub(now) } else { n };
+    (secs >= 0).then(|| Duration::from_secs(secs as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quotas(rates: Vec<RateLimit>, caps: Vec<InFlightLimit>) -> Quotas {
+        let mut q = Quotas::none();
+        q.cooldowns = Cooldowns::new(std::iter::once("gh".to_owned()), None);
+        q.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates, &caps, 1)));
+        q.backoff.insert("gh".into(), Backoff::default());
+        q
+    }
+
+    fn rate(per: Per, requests: u32, secs: u64, max_wait_ms: u64) -> RateLimit {
+        RateLimit {
+            name: None,
+            per,
+            requests,
+            period: Duration::from_secs(secs),
+            burst: None,
+            max_wait: Duration::from_millis(max_wait_ms),
+            paths: vec![],
+        }
+    }
+
+    fn go(v: Verdict) -> Option<Permit> {
+        match v {
+            Verdict::Go(p) => p,
+            Verdict::Wait(_) => panic!("waits"),
+            Verdict::No(r) => panic!("refused: {}", r.description),
+        }
+    }
+
+    fn refused(v: Verdict) -> Refusal {
+        match v {
+            Verdict::No(r) => r,
+            _ => panic!("admitted"),
+        }
+    }
+
+    #[test]
+    fn a_connection_limit_is_per_connection_and_names_itself() {
+        let q = quotas(vec![rate(Per::Connection, 2, 60, 0)], vec![]);
+        for _ in 0..2 {
+            go(q.check("gh", "conn_a", "org", "/"));
+        }
+        let r = refused(q.check("gh", "conn_a", "org", "/"));
+        assert_eq!((r.kind, r.retry_after_secs), (Refused::Rate, 30));
+        assert_eq!(r.limit["name"], "connection");
+        assert!(r.description.contains("2 requests per 1m per connection"), "{}", r.description);
+        go(q.check("gh", "conn_b", "org", "/"));
+        // Other integrations are not limited.
+        go(q.check("other", "conn_a", "org", "/"));
+    }
+
+    #[test]
+    fn an_integration_limit_is_shared_and_a_refusal_spends_no_cell() {
+        let q = quotas(vec![rate(Per::Integration, 3, 60, 0), rate(Per::Connection, 2, 60, 0)], vec![]);
+        go(q.check("gh", "conn_a", "org", "/"));
+        go(q.check("gh", "conn_a", "org", "/"));
+        // Refused by the connection's limit: the integration's third cell is left.
+        assert_eq!(refused(q.check("gh", "conn_a", "org", "/")).limit["per"], "connection");
+        go(q.check("gh", "conn_b", "org", "/"));
+        assert_eq!(refused(q.check("gh", "conn_b", "org", "/")).limit["per"], "integration");
+    }
+
+    #[tokio::test]
+    async fn max_wait_reserves_a_turn() {
+        // One cell every 20 ms, bursts of 5, waits of up to 100 ms.
+        let mut r = rate(Per::Connection, 50, 1, 100);
+        r.burst = Some(5);
+        let q = quotas(vec![r], vec![]);
+        let started = tokio::time::Instant::now();
+        for _ in 0..5 {
+            go(q.check("gh", "conn_a", "org", "/"));
+        }
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            match q.check("gh", "conn_a", "org", "/") {
+                Verdict::Wait(w) => waits.push(w),
+                _ => panic!("should wait"),
+            }
+        }
+        // The eleventh would wait 120 ms: more than max_wait.
+        let r = refused(q.check("gh", "conn_a", "org", "/"));
+        assert_eq!((r.kind, r.retry_after_secs), (Refused::Rate, 1));
+        for w in waits {
+            assert!(w.await.is_ok());
+        }
+        assert!(started.elapsed() >= Duration::from_millis(99), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn in_flight_places_come_back_when_permits_drop() {
+        let cap = InFlightLimit {
+            name: None,
+            per: Per::Connection,
+            max_in_flight: 2,
+            max_wait: Duration::ZERO,
+            paths: vec![],
+        };
+        let q = quotas(vec![], vec![cap.clone()]);
+        let a = go(q.check("gh", "conn_a", "org", "/"));
+        let _b = go(q.check("gh", "conn_a", "org", "/"));
+        assert_eq!(refused(q.check("gh", "conn_a", "org", "/")).kind, Refused::InFlight);
+        go(q.check("gh", "conn_b", "org", "/"));
+        drop(a);
+        let _c = go(q.check("gh", "conn_a", "org", "/"));
+        // With max_wait, a request waits for a place.
+        let q = Arc::new(quotas(vec![], vec![InFlightLimit { max_wait: Duration::from_secs(5), ..cap }]));
+        let a = go(q.check("gh", "conn_a", "org", "/"));
+        let _b = go(q.check("gh", "conn_a", "org", "/"));
+        let Verdict::Wait(w) = q.check("gh", "conn_a", "org", "/") else { panic!("should wait") };
+        let waiter = tokio::spawn(w);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        drop(a);
+        let held = tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("woken").unwrap();
+        assert!(held.is_ok());
+    }
+
+    #[test]
+    fn paths_select_requests() {
+        let mut r = rate(Per::Connection, 1, 60, 0);
+        r.paths = vec!["/search/*".into(), "/repos/*/issues".into()];
+        let q = quotas(vec![r], vec![]);
+        go(q.check("gh", "conn_a", "org", "/search/code"));
+        refused(q.check("gh", "conn_a", "org", "/search/issues"));
+        refused(q.check("gh", "conn_a", "org", "/repos/o/r/issues"));
+        go(q.check("gh", "conn_a", "org", "/user"));
+        go(q.check("gh", "conn_a", "org", "/repos/o/r/pulls"));
+        assert!(glob(&["/a".into()], "/a") && !glob(&["/a".into()], "/ab"));
+        assert!(glob(&["".into(), "".into()], "/anything"));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_a_date_and_reset_fields() {
+        let now = 1_700_000_000;
+        assert_eq!(retry_after(b"2", now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(b" 120 ", now), Some(Duration::from_secs(120)));
+        let date = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(now as u64 + 30));
+        assert_eq!(retry_after(date.as_bytes(), now), Some(Duration::from_secs(30)));
+        assert_eq!(retry_after(b"soon", now), None);
+        assert_eq!(retry_after(b"-1", now), None);
+        assert_eq!(reset_at(b"1700000042", now), Some(Duration::from_secs(42)));
+        assert_eq!(reset_at(b"7", now), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn an_upstream_429_cools_the_connection_down() {
+        let q = quotas(vec![], vec![]);
+        let field =
+            |v: &'static str| move |name: &str| (name == "retry-after").then(|| Bytes::from_static(v.as_bytes()));
+        assert_eq!(q.learn("gh", "conn_a", 200, field("5")), None);
+        assert_eq!(q.learn("gh", "conn_a", 429, field("soon")), None);
+        assert_eq!(q.learn("gh", "conn_a", 429, field("5")), Some(Duration::from_secs(5)));
+        let r = refused(q.check("gh", "conn_a", "org", "/"));
+        assert_eq!((r.kind, r.retry_after_secs), (Refused::Cooldown, 5));
+        go(q.check("gh", "conn_b", "org", "/"));
+        assert_eq!(q.cooldown_of("gh", "conn_a").map(|c| c.scope), Some(CooldownScope::Connection));
+        // At most max_cooldown.
+        assert_eq!(q.learn("gh", "conn_b", 503, field("999999")), Some(Duration::from_secs(3600)));
+    }
+}
