@@ -443,7 +443,7 @@ async fn forward(
             if up_scheme != scheme || port != Some(up_port) {
                 uri = rebuild_uri(&uri, up_scheme, host, up_port)?;
             }
-            // 7. Quotas: a cool-down the upstream asked for, rate limits
+            // 6. Quotas: a cool-down the upstream asked for, rate limits
             // (perhaps waiting for a reserved turn), in-flight caps.
             let integration = resolved.integration.id.as_str();
             let permit = match state.quotas.check(integration, id, org, uri.path()) {
@@ -454,7 +454,7 @@ async fn forward(
             // For `last_used_at` (an atomic load, but once a minute).
             state.connections.note_use(&resolved);
 
-            // 6, 8, 9. Fresh token, inject, forward (and the OAuth2 401 retry).
+            // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (mut resp, renewal) =
                 state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
             access.renewal = renewal;
@@ -474,7 +474,7 @@ async fn forward(
         }
     };
 
-    // 10. Respond: stream the body back, minus hop-by-hop headers.
+    // 11. Respond: stream the body back, minus hop-by-hop headers.
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, ProxyBody::Upstream(rbody)))

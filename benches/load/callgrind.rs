@@ -49,6 +49,8 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
         }
     };
     let cp_ir = counted(one_thread.clone(), Setup::via, "credproxy").await;
+    // Generous quotas checked on every request.
+    let limits_ir = counted(one_thread.clone(), Setup::via_limited, "credproxy+limits").await;
     // Shared mode: the same, with a run token on every request.
     let shared = dir.join("credproxy-shared-1.toml");
     let text = std::fs::read_to_string(&one_thread).unwrap();
@@ -76,6 +78,10 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     println!(
         "credproxy-shared {shared_ir:.0} instructions per request, credproxy-shared/credproxy {:.3}",
         shared_ir / cp_ir
+    );
+    println!(
+        "credproxy+limits {limits_ir:.0} instructions per request, credproxy+limits/credproxy {:.3}",
+        limits_ir / cp_ir
     );
 }
 

@@ -4,6 +4,9 @@
 //! - `direct`: the load generator talks to the upstream itself;
 //! - `credproxy`: absolute-form `http://` through credproxy, bearer connection
 //!   (cache hit), the built release binary as its own process;
+//! - `credproxy+limits`: the same process, a connection of an integration
+//!   with generous quotas (rate limits per connection and per integration,
+//!   an in-flight cap) that never bite: what checking them costs;
 //! - `credproxy+accesslog`: the same with the default access log (one line
 //!   per request to stderr), which the other rows and nginx have off;
 //! - `credproxy-shared`: the same in shared mode, a run token in

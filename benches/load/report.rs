@@ -53,6 +53,12 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool) {
         let (_, p99, rps) = ratios(cpx, direct);
         println!("credproxy/direct: throughput {rps:.2}, p99 {p99:.2}");
     }
+    if let (Some(limited), Some(cpx)) = (get("credproxy+limits"), get("credproxy")) {
+        let (cpu, p99, rps) = ratios(limited, cpx);
+        println!(
+            "credproxy+limits/credproxy: CPU per request {cpu:.2} (target ≤ 1.03), p99 {p99:.2}, throughput {rps:.2}"
+        );
+    }
     if let (Some(shared), Some(cpx)) = (get("credproxy-shared"), get("credproxy")) {
         let (cpu, p99, rps) = ratios(shared, cpx);
         println!(

@@ -146,9 +146,14 @@ pub fn credproxy_bin() -> &'static Path {
 
 /// A bearer connection for the bench integration, through the admin API.
 async fn create_connection(admin: SocketAddr) -> String {
+    create_connection_of(admin, "bench").await
+}
+
+/// A bearer connection for `integration`, through the admin API.
+async fn create_connection_of(admin: SocketAddr, integration: &str) -> String {
     let client = AdminClient::new(&format!("http://{admin}"), SecretValue::from(ADMIN_TOKEN)).unwrap();
     let body = serde_json::json!({
-        "integration": "bench", "auth_method": "bearer", "org_id": ORG, "user_id": "u",
+        "integration": integration, "auth_method": "bearer", "org_id": ORG, "user_id": "u",
         "credentials": {"token": TOKEN},
     });
     let v = client.call(http::Method::POST, "/v1/connections", Some(&body)).await.expect("connection created");
@@ -172,10 +177,20 @@ fn credproxy_files(dir: &Path, workers: usize) -> (PathBuf, PathBuf) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ints = dir.join("integrations");
     std::fs::create_dir(&ints).unwrap();
+    let bench = "name = \"bench\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
+                 [[auth_methods]]\nid = \"bearer\"\ntype = \"bearer\"\n";
+    std::fs::write(ints.join("bench.toml"), format!("id = \"bench\"\n{bench}")).unwrap();
+    // The same with generous quotas that never bite: a rate limit per
+    // connection and one per integration, an in-flight cap per connection
+    // (the `credproxy+limits` row: what checking them costs).
     std::fs::write(
-        ints.join("bench.toml"),
-        "id = \"bench\"\nname = \"bench\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
-         [[auth_methods]]\nid = \"bearer\"\ntype = \"bearer\"\n",
+        ints.join("bench-limited.toml"),
+        format!(
+            "id = \"bench-limited\"\n{bench}\
+             [[rate_limits]]\nper = \"connection\"\nrequests = 100000000\nperiod = \"1s\"\n\
+             [[rate_limits]]\nper = \"integration\"\nrequests = 100000000\nperiod = \"1s\"\n\
+             [[in_flight_limits]]\nper = \"connection\"\nmax_in_flight = 100000\n"
+        ),
     )
     .unwrap();
     let config = dir.join("credproxy.toml");
@@ -319,6 +334,8 @@ pub struct Setup {
     upstream_tls: SocketAddr,
     pub config: PathBuf,
     pub conn_id: String,
+    /// A connection of `bench-limited` (generous quotas).
+    limited_conn: String,
     tls: tokio_rustls::TlsConnector,
     credproxy: Served,
     credproxy_log: Served,
@@ -346,6 +363,7 @@ impl Setup {
         let (credproxy, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), off, AUDIT_OFF).await;
         let (credproxy_log, _) = spawn_credproxy(&[], credproxy_bin(), &config, dir.path(), "info", &[]).await;
         let conn_id = create_connection(credproxy.admin).await;
+        let limited_conn = create_connection_of(credproxy.admin, "bench-limited").await;
         // The same store and signing key in shared mode: every request
         // carries a run token (minted by the sidecar instance, same key).
         let shared_config = dir.path().join("credproxy-shared.toml");
@@ -382,6 +400,7 @@ impl Setup {
             upstream_tls,
             config,
             conn_id,
+            limited_conn,
             tls,
             credproxy,
             credproxy_log,
@@ -407,6 +426,11 @@ impl Setup {
         Target::Proxy { proxy, upstream: self.upstream, conn_id: Some(conn.to_owned()), auth: None }
     }
 
+    /// A forward-proxy target on `proxy` with the `bench-limited` connection.
+    pub fn via_limited(&self, proxy: SocketAddr) -> Target {
+        self.via_conn(proxy, &self.limited_conn)
+    }
+
     /// The baseline's connection (in its own store), when there is a baseline.
     pub fn baseline_conn(&self) -> Option<&str> {
         self.baseline_conn.as_deref()
@@ -429,6 +453,7 @@ impl Setup {
         let mut systems = vec![
             row("direct", Target::Direct(self.upstream), None, false),
             row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
+            row("credproxy+limits", self.via_limited(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
             row("credproxy-shared", self.via_shared(self.shared.proxy), self.shared.child.id(), true),
             row(
