@@ -35,7 +35,7 @@ use crate::integrations::Integrations;
 use crate::store::Store;
 pub use cooldown::ActiveCooldown;
 use cooldown::Cooldowns;
-use limiters::{nanos_since, Gcra, Keyed};
+use limiters::{nanos_since, Gcra, Key, Keyed};
 
 /// Every integration's limiters and the cool-downs in force.
 pub struct Quotas {
@@ -223,6 +223,18 @@ struct Named {
 }
 
 impl Named {
+    fn new(
+        name: String,
+        kind: &'static str,
+        per: Per,
+        max_wait: Duration,
+        paths: &[String],
+        view: Value,
+        description: String,
+    ) -> Self {
+        Self { name, kind, per, max_wait, paths: Paths::new(paths), view, description, stats: Stats::default() }
+    }
+
     fn key<'k>(&self, connection: &'k str, org: &'k str) -> &'k str {
         match self.per {
             Per::Connection => connection,
@@ -291,16 +303,7 @@ impl IntegrationQuota {
                     "period_secs": r.period.as_secs_f64(), "burst": burst, "instances": instances,
                     "max_wait_secs": r.max_wait.as_secs_f64(),
                 });
-                let named = Named {
-                    name,
-                    kind: "rate",
-                    per: r.per,
-                    max_wait: r.max_wait,
-                    paths: Paths::new(&r.paths),
-                    view,
-                    description,
-                    stats: Stats::default(),
-                };
+                let named = Named::new(name, "rate", r.per, r.max_wait, &r.paths, view, description);
                 Rate { named, gcra, keys: Keyed::new() }
             })
             .collect();
@@ -317,16 +320,7 @@ impl IntegrationQuota {
                     "name": name, "kind": "in_flight", "per": c.per.as_str(), "max_in_flight": max,
                     "max_wait_secs": c.max_wait.as_secs_f64(),
                 });
-                let named = Named {
-                    name,
-                    kind: "in_flight",
-                    per: c.per,
-                    max_wait: c.max_wait,
-                    paths: Paths::new(&c.paths),
-                    view,
-                    description,
-                    stats: Stats::default(),
-                };
+                let named = Named::new(name, "in_flight", c.per, c.max_wait, &c.paths, view, description);
                 Cap { named, max, keys: Keyed::new() }
             })
             .collect();
@@ -388,14 +382,14 @@ impl IntegrationQuota {
         }
         let t = nanos_since(epoch, now);
         // Held together: the decision covers every limit at once.
-        let mut slots: [Option<(limiters::Slot<'_>, &str, u64)>; MAX_LIMITS] = Default::default();
+        let mut slots: [Option<(limiters::Slot<'_>, Key, u64)>; MAX_LIMITS] = Default::default();
         let mut wait = 0u64;
         let mut over: Option<(usize, u64)> = None;
         for (i, r) in self.rates.iter().enumerate() {
             if !r.named.paths.matches(path) {
                 continue;
             }
-            let key = r.named.key(connection, org);
+            let key = r.keys.key(r.named.key(connection, org));
             let slot = r.keys.lock(key);
             let tat = slot.get(key);
             let w = r.gcra.wait(tat, t);
@@ -413,7 +407,7 @@ impl IntegrationQuota {
         for (i, s) in slots.iter_mut().enumerate() {
             if let Some((slot, key, tat)) = s {
                 let r = &self.rates[i];
-                slot.set(key, r.gcra.admit(*tat, at), |v| Gcra::is_stale(v, t));
+                slot.set(*key, r.gcra.admit(*tat, at), |v| Gcra::is_stale(v, t));
                 if wait > 0 {
                     r.named.waited(Duration::from_nanos(wait));
                 }
@@ -425,28 +419,28 @@ impl IntegrationQuota {
     /// Takes a place under every cap that applies, or none: the index of
     /// a full one.
     fn try_hold(&self, held: &Held) -> Result<(), usize> {
-        for (n, (i, key)) in held.keys.iter().enumerate() {
-            let c = &self.caps[*i];
+        for (n, &(i, key)) in held.keys().iter().enumerate() {
+            let c = &self.caps[i];
             let mut slot = c.keys.lock(key);
             let v = slot.get(key);
             if v >= c.max {
                 drop(slot);
-                for (j, key) in &held.keys[..n] {
-                    self.release_one(*j, key);
+                for &(j, key) in &held.keys()[..n] {
+                    self.release_one(j, key);
                 }
-                return Err(*i);
+                return Err(i);
             }
             slot.set(key, v + 1, |v| v == 0);
         }
         Ok(())
     }
 
-    fn release_one(&self, i: usize, key: &str) {
+    /// Gives a place back. The key stays (at 0 it is swept with the
+    /// shard's other idle keys): no allocation per request.
+    fn release_one(&self, i: usize, key: Key) {
         let mut slot = self.caps[i].keys.lock(key);
-        match slot.get(key) {
-            0 | 1 => slot.remove(key),
-            v => slot.set(key, v - 1, |v| v == 0),
-        }
+        let v = slot.get(key);
+        slot.set(key, v.saturating_sub(1), |v| v == 0);
     }
 
     /// Waits for a place under every cap, up to the `max_wait` of the
@@ -482,19 +476,22 @@ impl IntegrationQuota {
 
 /// The in-flight keys a request holds: (cap index, key).
 struct Held {
-    keys: Vec<(usize, Box<str>)>,
+    keys: [(usize, Key); MAX_LIMITS],
+    len: usize,
 }
 
 impl Held {
     fn new(q: &IntegrationQuota, connection: &str, org: &str, path: &str) -> Self {
-        let keys = q
-            .caps
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.named.paths.matches(path))
-            .map(|(i, c)| (i, Box::from(c.named.key(connection, org))))
-            .collect();
-        Self { keys }
+        let mut held = Self { keys: [(0, Key::default()); MAX_LIMITS], len: 0 };
+        for (i, c) in q.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)) {
+            held.keys[held.len] = (i, c.keys.key(c.named.key(connection, org)));
+            held.len += 1;
+        }
+        held
+    }
+
+    fn keys(&self) -> &[(usize, Key)] {
+        &self.keys[..self.len]
     }
 }
 
@@ -507,10 +504,10 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for (i, key) in &self.keys.keys {
-            self.quota.release_one(*i, key);
+        for &(i, key) in self.keys.keys() {
+            self.quota.release_one(i, key);
         }
-        if !self.keys.keys.is_empty() && self.quota.waiting.load(Relaxed) > 0 {
+        if self.keys.len > 0 && self.quota.waiting.load(Relaxed) > 0 {
             self.quota.freed.notify_waiters();
         }
     }

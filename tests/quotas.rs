@@ -33,6 +33,18 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
+/// Sends `GET url` with `conn` until one is answered 200, for at most `within`.
+async fn answered_within(proxy: std::net::SocketAddr, url: &str, conn: &str, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        if proxy_request(proxy, "GET", url, Some(conn), None).await.0 == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// One answer of a flood: status, headers, body, how long it took.
 type Answer = (u16, Vec<(String, String)>, Vec<u8>, Duration);
 
@@ -231,29 +243,17 @@ async fn an_in_flight_cap_frees_at_the_end_of_the_body_and_on_disconnect() {
     // The short body ends: its place is free.
     let body = short.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body.len(), 10);
-    let mut freed = false;
-    for _ in 0..20 {
-        if proxy_request(proxy, "GET", &quick, Some(&conn), None).await.0 == 200 {
-            freed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(freed, "the place of a finished body came back");
+    assert!(
+        answered_within(proxy, &quick, &conn, Duration::from_secs(1)).await,
+        "the place of a finished body came back"
+    );
     // Two in flight again; then a client goes away mid-body.
     let (dropped, driver) = open(8).await;
     assert_eq!(proxy_request(proxy, "GET", &quick, Some(&conn), None).await.0, 429);
     drop(dropped);
     driver.abort();
-    let gone = Instant::now();
-    loop {
-        let (status, ..) = proxy_request(proxy, "GET", &quick, Some(&conn), None).await;
-        if status == 200 {
-            break;
-        }
-        assert!(gone.elapsed() < Duration::from_secs(4), "the place of a disconnected client never came back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let freed = answered_within(proxy, &quick, &conn, Duration::from_secs(4)).await;
+    assert!(freed, "the place of a disconnected client came back (its body had 6 s to go)");
 }
 
 /// A server block for nginx: 429s with `Retry-After` (and one with only
@@ -313,15 +313,7 @@ async fn an_upstream_429_cools_the_connection_down_for_its_retry_after() {
     assert_eq!(nginx.count("/ok"), 1, "only b's request reached the upstream during a's cool-down");
     // Then it flows again.
     tokio::time::sleep(Duration::from_millis(2100).saturating_sub(learnt.elapsed())).await;
-    let mut flowing = false;
-    for _ in 0..10 {
-        if proxy_request(proxy, "GET", &ok, Some(&a), None).await.0 == 200 {
-            flowing = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(flowing, "requests flow again after the cool-down");
+    assert!(answered_within(proxy, &ok, &a, Duration::from_secs(1)).await, "requests flow again after the cool-down");
     let metrics = curl(&[&format!("{}/metrics", h.admin_url())], &[]).await.text();
     let refusals = format!("credproxy_quota_cooldown_refusals_total{{integration=\"cooling\"}} {refused}\n");
     assert!(metrics.contains(&refusals), "{refusals} in {metrics}");

@@ -60,7 +60,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let base_ir = match (&k.baseline_bin, setup.baseline_conn()) {
         (Some(base), Some(conn)) => {
             // The baseline's own store (see `Setup::start`).
-            let (bv, _) = spawn_credproxy(&wrapper, base, &baseline_config(&one_thread), dir, log, &[]).await;
+            let (bv, _) = spawn_credproxy(&wrapper, base, &baseline_config(&one_thread), dir, log, audit).await;
             let pid = bv.child.id().unwrap();
             Some(instructions_per_request(&control, &cg, pid, &setup.via_conn(bv.proxy, conn), dur, tck).await)
         }

@@ -214,10 +214,21 @@ pub fn credproxy_config(dir: &Path, ints: &Path, ca: &Path, workers: usize) -> S
 }
 
 /// `config` with its own SQLite store, written beside it: the baseline's.
+/// Its integrations are `bench` alone: a baseline build may predate what
+/// the others declare (quotas).
 pub fn baseline_config(config: &Path) -> PathBuf {
     let text = std::fs::read_to_string(config).unwrap();
+    let dir = config.parent().unwrap();
+    let ints = dir.join("integrations-baseline");
+    if !ints.exists() {
+        std::fs::create_dir(&ints).unwrap();
+        std::fs::copy(dir.join("integrations/bench.toml"), ints.join("bench.toml")).unwrap();
+    }
     let out = config.with_file_name(format!("{}-baseline.toml", config.file_stem().unwrap().to_string_lossy()));
-    std::fs::write(&out, text.replace("/credproxy.db\"", "/baseline.db\"")).unwrap();
+    let text = text
+        .replace("/credproxy.db\"", "/baseline.db\"")
+        .replace(&format!("{}\"", dir.join("integrations").display()), &format!("{}\"", ints.display()));
+    std::fs::write(&out, text).unwrap();
     out
 }
 
@@ -374,12 +385,13 @@ impl Setup {
         // LOAD_BASELINE_BIN adds a `baseline` row with the same config and
         // key, so one run says what a change bought. Its own store, with its
         // own copy of the connection: a build from before a store migration
-        // refuses a store migrated by this one. No audit setting: a baseline
-        // build may predate it.
+        // refuses a store migrated by this one. The audit trail as the
+        // credproxy row has it (a baseline from before the audit trail
+        // needs LOAD_ACCESS_LOG=1).
         let (baseline, baseline_conn) = match &k.baseline_bin {
             Some(bin) => {
                 let config = baseline_config(&config);
-                let served = spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), &[]).await.0;
+                let served = spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), k.baseline_env()).await.0;
                 let conn = create_connection(served.admin).await;
                 (Some(served), Some(conn))
             }

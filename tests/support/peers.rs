@@ -327,36 +327,42 @@ pub async fn start_h2_httpbin() -> H2Httpbin {
         "{} is missing: run the suite with `scripts/test` (it installs tests/peers/requirements.txt, hypercorn included)",
         bin.display()
     );
+    let certs = repo().join("certs/test");
+    let (certfile, keyfile) = (certs.join("httpbin.pem"), certs.join("httpbin.key"));
+    let tls = ["--certfile".as_ref(), certfile.as_os_str(), "--keyfile".as_ref(), keyfile.as_os_str()];
+    let (port, log, dir, child) =
+        httpbin_with_access_log(&bin, &tls, "protocol=%(H)s %(m)s %(U)s status=%(s)s peer=%(h)s").await;
+    H2Httpbin { url: format!("https://127.0.0.1:{port}"), log, _dir: dir, _child: child }
+}
+
+/// httpbin served by `bin` (gunicorn or hypercorn, with `args`) on a free
+/// loopback port, one line per request in its access log (`format`):
+/// the port, the log, the directory it is in, the process.
+async fn httpbin_with_access_log(
+    bin: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    format: &str,
+) -> (u16, PathBuf, tempfile::TempDir, tokio::process::Child) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let certs = repo().join("certs/test");
-    let child = tokio::process::Command::new(&bin)
-        .arg("--certfile")
-        .arg(certs.join("httpbin.pem"))
-        .arg("--keyfile")
-        .arg(certs.join("httpbin.key"))
-        .args([
-            "-b",
-            &format!("127.0.0.1:{port}"),
-            "--access-logformat",
-            "protocol=%(H)s %(m)s %(U)s status=%(s)s peer=%(h)s",
-            "--access-logfile",
-        ])
+    let child = tokio::process::Command::new(bin)
+        .args(args)
+        .args(["-b", &format!("127.0.0.1:{port}"), "--access-logformat", format, "--access-logfile"])
         .arg(&log)
         .arg("httpbin:app")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("hypercorn starts");
+        .unwrap_or_else(|e| panic!("{} starts: {e}", bin.display()));
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return H2Httpbin { url: format!("https://127.0.0.1:{port}"), log, _dir: dir, _child: child };
+            return (port, log, dir, child);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("hypercorn did not listen on 127.0.0.1:{port} within 20 s");
+    panic!("{} did not listen on 127.0.0.1:{port} within 20 s", bin.display());
 }
 
 pub fn aws_env() {
@@ -467,26 +473,9 @@ impl LoggedHttpbin {
         let python = PathBuf::from(python());
         let bin = python.with_file_name("gunicorn");
         assert!(bin.exists(), "{} is missing: run the suite with `scripts/test`", bin.display());
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("access.log");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = tokio::process::Command::new(&bin)
-            .args(["-b", &format!("127.0.0.1:{port}"), "-w", "1", "-k", "gthread", "--threads", "32"])
-            .args(["--access-logformat", "%(m)s %(U)s %(s)s", "--access-logfile"])
-            .arg(&log)
-            .arg("httpbin:app")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("gunicorn starts");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return LoggedHttpbin { url: format!("http://127.0.0.1:{port}"), log, _dir: dir, _child: child };
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("gunicorn (httpbin) did not listen on 127.0.0.1:{port} within 20 s");
+        let workers = ["-w", "1", "-k", "gthread", "--threads", "32"].map(std::ffi::OsStr::new);
+        let (port, log, dir, child) = httpbin_with_access_log(&bin, &workers, "%(m)s %(U)s %(s)s").await;
+        LoggedHttpbin { url: format!("http://127.0.0.1:{port}"), log, _dir: dir, _child: child }
     }
 
     /// Requests for `uri` (path, no query) it has logged so far.
