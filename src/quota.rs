@@ -123,6 +123,9 @@ impl Quotas {
         if let Some(r) = self.cooldowns.refusal(integration, connection) {
             return Verdict::No(r);
         }
+        if self.limited.is_empty() {
+            return Verdict::Go(None);
+        }
         match self.limited.get(integration) {
             None => Verdict::Go(None),
             Some(q) => q.check(self.epoch, connection, org, path),

@@ -175,6 +175,10 @@ impl Eq for Key {}
 struct H1 {
     key: Key,
     conn: h1::client::Conn<Io>,
+    /// What the response being read holds until its body ends (an
+    /// in-flight permit): kept here, not in [`PooledBody`], whose size
+    /// every layer of the pipeline moves.
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 struct Idle {
@@ -256,11 +260,8 @@ impl Pool {
             match h1.conn.send(&parts, body, deadline).await {
                 Ok(resp) => {
                     let (parts, fields) = resp.into_parts();
-                    let mut pooled = PooledBody {
-                        inner: Inner::H1(Some((h1, self.clone(), now))),
-                        fields: Some(fields),
-                        held: None,
-                    };
+                    let mut pooled =
+                        PooledBody { inner: Inner::H1(Some((h1, self.clone(), now))), fields: Some(fields) };
                     if pooled.is_end_stream() {
                         pooled.release();
                     }
@@ -392,7 +393,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
 }
 
 fn fresh_h1(key: Key, io: Io, body_idle: Duration) -> Fresh {
-    Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io, body_idle) }))
+    Fresh::H1(Box::new(H1 { key, conn: h1::client::Conn::new(io, body_idle), held: None }))
 }
 
 impl Pool {
@@ -407,7 +408,7 @@ impl Pool {
             .map_err(|_| UpstreamError::Timeout)?
             .map_err(UpstreamError::Http)?;
         let idle = h1::IdleTimer::new(self.settings.body_idle_timeout);
-        Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle })), fields: None, held: None }))
+        Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle, held: None })), fields: None }))
     }
 }
 
@@ -418,8 +419,6 @@ pub struct PooledBody {
     /// An HTTP/1.1 response's header fields, unparsed: the response's
     /// header map is empty until they are taken ([`PooledBody::take_fields`]).
     fields: Option<RawFields>,
-    /// Kept until the body ends, fails or is dropped (an in-flight permit).
-    held: Option<Box<dyn Send + Sync>>,
 }
 
 enum Inner {
@@ -433,6 +432,8 @@ enum Inner {
 struct H2Body {
     body: Incoming,
     idle: h1::IdleTimer,
+    /// As [`H1::held`].
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 impl PooledBody {
@@ -460,14 +461,19 @@ impl PooledBody {
     /// Keeps `held` until the body ends, fails or is dropped, whichever
     /// comes first.
     pub fn hold_until_end(&mut self, held: Box<dyn Send + Sync>) {
-        self.held = Some(held);
+        match &mut self.inner {
+            Inner::H1(Some((h1, ..))) => h1.held = Some(held),
+            Inner::H2(h2) if !h2.body.is_end_stream() => h2.held = Some(held),
+            // The body is over already: so is the hold.
+            _ => drop(held),
+        }
     }
 
     /// The body is complete: the connection goes back to the pool.
     fn release(&mut self) {
-        self.held = None;
         if let Inner::H1(slot) = &mut self.inner {
-            if let Some((h1, pool, since)) = slot.take() {
+            if let Some((mut h1, pool, since)) = slot.take() {
+                h1.held = None;
                 pool.checkin(h1, since);
             }
         }
@@ -496,7 +502,6 @@ impl Body for PooledBody {
                     }
                     Poll::Ready(Some(Err(e))) => {
                         *slot = None;
-                        this.held = None;
                         Poll::Ready(Some(Err(e.into())))
                     }
                     Poll::Pending => Poll::Pending,
@@ -506,12 +511,12 @@ impl Body for PooledBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     h2.idle.progress();
                     if h2.body.is_end_stream() {
-                        this.held = None;
+                        h2.held = None;
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(other) => {
-                    this.held = None;
+                    h2.held = None;
                     Poll::Ready(other.map(|r| r.map_err(Into::into)))
                 }
                 Poll::Pending => match h2.idle.poll_expired(cx) {
