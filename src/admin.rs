@@ -518,17 +518,66 @@ fn redact_serde(e: &serde_json::Error) -> String {
 #[derive(Deserialize)]
 struct ListQuery {
     org_id: Option<String>,
+    user_id: Option<String>,
+    integration: Option<String>,
+    state: Option<String>,
+    limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
 }
 
+/// A page's end as the next page's `cursor`: `created_at.id`, base64url.
+fn cursor_of(m: &ConnectionMeta) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}.{}", m.created_at, m.id))
+}
+
+fn parse_cursor(c: &str) -> Option<(i64, String)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).ok()?;
+    let (at, id) = std::str::from_utf8(&raw).ok()?.split_once('.')?;
+    crate::ids::is_connection_id(id).then(|| Some((at.parse().ok()?, id.to_owned())))?
+}
+
+/// `GET /v1/connections?org_id&user_id&integration&state&limit&cursor`:
+/// a page of connections, oldest first, and the cursor of the next page
+/// (`null` after the last).
 async fn list_connections(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let org = scope.filter(q.org_id)?;
-    let items = st.connections.list(org.as_deref()).await.map_err(ApiError::store)?;
+    let invalid = |what: &str| ApiError::new(Code::InvalidRequest, what.to_owned());
+    let org_id = scope.filter(q.org_id)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(invalid("limit: 1 to 1000"));
+    }
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(
+            crate::store::ConnectionState::parse(s).ok_or_else(|| invalid("state: active, needs_reauth or revoked"))?,
+        ),
+    };
+    let after = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| invalid("cursor: the next_cursor of a previous page"))?),
+    };
+    // One more than asked: whether there is a next page.
+    let query = crate::store::ConnectionQuery {
+        org_id,
+        user_id: q.user_id,
+        integration: q.integration,
+        state,
+        after,
+        limit: limit + 1,
+    };
+    let mut items = st.connections.list(&query).await.map_err(ApiError::store)?;
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next = if more { items.last().map(cursor_of) } else { None };
     let items: Vec<ConnectionView> = items.into_iter().map(|m| view(&st, m)).collect();
-    Ok(Json(json!({ "connections": items })))
+    Ok(Json(json!({ "connections": items, "next_cursor": next })))
 }
 
 async fn get_connection(

@@ -204,6 +204,15 @@ enum ConnCommand {
         /// Only this organization's connections.
         #[arg(long = "org")]
         org_id: Option<String>,
+        /// Only this user's.
+        #[arg(long = "user")]
+        user_id: Option<String>,
+        /// Only this integration's.
+        #[arg(long)]
+        integration: Option<String>,
+        /// Only those in this state: active, needs_reauth or revoked.
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Show one connection.
     Get {
@@ -551,15 +560,36 @@ async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {
             });
             client.call(Method::POST, "/v1/connections", Some(&body)).await
         }
-        ConnCommand::List { org_id } => {
-            let path = match org_id {
-                Some(o) => format!(
-                    "/v1/connections?org_id={}",
-                    form_urlencoded::byte_serialize(o.as_bytes()).collect::<String>()
-                ),
-                None => "/v1/connections".to_owned(),
-            };
-            client.call(Method::GET, &path, None).await
+        ConnCommand::List { org_id, user_id, integration, state } => {
+            // Every page, as one list.
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in [("org_id", org_id), ("user_id", user_id), ("integration", integration), ("state", state)] {
+                if let Some(v) = v {
+                    query.append_pair(k, &v);
+                }
+            }
+            query.append_pair("limit", "1000");
+            let query = query.finish();
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    None => format!("/v1/connections?{query}"),
+                    Some(c) => format!("/v1/connections?{query}&cursor={c}"),
+                };
+                match client.call(Method::GET, &path, None).await {
+                    Ok(mut page) => {
+                        if let Some(items) = page["connections"].as_array_mut() {
+                            all.append(items);
+                        }
+                        match page["next_cursor"].as_str() {
+                            Some(c) => cursor = Some(c.to_owned()),
+                            None => break Ok(json!({ "connections": all })),
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
         }
         ConnCommand::Get { id } => {
             client.call(Method::GET, &format!("/v1/connections/{}", path_segment(&id)), None).await

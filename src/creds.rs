@@ -513,9 +513,9 @@ impl Connections {
         Ok(row.map(|r| r.meta).filter(|m| org.is_none_or(|o| o == m.org_id)))
     }
 
-    /// One organization's connections, or every organization's (`None`).
-    pub async fn list(&self, org: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
-        self.store.list_connections(org).await
+    /// The connections `q` selects (a page of them).
+    pub async fn list(&self, q: &crate::store::ConnectionQuery) -> Result<Vec<ConnectionMeta>, StoreError> {
+        self.store.list_connections(q).await
     }
 
     /// Deletes the row (with its `connection.deleted` event, naming the
@@ -642,7 +642,8 @@ mod tests {
                 other => panic!("{creds:?}: {other:?}"),
             }
         }
-        assert!(store.list_connections(Some("org_a")).await.unwrap().is_empty());
+        let q = crate::store::ConnectionQuery { org_id: Some("org_a".into()), limit: 10, ..Default::default() };
+        assert!(store.list_connections(&q).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -36,6 +36,18 @@ impl ConnectionState {
     }
 }
 
+/// Which connections a listing wants: every filter that is set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionQuery {
+    pub org_id: Option<String>,
+    pub user_id: Option<String>,
+    pub integration: Option<String>,
+    pub state: Option<ConnectionState>,
+    /// Only those after this `(created_at, id)`: the last one of the page before.
+    pub after: Option<(i64, String)>,
+    pub limit: u32,
+}
+
 /// A connection's metadata: everything but the credential. Safe to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionMeta {
@@ -298,8 +310,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a connection, and `event` with it (one transaction).
     async fn insert_connection(&self, row: &ConnectionRow, event: Option<&NewEvent>) -> Result<(), StoreError>;
     async fn get_connection(&self, id: &str) -> Result<Option<ConnectionRow>, StoreError>;
-    /// Connections of one organization, or of all (`None`), oldest first.
-    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError>;
+    /// Connections that `q` selects, oldest first (then by id), at most
+    /// `q.limit` of them, after `q.after`.
+    async fn list_connections(&self, q: &ConnectionQuery) -> Result<Vec<ConnectionMeta>, StoreError>;
     /// True if a row was deleted; `event` is written only then (one
     /// transaction), as for every change below.
     async fn delete_connection(&self, id: &str, event: Option<&NewEvent>) -> Result<bool, StoreError>;

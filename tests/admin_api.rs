@@ -425,3 +425,66 @@ async fn a_connection_shows_its_last_use_and_its_last_test() {
     let last = get(&bad).await["last_test"].clone();
     assert_eq!((last["ok"].clone(), last["code"].clone()), (json!(false), json!("unexpected_status")), "{last}");
 }
+
+/// `GET /v1/connections` filters by user, integration and state, and pages
+/// with a cursor: every connection once, in creation order; bad parameters
+/// are 400s naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_and_pages_with_a_cursor() {
+    let h = Harness::start().await;
+    let mut made = Vec::new();
+    for (i, user) in ["u1", "u2", "u1", "u3", "u1"].iter().enumerate() {
+        let mut body = create_body(ORG, "bearer", json!({"token": format!("list-token-{i}")}));
+        body["user_id"] = json!(user);
+        made.push(
+            h.admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let body = json!({"integration": "github", "auth_method": "pat", "org_id": ORG, "user_id": "u2",
+        "credentials": {"token": "list-token-gh"}});
+    let gh =
+        h.admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"].as_str().unwrap().to_owned();
+    h.create_in("org_other", "bearer", &[("token", "list-token-other")]).await;
+    let ids = |v: &Value| -> Vec<String> {
+        v["connections"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_owned()).collect()
+    };
+    let get = |q: String| {
+        let admin = &h.admin;
+        async move { admin.call(Method::GET, &format!("/v1/connections?org_id={ORG}&{q}"), None).await.unwrap() }
+    };
+    // Oldest first, then by id (these were made within a second or two).
+    let full = ids(&get(String::new()).await);
+    let mut all = made.clone();
+    all.push(gh.clone());
+    assert_eq!(full.len(), 6);
+    assert!(all.iter().all(|id| full.contains(id)));
+    let in_order = |want: &[&String]| -> Vec<String> { full.iter().filter(|id| want.contains(id)).cloned().collect() };
+    assert_eq!(ids(&get("user_id=u1".into()).await), in_order(&[&made[0], &made[2], &made[4]]));
+    assert_eq!(ids(&get("integration=github".into()).await), [gh.clone()]);
+    assert_eq!(ids(&get("user_id=u2&integration=httpbin".into()).await), [made[1].clone()]);
+    assert_eq!(ids(&get("state=needs_reauth".into()).await), Vec::<String>::new());
+    // Pages of two: 2 + 2 + 2, then no cursor.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    loop {
+        let page = get(format!("limit=2{cursor}")).await;
+        pages += 1;
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!((seen, pages), (full, 3));
+    for (q, word) in
+        [("state=asleep", "state"), ("limit=0", "limit"), ("limit=5000", "limit"), ("cursor=bm9wZQ", "cursor")]
+    {
+        let (s, v) = h.admin.send(Method::GET, &format!("/v1/connections?{q}"), None).await.unwrap();
+        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{q}: {v}");
+        assert!(v["detail"].as_str().unwrap().starts_with(word), "{q}: {v}");
+    }
+}

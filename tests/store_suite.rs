@@ -9,8 +9,8 @@ use std::sync::Arc;
 use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
-    Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, DeliveryOutcome, KeyUsage, LastTest,
-    NewEvent, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
+    Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, DeliveryOutcome,
+    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -38,6 +38,64 @@ fn row(id: &str, org: &str, t: i64) -> ConnectionRow {
     }
 }
 
+fn org(org_id: Option<&str>) -> ConnectionQuery {
+    ConnectionQuery { org_id: org_id.map(str::to_owned), limit: 100, ..Default::default() }
+}
+
+async fn ids(s: &dyn Store, q: ConnectionQuery) -> Vec<String> {
+    s.list_connections(&q).await.unwrap().into_iter().map(|m| m.id).collect()
+}
+
+/// Filters and pages: every filter narrows, pages follow (created_at, id)
+/// without skipping or repeating rows that share a creation time.
+async fn listing(s: &dyn Store) {
+    for (i, (user, integration)) in
+        [("u1", "gh"), ("u2", "gh"), ("u1", "slack"), ("u1", "gh"), ("u2", "slack")].iter().enumerate()
+    {
+        let mut r = row(&format!("conn_l{i}"), "ol", 100 + (i as i64) / 2);
+        r.meta.user_id = (*user).into();
+        r.meta.integration = (*integration).into();
+        s.insert_connection(&r, None).await.unwrap();
+    }
+    s.set_state("conn_l3", ConnectionState::NeedsReauth, 200, None).await.unwrap();
+    let base = org(Some("ol"));
+    let q = |f: &dyn Fn(&mut ConnectionQuery)| {
+        let mut q = base.clone();
+        f(&mut q);
+        q
+    };
+    assert_eq!(ids(s, q(&|q| q.user_id = Some("u1".into()))).await, ["conn_l0", "conn_l2", "conn_l3"]);
+    assert_eq!(ids(s, q(&|q| q.integration = Some("slack".into()))).await, ["conn_l2", "conn_l4"]);
+    assert_eq!(ids(s, q(&|q| q.state = Some(ConnectionState::NeedsReauth))).await, ["conn_l3"]);
+    let both = q(&|q| {
+        q.user_id = Some("u1".into());
+        q.integration = Some("gh".into());
+        q.state = Some(ConnectionState::Active);
+    });
+    assert_eq!(ids(s, both).await, ["conn_l0"]);
+    // Pages of two: created_at 100, 100 | 101, 101 | 102.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .list_connections(&q(&|q| {
+                q.limit = 2;
+                q.after.clone_from(&after);
+            }))
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|m| (m.created_at, m.id.clone()));
+        seen.extend(page.into_iter().map(|m| m.id));
+    }
+    assert_eq!(seen, ["conn_l0", "conn_l1", "conn_l2", "conn_l3", "conn_l4"]);
+    for id in seen {
+        assert!(s.delete_connection(&id, None).await.unwrap());
+    }
+}
+
 async fn suite(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
     s.insert_connection(&row("c1", "o1", 1), None).await.unwrap();
@@ -46,11 +104,9 @@ async fn suite(s: Arc<dyn Store>) {
     assert!(matches!(s.insert_connection(&row("c1", "o1", 1), None).await, Err(StoreError::Duplicate(_))));
     assert_eq!(s.get_connection("c1").await.unwrap(), Some(row("c1", "o1", 1)));
     assert_eq!(s.get_connection("nope").await.unwrap(), None);
-    let ids: Vec<_> = s.list_connections(Some("o1")).await.unwrap().into_iter().map(|m| m.id).collect();
-    assert_eq!(ids, ["c1", "c2"]);
-    assert!(s.list_connections(Some("o9")).await.unwrap().is_empty());
-    let all: Vec<_> = s.list_connections(None).await.unwrap().into_iter().map(|m| m.id).collect();
-    assert_eq!(all, ["c1", "c2", "c3"], "every organization's, oldest first");
+    assert_eq!(ids(&*s, org(Some("o1"))).await, ["c1", "c2"]);
+    assert!(ids(&*s, org(Some("o9"))).await.is_empty());
+    assert_eq!(ids(&*s, org(None)).await, ["c1", "c2", "c3"], "every organization's, oldest first");
 
     let sealed = SealedBytes { key_id: "k2".into(), wrapped_key: vec![9], nonce: vec![8], ciphertext: vec![7] };
     assert!(s.update_credential("c2", &sealed, ConnectionState::NeedsReauth, 10, None).await.unwrap());
@@ -72,7 +128,7 @@ async fn suite(s: Arc<dyn Store>) {
         (m.activity, m.updated_at),
         (Activity { last_used_at: Some(30), last_test: Some(test), ..Default::default() }, 1)
     );
-    let listed = s.list_connections(Some("o2")).await.unwrap();
+    let listed = s.list_connections(&org(Some("o2"))).await.unwrap();
     assert_eq!(listed[0].activity, Activity { last_used_at: Some(31), last_test: None, ..Default::default() });
     let ok = LastTest { at: 40, ok: true, code: None };
     assert!(s.record_test("c3", &ok, None).await.unwrap());
@@ -112,6 +168,7 @@ async fn suite(s: Arc<dyn Store>) {
     assert_eq!(s.take_pending("h2").await.unwrap().unwrap().connection_id.as_deref(), Some("c3"));
 
     connect_sessions(&*s).await;
+    listing(&*s).await;
     events(&*s).await;
     deliveries(&*s).await;
     rotation(&*s).await;

@@ -11,9 +11,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, Delivery, DeliveryOutcome,
-    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable,
-    Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord,
+    SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -256,15 +256,24 @@ impl Store for PgStore {
         row.map(|r| Ok(ConnectionRow { meta: meta(&r)?, sealed: sealed(&r, META_LEN) })).transpose()
     }
 
-    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
+    async fn list_connections(&self, q: &ConnectionQuery) -> Result<Vec<ConnectionMeta>, StoreError> {
+        let state = q.state.map(ConnectionState::as_str);
+        let (after_at, after_id) = match &q.after {
+            Some((at, id)) => (Some(*at), Some(id.as_str())),
+            None => (None, None),
+        };
         let rows = self
             .client()
             .await?
             .query(
                 &format!(
-                    "SELECT {META_COLUMNS} FROM connections WHERE $1::text IS NULL OR org_id = $1 ORDER BY created_at, id"
+                    "SELECT {META_COLUMNS} FROM connections
+                     WHERE ($1::text IS NULL OR org_id = $1) AND ($2::text IS NULL OR user_id = $2)
+                       AND ($3::text IS NULL OR integration = $3) AND ($4::text IS NULL OR state = $4)
+                       AND ($5::bigint IS NULL OR (created_at, id) > ($5, $6::text))
+                     ORDER BY created_at, id LIMIT $7"
                 ),
-                &[&org_id],
+                &[&q.org_id, &q.user_id, &q.integration, &state, &after_at, &after_id, &i64::from(q.limit)],
             )
             .await
             .map_err(backend)?;

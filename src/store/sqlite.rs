@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionRow, ConnectionState, Delivery, DeliveryOutcome,
-    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord, SealedTable,
-    Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord,
+    SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -281,15 +281,32 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_connections(&self, org_id: Option<&str>) -> Result<Vec<ConnectionMeta>, StoreError> {
-        let org_id = org_id.map(str::to_owned);
+    async fn list_connections(&self, q: &ConnectionQuery) -> Result<Vec<ConnectionMeta>, StoreError> {
+        let q = q.clone();
         self.with(move |c| {
             let mut stmt = c
                 .prepare_cached(&format!(
-                    "SELECT {META_COLUMNS} FROM connections WHERE ?1 IS NULL OR org_id = ?1 ORDER BY created_at, id"
+                    "SELECT {META_COLUMNS} FROM connections
+                     WHERE (?1 IS NULL OR org_id = ?1) AND (?2 IS NULL OR user_id = ?2)
+                       AND (?3 IS NULL OR integration = ?3) AND (?4 IS NULL OR state = ?4)
+                       AND (?5 IS NULL OR (created_at, id) > (?5, ?6))
+                     ORDER BY created_at, id LIMIT ?7"
                 ))
                 .map_err(backend)?;
-            let rows = stmt.query_map([&org_id], meta_from_row).map_err(backend)?;
+            let (after_at, after_id) = match &q.after {
+                Some((at, id)) => (Some(*at), Some(id.clone())),
+                None => (None, None),
+            };
+            let params = params![
+                q.org_id,
+                q.user_id,
+                q.integration,
+                q.state.map(ConnectionState::as_str),
+                after_at,
+                after_id,
+                i64::from(q.limit)
+            ];
+            let rows = stmt.query_map(params, meta_from_row).map_err(backend)?;
             rows.map(|r| check_state(r.map_err(backend)?)).collect()
         })
         .await
