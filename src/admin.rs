@@ -466,6 +466,10 @@ async fn create_connection(
             Value::String(s) => {
                 credentials.insert(k, SecretValue::new(s));
             }
+            // An imported OAuth2 token set's times may be numbers.
+            Value::Number(n) if k == "expires_in" || k == "expires_at" => {
+                credentials.insert(k, SecretValue::new(n.to_string()));
+            }
             _ => return Err(ApiError::new(Code::InvalidCredentials, format!("credentials.{k}: must be a string"))),
         }
     }

@@ -168,7 +168,10 @@ pub enum CreateError {
     InvalidId { field: &'static str },
     #[error(transparent)]
     Credential(#[from] CredentialError),
-    #[error("auth method {0:?} uses the authorization code grant: create it with POST /v1/oauth2/authorize")]
+    #[error(
+        "auth method {0:?} uses the authorization code grant: create it with POST /v1/oauth2/authorize, or import \
+         an existing grant with credentials {{access_token, refresh_token, expires_at or expires_in, scope}}"
+    )]
     UseAuthorize(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -401,6 +404,11 @@ impl Connections {
         check_ids(&new.org_id, &new.user_id)?;
         let (_, method) = self.method_of(&new.integration, &new.auth_method)?;
         let plaintext = match method.oauth2() {
+            // An existing grant, migrated without a user visit.
+            Some(o) if !new.credentials.is_empty() => {
+                let tokens = imported_token_set(&new.credentials, o.default_expires_in_secs, unix_now())?;
+                Zeroizing::new(serde_json::to_vec(&tokens).expect("token sets serialize"))
+            }
             Some(o) if o.grant == Grant::AuthorizationCode => return Err(CreateError::UseAuthorize(method.id.clone())),
             Some(_) => {
                 // Client credentials: no user secret; the first request fetches a token.
@@ -566,6 +574,62 @@ fn check_ids(org_id: &str, user_id: &str) -> Result<(), CreateError> {
         return Err(CreateError::InvalidId { field: "user_id" });
     }
     Ok(())
+}
+
+/// An OAuth2 token set brought from elsewhere (`POST /v1/connections`
+/// with `{access_token, refresh_token?, expires_at? | expires_in?, scope?,
+/// token_type?}`): at least one of the tokens; without an expiry, the
+/// method's `default_expires_in_secs`; a refresh token alone is refreshed
+/// by the first request.
+fn imported_token_set(
+    fields: &BTreeMap<String, SecretValue>,
+    default_expires_in: u64,
+    now: i64,
+) -> Result<TokenSet, CredentialError> {
+    let bad = |field: &str, reason: &'static str| CredentialError { field: field.to_owned(), reason };
+    const KNOWN: [&str; 6] = ["access_token", "refresh_token", "expires_at", "expires_in", "scope", "token_type"];
+    if let Some(k) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad(k, "unknown field for an OAuth2 token set"));
+    }
+    for (k, v) in fields {
+        if v.expose().is_empty() {
+            return Err(bad(k, "must not be empty"));
+        }
+        if v.expose().chars().any(char::is_control) {
+            return Err(bad(k, "must not contain CR, LF, NUL or other control characters"));
+        }
+    }
+    let secs = |field: &str| -> Result<Option<i64>, CredentialError> {
+        match fields.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .expose()
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(Some)
+                .ok_or_else(|| bad(field, "must be a whole number of seconds")),
+        }
+    };
+    let (access_token, refresh_token) = (fields.get("access_token").cloned(), fields.get("refresh_token").cloned());
+    if access_token.is_none() && refresh_token.is_none() {
+        return Err(bad("access_token", "an imported token set needs access_token or refresh_token"));
+    }
+    let expires_at = match (secs("expires_at")?, secs("expires_in")?) {
+        (Some(_), Some(_)) => return Err(bad("expires_in", "give expires_at or expires_in, not both")),
+        (Some(at), None) => Some(at),
+        (None, Some(n)) => Some(now.saturating_add(n)),
+        (None, None) => access_token.as_ref().map(|_| now.saturating_add(default_expires_in as i64)),
+    };
+    let plain = |field: &str| fields.get(field).map(|v| v.expose().to_owned());
+    Ok(TokenSet {
+        access_token,
+        refresh_token,
+        expires_at,
+        issued_at: Some(now),
+        token_type: plain("token_type"),
+        scope: plain("scope"),
+    })
 }
 
 #[cfg(test)]

@@ -588,3 +588,78 @@ async fn a_failing_token_endpoint_makes_one_failure_event_and_one_recovery() {
     assert_eq!(kinds, ["connection.created", "connection.refresh_failed", "connection.recovered"], "{feed}");
     assert_eq!(feed["events"][1]["data"]["code"], "token_endpoint_unavailable");
 }
+
+/// A grant obtained outside credproxy (the authorization-code flow with
+/// PKCE, run by Python requests against oidc-provider as another platform
+/// would have), imported with `POST /v1/connections`: its access token is
+/// used as it is, then refreshed once when it is due. Nothing of it shows
+/// in the admin API's answers or the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_token_set_is_used_then_refreshed_once() {
+    let oidc = Oidc::start().await;
+    let logs = support::logs::trace_capture();
+    let h = harness(&oidc).await;
+    let script = r#"
+import base64, hashlib, json, os, secrets, urllib.parse, requests
+issuer, redirect = os.environ["ISSUER"], "http://127.0.0.1/oauth2/callback"
+verifier = secrets.token_urlsafe(48)
+challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+s = requests.Session()
+s.trust_env = False
+url = issuer + "/auth?" + urllib.parse.urlencode({"client_id": "cp-basic", "response_type": "code",
+    "redirect_uri": redirect, "scope": "openid offline_access api:read", "state": "s1", "prompt": "consent",
+    "code_challenge": challenge, "code_challenge_method": "S256"})
+for _ in range(10):
+    r = s.get(url, allow_redirects=False)
+    url = urllib.parse.urljoin(url, r.headers["location"])
+    if url.startswith(redirect):
+        break
+code = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)["code"][0]
+t = s.post(issuer + "/token", auth=("cp-basic", os.environ["SECRET"]), data={"grant_type": "authorization_code",
+    "code": code, "redirect_uri": redirect, "code_verifier": verifier}).json()
+print(json.dumps({"status": 200, "headers": {}, "body": json.dumps(t)}))
+"#;
+    let tokens = python_client(script, &[("ISSUER", &oidc.url), ("SECRET", OIDC_BASIC_SECRET)]).await.json();
+    let (access, refresh) = (tokens["access_token"].as_str().unwrap(), tokens["refresh_token"].as_str().unwrap());
+    assert_eq!(oidc.count("authorization_code").await, 1);
+
+    // Bad imports are refused naming the field, and nothing is stored.
+    for (creds, field) in [
+        (json!({"scope": "api:read"}), "credentials.access_token"),
+        (json!({"access_token": access, "expires_in": 5, "expires_at": 1}), "credentials.expires_in"),
+        (json!({"access_token": access, "expires_in": "soon"}), "credentials.expires_in"),
+        (json!({"access_token": access, "id_token": "x"}), "credentials.id_token"),
+    ] {
+        let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "migrated", "credentials": creds});
+        let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+        assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_credentials")), "{v}");
+        assert!(v["detail"].as_str().unwrap().starts_with(field), "{v}");
+        assert!(!v.to_string().contains(access), "the token came back: {v}");
+    }
+    // Without any token it is still the authorization flow's.
+    let body =
+        json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "migrated", "credentials": {}});
+    let (s, v) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("use_oauth2_authorize")), "{v}");
+    assert_eq!(connection_count(&h).await, 0);
+
+    let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "migrated",
+        "credentials": {"access_token": access, "refresh_token": refresh, "expires_in": tokens["expires_in"], "scope": tokens["scope"]}});
+    let (s, created) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert!(!created.to_string().contains(access) && !created.to_string().contains(refresh));
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // Used as imported: no token call.
+    assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    assert_eq!(oidc.count("refresh_token").await, 0);
+    // Due: refreshed once, however many requests come.
+    wait_for_expiry().await;
+    for _ in 0..5 {
+        assert_eq!(get_resource(&h, &oidc, &id).await.0, 200);
+    }
+    assert_eq!(oidc.count("refresh_token").await, 1);
+    assert!(!introspect(&oidc, refresh).await, "the imported refresh token was rotated");
+    let text = logs.text();
+    assert!(!text.contains(access) && !text.contains(refresh), "an imported token in the log");
+}
