@@ -340,7 +340,7 @@ async fn metrics(State(st): State<Arc<AdminState>>) -> impl IntoResponse {
 }
 
 /// What the admin API shows of an integration: never a client secret.
-fn integration_view(i: &crate::integrations::Integration) -> Value {
+fn integration_view(st: &AdminState, i: &crate::integrations::Integration) -> Value {
     json!({
         "id": i.id,
         "name": i.name,
@@ -356,11 +356,13 @@ fn integration_view(i: &crate::integrations::Integration) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "has_test": i.test.is_some(),
+        // The quotas in force: the file's, else `[limits]`' (this instance's share).
+        "quotas": st.quotas.describe(&i.id),
     })
 }
 
 async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {
-    let items: Vec<Value> = st.connections.integrations().iter().map(|i| integration_view(i)).collect();
+    let items: Vec<Value> = st.connections.integrations().iter().map(|i| integration_view(&st, i)).collect();
     Json(json!({ "integrations": items }))
 }
 
@@ -368,7 +370,7 @@ async fn get_integration(State(st): State<Arc<AdminState>>, Path(id): Path<Strin
     let integrations = st.connections.integrations();
     let i =
         integrations.get(&id).ok_or_else(|| ApiError::new(Code::IntegrationNotFound, "no integration with this id"))?;
-    Ok(Json(integration_view(i)))
+    Ok(Json(integration_view(&st, i)))
 }
 
 /// The public view of a connection: metadata and the names of its fields.

@@ -148,6 +148,11 @@ pub enum ResolveError {
     NotActive(ConnectionState),
     #[error("connection {id}: {reason}")]
     Misconfigured { id: String, reason: String },
+    /// Its integration, or its auth method, is no longer configured (a
+    /// file changed): unusable until restored or re-created, not an error
+    /// of credproxy's.
+    #[error("connection {id}: {what} is no longer configured")]
+    Removed { id: String, what: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("connection {id}: {source}")]
@@ -375,14 +380,15 @@ impl Connections {
         let id = row.meta.id.clone();
         let id = id.as_str();
         let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
-        let integration =
-            self.integrations.get(&row.meta.integration).cloned().ok_or_else(|| {
-                misconfigured(format!("integration {:?} is no longer configured", row.meta.integration))
-            })?;
-        let method = integration
-            .auth_method(&row.meta.auth_method)
+        let removed = |what: String| ResolveError::Removed { id: id.to_owned(), what };
+        let integration = self
+            .integrations
+            .get(&row.meta.integration)
             .cloned()
-            .ok_or_else(|| misconfigured(format!("auth method {:?} is no longer configured", row.meta.auth_method)))?;
+            .ok_or_else(|| removed(format!("integration {:?}", row.meta.integration)))?;
+        let method = integration.auth_method(&row.meta.auth_method).cloned().ok_or_else(|| {
+            removed(format!("auth method {:?} of integration {:?}", row.meta.auth_method, row.meta.integration))
+        })?;
         let ctx = crypto::Context { org_id: &row.meta.org_id, connection_id: &row.meta.id };
         let plaintext = self
             .envelope

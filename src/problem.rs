@@ -110,6 +110,8 @@ codes! {
     ConnectionNotFound = NOT_FOUND, "connection_not_found", "Connection not found", HttpRequestDenied;
     ConnectionNeedsReauth = CONFLICT, "connection_needs_reauth", "Connection needs re-authorization", HttpRequestDenied;
     ConnectionRevoked = CONFLICT, "connection_revoked", "Connection revoked", HttpRequestDenied;
+    /// The connection's integration or auth method was removed from the integration files.
+    AuthMethodRemoved = CONFLICT, "auth_method_removed", "Auth method no longer configured", HttpRequestDenied;
     RequestBodyNotInjectable = BAD_REQUEST, "request_body_not_injectable", "Request body cannot carry the credential", HttpRequestError;
     RequestBodyRequired = BAD_REQUEST, "request_body_required", "Request body required", HttpRequestError;
     RequestBodyError = BAD_REQUEST, "request_body_error", "Request body error", HttpRequestError;

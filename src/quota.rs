@@ -176,6 +176,23 @@ impl Quotas {
         self.cooldowns.active(integration, connection)
     }
 
+    /// The quotas in force for `integration`, as the admin API shows them:
+    /// each limit's numbers (this instance's share) and the back-off policy.
+    pub fn describe(&self, integration: &str) -> Value {
+        let (rates, caps): (Vec<Value>, Vec<Value>) = match self.limited.get(integration) {
+            Some(q) => (
+                q.rates.iter().map(|r| r.named.view.clone()).collect(),
+                q.caps.iter().map(|c| c.named.view.clone()).collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let backoff = self.backoff.get(integration).map(|b| {
+            json!({"respect_retry_after": b.respect_retry_after, "per": b.per.as_str(),
+                   "max_cooldown_secs": b.max_cooldown.as_secs_f64(), "reset_headers": b.reset_headers})
+        });
+        json!({"rate_limits": rates, "in_flight_limits": caps, "backoff": backoff})
+    }
+
     /// Prometheus text: refusals and waits per integration and limit,
     /// cool-downs per integration. No connection ids.
     pub fn render_metrics(&self, out: &mut String) {

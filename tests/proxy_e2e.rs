@@ -273,3 +273,50 @@ async fn runs_on_postgres() {
     h.admin.call(http::Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap();
     assert_eq!(via_curl(&h, &id, "/headers", &[]).await.status, 404);
 }
+
+/// A connection whose auth method (or whole integration) was removed from
+/// the integration files since it was made is a 409 naming what is gone,
+/// not a 500: instances on the same store, started with the files changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_auth_method_was_removed_is_a_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("shared.db").display());
+    let key = dir.path().join("master.key");
+    let file = |methods: &str| {
+        let head =
+            "id = \"changing\"\nname = \"changing\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n";
+        ("changing.toml".to_owned(), format!("{head}{methods}"))
+    };
+    let method = |id: &str| format!("[[auth_methods]]\nid = \"{id}\"\ntype = \"bearer\"\n");
+    let with = |integrations: Vec<(String, String)>| Opts {
+        store_url: Some(store.clone()),
+        key_file: Some(key.clone()),
+        integrations,
+        ..Default::default()
+    };
+    let before = Harness::start_with(with(vec![file(&format!("{}{}", method("old"), method("new")))])).await;
+    let body = serde_json::json!({"integration": "changing", "auth_method": "old", "org_id": ORG, "user_id": "u",
+        "credentials": {"token": "removed-method-token"}});
+    let id = before.admin.call(http::Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("{}/bearer", httpbin());
+    assert_eq!(proxy_request(before.running.proxy_addr, "GET", &url, Some(&id), None).await.0, 200);
+    // The method is gone; then the whole integration ("other" keeps the
+    // harness from falling back to the shipped directory alone).
+    for (files, gone) in [
+        (vec![file(&method("new"))], "auth method \"old\" of integration \"changing\""),
+        (
+            vec![("other.toml".to_owned(), file(&method("x")).1.replace("changing", "other"))],
+            "integration \"changing\"",
+        ),
+    ] {
+        let after = Harness::start_with(with(files)).await;
+        let (status, headers, body) = proxy_request(after.running.proxy_addr, "GET", &url, Some(&id), None).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, v["code"].as_str()), (409, Some("auth_method_removed")), "{v}");
+        assert!(headers.iter().any(|(k, v)| k == "proxy-status" && v.contains("auth_method_removed")));
+        assert!(v["detail"].as_str().unwrap().contains(gone), "{v}");
+    }
+}

@@ -358,6 +358,14 @@ async fn an_integration_limit_is_shared_by_its_connections() {
     let h =
         Harness::start_with(Opts { integrations: vec![integration("shared-app", limits)], ..Default::default() }).await;
     let (a, b) = (connection(&h.admin, "shared-app", "a").await, connection(&h.admin, "shared-app", "b").await);
+    // The admin API shows the quotas in force.
+    let shown = h.admin.call(Method::GET, "/v1/integrations/shared-app", None).await.unwrap();
+    let limit = &shown["quotas"]["rate_limits"][0];
+    assert_eq!(
+        (limit["name"].as_str(), limit["per"].as_str(), limit["requests"].as_u64()),
+        (Some("app"), Some("integration"), Some(4))
+    );
+    assert_eq!(shown["quotas"]["backoff"]["respect_retry_after"], true);
     let url = format!("{}/get", httpbin());
     let proxy = h.running.proxy_addr;
     for conn in [&a, &b, &a, &b] {
