@@ -46,6 +46,8 @@ pub struct AdminState {
     audit: Audit,
     /// Cool-downs in force (shown on a connection), quota metrics.
     quotas: Arc<crate::quota::Quotas>,
+    /// Where a reload reads the integration files (none: no reloads).
+    integrations_dir: Option<std::path::PathBuf>,
 }
 
 /// What minting run tokens needs: the keys and the lifetimes allowed.
@@ -74,7 +76,44 @@ impl AdminState {
             })
             .collect();
         let quotas = Arc::new(crate::quota::Quotas::none());
-        Self { connections, outbound, connect, tokens, interceptor, draining, run_tokens: None, audit, quotas }
+        Self {
+            connections,
+            outbound,
+            connect,
+            tokens,
+            interceptor,
+            draining,
+            run_tokens: None,
+            audit,
+            quotas,
+            integrations_dir: None,
+        }
+    }
+
+    /// Reloads from `dir` (`POST /v1/integrations/reload`, `SIGHUP`).
+    pub fn with_integrations_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.integrations_dir = Some(dir);
+        self
+    }
+
+    /// Reads the integration files again and, if every one is valid, puts
+    /// them in force: the credential cache is dropped (the next request of
+    /// each connection resolves against the new set; a connection whose
+    /// method is gone gets 409 `auth_method_removed`) and the quotas are
+    /// rebuilt (unchanged limiters keep their state). An invalid set
+    /// changes nothing. Request metrics of an integration added by a
+    /// reload count under `none` until a restart.
+    pub fn reload_integrations(&self) -> Result<Vec<String>, crate::config::ConfigError> {
+        let dir = self.integrations_dir.as_ref().ok_or_else(|| {
+            crate::config::ConfigError::new("(reload)", "integrations.dir", "this server was started without one")
+        })?;
+        let env = crate::config::process_env();
+        let new = Arc::new(crate::integrations::Integrations::load_dir(dir, &env)?);
+        self.connections.replace_integrations(new.clone());
+        self.quotas.reload(&new);
+        let ids: Vec<String> = new.iter().map(|i| i.id.clone()).collect();
+        tracing::info!(integrations = %ids.join(","), "integrations reloaded");
+        Ok(ids)
     }
 
     /// Shows `quotas`' cool-downs and metrics.
@@ -227,6 +266,7 @@ impl Scope {
 pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/integrations", get(list_integrations))
+        .route("/v1/integrations/reload", axum::routing::post(reload_integrations))
         .route("/v1/integrations/{id}", get(get_integration))
         .route("/v1/connections", get(list_connections).post(create_connection))
         .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
@@ -364,6 +404,25 @@ fn integration_view(st: &AdminState, i: &crate::integrations::Integration) -> Va
 async fn list_integrations(State(st): State<Arc<AdminState>>) -> Json<Value> {
     let items: Vec<Value> = st.connections.integrations().iter().map(|i| integration_view(&st, i)).collect();
     Json(json!({ "integrations": items }))
+}
+
+/// `POST /v1/integrations/reload` (global token): the integration files
+/// read again and put in force, or a 422 naming file, key and reason (the
+/// set in force stays).
+async fn reload_integrations(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+) -> Result<Json<Value>, ApiError> {
+    if scope.org().is_some() {
+        return Err(ApiError::new(Code::ForbiddenOrg, "reloading integrations needs a global admin token"));
+    }
+    match st.reload_integrations() {
+        Ok(ids) => Ok(Json(json!({ "integrations": ids }))),
+        Err(e) => {
+            tracing::warn!(error = %e, "integrations not reloaded; the set in force stays");
+            Err(ApiError::new(Code::InvalidIntegrations, e.to_string()))
+        }
+    }
 }
 
 async fn get_integration(State(st): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

@@ -359,6 +359,17 @@ async fn serve(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // SIGHUP reloads the integration files (as POST /v1/integrations/reload).
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        let reload = running.reloader();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Err(e) = reload() {
+                    tracing::warn!(error = %e, "SIGHUP: integrations not reloaded; the set in force stays");
+                }
+            }
+        });
+    }
     wait_for_signal().await;
     let grace = cfg.shutdown.grace;
     tracing::info!(grace_secs = grace.as_secs(), open = running.open_connections(), "shutting down: draining");

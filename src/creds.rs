@@ -233,7 +233,9 @@ fn visible(r: &Resolved, org: &str) -> Result<(), ResolveError> {
 pub struct Connections {
     store: Arc<dyn Store>,
     envelope: Envelope,
-    integrations: Arc<Integrations>,
+    /// Swapped whole by a reload ([`Connections::replace_integrations`]);
+    /// read on cache misses and by the admin API, never on a cache hit.
+    integrations: std::sync::RwLock<Arc<Integrations>>,
     cache: Cache<String, Arc<Resolved>>,
     /// Bumped by every change to the cache (insert, invalidation, eviction):
     /// what a [`ResolveMemo`] checks.
@@ -271,6 +273,7 @@ impl Connections {
             })
             .build();
         let oauth = oauth::OAuthState::new(token_client);
+        let integrations = std::sync::RwLock::new(integrations);
         Self { store, envelope, integrations, cache, generation, oauth, stats, uses: Default::default() }
     }
 
@@ -309,8 +312,26 @@ impl Connections {
         &self.stats
     }
 
-    pub fn integrations(&self) -> &Arc<Integrations> {
-        &self.integrations
+    /// The integrations in force (a reload swaps them).
+    pub fn integrations(&self) -> Arc<Integrations> {
+        self.integrations.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `new` in force: every cached connection is dropped (each holds
+    /// its integration and auth method as they were), so the next request
+    /// of each resolves against the new set. A resolve that was under way
+    /// may still cache an entry of the old set: a second sweep a second
+    /// later drops those.
+    pub fn replace_integrations(self: &Arc<Self>, new: Arc<Integrations>) {
+        *self.integrations.write().unwrap_or_else(|p| p.into_inner()) = new;
+        self.cache.invalidate_all();
+        self.changed();
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            this.cache.invalidate_all();
+            this.changed();
+        });
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -382,7 +403,7 @@ impl Connections {
         let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
         let removed = |what: String| ResolveError::Removed { id: id.to_owned(), what };
         let integration = self
-            .integrations
+            .integrations()
             .get(&row.meta.integration)
             .cloned()
             .ok_or_else(|| removed(format!("integration {:?}", row.meta.integration)))?;
@@ -432,13 +453,16 @@ impl Connections {
 
     /// An integration's auth method, or which of the two is unknown.
     fn method_of(&self, integration: &str, method: &str) -> Result<(Arc<Integration>, Arc<AuthMethod>), CreateError> {
-        let i =
-            self.integrations.get(integration).ok_or_else(|| CreateError::UnknownIntegration(integration.into()))?;
+        let i = self
+            .integrations()
+            .get(integration)
+            .cloned()
+            .ok_or_else(|| CreateError::UnknownIntegration(integration.into()))?;
         let m = i
             .auth_method(method)
             .cloned()
             .ok_or_else(|| CreateError::UnknownAuthMethod { integration: integration.into(), method: method.into() })?;
-        Ok((i.clone(), m))
+        Ok((i, m))
     }
 
     /// A connection that is not stored yet, from fields a user typed: what

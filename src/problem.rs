@@ -155,6 +155,8 @@ codes! {
     StateExpired = BAD_REQUEST, "state_expired", "Invalid request", HttpRequestError;
     AuthorizationDenied = BAD_REQUEST, "authorization_denied", "Invalid request", HttpRequestError;
     NoTestRequest = BAD_REQUEST, "no_test_request", "No test request", HttpRequestError;
+    /// A reload found an invalid integration file; the set in force stays.
+    InvalidIntegrations = UNPROCESSABLE_ENTITY, "invalid_integrations", "Invalid integration files", HttpRequestError;
     CodeExchangeFailed = BAD_GATEWAY, "code_exchange_failed", "Code exchange failed", DestinationUnavailable;
     ShuttingDown = SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", ProxyInternalError;
     // The public listener (connect pages; HTML pages and redirects carry these).

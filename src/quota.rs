@@ -33,23 +33,58 @@ pub use crate::config::limits::{Backoff, CooldownScope, InFlightLimit, Per, Rate
 use crate::config::LimitsConfig;
 use crate::integrations::Integrations;
 use crate::store::Store;
+use arc_swap::ArcSwap;
 pub use cooldown::ActiveCooldown;
 use cooldown::Cooldowns;
 use limiters::{nanos_since, Gcra, Key, Keyed};
 
 /// Every integration's limiters and the cool-downs in force.
 pub struct Quotas {
-    /// Integrations with a rate limit or an in-flight cap.
-    limited: HashMap<String, Arc<IntegrationQuota>, ahash::RandomState>,
-    /// Each integration's back-off policy.
-    backoff: HashMap<String, Backoff, ahash::RandomState>,
+    /// Swapped whole by a reload; a limiter whose integration declares
+    /// the same limits carries over (its state with it).
+    table: ArcSwap<Table>,
+    defaults: LimitsConfig,
     cooldowns: Cooldowns,
     epoch: Instant,
 }
 
+/// The limiters and back-off policies of one set of integrations.
+#[derive(Default)]
+struct Table {
+    /// Integrations with a rate limit or an in-flight cap.
+    limited: HashMap<String, Arc<IntegrationQuota>, ahash::RandomState>,
+    /// Each integration's back-off policy.
+    backoff: HashMap<String, Backoff, ahash::RandomState>,
+}
+
+impl Table {
+    /// `integrations`' limits (their own, else `defaults`'), reusing
+    /// `before`'s limiter of an integration whose limits did not change.
+    fn build(defaults: &LimitsConfig, integrations: &Integrations, before: Option<&Table>) -> Self {
+        let mut t = Self::default();
+        for i in integrations.iter() {
+            let rates = i.quotas.rate_limits.as_ref().unwrap_or(&defaults.rate_limits);
+            let caps = i.quotas.in_flight_limits.as_ref().unwrap_or(&defaults.in_flight_limits);
+            t.backoff.insert(i.id.clone(), i.quotas.backoff.clone().unwrap_or_else(|| defaults.backoff.clone()));
+            if rates.is_empty() && caps.is_empty() {
+                continue;
+            }
+            let kept =
+                before.and_then(|b| b.limited.get(&i.id)).filter(|q| q.declared(rates, caps, defaults.instances));
+            let q = match kept {
+                Some(q) => q.clone(),
+                None => Arc::new(IntegrationQuota::new(&i.id, rates, caps, defaults.instances)),
+            };
+            t.limited.insert(i.id.clone(), q);
+        }
+        t
+    }
+}
+
 impl std::fmt::Debug for Quotas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Quotas").field("limited", &self.limited.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+        let t = self.table.load();
+        f.debug_struct("Quotas").field("limited", &t.limited.keys().collect::<Vec<_>>()).finish_non_exhaustive()
     }
 }
 
@@ -90,31 +125,28 @@ impl Quotas {
     /// The limits of every integration (their own, else `defaults`'), for
     /// one of `defaults.instances` instances.
     pub fn new(defaults: &LimitsConfig, integrations: &Integrations, store: Option<Arc<dyn Store>>) -> Self {
-        let epoch = Instant::now();
-        let mut limited = HashMap::default();
-        let mut backoff = HashMap::default();
-        for i in integrations.iter() {
-            let rates = i.quotas.rate_limits.as_ref().unwrap_or(&defaults.rate_limits);
-            let caps = i.quotas.in_flight_limits.as_ref().unwrap_or(&defaults.in_flight_limits);
-            backoff.insert(i.id.clone(), i.quotas.backoff.clone().unwrap_or_else(|| defaults.backoff.clone()));
-            if rates.is_empty() && caps.is_empty() {
-                continue;
-            }
-            let q = IntegrationQuota::new(&i.id, rates, caps, defaults.instances);
-            limited.insert(i.id.clone(), Arc::new(q));
-        }
-        let ids = integrations.iter().map(|i| i.id.clone());
-        Self { limited, backoff, cooldowns: Cooldowns::new(ids, store), epoch }
+        let table = ArcSwap::from_pointee(Table::build(defaults, integrations, None));
+        let cooldowns = Cooldowns::new(integrations.iter().map(|i| i.id.clone()), store);
+        Self { table, defaults: defaults.clone(), cooldowns, epoch: Instant::now() }
     }
 
     /// No limits and no back-off anywhere (tests, benches).
     pub fn none() -> Self {
         Self {
-            limited: HashMap::default(),
-            backoff: HashMap::default(),
+            table: ArcSwap::from_pointee(Table::default()),
+            defaults: LimitsConfig::default(),
             cooldowns: Cooldowns::new(std::iter::empty(), None),
             epoch: Instant::now(),
         }
+    }
+
+    /// The limits of a reloaded set of integrations. Limiters of
+    /// integrations whose limits are unchanged keep their state; cool-downs
+    /// in force stay.
+    pub fn reload(&self, integrations: &Integrations) {
+        let before = self.table.load();
+        self.table.store(Arc::new(Table::build(&self.defaults, integrations, Some(&before))));
+        self.cooldowns.know(integrations.iter().map(|i| i.id.clone()));
     }
 
     /// Admits a request of `connection` (of `org`) to `path` of
@@ -123,10 +155,11 @@ impl Quotas {
         if let Some(r) = self.cooldowns.refusal(integration, connection) {
             return Verdict::No(r);
         }
-        if self.limited.is_empty() {
+        let table = self.table.load();
+        if table.limited.is_empty() {
             return Verdict::Go(None);
         }
-        match self.limited.get(integration) {
+        match table.limited.get(integration) {
             None => Verdict::Go(None),
             Some(q) => q.check(self.epoch, connection, org, path),
         }
@@ -146,7 +179,8 @@ impl Quotas {
         if !matches!(status, 429 | 503) {
             return None;
         }
-        let policy = self.backoff.get(integration)?;
+        let table = self.table.load();
+        let policy = table.backoff.get(integration)?;
         if !policy.respect_retry_after {
             return None;
         }
@@ -179,14 +213,15 @@ impl Quotas {
     /// The quotas in force for `integration`, as the admin API shows them:
     /// each limit's numbers (this instance's share) and the back-off policy.
     pub fn describe(&self, integration: &str) -> Value {
-        let (rates, caps): (Vec<Value>, Vec<Value>) = match self.limited.get(integration) {
+        let table = self.table.load();
+        let (rates, caps): (Vec<Value>, Vec<Value>) = match table.limited.get(integration) {
             Some(q) => (
                 q.rates.iter().map(|r| r.named.view.clone()).collect(),
                 q.caps.iter().map(|c| c.named.view.clone()).collect(),
             ),
             None => (Vec::new(), Vec::new()),
         };
-        let backoff = self.backoff.get(integration).map(|b| {
+        let backoff = table.backoff.get(integration).map(|b| {
             json!({"respect_retry_after": b.respect_retry_after, "per": b.per.as_str(),
                    "max_cooldown_secs": b.max_cooldown.as_secs_f64(), "reset_headers": b.reset_headers})
         });
@@ -197,12 +232,13 @@ impl Quotas {
     /// cool-downs per integration. No connection ids.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        let mut ids: Vec<&String> = self.limited.keys().collect();
+        let table = self.table.load();
+        let mut ids: Vec<&String> = table.limited.keys().collect();
         ids.sort();
         let rows = |out: &mut String, name: &str, help: &str, pick: fn(&Stats) -> u64| {
             crate::metrics::header(out, name, "counter", help);
             for id in &ids {
-                for l in self.limited[*id].limits() {
+                for l in table.limited[*id].limits() {
                     let v = pick(&l.stats);
                     let _ =
                         writeln!(out, "{name}{{integration=\"{id}\",limit=\"{}\",kind=\"{}\"}} {v}", l.name, l.kind);
@@ -295,6 +331,8 @@ struct Cap {
 /// One integration's limiters, narrowest first.
 struct IntegrationQuota {
     id: String,
+    /// What they were built from (a reload keeps them if it is unchanged).
+    declared: (Vec<RateLimit>, Vec<InFlightLimit>, u32),
     rates: Vec<Rate>,
     caps: Vec<Cap>,
     /// Woken when an in-flight place frees and someone waits for one.
@@ -303,7 +341,8 @@ struct IntegrationQuota {
 }
 
 impl IntegrationQuota {
-    fn new(id: &str, rates: &[RateLimit], caps: &[InFlightLimit], instances: u32) -> Self {
+    fn new(id: &str, declared_rates: &[RateLimit], declared_caps: &[InFlightLimit], instances: u32) -> Self {
+        let (rates, caps) = (declared_rates, declared_caps);
         let instances = instances.max(1);
         let mut rates: Vec<Rate> = rates
             .iter()
@@ -347,7 +386,20 @@ impl IntegrationQuota {
         // The lock order, and the narrowest-first order of the module doc.
         rates.sort_by_key(|r| r.named.per);
         caps.sort_by_key(|c| c.named.per);
-        Self { id: id.to_owned(), rates, caps, freed: tokio::sync::Notify::new(), waiting: AtomicUsize::new(0) }
+        let declared = (declared_rates.to_vec(), declared_caps.to_vec(), instances);
+        Self {
+            id: id.to_owned(),
+            declared,
+            rates,
+            caps,
+            freed: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Built from exactly these limits.
+    fn declared(&self, rates: &[RateLimit], caps: &[InFlightLimit], instances: u32) -> bool {
+        self.declared.0 == rates && self.declared.1 == caps && self.declared.2 == instances.max(1)
     }
 
     fn limits(&self) -> impl Iterator<Item = &Named> {
@@ -597,8 +649,10 @@ mod tests {
     fn quotas(rates: Vec<RateLimit>, caps: Vec<InFlightLimit>) -> Quotas {
         let mut q = Quotas::none();
         q.cooldowns = Cooldowns::new(std::iter::once("gh".to_owned()), None);
-        q.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates, &caps, 1)));
-        q.backoff.insert("gh".into(), Backoff::default());
+        let mut t = Table::default();
+        t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates, &caps, 1)));
+        t.backoff.insert("gh".into(), Backoff::default());
+        q.table.store(Arc::new(t));
         q
     }
 

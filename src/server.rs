@@ -88,6 +88,8 @@ pub struct Running {
     /// The TLS interception CA, when enabled (leaf mint/cache counters).
     pub interceptor: Option<Arc<Interceptor>>,
     pub metrics: Arc<Metrics>,
+    /// Reloads the integrations (`SIGHUP`, as `POST /v1/integrations/reload`).
+    admin: Arc<AdminState>,
     /// Stops the proxy listener and drains its connections.
     shutdown: watch::Sender<bool>,
     /// Stops the admin and public listeners (after the drain, so `/readyz`
@@ -104,6 +106,20 @@ pub struct Running {
 }
 
 impl Running {
+    /// Reads the integration files again and puts them in force; an
+    /// invalid set leaves the one in force serving (the error names file,
+    /// key and reason). Returns the ids now in force.
+    pub fn reload_integrations(&self) -> Result<Vec<String>, ConfigError> {
+        self.admin.reload_integrations()
+    }
+
+    /// [`Running::reload_integrations`], for a task that outlives this
+    /// handle's borrow (the binary's `SIGHUP` handler).
+    pub fn reloader(&self) -> impl Fn() -> Result<Vec<String>, ConfigError> + Send + Sync + 'static {
+        let admin = self.admin.clone();
+        move || admin.reload_integrations()
+    }
+
     /// Graceful shutdown: `/readyz` turns 503, the proxy listener closes (new
     /// connections are refused), open connections finish their in-flight
     /// request and close, tunnels run to their end; after `grace` whatever is
@@ -288,7 +304,7 @@ impl App {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let quotas = Arc::new(Quotas::new(
             &config.limits,
-            connections.integrations(),
+            &connections.integrations(),
             config.store.is_postgres().then(|| connections.store().clone()),
         ));
         let p = &config.proxy;
@@ -335,7 +351,8 @@ impl App {
                 default_ttl: config.run_tokens.default_ttl,
                 max_ttl: config.run_tokens.max_ttl,
             })
-            .with_quotas(quotas),
+            .with_quotas(quotas)
+            .with_integrations_dir(config.integrations.dir.clone()),
         );
         let webhooks = Webhooks::new(
             &config.events,
@@ -418,6 +435,7 @@ impl App {
         let stop = self.proxy.shutdown.clone();
         tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
         let (admin_shutdown, admin_rx) = watch::channel(false);
+        let admin = self.admin.clone();
         let app = admin::router(self.admin);
         let mut stop = admin_rx.clone();
         let admin_listener = listeners.admin;
@@ -441,7 +459,8 @@ impl App {
                 tracing::error!(error = %e, "public server failed");
             }
         });
-        let loaded: Vec<&str> = self.connections.integrations().iter().map(|i| i.id.as_str()).collect();
+        let integrations = self.connections.integrations();
+        let loaded: Vec<&str> = integrations.iter().map(|i| i.id.as_str()).collect();
         tracing::info!(
             proxy = %addrs.proxy,
             admin = %addrs.admin,
@@ -460,6 +479,7 @@ impl App {
             connections: self.connections,
             interceptor: self.interceptor,
             metrics: self.metrics,
+            admin,
             shutdown: self.shutdown,
             admin_shutdown,
             draining: self.draining,

@@ -287,7 +287,8 @@ impl Connections {
     pub async fn sweep_idle(&self) -> usize {
         let now = unix_now();
         let mut refreshed = 0;
-        for i in self.integrations.iter() {
+        let integrations = self.integrations();
+        for i in integrations.iter() {
             for m in &i.auth_methods {
                 let Some(after) = m.oauth2().and_then(|o| o.idle_refresh_after) else { continue };
                 let cutoff = now - after.as_secs() as i64;
@@ -407,8 +408,9 @@ impl Connections {
             }
         }
         let integration = self
-            .integrations
+            .integrations()
             .get(&req.integration)
+            .cloned()
             .ok_or_else(|| CreateError::UnknownIntegration(req.integration.clone()))?;
         let method = integration.auth_method(&req.auth_method).ok_or_else(|| CreateError::UnknownAuthMethod {
             integration: req.integration.clone(),
@@ -498,7 +500,7 @@ impl Connections {
         code: &str,
     ) -> Result<ConnectionMeta, AuthorizeError> {
         let method = self
-            .integrations
+            .integrations()
             .get(&pending.integration)
             .and_then(|i| i.auth_method(&pending.auth_method))
             .cloned()

@@ -38,7 +38,8 @@ pub(super) struct Cooldowns {
     /// Entries in `map`: zero means no lock and no lookup on the request path.
     count: AtomicUsize,
     map: Mutex<HashMap<(CooldownScope, Box<str>), Entry>>,
-    counters: HashMap<Arc<str>, Counters, ahash::RandomState>,
+    /// Per known integration (a reload adds; counters never go away).
+    counters: std::sync::RwLock<HashMap<Arc<str>, Arc<Counters>>>,
     /// Where cool-downs are published to the other instances (PostgreSQL).
     store: Option<Arc<dyn Store>>,
 }
@@ -49,12 +50,28 @@ fn now_ms() -> i64 {
 
 impl Cooldowns {
     pub(super) fn new(integrations: impl Iterator<Item = String>, store: Option<Arc<dyn Store>>) -> Self {
-        Self {
+        let this = Self {
             count: AtomicUsize::new(0),
             map: Mutex::new(HashMap::new()),
-            counters: integrations.map(|i| (Arc::from(i), Counters::default())).collect(),
+            counters: std::sync::RwLock::new(HashMap::new()),
             store,
+        };
+        this.know(integrations);
+        this
+    }
+
+    /// Integrations cool-downs may be learnt for (a reload adds to them).
+    pub(super) fn know(&self, integrations: impl Iterator<Item = String>) {
+        let mut counters = self.counters.write().unwrap_or_else(|p| p.into_inner());
+        for i in integrations {
+            counters.entry(Arc::from(i)).or_default();
         }
+    }
+
+    /// A known integration's name (shared) and counters.
+    fn counters_of(&self, integration: &str) -> Option<(Arc<str>, Arc<Counters>)> {
+        let counters = self.counters.read().unwrap_or_else(|p| p.into_inner());
+        counters.get_key_value(integration).map(|(k, v)| (k.clone(), v.clone()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(CooldownScope, Box<str>), Entry>> {
@@ -68,7 +85,7 @@ impl Cooldowns {
             return None;
         }
         let active = self.active(integration, connection)?;
-        if let Some(c) = self.counters.get(integration) {
+        if let Some((_, c)) = self.counters_of(integration) {
             c.refused.fetch_add(1, Relaxed);
         }
         let whom = match active.scope {
@@ -120,7 +137,7 @@ impl Cooldowns {
     /// Starts (or lengthens) a cool-down learnt here, and tells the others.
     pub(super) fn start(&self, scope: CooldownScope, integration: &str, key: &str, lasts: Duration) {
         let until_ms = now_ms() + lasts.as_millis() as i64;
-        if let Some(c) = self.counters.get(integration) {
+        if let Some((_, c)) = self.counters_of(integration) {
             c.started.fetch_add(1, Relaxed);
         }
         tracing::info!(
@@ -142,11 +159,11 @@ impl Cooldowns {
     }
 
     fn insert(&self, scope: CooldownScope, integration: &str, key: &str, until_ms: i64) {
-        let Some((integration, _)) = self.counters.get_key_value(integration) else { return };
+        let Some((integration, _)) = self.counters_of(integration) else { return };
         let mut map = self.lock();
         let e = map.entry((scope, key.into())).or_insert_with(|| {
             self.count.fetch_add(1, Relaxed);
-            Entry { integration: integration.clone(), until_ms }
+            Entry { integration, until_ms }
         });
         e.until_ms = e.until_ms.max(until_ms);
     }
@@ -173,15 +190,14 @@ impl Cooldowns {
 
     pub(super) fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        let mut ids: Vec<&Arc<str>> = self.counters.keys().collect();
+        let counters = self.counters.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut ids: Vec<&Arc<str>> = counters.keys().collect();
         ids.sort();
         let now = now_ms();
-        let mut active: HashMap<&str, u64> = HashMap::new();
+        let mut active: HashMap<Arc<str>, u64> = HashMap::new();
         if self.count.load(Relaxed) > 0 {
             for e in self.lock().values().filter(|e| e.until_ms > now) {
-                if let Some((k, _)) = self.counters.get_key_value(&*e.integration) {
-                    *active.entry(k).or_default() += 1;
-                }
+                *active.entry(e.integration.clone()).or_default() += 1;
             }
         }
         let mut rows = |name: &str, kind: &str, help: &str, value: &dyn Fn(&str) -> u64| {
@@ -194,13 +210,13 @@ impl Cooldowns {
             "credproxy_quota_cooldowns_started_total",
             "counter",
             "Cool-downs started by an upstream's 429/503 with Retry-After (learnt here).",
-            &|id| self.counters[id].started.load(Relaxed),
+            &|id| counters[id].started.load(Relaxed),
         );
         rows(
             "credproxy_quota_cooldown_refusals_total",
             "counter",
             "Requests answered 429 during a cool-down, without calling the upstream.",
-            &|id| self.counters[id].refused.load(Relaxed),
+            &|id| counters[id].refused.load(Relaxed),
         );
         rows("credproxy_quota_cooldowns_active", "gauge", "Cool-downs in force.", &|id| {
             active.get(id).copied().unwrap_or(0)

@@ -1,0 +1,166 @@
+//! Integrations reloaded without a restart: `POST /v1/integrations/reload`
+//! and `SIGHUP`, under load, with an invalid set refused and a removed
+//! auth method answered 409.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::*;
+
+/// An integration file for loopback upstreams with bearer methods `methods`.
+fn file(id: &str, methods: &[&str]) -> String {
+    let mut text =
+        format!("id = \"{id}\"\nname = \"{id}\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n");
+    for m in methods {
+        text.push_str(&format!("[[auth_methods]]\nid = \"{m}\"\ntype = \"bearer\"\n"));
+    }
+    text
+}
+
+async fn connection(admin: &credproxy::admin_client::AdminClient, integration: &str, method: &str) -> String {
+    let body = json!({"integration": integration, "auth_method": method, "org_id": ORG, "user_id": "u",
+        "credentials": {"token": format!("reload-token-{integration}-{method}")}});
+    admin.call(Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"].as_str().unwrap().to_owned()
+}
+
+async fn reload(admin: &credproxy::admin_client::AdminClient) -> (StatusCode, Value) {
+    admin.send(Method::POST, "/v1/integrations/reload", None).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_add_change_and_refuse_invalid_sets_under_load() {
+    let h = Harness::start_with(Opts {
+        integrations: vec![("reloadable.toml".into(), file("reloadable", &["a", "b"]))],
+        ..Default::default()
+    })
+    .await;
+    let dir = h.dir.path().join("integrations");
+    let proxy = h.running.proxy_addr;
+    let url = format!("{}/bearer", httpbin());
+    let a = connection(&h.admin, "reloadable", "a").await;
+    assert_eq!(proxy_request(proxy, "GET", &url, Some(&a), None).await.0, 200);
+
+    // A new file: in force after the reload, without a restart.
+    std::fs::write(dir.join("added.toml"), file("added", &["k"])).unwrap();
+    let body = json!({"integration": "added", "auth_method": "k", "org_id": ORG, "user_id": "u", "credentials": {"token": "t"}});
+    let (s, _) = h.admin.send(Method::POST, "/v1/connections", Some(&body)).await.unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "not before the reload");
+    let (s, v) = reload(&h.admin).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["integrations"].as_array().unwrap().contains(&json!("added")), "{v}");
+    let added = connection(&h.admin, "added", "k").await;
+    assert_eq!(proxy_request(proxy, "GET", &url, Some(&added), None).await.0, 200);
+
+    // Only a global token may reload.
+    let scoped = credproxy::admin_client::AdminClient::new(&h.admin_url(), ORG_TOKEN.into()).unwrap();
+    let (s, v) = reload(&scoped).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden_org")), "{v}");
+
+    // An invalid file: 422 naming file, key and reason; the set in force stays.
+    std::fs::write(dir.join("broken.toml"), file("broken", &["x"]).replace("[\"127.0.0.1\"]", "[]")).unwrap();
+    let (s, v) = reload(&h.admin).await;
+    assert_eq!((s, v["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_integrations")), "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("broken.toml") && detail.contains("allowed_hosts"), "{detail}");
+    assert_eq!(proxy_request(proxy, "GET", &url, Some(&added), None).await.0, 200);
+    let listed = h.admin.call(Method::GET, "/v1/integrations", None).await.unwrap().to_string();
+    assert!(listed.contains("\"added\"") && !listed.contains("\"broken\""), "{listed}");
+    std::fs::remove_file(dir.join("broken.toml")).unwrap();
+
+    // Twenty reloads while four clients keep sending: nothing fails.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, url, conn) = (stop.clone(), ok.clone(), failed.clone(), url.clone(), added.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                match proxy_request(proxy, "GET", &url, Some(&conn), None).await.0 {
+                    200 => ok.fetch_add(1, Relaxed),
+                    _ => failed.fetch_add(1, Relaxed),
+                };
+            }
+        }));
+    }
+    for n in 0..20 {
+        // Each reload changes something (a rate limit that never bites).
+        let quota = format!("[[rate_limits]]\nper = \"connection\"\nrequests = {}\nperiod = \"1s\"\n", 100_000 + n);
+        std::fs::write(dir.join("added.toml"), format!("{}{quota}", file("added", &["k"]))).unwrap();
+        let (s, v) = reload(&h.admin).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Relaxed), 0, "requests failed during reloads ({} succeeded)", ok.load(Relaxed));
+    assert!(ok.load(Relaxed) > 20, "{} requests", ok.load(Relaxed));
+    let shown = h.admin.call(Method::GET, "/v1/integrations/added", None).await.unwrap();
+    assert_eq!(shown["quotas"]["rate_limits"][0]["requests"], 100_019, "{shown}");
+
+    // A removed auth method: its connections get 409, at once.
+    std::fs::write(dir.join("reloadable.toml"), file("reloadable", &["b"])).unwrap();
+    assert_eq!(reload(&h.admin).await.0, StatusCode::OK);
+    let (status, _, body) = proxy_request(proxy, "GET", &url, Some(&a), None).await;
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, v["code"].as_str()), (409, Some("auth_method_removed")), "{v}");
+}
+
+/// `SIGHUP` to the binary reloads; an invalid set leaves it serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
+    let config = config_with(dir.path(), &ints);
+    let instance = spawn_instance(&config).await;
+    let admin = &instance.admin;
+    let listed = || async move { admin.call(Method::GET, "/v1/integrations", None).await.unwrap().to_string() };
+    assert!(!listed().await.contains("\"second\""));
+    std::fs::write(ints.join("second.toml"), file("second", &["k"])).unwrap();
+    hangup(instance.pid());
+    let until = Instant::now() + Duration::from_secs(5);
+    while !listed().await.contains("\"second\"") {
+        assert!(Instant::now() < until, "SIGHUP did not reload within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Invalid: refused, still serving the set in force.
+    std::fs::write(ints.join("third.toml"), "id = ").unwrap();
+    hangup(instance.pid());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let now = listed().await;
+    assert!(now.contains("\"second\"") && !now.contains("\"third\""), "{now}");
+    let conn = connection(&instance.admin, "second", "k").await;
+    assert_eq!(proxy_request(instance.proxy, "GET", &format!("{}/bearer", httpbin()), Some(&conn), None).await.0, 200);
+}
+
+fn hangup(pid: u32) {
+    let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -HUP {pid}");
+}
+
+/// A configuration for the built binary with its own integrations directory.
+fn config_with(dir: &Path, ints: &Path) -> std::path::PathBuf {
+    let path = dir.join("credproxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/db.sqlite\"\n\
+             [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
+             [integrations]\ndir = \"{ints}\"\n",
+            d = dir.display(),
+            ints = ints.display(),
+        ),
+    )
+    .unwrap();
+    path
+}
