@@ -59,16 +59,6 @@ impl Knobs {
     /// The log filter of the `baseline` row and of the callgrind runs:
     /// access log off, unless LOAD_ACCESS_LOG=1 (the `credproxy+accesslog`
     /// row is then the one to set beside `baseline`).
-    /// The baseline's environment: its audit trail off like the
-    /// credproxy row's, unless LOAD_ACCESS_LOG=1 (then on, like the log).
-    pub fn baseline_env(&self) -> &'static [(&'static str, &'static str)] {
-        if self.access_log {
-            &[]
-        } else {
-            crate::systems::AUDIT_OFF
-        }
-    }
-
     pub fn baseline_log(&self) -> &'static str {
         if self.access_log {
             "info"

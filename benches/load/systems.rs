@@ -140,6 +140,16 @@ pub async fn spawn_credproxy(
 /// an access log).
 pub const AUDIT_OFF: &[(&str, &str)] = &[("CREDPROXY_AUDIT__SINK", "off")];
 
+/// The baseline's environment: its audit trail off like the credproxy
+/// row's, unless LOAD_ACCESS_LOG=1 (then on, like the log).
+pub fn baseline_env(k: &Knobs) -> &'static [(&'static str, &'static str)] {
+    if k.access_log {
+        &[]
+    } else {
+        AUDIT_OFF
+    }
+}
+
 pub fn credproxy_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_credproxy"))
 }
@@ -391,7 +401,7 @@ impl Setup {
         let (baseline, baseline_conn) = match &k.baseline_bin {
             Some(bin) => {
                 let config = baseline_config(&config);
-                let served = spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), k.baseline_env()).await.0;
+                let served = spawn_credproxy(&[], bin, &config, dir.path(), k.baseline_log(), baseline_env(k)).await.0;
                 let conn = create_connection(served.admin).await;
                 (Some(served), Some(conn))
             }
