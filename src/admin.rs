@@ -267,6 +267,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let v1 = Router::new()
         .route("/v1/integrations", get(list_integrations))
         .route("/v1/integrations/reload", axum::routing::post(reload_integrations))
+        .route(
+            "/v1/integrations/import-openapi",
+            axum::routing::post(import_openapi)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::openapi::MAX_DOCUMENT_BYTES)),
+        )
         .route("/v1/integrations/{id}", get(get_integration))
         .route("/v1/connections", get(list_connections).post(create_connection))
         .route("/v1/connections/{id}", get(get_connection).delete(delete_connection))
@@ -423,6 +428,78 @@ async fn reload_integrations(
             Err(ApiError::new(Code::InvalidIntegrations, e.to_string()))
         }
     }
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    id: Option<String>,
+    base_url: Option<String>,
+    #[serde(default)]
+    no_test: bool,
+    /// Write `<integrations.dir>/<id>.toml` and reload (default: dry run).
+    #[serde(default)]
+    write: bool,
+}
+
+/// `POST /v1/integrations/import-openapi` (global token): the body is an
+/// OpenAPI 3.0/3.1 document (JSON or YAML). A dry run by default: answers
+/// the integration file it would write and the report. With `write=true`
+/// the file is written into `integrations.dir` (never over an existing
+/// one) and the integrations are reloaded. OpenID Connect discovery is not
+/// fetched here (the CLI's `--fetch-discovery` does it): the admin API
+/// makes no request to a URL a document names.
+async fn import_openapi(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Query(q): Query<ImportQuery>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if scope.org().is_some() {
+        return Err(ApiError::new(Code::ForbiddenOrg, "importing integrations needs a global admin token"));
+    }
+    let opts =
+        crate::openapi::ImportOptions { id: q.id, base_url: q.base_url, no_test: q.no_test, ..Default::default() };
+    let import = crate::openapi::import("(request body)", &body, &opts)
+        .map_err(|e| ApiError::new(Code::InvalidOpenapi, e.to_string()))?;
+    let report = serde_json::to_value(&import.report).unwrap_or(Value::Null);
+    if !q.write {
+        return Ok(Json(json!({ "file": import.file, "report": report, "written": null })));
+    }
+    let Some(file) = import.file else {
+        let why = import.report.no_file_because.unwrap_or_default();
+        return Err(ApiError::new(Code::OpenapiNotImportable, format!("no integration file: {why}")));
+    };
+    let dir = st.integrations_dir.clone().ok_or_else(|| {
+        ApiError::new(Code::InvalidRequest, "this server was started without integrations.dir; nothing to write into")
+    })?;
+    let id = &import.report.integration_id;
+    if st.connections.integrations().get(id).is_some() {
+        return Err(ApiError::new(
+            Code::IntegrationExists,
+            format!("an integration {id:?} is in force; pass another id"),
+        ));
+    }
+    let path = dir.join(format!("{id}.toml"));
+    // create_new: never over a file another writer put there.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, file.as_bytes()));
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            return Err(ApiError::new(Code::IntegrationExists, format!("{id}.toml exists in integrations.dir")));
+        }
+        tracing::error!(error = %e, "import: cannot write the integration file");
+        return Err(ApiError::new(Code::InternalError, "the integration file cannot be written"));
+    }
+    if let Err(e) = st.reload_integrations() {
+        // Another file in the directory is invalid: take ours back out.
+        let _ = std::fs::remove_file(&path);
+        return Err(ApiError::new(Code::InvalidIntegrations, e.to_string()));
+    }
+    tracing::info!(integration = %id, "integration imported from an OpenAPI document");
+    Ok(Json(json!({ "file": file, "report": report, "written": path.display().to_string() })))
 }
 
 async fn get_integration(State(st): State<Arc<AdminState>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {

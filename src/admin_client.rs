@@ -33,6 +33,32 @@ pub enum AdminClientError {
     Status { status: StatusCode, body: String },
 }
 
+/// `GET url` with no credential, its body as JSON (the CLI fetches OpenID
+/// Connect discovery documents with it). Public roots for https.
+pub async fn get_json(url: &str) -> Result<Value, String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::upstream::tls_config(&[]))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let req = Request::get(uri).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "no answer within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body =
+        http_body_util::Limited::new(resp.into_body(), 1 << 20).collect().await.map_err(|e| e.to_string())?.to_bytes();
+    if !status.is_success() {
+        return Err(format!("answered {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+}
+
 pub struct AdminClient {
     base: String,
     token: SecretValue,

@@ -123,6 +123,32 @@ enum IntegrationsCommand {
         /// Integration id (e.g. github).
         id: String,
     },
+    /// Write an integration file from an OpenAPI 3.0/3.1 document (YAML or
+    /// JSON), locally (no admin API). The report (JSON, on stderr) lists
+    /// what was imported and everything that was not, and why. Exit 0 with
+    /// a file, 1 when the document yields none, 65 when it cannot be read.
+    Import {
+        /// The OpenAPI document.
+        spec: PathBuf,
+        /// Integration id (default: from info.title).
+        #[arg(long)]
+        id: Option<String>,
+        /// Directory to write <id>.toml into (default: print the file).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where relative server URLs (or a document without servers) point.
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Fetch openIdConnect discovery documents to configure those schemes.
+        #[arg(long)]
+        fetch_discovery: bool,
+        /// Leave [test] out.
+        #[arg(long)]
+        no_test: bool,
+        /// Replace an existing <id>.toml in --out.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -538,7 +564,13 @@ fn report(result: Result<Value, crate::admin_client::AdminClientError>) -> ExitC
     }
 }
 
+/// Exit status for a document that cannot be read (EX_DATAERR).
+pub const EXIT_DATA: u8 = 65;
+
 async fn integrations(admin: AdminArgs, command: IntegrationsCommand) -> ExitCode {
+    if let IntegrationsCommand::Import { spec, id, out, base_url, fetch_discovery, no_test, force } = command {
+        return import_openapi(&spec, id, out, base_url, fetch_discovery, no_test, force).await;
+    }
     let client = match admin_client(admin) {
         Ok(c) => c,
         Err(code) => return code,
@@ -548,7 +580,79 @@ async fn integrations(admin: AdminArgs, command: IntegrationsCommand) -> ExitCod
         IntegrationsCommand::Show { id } => {
             client.call(Method::GET, &format!("/v1/integrations/{}", path_segment(&id)), None).await
         }
+        IntegrationsCommand::Import { .. } => unreachable!("handled above"),
     })
+}
+
+/// `credproxy integrations import`.
+async fn import_openapi(
+    spec: &Path,
+    id: Option<String>,
+    out: Option<PathBuf>,
+    base_url: Option<String>,
+    fetch_discovery: bool,
+    no_test: bool,
+    force: bool,
+) -> ExitCode {
+    let bytes = match std::fs::read(spec) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("credproxy: cannot read {}: {e}", spec.display());
+            return ExitCode::from(EXIT_DATA);
+        }
+    };
+    let mut opts = crate::openapi::ImportOptions { id, base_url, no_test, ..Default::default() };
+    if fetch_discovery {
+        let urls = match crate::openapi::openid_connect_urls(&bytes) {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("credproxy: {}: {e}", spec.display());
+                return ExitCode::from(EXIT_DATA);
+            }
+        };
+        for url in urls {
+            match crate::admin_client::get_json(&url).await {
+                Ok(v) => match serde_json::from_value::<crate::openapi::Discovery>(v) {
+                    Ok(d) => {
+                        opts.discovery.insert(url, d);
+                    }
+                    Err(e) => eprintln!("credproxy: discovery document at {url} is not usable: {e}"),
+                },
+                Err(e) => eprintln!("credproxy: discovery at {url} not fetched: {e}"),
+            }
+        }
+    }
+    let source = spec.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let import = match crate::openapi::import(&source, &bytes, &opts) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("credproxy: {}: {e}", spec.display());
+            return ExitCode::from(EXIT_DATA);
+        }
+    };
+    eprintln!("{}", serde_json::to_string_pretty(&import.report).unwrap_or_default());
+    let Some(file) = import.file else {
+        eprintln!(
+            "credproxy: no integration file: {}",
+            import.report.no_file_because.as_deref().unwrap_or("see the report")
+        );
+        return ExitCode::FAILURE;
+    };
+    let Some(dir) = out else {
+        print!("{file}");
+        return ExitCode::SUCCESS;
+    };
+    let path = dir.join(format!("{}.toml", import.report.integration_id));
+    if path.exists() && !force {
+        eprintln!("credproxy: {} exists (pass --force to replace it)", path.display());
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, file)) {
+        eprintln!("credproxy: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("credproxy: wrote {} (running instances: SIGHUP or POST /v1/integrations/reload)", path.display());
+    ExitCode::SUCCESS
 }
 
 async fn connections(admin: AdminArgs, command: ConnCommand) -> ExitCode {

@@ -17,6 +17,8 @@
 //! - [`connect`]: the public listener: connect pages where end users make
 //!   their own connections, connect sessions, the OAuth2 callback.
 //! - [`admin_client`]: the small HTTP client the CLI uses to drive the admin API.
+//! - [`openapi`]: OpenAPI 3.0/3.1 documents turned into integration files,
+//!   with a report of what was and was not imported. Pure.
 //! - [`outbound`]: the credentialed request (fresh token, inject, forward,
 //!   OAuth2 401 retry, echo scrubbing) shared by the proxy and the connection
 //!   test; its errors and their codes.
@@ -66,6 +68,7 @@ pub mod inject;
 pub mod integrations;
 pub mod metrics;
 pub mod oauth2;
+pub mod openapi;
 pub mod outbound;
 pub mod policy;
 pub mod problem;

@@ -157,6 +157,13 @@ codes! {
     NoTestRequest = BAD_REQUEST, "no_test_request", "No test request", HttpRequestError;
     /// A reload found an invalid integration file; the set in force stays.
     InvalidIntegrations = UNPROCESSABLE_ENTITY, "invalid_integrations", "Invalid integration files", HttpRequestError;
+    /// `POST /v1/integrations/import-openapi`: the document cannot be read
+    /// (syntax, version, a dangling `$ref`, a wrong type); the detail names where.
+    InvalidOpenapi = UNPROCESSABLE_ENTITY, "invalid_openapi", "Unreadable OpenAPI document", HttpRequestError;
+    /// An import with `write=true` of a document that yields no integration (the report says why).
+    OpenapiNotImportable = UNPROCESSABLE_ENTITY, "openapi_not_importable", "Nothing to import", HttpRequestError;
+    /// An import with `write=true` whose integration file already exists.
+    IntegrationExists = CONFLICT, "integration_exists", "Integration exists", HttpRequestError;
     CodeExchangeFailed = BAD_GATEWAY, "code_exchange_failed", "Code exchange failed", DestinationUnavailable;
     ShuttingDown = SERVICE_UNAVAILABLE, "shutting_down", "Shutting down", ProxyInternalError;
     // The public listener (connect pages; HTML pages and redirects carry these).

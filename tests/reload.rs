@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,7 +119,7 @@ async fn sighup_reloads_the_binary() {
     let ints = dir.path().join("integrations");
     std::fs::create_dir(&ints).unwrap();
     std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
-    let config = config_with(dir.path(), &ints);
+    let config = write_config_with(dir.path(), &ints, "", "");
     let instance = spawn_instance(&config).await;
     let admin = &instance.admin;
     let listed = || async move { admin.call(Method::GET, "/v1/integrations", None).await.unwrap().to_string() };
@@ -145,22 +144,4 @@ async fn sighup_reloads_the_binary() {
 fn hangup(pid: u32) {
     let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success();
     assert!(ok, "kill -HUP {pid}");
-}
-
-/// A configuration for the built binary with its own integrations directory.
-fn config_with(dir: &Path, ints: &Path) -> std::path::PathBuf {
-    let path = dir.join("credproxy.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\norg_id = \"{ORG}\"\n[public]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[admin.tokens]]\ntoken = \"{ADMIN_TOKEN}\"\n[store]\nurl = \"sqlite://{d}/db.sqlite\"\n\
-             [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
-             [integrations]\ndir = \"{ints}\"\n",
-            d = dir.display(),
-            ints = ints.display(),
-        ),
-    )
-    .unwrap();
-    path
 }

@@ -66,9 +66,9 @@ impl Harness {
 
     pub async fn start_with(opts: Opts) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ints_dir = if opts.integrations.is_empty() {
-            repo().join("config/integrations")
-        } else {
+        // A copy of the shipped files, always: a test that imports or
+        // reloads writes there, never into the repository.
+        let ints_dir = {
             let d = dir.path().join("integrations");
             std::fs::create_dir(&d).unwrap();
             for e in std::fs::read_dir(repo().join("config/integrations")).unwrap() {
@@ -222,6 +222,11 @@ impl Harness {
 /// there, loopback allowed, the shipped integrations): `proxy_extra` goes
 /// into `[proxy]`, `sections` after the rest.
 pub fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
+    write_config_with(dir, &repo().join("config/integrations"), proxy_extra, sections)
+}
+
+/// [`write_config`] with the integrations read from `ints`.
+pub fn write_config_with(dir: &Path, ints: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
     let path = dir.join("credproxy.toml");
     std::fs::write(
         &path,
@@ -231,7 +236,7 @@ pub fn write_config(dir: &Path, proxy_extra: &str, sections: &str) -> PathBuf {
              [crypto]\nkey_file = \"{d}/master.key\"\n[egress]\nallow_cidrs = [\"127.0.0.0/8\"]\n\
              [integrations]\ndir = \"{ints}\"\n{sections}\n",
             d = dir.display(),
-            ints = repo().join("config/integrations").display(),
+            ints = ints.display(),
         ),
     )
     .unwrap();
