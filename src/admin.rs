@@ -194,6 +194,8 @@ fn audited_action(method: &axum::http::Method, route: &str) -> Option<&'static s
         (&Method::POST, "/v1/oauth2/authorize") => "connection.authorize",
         (&Method::POST, "/v1/connect-sessions") => "connect_session.create",
         (&Method::POST, "/v1/run-tokens") => "run_token.mint",
+        (&Method::PUT, "/v1/orgs/{org}/oauth-apps/{integration}/{auth_method}") => "oauth_app.put",
+        (&Method::DELETE, "/v1/orgs/{org}/oauth-apps/{integration}/{auth_method}") => "oauth_app.delete",
         _ => return None,
     })
 }
@@ -279,6 +281,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/connections/{id}/test", axum::routing::post(test_connection))
         .route("/v1/run-tokens", axum::routing::post(mint_run_token))
         .route("/v1/connect-sessions", axum::routing::post(create_connect_session))
+        .route("/v1/orgs/{org}/oauth-apps", get(list_oauth_apps))
+        .route(
+            "/v1/orgs/{org}/oauth-apps/{integration}/{auth_method}",
+            get(get_oauth_app).put(put_oauth_app).delete(delete_oauth_app),
+        )
         .route("/v1/events", get(list_events))
         .route("/v1/events/{id}/redeliver", axum::routing::post(redeliver_event))
         // Inside `authenticate`: the audit line names the token that acted.
@@ -754,6 +761,99 @@ async fn delete_connection(
         body["provider_revocation_error"] = json!(why);
     }
     Ok((axum::Extension(Audited::connection(&meta)), Json(body)))
+}
+
+/// `{org}` as this token may act on it (an org token: its own only).
+fn own_org(scope: &Scope, org: &str) -> Result<(), ApiError> {
+    if scope.org().is_some_and(|o| o != org) {
+        return Err(ApiError::new(Code::ForbiddenOrg, "this admin token is scoped to another organization"));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuthAppBody {
+    client_id: String,
+    /// Wrapped in a SecretValue at once.
+    client_secret: String,
+}
+
+/// `PUT /v1/orgs/{org}/oauth-apps/{integration}/{auth_method}`: the
+/// organization's own OAuth client for an `oauth2` method (the secret is
+/// sealed; the answer shows the client id only). Authorization, refresh
+/// and revocation for that organization's connections use it.
+async fn put_oauth_app(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path((org, integration, auth_method)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<(axum::Extension<Audited>, Json<crate::creds::OAuthAppView>), ApiError> {
+    own_org(&scope, &org)?;
+    let req: OAuthAppBody = json_body(&body)?;
+    use crate::creds::OAuthAppError as E;
+    let view = st
+        .connections
+        .put_oauth_app(&org, &integration, &auth_method, req.client_id, SecretValue::new(req.client_secret))
+        .await
+        .map_err(|e| match e {
+            E::UnknownIntegration(_) => ApiError::new(Code::UnknownIntegration, e.to_string()),
+            E::UnknownAuthMethod { .. } => ApiError::new(Code::UnknownAuthMethod, e.to_string()),
+            E::NotOAuth2(_) | E::Invalid(_) => ApiError::new(Code::InvalidRequest, e.to_string()),
+            E::Store(e) => ApiError::store(e),
+            E::Crypto(e) => create_error(CreateError::Crypto(e)),
+        })?;
+    let audited = Audited {
+        org: Some(org),
+        integration: Some(integration),
+        auth_method: Some(auth_method),
+        ..Audited::default()
+    };
+    Ok((axum::Extension(audited), Json(view)))
+}
+
+async fn get_oauth_app(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path((org, integration, auth_method)): Path<(String, String, String)>,
+) -> Result<Json<crate::creds::OAuthAppView>, ApiError> {
+    own_org(&scope, &org)?;
+    st.connections
+        .get_oauth_app(&org, &integration, &auth_method)
+        .await
+        .map_err(ApiError::store)?
+        .map(Json)
+        .ok_or_else(|| ApiError::new(Code::OauthAppNotFound, "this organization has no own OAuth app for this method"))
+}
+
+/// Removes the organization's app: its connections use the integration's
+/// client again.
+async fn delete_oauth_app(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path((org, integration, auth_method)): Path<(String, String, String)>,
+) -> Result<(axum::Extension<Audited>, StatusCode), ApiError> {
+    own_org(&scope, &org)?;
+    if !st.connections.delete_oauth_app(&org, &integration, &auth_method).await.map_err(ApiError::store)? {
+        return Err(ApiError::new(Code::OauthAppNotFound, "this organization has no own OAuth app for this method"));
+    }
+    let audited = Audited {
+        org: Some(org),
+        integration: Some(integration),
+        auth_method: Some(auth_method),
+        ..Audited::default()
+    };
+    Ok((axum::Extension(audited), StatusCode::NO_CONTENT))
+}
+
+async fn list_oauth_apps(
+    State(st): State<Arc<AdminState>>,
+    axum::Extension(scope): axum::Extension<Scope>,
+    Path(org): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    own_org(&scope, &org)?;
+    let apps = st.connections.list_oauth_apps(&org).await.map_err(ApiError::store)?;
+    Ok(Json(json!({ "oauth_apps": apps })))
 }
 
 #[derive(Deserialize)]

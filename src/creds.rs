@@ -6,9 +6,11 @@
 //! `proxy` or `admin`. OAuth2 refresh, authorization and revocation live in
 //! [`oauth`].
 
+mod apps;
 mod oauth;
 pub mod rotate;
 
+pub use apps::{AppLookupError, OAuthAppError, OAuthAppView, APP_CACHE_TTL};
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;

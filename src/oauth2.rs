@@ -151,9 +151,38 @@ impl Default for Pkce {
     }
 }
 
+/// The OAuth client credproxy acts as for a connection: the integration's
+/// (`client_id`/`client_secret` in its file), or the organization's own
+/// app (`PUT /v1/orgs/{org}/oauth-apps/…`).
+#[derive(Clone)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: SecretValue,
+    /// An organization's own app rather than the integration's client.
+    pub org_app: bool,
+}
+
+impl OAuthClient {
+    /// The integration's client.
+    pub fn of_integration(m: &OAuth2Method) -> Self {
+        Self { client_id: m.client_id.clone(), client_secret: m.client_secret.clone(), org_app: false }
+    }
+}
+
+impl std::fmt::Debug for OAuthClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthClient")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("org_app", &self.org_app)
+            .finish()
+    }
+}
+
 /// The provider URL a user is sent to.
 pub fn authorization_url(
     m: &OAuth2Method,
+    client: &OAuthClient,
     redirect_uri: &str,
     state: &str,
     challenge: Option<&str>,
@@ -162,7 +191,7 @@ pub fn authorization_url(
     let base = m.authorize_url.as_ref().map(Uri::to_string).unwrap_or_default();
     let mut q = form_urlencoded::Serializer::new(String::new());
     q.append_pair("response_type", "code");
-    q.append_pair("client_id", &m.client_id);
+    q.append_pair("client_id", &client.client_id);
     q.append_pair("redirect_uri", redirect_uri);
     if !scopes.is_empty() {
         q.append_pair("scope", &scopes.join(" "));
@@ -208,6 +237,7 @@ impl TokenClient {
     pub async fn exchange_code(
         &self,
         m: &OAuth2Method,
+        client: &OAuthClient,
         code: &str,
         redirect_uri: &str,
         verifier: Option<&SecretValue>,
@@ -217,28 +247,43 @@ impl TokenClient {
         if let Some(v) = verifier {
             p.push(("code_verifier", v.expose()));
         }
-        self.token(m, p).await
+        self.token(m, client, p).await
     }
 
-    pub async fn refresh(&self, m: &OAuth2Method, refresh_token: &str) -> Result<TokenResponse, TokenError> {
-        self.token(m, vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await
+    pub async fn refresh(
+        &self,
+        m: &OAuth2Method,
+        client: &OAuthClient,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, TokenError> {
+        self.token(m, client, vec![("grant_type", "refresh_token"), ("refresh_token", refresh_token)]).await
     }
 
-    pub async fn client_credentials(&self, m: &OAuth2Method) -> Result<TokenResponse, TokenError> {
+    pub async fn client_credentials(
+        &self,
+        m: &OAuth2Method,
+        client: &OAuthClient,
+    ) -> Result<TokenResponse, TokenError> {
         let scope = m.scopes.join(" ");
         let mut p = vec![("grant_type", "client_credentials")];
         if !scope.is_empty() {
             p.push(("scope", &scope));
         }
-        self.token(m, p).await
+        self.token(m, client, p).await
     }
 
     /// RFC 7009. `Ok(())` when the provider answered 200.
-    pub async fn revoke(&self, m: &OAuth2Method, token: &str, hint: &str) -> Result<(), TokenError> {
+    pub async fn revoke(
+        &self,
+        m: &OAuth2Method,
+        client: &OAuthClient,
+        token: &str,
+        hint: &str,
+    ) -> Result<(), TokenError> {
         let Some(url) = &m.revocation_url else {
             return Err(TokenError::Rejected("no revocation_url configured".into()));
         };
-        let (status, _) = self.post(m, url, vec![("token", token), ("token_type_hint", hint)], false).await?;
+        let (status, _) = self.post(m, client, url, vec![("token", token), ("token_type_hint", hint)], false).await?;
         if status.is_success() {
             Ok(())
         } else if status.is_server_error() {
@@ -248,11 +293,16 @@ impl TokenClient {
         }
     }
 
-    async fn token(&self, m: &OAuth2Method, mut params: Vec<(&str, &str)>) -> Result<TokenResponse, TokenError> {
+    async fn token(
+        &self,
+        m: &OAuth2Method,
+        client: &OAuthClient,
+        mut params: Vec<(&str, &str)>,
+    ) -> Result<TokenResponse, TokenError> {
         for (k, v) in &m.token_params {
             params.push((k, v));
         }
-        let (status, body) = self.post(m, &m.token_url, params, true).await?;
+        let (status, body) = self.post(m, client, &m.token_url, params, true).await?;
         if status.is_success() {
             // Not JSON (a proxy's error page, a truncated answer): maybe
             // transient. JSON without an access token: the provider's answer,
@@ -281,6 +331,7 @@ impl TokenClient {
     async fn post(
         &self,
         m: &OAuth2Method,
+        client: &OAuthClient,
         url: &Uri,
         mut params: Vec<(&str, &str)>,
         accept_json: bool,
@@ -296,7 +347,7 @@ impl TokenClient {
             ClientAuth::ClientSecretBasic => {
                 // RFC 6749 §2.3.1: form-encode id and secret before base64.
                 let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-                let raw = Zeroizing::new(format!("{}:{}", enc(&m.client_id), enc(m.client_secret.expose())));
+                let raw = Zeroizing::new(format!("{}:{}", enc(&client.client_id), enc(client.client_secret.expose())));
                 let mut v = http::HeaderValue::try_from(format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
@@ -306,8 +357,8 @@ impl TokenClient {
                 req = req.header(header::AUTHORIZATION, v);
             }
             ClientAuth::ClientSecretPost => {
-                params.push(("client_id", &m.client_id));
-                params.push(("client_secret", m.client_secret.expose()));
+                params.push(("client_id", &client.client_id));
+                params.push(("client_secret", client.client_secret.expose()));
             }
         }
         // The serializer is not Send: finish it before any await.

@@ -144,6 +144,8 @@ codes! {
     ForbiddenOrg = FORBIDDEN, "forbidden_org", "Forbidden", HttpRequestError;
     NotFound = NOT_FOUND, "not_found", "Not found", HttpRequestError;
     IntegrationNotFound = NOT_FOUND, "integration_not_found", "Integration not found", HttpRequestError;
+    /// `/v1/orgs/{org}/oauth-apps/{integration}/{auth_method}`: the organization has none.
+    OauthAppNotFound = NOT_FOUND, "oauth_app_not_found", "OAuth app not found", HttpRequestError;
     InvalidJson = BAD_REQUEST, "invalid_json", "Invalid request", HttpRequestError;
     InvalidRequest = BAD_REQUEST, "invalid_request", "Invalid request", HttpRequestError;
     InvalidCredentials = BAD_REQUEST, "invalid_credentials", "Invalid request", HttpRequestError;

@@ -252,25 +252,50 @@ pub enum SealedTable {
     Connections,
     /// `oauth2_pending`: PKCE verifiers of authorizations in progress.
     PendingAuthorizations,
+    /// `oauth_apps`: organizations' own OAuth client secrets.
+    OAuthApps,
 }
 
 impl SealedTable {
-    pub const ALL: [Self; 2] = [Self::Connections, Self::PendingAuthorizations];
+    pub const ALL: [Self; 3] = [Self::Connections, Self::PendingAuthorizations, Self::OAuthApps];
 
     /// The SQL table name (the same in every store).
     pub fn table(self) -> &'static str {
         match self {
             Self::Connections => "connections",
             Self::PendingAuthorizations => "oauth2_pending",
+            Self::OAuthApps => "oauth_apps",
         }
     }
 
     /// The table's primary key column.
     pub(crate) fn id_column(self) -> &'static str {
         match self {
-            Self::Connections => "id",
+            Self::Connections | Self::OAuthApps => "id",
             Self::PendingAuthorizations => "state_hash",
         }
+    }
+}
+
+/// An organization's own OAuth client for one integration's auth method
+/// (`PUT /v1/orgs/{org}/oauth-apps/{integration}/{auth_method}`): the
+/// client id in the clear, the secret sealed like a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthAppRow {
+    pub org_id: String,
+    pub integration: String,
+    pub auth_method: String,
+    pub client_id: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub sealed: SealedBytes,
+}
+
+impl OAuthAppRow {
+    /// The row's key, `integration/auth_method/org` (also what its secret's
+    /// encryption context is bound to).
+    pub fn id_of(org_id: &str, integration: &str, auth_method: &str) -> String {
+        format!("{integration}/{auth_method}/{org_id}")
     }
 }
 
@@ -428,4 +453,17 @@ pub trait Store: Send + Sync + 'static {
     /// Ends a claim: `Some(connection)` records what it made; `None`
     /// releases it (nothing was stored; the user may try again).
     async fn finish_connect_session(&self, id: &str, made: Option<&str>) -> Result<(), StoreError>;
+    /// Creates or replaces an organization's OAuth app (a replacement keeps
+    /// `created_at`).
+    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError>;
+    async fn get_oauth_app(
+        &self,
+        org_id: &str,
+        integration: &str,
+        auth_method: &str,
+    ) -> Result<Option<OAuthAppRow>, StoreError>;
+    /// True if there was one.
+    async fn delete_oauth_app(&self, org_id: &str, integration: &str, auth_method: &str) -> Result<bool, StoreError>;
+    /// An organization's apps, by integration and auth method.
+    async fn list_oauth_apps(&self, org_id: &str) -> Result<Vec<OAuthAppRow>, StoreError>;
 }

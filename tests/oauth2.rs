@@ -663,3 +663,74 @@ print(json.dumps({"status": 200, "headers": {}, "body": json.dumps(t)}))
     let text = logs.text();
     assert!(!text.contains(access) && !text.contains(refresh), "an imported token in the log");
 }
+
+/// Per-organization OAuth apps: org A registers its own client; its
+/// authorization, code exchange, refresh and revocation go to that client
+/// (the provider's records say who asked), org B's to the integration's.
+/// The secret is never shown; an org token manages its own org only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_organizations_own_oauth_app_serves_its_connections_only() {
+    let oidc = Oidc::start().await;
+    let h = harness(&oidc).await;
+    let path = format!("/v1/orgs/{ORG}/oauth-apps/oidc/code");
+    let body = json!({"client_id": OIDC_ORG_APP_ID, "client_secret": OIDC_ORG_APP_SECRET});
+    let (s, v) = h.admin.send(Method::PUT, &path, Some(&body)).await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["client_id"].as_str(), v["org_id"].as_str()), (Some(OIDC_ORG_APP_ID), Some(ORG)));
+    let shown = h.admin.call(Method::GET, &path, None).await.unwrap().to_string();
+    let listed = h.admin.call(Method::GET, &format!("/v1/orgs/{ORG}/oauth-apps"), None).await.unwrap().to_string();
+    for text in [&v.to_string(), &shown, &listed] {
+        assert!(text.contains(OIDC_ORG_APP_ID) && !text.contains(OIDC_ORG_APP_SECRET), "{text}");
+    }
+    // Refused: another org's token, a method that is not oauth2, an unknown one, no secret.
+    let scoped = credproxy::admin_client::AdminClient::new(&h.admin_url(), ORG_TOKEN.into()).unwrap();
+    let (s, v) = scoped.send(Method::PUT, "/v1/orgs/org_b/oauth-apps/oidc/code", Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden_org")), "{v}");
+    let (s, v) =
+        h.admin.send(Method::PUT, &format!("/v1/orgs/{ORG}/oauth-apps/httpbin/bearer"), Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{v}");
+    let (s, v) = h.admin.send(Method::PUT, &format!("/v1/orgs/{ORG}/oauth-apps/oidc/nope"), Some(&body)).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknown_auth_method")), "{v}");
+    let (s, v) = h.admin.send(Method::PUT, &path, Some(&json!({"client_id": "x"}))).await.unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h.admin.send(Method::GET, "/v1/orgs/org_b/oauth-apps/oidc/code", None).await.unwrap();
+    assert_eq!((s, v["code"].as_str()), (StatusCode::NOT_FOUND, Some("oauth_app_not_found")), "{v}");
+
+    // Org A (this proxy's org) authorizes through its own app; org B through the default.
+    let a = authorized(&h, "code").await;
+    let (seen, final_url) = h.authorize("code", json!({"org_id": "org_b"})).await;
+    assert_eq!(seen.status, 201, "{final_url}: {}", seen.text());
+    let b = seen.json()["connection_id"].as_str().unwrap().to_owned();
+    for (client, n) in [(OIDC_ORG_APP_ID, 1), ("cp-basic", 1)] {
+        assert_eq!(oidc.by_client(client, "authorize").await, n, "{client} authorizations");
+        assert_eq!(oidc.by_client(client, "authorization_code").await, n, "{client} code exchanges");
+    }
+    // The provider issued A's token to A's client.
+    let (status, _, body) = get_resource(&h, &oidc, &a).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["client_id"], OIDC_ORG_APP_ID);
+
+    // Refresh when due: A's with its client, B's (through the connection test) with the default.
+    wait_for_expiry().await;
+    let (status, _, body) = get_resource(&h, &oidc, &a).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["client_id"], OIDC_ORG_APP_ID);
+    let tested = h.admin.call(Method::POST, &format!("/v1/connections/{b}/test"), None).await.unwrap();
+    assert_eq!(tested["ok"], true, "{tested}");
+    assert_eq!(oidc.by_client(OIDC_ORG_APP_ID, "refresh_token").await, 1);
+    assert_eq!(oidc.by_client("cp-basic", "refresh_token").await, 1);
+
+    // Revocation at delete: A's grant revoked by A's client (the provider
+    // ignores a revocation from another client).
+    let (s, v) = h.admin.send(Method::DELETE, &format!("/v1/connections/{a}"), None).await.unwrap();
+    assert_eq!((s, v["provider_revocation"].as_str()), (StatusCode::OK, Some("revoked")), "{v}");
+    assert!(oidc.by_client(OIDC_ORG_APP_ID, "revoked").await >= 1);
+    assert_eq!(oidc.by_client("cp-basic", "revoked").await, 0);
+
+    // Removed: org A's new authorizations use the integration's client again.
+    let (s, _) = h.admin.send(Method::DELETE, &path, None).await.unwrap();
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    authorized(&h, "code").await;
+    assert_eq!(oidc.by_client("cp-basic", "authorize").await, 2);
+    assert_eq!(oidc.by_client(OIDC_ORG_APP_ID, "authorize").await, 1);
+}

@@ -133,8 +133,59 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     for id in [&oauth_id, &machine_id] {
         seen_text.push(h.admin.call(Method::DELETE, &format!("/v1/connections/{id}"), None).await.unwrap().to_string());
     }
+    // An organization's own OAuth app: set (the secret sealed), shown,
+    // listed, used for an authorization, a use and a forced refresh, the
+    // connection deleted (revocation with it), the app removed.
+    let app_path = format!("/v1/orgs/{ORG}/oauth-apps/oidc/code");
+    let app = json!({"client_id": OIDC_ORG_APP_ID, "client_secret": OIDC_ORG_APP_SECRET});
+    seen_text.push(h.admin.call(Method::PUT, &app_path, Some(&app)).await.unwrap().to_string());
+    seen_text.push(h.admin.call(Method::GET, &app_path, None).await.unwrap().to_string());
+    seen_text.push(h.admin.call(Method::GET, &format!("/v1/orgs/{ORG}/oauth-apps"), None).await.unwrap().to_string());
+    let bad_app = json!({"client_id": OIDC_ORG_APP_ID, "client_secret": format!("{OIDC_ORG_APP_SECRET}\n")});
+    let (status, v) = h.admin.send(Method::PUT, &app_path, Some(&bad_app)).await.unwrap();
+    assert_eq!(status, 400, "{v}");
+    seen_text.push(v.to_string());
+    let (seen, _) = h.authorize("code", json!({})).await;
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    let app_conn = seen.json()["connection_id"].as_str().unwrap().to_owned();
+    let (status, _, body) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&app_conn), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["client_id"], OIDC_ORG_APP_ID);
+    oidc.post("/test/revoke-access").await;
+    let (status, _, _) = proxy_request(h.running.proxy_addr, "GET", &resource, Some(&app_conn), None).await;
+    assert_eq!(status, 200, "refreshed with the organization's app");
+    seen_text
+        .push(h.admin.call(Method::DELETE, &format!("/v1/connections/{app_conn}"), None).await.unwrap().to_string());
+    let (status, _) = h.admin.send(Method::DELETE, &app_path, None).await.unwrap();
+    assert_eq!(status, 204);
+    // An OpenAPI import (dry run) through the admin API, of a document with
+    // an OAuth2 scheme: the file names environment variables, never a value.
+    let doc = "openapi: 3.1.0\ninfo: {title: Scan, version: '1'}\nservers: [{url: 'https://api.scan.example'}]\n\
+               components:\n  securitySchemes:\n    o: {type: oauth2, flows: {clientCredentials: {tokenUrl: 'https://api.scan.example/token', scopes: {}}}}\n";
+    let imported = curl(
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {ADMIN_TOKEN}"),
+            "--data-binary",
+            doc,
+            &format!("{}/v1/integrations/import-openapi", h.admin_url()),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(imported.status, 200, "{}", imported.text());
+    assert!(imported.text().contains("SCAN_O_CLIENT_SECRET"), "{}", imported.text());
+    seen_text.push(imported.text());
+
     let oauth_secrets = oidc.get_json("/test/secrets").await;
-    let mut dynamic: Vec<String> = vec![OIDC_BASIC_SECRET.to_owned(), OIDC_POST_SECRET.to_owned()];
+    let mut dynamic: Vec<String> =
+        vec![OIDC_BASIC_SECRET.to_owned(), OIDC_POST_SECRET.to_owned(), OIDC_ORG_APP_SECRET.to_owned()];
+    dynamic.push(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{OIDC_ORG_APP_ID}:{OIDC_ORG_APP_SECRET}"),
+    ));
     // The run token, its MAC, and the Basic field that carried it.
     dynamic.push(run_token.clone());
     dynamic.push(run_token.rsplit_once('.').unwrap().1.to_owned());
@@ -166,7 +217,14 @@ async fn no_secret_in_logs_error_bodies_or_admin_responses() {
     // The audit trail: every use and admin action above, no secret in it
     // (nor an admin token).
     let audit = h.audit_text();
-    for kind in ["\"credential_use\"", "\"connection.create\"", "\"run_token.mint\"", "\"connection.authorized\""] {
+    for kind in [
+        "\"credential_use\"",
+        "\"connection.create\"",
+        "\"run_token.mint\"",
+        "\"connection.authorized\"",
+        "\"oauth_app.put\"",
+        "\"oauth_app.delete\"",
+    ] {
         assert!(audit.contains(kind), "the audit trail lacks {kind}:\n{audit}");
     }
     for s in dynamic.iter().map(String::as_str).chain(SECRETS.iter().copied()).chain([ADMIN_TOKEN, ORG_TOKEN]) {

@@ -10,7 +10,8 @@ use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
     Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, DeliveryOutcome,
-    KeyUsage, LastTest, NewEvent, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store, StoreError,
+    KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store,
+    StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -172,6 +173,47 @@ async fn suite(s: Arc<dyn Store>) {
     events(&*s).await;
     deliveries(&*s).await;
     rotation(&*s).await;
+    oauth_apps(&*s).await;
+}
+
+/// Organizations' own OAuth apps: one per (org, integration, method), a
+/// replacement keeps created_at, listed per organization, part of the
+/// rotation walk and the key counts.
+async fn oauth_apps(s: &dyn Store) {
+    let app = |org: &str, method: &str, client: &str, t: i64, key: &str| OAuthAppRow {
+        org_id: org.into(),
+        integration: "oidc".into(),
+        auth_method: method.into(),
+        client_id: client.into(),
+        created_at: t,
+        updated_at: t,
+        sealed: SealedBytes { key_id: key.into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
+    };
+    assert_eq!(s.get_oauth_app("oa", "oidc", "code").await.unwrap(), None);
+    s.put_oauth_app(&app("oa", "code", "client-1", 100, "k")).await.unwrap();
+    s.put_oauth_app(&app("oa", "machine", "client-2", 101, "k")).await.unwrap();
+    s.put_oauth_app(&app("ob", "code", "client-3", 102, "k")).await.unwrap();
+    // Replaced: the new client id and secret, created_at from the first.
+    let mut replaced = app("oa", "code", "client-1b", 200, "k2");
+    s.put_oauth_app(&replaced).await.unwrap();
+    replaced.created_at = 100;
+    assert_eq!(s.get_oauth_app("oa", "oidc", "code").await.unwrap(), Some(replaced.clone()));
+    let listed = s.list_oauth_apps("oa").await.unwrap();
+    assert_eq!(listed.iter().map(|a| a.client_id.as_str()).collect::<Vec<_>>(), ["client-1b", "client-2"]);
+    // Rotation sees them, keyed by integration/method/org.
+    let walk = s.sealed_not_under(SealedTable::OAuthApps, "k2", "", 10).await.unwrap();
+    assert_eq!(
+        walk.iter().map(|r| (r.id.as_str(), r.org_id.as_str())).collect::<Vec<_>>(),
+        [("oidc/code/ob", "ob"), ("oidc/machine/oa", "oa")]
+    );
+    assert!(s.rewrap(SealedTable::OAuthApps, "oidc/code/ob", &walk[0].sealed, "k2", &[9]).await.unwrap());
+    let usage = s.key_usage().await.unwrap();
+    let apps: Vec<_> =
+        usage.iter().filter(|u| u.table == SealedTable::OAuthApps).map(|u| (u.key_id.as_str(), u.records)).collect();
+    assert_eq!(apps, [("k", 1), ("k2", 2)]);
+    assert!(s.delete_oauth_app("oa", "oidc", "code").await.unwrap());
+    assert!(!s.delete_oauth_app("oa", "oidc", "code").await.unwrap());
+    assert_eq!(s.list_oauth_apps("oa").await.unwrap().len(), 1);
 }
 
 /// Connect sessions: found by token hash, claimed at most once (and only

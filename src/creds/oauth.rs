@@ -35,6 +35,9 @@ pub(super) struct OAuthState {
     client: TokenClient,
     locks: Cache<String, Arc<tokio::sync::Mutex<()>>>,
     cooldown: Cache<String, ()>,
+    /// Organizations' own OAuth apps by `integration/method/org` (`None`:
+    /// none, the integration's client serves).
+    pub(super) apps: Cache<String, Option<Arc<crate::oauth2::OAuthClient>>>,
     /// How long an authorization `state` stays valid.
     pub(super) state_ttl: Duration,
     /// Longest wait for another instance's refresh of the same connection.
@@ -49,6 +52,7 @@ impl OAuthState {
             // Idle locks expire; an entry in use is held by its Arc.
             locks: Cache::builder().time_to_idle(Duration::from_secs(600)).build(),
             cooldown: Cache::builder().time_to_live(REFRESH_COOLDOWN).build(),
+            apps: Cache::builder().time_to_live(super::apps::APP_CACHE_TTL).max_capacity(100_000).build(),
             state_ttl: defaults.state_ttl,
             lock_wait: defaults.refresh_lock_wait,
         }
@@ -136,6 +140,17 @@ pub enum AuthorizeError {
     Crypto(#[from] CryptoError),
 }
 
+impl Connections {
+    /// The OAuth client for a resolved connection's token calls.
+    async fn client_for(
+        &self,
+        r: &Resolved,
+        o: &OAuth2Method,
+    ) -> Result<Arc<crate::oauth2::OAuthClient>, super::AppLookupError> {
+        self.oauth_client(&r.meta.org_id, &r.integration.id, &r.method.id, o).await
+    }
+}
+
 pub(super) fn pending_context(state_hash: &str) -> String {
     format!("oauth2-pending:{state_hash}")
 }
@@ -221,9 +236,10 @@ impl Connections {
         }
 
         let tokens = current.tokens.as_deref().cloned().unwrap_or_default();
+        let client = self.client_for(&current, o).await?;
         let result = match (o.grant, tokens.refresh_token.as_ref().map(SecretValue::expose)) {
-            (Grant::ClientCredentials, _) => self.oauth.client.client_credentials(o).await,
-            (Grant::AuthorizationCode, Some(rt)) => self.oauth.client.refresh(o, rt).await,
+            (Grant::ClientCredentials, _) => self.oauth.client.client_credentials(o, &client).await,
+            (Grant::AuthorizationCode, Some(rt)) => self.oauth.client.refresh(o, &client, rt).await,
             (Grant::AuthorizationCode, None) => Err(TokenError::InvalidGrant),
         };
         match result {
@@ -329,7 +345,8 @@ impl Connections {
         let Some(o) = current.method.oauth2() else { return Ok(false) };
         let tokens = current.tokens.as_deref().cloned().unwrap_or_default();
         let Some(rt) = tokens.refresh_token.clone() else { return Ok(false) };
-        match self.oauth.client.refresh(o, rt.expose()).await {
+        let client = self.client_for(&current, o).await?;
+        match self.oauth.client.refresh(o, &client, rt.expose()).await {
             Ok(resp) => {
                 let fresh = tokens.updated(resp, unix_now(), o.default_expires_in_secs);
                 self.stats.refreshes.fetch_add(1, Relaxed);
@@ -430,6 +447,7 @@ impl Connections {
                 return Err(AuthorizeError::ConnectionMismatch);
             }
         }
+        let client = self.oauth_client(&req.org_id, &req.integration, &req.auth_method, o).await?;
         let state = oauth2::random_urlsafe(32);
         let state_hash = sha256_hex(&state);
         let pkce = o.pkce.then(Pkce::new);
@@ -454,8 +472,14 @@ impl Connections {
             })
             .await?;
         let scopes = req.scopes.unwrap_or_else(|| o.scopes.clone());
-        let url =
-            oauth2::authorization_url(o, redirect_uri, &state, pkce.as_ref().map(|p| p.challenge.as_str()), &scopes);
+        let url = oauth2::authorization_url(
+            o,
+            &client,
+            redirect_uri,
+            &state,
+            pkce.as_ref().map(|p| p.challenge.as_str()),
+            &scopes,
+        );
         Ok((url, expires_at))
     }
 
@@ -515,10 +539,11 @@ impl Connections {
         let verifier = self.envelope.open(ctx, &super::from_store(pending.verifier.clone())).await?;
         let verifier = SecretValue::new(String::from_utf8(verifier.to_vec()).map_err(|_| CryptoError::Open)?);
         let verifier = (!verifier.expose().is_empty()).then_some(verifier);
+        let client = self.oauth_client(&pending.org_id, &pending.integration, &pending.auth_method, o).await?;
         let resp = self
             .oauth
             .client
-            .exchange_code(o, code, &pending.redirect_uri, verifier.as_ref())
+            .exchange_code(o, &client, code, &pending.redirect_uri, verifier.as_ref())
             .await
             .map_err(AuthorizeError::Exchange)?;
         let tokens = TokenSet::default().updated(resp, unix_now(), o.default_expires_in_secs);
@@ -559,11 +584,15 @@ impl Connections {
         if o.revocation_url.is_none() {
             return Revocation::NotApplicable;
         }
+        let client = match self.client_for(&r, o).await {
+            Ok(c) => c,
+            Err(e) => return Revocation::Failed(e.to_string()),
+        };
         let mut outcome = Revocation::NotApplicable;
         for (token, hint) in [(&tokens.refresh_token, "refresh_token"), (&tokens.access_token, "access_token")] {
             let token = token.as_ref().map(SecretValue::expose);
             let Some(token) = token else { continue };
-            match self.oauth.client.revoke(o, token, hint).await {
+            match self.oauth.client.revoke(o, &client, token, hint).await {
                 Ok(()) if outcome == Revocation::NotApplicable => outcome = Revocation::Revoked,
                 Ok(()) => {}
                 Err(e) => {

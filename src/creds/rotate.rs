@@ -99,6 +99,10 @@ pub async fn rotate_keys(
                             pending = pending_context(&rec.id);
                             Context { org_id: &rec.org_id, connection_id: &pending }
                         }
+                        SealedTable::OAuthApps => {
+                            pending = super::apps::app_context(&rec.id);
+                            Context { org_id: &rec.org_id, connection_id: &pending }
+                        }
                     };
                     match envelope.rewrap(ctx, &from_store(rec.sealed.clone())).await {
                         Ok((key_id, wrapped)) => {

@@ -12,8 +12,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
-    DeliveryOutcome, KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord,
-    SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
+    SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -103,6 +103,20 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE connections
         ADD COLUMN last_refreshed_at BIGINT,
         ADD COLUMN refresh_failed_at BIGINT;",
+    "CREATE TABLE oauth_apps (
+        id          TEXT PRIMARY KEY,
+        org_id      TEXT NOT NULL,
+        integration TEXT NOT NULL,
+        auth_method TEXT NOT NULL,
+        client_id   TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        updated_at  BIGINT NOT NULL,
+        key_id      TEXT NOT NULL,
+        wrapped_key BYTEA NOT NULL,
+        nonce       BYTEA NOT NULL,
+        ciphertext  BYTEA NOT NULL
+    );
+    CREATE INDEX oauth_apps_org ON oauth_apps (org_id);",
 ];
 
 /// Arbitrary, fixed: serializes migrations across instances.
@@ -214,6 +228,21 @@ fn meta(r: &Row) -> Result<ConnectionMeta, StoreError> {
 }
 
 /// The four sealed columns, `key_id, wrapped_key, nonce, ciphertext`, from `at`.
+const OAUTH_APP_COLUMNS: &str =
+    "org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext";
+
+fn oauth_app(r: &Row) -> OAuthAppRow {
+    OAuthAppRow {
+        org_id: r.get(0),
+        integration: r.get(1),
+        auth_method: r.get(2),
+        client_id: r.get(3),
+        created_at: r.get(4),
+        updated_at: r.get(5),
+        sealed: sealed(r, 6),
+    }
+}
+
 fn sealed(r: &Row, at: usize) -> SealedBytes {
     SealedBytes { key_id: r.get(at), wrapped_key: r.get(at + 1), nonce: r.get(at + 2), ciphertext: r.get(at + 3) }
 }
@@ -757,6 +786,61 @@ impl Store for PgStore {
         }
         .map_err(backend)?;
         Ok(())
+    }
+
+    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError> {
+        let a = app;
+        let id = OAuthAppRow::id_of(&a.org_id, &a.integration, &a.auth_method);
+        let s = &a.sealed;
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO oauth_apps (id, org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (id) DO UPDATE SET client_id = excluded.client_id, updated_at = excluded.updated_at,
+                   key_id = excluded.key_id, wrapped_key = excluded.wrapped_key, nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+                &[&id, &a.org_id, &a.integration, &a.auth_method, &a.client_id, &a.created_at, &a.updated_at, &s.key_id, &s.wrapped_key, &s.nonce, &s.ciphertext],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get_oauth_app(
+        &self,
+        org_id: &str,
+        integration: &str,
+        auth_method: &str,
+    ) -> Result<Option<OAuthAppRow>, StoreError> {
+        let id = OAuthAppRow::id_of(org_id, integration, auth_method);
+        let row = self
+            .client()
+            .await?
+            .query_opt(&format!("SELECT {OAUTH_APP_COLUMNS} FROM oauth_apps WHERE id = $1"), &[&id])
+            .await
+            .map_err(backend)?;
+        Ok(row.as_ref().map(oauth_app))
+    }
+
+    async fn delete_oauth_app(&self, org_id: &str, integration: &str, auth_method: &str) -> Result<bool, StoreError> {
+        let id = OAuthAppRow::id_of(org_id, integration, auth_method);
+        let n = self.client().await?.execute("DELETE FROM oauth_apps WHERE id = $1", &[&id]).await.map_err(backend)?;
+        Ok(n == 1)
+    }
+
+    async fn list_oauth_apps(&self, org_id: &str) -> Result<Vec<OAuthAppRow>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {OAUTH_APP_COLUMNS} FROM oauth_apps WHERE org_id = $1 ORDER BY integration, auth_method"
+                ),
+                &[&org_id],
+            )
+            .await
+            .map_err(backend)?;
+        Ok(rows.iter().map(oauth_app).collect())
     }
 }
 

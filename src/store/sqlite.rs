@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
-    DeliveryOutcome, KeyUsage, LastTest, NewEvent, PendingAuthorization, RowLock, RowUpdate, SealedBytes, SealedRecord,
-    SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
+    SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -109,7 +109,38 @@ CREATE INDEX deliveries_event ON deliveries (event_id);
 ALTER TABLE connections ADD COLUMN last_refreshed_at INTEGER;
 ALTER TABLE connections ADD COLUMN refresh_failed_at INTEGER;
 ",
+    "
+CREATE TABLE oauth_apps (
+    id          TEXT PRIMARY KEY,
+    org_id      TEXT NOT NULL,
+    integration TEXT NOT NULL,
+    auth_method TEXT NOT NULL,
+    client_id   TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    key_id      TEXT NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    nonce       BLOB NOT NULL,
+    ciphertext  BLOB NOT NULL
+);
+CREATE INDEX oauth_apps_org ON oauth_apps (org_id);
+",
 ];
+
+const OAUTH_APP_COLUMNS: &str =
+    "org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext";
+
+fn oauth_app(r: &rusqlite::Row<'_>) -> rusqlite::Result<OAuthAppRow> {
+    Ok(OAuthAppRow {
+        org_id: r.get(0)?,
+        integration: r.get(1)?,
+        auth_method: r.get(2)?,
+        client_id: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+        sealed: sealed(r, 6)?,
+    })
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -760,6 +791,58 @@ impl Store for SqliteStore {
             }
             .map_err(backend)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError> {
+        let a = app.clone();
+        self.with(move |c| {
+            let id = OAuthAppRow::id_of(&a.org_id, &a.integration, &a.auth_method);
+            let s = &a.sealed;
+            c.execute(
+                "INSERT INTO oauth_apps (id, org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (id) DO UPDATE SET client_id = excluded.client_id, updated_at = excluded.updated_at,
+                   key_id = excluded.key_id, wrapped_key = excluded.wrapped_key, nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+                params![id, a.org_id, a.integration, a.auth_method, a.client_id, a.created_at, a.updated_at, s.key_id, s.wrapped_key, s.nonce, s.ciphertext],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_oauth_app(
+        &self,
+        org_id: &str,
+        integration: &str,
+        auth_method: &str,
+    ) -> Result<Option<OAuthAppRow>, StoreError> {
+        let id = OAuthAppRow::id_of(org_id, integration, auth_method);
+        self.with(move |c| {
+            c.query_row(&format!("SELECT {OAUTH_APP_COLUMNS} FROM oauth_apps WHERE id = ?1"), [&id], oauth_app)
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_oauth_app(&self, org_id: &str, integration: &str, auth_method: &str) -> Result<bool, StoreError> {
+        let id = OAuthAppRow::id_of(org_id, integration, auth_method);
+        self.with(move |c| Ok(c.execute("DELETE FROM oauth_apps WHERE id = ?1", [&id]).map_err(backend)? == 1)).await
+    }
+
+    async fn list_oauth_apps(&self, org_id: &str) -> Result<Vec<OAuthAppRow>, StoreError> {
+        let org_id = org_id.to_owned();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {OAUTH_APP_COLUMNS} FROM oauth_apps WHERE org_id = ?1 ORDER BY integration, auth_method"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([&org_id], oauth_app).map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
         })
         .await
     }

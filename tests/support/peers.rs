@@ -60,6 +60,9 @@ pub struct Oidc {
 
 pub const OIDC_BASIC_SECRET: &str = "cp-basic-client-secret-8f2e1c";
 pub const OIDC_POST_SECRET: &str = "cp-post-client-secret-4b7d9a";
+/// A third client, registered as an organization's own OAuth app.
+pub const OIDC_ORG_APP_ID: &str = "cp-org-a";
+pub const OIDC_ORG_APP_SECRET: &str = "cp-org-a-client-secret-71d3e5";
 
 impl Oidc {
     pub async fn start() -> Self {
@@ -121,6 +124,11 @@ impl Oidc {
             .await
             .unwrap();
         assert!(out.status.success(), "POST {path} failed");
+    }
+
+    /// What `client_id` did at the provider: `authorize`, each grant_type, `revoked`.
+    pub async fn by_client(&self, client_id: &str, what: &str) -> u64 {
+        self.get_json("/test/clients").await[client_id][what].as_u64().unwrap_or(0)
     }
 
     /// Grants issued so far, for one grant_type.

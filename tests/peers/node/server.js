@@ -8,6 +8,7 @@
 //                                (OIDC_INTERACTIVE=1: the provider's own login and consent pages)
 //   ANY  /resource               protected resource: 200 for a live access token, else 401
 //   GET  /test/counts            grants issued, by grant_type
+//   GET  /test/clients           per client_id: authorizations, grants by grant_type, revocations
 //   GET  /test/secrets           every token, code and PKCE verifier seen (for secret scans)
 //   POST /test/revoke-access     destroys every access token issued so far
 //   POST /test/revoke-refresh    destroys every refresh token issued so far
@@ -46,6 +47,12 @@ const clients = [
     client_secret: 'cp-post-client-secret-4b7d9a',
     token_endpoint_auth_method: 'client_secret_post',
   },
+  // An organization's own OAuth app (credproxy's per-organization apps).
+  {
+    client_id: 'cp-org-a',
+    client_secret: 'cp-org-a-client-secret-71d3e5',
+    token_endpoint_auth_method: 'client_secret_basic',
+  },
 ].map((c) => ({
   ...c,
   application_type: 'native', // loopback redirect URIs match on any port (RFC 8252)
@@ -81,8 +88,18 @@ const provider = new Provider(issuer, {
 });
 
 const exchanged = { codes: [], verifiers: [] };
+// What each client did: the provider's own records of who asked.
+const byClient = {};
+const bump = (ctx, what) => {
+  const id = ctx.oidc?.client?.clientId || '(none)';
+  byClient[id] = byClient[id] || {};
+  byClient[id][what] = (byClient[id][what] || 0) + 1;
+};
+provider.on('authorization.success', (ctx) => bump(ctx, 'authorize'));
+provider.on('grant.revoked', (ctx) => bump(ctx, 'revoked'));
 provider.on('grant.success', (ctx) => {
   const p = ctx.oidc.params;
+  bump(ctx, p.grant_type);
   counts[p.grant_type] = (counts[p.grant_type] || 0) + 1;
   if (p.code) exchanged.codes.push(p.code);
   if (p.code_verifier) exchanged.verifiers.push(p.code_verifier);
@@ -158,6 +175,7 @@ provider.use(async (ctx, next) => {
     return json(200, { ok: true, client_id: live.clientId, account: live.accountId || null });
   }
   if (ctx.path === '/test/counts') return json(200, counts);
+  if (ctx.path === '/test/clients') return json(200, byClient);
   if (ctx.path === '/test/secrets') {
     // Opaque token values are their ids: every secret that crossed this server.
     return json(200, { ...issued, ...exchanged });
