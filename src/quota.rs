@@ -407,8 +407,7 @@ impl IntegrationQuota {
     }
 
     fn check(self: &Arc<Self>, epoch: Instant, connection: &str, org: &str, path: &str) -> Verdict {
-        let now = Instant::now();
-        let wait = match self.reserve(epoch, now, connection, org, path) {
+        let (wait, now) = match self.reserve(epoch, connection, org, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
@@ -439,24 +438,14 @@ impl IntegrationQuota {
     }
 
     /// Reserves a cell of every rate limit that applies, all or none:
-    /// how long until the reservation's time, or the refusal of a limit
-    /// whose wait exceeds its `max_wait`.
-    fn reserve(
-        &self,
-        epoch: Instant,
-        now: Instant,
-        connection: &str,
-        org: &str,
-        path: &str,
-    ) -> Result<Duration, Refusal> {
+    /// how long until the reservation's time (and the time it counts
+    /// from), or the refusal of a limit whose wait exceeds its `max_wait`.
+    fn reserve(&self, epoch: Instant, connection: &str, org: &str, path: &str) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
-            return Ok(Duration::ZERO);
+            return Ok((Duration::ZERO, epoch));
         }
-        let t = nanos_since(epoch, now);
         // Held together: the decision covers every limit at once.
         let mut slots: [Option<(limiters::Slot<'_>, Key, u64)>; MAX_LIMITS] = Default::default();
-        let mut wait = 0u64;
-        let mut over: Option<(usize, u64)> = None;
         for (i, r) in self.rates.iter().enumerate() {
             if !r.named.paths.matches(path) {
                 continue;
@@ -464,12 +453,22 @@ impl IntegrationQuota {
             let key = r.keys.key(r.named.key(connection, org));
             let slot = r.keys.lock(key);
             let tat = slot.get(key);
-            let w = r.gcra.wait(tat, t);
+            slots[i] = Some((slot, key, tat));
+        }
+        // The time is read under the locks: a request that read it before
+        // another took its turn would count a wait too long by the gap.
+        let now = Instant::now();
+        let t = nanos_since(epoch, now);
+        let mut wait = 0u64;
+        let mut over: Option<(usize, u64)> = None;
+        for (i, s) in slots.iter().enumerate() {
+            let Some((_, _, tat)) = s else { continue };
+            let r = &self.rates[i];
+            let w = r.gcra.wait(*tat, t);
             if w > r.named.max_wait.as_nanos() as u64 && over.is_none_or(|(_, o)| w > o) {
                 over = Some((i, w));
             }
             wait = wait.max(w);
-            slots[i] = Some((slot, key, tat));
         }
         if let Some((i, w)) = over {
             drop(slots);
@@ -485,7 +484,7 @@ impl IntegrationQuota {
                 }
             }
         }
-        Ok(Duration::from_nanos(wait))
+        Ok((Duration::from_nanos(wait), now))
     }
 
     /// Takes a place under every cap that applies, or none: the index of
