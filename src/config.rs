@@ -568,11 +568,17 @@ impl RunTokensConfig {
 pub struct IntegrationsConfig {
     /// Directory of integration files (`*.toml`, one integration each).
     pub dir: PathBuf,
+    /// Reload when a file in `dir` is added, changed or removed (polled:
+    /// works for a Kubernetes ConfigMap's symlink swap too). Off by
+    /// default: SIGHUP and `POST /v1/integrations/reload` always work.
+    pub watch: bool,
+    /// How often `dir` is looked at when `watch` is on.
+    pub watch_interval_ms: u64,
 }
 
 impl Default for IntegrationsConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("config/integrations") }
+        Self { dir: PathBuf::from("config/integrations"), watch: false, watch_interval_ms: 2000 }
     }
 }
 
@@ -900,6 +906,9 @@ impl Config {
                 return Err(ConfigError::new(name, "proxy.org_id", "must be 1-128 characters of [A-Za-z0-9_.:@-]"))
             }
             _ => {}
+        }
+        if !(100..=3_600_000).contains(&self.integrations.watch_interval_ms) {
+            return Err(ConfigError::new(name, "integrations.watch_interval_ms", "must be 100 to 3600000"));
         }
         if self.audit.sink == AuditSink::File {
             if self.audit.max_file_bytes < 4096 {

@@ -436,6 +436,31 @@ impl App {
         tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
         let (admin_shutdown, admin_rx) = watch::channel(false);
         let admin = self.admin.clone();
+        // integrations.watch: reload when the directory changes.
+        if config.integrations.watch {
+            let (admin, dir, mut stop) = (admin.clone(), config.integrations.dir.clone(), admin_rx.clone());
+            let every = Duration::from_millis(config.integrations.watch_interval_ms);
+            tasks.spawn(async move {
+                let mut seen = dir_fingerprint(&dir);
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => break,
+                    }
+                    let now = dir_fingerprint(&dir);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    match admin.reload_integrations() {
+                        Ok(ids) => tracing::info!(integrations = %ids.join(","), "integrations directory changed: reloaded"),
+                        Err(e) => tracing::warn!(error = %e, "integrations directory changed but is invalid; the set in force stays"),
+                    }
+                }
+            });
+        }
         let app = admin::router(self.admin);
         let mut stop = admin_rx.clone();
         let admin_listener = listeners.admin;
@@ -603,4 +628,21 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     let path =
         config.store.sqlite_path().ok_or_else(|| config.error("store.url", "must be sqlite://PATH or postgres://…"))?;
     Ok(Arc::new(SqliteStore::open(path)?))
+}
+
+/// What a change to an integrations directory changes: each `*.toml`'s
+/// name, size and modification time (through symlinks, so a ConfigMap's
+/// `..data` swap shows). Unreadable: empty (a reload then says why).
+fn dir_fingerprint(dir: &std::path::Path) -> Vec<(std::ffi::OsString, u64, Option<std::time::SystemTime>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<_> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "toml"))
+        .map(|e| {
+            let meta = std::fs::metadata(e.path()).ok();
+            (e.file_name(), meta.as_ref().map_or(0, |m| m.len()), meta.and_then(|m| m.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
 }

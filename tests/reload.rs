@@ -145,3 +145,50 @@ fn hangup(pid: u32) {
     let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success();
     assert!(ok, "kill -HUP {pid}");
 }
+
+/// `integrations.watch`: a file added, changed or removed is in force
+/// without a signal; an invalid one leaves the set in force serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_directory_reloads_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
+    let config = write_config_with(dir.path(), &ints, "", "");
+    let instance = spawn_instance_with(&config, |cmd| {
+        cmd.env("CREDPROXY_INTEGRATIONS__WATCH", "true").env("CREDPROXY_INTEGRATIONS__WATCH_INTERVAL_MS", "200");
+    })
+    .await;
+    let admin = &instance.admin;
+    let shown = |id: &'static str| async move {
+        admin.send(Method::GET, &format!("/v1/integrations/{id}"), None).await.unwrap()
+    };
+    let until = || Instant::now() + Duration::from_secs(5);
+    std::fs::write(ints.join("second.toml"), file("second", &["k"])).unwrap();
+    let deadline = until();
+    while shown("second").await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "an added file was not in force within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Changed: a second method appears.
+    std::fs::write(ints.join("second.toml"), file("second", &["k", "k2"])).unwrap();
+    let deadline = until();
+    while shown("second").await.1["auth_methods"].as_array().map_or(0, Vec::len) != 2 {
+        assert!(Instant::now() < deadline, "a changed file was not in force within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Invalid: refused; the set in force serves on.
+    std::fs::write(ints.join("third.toml"), "id = ").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(shown("third").await.0, StatusCode::NOT_FOUND);
+    let conn = connection(&instance.admin, "second", "k2").await;
+    assert_eq!(proxy_request(instance.proxy, "GET", &format!("{}/bearer", httpbin()), Some(&conn), None).await.0, 200);
+    // Removed (and the invalid file with it): gone.
+    std::fs::remove_file(ints.join("third.toml")).unwrap();
+    std::fs::remove_file(ints.join("first.toml")).unwrap();
+    let deadline = until();
+    while shown("first").await.0 != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "a removed file was still in force after 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
