@@ -788,7 +788,7 @@ async fn put_oauth_app(
     axum::Extension(scope): axum::Extension<Scope>,
     Path((org, integration, auth_method)): Path<(String, String, String)>,
     body: Bytes,
-) -> Result<(axum::Extension<Audited>, Json<crate::creds::OAuthAppView>), ApiError> {
+) -> Result<(axum::Extension<Audited>, Json<crate::store::OAuthApp>), ApiError> {
     own_org(&scope, &org)?;
     let req: OAuthAppBody = json_body(&body)?;
     use crate::creds::OAuthAppError as E;
@@ -816,7 +816,7 @@ async fn get_oauth_app(
     State(st): State<Arc<AdminState>>,
     axum::Extension(scope): axum::Extension<Scope>,
     Path((org, integration, auth_method)): Path<(String, String, String)>,
-) -> Result<Json<crate::creds::OAuthAppView>, ApiError> {
+) -> Result<Json<crate::store::OAuthApp>, ApiError> {
     own_org(&scope, &org)?;
     st.connections
         .get_oauth_app(&org, &integration, &auth_method)

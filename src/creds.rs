@@ -10,7 +10,7 @@ mod apps;
 mod oauth;
 pub mod rotate;
 
-pub use apps::{AppLookupError, OAuthAppError, OAuthAppView, APP_CACHE_TTL};
+pub use apps::{AppLookupError, OAuthAppError, APP_CACHE_TTL};
 pub use oauth::{AuthorizeError, AuthorizeRequest, RefreshError, Revocation, REFRESH_COOLDOWN};
 
 use std::collections::BTreeMap;

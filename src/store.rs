@@ -278,16 +278,22 @@ impl SealedTable {
 }
 
 /// An organization's own OAuth client for one integration's auth method
-/// (`PUT /v1/orgs/{org}/oauth-apps/{integration}/{auth_method}`): the
-/// client id in the clear, the secret sealed like a credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OAuthAppRow {
+/// (`PUT /v1/orgs/{org}/oauth-apps/{integration}/{auth_method}`), as the
+/// admin API shows it: the client id, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OAuthApp {
     pub org_id: String,
     pub integration: String,
     pub auth_method: String,
     pub client_id: String,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// A stored app: what is shown, plus the secret sealed like a credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthAppRow {
+    pub app: OAuthApp,
     pub sealed: SealedBytes,
 }
 

@@ -10,8 +10,8 @@ use credproxy::store::postgres::PgStore;
 use credproxy::store::sqlite::SqliteStore;
 use credproxy::store::{
     Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, DeliveryOutcome,
-    KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowUpdate, SealedBytes, SealedTable, Store,
-    StoreError,
+    KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowUpdate, SealedBytes, SealedTable,
+    Store, StoreError,
 };
 
 /// Each wait on PostgreSQL (`store.timeout_ms`'s default).
@@ -181,12 +181,14 @@ async fn suite(s: Arc<dyn Store>) {
 /// rotation walk and the key counts.
 async fn oauth_apps(s: &dyn Store) {
     let app = |org: &str, method: &str, client: &str, t: i64, key: &str| OAuthAppRow {
-        org_id: org.into(),
-        integration: "oidc".into(),
-        auth_method: method.into(),
-        client_id: client.into(),
-        created_at: t,
-        updated_at: t,
+        app: OAuthApp {
+            org_id: org.into(),
+            integration: "oidc".into(),
+            auth_method: method.into(),
+            client_id: client.into(),
+            created_at: t,
+            updated_at: t,
+        },
         sealed: SealedBytes { key_id: key.into(), wrapped_key: vec![1], nonce: vec![2], ciphertext: vec![3] },
     };
     assert_eq!(s.get_oauth_app("oa", "oidc", "code").await.unwrap(), None);
@@ -196,10 +198,10 @@ async fn oauth_apps(s: &dyn Store) {
     // Replaced: the new client id and secret, created_at from the first.
     let mut replaced = app("oa", "code", "client-1b", 200, "k2");
     s.put_oauth_app(&replaced).await.unwrap();
-    replaced.created_at = 100;
+    replaced.app.created_at = 100;
     assert_eq!(s.get_oauth_app("oa", "oidc", "code").await.unwrap(), Some(replaced.clone()));
     let listed = s.list_oauth_apps("oa").await.unwrap();
-    assert_eq!(listed.iter().map(|a| a.client_id.as_str()).collect::<Vec<_>>(), ["client-1b", "client-2"]);
+    assert_eq!(listed.iter().map(|a| a.app.client_id.as_str()).collect::<Vec<_>>(), ["client-1b", "client-2"]);
     // Rotation sees them, keyed by integration/method/org.
     let walk = s.sealed_not_under(SealedTable::OAuthApps, "k2", "", 10).await.unwrap();
     assert_eq!(

@@ -9,14 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use super::{from_store, Connections};
 use crate::crypto::{self, CryptoError};
 use crate::integrations::OAuth2Method;
 use crate::oauth2::OAuthClient;
 use crate::secret::SecretValue;
-use crate::store::{OAuthAppRow, StoreError};
+use crate::store::{OAuthApp, OAuthAppRow, StoreError};
 
 /// How long an instance keeps what it read of an organization's app (or
 /// that it has none). A change made through this instance applies at
@@ -26,30 +24,6 @@ pub const APP_CACHE_TTL: Duration = Duration::from_secs(10);
 /// What the encryption context of an app's secret is bound to.
 pub(super) fn app_context(id: &str) -> String {
     format!("oauth-app:{id}")
-}
-
-/// An organization's app as the admin API shows it: never the secret.
-#[derive(Debug, Clone, Serialize)]
-pub struct OAuthAppView {
-    pub org_id: String,
-    pub integration: String,
-    pub auth_method: String,
-    pub client_id: String,
-    pub created_at: i64,
-    pub updated_at: i64,
-}
-
-impl From<&OAuthAppRow> for OAuthAppView {
-    fn from(r: &OAuthAppRow) -> Self {
-        Self {
-            org_id: r.org_id.clone(),
-            integration: r.integration.clone(),
-            auth_method: r.auth_method.clone(),
-            client_id: r.client_id.clone(),
-            created_at: r.created_at,
-            updated_at: r.updated_at,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +91,7 @@ impl Connections {
         auth_method: &str,
         client_id: String,
         client_secret: SecretValue,
-    ) -> Result<OAuthAppView, OAuthAppError> {
+    ) -> Result<OAuthApp, OAuthAppError> {
         let integrations = self.integrations();
         let i = integrations.get(integration).ok_or_else(|| OAuthAppError::UnknownIntegration(integration.into()))?;
         let m = i.auth_method(auth_method).ok_or_else(|| OAuthAppError::UnknownAuthMethod {
@@ -136,20 +110,19 @@ impl Connections {
             .store
             .get_oauth_app(org_id, integration, auth_method)
             .await?
-            .map_or(now, |existing| existing.created_at);
-        let row = OAuthAppRow {
+            .map_or(now, |existing| existing.app.created_at);
+        let app = OAuthApp {
             org_id: org_id.into(),
             integration: integration.into(),
             auth_method: auth_method.into(),
             client_id,
             created_at,
             updated_at: now,
-            sealed,
         };
-        self.store.put_oauth_app(&row).await?;
+        self.store.put_oauth_app(&OAuthAppRow { app: app.clone(), sealed }).await?;
         self.oauth.apps.invalidate(&id).await;
         tracing::info!(org = %org_id, integration, auth_method, "organization oauth app set");
-        Ok(OAuthAppView::from(&row))
+        Ok(app)
     }
 
     pub async fn get_oauth_app(
@@ -157,8 +130,8 @@ impl Connections {
         org_id: &str,
         integration: &str,
         auth_method: &str,
-    ) -> Result<Option<OAuthAppView>, StoreError> {
-        Ok(self.store.get_oauth_app(org_id, integration, auth_method).await?.as_ref().map(OAuthAppView::from))
+    ) -> Result<Option<OAuthApp>, StoreError> {
+        Ok(self.store.get_oauth_app(org_id, integration, auth_method).await?.map(|r| r.app))
     }
 
     /// Removes `org_id`'s app: its connections go back to the
@@ -177,8 +150,8 @@ impl Connections {
         Ok(gone)
     }
 
-    pub async fn list_oauth_apps(&self, org_id: &str) -> Result<Vec<OAuthAppView>, StoreError> {
-        Ok(self.store.list_oauth_apps(org_id).await?.iter().map(OAuthAppView::from).collect())
+    pub async fn list_oauth_apps(&self, org_id: &str) -> Result<Vec<OAuthApp>, StoreError> {
+        Ok(self.store.list_oauth_apps(org_id).await?.into_iter().map(|r| r.app).collect())
     }
 
     /// The OAuth client for `org_id`'s connections of this method: the
@@ -200,7 +173,7 @@ impl Connections {
                         let secret = self.envelope.open(ctx, &from_store(row.sealed)).await?;
                         let secret = String::from_utf8(secret.to_vec()).map_err(|_| CryptoError::Open)?;
                         Some(Arc::new(OAuthClient {
-                            client_id: row.client_id,
+                            client_id: row.app.client_id,
                             client_secret: SecretValue::new(secret),
                             org_app: true,
                         }))

@@ -12,8 +12,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::{
     split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
-    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
-    SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate,
+    SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
@@ -233,12 +233,14 @@ const OAUTH_APP_COLUMNS: &str =
 
 fn oauth_app(r: &Row) -> OAuthAppRow {
     OAuthAppRow {
-        org_id: r.get(0),
-        integration: r.get(1),
-        auth_method: r.get(2),
-        client_id: r.get(3),
-        created_at: r.get(4),
-        updated_at: r.get(5),
+        app: OAuthApp {
+            org_id: r.get(0),
+            integration: r.get(1),
+            auth_method: r.get(2),
+            client_id: r.get(3),
+            created_at: r.get(4),
+            updated_at: r.get(5),
+        },
         sealed: sealed(r, 6),
     }
 }
@@ -789,9 +791,8 @@ impl Store for PgStore {
     }
 
     async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError> {
-        let a = app;
+        let (a, s) = (&app.app, &app.sealed);
         let id = OAuthAppRow::id_of(&a.org_id, &a.integration, &a.auth_method);
-        let s = &a.sealed;
         self.client()
             .await?
             .execute(

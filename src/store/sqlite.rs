@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
-    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate, SealedBytes,
-    SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate,
+    SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
 };
 
 /// Versioned migrations; index + 1 is the version. Never edit a shipped one.
@@ -132,12 +132,14 @@ const OAUTH_APP_COLUMNS: &str =
 
 fn oauth_app(r: &rusqlite::Row<'_>) -> rusqlite::Result<OAuthAppRow> {
     Ok(OAuthAppRow {
-        org_id: r.get(0)?,
-        integration: r.get(1)?,
-        auth_method: r.get(2)?,
-        client_id: r.get(3)?,
-        created_at: r.get(4)?,
-        updated_at: r.get(5)?,
+        app: OAuthApp {
+            org_id: r.get(0)?,
+            integration: r.get(1)?,
+            auth_method: r.get(2)?,
+            client_id: r.get(3)?,
+            created_at: r.get(4)?,
+            updated_at: r.get(5)?,
+        },
         sealed: sealed(r, 6)?,
     })
 }
@@ -796,10 +798,10 @@ impl Store for SqliteStore {
     }
 
     async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError> {
-        let a = app.clone();
+        let row = app.clone();
         self.with(move |c| {
+            let (a, s) = (&row.app, &row.sealed);
             let id = OAuthAppRow::id_of(&a.org_id, &a.integration, &a.auth_method);
-            let s = &a.sealed;
             c.execute(
                 "INSERT INTO oauth_apps (id, org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
