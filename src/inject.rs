@@ -16,6 +16,9 @@ use crate::h1;
 use crate::integrations::{AuthKind, AuthMethod, Part, Placement, Target, Template};
 use crate::secret::SecretValue;
 
+mod scrub;
+pub use scrub::{StreamScrubber, MASK};
+
 /// What to change in a request. `Debug` never shows values: header values
 /// are marked sensitive (`Sensitive`), the others are [`SecretValue`]s.
 #[derive(Debug, Default)]

@@ -108,6 +108,9 @@ pub struct Integration {
     /// Provider quotas (`[[rate_limits]]`, `[[in_flight_limits]]`,
     /// `[backoff]`); each part left out takes `[limits]`' default.
     pub quotas: crate::config::limits::Declared,
+    /// `scrub_response_bodies`: mask injected values (and their base64
+    /// and URL-encoded forms) in response bodies. Off by default.
+    pub scrub_response_bodies: bool,
 }
 
 impl Integration {
@@ -357,6 +360,8 @@ struct IntegrationFile {
     in_flight_limits: Option<Vec<crate::config::limits::InFlightLimit>>,
     #[serde(default)]
     backoff: Option<crate::config::limits::Backoff>,
+    #[serde(default)]
+    scrub_response_bodies: bool,
 }
 
 fn default_scheme() -> Scheme {
@@ -866,6 +871,7 @@ impl Integration {
             auth_methods,
             test: file.test,
             quotas,
+            scrub_response_bodies: file.scrub_response_bodies,
         })
     }
 }

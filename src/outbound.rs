@@ -208,6 +208,116 @@ impl Outbound {
     }
 }
 
+/// A response body with a connection's injected values masked
+/// (`scrub_response_bodies`): [`inject::StreamScrubber`] over the
+/// upstream's frames. Same length, so the framing holds.
+pub struct ScrubbedBody {
+    inner: PooledBody,
+    scrubber: Box<inject::StreamScrubber>,
+    /// Trailers that came while bytes were held back: they follow them.
+    trailers: Option<HeaderMap>,
+    /// The held-back tail was given out: the body is over.
+    done: bool,
+}
+
+impl ScrubbedBody {
+    /// `resp`'s body, scrubbed of what `resolved` injects; `Err` when the
+    /// response is encoded (asked for `identity`, got something else).
+    /// `Ok(None)`: nothing long enough to look for.
+    pub fn wrap(resp: &mut Response<PooledBody>, resolved: &Resolved) -> Result<Option<Self>, ProxyError> {
+        let coded = match resp.headers().get(header::CONTENT_ENCODING) {
+            Some(v) => Some(v.as_bytes().to_vec()),
+            None => resp.body().fields().and_then(|f| f.get("content-encoding")).map(|v| v.to_vec()),
+        };
+        if coded.is_some_and(|c| !c.trim_ascii().eq_ignore_ascii_case(b"identity")) {
+            return Err(ProxyError::NotScrubbable);
+        }
+        let secrets = inject::injected_values(&resolved.method, &resolved.credential);
+        let Some(scrubber) = inject::StreamScrubber::new(&secrets) else { return Ok(None) };
+        let inner = std::mem::replace(resp.body_mut(), PooledBody::empty());
+        Ok(Some(Self { inner, scrubber: Box::new(scrubber), trailers: None, done: false }))
+    }
+
+    /// The upstream's unparsed header fields (HTTP/1.1), as [`PooledBody::take_fields`].
+    pub fn take_fields(&mut self) -> Option<crate::h1::RawFields> {
+        self.inner.take_fields()
+    }
+}
+
+impl http_body::Body for ScrubbedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(t) = this.trailers.take() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.scrubber.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(http_body::Frame::data(out))));
+                        }
+                    }
+                    // Trailers: what was held back goes first.
+                    Err(frame) => {
+                        let tail = this.scrubber.finish();
+                        if tail.is_empty() {
+                            return Poll::Ready(Some(Ok(frame)));
+                        }
+                        this.trailers = frame.into_trailers().ok();
+                        return Poll::Ready(Some(Ok(http_body::Frame::data(tail))));
+                    }
+                },
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let tail = this.scrubber.finish();
+                    return Poll::Ready(if tail.is_empty() { None } else { Some(Ok(http_body::Frame::data(tail))) });
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.trailers.is_none() && (self.done || (self.inner.is_end_stream() && self.scrubber.held() == 0))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        // Masks keep the length: what is to come is the inner body's rest
+        // plus what is held back.
+        let held = self.scrubber.held() as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
+impl std::fmt::Debug for ScrubbedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScrubbedBody").field("scrubber", &self.scrubber).finish_non_exhaustive()
+    }
+}
+
 /// What keeping a request's OAuth2 token valid took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Renewal {
@@ -433,6 +543,8 @@ pub enum ProxyError {
     UpstreamTimeout,
     #[error("upstream request failed: {0}")]
     Upstream(String),
+    #[error("the upstream's response is encoded and cannot be scrubbed")]
+    NotScrubbable,
 }
 
 impl ProxyError {
@@ -523,6 +635,7 @@ impl ProxyError {
             Self::UpstreamTls(_) => Code::UpstreamTlsError,
             Self::UpstreamTimeout => Code::UpstreamTimeout,
             Self::Upstream(_) => Code::UpstreamError,
+            Self::NotScrubbable => Code::ResponseNotScrubbable,
         }
     }
 
@@ -578,6 +691,7 @@ impl ProxyError {
             Self::UpstreamTls(_) => "the upstream's TLS handshake or certificate verification failed".into(),
             Self::UpstreamTimeout => "the upstream did not send a response head in time (upstream.response_header_timeout_ms)".into(),
             Self::Upstream(_) => "the upstream connection failed or sent an invalid response".into(),
+            Self::NotScrubbable => "the integration scrubs response bodies and the upstream answered with a Content-Encoding although credproxy asked for identity; nothing of the body was sent".into(),
         }
     }
 

@@ -130,6 +130,9 @@ codes! {
     UpstreamUnreachable = BAD_GATEWAY, "upstream_unreachable", "Upstream unreachable", ConnectionRefused;
     UpstreamTlsError = BAD_GATEWAY, "upstream_tls_error", "Upstream TLS error", TlsCertificateError;
     UpstreamError = BAD_GATEWAY, "upstream_error", "Upstream error", HttpProtocolError;
+    /// `scrub_response_bodies` is on and the upstream answered with a
+    /// `Content-Encoding` (credproxy asked for `identity`): the body cannot be scrubbed.
+    ResponseNotScrubbable = BAD_GATEWAY, "response_not_scrubbable", "Response cannot be scrubbed", HttpProtocolError;
     TokenEndpointUnavailable = BAD_GATEWAY, "token_endpoint_unavailable", "Token endpoint unavailable", DestinationUnavailable;
     TokenEndpointRejected = BAD_GATEWAY, "token_endpoint_rejected", "Token endpoint rejected the request", ProxyConfigurationError;
     StoreUnavailable = SERVICE_UNAVAILABLE, "store_unavailable", "Store unavailable", ProxyInternalError;

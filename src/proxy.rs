@@ -53,6 +53,8 @@ crate::upstream::body_enum! {
     pub enum ProxyBody {
         /// The upstream's, streamed.
         Upstream(PooledBody),
+        /// The upstream's, with injected values masked (`scrub_response_bodies`).
+        Scrubbed(crate::outbound::ScrubbedBody),
         /// Made by credproxy: a problem, `CONNECT`'s 200.
         Made(Full<Bytes>),
     }
@@ -322,6 +324,7 @@ fn audit_use(
 fn take_fields(resp: &mut Response<ProxyBody>) -> Option<h1::RawFields> {
     match resp.body_mut() {
         ProxyBody::Upstream(pooled) => pooled.take_fields(),
+        ProxyBody::Scrubbed(scrubbed) => scrubbed.take_fields(),
         ProxyBody::Made(_) => None,
     }
 }
@@ -454,6 +457,10 @@ async fn forward(
             // For `last_used_at` (an atomic load, but once a minute).
             state.connections.note_use(&resolved);
 
+            // A body to scrub must come unencoded.
+            if resolved.integration.scrub_response_bodies {
+                parts.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
+            }
             // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (mut resp, renewal) =
                 state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
@@ -468,8 +475,16 @@ async fn forward(
                 let (head, body) = (resp.headers(), resp.body());
                 state.quotas.learn(integration, id, resp.status().as_u16(), |name| response_field(head, body, name));
             }
-            // What was injected does not come back in a URL field.
+            // What was injected does not come back in a URL field (nor,
+            // when the integration asks, in the body).
             crate::outbound::scrub_echoes(&mut resp, &resolved);
+            if resolved.integration.scrub_response_bodies {
+                if let Some(scrubbed) = crate::outbound::ScrubbedBody::wrap(&mut resp, &resolved)? {
+                    let (mut rparts, _) = resp.into_parts();
+                    strip_hop_by_hop(&mut rparts.headers);
+                    return Ok(Response::from_parts(rparts, ProxyBody::Scrubbed(scrubbed)));
+                }
+            }
             resp
         }
     };

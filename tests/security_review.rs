@@ -562,3 +562,112 @@ async fn a_store_or_kms_that_never_answers_is_given_up_at_its_timeout() {
     assert_eq!((status.as_u16(), v["code"].as_str()), (503, Some("key_service_unavailable")), "{v}");
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
+
+/// `scrub_response_bodies`: an echoing upstream (httpbin) shows the
+/// caller no injected value, raw, base64 or URL-encoded, in plain,
+/// large and chunked bodies, with the framing intact; an encoded body is
+/// refused (502 `response_not_scrubbable`). The same request to an
+/// integration without it shows the value: the check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_are_scrubbed_when_the_integration_asks() {
+    let scrubbed =
+        "id = \"scrubbed\"\nname = \"scrubbed echo\"\nallowed_hosts = [\"127.0.0.1\"]\nupstream_scheme = \"http\"\n\
+                    scrub_response_bodies = true\n\
+                    [[auth_methods]]\nid = \"key\"\ntype = \"api_key\"\nin = \"header\"\nname = \"X-Api-Key\"\n\
+                    [[auth_methods]]\nid = \"basic\"\ntype = \"basic\"\n";
+    let h = Harness::start_with(Opts {
+        integrations: vec![("scrubbed.toml".into(), scrubbed.into())],
+        ..Default::default()
+    })
+    .await;
+    let key = "Scrub/Me+Key-0b7e";
+    let create = |integration: &'static str, method: &'static str, creds: serde_json::Value| {
+        let admin = &h.admin;
+        async move {
+            let body = serde_json::json!({"integration": integration, "auth_method": method, "org_id": ORG,
+                "user_id": "u", "credentials": creds});
+            admin.call(http::Method::POST, "/v1/connections", Some(&body)).await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let plain = create("httpbin", "key_header", serde_json::json!({"api_key": key})).await;
+    let masked = create("scrubbed", "key", serde_json::json!({"api_key": key})).await;
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+    let enc: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
+    let forms = [key.to_owned(), b64.clone(), enc.clone()];
+    let url = format!("{}/anything?b64={}&enc={}", httpbin(), urlencode(&b64), urlencode(&enc));
+    let get = |id: &str, url: &str| {
+        let (proxy, hdr, url) = (h.proxy_url(), format!("X-Connection-Id: {id}"), url.to_owned());
+        async move { curl(&["-x", &proxy, "-H", &hdr, &url], &[]).await }
+    };
+
+    // Without scrubbing, httpbin echoes the key: this is what is masked.
+    let seen = get(&plain, &url).await;
+    assert_eq!(seen.status, 200);
+    assert!(seen.text().contains(key), "{}", seen.text());
+    // With it: no form of the key, masks of the same length instead.
+    let seen = get(&masked, &url).await;
+    assert_eq!(seen.status, 200, "{}", seen.text());
+    for f in &forms {
+        assert!(!seen.text().contains(f.as_str()), "{f} in {}", seen.text());
+    }
+    assert!(seen.text().contains(&"*".repeat(key.len())), "{}", seen.text());
+    assert_eq!(seen.header("content-length").map(|l| l.parse::<usize>().unwrap()), Some(seen.body.len()));
+    let echoed: serde_json::Value = seen.json();
+    assert_eq!(echoed["headers"]["Accept-Encoding"], "identity", "asked for an unencoded body");
+
+    // A large body (many reads, the key at every offset modulo 7) and a
+    // chunked one (httpbin's /stream: 30 JSON lines, each echoing the key).
+    let mut big = String::new();
+    for i in 0..3000 {
+        big.push_str(&"x".repeat(i % 7));
+        big.push_str(key);
+    }
+    let data_file = h.dir.path().join("big.txt");
+    std::fs::write(&data_file, &big).unwrap();
+    let hdr = format!("X-Connection-Id: {masked}");
+    let at = format!("@{}", data_file.display());
+    let seen = curl(
+        &[
+            "-x",
+            &h.proxy_url(),
+            "-H",
+            &hdr,
+            "-H",
+            "Content-Type: text/plain",
+            "--data-binary",
+            &at,
+            &format!("{}/anything", httpbin()),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(seen.status, 200);
+    assert!(seen.body.len() > big.len(), "{}", seen.body.len());
+    assert!(!seen.text().contains(key), "the key came back in a large body");
+    assert_eq!(seen.text().matches(&"*".repeat(key.len())).count(), 3001, "each of 3000 copies and the header");
+    let seen = get(&masked, &format!("{}/stream/30", httpbin())).await;
+    assert_eq!(seen.status, 200);
+    assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(seen.text().lines().count(), 30);
+    assert!(!seen.text().contains(key));
+
+    // Basic: the rendered `Basic <base64>` field httpbin echoes is masked too.
+    let basic =
+        create("scrubbed", "basic", serde_json::json!({"username": "scrub-user", "password": "scrub-pass-77"})).await;
+    let seen = get(&basic, &format!("{}/headers", httpbin())).await;
+    let pair = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "scrub-user:scrub-pass-77");
+    assert_eq!(seen.status, 200);
+    assert!(!seen.text().contains(&pair) && seen.text().contains("\"Authorization\""), "{}", seen.text());
+
+    // An encoded body cannot be scrubbed: refused, nothing of it sent.
+    let seen = get(&masked, &format!("{}/gzip", httpbin())).await;
+    assert_eq!(seen.status, 502, "{}", seen.text());
+    assert_eq!(seen.json()["code"], "response_not_scrubbable");
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}

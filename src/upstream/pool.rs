@@ -437,6 +437,11 @@ struct H2Body {
 }
 
 impl PooledBody {
+    /// A body with nothing in it (what is left where one was taken out).
+    pub fn empty() -> Self {
+        Self { inner: Inner::H1(None), fields: None }
+    }
+
     /// The upstream's header fields, if they have not been put in the
     /// response's header map: an HTTP/1.1 writer copies them as they are.
     pub fn take_fields(&mut self) -> Option<RawFields> {
