@@ -54,7 +54,9 @@ crate::upstream::body_enum! {
         /// The upstream's, streamed.
         Upstream(PooledBody),
         /// The upstream's, with injected values masked (`scrub_response_bodies`).
-        Scrubbed(crate::outbound::ScrubbedBody),
+        /// Boxed: a response moves through every layer, and the others
+        /// should not pay for this variant's size.
+        Scrubbed(Box<crate::outbound::ScrubbedBody>),
         /// Made by credproxy: a problem, `CONNECT`'s 200.
         Made(Full<Bytes>),
     }
@@ -482,7 +484,7 @@ async fn forward(
                 if let Some(scrubbed) = crate::outbound::ScrubbedBody::wrap(&mut resp, &resolved)? {
                     let (mut rparts, _) = resp.into_parts();
                     strip_hop_by_hop(&mut rparts.headers);
-                    return Ok(Response::from_parts(rparts, ProxyBody::Scrubbed(scrubbed)));
+                    return Ok(Response::from_parts(rparts, ProxyBody::Scrubbed(Box::new(scrubbed))));
                 }
             }
             resp
