@@ -353,6 +353,51 @@ async fn token_endpoint_outage_is_a_502_and_changes_nothing() {
     oidc.post("/test/token-fail?status=0").await;
 }
 
+/// Fault injection at the token endpoint (issue 19): an HTML page or
+/// truncated JSON with a 200, and an endpoint that never answers, are each
+/// a bounded 502 `token_endpoint_unavailable` with `Retry-After` (the hang
+/// cut at `oauth2.token_timeout_ms`), leave the connection active, and
+/// recover without a restart once the endpoint behaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_hangs_or_answers_garbage_gives_bounded_502s_and_recovers() {
+    let oidc = Oidc::start().await;
+    let h = Harness::start_with(Opts {
+        integrations: vec![oidc.integration()],
+        sections: "[oauth2]\ntoken_timeout_ms = 1000\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(authorized(&h, "code").await);
+    }
+    wait_for_expiry().await;
+    for (id, fault) in ids.iter().zip([
+        "/test/token-fail?status=200&body=html",
+        "/test/token-fail?status=200&body=garbage",
+        "/test/token-delay?ms=20000",
+    ]) {
+        oidc.post(fault).await;
+        let started = std::time::Instant::now();
+        let (status, headers, body) = get_resource(&h, &oidc, id).await;
+        let took = started.elapsed();
+        oidc.post("/test/token-fail?status=0").await;
+        oidc.post("/test/token-delay?ms=0").await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, v["code"].as_str()), (502, Some("token_endpoint_unavailable")), "{fault}: {v}");
+        assert!(headers.iter().any(|(k, _)| k == "retry-after"), "{fault}: {headers:?}");
+        assert!(took < Duration::from_secs(4), "{fault}: answered after {took:?}");
+        let meta = h.admin.call(Method::GET, &format!("/v1/connections/{id}"), None).await.unwrap();
+        assert_eq!(meta["state"], "active", "{fault}: a transient failure leaves the state alone");
+    }
+    // After the 5 s cool-down each refreshes and serves again.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    for id in &ids {
+        let (status, _, body) = get_resource(&h, &oidc, id).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_test_endpoint_and_cli() {
     let oidc = Oidc::start().await;

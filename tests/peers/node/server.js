@@ -15,7 +15,8 @@
 //   GET  /test/active            how many issued access/refresh tokens are still active
 //   POST /test/token-delay?ms=N  delays every token endpoint response by N ms
 //   POST /test/token-fail?status=N  the next token requests fail with status N (0 = off;
-//                                200 = a success without an access_token)
+//                                200 = a success without an access_token; with &body=html an
+//                                HTML page, with &body=garbage truncated JSON)
 //
 // Prints "LISTENING http://127.0.0.1:PORT" once ready. Binds 127.0.0.1:0.
 import http from 'node:http';
@@ -35,6 +36,7 @@ const counts = {};
 const issued = { access: [], refresh: [], clientCredentials: [] };
 let tokenDelayMs = 0;
 let tokenFailStatus = 0;
+let tokenFailBody = '';
 
 const clients = [
   {
@@ -139,6 +141,18 @@ provider.use(async (ctx, next) => {
       }
     }
     // 200 answers without an access token (a provider's odd success).
+    if (tokenFailStatus === 200 && tokenFailBody === 'html') {
+      ctx.status = 200;
+      ctx.type = 'text/html';
+      ctx.body = '<html><body><h1>We have moved</h1></body></html>';
+      return undefined;
+    }
+    if (tokenFailStatus === 200 && tokenFailBody === 'garbage') {
+      ctx.status = 200;
+      ctx.type = 'application/json';
+      ctx.body = '{"access_token": "trunc';
+      return undefined;
+    }
     if (tokenFailStatus === 200) return json(200, { token_type: 'Bearer', expires_in: 60 });
     if (tokenFailStatus) return json(tokenFailStatus, { error: 'temporarily_unavailable' });
     return next();
@@ -202,6 +216,7 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === '/test/token-fail' && ctx.method === 'POST') {
     tokenFailStatus = Number(ctx.query.status || 0);
+    tokenFailBody = String(ctx.query.body || '');
     return json(200, { ok: true });
   }
   return next();
