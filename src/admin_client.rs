@@ -37,14 +37,7 @@ pub enum AdminClientError {
 /// Connect discovery documents with it). Public roots for https.
 pub async fn get_json(url: &str) -> Result<Value, String> {
     let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(crate::upstream::tls_config(&[]))
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let client = http_client(&[]);
     let req = Request::get(uri).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
         .await
@@ -57,6 +50,21 @@ pub async fn get_json(url: &str) -> Result<Value, String> {
         return Err(format!("answered {status}"));
     }
     serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+}
+
+/// An HTTP/1.1 client for http:// and https:// (webpki roots plus
+/// `roots`), never through an environment proxy.
+fn http_client(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(crate::upstream::tls_config(roots))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new()).build(https)
 }
 
 pub struct AdminClient {
@@ -84,14 +92,7 @@ impl AdminClient {
         for f in ca_files {
             roots.extend(crate::upstream::load_pem_certs(f).map_err(AdminClientError::CaCert)?);
         }
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(crate::upstream::tls_config(&roots))
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        Ok(Self { base, token, client: Client::builder(TokioExecutor::new()).build(https) })
+        Ok(Self { base, token, client: http_client(&roots) })
     }
 
     /// Sends a request; returns status and JSON body (or `Null` if empty).

@@ -876,7 +876,8 @@ impl Integration {
     }
 }
 
-fn is_slug(s: &str) -> bool {
+/// An id: 1-64 characters of `[a-z0-9_-]`.
+pub fn is_slug(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
@@ -886,29 +887,46 @@ type FieldError = (String, String);
 
 fn compile_placement(place: PlaceIn, name: &str, template: &str, fields: &[String]) -> Result<Placement, FieldError> {
     let template = Template::parse(template, fields).map_err(|r| ("template".to_owned(), r))?;
+    let target = target(place, name).map_err(|r| ("name".to_owned(), r))?;
+    Ok(Placement { target, template })
+}
+
+/// Where a value named `name` goes in `place`, or why it cannot go there.
+fn target(place: PlaceIn, name: &str) -> Result<Target, String> {
     if name.is_empty() {
-        return Err(("name".into(), "must not be empty".into()));
+        return Err("must not be empty".into());
     }
-    let target = match place {
+    Ok(match place {
         PlaceIn::Header => {
-            let h = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| ("name".to_owned(), "not a valid header name".to_owned()))?;
+            let h = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "not a valid header name".to_owned())?;
             if is_protected_header(&h) {
-                return Err(("name".into(), format!("{h} is managed by the proxy and cannot carry a credential")));
+                return Err(format!("{h} is managed by the proxy and cannot carry a credential"));
             }
             Target::Header(h)
         }
         PlaceIn::Query => Target::Query(name.to_owned()),
         PlaceIn::Cookie => {
             if name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) {
-                return Err(("name".into(), "not a valid cookie name".to_owned()));
+                return Err("not a valid cookie name".to_owned());
             }
             Target::Cookie(name.to_owned())
         }
         PlaceIn::Json => Target::JsonField(name.to_owned()),
         PlaceIn::Form => Target::FormField(name.to_owned()),
+    })
+}
+
+/// Why an `api_key` named `name` cannot go `place` (`header`, `query`,
+/// `cookie`), as an integration file would be refused for it; `None` if
+/// it can. For writers of integration files (the OpenAPI import).
+pub fn api_key_name_error(place: &str, name: &str) -> Option<String> {
+    let place = match place {
+        "header" => PlaceIn::Header,
+        "query" => PlaceIn::Query,
+        "cookie" => PlaceIn::Cookie,
+        other => return Some(format!("an api_key goes in a header, query or cookie, not {other:?}")),
     };
-    Ok(Placement { target, template })
+    target(place, name).err()
 }
 
 /// Headers the proxy owns: a credential placed there would be stripped,

@@ -88,7 +88,7 @@ pub struct Report {
     pub no_file_because: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MethodReport {
     pub id: String,
     #[serde(rename = "type")]
@@ -148,7 +148,7 @@ pub fn import(source_name: &str, bytes: &[u8], opts: &ImportOptions) -> Result<I
     };
     let id = match &opts.id {
         Some(id) => {
-            if !is_slug(id) {
+            if !crate::integrations::is_slug(id) {
                 return Err(DocumentError::at("(--id)", "must be 1-64 characters of [a-z0-9_-]"));
             }
             id.clone()
@@ -205,7 +205,7 @@ pub fn import(source_name: &str, bytes: &[u8], opts: &ImportOptions) -> Result<I
             scheme_methods(&doc, name, value, &at, &id, &ops.scopes, opts, &mut methods, &mut report)?;
         }
     }
-    report.auth_methods = methods.iter().map(|m| clone_method_report(&m.report)).collect();
+    report.auth_methods = methods.iter().map(|m| m.report.clone()).collect();
     report.needs_env.sort();
     report.needs_env.dedup();
 
@@ -270,10 +270,6 @@ pub fn openid_connect_urls(bytes: &[u8]) -> Result<Vec<String>, DocumentError> {
         }
     }
     Ok(out)
-}
-
-fn clone_method_report(m: &MethodReport) -> MethodReport {
-    MethodReport { id: m.id.clone(), kind: m.kind, from: m.from.clone(), scopes: m.scopes.clone() }
 }
 
 const KNOWN_TYPES: [&str; 5] = ["apiKey", "http", "oauth2", "openIdConnect", "mutualTLS"];
@@ -365,8 +361,8 @@ fn scheme_methods(
                 );
                 return Ok(());
             }
-            if let Err(reason) = check_name(&place, &key) {
-                skip(report, format!("security scheme {name:?}"), reason);
+            if let Some(reason) = crate::integrations::api_key_name_error(&place, &key) {
+                skip(report, format!("security scheme {name:?}"), format!("apiKey name {key:?}: {reason}"));
                 return Ok(());
             }
             let mut t = format!("type = \"api_key\"\nin = \"{place}\"\nname = {}\n", lit(&key));
@@ -472,28 +468,6 @@ fn scheme_methods(
         ),
     }
     Ok(())
-}
-
-/// A header or cookie name the integration file will accept.
-fn check_name(place: &str, name: &str) -> Result<(), String> {
-    match place {
-        "header" => {
-            let h = http::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("{name:?} is not a valid header name"))?;
-            let managed = ["host", "content-length", "transfer-encoding", "connection", "te", "trailer", "upgrade"];
-            if managed.contains(&h.as_str())
-                || matches!(h.as_str(), "proxy-authorization" | "keep-alive" | "proxy-connection" | "x-connection-id")
-            {
-                return Err(format!("header {name} is managed by the proxy and cannot carry a credential"));
-            }
-            Ok(())
-        }
-        "cookie" if name.is_empty() || name.bytes().any(|b| b <= b' ' || b"=;,\"\\".contains(&b) || b >= 0x7f) => {
-            Err(format!("{name:?} is not a valid cookie name"))
-        }
-        _ if name.is_empty() => Err("the key's name is empty".into()),
-        _ => Ok(()),
-    }
 }
 
 /// `[auth_methods.form.<field>]` with a label and description, if any.
@@ -637,12 +611,6 @@ fn unique_id(base: &str, methods: &[Method]) -> String {
         n += 1;
     }
     id
-}
-
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 mod operations {

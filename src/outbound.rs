@@ -225,10 +225,7 @@ impl ScrubbedBody {
     /// response is encoded (asked for `identity`, got something else).
     /// `Ok(None)`: nothing long enough to look for.
     pub fn wrap(resp: &mut Response<PooledBody>, resolved: &Resolved) -> Result<Option<Self>, ProxyError> {
-        let coded = match resp.headers().get(header::CONTENT_ENCODING) {
-            Some(v) => Some(v.as_bytes().to_vec()),
-            None => resp.body().fields().and_then(|f| f.get("content-encoding")).map(|v| v.to_vec()),
-        };
+        let coded = response_field(resp, "content-encoding");
         if coded.is_some_and(|c| !c.trim_ascii().eq_ignore_ascii_case(b"identity")) {
             return Err(ProxyError::NotScrubbable);
         }
@@ -315,6 +312,15 @@ impl http_body::Body for ScrubbedBody {
 impl std::fmt::Debug for ScrubbedBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ScrubbedBody").field("scrubber", &self.scrubber).finish_non_exhaustive()
+    }
+}
+
+/// A response header field, from the header map or (an HTTP/1.1
+/// upstream's) the unparsed fields.
+pub fn response_field(resp: &Response<PooledBody>, name: &str) -> Option<Bytes> {
+    match resp.headers().get(name) {
+        Some(v) => Some(Bytes::copy_from_slice(v.as_bytes())),
+        None => resp.body().fields().and_then(|f| f.get(name)),
     }
 }
 

@@ -474,8 +474,8 @@ async fn forward(
             if matches!(resp.status().as_u16(), 429 | 503) {
                 // The upstream's answer goes back untouched; what it asked
                 // for holds the next requests back.
-                let (head, body) = (resp.headers(), resp.body());
-                state.quotas.learn(integration, id, resp.status().as_u16(), |name| response_field(head, body, name));
+                let status = resp.status().as_u16();
+                state.quotas.learn(integration, id, status, |name| crate::outbound::response_field(&resp, name));
             }
             // What was injected does not come back in a URL field (nor,
             // when the integration asks, in the body).
@@ -495,15 +495,6 @@ async fn forward(
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, ProxyBody::Upstream(rbody)))
-}
-
-/// A response header field, from the header map or (an HTTP/1.1
-/// upstream's) the unparsed fields.
-fn response_field(head: &HeaderMap, body: &PooledBody, name: &str) -> Option<Bytes> {
-    match head.get(name) {
-        Some(v) => Some(Bytes::copy_from_slice(v.as_bytes())),
-        None => body.fields().and_then(|f| f.get(name)),
-    }
 }
 
 /// `CONNECT host:port`: the destination must pass the SSRF guard before

@@ -460,8 +460,8 @@ pub trait Store: Send + Sync + 'static {
     /// releases it (nothing was stored; the user may try again).
     async fn finish_connect_session(&self, id: &str, made: Option<&str>) -> Result<(), StoreError>;
     /// Creates or replaces an organization's OAuth app (a replacement keeps
-    /// `created_at`).
-    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError>;
+    /// `created_at`); returns the stored `created_at`.
+    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<i64, StoreError>;
     async fn get_oauth_app(
         &self,
         org_id: &str,

@@ -115,22 +115,14 @@ async fn reloads_add_change_and_refuse_invalid_sets_under_load() {
 /// `SIGHUP` to the binary reloads; an invalid set leaves it serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_binary() {
-    let dir = tempfile::tempdir().unwrap();
-    let ints = dir.path().join("integrations");
-    std::fs::create_dir(&ints).unwrap();
-    std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
-    let config = write_config_with(dir.path(), &ints, "", "");
+    let (_dir, ints, config) = binary_setup();
     let instance = spawn_instance(&config).await;
     let admin = &instance.admin;
     let listed = || async move { admin.call(Method::GET, "/v1/integrations", None).await.unwrap().to_string() };
     assert!(!listed().await.contains("\"second\""));
     std::fs::write(ints.join("second.toml"), file("second", &["k"])).unwrap();
     hangup(instance.pid());
-    let until = Instant::now() + Duration::from_secs(5);
-    while !listed().await.contains("\"second\"") {
-        assert!(Instant::now() < until, "SIGHUP did not reload within 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within_5s("SIGHUP did not reload", || async { listed().await.contains("\"second\"") }).await;
     // Invalid: refused, still serving the set in force.
     std::fs::write(ints.join("third.toml"), "id = ").unwrap();
     hangup(instance.pid());
@@ -139,6 +131,26 @@ async fn sighup_reloads_the_binary() {
     assert!(now.contains("\"second\"") && !now.contains("\"third\""), "{now}");
     let conn = connection(&instance.admin, "second", "k").await;
     assert_eq!(proxy_request(instance.proxy, "GET", &format!("{}/bearer", httpbin()), Some(&conn), None).await.0, 200);
+}
+
+/// A temp dir with an integrations directory holding `first.toml`, and a
+/// configuration for the built binary that reads it.
+fn binary_setup() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ints = dir.path().join("integrations");
+    std::fs::create_dir(&ints).unwrap();
+    std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
+    let config = write_config_with(dir.path(), &ints, "", "");
+    (dir, ints, config)
+}
+
+/// Polls `done` every 50 ms; fails saying `what` if it is not true within 5 s.
+async fn within_5s<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    let until = Instant::now() + Duration::from_secs(5);
+    while !done().await {
+        assert!(Instant::now() < until, "{what} within 5 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn hangup(pid: u32) {
@@ -150,11 +162,7 @@ fn hangup(pid: u32) {
 /// without a signal; an invalid one leaves the set in force serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_directory_reloads_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let ints = dir.path().join("integrations");
-    std::fs::create_dir(&ints).unwrap();
-    std::fs::write(ints.join("first.toml"), file("first", &["k"])).unwrap();
-    let config = write_config_with(dir.path(), &ints, "", "");
+    let (_dir, ints, config) = binary_setup();
     let instance = spawn_instance_with(&config, |cmd| {
         cmd.env("CREDPROXY_INTEGRATIONS__WATCH", "true").env("CREDPROXY_INTEGRATIONS__WATCH_INTERVAL_MS", "200");
     })
@@ -163,20 +171,14 @@ async fn a_watched_directory_reloads_itself() {
     let shown = |id: &'static str| async move {
         admin.send(Method::GET, &format!("/v1/integrations/{id}"), None).await.unwrap()
     };
-    let until = || Instant::now() + Duration::from_secs(5);
     std::fs::write(ints.join("second.toml"), file("second", &["k"])).unwrap();
-    let deadline = until();
-    while shown("second").await.0 != StatusCode::OK {
-        assert!(Instant::now() < deadline, "an added file was not in force within 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within_5s("an added file was not in force", || async { shown("second").await.0 == StatusCode::OK }).await;
     // Changed: a second method appears.
     std::fs::write(ints.join("second.toml"), file("second", &["k", "k2"])).unwrap();
-    let deadline = until();
-    while shown("second").await.1["auth_methods"].as_array().map_or(0, Vec::len) != 2 {
-        assert!(Instant::now() < deadline, "a changed file was not in force within 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within_5s("a changed file was not in force", || async {
+        shown("second").await.1["auth_methods"].as_array().map_or(0, Vec::len) == 2
+    })
+    .await;
     // Invalid: refused; the set in force serves on.
     std::fs::write(ints.join("third.toml"), "id = ").unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -186,9 +188,5 @@ async fn a_watched_directory_reloads_itself() {
     // Removed (and the invalid file with it): gone.
     std::fs::remove_file(ints.join("third.toml")).unwrap();
     std::fs::remove_file(ints.join("first.toml")).unwrap();
-    let deadline = until();
-    while shown("first").await.0 != StatusCode::NOT_FOUND {
-        assert!(Instant::now() < deadline, "a removed file was still in force after 5 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within_5s("a removed file was still in force", || async { shown("first").await.0 == StatusCode::NOT_FOUND }).await;
 }

@@ -106,20 +106,16 @@ impl Connections {
         let id = OAuthAppRow::id_of(org_id, integration, auth_method);
         let sealed = self.seal(org_id, &app_context(&id), client_secret.expose().as_bytes()).await?;
         let now = super::unix_now();
-        let created_at = self
-            .store
-            .get_oauth_app(org_id, integration, auth_method)
-            .await?
-            .map_or(now, |existing| existing.app.created_at);
-        let app = OAuthApp {
+        let mut app = OAuthApp {
             org_id: org_id.into(),
             integration: integration.into(),
             auth_method: auth_method.into(),
             client_id,
-            created_at,
+            created_at: now,
             updated_at: now,
         };
-        self.store.put_oauth_app(&OAuthAppRow { app: app.clone(), sealed }).await?;
+        // A replacement keeps its first created_at: the store says which.
+        app.created_at = self.store.put_oauth_app(&OAuthAppRow { app: app.clone(), sealed }).await?;
         self.oauth.apps.invalidate(&id).await;
         tracing::info!(org = %org_id, integration, auth_method, "organization oauth app set");
         Ok(app)

@@ -248,7 +248,7 @@ fn expand(at: &str, server: &Server, base: Option<&str>, report: &mut Report) ->
     Ok(out)
 }
 
-/// Loopback, private, link-local and `.local`/`.localhost` names.
+/// Addresses the SSRF guard refuses, and `.local`/`.localhost`/`.internal` names.
 fn is_local(pattern: &str) -> bool {
     let host = match pattern.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
@@ -256,10 +256,8 @@ fn is_local(pattern: &str) -> bool {
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return match ip {
-            std::net::IpAddr::V4(v) => v.is_loopback() || v.is_private() || v.is_link_local() || v.is_unspecified(),
-            std::net::IpAddr::V6(v) => v.is_loopback() || v.is_unspecified() || (v.segments()[0] & 0xfe00) == 0xfc00,
-        };
+        // What the SSRF guard would refuse (loopback, private, link-local, …).
+        return crate::policy::ssrf::classify(ip).is_some();
     }
     host == "localhost" || host.ends_with(".localhost") || host.ends_with(".local") || host.ends_with(".internal")
 }

@@ -790,21 +790,23 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<(), StoreError> {
+    async fn put_oauth_app(&self, app: &OAuthAppRow) -> Result<i64, StoreError> {
         let (a, s) = (&app.app, &app.sealed);
         let id = OAuthAppRow::id_of(&a.org_id, &a.integration, &a.auth_method);
-        self.client()
+        let row = self
+            .client()
             .await?
-            .execute(
+            .query_one(
                 "INSERT INTO oauth_apps (id, org_id, integration, auth_method, client_id, created_at, updated_at, key_id, wrapped_key, nonce, ciphertext)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                  ON CONFLICT (id) DO UPDATE SET client_id = excluded.client_id, updated_at = excluded.updated_at,
-                   key_id = excluded.key_id, wrapped_key = excluded.wrapped_key, nonce = excluded.nonce, ciphertext = excluded.ciphertext",
+                   key_id = excluded.key_id, wrapped_key = excluded.wrapped_key, nonce = excluded.nonce, ciphertext = excluded.ciphertext
+                 RETURNING created_at",
                 &[&id, &a.org_id, &a.integration, &a.auth_method, &a.client_id, &a.created_at, &a.updated_at, &s.key_id, &s.wrapped_key, &s.nonce, &s.ciphertext],
             )
             .await
             .map_err(backend)?;
-        Ok(())
+        Ok(row.get(0))
     }
 
     async fn get_oauth_app(
