@@ -40,8 +40,11 @@ pub mod transport;
 pub const MAX_HEADERS: usize = 128;
 /// Largest response head accepted from an upstream.
 pub const MAX_RESPONSE_HEAD: usize = 256 * 1024;
-/// Chunk extensions and trailers are read and dropped, up to this much per body.
-const MAX_CHUNK_OVERHEAD: usize = 16 * 1024;
+/// Chunk extensions and trailers are read and dropped, up to this much per
+/// body (trailer line ends included).
+const MAX_CHUNK_OVERHEAD: usize = 8 * 1024;
+/// Trailer fields per body.
+const MAX_TRAILERS: u8 = 64;
 /// Bytes read at a time while a body streams.
 const BODY_READ: usize = 64 * 1024;
 /// Data frames up to this size are copied next to their framing; larger ones
@@ -727,7 +730,9 @@ enum ChunkState {
     /// Reading hex digits of a chunk size.
     #[default]
     Size,
-    /// After the size: whitespace or an extension, up to CR.
+    /// After the size: whitespace, before a `;` or CR.
+    SizeLws,
+    /// After `;`: an extension, up to CR (any bytes but LF; dropped).
     Ext,
     SizeLf,
     Data,
@@ -735,24 +740,36 @@ enum ChunkState {
     DataLf,
     /// After the last chunk: a trailer field or the final CRLF.
     TrailerStart,
-    TrailerLine,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     EndLf,
     Done,
 }
 
 /// The chunked transfer coding (RFC 9112 §7.1), strictly: CRLF line ends,
-/// hex sizes that fit in 64 bits, extensions and trailers skipped up to a
-/// limit.
+/// hex sizes that fit in 64 bits, extensions and trailer fields skipped up
+/// to a limit (stricter than hyper's client on each, so whatever credproxy
+/// reads, hyper reads the same: the `response` fuzz target's oracle).
 #[derive(Debug, Clone, Default)]
 struct Chunked {
     state: ChunkState,
     size: u64,
     digits: u8,
     overhead: usize,
+    trailers: u8,
 }
 
 impl Chunked {
+    /// One byte of extension or trailer: `next` if within the limit.
+    fn spend(&mut self, next: ChunkState) -> Result<ChunkState, Error> {
+        self.overhead += 1;
+        if self.overhead > MAX_CHUNK_OVERHEAD {
+            return Err(Error::Malformed("chunk extensions and trailers too long"));
+        }
+        Ok(next)
+    }
+
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Error> {
         use ChunkState as S;
         let bad = |what| Err(Error::Malformed(what));
@@ -783,18 +800,11 @@ impl Chunked {
                     S::Size
                 }
                 (S::Size, _) if self.digits == 0 => return bad("invalid chunk size"),
-                (S::Size, b'\r') => S::SizeLf,
-                (S::Size, b';' | b' ' | b'\t') | (S::Ext, _) if b != b'\r' => {
-                    if b == b'\n' {
-                        return bad("bare LF in chunk size line");
-                    }
-                    self.overhead += 1;
-                    if self.overhead > MAX_CHUNK_OVERHEAD {
-                        return bad("chunk extensions too long");
-                    }
-                    S::Ext
-                }
-                (S::Ext, b'\r') => S::SizeLf,
+                (S::Size | S::SizeLws | S::Ext, b'\r') => S::SizeLf,
+                (S::Size | S::SizeLws | S::Ext, b'\n') => return bad("bare LF in chunk size line"),
+                // chunk-ext = *( BWS ";" ... ): after whitespace, only `;` or the line's end.
+                (S::Size | S::SizeLws, b' ' | b'\t') => self.spend(S::SizeLws)?,
+                (S::Size | S::SizeLws, b';') | (S::Ext, _) => self.spend(S::Ext)?,
                 (S::SizeLf, b'\n') => {
                     self.digits = 0;
                     if self.size == 0 {
@@ -805,21 +815,30 @@ impl Chunked {
                 }
                 (S::DataCr, b'\r') => S::DataLf,
                 (S::DataLf, b'\n') => S::Size,
+                // trailer-section = *( field-line CRLF ): each line held to
+                // a head's field syntax (as hyper's client does), then dropped.
                 (S::TrailerStart, b'\r') => S::EndLf,
-                (S::TrailerStart | S::TrailerLine, b) if b != b'\r' && b != b'\n' => {
-                    self.overhead += 1;
-                    if self.overhead > MAX_CHUNK_OVERHEAD {
-                        return bad("trailer section too long");
+                (S::TrailerStart | S::TrailerName, b) if is_tchar(b) => self.spend(S::TrailerName)?,
+                (S::TrailerName, b':') => self.spend(S::TrailerValue)?,
+                (S::TrailerValue, b) if b == b'\t' || (b >= b' ' && b != 0x7f) => self.spend(S::TrailerValue)?,
+                (S::TrailerValue, b'\r') => self.spend(S::TrailerLf)?,
+                (S::TrailerLf, b'\n') => {
+                    self.trailers += 1;
+                    if self.trailers > MAX_TRAILERS {
+                        return bad("too many trailer fields");
                     }
-                    S::TrailerLine
+                    self.spend(S::TrailerStart)?
                 }
-                (S::TrailerLine, b'\r') => S::TrailerLf,
-                (S::TrailerLf, b'\n') => S::TrailerStart,
                 (S::EndLf, b'\n') => S::Done,
                 _ => return bad("invalid chunked framing"),
             };
         }
     }
+}
+
+/// A token character (RFC 9110 §5.6.2): what a field name is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn hex_value(b: u8) -> u8 {
@@ -1091,9 +1110,23 @@ mod tests {
             b"10000000000000000\r\n",      // 17 hex digits: overflow
             b"5\r\nhello\r\n0\r\n\n",      // bare LF ends the trailers
             b"0x5\r\nhello\r\n",           // prefix
+            b"5 x\r\nhello\r\n0\r\n\r\n",  // after whitespace, only `;` or CRLF
+            b"5 \n\r\nhello\r\n",          // bare LF after whitespace
+            b"5;a\nb\r\nhello\r\n",        // bare LF in an extension
+            b"5;a\rb\r\nhello\r\n",        // bare CR in an extension
+            b"0\r\nhello\r\n0\r\n\r\n",    // a trailer line that is no field
+            b"0\r\nA : b\r\n\r\n",         // space before a trailer's colon
+            b"0\r\nA: b\x01\r\n\r\n",      // control byte in a trailer value
         ] {
             assert!(decode_all(Framing::Chunked, bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        for good in [&b"5 \t ;a=\"b c\"\r\nhello\r\n0\r\n\r\n"[..], b"5 \r\nhello\r\n0 ;x\r\n\r\n"] {
+            assert_eq!(decode_all(Framing::Chunked, good).unwrap().0, b"hello", "{:?}", String::from_utf8_lossy(good));
+        }
+        let many = [b"0\r\n".as_slice(), &b"A: b\r\n".repeat(usize::from(MAX_TRAILERS) + 1), b"\r\n"].concat();
+        assert!(decode_all(Framing::Chunked, &many).is_err());
+        let ok = [b"0\r\n".as_slice(), &b"A: b\r\n".repeat(usize::from(MAX_TRAILERS)), b"\r\n"].concat();
+        assert!(decode_all(Framing::Chunked, &ok).is_ok());
         let long_ext = [b"1;".as_slice(), &vec![b'a'; MAX_CHUNK_OVERHEAD + 1], b"\r\n"].concat();
         assert!(decode_all(Framing::Chunked, &long_ext).is_err());
     }
