@@ -113,14 +113,30 @@ pub fn host_port(uri: &Uri) -> Option<(&str, Option<u16>)> {
     }
     let (host, port) = if a[start..].starts_with('[') {
         let end = bracket_end.filter(|e| *e > start)?;
-        (&a[start..end], a[end..].strip_prefix(':'))
+        // After the literal, only `:port` (`http::Uri` also takes `[::1]08:10`).
+        let rest = &a[end..];
+        if !rest.is_empty() && !rest.starts_with(':') {
+            return None;
+        }
+        (&a[start..end], rest.strip_prefix(':'))
     } else {
-        match colon {
+        let (host, port) = match colon {
             Some(c) => (&a[start..c], Some(&a[c + 1..])),
             None => (&a[start..], None),
+        };
+        // A bracket outside an IP literal (`http` reads `Y[::1]:8080` as
+        // host `Y[`, port 8080).
+        if bracket_end.is_some() || host.contains('[') {
+            return None;
         }
+        (host, port)
     };
-    Some((host, port.and_then(parse_port)))
+    // An empty port is the default (RFC 3986 §3.2.3); another that is not
+    // 1*DIGIT fitting a u16 (`+443`, which `http` reads as 443) is refused.
+    match port {
+        None | Some("") => Some((host, None)),
+        Some(p) => Some((host, Some(parse_port(p)?))),
+    }
 }
 
 /// `1*DIGIT` that fits a `u16`.
@@ -360,9 +376,7 @@ mod tests {
             "http://user@host.test/",
             "http://u:p@[::1]:8080/",
             "http://a@b@host.test:82/",
-            "http://host.test:8a/",
             "http://example.com:/",
-            "http://example.com:99999/",
             "http://example.com:00080/",
             "http://:80/",
             "/origin-form",
@@ -371,6 +385,17 @@ mod tests {
             let ours = host_port(&uri);
             let theirs = uri.host().map(|h| (h, uri.port_u16()));
             assert_eq!(ours, theirs, "{u}");
+        }
+        // A port that is not 1*DIGIT fitting a u16 is refused, not defaulted.
+        for bad in ["http://host.test:8a/", "http://example.com:99999/", "https://at:+443/"] {
+            assert_eq!(host_port(&bad.parse().unwrap()), None, "{bad}");
+        }
+        // `http` reads port 10 here; the connection would go there while a
+        // check asked about the default port. Found by the `target` fuzz
+        // target (fuzz/seeds/target/regress-*).
+        for junk in ["http://[::8]08:10/", "http://Y[::1]:8080/"] {
+            let uri: Uri = junk.parse().unwrap();
+            assert_eq!(host_port(&uri), None, "{junk}");
         }
     }
 }
