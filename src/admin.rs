@@ -916,7 +916,12 @@ async fn mint_run_token(
         iat: now,
         exp: now + ttl.as_secs() as i64,
     };
-    let token = issuer.keys.mint(&claims);
+    let Some(token) = issuer.keys.mint(&claims) else {
+        return Err(invalid(format!(
+            "the token would be longer than {} bytes: name fewer connection_ids or integrations",
+            crate::runtoken::MAX_TOKEN_LEN
+        )));
+    };
     tracing::info!(run_token = %claims.jti, org = %claims.org, expires_at = claims.exp, "run token minted");
     let body = json!({
         "token": token.expose(),

@@ -171,12 +171,18 @@ impl RunTokenKeys {
         &self.signing.id
     }
 
-    /// A token for `claims` (a fresh `jti` is the caller's job).
-    pub fn mint(&self, claims: &RunClaims) -> SecretValue {
+    /// A token for `claims` (a fresh `jti` is the caller's job); `None`
+    /// when it would be longer than [`MAX_TOKEN_LEN`], which [`verify`]
+    /// refuses (too many connection ids, found by the `run_token` fuzz
+    /// target: such a token was handed out and never worked).
+    ///
+    /// [`verify`]: RunTokenKeys::verify
+    pub fn mint(&self, claims: &RunClaims) -> Option<SecretValue> {
         let body = B64.encode(serde_json::to_vec(claims).expect("claims serialize"));
         let signed = format!("{PREFIX}.{}.{body}", self.signing.id);
         let tag = hmac::sign(&self.signing.key, signed.as_bytes());
-        SecretValue::new(format!("{signed}.{}", B64.encode(tag.as_ref())))
+        let token = SecretValue::new(format!("{signed}.{}", B64.encode(tag.as_ref())));
+        (token.expose().len() <= MAX_TOKEN_LEN).then_some(token)
     }
 
     /// The claims of a token signed by one of the keys and not expired at `now`.
@@ -228,7 +234,7 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_until_it_expires() {
         let keys = RunTokenKeys::new(&[7u8; 32], &[]);
-        let t = keys.mint(&claims(200));
+        let t = keys.mint(&claims(200)).unwrap();
         assert!(t.expose().starts_with(&format!("cprt1.{}.", keys.signing_id())));
         assert_eq!(keys.verify(t.expose(), 199), Ok(claims(200)));
         assert_eq!(keys.verify(t.expose(), 200), Err(RunTokenError::Expired));
@@ -240,7 +246,7 @@ mod tests {
     #[test]
     fn tampering_truncation_and_unknown_keys_are_invalid() {
         let keys = RunTokenKeys::new(&[7u8; 32], &[]);
-        let t = keys.mint(&claims(200)).expose().to_owned();
+        let t = keys.mint(&claims(200)).unwrap().expose().to_owned();
         for bad in [
             &t[..t.len() - 1],
             &t[..t.len() / 2],
@@ -261,18 +267,18 @@ mod tests {
         assert_eq!(keys.verify(&format!("{head}.{body}.{mac}"), 0), Err(RunTokenError::Invalid));
         // Another key (unknown id), and a known id with another key's MAC.
         let other = RunTokenKeys::new(&[8u8; 32], &[]);
-        assert_eq!(keys.verify(other.mint(&claims(200)).expose(), 0), Err(RunTokenError::Invalid));
-        let theirs = other.mint(&claims(200)).expose().replacen(other.signing_id(), keys.signing_id(), 1);
+        assert_eq!(keys.verify(other.mint(&claims(200)).unwrap().expose(), 0), Err(RunTokenError::Invalid));
+        let theirs = other.mint(&claims(200)).unwrap().expose().replacen(other.signing_id(), keys.signing_id(), 1);
         assert_eq!(keys.verify(&theirs, 0), Err(RunTokenError::Invalid));
     }
 
     #[test]
     fn rotation_keeps_old_tokens_while_their_key_verifies() {
         let old = RunTokenKeys::new(&[1u8; 32], &[]);
-        let t = old.mint(&claims(200));
+        let t = old.mint(&claims(200)).unwrap();
         let rotated = RunTokenKeys::new(&[2u8; 32], &[vec![1u8; 32]]);
         assert_eq!(rotated.verify(t.expose(), 0), Ok(claims(200)));
-        assert!(rotated.mint(&claims(200)).expose().contains(rotated.signing_id()));
+        assert!(rotated.mint(&claims(200)).unwrap().expose().contains(rotated.signing_id()));
         let retired = RunTokenKeys::new(&[2u8; 32], &[]);
         assert_eq!(retired.verify(t.expose(), 0), Err(RunTokenError::Invalid));
         assert!(!format!("{rotated:?}").contains("AQEB"), "{rotated:?}");

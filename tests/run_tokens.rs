@@ -185,9 +185,9 @@ async fn refused_run_tokens_get_407_with_their_code() {
     let url = format!("{}/headers", httpbin());
     let hdr = format!("X-Connection-Id: {id}");
     let keys = harness_keys(&h);
-    let expired = keys.mint(&claims(ORG, 1)).expose().to_owned();
+    let expired = keys.mint(&claims(ORG, 1)).unwrap().expose().to_owned();
     let foreign = RunTokenKeys::new(&[9u8; 32], &[]);
-    let other_key = foreign.mint(&claims(ORG, i64::MAX)).expose().to_owned();
+    let other_key = foreign.mint(&claims(ORG, i64::MAX)).unwrap().expose().to_owned();
     // A known key id with another key's signature.
     let forged = other_key.replacen(foreign.signing_id(), keys.signing_id(), 1);
     let truncated = &good[..good.len() - 3];
@@ -332,6 +332,9 @@ async fn minting_is_scoped_and_bounded() {
         (json!({"org_id": ORG, "connection_ids": ["nope"]}), "invalid_request"),
         (json!({"org_id": ORG, "integrations": ["no-such"]}), "unknown_integration"),
         (json!({"org_id": ORG, "extra": 1}), "invalid_request"),
+        // A token longer than verification accepts (8 KiB) is refused, not
+        // handed out to fail every request (the `run_token` fuzz target).
+        (json!({"org_id": ORG, "connection_ids": many_connection_ids(300)}), "invalid_request"),
     ] {
         let (status, v) = h.admin.send(Method::POST, "/v1/run-tokens", Some(&body)).await.unwrap();
         assert_eq!((status, v["code"].as_str()), (StatusCode::BAD_REQUEST, Some(code)), "{body}: {v}");
@@ -341,4 +344,9 @@ async fn minting_is_scoped_and_bounded() {
         &std::fs::metadata(Path::new(&h.dir.path().join("run-token.key"))).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// `n` well-formed, distinct connection ids.
+fn many_connection_ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("conn_{:a>26}", format!("{i:b}").replace('0', "a").replace('1', "b"))).collect()
 }
