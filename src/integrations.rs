@@ -640,13 +640,7 @@ impl OAuth2MethodFile {
         let template = self.template.as_deref().unwrap_or("Bearer {access_token}");
         let placement = compile_placement(place, name, template, &fields)?;
         let o = self.oauth2;
-        let url = |field: &str, v: &str| -> Result<http::Uri, FieldError> {
-            let u: http::Uri = v.parse().map_err(|_| (format!("oauth2.{field}"), "not a URL".to_owned()))?;
-            if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
-                return Err((format!("oauth2.{field}"), "must be an absolute http(s) URL".into()));
-            }
-            Ok(u)
-        };
+        let url = |field: &str, v: &str| oauth_url(v).map_err(|e| (format!("oauth2.{field}"), e.to_owned()));
         let authorize_url = o.authorize_url.as_deref().map(|u| url("authorize_url", u)).transpose()?;
         if o.grant == Grant::AuthorizationCode && authorize_url.is_none() {
             return Err(("oauth2.authorize_url".into(), "required for grant = \"authorization_code\"".into()));
@@ -874,6 +868,16 @@ impl Integration {
             scrub_response_bodies: file.scrub_response_bodies,
         })
     }
+}
+
+/// An OAuth2 endpoint URL as an integration file must give it: absolute
+/// http(s) with a host. (The OpenAPI importer asks this too.)
+pub fn oauth_url(v: &str) -> Result<http::Uri, &'static str> {
+    let u: http::Uri = v.parse().map_err(|_| "not a URL")?;
+    if !matches!(u.scheme_str(), Some("https" | "http")) || u.host().is_none() {
+        return Err("must be an absolute http(s) URL");
+    }
+    Ok(u)
 }
 
 /// An id: 1-64 characters of `[a-z0-9_-]`.
