@@ -285,6 +285,12 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
         "Transfer-Encoding: chunked, identity\r\n",
         "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
         "Content-Length: 5\r\nContent-Length: 6\r\n",
+        // A list, even of one repeated value: hyper's server and nginx
+        // refuse it (tests/differential.rs found credproxy alone took it).
+        "Content-Length: 5, 5\r\n",
+        // An empty list element: hyper's server refuses `chunked,`, nginx both.
+        "Transfer-Encoding: chunked,\r\n",
+        "Transfer-Encoding: ,chunked\r\n",
         "Content-Length: +5\r\n",
         "Content-Length : 5\r\n",
         "X-Folded: a\r\n b\r\n",
