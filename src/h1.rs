@@ -33,6 +33,8 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod client;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 pub mod server;
 pub mod transport;
 

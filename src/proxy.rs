@@ -427,15 +427,7 @@ async fn forward(
                 return Err(ProxyError::Resolve(ResolveError::NotFound));
             }
 
-            // An `http://` request to an https-only integration is forwarded over TLS.
-            let up_scheme = match (scheme, resolved.integration.upstream_scheme) {
-                (Scheme::Http, Scheme::Https) => Scheme::Https,
-                (s, _) => s,
-            };
-            let up_port = match port {
-                Some(p) if !(up_scheme != scheme && p == scheme.default_port()) => p,
-                _ => up_scheme.default_port(),
-            };
+            let (up_scheme, up_port) = upstream_scheme_port(scheme, port, resolved.integration.upstream_scheme);
 
             // 5. Host check: the credential only ever goes to the integration's hosts.
             if !resolved.integration.host_allowed(host, up_port) {
@@ -586,6 +578,57 @@ fn target_of(uri: &Uri) -> Result<(Scheme, &str, Option<u16>), ProxyError> {
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
     Ok((scheme, host, port))
+}
+
+/// Where a request for `scheme` and `port` goes for an integration whose
+/// upstreams speak `integration`: an `http://` request to an https-only
+/// integration is forwarded over TLS (to 443 if it named port 80 or none).
+fn upstream_scheme_port(scheme: Scheme, port: Option<u16>, integration: Scheme) -> (Scheme, u16) {
+    let up_scheme = match (scheme, integration) {
+        (Scheme::Http, Scheme::Https) => Scheme::Https,
+        (s, _) => s,
+    };
+    let up_port = match port {
+        Some(p) if !(up_scheme != scheme && p == scheme.default_port()) => p,
+        _ => up_scheme.default_port(),
+    };
+    (up_scheme, up_port)
+}
+
+/// The request-target steps of the pipeline (1 and 5) for the fuzz targets
+/// under `fuzz/`, built only with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzz {
+    use super::*;
+
+    /// A checked request target: the host and port `allowed_hosts` is asked
+    /// about, and the URI that goes upstream.
+    #[derive(Debug)]
+    pub struct Checked {
+        pub host: String,
+        pub port: u16,
+        pub https: bool,
+        pub forwarded: Uri,
+    }
+
+    /// What the pipeline makes of a request target for an integration
+    /// (`https_only`: its `upstream_scheme` is https), or why it refuses it.
+    pub fn target(uri: Uri, https_only: bool) -> Result<Checked, String> {
+        let mut uri = uri;
+        if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
+            uri = with_root_path(&uri).map_err(|e| e.to_string())?;
+        }
+        let (scheme, host, port) = target_of(&uri).map_err(|e| e.to_string())?;
+        let integration = if https_only { Scheme::Https } else { Scheme::Http };
+        let (up_scheme, up_port) = upstream_scheme_port(scheme, port, integration);
+        let host = host.to_owned();
+        let forwarded = if up_scheme != scheme || port != Some(up_port) {
+            rebuild_uri(&uri, up_scheme, &host, up_port).map_err(|e| e.to_string())?
+        } else {
+            uri.clone()
+        };
+        Ok(Checked { host, port: up_port, https: up_scheme == Scheme::Https, forwarded })
+    }
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {

@@ -391,8 +391,8 @@ mod tests {
             assert_eq!(host_port(&bad.parse().unwrap()), None, "{bad}");
         }
         // `http` reads port 10 here; the connection would go there while a
-        // check asked about the default port. Found by the `target` fuzz
-        // target (fuzz/seeds/target/regress-*).
+        // check asked about the default port. Found by the `authority` fuzz
+        // target (fuzz/seeds/authority/regress-*).
         for junk in ["http://[::8]08:10/", "http://Y[::1]:8080/"] {
             let uri: Uri = junk.parse().unwrap();
             assert_eq!(host_port(&uri), None, "{junk}");

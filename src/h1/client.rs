@@ -288,6 +288,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         self.reusable && self.body.is_done() && self.rbuf.is_empty()
     }
 
+    /// Bytes read from the upstream and not yet taken (the fuzz targets'
+    /// view of what follows a response).
+    #[cfg(feature = "fuzzing")]
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
     pub fn get_ref(&self) -> &T {
         &self.io
     }
@@ -307,7 +314,7 @@ fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
 }
 
 /// The request line and header fields; the framing fields are ours.
-fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
+pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');

@@ -73,22 +73,8 @@ impl ReadSide {
     /// connection cleanly between requests.
     pub fn poll_head(&mut self, cx: &mut Context<'_>, max_bytes: usize) -> Poll<Result<Option<RequestHead>, Error>> {
         loop {
-            // RFC 9112 §2.2: ignore empty lines before a request line.
-            let blank = self.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
-            if blank > 0 {
-                self.buf.advance(blank);
-                self.scanned = self.scanned.saturating_sub(blank);
-            }
-            if let Some(end) = find_head_end(&self.buf, &mut self.scanned) {
-                self.scanned = 0;
-                if end > max_bytes {
-                    return Poll::Ready(Err(Error::HeadTooLarge(max_bytes)));
-                }
-                let head = self.buf.split_to(end).freeze();
-                return Poll::Ready(parse_request(head).map(Some));
-            }
-            if self.buf.len() >= max_bytes {
-                return Poll::Ready(Err(Error::HeadTooLarge(max_bytes)));
+            if let Some(head) = take_head(&mut self.buf, &mut self.scanned, max_bytes) {
+                return Poll::Ready(head.map(Some));
             }
             let n = std::task::ready!(read_into(&mut self.io, cx, &mut self.buf, 4096))?;
             if n == 0 {
@@ -126,6 +112,35 @@ impl ReadSide {
     pub fn into_parts(self) -> (ReadHalf, Bytes) {
         (self.io, self.buf.freeze())
     }
+}
+
+/// Takes the next request head out of `buf` once it is all there (`None`:
+/// read more; `scanned` carries the scan across calls). Synchronous, so
+/// the fuzz targets drive exactly what the connection loop runs.
+#[inline]
+pub(super) fn take_head(
+    buf: &mut BytesMut,
+    scanned: &mut usize,
+    max_bytes: usize,
+) -> Option<Result<RequestHead, Error>> {
+    // RFC 9112 §2.2: ignore empty lines before a request line.
+    let blank = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    if blank > 0 {
+        buf.advance(blank);
+        *scanned = scanned.saturating_sub(blank);
+    }
+    if let Some(end) = find_head_end(buf, scanned) {
+        *scanned = 0;
+        if end > max_bytes {
+            return Some(Err(Error::HeadTooLarge(max_bytes)));
+        }
+        let head = buf.split_to(end).freeze();
+        return Some(parse_request(head));
+    }
+    if buf.len() >= max_bytes {
+        return Some(Err(Error::HeadTooLarge(max_bytes)));
+    }
+    None
 }
 
 /// Parses one request head (its bytes end with the blank line).
@@ -412,7 +427,7 @@ where
 /// size, if known), a `Date` if nobody sent one, and `Connection` as
 /// needed. Returns how the body is to be framed (`None`: it has none) and
 /// whether the connection closes after it. Pure: no I/O.
-fn encode_response_head(
+pub(super) fn encode_response_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
     fields: Option<&RawFields>,

@@ -172,7 +172,7 @@ mod tests {
             "x.test:99999",
             "x..test",
             // No host names (and, before they were refused, Display forms
-            // that did not parse back the same: the `target` fuzz target's oracle).
+            // that did not parse back the same: the `authority` fuzz target's oracle).
             "*.[::1].x",
             "a b.test",
             "a%2e.test",
