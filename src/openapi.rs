@@ -770,7 +770,11 @@ mod operations {
                 if undeclared {
                     w.summary.undeclared_security += 1;
                 }
+                // A path key must begin with `/` (OpenAPI 3 "Paths"); one
+                // that does not cannot be `[test]` (found by the
+                // `openapi_import` fuzz target).
                 if m == "get"
+                    && path.starts_with('/')
                     && !path.contains('{')
                     && !op_map.get("deprecated").is_some_and(|d| d == &Value::Bool(true))
                     && !needs_parameters(doc, shared_params, &item_at)?
