@@ -16,6 +16,11 @@
 //! header obfuscations request-smuggling scanners try, the HTTP Garden's
 //! desync classes; see fuzz/seeds.py), each with its targets moved under a
 //! per-case path so the upstream can tell the cases apart.
+//!
+//! `DIFFERENTIAL_VERBOSE=1` prints each case credproxy refused and one of
+//! the others forwarded; `=all` prints every case's counts.
+
+#![allow(clippy::print_stderr, reason = "the comparison's counts and, with DIFFERENTIAL_VERBOSE, each case")]
 
 mod support;
 
@@ -105,16 +110,24 @@ async fn serve_recording(mut s: TcpStream, record: Record) {
             Ok(Some(seen)) => seen,
             Ok(None) => return,
             Err(raw) => {
-                let garbage =
-                    Seen { method: "<unreadable>".into(), target: raw, headers: vec![], body: vec![], authorization: None };
+                let garbage = Seen {
+                    method: "<unreadable>".into(),
+                    target: raw,
+                    headers: vec![],
+                    body: vec![],
+                    authorization: None,
+                };
                 record.lock().unwrap().entry(None).or_default().push(garbage);
                 return;
             }
         };
         let head = seen.method == "HEAD";
         record.lock().unwrap().entry(case_of(&seen.target)).or_default().push(seen);
-        let answer: &[u8] =
-            if head { b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n" } else { b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" };
+        let answer: &[u8] = if head {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        };
         if s.write_all(answer).await.is_err() {
             return;
         }
@@ -241,7 +254,9 @@ async fn hyper_proxy(upstream: SocketAddr) -> SocketAddr {
                         let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
                         *req.uri_mut() = path.parse().unwrap();
                         let h = req.headers_mut();
-                        for name in ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"] {
+                        for name in
+                            ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"]
+                        {
                             h.remove(name);
                         }
                         h.insert("authorization", "Bearer differential".parse().unwrap());
@@ -255,9 +270,8 @@ async fn hyper_proxy(upstream: SocketAddr) -> SocketAddr {
                         }
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(caller), service)
-                    .await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(caller), service).await;
             });
         }
     });
@@ -292,12 +306,8 @@ fn corpus(authority: &str, id: &str) -> Vec<Vec<u8>> {
         .map(|e| e.unwrap().path())
         .collect();
     names.sort();
-    let mut seeds: Vec<Vec<u8>> = names
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .filter(|b| b.len() > 2)
-        .map(|b| b[2..].to_vec())
-        .collect();
+    let mut seeds: Vec<Vec<u8>> =
+        names.iter().filter_map(|p| std::fs::read(p).ok()).filter(|b| b.len() > 2).map(|b| b[2..].to_vec()).collect();
     seeds.sort();
     seeds.dedup();
     seeds
@@ -331,7 +341,7 @@ fn replace(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 /// Runs every case through `proxy` (16 at a time), then takes what the
 /// upstream recorded once it has been quiet for a second.
 async fn run_all(proxy: SocketAddr, cases: &[Vec<u8>], record: &Record) -> BTreeMap<Option<usize>, Vec<Seen>> {
-    let queue = Arc::new(Mutex::new(cases.to_vec().into_iter().collect::<std::collections::VecDeque<_>>()));
+    let queue = Arc::new(Mutex::new(cases.iter().cloned().collect::<std::collections::VecDeque<_>>()));
     let workers: Vec<_> = (0..16)
         .map(|_| {
             let queue = queue.clone();
@@ -422,13 +432,23 @@ async fn credproxy_forwards_nothing_hyper_and_nginx_both_refuse() {
         let verbose = std::env::var("DIFFERENTIAL_VERBOSE").ok();
         if verbose.as_deref() == Some("all") {
             let case = key.map(|k| String::from_utf8_lossy(&cases[k]).into_owned());
-            eprintln!("case {key:?} credproxy {} hyper {} nginx {}: {case:?}", mine.len(), by_hyper.len(), by_nginx.len());
+            eprintln!(
+                "case {key:?} credproxy {} hyper {} nginx {}: {case:?}",
+                mine.len(),
+                by_hyper.len(),
+                by_nginx.len()
+            );
         }
         if mine.len() < by_hyper.len().max(by_nginx.len()) {
             stricter += 1;
             if verbose.is_some() {
                 let case = key.map(|k| String::from_utf8_lossy(&cases[k]).into_owned());
-                eprintln!("stricter: {key:?} credproxy {} hyper {} nginx {}: {case:?}", mine.len(), by_hyper.len(), by_nginx.len());
+                eprintln!(
+                    "stricter: {key:?} credproxy {} hyper {} nginx {}: {case:?}",
+                    mine.len(),
+                    by_hyper.len(),
+                    by_nginx.len()
+                );
             }
         }
         for r in &mine {
