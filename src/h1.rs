@@ -1142,7 +1142,9 @@ mod tests {
     fn content_length_values() {
         assert_eq!(parse_content_length(b"42").unwrap(), 42);
         assert_eq!(parse_content_length(b" 42 ").unwrap(), 42);
-        for bad in [&b""[..], b"4 2", b"+4", b"-1", b"0x10", b"42, 43", b"42, 42", b"42,", b",42", b"99999999999999999999"] {
+        for bad in
+            [&b""[..], b"4 2", b"+4", b"-1", b"0x10", b"42, 43", b"42, 42", b"42,", b",42", b"99999999999999999999"]
+        {
             assert!(parse_content_length(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
