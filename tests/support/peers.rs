@@ -273,6 +273,12 @@ impl PgCluster {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
     }
 
+    /// A crash: immediate shutdown (every backend quits at once, open
+    /// transactions are cut, no checkpoint; the next start runs crash recovery).
+    pub fn crash(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
