@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::*;
 
 fn write_config(dir: &tempfile::TempDir, oidc: &Oidc, db: &str) -> std::path::PathBuf {
@@ -42,28 +42,6 @@ fn write_config_with(
     config
 }
 
-/// The authorization-code flow through one instance, like a browser.
-async fn authorize(i: &Instance, dir: &tempfile::TempDir) -> String {
-    let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"});
-    let v = i.admin.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await.unwrap();
-    let url = v["authorization_url"].as_str().unwrap();
-    let jar = dir.path().join(format!("jar-{}", i.pid()));
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "-i", "-L", "-c"])
-        .arg(&jar)
-        .arg("-b")
-        .arg(&jar)
-        .arg(url)
-        .output()
-        .await
-        .unwrap();
-    let raw = out.stdout;
-    let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap();
-    let seen = parse_http_dump(last);
-    assert_eq!(seen.status, 201, "{}", seen.text());
-    seen.json()["connection_id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_one_refresh_and_fast_invalidation() {
     let oidc = Oidc::start().await;
@@ -74,7 +52,7 @@ async fn three_instances_one_refresh_and_fast_invalidation() {
     let a = spawn_instance(&config).await;
     let (b, c) = tokio::join!(spawn_instance(&config), spawn_instance(&config));
     let all = [&a, &b, &c];
-    let id = authorize(&a, &dir).await;
+    let id = authorize_code(&a, dir.path()).await;
     assert!(a.admin_url.starts_with("http://127.0.0.1:"));
     let resource = format!("{}/resource", oidc.url);
     for i in all {
@@ -128,7 +106,7 @@ async fn killing_the_instance_that_holds_the_refresh_lock_loses_nothing() {
     let config = write_config(&dir, &oidc, &db);
     let a = spawn_instance(&config).await;
     let b = spawn_instance(&config).await;
-    let id = authorize(&a, &dir).await;
+    let id = authorize_code(&a, dir.path()).await;
     let resource = format!("{}/resource", oidc.url);
     assert_eq!(proxy_request(b.proxy, "GET", &resource, Some(&id), None).await.0, 200);
     tokio::time::sleep(Duration::from_millis(5200)).await;
@@ -244,8 +222,8 @@ async fn an_idle_connection_is_refreshed_once_by_one_of_three_instances() {
     let a = spawn_instance(&config).await;
     let (b, c) = tokio::join!(spawn_instance(&config), spawn_instance(&config));
     let started = Instant::now();
-    let idle_id = authorize(&a, &dir).await;
-    let used_id = authorize(&b, &dir).await;
+    let idle_id = authorize_code(&a, dir.path()).await;
+    let used_id = authorize_code(&b, dir.path()).await;
     let resource = format!("{}/resource", oidc.url);
     // The used one: its token expires (5 s) and a request refreshes it.
     tokio::time::sleep(Duration::from_millis(7000)).await;

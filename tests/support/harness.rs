@@ -280,3 +280,27 @@ pub async fn spawn_instance_with(
         child: served.child,
     }
 }
+
+/// The authorization-code flow through one instance of an `oidc`
+/// integration (`Oidc::integration`, method `code`), like a browser: curl
+/// follows the provider's pages with a cookie jar in `jar_dir`.
+pub async fn authorize_code(i: &Instance, jar_dir: &Path) -> String {
+    let body = json!({"integration": "oidc", "auth_method": "code", "org_id": ORG, "user_id": "u"});
+    let v = i.admin.call(Method::POST, "/v1/oauth2/authorize", Some(&body)).await.unwrap();
+    let url = v["authorization_url"].as_str().unwrap();
+    let jar = jar_dir.join(format!("jar-{}", i.pid()));
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "-i", "-L", "-c"])
+        .arg(&jar)
+        .arg("-b")
+        .arg(&jar)
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    let raw = out.stdout;
+    let last = raw.windows(5).rposition(|w| w == b"HTTP/").map(|i| &raw[i..]).unwrap();
+    let seen = parse_http_dump(last);
+    assert_eq!(seen.status, 201, "{}", seen.text());
+    seen.json()["connection_id"].as_str().unwrap().to_owned()
+}
