@@ -270,8 +270,12 @@ async fn hyper_proxy(upstream: SocketAddr) -> SocketAddr {
                         }
                     }
                 });
-                let _ =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(caller), service).await;
+                // credproxy's field limit (hyper's default is 100): the
+                // comparison is of readings, not of resource limits.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_headers(credproxy::h1::MAX_HEADERS)
+                    .serve_connection(TokioIo::new(caller), service)
+                    .await;
             });
         }
     });
