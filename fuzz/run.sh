@@ -10,6 +10,9 @@
 # - Each target starts from its committed seeds (fuzz/seeds/<target>, which
 #   hold every input a run ever failed on, as regress-*) plus the corpus
 #   earlier runs grew on this machine (target/fuzz-corpus/<target>).
+# - FUZZ_SEED fixes libFuzzer's random seed (default 0: a new one each run).
+#   CI sets it, so the mutations it tries from the committed seeds are the
+#   same every run and a failure there is one a rerun reproduces.
 # - A failing input is saved to target/fuzz-artifacts/<target>/ and the
 #   script exits non-zero naming it; copy it to fuzz/seeds/<target>/regress-<name>
 #   once fixed, so every later run replays it.
@@ -53,7 +56,7 @@ run_one() {
   local out="$root/target/fuzz-logs/$t.log"
   mkdir -p "$corpus" "$artifacts" "$(dirname "$out")" "seeds/$t"
   # -timeout: one input taking ten seconds is a hang; -rss_limit_mb: a leak.
-  if "$bin/$t" "$corpus" "seeds/$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+  if "$bin/$t" "$corpus" "seeds/$t" -max_total_time="$secs" -seed="${FUZZ_SEED:-0}" -timeout=10 -rss_limit_mb=2048 \
       -max_len=16384 -print_final_stats=1 -artifact_prefix="$artifacts" > "$out" 2>&1; then
     echo ok > "$status_dir/$t"
   else

@@ -32,12 +32,15 @@ fuzz_target!(
         _ => None,
     });
     for ((head, body), wire) in heads.zip(bodies).zip(&forwarded) {
-        // A head near the field limit with no `Host` goes upstream with a
-        // `Host` written from the target and a framing field of credproxy's
-        // own, which can be more fields than the codec itself reads: a
-        // limit, not a reading difference (found by a 4-minute run).
-        let adds_host = !head.fields.iter().any(|(n, _)| n == "host");
-        if adds_host && head.fields.len() + 2 > credproxy::h1::MAX_HEADERS {
+        // A head near the field limit goes upstream with the fields
+        // credproxy writes itself — `Host` from the target when the caller
+        // sent none, `content-length: 0` on a body-less POST/PUT/PATCH —
+        // which can be more fields than the codec itself reads: a limit, not
+        // a reading difference (found by fuzz runs of 4 minutes and 25 s).
+        // At most those two are added.
+        let written = field_lines(wire);
+        if written > credproxy::h1::MAX_HEADERS {
+            assert!(written <= head.fields.len() + 2, "{written} fields forwarded for {}", head.fields.len());
             continue;
         }
         let (again, rewritten) = read_requests(&[wire], 1 << 20);
@@ -58,6 +61,12 @@ fuzz_target!(
         assert_eq!(&rewritten[..], std::slice::from_ref(wire), "writing the request again changed it");
     }
 });
+
+/// How many field lines the head of `wire` has.
+fn field_lines(wire: &[u8]) -> usize {
+    let end = wire.windows(4).position(|w| w == b"\r\n\r\n").expect("a written head ends");
+    wire[..end].windows(2).filter(|w| w == b"\r\n").count()
+}
 
 /// The target the upstream side writes: origin-form (`*` stays `*`).
 fn origin_form(target: &str) -> String {
