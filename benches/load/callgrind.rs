@@ -13,7 +13,7 @@ use crate::ORG;
 
 /// Counts credproxy's (and the baseline's, and nginx's) instructions per
 /// request and prints them; says so when valgrind is not installed.
-pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
+pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::report::Targets) {
     if !k.callgrind {
         return;
     }
@@ -36,7 +36,10 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
     let dur = k.dur / 2;
 
     // This build, checking the upstream saw the token on every request.
-    let counted = |config: std::path::PathBuf, target: fn(&Setup, std::net::SocketAddr) -> Target, name| {
+    let counted = |config: std::path::PathBuf,
+                   target: fn(&Setup, std::net::SocketAddr) -> Target,
+                   audit: &'static [(&'static str, &'static str)],
+                   name| {
         let (wrapper, control, cg) = (&wrapper, &control, &cg);
         async move {
             let (served, _) = spawn_credproxy(wrapper, credproxy_bin(), &config, dir, log, audit).await;
@@ -48,14 +51,17 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
             ir
         }
     };
-    let cp_ir = counted(one_thread.clone(), Setup::via, "credproxy").await;
+    let cp_ir = counted(one_thread.clone(), Setup::via, audit, "credproxy").await;
     // Generous quotas checked on every request.
-    let limits_ir = counted(one_thread.clone(), Setup::via_limited, "credproxy+limits").await;
+    let limits_ir = counted(one_thread.clone(), Setup::via_limited, audit, "credproxy+limits").await;
     // Shared mode: the same, with a run token on every request.
     let shared = dir.join("credproxy-shared-1.toml");
     let text = std::fs::read_to_string(&one_thread).unwrap();
     std::fs::write(&shared, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
-    let shared_ir = counted(shared, Setup::via_shared, "credproxy-shared").await;
+    let shared_ir = counted(shared.clone(), Setup::via_shared, audit, "credproxy-shared").await;
+    // The shared tier as production runs it: run token, quotas, audit line
+    // (to stdout, which the bench discards) on every request.
+    let prod_ir = counted(shared, Setup::via_prod, &[], "credproxy-prod").await;
     // The baseline binary too, so a change's count is read before and after in one run.
     let base_ir = match (&k.baseline_bin, setup.baseline_conn()) {
         (Some(base), Some(conn)) => {
@@ -74,7 +80,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64) {
         }
         None => None,
     };
-    crate::report::instructions(cp_ir, base_ir, ng_ir);
+    crate::report::instructions(cp_ir, prod_ir, base_ir, ng_ir, targets);
     println!(
         "credproxy-shared {shared_ir:.0} instructions per request, credproxy-shared/credproxy {:.3}",
         shared_ir / cp_ir

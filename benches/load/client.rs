@@ -11,6 +11,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::statistics::percentile;
+
 #[derive(Clone)]
 pub enum Target {
     /// Origin-form requests straight to the upstream.
@@ -78,12 +80,40 @@ pub struct Sample {
     pub ok: u64,
     pub errors: u64,
     pub secs: f64,
-    pub latencies_us: Vec<u32>,
+    /// Latency percentiles of the answered requests, µs.
+    pub p50_us: u32,
+    pub p99_us: u32,
     /// Proxy CPU per answered request, µs (absent for `direct`).
     pub cpu_us: Option<f64>,
     /// The user-space part of `cpu_us` (the rest is the kernel's).
     pub user_us: Option<f64>,
     pub peak_rss_kb: Option<u64>,
+}
+
+/// The CPU a measured process tree spends over one run.
+pub struct Meter {
+    pid: Option<u32>,
+    tck: u64,
+    before: Option<((u64, u64), u64)>,
+}
+
+impl Meter {
+    /// Starts counting for `pid` (and its children); `None` measures nothing.
+    pub fn start(pid: Option<u32>, tck: u64) -> Self {
+        Self { pid, tck, before: pid.map(tree_stat) }
+    }
+
+    /// (CPU µs per request, of which user, peak RSS kB) over `ok` answers.
+    pub fn finish(self, ok: u64) -> (Option<f64>, Option<f64>, Option<u64>) {
+        let after = self.pid.map(tree_stat);
+        let per_req = |ticks: u64| ticks as f64 * 1e6 / self.tck as f64 / ok.max(1) as f64;
+        match (self.before, after) {
+            (Some(((u0, s0), _)), Some(((u1, s1), rss))) => {
+                (Some(per_req(u1 + s1 - u0 - s0)), Some(per_req(u1 - u0)), Some(rss))
+            }
+            _ => (None, None, None),
+        }
+    }
 }
 
 /// `conns` closed-loop clients for `dur`; measures the proxy process tree `pid`.
@@ -116,7 +146,7 @@ pub async fn run_hooked(
         }
     }
     on_start();
-    let before = pid.map(tree_stat);
+    let meter = Meter::start(pid, tck);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + dur;
     let tasks: Vec<_> = senders
@@ -158,16 +188,10 @@ pub async fn run_hooked(
     }
     let secs = started.elapsed().as_secs_f64();
     on_end();
-    let after = pid.map(tree_stat);
-    let per_req = |ticks: u64| ticks as f64 * 1e6 / tck as f64 / ok.max(1) as f64;
-    let (cpu_us, user_us, peak_rss_kb) = match (before, after) {
-        (Some(((u0, s0), _)), Some(((u1, s1), rss))) => {
-            (Some(per_req(u1 + s1 - u0 - s0)), Some(per_req(u1 - u0)), Some(rss))
-        }
-        _ => (None, None, None),
-    };
+    let (cpu_us, user_us, peak_rss_kb) = meter.finish(ok);
     latencies_us.sort_unstable();
-    Sample { ok, errors, secs, latencies_us, cpu_us, user_us, peak_rss_kb }
+    let (p50_us, p99_us) = (percentile(&latencies_us, 0.50), percentile(&latencies_us, 0.99));
+    Sample { ok, errors, secs, p50_us, p99_us, cpu_us, user_us, peak_rss_kb }
 }
 
 /// The status of `GET path` on `addr` (plain HTTP/1.1), if it answered.

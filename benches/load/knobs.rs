@@ -7,10 +7,11 @@ pub struct Knobs {
     /// `cargo test --all-targets` runs this without `--bench`: every row
     /// briefly, with the same sanity checks, and no timing claims.
     pub smoke: bool,
-    /// Per measurement (LOAD_SECS, default 3).
+    /// Per measurement (LOAD_SECS, whole seconds, default 2).
     pub dur: Duration,
-    /// Client connections (LOAD_CONNS, default 16).
-    pub conns: usize,
+    /// Client connection counts (LOAD_CONNS, comma-separated, default
+    /// "16,50"): every row at the first, credproxy and nginx at each.
+    pub conns: Vec<usize>,
     /// Rounds of all systems (LOAD_ROUNDS, default 5).
     pub rounds: usize,
     /// Connections resolved into the cache for the memory figure
@@ -40,11 +41,15 @@ impl Knobs {
     pub fn from_env() -> Self {
         // `cargo bench` passes `--bench`.
         let smoke = !std::env::args().any(|a| a == "--bench");
-        let secs: u64 = env_or("LOAD_SECS", 3);
+        let secs: u64 = env_or("LOAD_SECS", 2);
         Self {
             smoke,
             dur: if smoke { Duration::from_millis(300) } else { Duration::from_secs(secs) },
-            conns: env_or("LOAD_CONNS", if smoke { 4 } else { 16 }),
+            conns: match std::env::var("LOAD_CONNS") {
+                Ok(v) => v.split(',').map(|c| c.trim().parse().expect("LOAD_CONNS: counts like 16,50")).collect(),
+                Err(_) if smoke => vec![4, 8],
+                Err(_) => vec![16, 50],
+            },
             rounds: if smoke { 1 } else { env_or("LOAD_ROUNDS", 5usize).max(1) },
             cache_n: if smoke { 500 } else { env_or("LOAD_CACHE_CONNECTIONS", 100_000) },
             workers: env_or("LOAD_WORKERS", 2usize).max(1),

@@ -15,8 +15,17 @@
 //!   upstream's TLS port;
 //! - `nginx`: nginx (Debian package) proxying with a static `Authorization`
 //!   header and an upstream keep-alive pool; marked absent if not installed;
+//! - `credproxy-prod`: a shared tier as production runs it: run tokens, the
+//!   `credproxy+limits` connection's quotas, the audit trail on (a line per
+//!   request to stdout);
 //! - `nginx+accesslog`: the same with nginx's default access log (combined
-//!   format, to a file), to set beside `credproxy+accesslog`.
+//!   format, to a file), to set beside `credproxy+accesslog`;
+//! - `credproxy@50`, `nginx@50`: the pair again at each further connection
+//!   count (LOAD_CONNS);
+//! - `credproxy-wrk@16`, `nginx-wrk@16`, …: the pair driven by `wrk -t2`
+//!   (Debian's; installed with apt-get when missing) with an absolute-form
+//!   Lua script, at every connection count — an external load generator
+//!   beside this bench's own hyper clients.
 //!
 //! Systems alternate (A B C D, A B C D, …) and each row is the median of the
 //! rounds. A ratio between two systems is the median of the per-round
@@ -32,9 +41,10 @@
 //! where CPU time on a shared machine is not. Then: start-to-ready time of
 //! the binary on the embedded-default layout, and resident memory per cached
 //! connection (100k connections resolved into the cache in this process).
+//! Last, every target of the run with its measured value: met or not.
 //!
-//! Knobs (environment): LOAD_SECS (per measurement, default 3), LOAD_CONNS
-//! (client connections, default 16), LOAD_ROUNDS (default 5),
+//! Knobs (environment): LOAD_SECS (per measurement, default 2), LOAD_CONNS
+//! (client connection counts, default 16,50), LOAD_ROUNDS (default 5),
 //! LOAD_CACHE_CONNECTIONS (default 100000; 0 skips start-up and memory),
 //! LOAD_WORKERS (credproxy runtime threads = nginx worker processes,
 //! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
@@ -48,7 +58,7 @@
 //! one [`systems::System`] per row), `client` (the load generator and what a
 //! run measured), `statistics` (medians, paired ratios), `callgrind`
 //! (instruction counts), `footprint` (start-up, memory), `report` (what is
-//! printed). Starting credproxy and reading its listening line is
+//! printed, and the targets), `wrk` (the external load generator). Starting credproxy and reading its listening line is
 //! `tests/support/process.rs`, shared with the tests.
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a bench prints its results")]
@@ -62,12 +72,13 @@ mod process;
 mod report;
 mod statistics;
 mod systems;
+mod wrk;
 
 use std::path::PathBuf;
 
 use client::{clock_ticks_per_sec, run, Sample};
 use knobs::Knobs;
-use systems::{Setup, System};
+use systems::{Load, Setup, System};
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
@@ -94,15 +105,17 @@ async fn bench(k: &Knobs) {
     let tck = clock_ticks_per_sec();
     let mut setup = Setup::start(k).await;
     let systems = setup.systems(k);
-    report::plan(&systems, k.conns, k.dur.as_secs_f64(), k.rounds, k.workers);
+    report::plan(&systems, &k.conns, k.dur.as_secs_f64(), k.rounds, k.workers, &setup.wrk);
     let samples = measure(k, &setup, &systems, tck).await;
-    report::results(&systems, &samples, setup.has_nginx());
+    let mut targets = report::Targets::default();
+    report::results(&systems, &samples, setup.has_nginx(), &mut targets);
     // Nothing else runs while callgrind counts.
     setup.stop_proxies();
-    callgrind::section(k, &setup, tck).await;
+    callgrind::section(k, &setup, tck, &mut targets).await;
     if k.cache_n >= 2 {
-        footprint::section(k.cache_n).await;
+        footprint::section(k.cache_n, &mut targets).await;
     }
+    targets.print(k.smoke);
 }
 
 /// Every round runs every system once, back to back. Each run is checked:
@@ -114,9 +127,15 @@ async fn measure(k: &Knobs, setup: &Setup, systems: &[System], tck: u64) -> Vec<
     for round in 0..k.rounds {
         for (i, s) in systems.iter().enumerate() {
             let (t0, w0) = setup.seen.counts();
-            let sample = run(&s.target, k.conns, k.dur, s.pid, tck).await;
+            let sample = match (s.load, &setup.wrk) {
+                (Load::Own(conns), _) => run(&s.target, conns, k.dur, s.pid, tck).await,
+                (Load::Wrk(conns), Ok(bin)) => {
+                    wrk::run(bin, setup.dir.path(), &s.target, conns, k.dur, s.pid, tck).await
+                }
+                (Load::Wrk(_), Err(why)) => unreachable!("a wrk row without wrk: {why}"),
+            };
             let (t1, w1) = setup.seen.counts();
-            let name = s.name;
+            let name = &s.name;
             assert_eq!(sample.errors, 0, "{name}: {} failed requests in round {round}", sample.errors);
             if s.injects {
                 let missing = (t1 - t0) - (w1 - w0);

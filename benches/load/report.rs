@@ -2,8 +2,52 @@
 //! the instruction counts.
 
 use crate::client::Sample;
-use crate::statistics::{percentile, ratios, summarize};
-use crate::systems::System;
+use crate::statistics::{ratios, summarize};
+use crate::systems::{Load, System};
+
+/// The targets, collected as the sections measure them and
+/// printed together at the end.
+#[derive(Default)]
+pub struct Targets(Vec<(String, f64, &'static str, f64)>);
+
+impl Targets {
+    /// `what` measured `value`; met when `value ≤ bound` (`unit` formats both).
+    pub fn add(&mut self, what: impl Into<String>, value: f64, unit: &'static str, bound: f64) {
+        self.0.push((what.into(), value, unit, bound));
+    }
+
+    /// Each target, met or not; a smoke run (a debug build, briefly) only
+    /// lists them.
+    pub fn print(&self, smoke: bool) {
+        if self.0.is_empty() {
+            return;
+        }
+        println!();
+        if smoke {
+            println!("targets (smoke run of a debug build: listed, not judged):");
+        } else {
+            println!("targets (ratios: median of per-round ratios):");
+        }
+        let width = self.0.iter().map(|(w, ..)| w.chars().count()).max().unwrap_or(0);
+        for (what, value, unit, bound) in &self.0 {
+            let fmt = |v: f64| match *unit {
+                "x" => format!("{v:.2}×"),
+                "ms" => format!("{v:.1} ms"),
+                u => format!("{v:.0} {u}"),
+            };
+            let met = if smoke {
+                ""
+            } else if value.is_nan() {
+                "not measured"
+            } else if value <= bound {
+                "met"
+            } else {
+                "NOT met"
+            };
+            println!("  {what:<width$}  {:>9}  target ≤ {:<9}  {met}", fmt(*value), fmt(*bound));
+        }
+    }
+}
 
 /// One line per measurement as it finishes (stderr, to watch a long run).
 pub fn progress(round: usize, name: &str, s: &Sample) {
@@ -13,30 +57,51 @@ pub fn progress(round: usize, name: &str, s: &Sample) {
         s.ok as f64 / s.secs,
         s.cpu_us.map_or("-".into(), |c| format!("{c:.1} µs")),
         s.user_us.map_or("-".into(), |c| format!("{c:.1} µs")),
-        percentile(&s.latencies_us, 0.99)
+        s.p99_us
     );
 }
 
 /// The header line of a run.
-pub fn plan(systems: &[System], conns: usize, secs: f64, rounds: usize, workers: usize) {
+pub fn plan(
+    systems: &[System],
+    conns: &[usize],
+    secs: f64,
+    rounds: usize,
+    workers: usize,
+    wrk: &Result<std::path::PathBuf, String>,
+) {
+    let counts: Vec<String> = conns.iter().map(ToString::to_string).collect();
     println!(
-        "load: {conns} connections, {secs:.1} s per measurement, {rounds} rounds, {workers} credproxy threads / nginx workers, alternating {}",
-        systems.iter().map(|s| s.name).collect::<Vec<_>>().join(" → ")
+        "load: {} keep-alive connections (rows without @N: {}), {secs:.1} s per measurement, {rounds} rounds, {workers} credproxy threads / nginx workers",
+        counts.join(" and "),
+        conns[0],
     );
+    match wrk {
+        Ok(p) => println!(
+            "load generators: this bench's hyper clients; `-wrk` rows: {} -t2 (absolute-form Lua script)",
+            p.display()
+        ),
+        Err(why) => println!("load generators: this bench's hyper clients; wrk {why}"),
+    }
+    println!("alternating {}", systems.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" → "));
 }
 
 /// The table (medians over rounds) and the ratios a run has rows for.
-pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool) {
+pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool, targets: &mut Targets) {
     if !has_nginx {
         println!("nginx: absent (install Debian's `nginx` to compare)");
     }
     println!();
-    println!("| system | req/s | p50 µs | p99 µs | proxy CPU µs/req | of which user | proxy peak RSS |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| system | load | req/s | p50 µs | p99 µs | proxy CPU µs/req | of which user | proxy peak RSS |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (s, v) in systems.iter().zip(samples) {
         let r = summarize(v);
+        let load = match s.load {
+            Load::Own(c) => format!("own, {c}"),
+            Load::Wrk(c) => format!("wrk, {c}"),
+        };
         println!(
-            "| {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {load} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
             s.name,
             r.rps,
             r.p50,
@@ -69,33 +134,64 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool) {
         let (cpu, p99, rps) = ratios(cpx, b);
         println!("credproxy/baseline: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");
     }
+    if let (Some(connect), Some(cpx)) = (get("credproxy-connect"), get("credproxy")) {
+        let (cpu, p99, rps) = ratios(connect, cpx);
+        println!(
+            "credproxy-connect/credproxy: CPU per request {cpu:.2} (target ≤ 1.10), p99 {p99:.2}, throughput {rps:.2}"
+        );
+        targets.add("CONNECT + TLS interception CPU/request vs plain", cpu, "x", 1.10);
+    }
+    if get("nginx").is_none() {
+        return;
+    }
+    // credproxy against nginx configured alike, for each load generator and
+    // connection count the run has; then the logged pair.
+    let paired_rows = systems.iter().filter_map(|s| {
+        let suffix = s.name.strip_prefix("credproxy")?;
+        (suffix.is_empty() || suffix.starts_with('@') || suffix.starts_with("-wrk@")).then_some((s, suffix))
+    });
+    for (s, suffix) in paired_rows {
+        let (Some(r), Some(n)) = (get(&s.name), get(&format!("nginx{suffix}"))) else { continue };
+        let (cpu, p99, rps) = ratios(r, n);
+        println!("{}/nginx{suffix}: CPU per request {cpu:.2} (target ≤ 1.00), p99 {p99:.2} (target ≤ 1.00), throughput {rps:.2}", s.name);
+        let load = match s.load {
+            Load::Own(c) => format!("own client, {c} connections"),
+            Load::Wrk(c) => format!("wrk, {c} connections"),
+        };
+        targets.add(format!("CPU per request vs nginx, {load}"), cpu, "x", 1.0);
+        targets.add(format!("p99 vs nginx, {load}"), p99, "x", 1.0);
+    }
     let Some(n) = get("nginx") else { return };
-    // A LOAD_SYSTEMS subset prints only the ratios it has rows for.
-    for (name, target) in [("credproxy", true), ("credproxy+accesslog", false), ("credproxy-connect", false)] {
+    for name in ["credproxy+accesslog", "credproxy-prod", "credproxy-connect"] {
         let Some(r) = get(name) else { continue };
-        // Each configuration against nginx configured alike.
         let logged = name == "credproxy+accesslog";
-        let n = if logged { get("nginx+accesslog").unwrap_or(n) } else { n };
-        let name = if logged && get("nginx+accesslog").is_some() {
-            "credproxy+accesslog/nginx+accesslog".to_owned()
-        } else {
-            format!("{name}/nginx")
+        let (n, vs) = match get("nginx+accesslog") {
+            Some(nl) if logged => (nl, "nginx+accesslog"),
+            _ => (n, "nginx"),
         };
         let (cpu, p99, rps) = ratios(r, n);
-        let (t_cpu, t_p99) = if target { (" (target ≤ 0.80)", " (target ≤ 1.00)") } else { ("", "") };
-        println!("{name}: CPU per request {cpu:.2}{t_cpu}, p99 {p99:.2}{t_p99}, throughput {rps:.2}");
+        println!("{name}/{vs}: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");
     }
 }
 
-/// The callgrind counts (instructions per request).
-pub fn instructions(credproxy: f64, baseline: Option<f64>, nginx: Option<f64>) {
+/// The callgrind counts (instructions per request) and their targets:
+/// sidecar ≤ 0.8× nginx, the shared tier as production runs it ≤ 0.9×.
+pub fn instructions(credproxy: f64, prod: f64, baseline: Option<f64>, nginx: Option<f64>, targets: &mut Targets) {
     println!();
     match nginx {
-        Some(n) => println!(
-            "user-space instructions per request (callgrind, one thread each): credproxy {credproxy:.0}, nginx {n:.0}, credproxy/nginx {:.2}",
-            credproxy / n
-        ),
-        None => println!("user-space instructions per request (callgrind, one thread): credproxy {credproxy:.0}; nginx absent"),
+        Some(n) => {
+            println!(
+                "user-space instructions per request (callgrind, one thread each): credproxy {credproxy:.0}, nginx {n:.0}, credproxy/nginx {:.2} (target ≤ 0.80)",
+                credproxy / n
+            );
+            println!(
+                "credproxy-prod (shared tier: run token, quotas, audit line) {prod:.0}, credproxy-prod/nginx {:.2} (target ≤ 0.90)",
+                prod / n
+            );
+            targets.add("instructions/request vs nginx, sidecar", credproxy / n, "x", 0.80);
+            targets.add("instructions/request vs nginx, shared tier (run token, quotas, audit)", prod / n, "x", 0.90);
+        }
+        None => println!("user-space instructions per request (callgrind, one thread): credproxy {credproxy:.0}, credproxy-prod {prod:.0}; nginx absent"),
     }
     if let Some(b) = baseline {
         println!("baseline {b:.0} instructions per request, credproxy/baseline {:.3}", credproxy / b);

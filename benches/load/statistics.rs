@@ -30,7 +30,7 @@ fn paired(a: &[Sample], b: &[Sample], f: impl Fn(&Sample) -> Option<f64>) -> f64
 pub fn ratios(a: &[Sample], b: &[Sample]) -> (f64, f64, f64) {
     (
         paired(a, b, |s| s.cpu_us),
-        paired(a, b, |s| Some(f64::from(percentile(&s.latencies_us, 0.99)))),
+        paired(a, b, |s| Some(f64::from(s.p99_us))),
         paired(a, b, |s| Some(s.ok as f64 / s.secs)),
     )
 }
@@ -47,8 +47,8 @@ pub struct Row {
 pub fn summarize(samples: &[Sample]) -> Row {
     Row {
         rps: median(samples.iter().map(|s| s.ok as f64 / s.secs).collect()),
-        p50: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.50))).collect()),
-        p99: median(samples.iter().map(|s| f64::from(percentile(&s.latencies_us, 0.99))).collect()),
+        p50: median(samples.iter().map(|s| f64::from(s.p50_us)).collect()),
+        p99: median(samples.iter().map(|s| f64::from(s.p99_us)).collect()),
         cpu: samples.iter().map(|s| s.cpu_us).collect::<Option<Vec<_>>>().map(median),
         user: samples.iter().map(|s| s.user_us).collect::<Option<Vec<_>>>().map(median),
         rss_kb: samples.iter().filter_map(|s| s.peak_rss_kb).max(),

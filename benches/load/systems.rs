@@ -22,14 +22,24 @@ use crate::knobs::Knobs;
 use crate::process::{self, Served};
 use crate::{repo, ADMIN_TOKEN, ORG, TOKEN};
 
-/// One row of the table: a target for the load generator, the process
-/// whose CPU is measured, and whether it injects the credential (then every
-/// request it forwards must arrive with it).
+/// One row of the table: a target, the load generator and its connections,
+/// the process whose CPU is measured, and whether it injects the credential
+/// (then every request it forwards must arrive with it).
 pub struct System {
-    pub name: &'static str,
+    pub name: String,
     pub target: Target,
+    pub load: Load,
     pub pid: Option<u32>,
     pub injects: bool,
+}
+
+/// Which load generator drives a row, with how many keep-alive connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    /// This bench's own closed-loop hyper clients.
+    Own(usize),
+    /// `wrk -t2` (see `wrk.rs`).
+    Wrk(usize),
 }
 
 // ---------------------------------------------------------------- upstream
@@ -363,6 +373,11 @@ pub struct Setup {
     /// Shared mode on the same store and keys, and a run token for it.
     shared: Served,
     run_token: String,
+    /// A shared tier as production runs it: run tokens, the audit trail on
+    /// (to stdout), and the `bench-limited` connection's quotas checked.
+    prod: Served,
+    /// wrk, or why its rows are absent.
+    pub wrk: Result<PathBuf, String>,
     baseline: Option<Served>,
     /// The connection in the baseline's own store (kept after the stop:
     /// the callgrind run starts the baseline again).
@@ -392,6 +407,9 @@ impl Setup {
         std::fs::write(&shared_config, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
         let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, AUDIT_OFF).await;
         let run_token = mint_run_token(credproxy.admin).await;
+        // Audit lines on: the environment leaves the sink at its default.
+        let (prod, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, &[]).await;
+        let wrk = crate::wrk::find_or_install(k.smoke);
         // LOAD_BASELINE_BIN adds a `baseline` row with the same config and
         // key, so one run says what a change bought. Its own store, with its
         // own copy of the connection: a build from before a store migration
@@ -428,6 +446,8 @@ impl Setup {
             credproxy_log,
             shared,
             run_token,
+            prod,
+            wrk,
             baseline,
             baseline_conn,
             nginx,
@@ -469,15 +489,37 @@ impl Setup {
         }
     }
 
-    /// The rows, in the order each round runs them (LOAD_SYSTEMS narrows them).
+    /// A shared tier's production target on `proxy`: a run token on every
+    /// request, through the `bench-limited` connection (quotas checked).
+    pub fn via_prod(&self, proxy: SocketAddr) -> Target {
+        Target::Proxy {
+            proxy,
+            upstream: self.upstream,
+            conn_id: Some(self.limited_conn.clone()),
+            auth: Some(format!("Bearer {}", self.run_token)),
+        }
+    }
+
+    /// The rows, in the order each round runs them (LOAD_SYSTEMS narrows
+    /// them): every configuration at the first connection count with the
+    /// own client; credproxy and nginx at the other counts; both through
+    /// wrk at every count.
     pub fn systems(&self, k: &Knobs) -> Vec<System> {
-        let row = |name, target, pid, injects| System { name, target, pid, injects };
+        let first = k.conns[0];
+        let row = |name: &str, target, pid, injects| System {
+            name: name.to_owned(),
+            target,
+            load: Load::Own(first),
+            pid,
+            injects,
+        };
         let mut systems = vec![
             row("direct", Target::Direct(self.upstream), None, false),
             row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+limits", self.via_limited(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
             row("credproxy-shared", self.via_shared(self.shared.proxy), self.shared.child.id(), true),
+            row("credproxy-prod", self.via_prod(self.prod.proxy), self.prod.child.id(), true),
             row(
                 "credproxy-connect",
                 Target::Connect {
@@ -493,13 +535,42 @@ impl Setup {
         if let (Some(b), Some(conn)) = (&self.baseline, &self.baseline_conn) {
             systems.insert(2, row("baseline", self.via_conn(b.proxy, conn), b.child.id(), true));
         }
+        let nginx_target = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None, auth: None };
         if let Some(((plain, addr), (logged, addr_log))) = &self.nginx {
-            let direct = |proxy| Target::Proxy { proxy, upstream: self.upstream, conn_id: None, auth: None };
-            systems.push(row("nginx", direct(*addr), Some(plain.id()), false));
-            systems.push(row("nginx+accesslog", direct(*addr_log), Some(logged.id()), false));
+            systems.push(row("nginx", nginx_target(*addr), Some(plain.id()), false));
+            systems.push(row("nginx+accesslog", nginx_target(*addr_log), Some(logged.id()), false));
+        }
+        // credproxy and nginx at every other connection count, then through
+        // wrk at every count.
+        let pair = |load: Load, suffix: String| {
+            let mut v = vec![System {
+                name: format!("credproxy{suffix}"),
+                target: self.via(self.credproxy.proxy),
+                load,
+                pid: self.credproxy.child.id(),
+                injects: true,
+            }];
+            if let Some(((plain, addr), _)) = &self.nginx {
+                v.push(System {
+                    name: format!("nginx{suffix}"),
+                    target: nginx_target(*addr),
+                    load,
+                    pid: Some(plain.id()),
+                    injects: false,
+                });
+            }
+            v
+        };
+        for &c in &k.conns[1..] {
+            systems.extend(pair(Load::Own(c), format!("@{c}")));
+        }
+        if self.wrk.is_ok() {
+            for &c in &k.conns {
+                systems.extend(pair(Load::Wrk(c), format!("-wrk@{c}")));
+            }
         }
         if let Some(keep) = &k.systems {
-            systems.retain(|s| keep.iter().any(|n| n == s.name));
+            systems.retain(|s| keep.contains(&s.name));
         }
         systems
     }
@@ -511,5 +582,6 @@ impl Setup {
         let _ = self.credproxy.child.start_kill();
         let _ = self.credproxy_log.child.start_kill();
         let _ = self.shared.child.start_kill();
+        let _ = self.prod.child.start_kill();
     }
 }
