@@ -133,42 +133,44 @@ impl Audit {
 
     pub fn credential_use(&self, u: &CredentialUse<'_>) {
         let Some(lines) = &self.lines else { return };
-        let mut l = Line::start(u.time, KIND_USE);
-        l.str(key!("org"), Some(u.org));
-        l.str(key!("user"), u.user);
-        l.str(key!("run_token"), u.run_token);
-        l.str(key!("run_subject"), u.run_subject);
-        l.str(key!("connection"), Some(u.connection));
-        l.str(key!("integration"), u.integration);
-        l.str(key!("auth_method"), u.auth_method);
-        l.str(key!("method"), Some(u.method));
-        l.str(key!("host"), u.host);
-        l.str(key!("path"), Some(u.path));
-        l.num(key!("status"), u.status.into());
-        l.num(key!("latency_us"), u.latency.as_micros().min(u128::from(u64::MAX)) as u64);
-        l.bool(key!("refreshed"), u.refreshed);
-        l.bool(key!("retried"), u.retried);
-        l.str(key!("code"), u.code);
-        lines.append(l.end().as_bytes());
+        Line::with(u.time, KIND_USE, |l| {
+            l.str(key!("org"), Some(u.org));
+            l.str(key!("user"), u.user);
+            l.str(key!("run_token"), u.run_token);
+            l.str(key!("run_subject"), u.run_subject);
+            l.str(key!("connection"), Some(u.connection));
+            l.str(key!("integration"), u.integration);
+            l.str(key!("auth_method"), u.auth_method);
+            l.str(key!("method"), Some(u.method));
+            l.str(key!("host"), u.host);
+            l.str(key!("path"), Some(u.path));
+            l.num(key!("status"), u.status.into());
+            l.num(key!("latency_us"), u.latency.as_micros().min(u128::from(u64::MAX)) as u64);
+            l.bool(key!("refreshed"), u.refreshed);
+            l.bool(key!("retried"), u.retried);
+            l.str(key!("code"), u.code);
+            lines.append(l.end());
+        });
         self.metrics.audit_line();
     }
 
     pub fn admin_action(&self, a: &AdminAction<'_>) {
         let Some(lines) = &self.lines else { return };
-        let mut l = Line::start(a.time, KIND_ADMIN);
-        l.str(key!("action"), Some(a.action));
-        l.str(key!("admin_token"), a.admin_token);
-        l.str(key!("connect_session"), a.connect_session);
-        l.str(key!("org"), a.org);
-        l.str(key!("user"), a.user);
-        l.str(key!("connection"), a.connection);
-        l.str(key!("integration"), a.integration);
-        l.str(key!("auth_method"), a.auth_method);
-        l.str(key!("run_token"), a.run_token);
-        l.str(key!("run_subject"), a.run_subject);
-        l.num(key!("status"), a.status.into());
-        l.str(key!("code"), a.code);
-        lines.append(l.end().as_bytes());
+        Line::with(a.time, KIND_ADMIN, |l| {
+            l.str(key!("action"), Some(a.action));
+            l.str(key!("admin_token"), a.admin_token);
+            l.str(key!("connect_session"), a.connect_session);
+            l.str(key!("org"), a.org);
+            l.str(key!("user"), a.user);
+            l.str(key!("connection"), a.connection);
+            l.str(key!("integration"), a.integration);
+            l.str(key!("auth_method"), a.auth_method);
+            l.str(key!("run_token"), a.run_token);
+            l.str(key!("run_subject"), a.run_subject);
+            l.num(key!("status"), a.status.into());
+            l.str(key!("code"), a.code);
+            lines.append(l.end());
+        });
         self.metrics.audit_line();
     }
 
@@ -188,19 +190,30 @@ impl Audit {
 }
 
 /// A JSON object on one line, fields in a fixed order. Written without
-/// `fmt`: one line is written for every request that names a connection.
-struct Line(String);
+/// `fmt`, into a buffer each thread keeps (no allocation per line): one
+/// line is written for every request that names a connection.
+struct Line<'a>(&'a mut String);
 
-impl Line {
-    fn start(time: SystemTime, kind: &str) -> Self {
-        let mut s = String::with_capacity(512);
+impl Line<'_> {
+    /// Runs `f` on a line started with its time and kind, in this thread's
+    /// buffer.
+    fn with<R>(time: SystemTime, kind: &str, f: impl FnOnce(&mut Line<'_>) -> R) -> R {
+        thread_local! {
+            static BUF: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+        }
+        // Taken out while in use: a nested line (there is none) would get
+        // a fresh buffer rather than a panic.
+        let mut s = BUF.take();
+        s.clear();
         let mut text = [0u8; telemetry::TIME_LEN];
         s.push_str("{\"time\":\"");
         s.push_str(telemetry::format_time(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text));
         s.push_str("\",\"kind\":\"");
         s.push_str(kind);
         s.push('"');
-        Self(s)
+        let r = f(&mut Line(&mut s));
+        BUF.set(s);
+        r
     }
 
     /// `key` is a field's prefix, [`key!`].
@@ -208,7 +221,7 @@ impl Line {
         self.0.push_str(key);
         match value {
             None => self.0.push_str("null"),
-            Some(v) => escape_into(v, &mut self.0),
+            Some(v) => escape_into(v, self.0),
         }
     }
 
@@ -225,7 +238,10 @@ impl Line {
                 break;
             }
         }
-        self.0.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+        // ASCII digits, pushed as chars: no UTF-8 check of the slice.
+        for &d in &digits[at..] {
+            self.0.push(char::from(d));
+        }
     }
 
     fn bool(&mut self, key: &str, value: bool) {
@@ -233,19 +249,20 @@ impl Line {
         self.0.push_str(if value { "true" } else { "false" });
     }
 
-    fn end(mut self) -> String {
+    /// The finished line, newline included.
+    fn end(&mut self) -> &[u8] {
         self.0.push_str("}\n");
-        self.0
+        self.0.as_bytes()
     }
 }
 
 /// `value` as a JSON string (RFC 8259 §7). Ids and paths rarely need
-/// escaping: the common case is one byte scan and one copy.
+/// escaping: the common case is one scan, eight bytes at a time, and one
+/// copy.
 fn escape_into(value: &str, out: &mut String) {
-    let special = |b: u8| b == b'"' || b == b'\\' || b < b' ';
     out.push('"');
     let mut rest = value;
-    while let Some(i) = rest.bytes().position(special) {
+    while let Some(i) = first_special(rest.as_bytes()) {
         out.push_str(&rest[..i]);
         match rest.as_bytes()[i] {
             b'"' => out.push_str("\\\""),
@@ -261,6 +278,33 @@ fn escape_into(value: &str, out: &mut String) {
     }
     out.push_str(rest);
     out.push('"');
+}
+
+/// A byte JSON escapes in a string: `"`, `\\` or a control character.
+fn special(b: u8) -> bool {
+    b == b'"' || b == b'\\' || b < b' '
+}
+
+/// Where the first byte [`special`] holds for is. Eight bytes at a time:
+/// `(x - 0x01…) & !x & 0x80…` is non-zero exactly when a byte of `x` is
+/// zero, and `(w - 0x20…) & !w & 0x80…` exactly when a byte of `w` is
+/// below 0x20 (for bytes of 0x80 and up, `!w` clears the top bit).
+fn first_special(s: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut at = 0;
+    for chunk in s.chunks_exact(8) {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        let hits = (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | zero_byte(w ^ (ONES * u64::from(b'"')))
+            | zero_byte(w ^ (ONES * u64::from(b'\\')));
+        if hits != 0 {
+            break;
+        }
+        at += 8;
+    }
+    s[at..].iter().position(|&b| special(b)).map(|i| at + i)
 }
 
 /// Counts the batches `out` fails to write, and logs the first of a run
@@ -386,14 +430,38 @@ mod tests {
     }
 
     #[test]
+    fn the_word_scan_finds_what_the_byte_scan_finds() {
+        // Every byte value at every position of a 0–20 byte string of safe
+        // bytes (so each 8-byte word, and the tail after them, is tried).
+        for len in 0..=20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[at] = b;
+                    let want = s.iter().position(|&c| special(c));
+                    assert_eq!(first_special(&s), want, "byte {b:#04x} at {at} of {len}");
+                }
+            }
+            assert_eq!(first_special(&[0xffu8; 20][..len]), None);
+        }
+    }
+
+    #[test]
     fn a_use_is_one_json_line_with_every_field() {
-        let mut l = Line::start(SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456), KIND_USE);
-        l.str(key!("org"), Some("org_a"));
-        l.str(key!("user"), None);
-        l.num(key!("status"), 200);
-        l.bool(key!("retried"), true);
-        let line = l.end();
-        assert!(line.ends_with("}\n") && line.matches('\n').count() == 1, "{line}");
+        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456);
+        let line = |user| {
+            Line::with(time, KIND_USE, |l| {
+                l.str(key!("org"), Some("org_a"));
+                l.str(key!("user"), user);
+                l.num(key!("status"), 200);
+                l.bool(key!("retried"), true);
+                String::from_utf8(l.end().to_vec()).unwrap()
+            })
+        };
+        // The thread's buffer is reused: a longer line first, then a shorter one.
+        assert!(line(Some("a-long-user-name")).contains("a-long-user-name"));
+        let line = line(None);
+        assert!(line.starts_with("{\"time\"") && line.ends_with("}\n") && line.matches('\n').count() == 1, "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2025-12-02T18:26:40.123456Z");
         assert_eq!(v["kind"], "credential_use");

@@ -99,7 +99,28 @@ body_enum! {
 /// in one short scan: `http`'s accessors each split the authority with
 /// generic string searches, about 700 instructions a request for the two.
 pub fn host_port(uri: &Uri) -> Option<(&str, Option<u16>)> {
-    let a = uri.authority()?.as_str();
+    authority_host_port(uri.authority()?.as_str())
+}
+
+/// [`host_port`] of an authority (`host[:port]`, userinfo skipped).
+pub fn authority_host_port(a: &str) -> Option<(&str, Option<u16>)> {
+    // Nearly every target has no userinfo and no IP literal: the host runs
+    // to the first ':' and only digits follow. One tight scan up to the
+    // first byte that could end the host; anything else takes the general
+    // pass below.
+    let bytes = a.as_bytes();
+    match bytes.iter().position(|&b| matches!(b, b':' | b'@' | b'[' | b']')) {
+        None => return Some((a, None)),
+        Some(c) if bytes[c] == b':' => match &a[c + 1..] {
+            "" => return Some((&a[..c], None)),
+            p => {
+                if let Some(port) = parse_port(p) {
+                    return Some((&a[..c], Some(port)));
+                }
+            }
+        },
+        Some(_) => {}
+    }
     // One pass: where the host starts (after any userinfo), where the
     // first ':' after it is, whether an IPv6 literal's ']' came first.
     let (mut start, mut colon, mut bracket_end) = (0, None, None);
