@@ -102,6 +102,7 @@ fn main() {
 
 /// Setup, measure, report; then instruction counts, start-up and memory.
 async fn bench(k: &Knobs) {
+    let began = std::time::Instant::now();
     let tck = clock_ticks_per_sec();
     let mut setup = Setup::start(k).await;
     let systems = setup.systems(k);
@@ -116,6 +117,7 @@ async fn bench(k: &Knobs) {
         footprint::section(k.cache_n, &mut targets).await;
     }
     targets.print(k.smoke);
+    println!("\nthe bench ran {:.0} s (after the build)", began.elapsed().as_secs_f64());
 }
 
 /// Every round runs every system once, back to back. Each run is checked:

@@ -31,7 +31,7 @@ impl Targets {
         let width = self.0.iter().map(|(w, ..)| w.chars().count()).max().unwrap_or(0);
         for (what, value, unit, bound) in &self.0 {
             let fmt = |v: f64| match *unit {
-                "x" => format!("{v:.2}×"),
+                "x" => format!("{v:.3}×"),
                 "ms" => format!("{v:.1} ms"),
                 u => format!("{v:.0} {u}"),
             };
