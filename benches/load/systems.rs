@@ -481,21 +481,20 @@ impl Setup {
     /// A shared-mode target on `proxy`: the bench connection, and the run
     /// token in `Proxy-Authorization` on every request.
     pub fn via_shared(&self, proxy: SocketAddr) -> Target {
-        Target::Proxy {
-            proxy,
-            upstream: self.upstream,
-            conn_id: Some(self.conn_id.clone()),
-            auth: Some(format!("Bearer {}", self.run_token)),
-        }
+        self.with_run_token(proxy, &self.conn_id)
     }
 
     /// A shared tier's production target on `proxy`: a run token on every
     /// request, through the `bench-limited` connection (quotas checked).
     pub fn via_prod(&self, proxy: SocketAddr) -> Target {
+        self.with_run_token(proxy, &self.limited_conn)
+    }
+
+    fn with_run_token(&self, proxy: SocketAddr, conn: &str) -> Target {
         Target::Proxy {
             proxy,
             upstream: self.upstream,
-            conn_id: Some(self.limited_conn.clone()),
+            conn_id: Some(conn.to_owned()),
             auth: Some(format!("Bearer {}", self.run_token)),
         }
     }
