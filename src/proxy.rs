@@ -238,12 +238,15 @@ impl Access {
 }
 
 /// One request through the pipeline, with its metrics and access line.
-/// `memo`: what this caller connection resolved and proved last, and what
-/// the `CONNECT` of the tunnel it came through proved.
+/// `named`: the `X-Connection-Id` field our HTTP/1.1 codec set aside
+/// (`None` for h2 streams: it is still among the headers). `memo`: what
+/// this caller connection resolved and proved last, and what the
+/// `CONNECT` of the tunnel it came through proved.
 async fn handle(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
     req: Request<CallerBody>,
+    named: Option<h1::ConnectionField>,
     memo: &mut ConnMemo,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -256,7 +259,7 @@ async fn handle(
     let logged =
         (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
     let mut access = Access::default();
-    let resp = match forward(state, peer, req, &mut access, memo, started).await {
+    let resp = match forward(state, peer, req, named, &mut access, memo, started).await {
         Ok(resp) => resp,
         Err(err) => {
             let problem = err.problem();
@@ -369,6 +372,7 @@ async fn forward(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
     req: Request<CallerBody>,
+    named: Option<h1::ConnectionField>,
     access: &mut Access,
     memo: &mut ConnMemo,
     started: Instant,
@@ -399,10 +403,15 @@ async fn forward(
     let org = caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state));
     let claims = caller.as_deref().and_then(|c| c.claims.as_ref());
 
-    // 3. Which connection, if any. Taken out of the headers, shape checked;
-    // more than one field is ambiguous (which one would an upstream see?).
-    // Without the field, the proxy URL's user name may name it.
-    let conn_id = match take_connection_id(&mut parts.headers)? {
+    // 3. Which connection, if any. Taken out of the headers (by the codec,
+    // for HTTP/1.1), shape checked; more than one field is ambiguous (which
+    // one would an upstream see?). Without the field, the proxy URL's user
+    // name may name it.
+    let named = match named {
+        Some(field) => field,
+        None => take_connection_field(&mut parts.headers),
+    };
+    let conn_id = match checked_connection_id(named)? {
         None => caller.as_deref().and_then(|c| c.connection.clone()),
         named => named,
     };
@@ -554,19 +563,27 @@ async fn connect(
     Ok(Response::new(ProxyBody::Made(Full::new(Bytes::new()))))
 }
 
-/// The `X-Connection-Id` field, removed from `headers`: at most one, of
-/// the connection id's shape.
-fn take_connection_id(headers: &mut HeaderMap) -> Result<Option<http::HeaderValue>, ProxyError> {
+/// The `X-Connection-Id` field, removed from `headers` (an h2 request's;
+/// our HTTP/1.1 codec never puts it there).
+fn take_connection_field(headers: &mut HeaderMap) -> h1::ConnectionField {
     // `len` counts values: `remove` takes every value of the name, returns the first.
     let values = headers.len();
-    let Some(id) = headers.remove(&X_CONNECTION_ID) else { return Ok(None) };
-    if headers.len() + 1 != values {
-        return Err(ProxyError::DuplicateConnectionId);
+    match headers.remove(&X_CONNECTION_ID) {
+        None => h1::ConnectionField::Absent,
+        Some(id) if headers.len() + 1 == values => h1::ConnectionField::One(id),
+        Some(_) => h1::ConnectionField::Repeated,
     }
-    if !id.to_str().is_ok_and(ids::is_connection_id) {
-        return Err(ProxyError::BadConnectionId);
+}
+
+/// The connection id a request names: at most one field, of the
+/// connection id's shape.
+fn checked_connection_id(field: h1::ConnectionField) -> Result<Option<http::HeaderValue>, ProxyError> {
+    match field {
+        h1::ConnectionField::Absent => Ok(None),
+        h1::ConnectionField::Repeated => Err(ProxyError::DuplicateConnectionId),
+        h1::ConnectionField::One(id) if id.to_str().is_ok_and(ids::is_connection_id) => Ok(Some(id)),
+        h1::ConnectionField::One(_) => Err(ProxyError::BadConnectionId),
     }
-    Ok(Some(id))
 }
 
 /// `uri` with "/" in front of its query (its path was empty).

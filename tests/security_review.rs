@@ -342,6 +342,18 @@ async fn ambiguous_identity_and_underscore_lookalike_fields() {
     }
     assert!(lower.contains("x-kept_field: 1"), "other fields with underscores pass:\n{head}");
     assert_eq!(lower.matches("x-api-key: token header-key-6d").count(), 1, "{head}");
+
+    // `X-Connection-Id` named by `Connection` is hop-by-hop: it names no
+    // connection, and the request goes on as a pass-through (allowed by
+    // default) without the credential.
+    let req = format!(
+        "GET http://{u}/ HTTP/1.1\r\nHost: {u}\r\nConnection: X-Connection-Id\r\nX-Connection-Id: {k}\r\n\r\n",
+        u = up.addr
+    );
+    let (status, answer) = exchange(h.running.proxy_addr, req.as_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
+    let head = up.heads().pop().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("header-key-6d") && !head.contains("x-connection-id"), "{head}");
 }
 
 /// Item 7. A response coding other than chunked (`gzip, chunked`) is not

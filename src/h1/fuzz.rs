@@ -38,6 +38,8 @@ pub struct Head {
     pub framing: Framing,
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// `X-Connection-Id`, set aside by the codec (not among `fields`).
+    pub connection: super::ConnectionField,
 }
 
 impl Head {
@@ -50,6 +52,7 @@ impl Head {
             framing: h.framing,
             keep_alive: h.keep_alive,
             expect_continue: h.expect_continue,
+            connection: h.connection.clone(),
         }
     }
 }

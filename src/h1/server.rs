@@ -20,19 +20,22 @@ use tokio::sync::oneshot;
 
 pub use super::transport::{Io, ReadHalf, Rewind, Transport, Upgraded, WriteHalf};
 use super::{
-    find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, IdleTimer, Pending, RawFields, MAX_HEADERS,
+    find_head_end, header_map, read_into, ConnectionField, Decoder, Encoder, Error, Framing, IdleTimer, Pending,
+    RawFields, MAX_HEADERS,
 };
 
 /// A parsed request head.
 pub struct RequestHead {
-    /// Method, target as sent, version and every header field (values share
-    /// the head's bytes).
+    /// Method, target as sent, version and every header field but
+    /// `X-Connection-Id` (values share the head's bytes).
     pub parts: http::request::Parts,
     pub framing: Framing,
     /// The caller allows another request on this connection afterwards.
     pub keep_alive: bool,
     /// `Expect: 100-continue` with a body.
     pub expect_continue: bool,
+    /// The `X-Connection-Id` field, kept out of `parts.headers`.
+    pub connection: ConnectionField,
 }
 
 /// The read side of a caller's connection.
@@ -159,7 +162,7 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
     let uri = Uri::from_maybe_shared(head.slice_ref(target.as_bytes()))
         .map_err(|_| Error::Malformed("invalid request target"))?;
     let minor = req.version.unwrap_or(1);
-    let (headers, s) = header_map(&head, req.headers, false)?;
+    let (headers, s, connection) = header_map(&head, req.headers, false)?;
     let framing = super::request_framing(&method, minor, &s)?;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -171,6 +174,7 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
         framing,
         keep_alive: s.keep_alive(minor),
         expect_continue: s.expect_continue && framing != Framing::Empty,
+        connection,
     })
 }
 
@@ -550,7 +554,8 @@ mod tests {
         let h = head("GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Connection-Id: conn_x\r\n\r\n").unwrap();
         assert_eq!(h.parts.method, Method::GET);
         assert_eq!(h.parts.uri, "http://a.test/x?y=1");
-        assert_eq!(h.parts.headers["x-connection-id"], "conn_x");
+        assert_eq!(h.connection, ConnectionField::One(http::HeaderValue::from_static("conn_x")));
+        assert!(h.parts.headers.get("x-connection-id").is_none(), "set aside, not in the map");
         assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Empty, true, false));
         let h = head("POST http://a.test/ HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\nContent-Length: 3\r\nX-Keep: 2\r\n\r\n").unwrap();
         let names: Vec<_> = h.parts.headers.keys().map(|k| k.as_str()).collect();
@@ -568,6 +573,35 @@ mod tests {
         assert!(h.keep_alive);
         let h = head("CONNECT a.test:443 HTTP/1.1\r\nContent-Length: 10\r\n\r\n").unwrap();
         assert_eq!((h.parts.uri.authority().unwrap().as_str(), h.framing), ("a.test:443", Framing::Empty));
+    }
+
+    #[test]
+    fn the_connection_field_is_set_aside_once_or_marked_repeated() {
+        let field = |fields: &str| head(&format!("GET http://a.test/ HTTP/1.1\r\n{fields}\r\n")).unwrap().connection;
+        let one = ConnectionField::One(http::HeaderValue::from_static("conn_a"));
+        assert_eq!(field("X-CONNECTION-ID: conn_a\r\n"), one, "names are case-insensitive");
+        assert_eq!(field("Host: a.test\r\n"), ConnectionField::Absent);
+        // Two field lines, in any case or with the same value: ambiguous.
+        for two in [
+            "X-Connection-Id: conn_a\r\nx-connection-id: conn_b\r\n",
+            "X-Connection-Id: conn_a\r\nX-Connection-Id: conn_a\r\n",
+            "x-connection-id: conn_a\r\nX-Other: 1\r\nX-CONNECTION-ID: conn_a\r\n",
+        ] {
+            assert_eq!(field(two), ConnectionField::Repeated, "{two:?}");
+        }
+        // Named by `Connection`: hop-by-hop, so no connection is named.
+        assert_eq!(field("Connection: X-Connection-Id\r\nX-Connection-Id: conn_a\r\n"), ConnectionField::Absent);
+        // A lookalike is dropped, and is no connection field either.
+        let h = head("GET http://a.test/ HTTP/1.1\r\nX_Connection_Id: conn_a\r\n\r\n").unwrap();
+        assert_eq!((h.connection, h.parts.headers.len()), (ConnectionField::Absent, 0));
+        // Not a connection field in a response: passed on like any other.
+        let raw = super::super::RawFields::from_parsed(
+            &[httparse::Header { name: "X-Connection-Id", value: b"conn_a" }],
+            false,
+        )
+        .unwrap()
+        .0;
+        assert_eq!(&raw.lines[..], b"X-Connection-Id: conn_a\r\n");
     }
 
     #[test]
@@ -643,7 +677,7 @@ mod tests {
             let head = std::future::poll_fn(|cx| side.poll_head(cx, 65_536)).await.unwrap().unwrap();
             assert_eq!(head.parts.method, Method::POST, "split at {split}");
             assert_eq!(head.parts.uri, "http://a.test/x?y=1");
-            assert_eq!(head.parts.headers["x-connection-id"], "conn_x");
+            assert_eq!(head.connection, ConnectionField::One(http::HeaderValue::from_static("conn_x")));
             assert_eq!((head.framing, head.keep_alive), (Framing::Length(5), true));
             side.start_body(head.framing);
             let (tx, rx) = oneshot::channel();

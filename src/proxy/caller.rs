@@ -22,7 +22,7 @@ use super::{handle, take_fields, ConnMemo, ProxyBody, ProxyError, ProxyState, Tu
 use crate::h1::server::{
     Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
 };
-use crate::h1::{self, Framing};
+use crate::h1::{self, ConnectionField, Framing};
 use crate::upstream::CallerBody;
 
 /// Request bodies read and dropped (so the connection can carry the next
@@ -40,8 +40,8 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
             Ok(None) => return,
             Err(refused) => return conn.refuse(refused).await,
         };
-        let req = conn.request(head);
-        let Some(resp) = conn.run(req).await else { return };
+        let (req, named) = conn.request(head);
+        let Some(resp) = conn.run(req, named).await else { return };
         match conn.respond(resp).await {
             After::Next if conn.reclaim().await => {}
             After::Next | After::Close => return conn.close().await,
@@ -174,8 +174,9 @@ impl<'a> CallerConn<'a> {
     /// The request for the pipeline. A body owns the read side while it is
     /// read, and sends it back when it ends (or is dropped half-read).
     #[inline(always)]
-    fn request(&mut self, head: RequestHead) -> Request<CallerBody> {
-        let RequestHead { mut parts, framing, keep_alive, expect_continue } = head;
+    /// With it, the `X-Connection-Id` field the codec set aside.
+    fn request(&mut self, head: RequestHead) -> (Request<CallerBody>, ConnectionField) {
+        let RequestHead { mut parts, framing, keep_alive, expect_continue, connection } = head;
         if let Some(t) = &self.tunnel {
             parts.uri = t.absolute(&parts.uri);
         }
@@ -208,19 +209,19 @@ impl<'a> CallerConn<'a> {
             req.extensions_mut().insert(on_upgrade);
             exchange.upgrade = Some(tx);
         }
-        req
+        (req, connection)
     }
 
     /// Runs the pipeline; `100 Continue` goes out when it first reads the
     /// body. `None`: the caller went away while `100 Continue` was written.
     #[inline(always)]
-    async fn run(&mut self, req: Request<CallerBody>) -> Option<Response<ProxyBody>> {
+    async fn run(&mut self, req: Request<CallerBody>, named: ConnectionField) -> Option<Response<ProxyBody>> {
         // The pipeline's future is awaited where it is made: it is large,
         // and a binding would be one more copy of it per request.
         match &self.ex.cont {
-            None => Some(handle(self.state, self.peer, req, &mut self.memo).await),
+            None => Some(handle(self.state, self.peer, req, Some(named), &mut self.memo).await),
             Some(c) => {
-                let pipeline = handle(self.state, self.peer, req, &mut self.memo);
+                let pipeline = handle(self.state, self.peer, req, Some(named), &mut self.memo);
                 with_continue(pipeline, c, &mut self.wr).await.ok()
             }
         }

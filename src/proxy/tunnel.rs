@@ -213,5 +213,5 @@ fn inner(state: Arc<ProxyState>, peer: SocketAddr, target: Arc<TunnelTarget>, re
     let req = Request::from_parts(parts, CallerBody::H2(body));
     // Each stream its own memo: streams run at once.
     let mut memo = ConnMemo::in_tunnel(target.caller.clone());
-    Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, &mut memo).await)) })
+    Box::pin(async move { Ok(super::fields_in_map(handle(&state, peer, req, None, &mut memo).await)) })
 }
