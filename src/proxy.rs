@@ -687,13 +687,20 @@ fn strip_request_headers(h: &mut HeaderMap) {
 /// keep-alive`: one pass over the names finds what is there, and only that
 /// is looked up and removed.
 fn strip(h: &mut HeaderMap, also: impl Fn(&str) -> bool) {
+    let strips = |n: &str| h1::is_hop_by_hop(n) || also(n);
+    // Nearly always nothing to remove (an HTTP/1.1 upstream's response map
+    // is empty, our codec keeps hop-by-hop fields out of a request's): one
+    // look at the names, without setting up the removal below.
+    if !h.keys().any(|n| strips(n.as_str())) {
+        return;
+    }
     // Each name at most once: fits without allocating.
     let mut present: [Option<HeaderName>; 12] = [const { None }; 12];
     let mut found = 0;
     let mut listed = Vec::new();
     for (name, value) in h.iter() {
         let n = name.as_str();
-        if !(h1::is_hop_by_hop(n) || also(n)) || present[..found].iter().flatten().any(|p| p == name) {
+        if !strips(n) || present[..found].iter().flatten().any(|p| p == name) {
             continue;
         }
         if found == present.len() {
