@@ -677,7 +677,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// What never goes upstream from a caller: hop-by-hop headers, our control
 /// headers, and `Expect` (answered by credproxy). `Host` is replaced by
 /// [`upstream_request`] with the target's authority. (The HTTP/1.1 codec
-/// leaves hop-by-hop fields out already; h2 requests come through hyper.)
+/// leaves hop-by-hop fields and `X-Connection-Id` out already, and step 3
+/// took an h2 request's out; naming it here again keeps it from ever going
+/// upstream should another path reach this.)
 fn strip_request_headers(h: &mut HeaderMap) {
     strip(h, |name| matches!(name, "proxy-authorization" | "x-connection-id" | "expect"));
 }

@@ -171,10 +171,10 @@ impl<'a> CallerConn<'a> {
         })
     }
 
-    /// The request for the pipeline. A body owns the read side while it is
-    /// read, and sends it back when it ends (or is dropped half-read).
+    /// The request for the pipeline, and the `X-Connection-Id` field the
+    /// codec set aside. A body owns the read side while it is read, and
+    /// sends it back when it ends (or is dropped half-read).
     #[inline(always)]
-    /// With it, the `X-Connection-Id` field the codec set aside.
     fn request(&mut self, head: RequestHead) -> (Request<CallerBody>, ConnectionField) {
         let RequestHead { mut parts, framing, keep_alive, expect_continue, connection } = head;
         if let Some(t) = &self.tunnel {
