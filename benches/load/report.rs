@@ -3,7 +3,7 @@
 
 use crate::client::Sample;
 use crate::statistics::{ratios, summarize};
-use crate::systems::{Load, System};
+use crate::systems::System;
 
 /// The targets, collected as the sections measure them and
 /// printed together at the end.
@@ -96,12 +96,9 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool, tar
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (s, v) in systems.iter().zip(samples) {
         let r = summarize(v);
-        let load = match s.load {
-            Load::Own(c) => format!("own, {c}"),
-            Load::Wrk(c) => format!("wrk, {c}"),
-        };
+        let (generator, conns) = s.load.generator();
         println!(
-            "| {} | {load} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {generator}, {conns} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
             s.name,
             r.rps,
             r.p50,
@@ -141,9 +138,7 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool, tar
         );
         targets.add("CONNECT + TLS interception CPU/request vs plain", cpu, "x", 1.10);
     }
-    if get("nginx").is_none() {
-        return;
-    }
+    let Some(nginx) = get("nginx") else { return };
     // credproxy against nginx configured alike, for each load generator and
     // connection count the run has; then the logged pair.
     let paired_rows = systems.iter().filter_map(|s| {
@@ -154,20 +149,17 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool, tar
         let (Some(r), Some(n)) = (get(&s.name), get(&format!("nginx{suffix}"))) else { continue };
         let (cpu, p99, rps) = ratios(r, n);
         println!("{}/nginx{suffix}: CPU per request {cpu:.2} (target ≤ 1.00), p99 {p99:.2} (target ≤ 1.00), throughput {rps:.2}", s.name);
-        let load = match s.load {
-            Load::Own(c) => format!("own client, {c} connections"),
-            Load::Wrk(c) => format!("wrk, {c} connections"),
-        };
+        let (generator, conns) = s.load.generator();
+        let load = format!("{generator}, {conns} connections");
         targets.add(format!("CPU per request vs nginx, {load}"), cpu, "x", 1.0);
         targets.add(format!("p99 vs nginx, {load}"), p99, "x", 1.0);
     }
-    let Some(n) = get("nginx") else { return };
     for name in ["credproxy+accesslog", "credproxy-prod", "credproxy-connect"] {
         let Some(r) = get(name) else { continue };
         let logged = name == "credproxy+accesslog";
         let (n, vs) = match get("nginx+accesslog") {
             Some(nl) if logged => (nl, "nginx+accesslog"),
-            _ => (n, "nginx"),
+            _ => (nginx, "nginx"),
         };
         let (cpu, p99, rps) = ratios(r, n);
         println!("{name}/{vs}: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");

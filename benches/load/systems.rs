@@ -42,6 +42,16 @@ pub enum Load {
     Wrk(usize),
 }
 
+impl Load {
+    /// The generator's name in the report, and the connection count.
+    pub fn generator(self) -> (&'static str, usize) {
+        match self {
+            Self::Own(c) => ("own client", c),
+            Self::Wrk(c) => ("wrk", c),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- upstream
 
 /// Requests seen by the hello upstream, and how many carried the injected header.
