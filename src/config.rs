@@ -124,6 +124,13 @@ pub struct RuntimeConfig {
     /// Threads serving requests; 0 = one per CPU. A sidecar sharing a small
     /// CPU budget with its runner does best with 1 (see the load bench).
     pub worker_threads: usize,
+    /// The proxy served by one single-threaded runtime per thread
+    /// (`worker_threads` of them), each with its own upstream pool, no work
+    /// stealing: the acceptor hands each new connection to the next thread
+    /// in turn. The admin and public listeners and background work stay on
+    /// a one-thread main runtime. Off: one work-stealing runtime serves
+    /// everything (the load bench compares the two).
+    pub thread_per_core: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

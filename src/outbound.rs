@@ -96,6 +96,20 @@ impl Drop for Reservation {
 }
 
 impl Outbound {
+    /// The same pipeline over another upstream pool (one per thread under
+    /// `runtime.thread_per_core`); the buffer budget and metrics stay shared.
+    pub fn with_pool(&self, pool: Arc<Pool>) -> Self {
+        Self {
+            connections: self.connections.clone(),
+            pool,
+            response_header_timeout: self.response_header_timeout,
+            max_buffered_body: self.max_buffered_body,
+            buffered_body_timeout: self.buffered_body_timeout,
+            buffer_budget: self.buffer_budget.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Forwards through the pool; its connector applies the SSRF guard.
     /// `upstream.response_header_timeout_ms` bounds everything up to the
     /// response head, connecting included.

@@ -13,7 +13,7 @@ use http::header::{self, HeaderName};
 use http::uri::{Authority, Scheme as UriScheme};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body_util::Full;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -94,6 +94,32 @@ pub struct ProxyState {
     pub drain: Drain,
 }
 
+impl ProxyState {
+    /// This state with another outbound pipeline and its own drain signal:
+    /// one per thread under `runtime.thread_per_core`. Connections, quotas,
+    /// the audit trail, the connection tracker and shutdown stay shared.
+    pub fn for_core(&self, outbound: Arc<Outbound>) -> Self {
+        Self {
+            mode: self.mode,
+            org_id: self.org_id.clone(),
+            require_run_token: self.require_run_token,
+            run_tokens: self.run_tokens.clone(),
+            connections: self.connections.clone(),
+            outbound,
+            quotas: self.quotas.clone(),
+            allow_passthrough: self.allow_passthrough,
+            connector: self.connector.clone(),
+            interceptor: self.interceptor.clone(),
+            passthrough_hosts: self.passthrough_hosts.clone(),
+            limits: self.limits,
+            audit: self.audit.clone(),
+            tracker: self.tracker.clone(),
+            shutdown: self.shutdown.clone(),
+            drain: Drain::default(),
+        }
+    }
+}
+
 /// Client-side limits of the proxy listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
@@ -121,7 +147,22 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<ProxyState>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) {
+    accept(listener, &state, shutdown, |stream, peer| serve_connection(&state, &tls, stream, peer)).await;
+    state.drain.start();
+    info!("proxy listener closed; draining open connections");
+}
+
+/// Accepts connections until `shutdown` flips to true, then drops the
+/// listener (new connections are refused). Each accepted connection within
+/// `proxy.max_connections` goes to `hand` (Nagle off), which must put it on
+/// `state.tracker` (or keep a token of it).
+pub async fn accept(
+    listener: TcpListener,
+    state: &ProxyState,
     mut shutdown: watch::Receiver<bool>,
+    mut hand: impl FnMut(TcpStream, SocketAddr),
 ) {
     let limits = state.limits;
     loop {
@@ -143,27 +184,66 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let tls = tls.clone();
-        let metrics = state.outbound.metrics.clone();
-        state.tracker.clone().spawn(async move {
-            let _open = metrics.client_connection();
-            match tls {
-                None => serve_h1(&state, Transport::Tcp(stream), peer, None).await,
-                Some(acceptor) => {
-                    // The handshake gets the same deadline as a request head.
-                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_h1(&state, Transport::Boxed(Box::new(s)), peer, None).await,
-                        Ok(Err(e)) => debug!(%peer, error = %e, "proxy TLS handshake failed"),
-                        Err(_) => debug!(%peer, "proxy TLS handshake timed out"),
-                    }
+        hand(stream, peer);
+    }
+}
+
+/// Serves one accepted connection as a task on `state.tracker`, on the
+/// current runtime. With `tls`, the listener itself speaks TLS
+/// (`proxy.tls_cert`): clients use an `https://` proxy URL.
+pub fn serve_connection(
+    state: &Arc<ProxyState>,
+    tls: &Option<tokio_rustls::TlsAcceptor>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let (state, tls) = (state.clone(), tls.clone());
+    let limits = state.limits;
+    let metrics = state.outbound.metrics.clone();
+    state.tracker.clone().spawn(async move {
+        let _open = metrics.client_connection();
+        match tls {
+            None => serve_h1(&state, Transport::Tcp(stream), peer, None).await,
+            Some(acceptor) => {
+                // The handshake gets the same deadline as a request head.
+                match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => serve_h1(&state, Transport::Boxed(Box::new(s)), peer, None).await,
+                    Ok(Err(e)) => debug!(%peer, error = %e, "proxy TLS handshake failed"),
+                    Err(_) => debug!(%peer, "proxy TLS handshake timed out"),
                 }
             }
-        });
+        }
+    });
+}
+
+/// A connection accepted on one thread for another's runtime
+/// (`runtime.thread_per_core`): the socket, its peer, and a token that
+/// counts it as open on the tracker until the task serving it exists.
+pub type Handed = (std::net::TcpStream, SocketAddr, tokio_util::task::task_tracker::TaskTrackerToken);
+
+/// Serves the connections handed over on `handed` on this thread's
+/// runtime until `shutdown` flips to true or the acceptor ends, then tells
+/// its open connections to finish their in-flight request and close.
+pub async fn serve_handed(
+    mut handed: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+    state: Arc<ProxyState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer, _counted) = tokio::select! {
+            h = handed.recv() => match h {
+                Some(h) => h,
+                None => break,
+            },
+            _ = draining(&mut shutdown) => break,
+        };
+        match TcpStream::from_std(stream) {
+            Ok(stream) => serve_connection(&state, &tls, stream, peer),
+            Err(e) => warn!(%peer, error = %e, "a handed-over proxy connection cannot be registered"),
+        }
     }
-    drop(listener);
     state.drain.start();
-    info!("proxy listener closed; draining open connections");
 }
 
 /// Inside an intercepted tunnel every request goes to the tunnel's

@@ -55,6 +55,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the proxy's runtime for thread {thread} (runtime.thread_per_core): {source}")]
+    Runtime {
+        thread: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The three listening sockets: the proxy (runners), the admin API
@@ -76,6 +82,96 @@ impl Listeners {
             admin: bind("admin.listen", config.admin.listen).await?,
             public: bind("public.listen", config.public.listen).await?,
         })
+    }
+}
+
+/// `runtime.thread_per_core`: one single-threaded runtime per thread, each
+/// with its own upstream pool. The proxy listener's acceptor hands each new
+/// connection to the next thread in turn (the connection then lives there);
+/// see the README's load benchmark for what this was measured against.
+struct Cores(Vec<tokio::runtime::Runtime>);
+
+impl Cores {
+    /// `worker_threads` runtimes (0: one per CPU).
+    fn new(config: &Config) -> Result<Self, StartError> {
+        let n = match config.runtime.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        (0..n)
+            .map(|thread| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| StartError::Runtime { thread, source })
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    /// Starts the threads and returns the acceptor: it hands connections
+    /// round-robin to the threads, each serving them with its own upstream
+    /// pool and drain signal (the rest of `state` shared). A thread's
+    /// runtime lives until its connections end (they run on it) or the
+    /// drain is given up (`given_up`); the acceptor ends when every thread
+    /// has. No thread could start: the acceptor serves on this runtime.
+    fn serve(
+        self,
+        listener: TcpListener,
+        state: &Arc<ProxyState>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        stop: watch::Receiver<bool>,
+        given_up: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> {
+        let (mut hands, mut ended) = (Vec::new(), Vec::new());
+        for (thread, rt) in self.0.into_iter().enumerate() {
+            let (hand, handed) = tokio::sync::mpsc::unbounded_channel();
+            let (state, tls, stop, mut given_up) = (state.clone(), tls.clone(), stop.clone(), given_up.clone());
+            let (done, end) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new().name(format!("proxy-core-{thread}")).spawn(move || {
+                rt.block_on(async move {
+                    let outbound = Arc::new(state.outbound.with_pool(state.outbound.pool.sibling()));
+                    let state = Arc::new(state.for_core(outbound));
+                    let tracker = state.tracker.clone();
+                    proxy::serve_handed(handed, state, tls, stop).await;
+                    tokio::select! {
+                        _ = tracker.wait() => {}
+                        _ = given_up.changed() => {}
+                    }
+                });
+                drop(done);
+            });
+            match spawned {
+                Ok(_) => {
+                    hands.push(hand);
+                    ended.push(end);
+                }
+                Err(e) => tracing::error!(thread, error = %e, "cannot start a proxy thread"),
+            }
+        }
+        let state = state.clone();
+        async move {
+            if hands.is_empty() {
+                return proxy::serve(listener, state, tls, stop).await;
+            }
+            let mut next = 0;
+            proxy::accept(listener, &state, stop, |stream, peer| {
+                let counted = state.tracker.token();
+                match stream.into_std() {
+                    Ok(stream) => {
+                        let _ = hands[next].send((stream, peer, counted));
+                        next = (next + 1) % hands.len();
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "a proxy connection cannot be handed over"),
+                }
+            })
+            .await;
+            tracing::info!("proxy listener closed; draining open connections");
+            drop(hands);
+            for end in ended {
+                let _ = end.await;
+            }
+        }
     }
 }
 
@@ -252,8 +348,9 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     let proxy_addr = bound("proxy.listen", config.proxy.listen, &listeners.proxy)?;
     let admin_addr = bound("admin.listen", config.admin.listen, &listeners.admin)?;
     let public_addr = bound("public.listen", config.public.listen, &listeners.public)?;
+    let cores = config.runtime.thread_per_core.then(|| Cores::new(config)).transpose()?;
     let app = App::build(config, integrations, prepared, public_addr).await?;
-    Ok(app.serve(listeners, config, Addrs { proxy: proxy_addr, admin: admin_addr, public: public_addr }))
+    Ok(app.serve(listeners, cores, config, Addrs { proxy: proxy_addr, admin: admin_addr, public: public_addr }))
 }
 
 /// Where the three listeners are bound.
@@ -381,7 +478,7 @@ impl App {
 
     /// Serves the proxy and the admin API on `listeners`, and (PostgreSQL)
     /// follows other instances' changes; logs the start-up line.
-    fn serve(self, listeners: Listeners, config: &Config, addrs: Addrs) -> Running {
+    fn serve(self, listeners: Listeners, cores: Option<Cores>, config: &Config, addrs: Addrs) -> Running {
         // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
         let listener = config.store.is_postgres().then(|| {
             let (c, quotas) = (self.connections.clone(), self.proxy.quotas.clone());
@@ -433,8 +530,13 @@ impl App {
         let proxy_tls_on = self.proxy_tls.is_some();
         let tracker = self.proxy.tracker.clone();
         let stop = self.proxy.shutdown.clone();
-        tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
         let (admin_shutdown, admin_rx) = watch::channel(false);
+        match cores {
+            None => tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop)),
+            Some(cores) => {
+                tasks.spawn(cores.serve(listeners.proxy, &self.proxy, self.proxy_tls, stop, admin_rx.clone()))
+            }
+        };
         let admin = self.admin.clone();
         // integrations.watch: reload when the directory changes.
         if config.integrations.watch {

@@ -100,12 +100,66 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced_not_failed() {
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", "[shutdown]\ngrace_secs = 10\n");
-    let mut i = spawn_instance(&config).await;
+    let i = spawn_instance(&config).await;
+    let id = drain_token_connection(&i).await;
+    drains_under_sigterm(i, id).await;
+}
+
+/// `runtime.thread_per_core`: the proxy runs on its own threads (one
+/// runtime and upstream pool each), concurrent callers on many connections
+/// all get their credential, and SIGTERM drains as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_serves_every_connection_and_drains_under_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "",
+        "[shutdown]\ngrace_secs = 10\n[runtime]\nworker_threads = 3\nthread_per_core = true\n",
+    );
+    let i = spawn_instance(&config).await;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", i.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for n in 0..3 {
+        assert!(threads.contains(&format!("proxy-core-{n}")), "proxy thread {n} runs: {threads:?}");
+    }
+    let id = drain_token_connection(&i).await;
+    // Twelve callers at once, each on its own connection: handed to the
+    // threads in turn, four each, each thread through its own pool.
+    let calls: Vec<_> = (0..12)
+        .map(|n| {
+            let (proxy, id) = (i.proxy, id.clone());
+            tokio::spawn(async move {
+                let url = format!("{}/anything/{n}", httpbin());
+                let (status, _, body) = proxy_request(proxy, "GET", &url, Some(&id), None).await;
+                (n, status, body)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (n, status, body) = call.await.unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echoed["headers"]["Authorization"], "Bearer drain-token");
+        assert!(echoed["url"].as_str().unwrap().ends_with(&format!("/anything/{n}")), "{echoed}");
+    }
+    drains_under_sigterm(i, id).await;
+}
+
+/// A bearer connection with the token `drain-token`.
+async fn drain_token_connection(i: &Instance) -> String {
     let body = serde_json::json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG,
                                   "user_id": "u", "credentials": {"token": "drain-token"}});
     let created = i.admin.call(http::Method::POST, "/v1/connections", Some(&body)).await.unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    created["id"].as_str().unwrap().to_owned()
+}
 
+/// SIGTERM while a slow request through connection `id` is in flight: not
+/// ready, new proxy connections refused, the request completes with its
+/// credential, the process exits 0 within `grace_secs = 10`.
+async fn drains_under_sigterm(mut i: Instance, id: String) {
     // A slow request (httpbin answers after 3 s) is in flight when SIGTERM arrives.
     let (proxy, slow_url, slow_id) = (i.proxy, format!("{}/delay/3", httpbin()), id.clone());
     let slow = tokio::spawn(async move {

@@ -54,6 +54,10 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
     let cp_ir = counted(one_thread.clone(), Setup::via, audit, "credproxy").await;
     // Generous quotas checked on every request.
     let limits_ir = counted(one_thread.clone(), Setup::via_limited, audit, "credproxy+limits").await;
+    // runtime.thread_per_core: one single-threaded runtime for the proxy.
+    let tpc = dir.join("credproxy-tpc-1.toml");
+    std::fs::write(&tpc, format!("{}thread_per_core = true\n", std::fs::read_to_string(&one_thread).unwrap())).unwrap();
+    let tpc_ir = counted(tpc, Setup::via, audit, "credproxy-tpc").await;
     // Shared mode: the same, with a run token on every request.
     let shared = dir.join("credproxy-shared-1.toml");
     let text = std::fs::read_to_string(&one_thread).unwrap();
@@ -89,6 +93,7 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
         "credproxy+limits {limits_ir:.0} instructions per request, credproxy+limits/credproxy {:.3}",
         limits_ir / cp_ir
     );
+    println!("credproxy-tpc {tpc_ir:.0} instructions per request, credproxy-tpc/credproxy {:.3}", tpc_ir / cp_ir);
 }
 
 /// `valgrind --tool=callgrind`, writing its dumps into `dir`.

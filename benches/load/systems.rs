@@ -386,6 +386,9 @@ pub struct Setup {
     /// A shared tier as production runs it: run tokens, the audit trail on
     /// (to stdout), and the `bench-limited` connection's quotas checked.
     prod: Served,
+    /// `runtime.thread_per_core` (its own runtime, socket and upstream
+    /// pool per thread), otherwise like `credproxy`.
+    tpc: Served,
     /// wrk, or why its rows are absent.
     pub wrk: Result<PathBuf, String>,
     baseline: Option<Served>,
@@ -419,6 +422,9 @@ impl Setup {
         let run_token = mint_run_token(credproxy.admin).await;
         // Audit lines on: the environment leaves the sink at its default.
         let (prod, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, &[]).await;
+        let tpc_config = dir.path().join("credproxy-tpc.toml");
+        std::fs::write(&tpc_config, format!("{text}thread_per_core = true\n")).unwrap();
+        let (tpc, _) = spawn_credproxy(&[], credproxy_bin(), &tpc_config, dir.path(), off, AUDIT_OFF).await;
         let wrk = crate::wrk::find_or_install(k.smoke);
         // LOAD_BASELINE_BIN adds a `baseline` row with the same config and
         // key, so one run says what a change bought. Its own store, with its
@@ -457,6 +463,7 @@ impl Setup {
             shared,
             run_token,
             prod,
+            tpc,
             wrk,
             baseline,
             baseline_conn,
@@ -525,6 +532,7 @@ impl Setup {
         let mut systems = vec![
             row("direct", Target::Direct(self.upstream), None, false),
             row("credproxy", self.via(self.credproxy.proxy), self.credproxy.child.id(), true),
+            row("credproxy-tpc", self.via(self.tpc.proxy), self.tpc.child.id(), true),
             row("credproxy+limits", self.via_limited(self.credproxy.proxy), self.credproxy.child.id(), true),
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
             row("credproxy-shared", self.via_shared(self.shared.proxy), self.shared.child.id(), true),
@@ -552,13 +560,22 @@ impl Setup {
         // credproxy and nginx at every other connection count, then through
         // wrk at every count.
         let pair = |load: Load, suffix: String| {
-            let mut v = vec![System {
-                name: format!("credproxy{suffix}"),
-                target: self.via(self.credproxy.proxy),
-                load,
-                pid: self.credproxy.child.id(),
-                injects: true,
-            }];
+            let mut v = vec![
+                System {
+                    name: format!("credproxy{suffix}"),
+                    target: self.via(self.credproxy.proxy),
+                    load,
+                    pid: self.credproxy.child.id(),
+                    injects: true,
+                },
+                System {
+                    name: format!("credproxy-tpc{suffix}"),
+                    target: self.via(self.tpc.proxy),
+                    load,
+                    pid: self.tpc.child.id(),
+                    injects: true,
+                },
+            ];
             if let Some(((plain, addr), _)) = &self.nginx {
                 v.push(System {
                     name: format!("nginx{suffix}"),
@@ -592,5 +609,6 @@ impl Setup {
         let _ = self.credproxy_log.child.start_kill();
         let _ = self.shared.child.start_kill();
         let _ = self.prod.child.start_kill();
+        let _ = self.tpc.child.start_kill();
     }
 }

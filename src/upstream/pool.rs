@@ -213,9 +213,21 @@ impl Pool {
     /// which ends when the pool is dropped.
     pub fn new(connector: GuardedConnector, mut tls: rustls::ClientConfig, settings: PoolSettings) -> Arc<Self> {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start(connector, tokio_rustls::TlsConnector::from(Arc::new(tls)), settings)
+    }
+
+    /// An empty pool with this one's connector, TLS configuration (and
+    /// session cache) and settings, its idle sweeper on the current
+    /// runtime: `runtime.thread_per_core` gives each thread its own, so a
+    /// pooled connection is only used on the runtime that registered it.
+    pub fn sibling(&self) -> Arc<Self> {
+        Self::start(self.connector.clone(), self.tls.clone(), self.settings.clone())
+    }
+
+    fn start(connector: GuardedConnector, tls: tokio_rustls::TlsConnector, settings: PoolSettings) -> Arc<Self> {
         let pool = Arc::new(Self {
             connector,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            tls,
             settings,
             slots: Mutex::new(Slots::default()),
             stats: PoolStats::default(),
