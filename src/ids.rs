@@ -37,10 +37,28 @@ pub fn new_id(prefix: &str) -> String {
 
 /// True if `s` has the shape of a connection id. Callers still look it up.
 pub fn is_connection_id(s: &str) -> bool {
-    match s.strip_prefix(CONNECTION_ID_PREFIX) {
-        Some(rest) => rest.len() == ID_CHARS && rest.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7')),
-        None => false,
-    }
+    is_connection_id_bytes(s.as_bytes())
+}
+
+/// [`is_connection_id`] on raw bytes (a field value: no UTF-8 check
+/// first, the alphabet is ASCII): the prefix, then the 26 characters eight
+/// at a time (words at 0, 8, 16 and 18, the last overlapping).
+pub fn is_connection_id_bytes(b: &[u8]) -> bool {
+    let Some(rest) = b.strip_prefix(CONNECTION_ID_PREFIX.as_bytes()) else { return false };
+    let word = |i: usize| rest.get(i..i + 8).and_then(|w| w.try_into().ok()).map_or(0, u64::from_le_bytes);
+    rest.len() == ID_CHARS && [0, 8, 16, ID_CHARS - 8].into_iter().all(|i| base32_word(word(i)))
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = ONES * 0x80;
+
+/// Every byte of `w` is in `a-z` or `2-7`. For a byte below 0x80, adding
+/// `0x80 - lo` sets its high bit iff it is >= lo, adding `0x7f - hi` iff it
+/// is > hi, and neither carries into the next byte.
+fn base32_word(w: u64) -> bool {
+    let within =
+        |lo: u8, hi: u8| w.wrapping_add(ONES * u64::from(0x80 - lo)) & !w.wrapping_add(ONES * u64::from(0x7f - hi));
+    w & HIGH == 0 && (within(b'a', b'z') | within(b'2', b'7')) & HIGH == HIGH
 }
 
 /// Organization and user ids are chosen by the platform; we only bound their
@@ -71,6 +89,43 @@ pub fn origin_of(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The word-at-a-time check against the byte one, for every byte value
+    /// at every position of an id, and for every length around 26.
+    #[test]
+    fn connection_id_shape_matches_the_byte_check_everywhere() {
+        let reference = |b: &[u8]| {
+            b.strip_prefix(b"conn_")
+                .is_some_and(|r| r.len() == ID_CHARS && r.iter().all(|c| matches!(c, b'a'..=b'z' | b'2'..=b'7')))
+        };
+        let id = new_connection_id().into_bytes();
+        assert!(is_connection_id_bytes(&id) && reference(&id));
+        for pos in 0..id.len() {
+            for byte in 0..=255u8 {
+                let mut v = id.clone();
+                v[pos] = byte;
+                assert_eq!(is_connection_id_bytes(&v), reference(&v), "byte {byte:#04x} at {pos}");
+            }
+        }
+        for len in 0..40 {
+            let v: Vec<u8> = b"conn_".iter().copied().chain(std::iter::repeat(b'a')).take(len).collect();
+            assert_eq!(is_connection_id_bytes(&v), reference(&v), "length {len}");
+        }
+        for ok in [
+            &b"conn_aaaaaaaaaaaaaaaaaaaaaaaaaa"[..],
+            b"conn_zzzzzzzzzzzzzzzzzzzzzz2345",
+            b"conn_77777777777777777777777777",
+        ] {
+            assert!(is_connection_id_bytes(ok));
+        }
+        for bad in [
+            &b"conn_aaaaaaaaaaaaaaaaaaaaaaaaa1"[..],
+            b"conn_aaaaaaaaaaaaaaaaaaaaaaaaa8",
+            b"Conn_aaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(!is_connection_id_bytes(bad));
+        }
+    }
 
     #[test]
     fn origins_are_normalized_and_only_http() {

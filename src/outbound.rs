@@ -415,7 +415,7 @@ pub fn upstream_request(
         let mut edits = inject::edits(&r.method, &r.credential)?;
         inject::apply_head(&mut uri, &mut headers, &mut edits)?;
     }
-    headers.insert(header::HOST, host_header(&uri)?);
+    set_host(&mut headers, &uri)?;
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
@@ -498,11 +498,27 @@ fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> ProxyError {
 }
 
 pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
+    HeaderValue::from_str(host_value(uri)?).map_err(|_| ProxyError::Malformed("invalid host"))
+}
+
+/// The target's authority, without the scheme's default port.
+fn host_value(uri: &Uri) -> Result<&str, ProxyError> {
     let auth = uri.authority().ok_or(ProxyError::OriginForm)?.as_str();
-    // The target's authority, without the scheme's default port.
     let default = if uri.scheme() == Some(&UriScheme::HTTPS) { ":443" } else { ":80" };
-    let value = auth.strip_suffix(default).unwrap_or(auth);
-    HeaderValue::from_str(value).map_err(|_| ProxyError::Malformed("invalid host"))
+    Ok(auth.strip_suffix(default).unwrap_or(auth))
+}
+
+/// `Host` is the target's authority: exactly one field with exactly its
+/// bytes is left as the caller sent it (most absolute-form requests: no
+/// value to build), anything else is replaced.
+fn set_host(headers: &mut HeaderMap, uri: &Uri) -> Result<(), ProxyError> {
+    let value = host_value(uri)?;
+    let mut sent = headers.get_all(header::HOST).iter();
+    if sent.next().is_some_and(|v| v.as_bytes() == value.as_bytes()) && sent.next().is_none() {
+        return Ok(());
+    }
+    headers.insert(header::HOST, host_header(uri)?);
+    Ok(())
 }
 
 /// Everything that can stop a request, tagged by the side at fault through

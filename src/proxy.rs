@@ -661,7 +661,7 @@ fn checked_connection_id(field: h1::ConnectionField) -> Result<Option<http::Head
     match field {
         h1::ConnectionField::Absent => Ok(None),
         h1::ConnectionField::Repeated => Err(ProxyError::DuplicateConnectionId),
-        h1::ConnectionField::One(id) if id.to_str().is_ok_and(ids::is_connection_id) => Ok(Some(id)),
+        h1::ConnectionField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => Ok(Some(id)),
         h1::ConnectionField::One(_) => Err(ProxyError::BadConnectionId),
     }
 }
@@ -839,6 +839,29 @@ mod tests {
         assert_eq!(u.to_string(), "https://a.test/p?q=1");
         assert_eq!(host_header(&"http://a.test:80/".parse().unwrap()).unwrap(), "a.test");
         assert_eq!(host_header(&"http://127.0.0.1:8000/".parse().unwrap()).unwrap(), "127.0.0.1:8000");
+    }
+
+    /// The caller's `Host` stays only when it is one field with exactly the
+    /// target authority's bytes; otherwise there is one, the authority.
+    #[test]
+    fn host_is_the_target_authority_exactly_once() {
+        let host_after = |uri: &str, sent: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in sent {
+                h.append(header::HOST, HeaderValue::from_static(v));
+            }
+            let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
+            let req = upstream_request(&Method::GET, uri.parse().unwrap(), h, None, body).unwrap();
+            req.headers().get_all(header::HOST).iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        assert_eq!(host_after("http://a.test:8080/x", &["a.test:8080"]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:8080/x", &[]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:8080/x", &["evil.test"]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:8080/x", &["A.test:8080"]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:8080/x", &["a.test:8080", "a.test:8080"]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:8080/x", &["a.test:8080", "evil.test"]), ["a.test:8080"]);
+        assert_eq!(host_after("http://a.test:80/x", &["a.test:80"]), ["a.test"]);
+        assert_eq!(host_after("https://a.test:443/x", &["a.test"]), ["a.test"]);
     }
 
     #[test]
