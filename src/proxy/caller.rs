@@ -41,7 +41,18 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
             Err(refused) => return conn.refuse(refused).await,
         };
         let (req, named) = conn.request(head);
-        let Some(resp) = conn.run(req, named).await else { return };
+        // The pipeline runs here, not in a method of its own: each async
+        // layer is one more move of the request (and of the pipeline's
+        // future) per request. `100 Continue` goes out when the pipeline
+        // first reads the body; the caller gone meanwhile ends the connection.
+        let (state, peer, memo) = (conn.state, conn.peer, &mut conn.memo);
+        let resp = match &conn.ex.cont {
+            None => handle(state, peer, req, Some(named), memo).await,
+            Some(c) => match with_continue(pin!(handle(state, peer, req, Some(named), memo)), c, &mut conn.wr).await {
+                Ok(resp) => resp,
+                Err(_) => return,
+            },
+        };
         match conn.respond(resp).await {
             After::Next if conn.reclaim().await => {}
             After::Next | After::Close => return conn.close().await,
@@ -212,21 +223,6 @@ impl<'a> CallerConn<'a> {
         (req, connection)
     }
 
-    /// Runs the pipeline; `100 Continue` goes out when it first reads the
-    /// body. `None`: the caller went away while `100 Continue` was written.
-    #[inline(always)]
-    async fn run(&mut self, req: Request<CallerBody>, named: ConnectionField) -> Option<Response<ProxyBody>> {
-        // The pipeline's future is awaited where it is made: it is large,
-        // and a binding would be one more copy of it per request.
-        match &self.ex.cont {
-            None => Some(handle(self.state, self.peer, req, Some(named), &mut self.memo).await),
-            Some(c) => {
-                let pipeline = handle(self.state, self.peer, req, Some(named), &mut self.memo);
-                with_continue(pipeline, c, &mut self.wr).await.ok()
-            }
-        }
-    }
-
     /// Writes the response, and says what comes next.
     #[inline(always)]
     async fn respond(&mut self, mut resp: Response<ProxyBody>) -> After {
@@ -338,12 +334,14 @@ impl<'a> CallerConn<'a> {
 }
 
 /// Runs the pipeline, answering `100 Continue` when it first reads the body.
+/// The pipeline is pinned where it was made: taken by value, its large
+/// future would sit in this one's state twice and make every request's
+/// future (this branch is laid out beside the common one) as large.
 async fn with_continue<F: Future<Output = Response<ProxyBody>>>(
-    pipeline: F,
+    mut pipeline: Pin<&mut F>,
     cont: &Continue,
     wr: &mut WriteHalf,
 ) -> std::io::Result<Response<ProxyBody>> {
-    let mut pipeline = pin!(pipeline);
     let mut wanted = false;
     let mut sent = 0;
     poll_fn(|cx| {
