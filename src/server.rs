@@ -109,48 +109,43 @@ impl Cores {
             .map(Self)
     }
 
-    /// Starts the threads and returns the acceptor: it hands connections
-    /// round-robin to the threads, each serving them with its own upstream
-    /// pool and drain signal (the rest of `state` shared). A thread's
-    /// runtime lives until its connections end (they run on it) or the
-    /// drain is given up (`given_up`); the acceptor ends when every thread
-    /// has. No thread could start: the acceptor serves on this runtime.
+    /// Starts the threads; returns the acceptor, which hands connections
+    /// round-robin to the threads (each serves them with its own upstream
+    /// pool and drain signal, the rest of `state` shared), and the threads.
+    /// A thread's runtime lives until [`CoreThreads::stop`], the last step of
+    /// a shutdown: tasks it started for everyone (a store connection's
+    /// driver, a pooled token-endpoint connection) serve the shutdown's own
+    /// last writes. No thread could start: the acceptor serves on this
+    /// runtime.
     fn serve(
         self,
         listener: TcpListener,
         state: &Arc<ProxyState>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         stop: watch::Receiver<bool>,
-        given_up: watch::Receiver<bool>,
-    ) -> impl std::future::Future<Output = ()> {
-        let (mut hands, mut ended) = (Vec::new(), Vec::new());
+    ) -> (impl std::future::Future<Output = ()>, CoreThreads) {
+        let (halt, halted) = watch::channel(false);
+        let (mut hands, mut threads) = (Vec::new(), Vec::new());
         for (thread, rt) in self.0.into_iter().enumerate() {
             let (hand, handed) = tokio::sync::mpsc::unbounded_channel();
-            let (state, tls, stop, mut given_up) = (state.clone(), tls.clone(), stop.clone(), given_up.clone());
-            let (done, end) = tokio::sync::oneshot::channel::<()>();
+            let (state, tls, stop, mut halted) = (state.clone(), tls.clone(), stop.clone(), halted.clone());
             let spawned = std::thread::Builder::new().name(format!("proxy-core-{thread}")).spawn(move || {
                 rt.block_on(async move {
                     let outbound = Arc::new(state.outbound.with_pool(state.outbound.pool.sibling()));
-                    let state = Arc::new(state.for_core(outbound));
-                    let tracker = state.tracker.clone();
-                    proxy::serve_handed(handed, state, tls, stop).await;
-                    tokio::select! {
-                        _ = tracker.wait() => {}
-                        _ = given_up.changed() => {}
-                    }
+                    proxy::serve_handed(handed, Arc::new(state.for_core(outbound)), tls, stop).await;
+                    let _ = halted.wait_for(|h| *h).await;
                 });
-                drop(done);
             });
             match spawned {
-                Ok(_) => {
+                Ok(t) => {
                     hands.push(hand);
-                    ended.push(end);
+                    threads.push(t);
                 }
                 Err(e) => tracing::error!(thread, error = %e, "cannot start a proxy thread"),
             }
         }
         let state = state.clone();
-        async move {
+        let acceptor = async move {
             if hands.is_empty() {
                 return proxy::serve(listener, state, tls, stop).await;
             }
@@ -167,11 +162,29 @@ impl Cores {
             })
             .await;
             tracing::info!("proxy listener closed; draining open connections");
-            drop(hands);
-            for end in ended {
-                let _ = end.await;
+        };
+        (acceptor, CoreThreads { halt, threads })
+    }
+}
+
+/// The proxy's threads under `runtime.thread_per_core`.
+struct CoreThreads {
+    halt: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CoreThreads {
+    /// Ends every thread's runtime (what still runs there is dropped) and
+    /// waits for the threads.
+    async fn stop(self) {
+        let _ = self.halt.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -199,6 +212,8 @@ pub struct Running {
     tasks: JoinSet<()>,
     /// Written out and closed last.
     audit: Audit,
+    /// `runtime.thread_per_core`: the proxy's threads, stopped after that.
+    core_threads: Option<CoreThreads>,
 }
 
 impl Running {
@@ -239,6 +254,9 @@ impl Running {
         while self.tasks.join_next().await.is_some() {}
         self.connections.flush_uses().await;
         self.audit.close();
+        if let Some(threads) = self.core_threads.take() {
+            threads.stop().await;
+        }
         abandoned
     }
 
@@ -530,13 +548,18 @@ impl App {
         let proxy_tls_on = self.proxy_tls.is_some();
         let tracker = self.proxy.tracker.clone();
         let stop = self.proxy.shutdown.clone();
-        let (admin_shutdown, admin_rx) = watch::channel(false);
-        match cores {
-            None => tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop)),
+        let core_threads = match cores {
+            None => {
+                tasks.spawn(proxy::serve(listeners.proxy, self.proxy, self.proxy_tls, stop));
+                None
+            }
             Some(cores) => {
-                tasks.spawn(cores.serve(listeners.proxy, &self.proxy, self.proxy_tls, stop, admin_rx.clone()))
+                let (acceptor, threads) = cores.serve(listeners.proxy, &self.proxy, self.proxy_tls, stop);
+                tasks.spawn(acceptor);
+                Some(threads)
             }
         };
+        let (admin_shutdown, admin_rx) = watch::channel(false);
         let admin = self.admin.clone();
         // integrations.watch: reload when the directory changes.
         if config.integrations.watch {
@@ -614,6 +637,7 @@ impl App {
             listener,
             tasks,
             audit: self.audit,
+            core_threads,
         }
     }
 }
