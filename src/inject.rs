@@ -138,21 +138,56 @@ fn place(e: &mut Edits, p: &Placement, cred: &Credential) -> Result<(), InjectEr
     Ok(())
 }
 
+/// The header edits of a credential alone: what a request without query,
+/// cookie or body placements gets. Kept between a keep-alive caller's
+/// requests and cloned into each (the values are shared, not copied).
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    headers: Vec<(HeaderName, HeaderValue)>,
+    dashed_header: bool,
+}
+
+impl Edits {
+    /// The header edits, taken out, if headers are all these edits change.
+    pub fn take_header_only(&mut self) -> Option<HeaderEdits> {
+        let header_only = self.query.is_empty() && self.cookies.is_empty() && !self.edits_body();
+        header_only
+            .then(|| HeaderEdits { headers: std::mem::take(&mut self.headers), dashed_header: self.dashed_header })
+    }
+}
+
+impl HeaderEdits {
+    /// Sets each field in `headers` (a caller's field of the same name
+    /// replaced, never duplicated), as [`apply_head`] does.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        if self.dashed_header {
+            remove_lookalikes(headers, &self.headers);
+        }
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// `X_Api_Key` beside an injected `X-Api-Key` is one field to a CGI-style
+/// upstream: the caller's lookalike goes.
+fn remove_lookalikes(headers: &mut HeaderMap, injected: &[(HeaderName, HeaderValue)]) {
+    let alike: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| injected.iter().any(|(n, _)| h1::names_alike(k.as_str().as_bytes(), n.as_str().as_bytes())))
+        .cloned()
+        .collect();
+    for name in alike {
+        headers.remove(name);
+    }
+}
+
 /// Applies header, query and cookie edits. A header the caller sent under the
 /// same name (e.g. `Authorization`) is replaced, never duplicated.
 /// The header edits are moved into `headers` (`e.headers` is left empty).
 pub fn apply_head(uri: &mut Uri, headers: &mut HeaderMap, e: &mut Edits) -> Result<(), InjectError> {
-    // `X_Api_Key` beside an injected `X-Api-Key` is one field to a CGI-style
-    // upstream: the caller's lookalike goes.
     if e.dashed_header {
-        let alike: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| e.headers.iter().any(|(n, _)| h1::names_alike(k.as_str().as_bytes(), n.as_str().as_bytes())))
-            .cloned()
-            .collect();
-        for name in alike {
-            headers.remove(name);
-        }
+        remove_lookalikes(headers, &e.headers);
     }
     for (name, value) in e.headers.drain(..) {
         headers.insert(name, value);

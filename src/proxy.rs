@@ -25,7 +25,7 @@ use crate::h1::server::{OnUpgrade, Transport};
 use crate::ids;
 use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
-use crate::outbound::{upstream_request, Outbound, Renewal};
+use crate::outbound::{upstream_request, InjectMemo, Outbound, Renewal};
 use crate::policy::hosts::HostPattern;
 use crate::quota::{Quotas, Verdict};
 use crate::runtoken::RunTokenKeys;
@@ -261,6 +261,7 @@ pub(crate) struct TunnelTarget {
 pub(crate) struct ConnMemo {
     resolve: ResolveMemo,
     auth: AuthMemo,
+    inject: InjectMemo,
     tunnel: Option<Arc<Caller>>,
 }
 
@@ -458,7 +459,7 @@ async fn forward(
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let ConnMemo { resolve: memo, auth: auth_memo, tunnel } = memo;
+    let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, tunnel } = memo;
     let tunnel = tunnel.as_ref();
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
@@ -558,7 +559,7 @@ async fn forward(
             }
             // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
             let (mut resp, renewal) =
-                state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body).await?;
+                state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body, inject_memo).await?;
             access.renewal = renewal;
             if let Some(p) = permit {
                 // In flight until the caller has the whole body (or is gone).
