@@ -25,6 +25,7 @@ use crate::upstream::pool::{Pool, PooledBody, UpstreamError};
 use crate::upstream::{self, CallerBody, ConnectError, UpstreamBody};
 
 /// The upstream side of a proxied request.
+#[derive(Clone)]
 pub struct Outbound {
     pub connections: Arc<Connections>,
     pub pool: Arc<Pool>,
@@ -99,15 +100,7 @@ impl Outbound {
     /// The same pipeline over another upstream pool (one per thread under
     /// `runtime.thread_per_core`); the buffer budget and metrics stay shared.
     pub fn with_pool(&self, pool: Arc<Pool>) -> Self {
-        Self {
-            connections: self.connections.clone(),
-            pool,
-            response_header_timeout: self.response_header_timeout,
-            max_buffered_body: self.max_buffered_body,
-            buffered_body_timeout: self.buffered_body_timeout,
-            buffer_budget: self.buffer_budget.clone(),
-            metrics: self.metrics.clone(),
-        }
+        Self { pool, ..self.clone() }
     }
 
     /// Forwards through the pool; its connector applies the SSRF guard.

@@ -151,7 +151,6 @@ pub async fn serve(
 ) {
     accept(listener, &state, shutdown, |stream, peer| serve_connection(&state, &tls, stream, peer)).await;
     state.drain.start();
-    info!("proxy listener closed; draining open connections");
 }
 
 /// Accepts connections until `shutdown` flips to true, then drops the
@@ -186,6 +185,7 @@ pub async fn accept(
         let _ = stream.set_nodelay(true);
         hand(stream, peer);
     }
+    info!("proxy listener closed; draining open connections");
 }
 
 /// Serves one accepted connection as a task on `state.tracker`, on the

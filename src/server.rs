@@ -138,7 +138,7 @@ impl Cores {
             });
             match spawned {
                 Ok(t) => {
-                    hands.push(hand);
+                    hands.push((thread, hand));
                     threads.push(t);
                 }
                 Err(e) => tracing::error!(thread, error = %e, "cannot start a proxy thread"),
@@ -149,21 +149,51 @@ impl Cores {
             if hands.is_empty() {
                 return proxy::serve(listener, state, tls, stop).await;
             }
-            let mut next = 0;
+            let mut turns = Turns { hands, next: 0 };
             proxy::accept(listener, &state, stop, |stream, peer| {
                 let counted = state.tracker.token();
                 match stream.into_std() {
                     Ok(stream) => {
-                        let _ = hands[next].send((stream, peer, counted));
-                        next = (next + 1) % hands.len();
+                        if !turns.hand((stream, peer, counted)) {
+                            tracing::error!(%peer, "no proxy thread is left; closing a new connection");
+                        }
                     }
                     Err(e) => tracing::warn!(%peer, error = %e, "a proxy connection cannot be handed over"),
                 }
             })
             .await;
-            tracing::info!("proxy listener closed; draining open connections");
         };
         (acceptor, CoreThreads { halt, threads })
+    }
+}
+
+/// New connections to the proxy's threads in turn. A thread that has
+/// ended (a panic: its receiver is gone) is skipped from then on, and the
+/// connection goes to the next one instead of being dropped.
+struct Turns<T> {
+    /// (thread number, its hand).
+    hands: Vec<(usize, tokio::sync::mpsc::UnboundedSender<T>)>,
+    next: usize,
+}
+
+impl<T> Turns<T> {
+    /// False: no thread is left to take `item`.
+    fn hand(&mut self, mut item: T) -> bool {
+        while !self.hands.is_empty() {
+            self.next %= self.hands.len();
+            match self.hands[self.next].1.send(item) {
+                Ok(()) => {
+                    self.next += 1;
+                    return true;
+                }
+                Err(tokio::sync::mpsc::error::SendError(back)) => {
+                    let (thread, _) = self.hands.remove(self.next);
+                    tracing::error!(thread, "a proxy thread has ended; new connections go to the others");
+                    item = back;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -771,4 +801,41 @@ fn dir_fingerprint(dir: &std::path::Path) -> Vec<(std::ffi::OsString, u64, Optio
         .collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Turns;
+
+    /// Connections go round the threads; a thread that ended is skipped
+    /// (the connection goes to the next), and with none left, `hand` says so.
+    #[test]
+    fn turns_skip_an_ended_thread() {
+        let (mut txs, mut rxs) = (Vec::new(), Vec::new());
+        for thread in 0..3 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+            txs.push((thread, tx));
+            rxs.push(Some(rx));
+        }
+        let mut turns = Turns { hands: txs, next: 0 };
+        let got = |rxs: &mut Vec<Option<tokio::sync::mpsc::UnboundedReceiver<u32>>>| {
+            rxs.iter_mut()
+                .map(|r| r.as_mut().map(|r| std::iter::from_fn(|| r.try_recv().ok()).collect::<Vec<_>>()))
+                .collect::<Vec<_>>()
+        };
+        for i in 0..6 {
+            assert!(turns.hand(i));
+        }
+        assert_eq!(got(&mut rxs), [Some(vec![0, 3]), Some(vec![1, 4]), Some(vec![2, 5])]);
+        rxs[1] = None;
+        for i in 10..14 {
+            assert!(turns.hand(i), "thread 1 ended: the others take {i}");
+        }
+        assert_eq!(got(&mut rxs), [Some(vec![10, 12]), None, Some(vec![11, 13])]);
+        assert_eq!(turns.hands.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [0, 2]);
+        rxs = vec![None, None, None];
+        assert!(!turns.hand(20), "no thread left");
+        assert!(turns.hands.is_empty());
+        drop(rxs);
+    }
 }
