@@ -148,6 +148,58 @@ async fn thread_per_core_serves_every_connection_and_drains_under_sigterm() {
     drains_under_sigterm(i, id).await;
 }
 
+/// thread_per_core on the PostgreSQL store: the proxy threads resolve
+/// through the store's pool (a pooled connection's driver runs on the
+/// runtime that opened it, perhaps a proxy thread's), and after SIGTERM
+/// the shutdown's last write — the queued `last_used_at`, written every
+/// 10 s otherwise, so here only at shutdown — still reaches PostgreSQL:
+/// a second instance on the same database sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_runs_on_postgres_and_its_shutdown_writes_the_last_use() {
+    let url = fresh_postgres_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "",
+        "[shutdown]\ngrace_secs = 10\n[runtime]\nworker_threads = 2\nthread_per_core = true\n[cache]\nttl_secs = 1\n",
+    );
+    let sqlite = format!("sqlite://{}/db.sqlite", dir.path().display());
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&sqlite), "{text}");
+    std::fs::write(&config, text.replace(&sqlite, &url)).unwrap();
+
+    let i = spawn_instance(&config).await;
+    let id = drain_token_connection(&i).await;
+    let last_used = |v: &serde_json::Value| v["last_used_at"].clone();
+    let path = format!("/v1/connections/{id}");
+    assert!(last_used(&i.admin.call(http::Method::GET, &path, None).await.unwrap()).is_null());
+    // Callers on both threads, twice (the second time after the cache
+    // entry expired: resolved through the store again).
+    for round in 0..2 {
+        let calls: Vec<_> = (0..6)
+            .map(|n| {
+                let (proxy, id) = (i.proxy, id.clone());
+                tokio::spawn(async move {
+                    let url = format!("{}/anything/{round}/{n}", httpbin());
+                    proxy_request(proxy, "GET", &url, Some(&id), None).await
+                })
+            })
+            .collect();
+        for call in calls {
+            let (status, _, body) = call.await.unwrap();
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(echoed["headers"]["Authorization"], "Bearer drain-token");
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    drains_under_sigterm(i, id.clone()).await;
+
+    let again = spawn_instance(&config).await;
+    let seen = again.admin.call(http::Method::GET, &path, None).await.unwrap();
+    assert!(last_used(&seen).is_string(), "last use written at shutdown: {seen}");
+}
+
 /// A bearer connection with the token `drain-token`.
 async fn drain_token_connection(i: &Instance) -> String {
     let body = serde_json::json!({"integration": "httpbin", "auth_method": "bearer", "org_id": ORG,
