@@ -409,30 +409,15 @@ fn scheme_methods(
             // than http(s), one `http` cannot parse) are reported here, not
             // left for the written file to fail on (the `openapi_import`
             // fuzz target's oracle).
-            let bad_url = |flow: &str, urls: &[&str]| {
-                urls.iter().find_map(|u| {
-                    crate::integrations::oauth_url(u)
-                        .err()
-                        .map(|e| (format!("{name:?} {flow} flow"), format!("{u:?}: {e}")))
-                })
+            let usable = |report: &mut Report, flow: &str, urls: &[&str]| {
+                let bad =
+                    urls.iter().find_map(|u| crate::integrations::oauth_url(u).err().map(|e| format!("{u:?}: {e}")));
+                bad.map(|why| skip(report, format!("{name:?} {flow} flow"), why)).is_none()
             };
-            let authorization_code = authorization_code.filter(|f| {
-                match bad_url("authorizationCode", &[f.authorization_url.as_str(), f.token_url.as_str()]) {
-                    Some((what, why)) => {
-                        skip(report, what, why);
-                        false
-                    }
-                    None => true,
-                }
-            });
+            let authorization_code = authorization_code
+                .filter(|f| usable(report, "authorizationCode", &[f.authorization_url.as_str(), f.token_url.as_str()]));
             let client_credentials =
-                client_credentials.filter(|f| match bad_url("clientCredentials", &[f.token_url.as_str()]) {
-                    Some((what, why)) => {
-                        skip(report, what, why);
-                        false
-                    }
-                    None => true,
-                });
+                client_credentials.filter(|f| usable(report, "clientCredentials", &[f.token_url.as_str()]));
             let both = authorization_code.is_some() && client_credentials.is_some();
             if let Some(f) = authorization_code {
                 let id = base_id.clone();

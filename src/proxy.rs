@@ -469,11 +469,7 @@ async fn forward(
         // Boxed: rare, and its future would otherwise weigh on every request's.
         return Box::pin(connect(state, peer, parts, access, caller)).await;
     }
-    let mut uri = std::mem::take(&mut parts.uri);
-    if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
-        // `http://host?q`: the path is empty, and origin-form needs "/".
-        uri = with_root_path(&uri)?;
-    }
+    let mut uri = rooted(std::mem::take(&mut parts.uri))?;
     let (scheme, host, port) = target_of(&uri)?;
     access.host = uri.authority().cloned();
 
@@ -539,8 +535,8 @@ async fn forward(
                     port: up_port,
                 });
             }
-            if up_scheme != scheme || port != Some(up_port) {
-                uri = rebuild_uri(&uri, up_scheme, host, up_port)?;
+            if let Some(rebuilt) = retargeted(&uri, (scheme, host, port), (up_scheme, up_port))? {
+                uri = rebuilt;
             }
             // 6. Quotas: a cool-down the upstream asked for, rate limits
             // (perhaps waiting for a reserved turn), in-flight caps.
@@ -724,21 +720,37 @@ pub mod fuzz {
     /// What the pipeline makes of a request target for an integration
     /// (`https_only`: its `upstream_scheme` is https), or why it refuses it.
     pub fn target(uri: Uri, https_only: bool) -> Result<Checked, String> {
-        let mut uri = uri;
-        if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
-            uri = with_root_path(&uri).map_err(|e| e.to_string())?;
-        }
+        let uri = rooted(uri).map_err(|e| e.to_string())?;
         let (scheme, host, port) = target_of(&uri).map_err(|e| e.to_string())?;
         let integration = if https_only { Scheme::Https } else { Scheme::Http };
         let (up_scheme, up_port) = upstream_scheme_port(scheme, port, integration);
-        let host = host.to_owned();
-        let forwarded = if up_scheme != scheme || port != Some(up_port) {
-            rebuild_uri(&uri, up_scheme, &host, up_port).map_err(|e| e.to_string())?
-        } else {
-            uri.clone()
-        };
-        Ok(Checked { host, port: up_port, https: up_scheme == Scheme::Https, forwarded })
+        let forwarded = retargeted(&uri, (scheme, host, port), (up_scheme, up_port)).map_err(|e| e.to_string())?;
+        let forwarded = forwarded.unwrap_or_else(|| uri.clone());
+        Ok(Checked { host: host.to_owned(), port: up_port, https: up_scheme == Scheme::Https, forwarded })
     }
+}
+
+/// Step 1's target: `http://host?q` has an empty path, and origin-form
+/// needs "/".
+fn rooted(uri: Uri) -> Result<Uri, ProxyError> {
+    if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
+        return with_root_path(&uri);
+    }
+    Ok(uri)
+}
+
+/// Step 5's target: the URI rebuilt for the upstream's scheme and port
+/// when they differ from the caller's target (`target`: [`target_of`]'s
+/// answer), `None` when it goes as it came.
+fn retargeted(
+    uri: &Uri,
+    (scheme, host, port): (Scheme, &str, Option<u16>),
+    (up_scheme, up_port): (Scheme, u16),
+) -> Result<Option<Uri>, ProxyError> {
+    if up_scheme == scheme && port == Some(up_port) {
+        return Ok(None);
+    }
+    rebuild_uri(uri, up_scheme, host, up_port).map(Some)
 }
 
 fn rebuild_uri(uri: &Uri, scheme: Scheme, host: &str, port: u16) -> Result<Uri, ProxyError> {
