@@ -469,7 +469,8 @@ async fn forward(
         // Boxed: rare, and its future would otherwise weigh on every request's.
         return Box::pin(connect(state, peer, parts, access, caller)).await;
     }
-    let mut uri = rooted(std::mem::take(&mut parts.uri))?;
+    let mut uri = std::mem::take(&mut parts.uri);
+    root(&mut uri)?;
     let (scheme, host, port) = target_of(&uri)?;
     access.host = uri.authority().cloned();
 
@@ -720,7 +721,8 @@ pub mod fuzz {
     /// What the pipeline makes of a request target for an integration
     /// (`https_only`: its `upstream_scheme` is https), or why it refuses it.
     pub fn target(uri: Uri, https_only: bool) -> Result<Checked, String> {
-        let uri = rooted(uri).map_err(|e| e.to_string())?;
+        let mut uri = uri;
+        root(&mut uri).map_err(|e| e.to_string())?;
         let (scheme, host, port) = target_of(&uri).map_err(|e| e.to_string())?;
         let integration = if https_only { Scheme::Https } else { Scheme::Http };
         let (up_scheme, up_port) = upstream_scheme_port(scheme, port, integration);
@@ -732,16 +734,18 @@ pub mod fuzz {
 
 /// Step 1's target: `http://host?q` has an empty path, and origin-form
 /// needs "/".
-fn rooted(uri: Uri) -> Result<Uri, ProxyError> {
+#[inline(always)]
+fn root(uri: &mut Uri) -> Result<(), ProxyError> {
     if uri.path_and_query().is_some_and(|pq| pq.as_str().starts_with('?')) {
-        return with_root_path(&uri);
+        *uri = with_root_path(uri)?;
     }
-    Ok(uri)
+    Ok(())
 }
 
 /// Step 5's target: the URI rebuilt for the upstream's scheme and port
 /// when they differ from the caller's target (`target`: [`target_of`]'s
 /// answer), `None` when it goes as it came.
+#[inline(always)]
 fn retargeted(
     uri: &Uri,
     (scheme, host, port): (Scheme, &str, Option<u16>),
