@@ -153,7 +153,7 @@ enum Kind {
 
 impl Kind {
     fn of(name: &[u8]) -> Self {
-        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        let is = |s: &str| token_is(name, s.as_bytes());
         let like = |s: &str| names_alike(name, s.as_bytes());
         // By length first: most names are compared with nothing at all.
         match name.len() {
@@ -187,6 +187,35 @@ impl Kind {
     fn hop_by_hop(self) -> bool {
         matches!(self, Self::TransferEncoding | Self::Connection | Self::HopByHop | Self::Lookalike)
     }
+}
+
+/// `name` is `lit` in any case. `name` is a field name (httparse and
+/// `HeaderName` let only tokens through), `lit` lowercase letters and `-`.
+/// For a token byte, `b | 0x20` is the lowercase letter when `b` is a
+/// letter, and `b` itself when it is `-`, a digit or one of ``!#$%&'*+.`|~``;
+/// `^` and `_` become `~` and DEL, which no literal holds. So one OR and
+/// one compare per eight bytes decide what `eq_ignore_ascii_case` decides
+/// byte by byte (a test checks every token byte at every position).
+#[inline(always)]
+fn token_is(name: &[u8], lit: &[u8]) -> bool {
+    const LOWER: u64 = 0x2020_2020_2020_2020;
+    let n = lit.len();
+    if name.len() != n {
+        return false;
+    }
+    if n < 8 {
+        return name.iter().zip(lit).all(|(a, b)| a | 0x20 == *b);
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap_or_default());
+    let mut at = 0;
+    while at + 8 <= n {
+        if word(name, at) | LOWER != word(lit, at) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last, partial word: the eight bytes that end the name.
+    at == n || word(name, n - 8) | LOWER == word(lit, n - 8)
 }
 
 /// `name` is `of` with at least one `_` where `of` has `-` (any case):
@@ -1091,6 +1120,53 @@ pub(crate) fn date_value() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `token_is` decides what `eq_ignore_ascii_case` decides, for every
+    /// name `Kind::of` compares with, every token byte at every position
+    /// (in both cases around it), and names one byte longer or shorter.
+    #[test]
+    fn token_is_agrees_with_eq_ignore_ascii_case() {
+        let tokens: Vec<u8> =
+            (0u8..=255).filter(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b)).collect();
+        let lits = [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "expect",
+            "date",
+            "x-connection-id",
+            "te",
+            "trailer",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "location",
+            "content-location",
+            "link",
+            "refresh",
+        ];
+        for lit in lits {
+            let lit = lit.as_bytes();
+            for base in [lit.to_vec(), lit.to_ascii_uppercase()] {
+                for at in 0..base.len() {
+                    for &b in &tokens {
+                        let mut name = base.clone();
+                        name[at] = b;
+                        assert_eq!(
+                            token_is(&name, lit),
+                            name.eq_ignore_ascii_case(lit),
+                            "{:?}",
+                            String::from_utf8_lossy(&name)
+                        );
+                    }
+                }
+                let mut longer = base.clone();
+                longer.push(b'a');
+                assert!(!token_is(&longer, lit) && !token_is(&base[1..], lit));
+            }
+        }
+    }
 
     fn decode_all(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, bool, usize), Error> {
         let mut d = Decoder::new(framing);
