@@ -21,10 +21,11 @@ use crate::config::{AuditConfig, AuditSink};
 use crate::metrics::Metrics;
 use crate::telemetry::{self, LineBatcher};
 
-/// `,"name":`, a field's prefix, made at compile time.
+/// `,"name":"`, a field's prefix with the opening quote of a string
+/// value, made at compile time ([`Line`] drops the quote for other values).
 macro_rules! key {
     ($name:literal) => {
-        concat!(",\"", $name, "\":")
+        concat!(",\"", $name, "\":\"")
     };
 }
 
@@ -190,43 +191,57 @@ impl Audit {
 }
 
 /// A JSON object on one line, fields in a fixed order. Written without
-/// `fmt`, into a buffer each thread keeps (no allocation per line): one
-/// line is written for every request that names a connection.
-struct Line<'a>(&'a mut String);
+/// `fmt`, as bytes (copied from `&str`s and ASCII, so UTF-8), into a buffer
+/// each thread keeps (no allocation per line): one line is written for
+/// every request that names a connection.
+struct Line<'a>(&'a mut Vec<u8>);
 
 impl Line<'_> {
     /// Runs `f` on a line started with its time and kind, in this thread's
     /// buffer.
     fn with<R>(time: SystemTime, kind: &str, f: impl FnOnce(&mut Line<'_>) -> R) -> R {
         thread_local! {
-            static BUF: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+            static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
         }
         // Taken out while in use: a nested line (there is none) would get
         // a fresh buffer rather than a panic.
         let mut s = BUF.take();
         s.clear();
         let mut text = [0u8; telemetry::TIME_LEN];
-        s.push_str("{\"time\":\"");
-        s.push_str(telemetry::format_time(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text));
-        s.push_str("\",\"kind\":\"");
-        s.push_str(kind);
-        s.push('"');
+        s.extend_from_slice(b"{\"time\":\"");
+        s.extend_from_slice(
+            telemetry::format_time(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text)
+                .as_bytes(),
+        );
+        s.extend_from_slice(b"\",\"kind\":\"");
+        s.extend_from_slice(kind.as_bytes());
+        s.push(b'"');
         let r = f(&mut Line(&mut s));
         BUF.set(s);
         r
     }
 
-    /// `key` is a field's prefix, [`key!`].
+    /// `key` is a field's prefix, [`key!`]: the value is written after its
+    /// opening quote.
     fn str(&mut self, key: &str, value: Option<&str>) {
-        self.0.push_str(key);
         match value {
-            None => self.0.push_str("null"),
-            Some(v) => escape_into(v, self.0),
+            None => self.bare(key, b"null"),
+            Some(v) => {
+                self.0.extend_from_slice(key.as_bytes());
+                escape_into(v, self.0);
+                self.0.push(b'"');
+            }
         }
     }
 
+    /// `key` without its quote, then `value` as it is.
+    fn bare(&mut self, key: &str, value: &[u8]) {
+        let key = key.as_bytes();
+        self.0.extend_from_slice(&key[..key.len() - 1]);
+        self.0.extend_from_slice(value);
+    }
+
     fn num(&mut self, key: &str, value: u64) {
-        self.0.push_str(key);
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         let mut v = value;
@@ -238,46 +253,39 @@ impl Line<'_> {
                 break;
             }
         }
-        // ASCII digits, pushed as chars: no UTF-8 check of the slice.
-        for &d in &digits[at..] {
-            self.0.push(char::from(d));
-        }
+        self.bare(key, &digits[at..]);
     }
 
     fn bool(&mut self, key: &str, value: bool) {
-        self.0.push_str(key);
-        self.0.push_str(if value { "true" } else { "false" });
+        self.bare(key, if value { b"true" } else { b"false" });
     }
 
     /// The finished line, newline included.
     fn end(&mut self) -> &[u8] {
-        self.0.push_str("}\n");
-        self.0.as_bytes()
+        self.0.extend_from_slice(b"}\n");
+        self.0
     }
 }
 
-/// `value` as a JSON string (RFC 8259 §7). Ids and paths rarely need
-/// escaping: the common case is one scan, eight bytes at a time, and one
-/// copy.
-fn escape_into(value: &str, out: &mut String) {
-    out.push('"');
-    let mut rest = value;
-    while let Some(i) = first_special(rest.as_bytes()) {
-        out.push_str(&rest[..i]);
-        match rest.as_bytes()[i] {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
+/// `value` inside a JSON string, quotes not included (RFC 8259 §7). Ids
+/// and paths rarely need escaping: the common case is one scan, eight bytes
+/// at a time, and one copy.
+fn escape_into(value: &str, out: &mut Vec<u8>) {
+    let mut rest = value.as_bytes();
+    while let Some(i) = first_special(rest) {
+        out.extend_from_slice(&rest[..i]);
+        match rest[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
             c => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(c >> 4)]));
-                out.push(char::from(HEX[usize::from(c & 15)]));
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(c >> 4)], HEX[usize::from(c & 15)]]);
             }
         }
+        // A special byte is ASCII: `rest` still splits at a character.
         rest = &rest[i + 1..];
     }
-    out.push_str(rest);
-    out.push('"');
+    out.extend_from_slice(rest);
 }
 
 /// A byte JSON escapes in a string: `"`, `\\` or a control character.
@@ -289,20 +297,30 @@ fn special(b: u8) -> bool {
 /// `(x - 0x01…) & !x & 0x80…` is non-zero exactly when a byte of `x` is
 /// zero, and `(w - 0x20…) & !w & 0x80…` exactly when a byte of `w` is
 /// below 0x20 (for bytes of 0x80 and up, `!w` clears the top bit).
+///
+/// A tail shorter than a word is read as the string's last eight bytes
+/// (overlapping bytes already found clean), so a string of eight bytes or
+/// more is scanned a word at a time to its end.
 fn first_special(s: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let any = |word: &[u8]| {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
+            | zero_byte(w ^ (ONES * u64::from(b'"')))
+            | zero_byte(w ^ (ONES * u64::from(b'\\')))
+            != 0
+    };
     let mut at = 0;
     for chunk in s.chunks_exact(8) {
-        let w = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-        let hits = (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
-            | zero_byte(w ^ (ONES * u64::from(b'"')))
-            | zero_byte(w ^ (ONES * u64::from(b'\\')));
-        if hits != 0 {
+        if any(chunk) {
             break;
         }
         at += 8;
+    }
+    if at < s.len() && s.len() >= 8 && at + 8 > s.len() && !any(&s[s.len() - 8..]) {
+        return None;
     }
     s[at..].iter().position(|&b| special(b)).map(|i| at + i)
 }
@@ -420,13 +438,16 @@ mod tests {
 
     #[test]
     fn strings_are_escaped() {
-        let mut s = String::new();
+        let mut s = Vec::new();
+        s.push(b'"');
         escape_into("plain/path", &mut s);
-        s.push(',');
-        escape_into("a\"b\\c\nd\u{1}", &mut s);
-        assert_eq!(s, r#""plain/path","a\"b\\c\u000ad\u0001""#);
+        s.extend_from_slice(b"\",\"");
+        escape_into("a\"b\\c\nd\u{1}é", &mut s);
+        s.push(b'"');
+        let s = String::from_utf8(s).unwrap();
+        assert_eq!(s, r#""plain/path","a\"b\\c\u000ad\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&format!("[{s}]")).unwrap();
-        assert_eq!(v[1], "a\"b\\c\nd\u{1}");
+        assert_eq!(v[1], "a\"b\\c\nd\u{1}é");
     }
 
     #[test]
