@@ -33,11 +33,13 @@ macro_rules! key {
 pub const KIND_USE: &str = "credential_use";
 pub const KIND_ADMIN: &str = "admin";
 
-/// One proxied request that named a connection.
+/// Who a credential use was by, and through what: the fields of a use line
+/// that stay the same while a caller connection keeps its caller and its
+/// connection. Formatted once into [`PartiesText`], which the proxy keeps
+/// per caller connection: seven escaped fields were ~900 instructions of
+/// every audited request (callgrind, load bench).
 #[derive(Debug, Clone, Copy)]
-pub struct CredentialUse<'a> {
-    /// When the request arrived.
-    pub time: SystemTime,
+pub struct Parties<'a> {
     /// The organization the caller acts for (its run token's, or the sidecar's).
     pub org: &'a str,
     /// The connection's owner, once the connection was found.
@@ -48,6 +50,40 @@ pub struct CredentialUse<'a> {
     pub connection: &'a str,
     pub integration: Option<&'a str>,
     pub auth_method: Option<&'a str>,
+}
+
+impl Parties<'_> {
+    /// The line's bytes from `,"org":` to the auth method's value.
+    pub fn format(&self) -> PartiesText {
+        let mut text = Vec::with_capacity(160);
+        let l = &mut Line(&mut text);
+        l.str(key!("org"), Some(self.org));
+        l.str(key!("user"), self.user);
+        l.str(key!("run_token"), self.run_token);
+        l.str(key!("run_subject"), self.run_subject);
+        l.str(key!("connection"), Some(self.connection));
+        l.str(key!("integration"), self.integration);
+        l.str(key!("auth_method"), self.auth_method);
+        PartiesText(text)
+    }
+}
+
+/// [`Parties`] as they appear in a line (ids and names, never a secret).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PartiesText(Vec<u8>);
+
+impl std::fmt::Debug for PartiesText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PartiesText").field(&String::from_utf8_lossy(&self.0)).finish()
+    }
+}
+
+/// One proxied request that named a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct CredentialUse<'a> {
+    /// When the request arrived.
+    pub time: SystemTime,
+    pub parties: &'a PartiesText,
     pub method: &'a str,
     pub host: Option<&'a str>,
     /// Without the query.
@@ -135,13 +171,7 @@ impl Audit {
     pub fn credential_use(&self, u: &CredentialUse<'_>) {
         let Some(lines) = &self.lines else { return };
         Line::with(u.time, KIND_USE, |l| {
-            l.str(key!("org"), Some(u.org));
-            l.str(key!("user"), u.user);
-            l.str(key!("run_token"), u.run_token);
-            l.str(key!("run_subject"), u.run_subject);
-            l.str(key!("connection"), Some(u.connection));
-            l.str(key!("integration"), u.integration);
-            l.str(key!("auth_method"), u.auth_method);
+            l.0.extend_from_slice(&u.parties.0);
             l.str(key!("method"), Some(u.method));
             l.str(key!("host"), u.host);
             l.str(key!("path"), Some(u.path));
@@ -434,6 +464,96 @@ mod tests {
 
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(["httpbin"]))
+    }
+
+    /// An output the test reads after the audit wrote to it.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A use line carries the parties formatted beforehand, in their place
+    /// among the per-request fields, every key once and in order.
+    #[test]
+    fn a_use_line_carries_its_formatted_parties() {
+        let out = Shared::default();
+        let audit =
+            Audit { lines: Some(LineBatcher::start("audit-test", Box::new(out.clone())).unwrap()), metrics: metrics() };
+        let parties = Parties {
+            org: "org_a",
+            user: Some("u\"1"),
+            run_token: Some("rt_1"),
+            run_subject: None,
+            connection: "conn_abc",
+            integration: Some("github"),
+            auth_method: None,
+        }
+        .format();
+        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456);
+        for status in [200, 502] {
+            audit.credential_use(&CredentialUse {
+                time,
+                parties: &parties,
+                method: "GET",
+                host: Some("api.test"),
+                path: "/x",
+                status,
+                latency: Duration::from_micros(1234),
+                refreshed: false,
+                retried: status == 502,
+                code: (status == 502).then_some("upstream_unreachable"),
+            });
+        }
+        audit.close();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let keys = [
+            "time",
+            "kind",
+            "org",
+            "user",
+            "run_token",
+            "run_subject",
+            "connection",
+            "integration",
+            "auth_method",
+            "method",
+            "host",
+            "path",
+            "status",
+            "latency_us",
+            "refreshed",
+            "retried",
+            "code",
+        ];
+        let at: Vec<_> = keys.iter().map(|k| lines[1].find(&format!("\"{k}\":")).unwrap_or(usize::MAX)).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "keys in order: {}", lines[1]);
+        for (line, status) in lines.iter().zip([200, 502]) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v.as_object().unwrap().len(), keys.len(), "{line}");
+            assert_eq!(
+                (v["org"].as_str(), v["user"].as_str(), v["run_token"].as_str()),
+                (Some("org_a"), Some("u\"1"), Some("rt_1"))
+            );
+            assert!(v["run_subject"].is_null() && v["auth_method"].is_null(), "{line}");
+            assert_eq!((v["connection"].as_str(), v["integration"].as_str()), (Some("conn_abc"), Some("github")));
+            assert_eq!(
+                (v["method"].as_str(), v["host"].as_str(), v["path"].as_str()),
+                (Some("GET"), Some("api.test"), Some("/x"))
+            );
+            assert_eq!((v["status"].as_u64(), v["latency_us"].as_u64()), (Some(status), Some(1234)));
+            assert_eq!(v["retried"], status == 502);
+            assert_eq!(v["code"].as_str(), (status == 502).then_some("upstream_unreachable"));
+        }
     }
 
     #[test]

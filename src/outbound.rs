@@ -846,7 +846,7 @@ impl Outbound {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::sync::atomic::AtomicI64;
 
@@ -856,7 +856,9 @@ mod tests {
     use crate::secret::SecretValue;
     use crate::store::{ConnectionMeta, ConnectionState};
 
-    fn resolved(method_toml: &str, fields: &[(&str, &str)]) -> Arc<Resolved> {
+    /// A `Resolved` of integration `t` (hosts `x.test`) with one auth
+    /// method and its credential fields.
+    pub(crate) fn resolved(method_toml: &str, fields: &[(&str, &str)]) -> Arc<Resolved> {
         let text = format!("id = \"t\"\nname = \"T\"\nallowed_hosts = [\"x.test\"]\n{method_toml}");
         let integration = Arc::new(Integration::from_toml_str("t.toml", &text, &BTreeMap::new()).unwrap());
         let method = integration.auth_methods[0].clone();

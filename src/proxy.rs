@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::audit::{Audit, CredentialUse};
+use crate::audit::{Audit, CredentialUse, Parties, PartiesText};
 use crate::config::ProxyMode;
 use crate::creds::{Connections, ResolveError, ResolveMemo, Resolved};
 use crate::h1;
@@ -262,6 +262,7 @@ pub(crate) struct ConnMemo {
     resolve: ResolveMemo,
     auth: AuthMemo,
     inject: InjectMemo,
+    audit: AuditMemo,
     tunnel: Option<Arc<Caller>>,
 }
 
@@ -360,7 +361,8 @@ async fn handle(
     // `Uri::path`: none for an authority-form (CONNECT) target.
     let path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path);
     if let Some(connection) = access.connection.as_ref().filter(|_| state.audit.is_on()) {
-        audit_use(state, &access, connection, &method, path, resp.status().as_u16(), started);
+        let parties = memo.audit.parties(&state.org_id, &access, connection);
+        audit_use(state, &access, parties, &method, path, resp.status().as_u16(), started);
     }
     // One message instead of a dozen structured fields: the formatter's
     // per-field work was most of the line's cost (load bench), and
@@ -384,28 +386,72 @@ async fn handle(
     resp
 }
 
+/// The audit line's [`Parties`] of the last audited request on a caller
+/// connection, formatted, and what they were made of: its caller and
+/// `Resolved` (weak handles, compared by address — held, an address is not
+/// reused, and a credential is not kept alive by the memo) and the
+/// connection id (by value).
+#[derive(Default)]
+struct AuditMemo {
+    of: Option<PartiesOf>,
+    text: PartiesText,
+}
+
+/// What an [`AuditMemo`]'s parties were made of.
+type PartiesOf = (Option<std::sync::Weak<Caller>>, Option<std::sync::Weak<Resolved>>, http::HeaderValue);
+
+impl AuditMemo {
+    /// The parties of a request that named `connection` (`org`: the
+    /// sidecar's, for a caller without a run token): the kept text when
+    /// nothing they are made of changed, else formatted anew.
+    fn parties(&mut self, org: &str, access: &Access, connection: &http::HeaderValue) -> &PartiesText {
+        fn same<T>(kept: &Option<std::sync::Weak<T>>, now: &Option<Arc<T>>) -> bool {
+            match (kept, now) {
+                (None, None) => true,
+                (Some(kept), Some(now)) => std::ptr::eq(kept.as_ptr(), Arc::as_ptr(now)),
+                _ => false,
+            }
+        }
+        let kept = self.of.as_ref().is_some_and(|(caller, resolved, named)| {
+            same(caller, &access.caller) && same(resolved, &access.resolved) && named == connection
+        });
+        if !kept {
+            let claims = access.caller.as_deref().and_then(|c| c.claims.as_ref());
+            let resolved = access.resolved.as_deref();
+            self.text = Parties {
+                org: access.caller.as_deref().and_then(|c| c.claims.as_ref()).map_or(org, |c| c.org.as_str()),
+                user: resolved.map(|r| r.meta.user_id.as_str()),
+                run_token: claims.map(|c| c.jti.as_str()),
+                run_subject: claims.and_then(|c| c.sub.as_deref()),
+                connection: connection.to_str().unwrap_or_default(),
+                integration: access.integration(),
+                auth_method: resolved.map(|r| r.method.id.as_str()),
+            }
+            .format();
+            self.of = Some((
+                access.caller.as_ref().map(Arc::downgrade),
+                access.resolved.as_ref().map(Arc::downgrade),
+                connection.clone(),
+            ));
+        }
+        &self.text
+    }
+}
+
 /// The audit line of a request that named `connection`.
 fn audit_use(
     state: &ProxyState,
     access: &Access,
-    connection: &http::HeaderValue,
+    parties: &PartiesText,
     method: &Method,
     path: &str,
     status: u16,
     started: Instant,
 ) {
     let latency = started.elapsed();
-    let claims = access.caller.as_deref().and_then(|c| c.claims.as_ref());
-    let resolved = access.resolved.as_deref();
     state.audit.credential_use(&CredentialUse {
         time: std::time::SystemTime::now() - latency,
-        org: access.caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state)),
-        user: resolved.map(|r| r.meta.user_id.as_str()),
-        run_token: claims.map(|c| c.jti.as_str()),
-        run_subject: claims.and_then(|c| c.sub.as_deref()),
-        connection: connection.to_str().unwrap_or_default(),
-        integration: access.integration(),
-        auth_method: resolved.map(|r| r.method.id.as_str()),
+        parties,
         method: method.as_str(),
         host: access.host(),
         path,
@@ -459,7 +505,7 @@ async fn forward(
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, tunnel } = memo;
+    let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, tunnel, .. } = memo;
     let tunnel = tunnel.as_ref();
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
@@ -821,7 +867,73 @@ fn strip(h: &mut HeaderMap, also: impl Fn(&str) -> bool) {
 mod tests {
     use super::*;
     use crate::outbound::host_header;
+    use crate::runtoken::RunClaims;
     use http::HeaderValue;
+
+    /// The kept parties are what formatting them anew gives; they are
+    /// formatted anew when the caller, the `Resolved` or the connection id
+    /// changes, and the memo does not keep a `Resolved` alive.
+    #[test]
+    fn audit_memo_keeps_parties_while_what_they_are_made_of_stays() {
+        let bearer = "[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n";
+        let a = crate::outbound::tests::resolved(bearer, &[("token", "tkn-a")]);
+        let b = crate::outbound::tests::resolved(bearer, &[("token", "tkn-b")]);
+        let claims = |jti: &str, org: &str| RunClaims {
+            jti: jti.into(),
+            org: org.into(),
+            sub: Some("user_9".into()),
+            conns: None,
+            ints: None,
+            iat: 0,
+            exp: 0,
+        };
+        let run = Arc::new(Caller { claims: Some(claims("rt_1", "org_r")), connection: None });
+        let other_run = Arc::new(Caller { claims: Some(claims("rt_2", "org_s")), connection: None });
+        let fresh = |caller: &Option<Arc<Caller>>, resolved: &Option<Arc<Resolved>>, conn: &HeaderValue| {
+            let access = Access { caller: caller.clone(), resolved: resolved.clone(), ..Access::default() };
+            AuditMemo::default().parties("org_side", &access, conn).clone()
+        };
+        let (c1, c2) = (HeaderValue::from_static("conn_1"), HeaderValue::from_static("conn_2"));
+        let mut memo = AuditMemo::default();
+        let mut seen = Vec::new();
+        for (caller, resolved, conn) in [
+            (None, Some(a.clone()), &c1),
+            (None, Some(a.clone()), &c1),
+            (None, Some(b.clone()), &c1),
+            (None, Some(b.clone()), &c2),
+            (None, None, &c2),
+            (Some(run.clone()), None, &c2),
+            (Some(run.clone()), Some(a.clone()), &c2),
+            (Some(run.clone()), Some(a.clone()), &c2),
+            (Some(other_run.clone()), Some(a.clone()), &c2),
+            (None, Some(a.clone()), &c1),
+        ] {
+            let access = Access { caller: caller.clone(), resolved: resolved.clone(), ..Access::default() };
+            let kept = memo.parties("org_side", &access, conn).clone();
+            assert_eq!(kept, fresh(&caller, &resolved, conn));
+            let of = memo.of.as_ref().unwrap();
+            assert_eq!(
+                of.1.as_ref().map(std::sync::Weak::as_ptr),
+                resolved.as_ref().map(Arc::as_ptr),
+                "kept for this Resolved"
+            );
+            seen.push(format!("{kept:?}"));
+        }
+        // `a` and `b` share owner and method: six different texts.
+        assert_eq!(seen.iter().collect::<std::collections::BTreeSet<_>>().len(), 6, "{seen:#?}");
+        let text = |p: &PartiesText| format!("{p:?}");
+        let with_run = fresh(&Some(run.clone()), &Some(a.clone()), &c2);
+        assert!(
+            text(&with_run).contains("org_r") && text(&with_run).contains("rt_1") && text(&with_run).contains("user_9")
+        );
+        assert!(text(&fresh(&None, &Some(a.clone()), &c1)).contains("org_side"));
+        // A Resolved the cache dropped is not kept alive by the memo.
+        let weak = Arc::downgrade(&b);
+        let access = Access { resolved: Some(b), ..Access::default() };
+        memo.parties("org_side", &access, &c1);
+        drop(access);
+        assert!(weak.upgrade().is_none(), "the memo held the Resolved");
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {
