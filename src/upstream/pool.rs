@@ -87,11 +87,21 @@ pub struct PoolSettings {
 
 /// Where a connection goes: scheme, host and port. Owned by the pool's
 /// maps and connections; requests look up with a borrowed [`KeyRef`].
+/// `hash`: the pool's hash of it, computed once when a request first
+/// looked it up and carried by its connections, so a check-in hashes
+/// nothing.
 #[derive(Clone)]
 struct Key {
     https: bool,
     host: Arc<str>,
     port: u16,
+    hash: u64,
+}
+
+impl Key {
+    fn is(&self, r: &KeyRef<'_>) -> bool {
+        self.https == r.https && self.port == r.port && *self.host == *r.host
+    }
 }
 
 /// A [`Key`] borrowed from a request's URI: no allocation per lookup.
@@ -114,8 +124,9 @@ impl<'a> KeyRef<'a> {
         Ok(Self { https, host, port })
     }
 
-    fn to_owned(self) -> Key {
-        Key { https: self.https, host: self.host.into(), port: self.port }
+    /// `hash`: the pool's hash of `self` ([`Pool::hash`]).
+    fn to_owned(self, hash: u64) -> Key {
+        Key { https: self.https, host: self.host.into(), port: self.port, hash }
     }
 }
 
@@ -189,10 +200,20 @@ struct Idle {
 /// Keyed with aHash, randomly seeded: a lookup on every request, with keys
 /// callers can influence (hosts matched by an integration's wildcard), so
 /// fast but not predictable (SipHash cost ~400 instructions a lookup).
+/// Idle connections sit in a table of their keys' stored hashes: a
+/// request hashes its target once for the checkout, and the check-in uses
+/// the hash its connection carries (two `HashMap` lookups through
+/// `dyn AsKeyRef` were ~330 instructions a request).
 #[derive(Default)]
 struct Slots {
-    idle: HashMap<Key, Vec<Idle>, ahash::RandomState>,
+    idle: hashbrown::HashTable<IdleList>,
     h2: HashMap<Key, H2Sender, ahash::RandomState>,
+}
+
+/// The idle connections to one key, most recently used last.
+struct IdleList {
+    key: Key,
+    list: Vec<Idle>,
 }
 
 pub struct Pool {
@@ -200,6 +221,8 @@ pub struct Pool {
     tls: tokio_rustls::TlsConnector,
     settings: PoolSettings,
     slots: Mutex<Slots>,
+    /// Hashes idle connections' keys (seeded at random per pool).
+    hasher: ahash::RandomState,
     pub stats: PoolStats,
 }
 
@@ -230,6 +253,7 @@ impl Pool {
             tls,
             settings,
             slots: Mutex::new(Slots::default()),
+            hasher: ahash::RandomState::new(),
             stats: PoolStats::default(),
         });
         let every = (pool.settings.idle_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
@@ -260,9 +284,10 @@ impl Pool {
                 return self.send_h2(h2, Request::from_parts(parts, body), deadline).await;
             }
         }
-        let (mut h1, mut reused) = match self.checkout(&key, now) {
+        let hash = self.hash(&key);
+        let (mut h1, mut reused) = match self.checkout(&key, hash, now) {
             Some(h1) => (h1, true),
-            None => match self.connect_by(key.to_owned(), deadline).await? {
+            None => match self.connect_by(key.to_owned(hash), deadline).await? {
                 Fresh::H1(h1) => (h1, false),
                 Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
             },
@@ -315,11 +340,16 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still usable.
-    fn checkout(&self, key: &KeyRef<'_>, now: Instant) -> Option<Box<H1>> {
-        let key = key as &dyn AsKeyRef;
+    /// The pool's hash of `key`.
+    fn hash(&self, key: &KeyRef<'_>) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The most recently used idle connection to `key` (whose hash is
+    /// `hash`) that is still usable.
+    fn checkout(&self, key: &KeyRef<'_>, hash: u64, now: Instant) -> Option<Box<H1>> {
         loop {
-            let idle = self.slots().idle.get_mut(key)?.pop()?;
+            let idle = self.slots().idle.find_mut(hash, |e| e.key.is(key))?.list.pop()?;
             let Idle { mut h1, since } = idle;
             // Dropped (closed) outside the lock if unusable.
             if now.saturating_duration_since(since) < self.settings.idle_timeout && still_open(&mut h1) {
@@ -337,12 +367,13 @@ impl Pool {
             return;
         }
         let mut slots = self.slots();
-        match slots.idle.get_mut(&h1.key as &dyn AsKeyRef) {
-            Some(list) if list.len() < self.settings.max_idle_per_host => list.push(Idle { h1, since }),
+        let hash = h1.key.hash;
+        match slots.idle.find_mut(hash, |e| e.key.is(&h1.key.key_ref())) {
+            Some(e) if e.list.len() < self.settings.max_idle_per_host => e.list.push(Idle { h1, since }),
             Some(_) => {}
             None => {
                 let key = h1.key.clone();
-                slots.idle.insert(key, vec![Idle { h1, since }]);
+                slots.idle.insert_unique(hash, IdleList { key, list: vec![Idle { h1, since }] }, |e| e.key.hash);
             }
         }
     }
@@ -379,12 +410,13 @@ impl Pool {
         let mut expired = Vec::new();
         {
             let mut slots = self.slots();
-            slots.idle.retain(|_, list| {
-                let (keep, gone): (Vec<Idle>, Vec<Idle>) =
-                    std::mem::take(list).into_iter().partition(|i| i.since.elapsed() < self.settings.idle_timeout);
-                *list = keep;
+            slots.idle.retain(|e| {
+                let (keep, gone): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut e.list)
+                    .into_iter()
+                    .partition(|i| i.since.elapsed() < self.settings.idle_timeout);
+                e.list = keep;
                 expired.extend(gone);
-                !list.is_empty()
+                !e.list.is_empty()
             });
             slots.h2.retain(|_, s| !s.is_closed());
         }
@@ -592,6 +624,55 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// Idle connections go back to their own key's list and come out of
+    /// it most recently used first, up to `max_idle_per_host`; another
+    /// scheme or port is another key; an expired one is not handed out.
+    #[tokio::test]
+    async fn idle_connections_are_kept_by_key() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let policy = Arc::new(crate::policy::ssrf::EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
+        let settings = PoolSettings {
+            tls_handshake_timeout: Duration::from_secs(5),
+            body_idle_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_host: 2,
+        };
+        let pool = Pool::new(
+            GuardedConnector::new(policy, Duration::from_secs(5)),
+            crate::upstream::tls_config(&[]),
+            settings,
+        );
+        let key = |port| KeyRef { https: false, host: "127.0.0.1", port };
+        let mut peers = Vec::new();
+        let mut fresh = Vec::new();
+        for port in [1, 1, 1, 2] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            peers.push(listener.accept().await.unwrap().0);
+            let k = key(port);
+            match fresh_h1(k.to_owned(pool.hash(&k)), IoEither::Left(tcp), Duration::from_secs(5)) {
+                Fresh::H1(h1) => fresh.push(h1),
+                Fresh::H2(_) => unreachable!("a plain connection is HTTP/1.1"),
+            }
+        }
+        // Each connection is told apart by its key's own `host` allocation.
+        let ids: Vec<*const u8> = fresh.iter().map(|h| h.key.host.as_ptr()).collect();
+        let now = Instant::now();
+        for h1 in fresh {
+            pool.checkin(h1, now);
+        }
+        let out = |k: KeyRef<'_>, at| pool.checkout(&k, pool.hash(&k), at).map(|h| h.key.host.as_ptr());
+        let https = KeyRef { https: true, ..key(1) };
+        assert_eq!(out(https, now), None, "https is another key");
+        assert_eq!(out(key(3), now), None, "another port is another key");
+        assert_eq!(out(key(1), now), Some(ids[1]), "the last kept first; the third was over the limit");
+        assert_eq!(out(key(1), now), Some(ids[0]));
+        assert_eq!(out(key(1), now), None);
+        assert_eq!(out(key(2), now + Duration::from_secs(61)), None, "expired");
+        assert_eq!(out(key(2), now), None, "an expired connection is closed, not kept");
+        drop(peers);
+    }
+
     /// An idle plain connection is open until a byte or the upstream's
     /// close arrives; either is seen by the readiness-first probe.
     #[tokio::test]
@@ -599,7 +680,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let idle = |tcp| {
-            let key = Key { https: false, host: "127.0.0.1".into(), port: addr.port() };
+            let key = Key { https: false, host: "127.0.0.1".into(), port: addr.port(), hash: 0 };
             match fresh_h1(key, IoEither::Left(tcp), Duration::from_secs(5)) {
                 Fresh::H1(h1) => h1,
                 Fresh::H2(_) => unreachable!("a plain connection is HTTP/1.1"),
