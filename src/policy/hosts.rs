@@ -67,10 +67,13 @@ impl HostPattern {
         let h = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let h = h.strip_suffix('.').unwrap_or(h).as_bytes();
         let name = self.name.as_bytes();
+        // Hosts nearly always come in lowercase, as patterns are kept: an
+        // exact compare first (one memcmp), case folded only when it fails.
+        let same = |h: &[u8]| h == name || h.eq_ignore_ascii_case(name);
         if self.wildcard {
-            h.len() > name.len() && h[h.len() - name.len()..].eq_ignore_ascii_case(name)
+            h.len() > name.len() && same(&h[h.len() - name.len()..])
         } else {
-            h.eq_ignore_ascii_case(name)
+            same(h)
         }
     }
 }
