@@ -13,7 +13,6 @@ use http::{header, Method, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::server::write_fields;
 use super::{
     find_head_end, read_into, Decoder, Encoder, Error, Framing, IdleTimer, Pending, RawFields, MAX_RESPONSE_HEAD,
 };
@@ -329,8 +328,17 @@ pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Part
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_fields(out, &parts.headers, &[header::CONTENT_LENGTH, header::TRANSFER_ENCODING]);
-    if !parts.headers.contains_key(header::HOST) {
+    // The fields as they are, but the framing ones (re-framed below);
+    // whether one is `Host` is seen on the way (a lookup by name hashed it).
+    let mut host = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        host |= name == header::HOST;
+        super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !host {
         if let Some(a) = parts.uri.authority() {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(a.as_str().as_bytes());
@@ -469,7 +477,18 @@ mod tests {
             let (parts, ()) = http::Request::get(uri).body(()).unwrap().into_parts();
             encode_request_head(&mut out, &parts, Framing::Empty);
             assert!(String::from_utf8_lossy(&out).starts_with(line), "{uri}: {:?}", String::from_utf8_lossy(&out));
+            // No `Host` field: the target's authority is the one.
+            assert_eq!(String::from_utf8_lossy(&out).matches("host: ").count(), 1, "{uri}");
+            assert!(String::from_utf8_lossy(&out).contains("\r\nhost: up.test\r\n"), "{uri}");
         }
+        // A `Host` field given (whatever its case) is the one: none added.
+        let mut req = http::Request::get("http://up.test/").body(()).unwrap();
+        req.headers_mut().insert("HOST", "other.test".parse().unwrap());
+        req.headers_mut().append("content-length", "1".parse().unwrap());
+        req.headers_mut().append("content-length", "2".parse().unwrap());
+        let (parts, ()) = req.into_parts();
+        encode_request_head(&mut out, &parts, Framing::Empty);
+        assert_eq!(String::from_utf8(out).unwrap(), "GET / HTTP/1.1\r\nhost: other.test\r\n\r\n");
     }
 
     // ---- at the I/O boundary: a duplex pipe stands in for the upstream ----

@@ -511,7 +511,7 @@ async fn flush(
 }
 
 /// `name: value` lines of `headers`, except the `skip` names.
-pub(crate) fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[http::HeaderName]) {
+fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[http::HeaderName]) {
     for (name, value) in headers {
         if !skip.contains(name) {
             super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
