@@ -466,25 +466,11 @@ mod tests {
         Arc::new(Metrics::new(["httpbin"]))
     }
 
-    /// An output the test reads after the audit wrote to it.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A use line carries the parties formatted beforehand, in their place
     /// among the per-request fields, every key once and in order.
     #[test]
     fn a_use_line_carries_its_formatted_parties() {
-        let out = Shared::default();
+        let out = crate::telemetry::tests::Shared::default();
         let audit =
             Audit { lines: Some(LineBatcher::start("audit-test", Box::new(out.clone())).unwrap()), metrics: metrics() };
         let parties = Parties {

@@ -296,7 +296,7 @@ pub fn unix_now() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -355,9 +355,9 @@ mod tests {
         assert_eq!(&shared.buf.lock().unwrap()[..], b"first line\nsecond line\n");
     }
 
-    /// An output the test can read after the batcher wrote to it.
+    /// An output a test can read after a batcher wrote to it.
     #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Shared(pub(crate) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Shared {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
