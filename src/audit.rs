@@ -318,41 +318,11 @@ fn escape_into(value: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(rest);
 }
 
-/// A byte JSON escapes in a string: `"`, `\\` or a control character.
-fn special(b: u8) -> bool {
-    b == b'"' || b == b'\\' || b < b' '
-}
-
-/// Where the first byte [`special`] holds for is. Eight bytes at a time:
-/// `(x - 0x01…) & !x & 0x80…` is non-zero exactly when a byte of `x` is
-/// zero, and `(w - 0x20…) & !w & 0x80…` exactly when a byte of `w` is
-/// below 0x20 (for bytes of 0x80 and up, `!w` clears the top bit).
-///
-/// A tail shorter than a word is read as the string's last eight bytes
-/// (overlapping bytes already found clean), so a string of eight bytes or
-/// more is scanned a word at a time to its end.
+/// Where the first byte JSON escapes in a string is: `"`, `\\` or a
+/// control character; eight bytes at a time.
 fn first_special(s: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
-    let any = |word: &[u8]| {
-        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        (w.wrapping_sub(ONES * 0x20) & !w & HIGH)
-            | zero_byte(w ^ (ONES * u64::from(b'"')))
-            | zero_byte(w ^ (ONES * u64::from(b'\\')))
-            != 0
-    };
-    let mut at = 0;
-    for chunk in s.chunks_exact(8) {
-        if any(chunk) {
-            break;
-        }
-        at += 8;
-    }
-    if at < s.len() && s.len() >= 8 && at + 8 > s.len() && !any(&s[s.len() - 8..]) {
-        return None;
-    }
-    s[at..].iter().position(|&b| special(b)).map(|i| at + i)
+    use crate::scan::{below, equal, first};
+    first(s, |w| below(w, 0x20) | equal(w, b'"') | equal(w, b'\\'))
 }
 
 /// Counts the batches `out` fails to write, and logs the first of a run
@@ -558,6 +528,7 @@ mod tests {
 
     #[test]
     fn the_word_scan_finds_what_the_byte_scan_finds() {
+        let special = |b: u8| b == b'"' || b == b'\\' || b < b' ';
         // Every byte value at every position of a 0–20 byte string of safe
         // bytes (so each 8-byte word, and the tail after them, is tried).
         for len in 0..=20 {

@@ -51,7 +51,8 @@
 //!   the egress policy. Pure.
 //! - [`problem`]: every problem code, and the one place that turns errors
 //!   into problem+json responses.
-//! - [`ids`], [`secret`], [`telemetry`]: leaves.
+//! - [`ids`], [`secret`], [`telemetry`], [`scan`]: leaves (`scan`: first byte
+//!   of a kind, eight bytes at a time).
 
 pub mod admin;
 pub mod admin_client;
@@ -75,6 +76,7 @@ pub mod problem;
 pub mod proxy;
 pub mod quota;
 pub mod runtoken;
+pub mod scan;
 pub mod secret;
 pub mod server;
 pub mod store;

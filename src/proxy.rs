@@ -419,7 +419,7 @@ impl AuditMemo {
             let claims = access.caller.as_deref().and_then(|c| c.claims.as_ref());
             let resolved = access.resolved.as_deref();
             self.text = Parties {
-                org: access.caller.as_deref().and_then(|c| c.claims.as_ref()).map_or(org, |c| c.org.as_str()),
+                org: claims.map_or(org, |c| c.org.as_str()),
                 user: resolved.map(|r| r.meta.user_id.as_str()),
                 run_token: claims.map(|c| c.jti.as_str()),
                 run_subject: claims.and_then(|c| c.sub.as_deref()),
