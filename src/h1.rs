@@ -113,19 +113,41 @@ struct FieldSummary {
     lists_names: bool,
 }
 
-/// A request's `X-Connection-Id` field, which names the credential the
-/// proxy injects. The codec sets it aside while it builds the header map:
-/// the proxy takes it out of every request, and a field inserted into the
-/// map (its name hashed) only to be removed again cost ~500 instructions
-/// a request. It never reaches the map, so nothing past the codec can
-/// forward it.
+/// A request field the proxy reads itself and never forwards: absent,
+/// sent once, or sent more than once (ambiguous: refused by the proxy).
+/// The codec sets it aside while it builds the header map, so nothing past
+/// the codec can forward it, and a field inserted into the map (its name
+/// hashed) only to be removed again — ~500 instructions a request for
+/// `X-Connection-Id`, ~400 for a run token's `Proxy-Authorization` — is
+/// never paid. A field `Connection` names is hop-by-hop for this message:
+/// gone, like any other (absent).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ConnectionField {
+pub enum OwnField {
     #[default]
     Absent,
     One(HeaderValue),
-    /// More than one field line: ambiguous, refused by the proxy.
+    /// More than one field line.
     Repeated,
+}
+
+impl OwnField {
+    /// One more field line of this name.
+    fn add(&mut self, value: HeaderValue) {
+        *self = match self {
+            Self::Absent => Self::One(value),
+            _ => Self::Repeated,
+        };
+    }
+}
+
+/// The fields of a request the codec set aside for the proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnFields {
+    /// `X-Connection-Id`: names the credential the proxy injects.
+    pub connection_id: OwnField,
+    /// `Proxy-Authorization`: the caller's run token (or a credential for
+    /// the proxy, dropped); for the proxy only (RFC 9110 §11.7.2).
+    pub proxy_authorization: OwnField,
 }
 
 /// What a header field name means to the codec, found from its bytes in
@@ -137,8 +159,10 @@ enum Kind {
     Connection,
     Expect,
     Date,
-    /// `X-Connection-Id` ([`ConnectionField`]).
+    /// `X-Connection-Id` ([`OwnFields`]).
     ConnectionId,
+    /// `Proxy-Authorization` ([`OwnFields`]).
+    ProxyAuthorization,
     /// Another hop-by-hop field (RFC 9110 §7.6.1).
     HopByHop,
     /// A name that differs from one the proxy owns or strips only by `_`
@@ -163,6 +187,7 @@ impl Kind {
             6 if is("expect") => Self::Expect,
             4 if is("date") => Self::Date,
             15 if is("x-connection-id") => Self::ConnectionId,
+            19 if is("proxy-authorization") => Self::ProxyAuthorization,
             2 if is("te") => Self::HopByHop,
             7 if is("trailer") || is("upgrade") => Self::HopByHop,
             10 if is("keep-alive") => Self::HopByHop,
@@ -399,42 +424,45 @@ fn header_map(
     head: &Bytes,
     fields: &[httparse::Header<'_>],
     keep_length: bool,
-) -> Result<(HeaderMap, FieldSummary, ConnectionField), Error> {
+) -> Result<(HeaderMap, FieldSummary, OwnFields), Error> {
     // Room for the few fields the proxy adds (Host, the credential) without regrowing.
     let mut map = HeaderMap::with_capacity(fields.len() + 2);
     let mut summary = FieldSummary::default();
-    let mut connection = ConnectionField::Absent;
+    let mut own = OwnFields::default();
     for f in fields {
-        let name = known_name(f.name.as_bytes())
-            .map_or_else(|| HeaderName::from_bytes(f.name.as_bytes()), Ok)
-            .map_err(|_| Error::Malformed("invalid header field name"))?;
-        let kind = Kind::of(name.as_str().as_bytes());
+        // httparse let only tokens through as names: `Kind::of` reads the
+        // bytes as they are, and only a field that goes into the map needs
+        // a `HeaderName` (hashed, perhaps allocated).
+        let kind = Kind::of(f.name.as_bytes());
         summary.observe(kind, f.value)?;
         if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
             .map_err(|_| Error::Malformed("invalid header value"))?;
-        if kind == Kind::ConnectionId {
-            connection = match connection {
-                ConnectionField::Absent => ConnectionField::One(value),
-                _ => ConnectionField::Repeated,
-            };
-            continue;
+        match kind {
+            Kind::ConnectionId => own.connection_id.add(value),
+            Kind::ProxyAuthorization => own.proxy_authorization.add(value),
+            _ => {
+                let name = HeaderName::from_bytes(f.name.as_bytes())
+                    .map_err(|_| Error::Malformed("invalid header field name"))?;
+                map.append(name, value);
+            }
         }
-        map.append(name, value);
     }
     if summary.lists_names {
         for token in connection_tokens(fields) {
             // Named by `Connection`: hop-by-hop, gone like any other.
             if token.eq_ignore_ascii_case(b"x-connection-id") {
-                connection = ConnectionField::Absent;
+                own.connection_id = OwnField::Absent;
+            } else if token.eq_ignore_ascii_case(b"proxy-authorization") {
+                own.proxy_authorization = OwnField::Absent;
             } else if let Ok(name) = HeaderName::from_bytes(token) {
                 map.remove(name);
             }
         }
     }
-    Ok((map, summary, connection))
+    Ok((map, summary, own))
 }
 
 /// Response header fields as an upstream sent them, minus what the codec
@@ -596,20 +624,6 @@ fn connection_tokens<'h, 'b>(fields: &'h [httparse::Header<'b>]) -> impl Iterato
 /// and `close`).
 pub fn connection_names(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     list_items(value).filter(|t| !t.eq_ignore_ascii_case(b"keep-alive") && !t.eq_ignore_ascii_case(b"close"))
-}
-
-/// Header names we see on every request that `http` does not know: static,
-/// so they cost no allocation.
-fn known_name(name: &[u8]) -> Option<HeaderName> {
-    const X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    match name.len() {
-        15 if name.eq_ignore_ascii_case(b"x-connection-id") => Some(X_CONNECTION_ID),
-        16 if name.eq_ignore_ascii_case(b"proxy-connection") => Some(PROXY_CONNECTION),
-        10 if name.eq_ignore_ascii_case(b"keep-alive") => Some(KEEP_ALIVE),
-        _ => None,
-    }
 }
 
 /// Finds the end of a message head in `buf`, resuming at `*scanned` (where

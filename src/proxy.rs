@@ -320,15 +320,16 @@ impl Access {
 }
 
 /// One request through the pipeline, with its metrics and access line.
-/// `named`: the `X-Connection-Id` field our HTTP/1.1 codec set aside
-/// (`None` for h2 streams: it is still among the headers). `memo`: what
+/// `own`: the `X-Connection-Id` and `Proxy-Authorization` fields our
+/// HTTP/1.1 codec set aside (`None` for h2 streams: they are still among
+/// the headers). `memo`: what
 /// this caller connection resolved and proved last, and what the
 /// `CONNECT` of the tunnel it came through proved.
 async fn handle(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
     req: Request<CallerBody>,
-    named: Option<h1::ConnectionField>,
+    own: Option<h1::OwnFields>,
     memo: &mut ConnMemo,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -341,7 +342,7 @@ async fn handle(
     let logged =
         (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
     let mut access = Access::default();
-    let resp = match forward(state, peer, req, named, &mut access, memo, started).await {
+    let resp = match forward(state, peer, req, own, &mut access, memo, started).await {
         Ok(resp) => resp,
         Err(err) => {
             let problem = err.problem();
@@ -499,7 +500,7 @@ async fn forward(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
     req: Request<CallerBody>,
-    named: Option<h1::ConnectionField>,
+    own: Option<h1::OwnFields>,
     access: &mut Access,
     memo: &mut ConnMemo,
     started: Instant,
@@ -507,11 +508,15 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, tunnel, .. } = memo;
     let tunnel = tunnel.as_ref();
+    // The fields the proxy reads itself never go upstream: set aside by
+    // the codec (HTTP/1.1), or taken out of an h2 request's headers here.
+    let h1::OwnFields { connection_id: named, proxy_authorization: presented } =
+        own.unwrap_or_else(|| take_own_fields(&mut parts.headers));
 
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
     if parts.method == Method::CONNECT {
         // The caller is identified (step 2) for the whole tunnel.
-        let caller = identify(state, &mut parts.headers, tunnel, auth_memo)?;
+        let caller = identify(state, presented, tunnel, auth_memo)?;
         // Boxed: rare, and its future would otherwise weigh on every request's.
         return Box::pin(connect(state, peer, parts, access, caller)).await;
     }
@@ -522,19 +527,15 @@ async fn forward(
 
     // 2. Identify the caller: a run token in Proxy-Authorization names the
     // organization (shared mode), else the sidecar's is the one.
-    let caller = identify(state, &mut parts.headers, tunnel, auth_memo)?;
+    let caller = identify(state, presented, tunnel, auth_memo)?;
     access.caller.clone_from(&caller);
     let org = caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state));
     let claims = caller.as_deref().and_then(|c| c.claims.as_ref());
 
-    // 3. Which connection, if any. Taken out of the headers (by the codec,
-    // for HTTP/1.1), shape checked; more than one field is ambiguous (which
-    // one would an upstream see?). Without the field, the proxy URL's user
-    // name may name it.
-    let named = match named {
-        Some(field) => field,
-        None => take_connection_field(&mut parts.headers),
-    };
+    // 3. Which connection, if any. Taken out of the headers (above), shape
+    // checked; more than one field is ambiguous (which one would an
+    // upstream see?). Without the field, the proxy URL's user name may
+    // name it.
     let conn_id = match checked_connection_id(named)? {
         None => caller.as_deref().and_then(|c| c.connection.clone()),
         named => named,
@@ -687,26 +688,34 @@ async fn connect(
     Ok(Response::new(ProxyBody::Made(Full::new(Bytes::new()))))
 }
 
-/// The `X-Connection-Id` field, removed from `headers` (an h2 request's;
-/// our HTTP/1.1 codec never puts it there).
-fn take_connection_field(headers: &mut HeaderMap) -> h1::ConnectionField {
+/// The fields the proxy reads itself, removed from `headers` (an h2
+/// request's; our HTTP/1.1 codec never puts them there).
+fn take_own_fields(headers: &mut HeaderMap) -> h1::OwnFields {
+    h1::OwnFields {
+        connection_id: take_own_field(headers, &X_CONNECTION_ID),
+        proxy_authorization: take_own_field(headers, &http::header::PROXY_AUTHORIZATION),
+    }
+}
+
+/// Every field named `name`, removed from `headers`: none, one, or more.
+fn take_own_field(headers: &mut HeaderMap, name: &HeaderName) -> h1::OwnField {
     // `len` counts values: `remove` takes every value of the name, returns the first.
     let values = headers.len();
-    match headers.remove(&X_CONNECTION_ID) {
-        None => h1::ConnectionField::Absent,
-        Some(id) if headers.len() + 1 == values => h1::ConnectionField::One(id),
-        Some(_) => h1::ConnectionField::Repeated,
+    match headers.remove(name) {
+        None => h1::OwnField::Absent,
+        Some(value) if headers.len() + 1 == values => h1::OwnField::One(value),
+        Some(_) => h1::OwnField::Repeated,
     }
 }
 
 /// The connection id a request names: at most one field, of the
 /// connection id's shape.
-fn checked_connection_id(field: h1::ConnectionField) -> Result<Option<http::HeaderValue>, ProxyError> {
+fn checked_connection_id(field: h1::OwnField) -> Result<Option<http::HeaderValue>, ProxyError> {
     match field {
-        h1::ConnectionField::Absent => Ok(None),
-        h1::ConnectionField::Repeated => Err(ProxyError::DuplicateConnectionId),
-        h1::ConnectionField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => Ok(Some(id)),
-        h1::ConnectionField::One(_) => Err(ProxyError::BadConnectionId),
+        h1::OwnField::Absent => Ok(None),
+        h1::OwnField::Repeated => Err(ProxyError::DuplicateConnectionId),
+        h1::OwnField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => Ok(Some(id)),
+        h1::OwnField::One(_) => Err(ProxyError::BadConnectionId),
     }
 }
 
@@ -954,6 +963,22 @@ mod tests {
         }
         strip_request_headers(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"]);
+    }
+
+    /// An h2 request's own fields come out of its headers as the codec
+    /// sets an HTTP/1.1 request's aside: none, one, or more than one.
+    #[test]
+    fn own_fields_are_taken_out_of_an_h2_requests_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [("x-connection-id", "conn_a"), ("proxy-authorization", "Bearer a"), ("accept", "*/*")] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h.append(http::header::PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        let own = take_own_fields(&mut h);
+        assert_eq!(own.connection_id, h1::OwnField::One(HeaderValue::from_static("conn_a")));
+        assert_eq!(own.proxy_authorization, h1::OwnField::Repeated);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"], "every value is out");
+        assert_eq!(take_own_fields(&mut h), h1::OwnFields::default());
     }
 
     #[test]

@@ -220,6 +220,21 @@ async fn refused_run_tokens_get_407_with_their_code() {
     let answer = raw_connect(h.running.proxy_addr, httpbin_tls().trim_start_matches("https://")).await;
     assert!(answer.starts_with("HTTP/1.1 407 "), "{answer}");
     assert!(answer.contains("run_token_missing"), "{answer}");
+    // The good token twice is ambiguous (which would count?); named by
+    // `Connection` it is hop-by-hop, gone like any other such field.
+    let token = format!("Proxy-Authorization: Bearer {good}\r\n");
+    let cases = [
+        (format!("{token}{token}"), "run_token_invalid"),
+        (format!("{token}proxy-authorization: Bearer {good}\r\n"), "run_token_invalid"),
+        (format!("Connection: proxy-authorization\r\n{token}"), "run_token_missing"),
+    ];
+    for (fields, code) in cases {
+        let head = format!("GET {url} HTTP/1.1\r\nHost: {}\r\n{hdr}\r\n{fields}", url_host(&url));
+        let answer = raw_request(h.running.proxy_addr, &head).await;
+        assert!(answer.starts_with("HTTP/1.1 407 "), "{fields:?}: {answer}");
+        assert!(answer.contains(code), "{fields:?}: {answer}");
+        assert!(!answer.contains(&good), "{fields:?}: the token came back");
+    }
     // The good token works.
     let seen = curl(&["-x", &proxy_with(&h, "run", &good), "-H", &hdr, &url], &[]).await;
     assert_injected(&seen, "refused-token-1");
@@ -227,11 +242,20 @@ async fn refused_run_tokens_get_407_with_their_code() {
 
 /// The proxy's answer to a bare `CONNECT authority` (no credentials).
 async fn raw_connect(proxy: std::net::SocketAddr, authority: &str) -> String {
+    raw_request(proxy, &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n")).await
+}
+
+/// `url`'s authority.
+fn url_host(url: &str) -> &str {
+    url.split("://").nth(1).and_then(|rest| rest.split('/').next()).expect("an absolute URL")
+}
+
+/// The proxy's answer to a request head (request line and fields, each
+/// line CRLF-terminated) sent on a connection of its own, closed after it.
+async fn raw_request(proxy: std::net::SocketAddr, head: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()

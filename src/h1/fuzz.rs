@@ -38,12 +38,13 @@ pub struct Head {
     pub framing: Framing,
     pub keep_alive: bool,
     pub expect_continue: bool,
-    /// `X-Connection-Id`, set aside by the codec (not among `fields`).
-    pub connection: super::ConnectionField,
+    /// `X-Connection-Id` and `Proxy-Authorization`, set aside by the
+    /// codec (not among `fields`).
+    pub own: super::OwnFields,
 }
 
 impl Head {
-    fn of(h: &RequestHead) -> Self {
+    fn of(h: &RequestHead, own: super::OwnFields) -> Self {
         Self {
             method: h.parts.method.to_string(),
             target: h.parts.uri.to_string(),
@@ -52,7 +53,7 @@ impl Head {
             framing: h.framing,
             keep_alive: h.keep_alive,
             expect_continue: h.expect_continue,
-            connection: h.connection.clone(),
+            own,
         }
     }
 }
@@ -71,6 +72,7 @@ pub fn read_requests(chunks: &[&[u8]], max_head: usize) -> (Vec<Step>, Vec<Vec<u
     let mut chunks = chunks.iter();
     let mut buf = BytesMut::new();
     let mut scanned = 0;
+    let mut own = super::OwnFields::default();
     let mut fed = 0u64;
     let mut feed = |buf: &mut BytesMut| match chunks.next() {
         Some(c) => {
@@ -84,7 +86,7 @@ pub fn read_requests(chunks: &[&[u8]], max_head: usize) -> (Vec<Step>, Vec<Vec<u
     let at = |total: u64, buf: &BytesMut| total - buf.len() as u64;
     loop {
         let head = loop {
-            match server::take_head(&mut buf, &mut scanned, max_head) {
+            match server::take_head(&mut buf, &mut scanned, max_head, &mut own) {
                 Some(Ok(h)) => break h,
                 Some(Err(e)) => {
                     steps.push(Step::Error { at: at(total, &buf), error: e.to_string() });
@@ -103,7 +105,7 @@ pub fn read_requests(chunks: &[&[u8]], max_head: usize) -> (Vec<Step>, Vec<Vec<u
                 },
             }
         };
-        steps.push(Step::Head(Head::of(&head)));
+        steps.push(Step::Head(Head::of(&head, std::mem::take(&mut own))));
         if head.parts.method == http::Method::CONNECT {
             steps.push(Step::Stop);
             return (steps, forwarded);

@@ -20,22 +20,21 @@ use tokio::sync::oneshot;
 
 pub use super::transport::{Io, ReadHalf, Rewind, Transport, Upgraded, WriteHalf};
 use super::{
-    find_head_end, header_map, read_into, ConnectionField, Decoder, Encoder, Error, Framing, IdleTimer, Pending,
-    RawFields, MAX_HEADERS,
+    find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, IdleTimer, OwnFields, Pending, RawFields,
+    MAX_HEADERS,
 };
 
 /// A parsed request head.
 pub struct RequestHead {
-    /// Method, target as sent, version and every header field but
-    /// `X-Connection-Id` (values share the head's bytes).
+    /// Method, target as sent, version and every header field but those
+    /// the proxy reads itself (set aside in [`ReadSide::take_own`]; values
+    /// share the head's bytes).
     pub parts: http::request::Parts,
     pub framing: Framing,
     /// The caller allows another request on this connection afterwards.
     pub keep_alive: bool,
     /// `Expect: 100-continue` with a body.
     pub expect_continue: bool,
-    /// The `X-Connection-Id` field, kept out of `parts.headers`.
-    pub connection: ConnectionField,
 }
 
 /// The read side of a caller's connection.
@@ -48,6 +47,10 @@ pub struct ReadSide {
     body: Decoder,
     /// Bounds the wait for the next bytes of a body (`proxy.body_idle_timeout_ms`).
     idle: IdleTimer,
+    /// The fields of the last head read that the proxy reads itself, kept
+    /// beside the head rather than in it: the head is moved a few times
+    /// on its way to the pipeline, and every byte of it is copied each time.
+    own: OwnFields,
 }
 
 impl ReadSide {
@@ -59,7 +62,15 @@ impl ReadSide {
             scanned: 0,
             body: Decoder::done(),
             idle: IdleTimer::new(body_idle),
+            own: OwnFields::default(),
         }
+    }
+
+    /// `X-Connection-Id` and `Proxy-Authorization` of the head
+    /// [`ReadSide::poll_head`] returned last, taken (they are not among its
+    /// headers).
+    pub fn take_own(&mut self) -> OwnFields {
+        std::mem::take(&mut self.own)
     }
 
     /// Bytes of a next head have arrived (a caller mid-request, not idle).
@@ -76,7 +87,7 @@ impl ReadSide {
     /// connection cleanly between requests.
     pub fn poll_head(&mut self, cx: &mut Context<'_>, max_bytes: usize) -> Poll<Result<Option<RequestHead>, Error>> {
         loop {
-            if let Some(head) = take_head(&mut self.buf, &mut self.scanned, max_bytes) {
+            if let Some(head) = take_head(&mut self.buf, &mut self.scanned, max_bytes, &mut self.own) {
                 return Poll::Ready(head.map(Some));
             }
             let n = std::task::ready!(read_into(&mut self.io, cx, &mut self.buf, 4096))?;
@@ -118,13 +129,15 @@ impl ReadSide {
 }
 
 /// Takes the next request head out of `buf` once it is all there (`None`:
-/// read more; `scanned` carries the scan across calls). Synchronous, so
-/// the fuzz targets drive exactly what the connection loop runs.
+/// read more; `scanned` carries the scan across calls), its fields for the
+/// proxy into `own`. Synchronous, so the fuzz targets drive exactly what
+/// the connection loop runs.
 #[inline]
 pub(super) fn take_head(
     buf: &mut BytesMut,
     scanned: &mut usize,
     max_bytes: usize,
+    own: &mut OwnFields,
 ) -> Option<Result<RequestHead, Error>> {
     // RFC 9112 §2.2: ignore empty lines before a request line.
     let blank = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
@@ -138,7 +151,7 @@ pub(super) fn take_head(
             return Some(Err(Error::HeadTooLarge(max_bytes)));
         }
         let head = buf.split_to(end).freeze();
-        return Some(parse_request(head));
+        return Some(parse_request(head, own));
     }
     if buf.len() >= max_bytes {
         return Some(Err(Error::HeadTooLarge(max_bytes)));
@@ -146,8 +159,9 @@ pub(super) fn take_head(
     None
 }
 
-/// Parses one request head (its bytes end with the blank line).
-fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
+/// Parses one request head (its bytes end with the blank line); the
+/// fields the proxy reads itself go into `own`.
+fn parse_request(head: Bytes, own: &mut OwnFields) -> Result<RequestHead, Error> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(&head, &mut fields) {
@@ -162,7 +176,8 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
     let uri = Uri::from_maybe_shared(head.slice_ref(target.as_bytes()))
         .map_err(|_| Error::Malformed("invalid request target"))?;
     let minor = req.version.unwrap_or(1);
-    let (headers, s, connection) = header_map(&head, req.headers, false)?;
+    let (headers, s, fields) = header_map(&head, req.headers, false)?;
+    *own = fields;
     let framing = super::request_framing(&method, minor, &s)?;
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -174,7 +189,6 @@ fn parse_request(head: Bytes) -> Result<RequestHead, Error> {
         framing,
         keep_alive: s.keep_alive(minor),
         expect_continue: s.expect_continue && framing != Framing::Empty,
-        connection,
     })
 }
 
@@ -543,18 +557,26 @@ impl OnUpgrade {
 
 #[cfg(test)]
 mod tests {
+    use super::super::OwnField;
     use super::*;
 
     fn head(s: &str) -> Result<RequestHead, Error> {
-        parse_request(Bytes::copy_from_slice(s.as_bytes()))
+        with_own(s).map(|(h, _)| h)
+    }
+
+    /// A head and the fields set aside beside it.
+    fn with_own(s: &str) -> Result<(RequestHead, OwnFields), Error> {
+        let mut own = OwnFields::default();
+        parse_request(Bytes::copy_from_slice(s.as_bytes()), &mut own).map(|h| (h, own))
     }
 
     #[test]
     fn request_heads_parse_into_parts_and_framing() {
-        let h = head("GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Connection-Id: conn_x\r\n\r\n").unwrap();
+        let (h, own) =
+            with_own("GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Connection-Id: conn_x\r\n\r\n").unwrap();
         assert_eq!(h.parts.method, Method::GET);
         assert_eq!(h.parts.uri, "http://a.test/x?y=1");
-        assert_eq!(h.connection, ConnectionField::One(http::HeaderValue::from_static("conn_x")));
+        assert_eq!(own.connection_id, OwnField::One(http::HeaderValue::from_static("conn_x")));
         assert!(h.parts.headers.get("x-connection-id").is_none(), "set aside, not in the map");
         assert_eq!((h.framing, h.keep_alive, h.expect_continue), (Framing::Empty, true, false));
         let h = head("POST http://a.test/ HTTP/1.1\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\nContent-Length: 3\r\nX-Keep: 2\r\n\r\n").unwrap();
@@ -576,32 +598,47 @@ mod tests {
     }
 
     #[test]
-    fn the_connection_field_is_set_aside_once_or_marked_repeated() {
-        let field = |fields: &str| head(&format!("GET http://a.test/ HTTP/1.1\r\n{fields}\r\n")).unwrap().connection;
-        let one = ConnectionField::One(http::HeaderValue::from_static("conn_a"));
-        assert_eq!(field("X-CONNECTION-ID: conn_a\r\n"), one, "names are case-insensitive");
-        assert_eq!(field("Host: a.test\r\n"), ConnectionField::Absent);
-        // Two field lines, in any case or with the same value: ambiguous.
-        for two in [
-            "X-Connection-Id: conn_a\r\nx-connection-id: conn_b\r\n",
-            "X-Connection-Id: conn_a\r\nX-Connection-Id: conn_a\r\n",
-            "x-connection-id: conn_a\r\nX-Other: 1\r\nX-CONNECTION-ID: conn_a\r\n",
-        ] {
-            assert_eq!(field(two), ConnectionField::Repeated, "{two:?}");
+    fn the_proxys_own_fields_are_set_aside_once_or_marked_repeated() {
+        type Pick = fn(OwnFields) -> OwnField;
+        let cases: [(&str, Pick); 2] =
+            [("X-Connection-Id", |o| o.connection_id), ("Proxy-Authorization", |o| o.proxy_authorization)];
+        for (name, pick) in cases {
+            let parsed = |fields: &str| with_own(&format!("GET http://a.test/ HTTP/1.1\r\n{fields}\r\n")).unwrap();
+            let field = |fields: &str| pick(parsed(fields).1);
+            let one = OwnField::One(http::HeaderValue::from_static("conn_a"));
+            let upper = name.to_ascii_uppercase();
+            let lower = name.to_ascii_lowercase();
+            assert_eq!(field(&format!("{upper}: conn_a\r\n")), one, "names are case-insensitive");
+            assert_eq!(field("Host: a.test\r\n"), OwnField::Absent);
+            // Set aside, not in the map: nothing past the codec can forward it.
+            let (h, _) = parsed(&format!("{name}: conn_a\r\nX-Other: 1\r\n"));
+            let names: Vec<_> = h.parts.headers.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-other"], "{name}");
+            // Two field lines, in any case or with the same value: ambiguous.
+            for two in [
+                format!("{name}: conn_a\r\n{lower}: conn_b\r\n"),
+                format!("{name}: conn_a\r\n{name}: conn_a\r\n"),
+                format!("{lower}: conn_a\r\nX-Other: 1\r\n{upper}: conn_a\r\n"),
+            ] {
+                assert_eq!(field(&two), OwnField::Repeated, "{two:?}");
+            }
+            // Named by `Connection`: hop-by-hop, so gone (even when repeated).
+            assert_eq!(field(&format!("Connection: {name}\r\n{name}: conn_a\r\n")), OwnField::Absent);
+            assert_eq!(field(&format!("{name}: a\r\nConnection: {lower}\r\n{name}: b\r\n")), OwnField::Absent);
+            // A lookalike is dropped, and is not the field either.
+            let (h, own) = parsed(&format!("{}: conn_a\r\n", name.replace('-', "_")));
+            assert_eq!((pick(own), h.parts.headers.len()), (OwnField::Absent, 0), "{name}");
+            // Not the proxy's in a response: passed on like any other.
+            let raw =
+                super::super::RawFields::from_parsed(&[httparse::Header { name, value: b"conn_a" }], false).unwrap().0;
+            assert_eq!(&raw.lines[..], format!("{name}: conn_a\r\n").as_bytes());
         }
-        // Named by `Connection`: hop-by-hop, so no connection is named.
-        assert_eq!(field("Connection: X-Connection-Id\r\nX-Connection-Id: conn_a\r\n"), ConnectionField::Absent);
-        // A lookalike is dropped, and is no connection field either.
-        let h = head("GET http://a.test/ HTTP/1.1\r\nX_Connection_Id: conn_a\r\n\r\n").unwrap();
-        assert_eq!((h.connection, h.parts.headers.len()), (ConnectionField::Absent, 0));
-        // Not a connection field in a response: passed on like any other.
-        let raw = super::super::RawFields::from_parsed(
-            &[httparse::Header { name: "X-Connection-Id", value: b"conn_a" }],
-            false,
-        )
-        .unwrap()
-        .0;
-        assert_eq!(&raw.lines[..], b"X-Connection-Id: conn_a\r\n");
+        // Each is its own: one of each is no repetition.
+        let (_, own) =
+            with_own("GET http://a.test/ HTTP/1.1\r\nX-Connection-Id: conn_a\r\nProxy-Authorization: Bearer t\r\n\r\n")
+                .unwrap();
+        assert_eq!(own.connection_id, OwnField::One(http::HeaderValue::from_static("conn_a")));
+        assert_eq!(own.proxy_authorization, OwnField::One(http::HeaderValue::from_static("Bearer t")));
     }
 
     #[test]
@@ -677,7 +714,8 @@ mod tests {
             let head = std::future::poll_fn(|cx| side.poll_head(cx, 65_536)).await.unwrap().unwrap();
             assert_eq!(head.parts.method, Method::POST, "split at {split}");
             assert_eq!(head.parts.uri, "http://a.test/x?y=1");
-            assert_eq!(head.connection, ConnectionField::One(http::HeaderValue::from_static("conn_x")));
+            assert_eq!(side.take_own().connection_id, OwnField::One(http::HeaderValue::from_static("conn_x")));
+            assert_eq!(side.take_own(), OwnFields::default(), "taken once");
             assert_eq!((head.framing, head.keep_alive), (Framing::Length(5), true));
             side.start_body(head.framing);
             let (tx, rx) = oneshot::channel();

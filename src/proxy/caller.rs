@@ -22,7 +22,7 @@ use super::{handle, take_fields, ConnMemo, ProxyBody, ProxyError, ProxyState, Tu
 use crate::h1::server::{
     Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
 };
-use crate::h1::{self, ConnectionField, Framing};
+use crate::h1::{self, Framing, OwnFields};
 use crate::upstream::CallerBody;
 
 /// Request bodies read and dropped (so the connection can carry the next
@@ -40,15 +40,15 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
             Ok(None) => return,
             Err(refused) => return conn.refuse(refused).await,
         };
-        let (req, named) = conn.request(head);
+        let (req, own) = conn.request(head);
         // The pipeline runs here, not in a method of its own: each async
         // layer is one more move of the request (and of the pipeline's
         // future) per request. `100 Continue` goes out when the pipeline
         // first reads the body; the caller gone meanwhile ends the connection.
         let (state, peer, memo) = (conn.state, conn.peer, &mut conn.memo);
         let resp = match &conn.ex.cont {
-            None => handle(state, peer, req, Some(named), memo).await,
-            Some(c) => match with_continue(pin!(handle(state, peer, req, Some(named), memo)), c, &mut conn.wr).await {
+            None => handle(state, peer, req, Some(own), memo).await,
+            Some(c) => match with_continue(pin!(handle(state, peer, req, Some(own), memo)), c, &mut conn.wr).await {
                 Ok(resp) => resp,
                 Err(_) => return,
             },
@@ -182,12 +182,14 @@ impl<'a> CallerConn<'a> {
         })
     }
 
-    /// The request for the pipeline, and the `X-Connection-Id` field the
-    /// codec set aside. A body owns the read side while it is read, and
+    /// The request for the pipeline, and the fields the codec set aside
+    /// for the proxy (`X-Connection-Id`, `Proxy-Authorization`; the read
+    /// side, home while a head is read, holds them). A body owns the read side while it is read, and
     /// sends it back when it ends (or is dropped half-read).
     #[inline(always)]
-    fn request(&mut self, head: RequestHead) -> (Request<CallerBody>, ConnectionField) {
-        let RequestHead { mut parts, framing, keep_alive, expect_continue, connection } = head;
+    fn request(&mut self, head: RequestHead) -> (Request<CallerBody>, OwnFields) {
+        let RequestHead { mut parts, framing, keep_alive, expect_continue } = head;
+        let own = self.side.as_mut().map(ReadSide::take_own).unwrap_or_default();
         if let Some(t) = &self.tunnel {
             parts.uri = t.absolute(&parts.uri);
         }
@@ -220,7 +222,7 @@ impl<'a> CallerConn<'a> {
             req.extensions_mut().insert(on_upgrade);
             exchange.upgrade = Some(tx);
         }
-        (req, connection)
+        (req, own)
     }
 
     /// Writes the response, and says what comes next.

@@ -9,15 +9,14 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use http::header::PROXY_AUTHORIZATION;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 
 use super::ProxyState;
 use crate::config::ProxyMode;
 use crate::creds::unix_now;
-use crate::ids;
 use crate::outbound::ProxyError;
 use crate::runtoken::{RunClaims, RunTokenError, RUN_TOKEN_PREFIX};
+use crate::{h1, ids};
 
 /// What a caller proved: a run token's claims, and the connection its
 /// proxy URL's user name names.
@@ -43,17 +42,23 @@ pub(crate) struct AuthMemo {
     last: Option<(HeaderValue, Arc<Caller>)>,
 }
 
-/// The caller of one request. `tunnel`: what the `CONNECT` proved, for a
+/// The caller of one request. `presented`: its `Proxy-Authorization`
+/// field, already out of its headers (it never goes upstream); more than
+/// one is refused. `tunnel`: what the `CONNECT` proved, for a
 /// request inside its tunnel (a `Proxy-Authorization` there is not the
 /// client's proxy credential and is dropped). `None`: nothing presented,
 /// and nothing required.
 pub(crate) fn identify(
     state: &ProxyState,
-    headers: &mut HeaderMap,
+    presented: h1::OwnField,
     tunnel: Option<&Arc<Caller>>,
     memo: &mut AuthMemo,
 ) -> Result<Option<Arc<Caller>>, ProxyError> {
-    let presented = take_field(headers)?;
+    let presented = match presented {
+        h1::OwnField::Absent => None,
+        h1::OwnField::One(field) => Some(field),
+        h1::OwnField::Repeated => return Err(ProxyError::RunTokenInvalid("more than one Proxy-Authorization field")),
+    };
     if let Some(caller) = tunnel {
         return Ok(Some(caller.clone()));
     }
@@ -69,16 +74,6 @@ pub(crate) fn identify(
     let caller = Arc::new(check(state, &field, now, required)?);
     memo.last = Some((field, caller.clone()));
     Ok(Some(caller))
-}
-
-/// The one `Proxy-Authorization` field, removed (it never goes upstream).
-fn take_field(headers: &mut HeaderMap) -> Result<Option<HeaderValue>, ProxyError> {
-    let values = headers.len();
-    let Some(field) = headers.remove(PROXY_AUTHORIZATION) else { return Ok(None) };
-    if headers.len() + 1 != values {
-        return Err(ProxyError::RunTokenInvalid("more than one Proxy-Authorization field"));
-    }
-    Ok(Some(field))
 }
 
 /// Parses and verifies a `Proxy-Authorization` value.
