@@ -29,7 +29,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
-use http::HeaderMap;
+use http::{HeaderMap, Uri};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod client;
@@ -159,6 +159,9 @@ enum Kind {
     Connection,
     Expect,
     Date,
+    /// A request's `Host`: the upstream side writes the target's authority
+    /// instead ([`host_of`]).
+    Host,
     /// `X-Connection-Id` ([`OwnFields`]).
     ConnectionId,
     /// `Proxy-Authorization` ([`OwnFields`]).
@@ -186,6 +189,7 @@ impl Kind {
             10 if is("connection") => Self::Connection,
             6 if is("expect") => Self::Expect,
             4 if is("date") => Self::Date,
+            4 if is("host") => Self::Host,
             15 if is("x-connection-id") => Self::ConnectionId,
             19 if is("proxy-authorization") => Self::ProxyAuthorization,
             2 if is("te") => Self::HopByHop,
@@ -406,6 +410,19 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     Kind::of(name.as_bytes()).hop_by_hop()
 }
 
+/// The `Host` a request for `uri` carries upstream: the target's authority
+/// without user information (the proxy refuses targets with it; were one
+/// to get here, it would not be sent) or its scheme's default port (`None`
+/// for a target without an authority). Whatever `Host` a caller sent is not
+/// forwarded: the authority is what the host check passed and where the
+/// connection goes.
+pub fn host_of(uri: &Uri) -> Option<&str> {
+    let auth = uri.authority()?.as_str();
+    let auth = auth.rfind('@').map_or(auth, |at| &auth[at + 1..]);
+    let default = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { ":443" } else { ":80" };
+    Some(auth.strip_suffix(default).unwrap_or(auth))
+}
+
 /// Appends one `name: value` field line.
 fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);
@@ -414,10 +431,13 @@ fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
-/// Builds a header map from parsed fields, sharing `head`'s bytes for the
-/// values, and summarizes the framing fields on the way. Hop-by-hop fields,
-/// and those `Connection` names, are read but left out of the map: nothing
-/// past the codec may forward them. `Content-Length` is left out too
+/// Builds a request's header map from parsed fields, sharing `head`'s
+/// bytes for the values, and summarizes the framing fields on the way.
+/// Hop-by-hop fields, and those `Connection` names, are read but left out
+/// of the map: nothing past the codec may forward them. `Host` is left out
+/// too: a proxy replaces it with the target's authority (RFC 9112 §3.2.2),
+/// which the upstream side writes ([`host_of`]); the fields the proxy reads
+/// itself are set aside ([`OwnFields`]). `Content-Length` is left out too
 /// (bodies are re-framed on the way out) unless `keep_length`: a response
 /// without a body (HEAD, 304), where it describes the representation.
 fn header_map(
@@ -435,7 +455,7 @@ fn header_map(
         // a `HeaderName` (hashed, perhaps allocated).
         let kind = Kind::of(f.name.as_bytes());
         summary.observe(kind, f.value)?;
-        if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) {
+        if kind.hop_by_hop() || kind == Kind::Host || (kind == Kind::ContentLength && !keep_length) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header;
-use http::uri::Scheme as UriScheme;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 
@@ -397,8 +396,8 @@ fn scrub_echoes_in(resp: &mut Response<PooledBody>, resolved: &Resolved) {
 }
 
 /// Builds the upstream request from the caller's (stripped) head: injects
-/// the credential, sets `Host` to the target authority, and picks the
-/// version ourselves.
+/// the credential and picks the version ourselves (`Host` is the target's
+/// authority, written by the upstream side: [`crate::h1::host_of`]).
 pub fn upstream_request(
     method: &Method,
     mut uri: Uri,
@@ -413,14 +412,19 @@ pub fn upstream_request(
     with_host(method, uri, headers, body)
 }
 
-/// The upstream request: `Host` set to the target authority, the version ours.
+/// The upstream request, the version ours. Its target is absolute: `Host`
+/// is its authority, which the upstream side writes (a caller's `Host`
+/// never gets into the map: the codec leaves it out, an h2 request's is
+/// taken out with the proxy's own fields).
 fn with_host(
     method: &Method,
     uri: Uri,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    set_host(&mut headers, &uri)?;
+    if uri.authority().is_none() {
+        return Err(ProxyError::OriginForm);
+    }
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
@@ -544,30 +548,6 @@ fn body_error(e: Box<dyn std::error::Error + Send + Sync>) -> ProxyError {
         Some(crate::h1::Error::BodyTimeout) => ProxyError::BodyTimeout,
         _ => ProxyError::BodyRead,
     }
-}
-
-pub fn host_header(uri: &Uri) -> Result<HeaderValue, ProxyError> {
-    HeaderValue::from_str(host_value(uri)?).map_err(|_| ProxyError::Malformed("invalid host"))
-}
-
-/// The target's authority, without the scheme's default port.
-fn host_value(uri: &Uri) -> Result<&str, ProxyError> {
-    let auth = uri.authority().ok_or(ProxyError::OriginForm)?.as_str();
-    let default = if uri.scheme() == Some(&UriScheme::HTTPS) { ":443" } else { ":80" };
-    Ok(auth.strip_suffix(default).unwrap_or(auth))
-}
-
-/// `Host` is the target's authority: exactly one field with exactly its
-/// bytes is left as the caller sent it (most absolute-form requests: no
-/// value to build), anything else is replaced.
-fn set_host(headers: &mut HeaderMap, uri: &Uri) -> Result<(), ProxyError> {
-    let value = host_value(uri)?;
-    let mut sent = headers.get_all(header::HOST).iter();
-    if sent.next().is_some_and(|v| v.as_bytes() == value.as_bytes()) && sent.next().is_none() {
-        return Ok(());
-    }
-    headers.insert(header::HOST, host_header(uri)?);
-    Ok(())
 }
 
 /// Everything that can stop a request, tagged by the side at fault through

@@ -394,6 +394,42 @@ async fn a_target_without_a_path_goes_upstream_as_slash() {
     assert!(heads[1].starts_with("GET /?a=1&api_key=path-key HTTP/1.1\r\n"), "{}", heads[1]);
 }
 
+/// The upstream's `Host` is the target's authority, exactly once, whatever
+/// `Host` fields the caller sent (none, another host, two, a lookalike
+/// case): the host check passed the target, so the target is what the
+/// upstream is told (RFC 9112 §3.2.2), with or without a credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_host_is_the_target_authority_once() {
+    let h = Harness::start().await;
+    let id = h.create("bearer", &[("token", "host-token-1")]).await;
+    let up = Recorder::start(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let u = up.addr;
+    let sent = [
+        String::new(),
+        "Host: evil.test\r\n".to_owned(),
+        format!("Host: {u}\r\nHost: evil.test\r\n"),
+        format!("Host: evil.test\r\nhost: {u}\r\n"),
+        format!("HOST: {u}\r\n"),
+        "Host:\r\n".to_owned(),
+    ];
+    let mut expected = 0;
+    for fields in &sent {
+        for named in [String::new(), format!("X-Connection-Id: {id}\r\n")] {
+            let req = format!("GET http://{u}/p HTTP/1.1\r\n{fields}{named}\r\n");
+            let (status, answer) = exchange(h.running.proxy_addr, req.as_bytes()).await;
+            assert_eq!(status, 200, "{fields:?} {named:?}: {answer}");
+            expected += 1;
+            let heads = up.heads();
+            assert_eq!(heads.len(), expected);
+            let head = heads.last().unwrap().to_ascii_lowercase();
+            let hosts: Vec<&str> = head.lines().filter(|l| l.starts_with("host:")).collect();
+            assert_eq!(hosts, [format!("host: {u}")], "{fields:?} {named:?}:\n{head}");
+            assert!(!head.contains("evil.test"), "{head}");
+            assert_eq!(head.contains("authorization: bearer host-token-1"), !named.is_empty(), "{head}");
+        }
+    }
+}
+
 /// Item 9. With the default 60 s skew, a provider issuing 10-second tokens
 /// got a token call on every request. The skew is bounded by half the
 /// token's lifetime: under steady traffic a token is fetched once per

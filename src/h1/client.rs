@@ -312,7 +312,9 @@ fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
     SendError { error, nothing_received: !received, write_failed }
 }
 
-/// The request line and header fields; the framing fields are ours.
+/// The request line and header fields; the framing fields and `Host` are
+/// ours: `Host` is the target's authority ([`super::host_of`]), whatever a
+/// field in the map says (none should: the caller's never gets there).
 pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -328,22 +330,14 @@ pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Part
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // The fields as they are, but the framing ones (re-framed below);
-    // whether one is `Host` is seen on the way (a lookup by name hashed it).
-    let mut host = false;
+    if let Some(host) = super::host_of(&parts.uri) {
+        super::put_field(out, b"host", host.as_bytes());
+    }
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST {
             continue;
         }
-        host |= name == header::HOST;
         super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    if !host {
-        if let Some(a) = parts.uri.authority() {
-            out.extend_from_slice(b"host: ");
-            out.extend_from_slice(a.as_str().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
     }
     match framing {
         Framing::Empty | Framing::Length(0) => {
@@ -481,14 +475,28 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&out).matches("host: ").count(), 1, "{uri}");
             assert!(String::from_utf8_lossy(&out).contains("\r\nhost: up.test\r\n"), "{uri}");
         }
-        // A `Host` field given (whatever its case) is the one: none added.
-        let mut req = http::Request::get("http://up.test/").body(()).unwrap();
-        req.headers_mut().insert("HOST", "other.test".parse().unwrap());
-        req.headers_mut().append("content-length", "1".parse().unwrap());
-        req.headers_mut().append("content-length", "2".parse().unwrap());
-        let (parts, ()) = req.into_parts();
-        encode_request_head(&mut out, &parts, Framing::Empty);
-        assert_eq!(String::from_utf8(out).unwrap(), "GET / HTTP/1.1\r\nhost: other.test\r\n\r\n");
+        // `Host` fields in the map (whatever their case or number) are not
+        // written: the target's authority is, once, without the default port.
+        for (uri, host) in [
+            ("http://up.test/", "up.test"),
+            ("http://up.test:80/", "up.test"),
+            ("https://up.test:443/", "up.test"),
+            ("http://up.test:443/", "up.test:443"),
+            ("https://up.test:8443/", "up.test:8443"),
+            ("http://[::1]:8080/", "[::1]:8080"),
+            ("http://user:pw@up.test:8080/", "up.test:8080"),
+        ] {
+            let mut req = http::Request::get(uri).body(()).unwrap();
+            req.headers_mut().insert("HOST", "other.test".parse().unwrap());
+            req.headers_mut().append("host", "up.test".parse().unwrap());
+            req.headers_mut().append("content-length", "1".parse().unwrap());
+            req.headers_mut().append("content-length", "2".parse().unwrap());
+            req.headers_mut().append("x-after", "3".parse().unwrap());
+            let (parts, ()) = req.into_parts();
+            encode_request_head(&mut out, &parts, Framing::Empty);
+            let want = format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-after: 3\r\n\r\n");
+            assert_eq!(String::from_utf8_lossy(&out), want, "{uri}");
+        }
     }
 
     // ---- at the I/O boundary: a duplex pipe stands in for the upstream ----

@@ -462,9 +462,15 @@ impl Pool {
     async fn send_h2(
         &self,
         mut h2: H2Sender,
-        req: Request<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
         deadline: Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        // `Host` beside `:authority`, the same as our HTTP/1.1 side writes
+        // (RFC 9113 §8.3.1 lets an intermediary keep it; any other `Host`
+        // in the map is replaced).
+        if let Some(host) = h1::host_of(req.uri()).and_then(|h| http::HeaderValue::from_str(h).ok()) {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
         let resp = tokio::time::timeout_at(deadline.into(), h2.send_request(req))
             .await
             .map_err(|_| UpstreamError::Timeout)?
