@@ -275,6 +275,31 @@ async fn slowloris_is_cut_off_at_the_header_timeout_and_idle_connections_do_not_
     let cut = cut_after.expect("the slow client was cut off");
     assert!(cut >= Duration::from_millis(1900) && cut < Duration::from_millis(4500), "cut after {cut:?}");
 
+    // A keep-alive caller idle after its requests: the next head is due a
+    // header timeout after the last response, however long the requests
+    // before took (the timer is armed once and moved on, not per request).
+    let mut kept = TcpStream::connect(h.running.proxy_addr).await.unwrap();
+    let url = format!("{}/get", httpbin());
+    let host = url.split('/').nth(2).unwrap().to_owned();
+    for _ in 0..3 {
+        let req = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nX-Connection-Id: {id}\r\n\r\n");
+        kept.write_all(req.as_bytes()).await.unwrap();
+        let answer = read_one_response(&mut kept).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    let idle_from = Instant::now();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(8), kept.read(&mut buf)).await.expect("closed within 8 s");
+    let idle = idle_from.elapsed();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "closed without an answer: {:?}",
+        n.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    // 800 ms of the timeout went by before `idle_from`.
+    assert!(idle >= Duration::from_millis(1000) && idle < Duration::from_millis(3700), "closed after {idle:?} idle");
+
     // 2,000 idle client connections, then a normal request is still served.
     let mut idle = Vec::with_capacity(2000);
     for _ in 0..2000 {
@@ -288,6 +313,28 @@ async fn slowloris_is_cut_off_at_the_header_timeout_and_idle_connections_do_not_
     let open = h.running.open_connections();
     assert!(open >= 2000, "the idle connections are being served: {open}");
     drop(idle);
+}
+
+/// Reads one response with a `Content-Length` body off `s`: head and body.
+async fn read_one_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("a response with Content-Length");
+            if out.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.expect("an answer").unwrap();
+        assert!(n > 0, "closed mid-response: {text}");
+        out.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
