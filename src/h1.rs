@@ -448,8 +448,10 @@ fn header_map(
     fields: &[httparse::Header<'_>],
     keep_length: bool,
 ) -> Result<(HeaderMap, FieldSummary, OwnFields), Error> {
-    // Room for the few fields the proxy adds (Host, the credential) without regrowing.
-    let mut map = HeaderMap::with_capacity(fields.len() + 2);
+    // Allocated with the first field that goes in (often none does: the
+    // credential is written from the caller connection's memo), with room
+    // for the rest and one the proxy may add.
+    let mut map = HeaderMap::new();
     let mut summary = FieldSummary::default();
     let mut own = OwnFields::default();
     for f in fields {
@@ -469,6 +471,9 @@ fn header_map(
             _ => {
                 let name = HeaderName::from_bytes(f.name.as_bytes())
                     .map_err(|_| Error::Malformed("invalid header field name"))?;
+                if map.capacity() == 0 {
+                    map.reserve(fields.len() + 1);
+                }
                 map.append(name, value);
             }
         }

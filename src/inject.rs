@@ -160,12 +160,25 @@ impl HeaderEdits {
     /// Sets each field in `headers` (a caller's field of the same name
     /// replaced, never duplicated), as [`apply_head`] does.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        if self.dashed_header {
-            remove_lookalikes(headers, &self.headers);
-        }
+        self.clear_lookalikes(headers);
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());
         }
+    }
+
+    /// Removes the caller's fields named like an injected one but for `_`
+    /// for `-`, for a request whose injected fields are written by the
+    /// upstream side from [`HeaderEdits::fields`] (which replace any field
+    /// of their own names there).
+    pub fn clear_lookalikes(&self, headers: &mut HeaderMap) {
+        if self.dashed_header {
+            remove_lookalikes(headers, &self.headers);
+        }
+    }
+
+    /// The fields to set, in order.
+    pub fn fields(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 
 use crate::creds::{Connections, RefreshError, ResolveError, Resolved};
@@ -106,9 +106,21 @@ impl Outbound {
     /// `upstream.response_header_timeout_ms` bounds everything up to the
     /// response head, connecting included.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, ProxyError> {
+        self.send_with(req, &[]).await
+    }
+
+    /// [`Outbound::send`] with `extra` set over the request's header fields
+    /// (replacing any of the same name): a credential's header edits, kept
+    /// per caller connection ([`InjectMemo`]) instead of inserted into each
+    /// request's map.
+    async fn send_with(
+        &self,
+        req: Request<UpstreamBody>,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<Response<PooledBody>, ProxyError> {
         let sent = std::time::Instant::now();
         let deadline = sent + self.response_header_timeout;
-        let resp = self.pool.send(req, sent, deadline).await.map_err(ProxyError::from_upstream)?;
+        let resp = self.pool.send(req, extra, sent, deadline).await.map_err(ProxyError::from_upstream)?;
         self.metrics.upstream_latency(sent.elapsed());
         Ok(resp)
     }
@@ -137,7 +149,8 @@ impl Outbound {
         }
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
-        let resp = self.send(memo.upstream_request(method, uri, headers, resolved, body)?).await?;
+        let req = memo.upstream_request(method, uri, headers, resolved, body)?;
+        let resp = self.send_with(req, memo.edits.fields()).await?;
         Ok((resp, Renewal::default()))
     }
 
@@ -472,7 +485,9 @@ impl InjectMemo {
                 }
             }
         }
-        self.edits.apply(&mut headers);
+        // The header edits themselves go with the request, not into its
+        // map ([`Outbound::send_with`]): only lookalikes come out here.
+        self.edits.clear_lookalikes(&mut headers);
         with_host(method, uri, headers, body)
     }
 }
@@ -871,15 +886,19 @@ pub(crate) mod tests {
         }
         let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
         let uri: Uri = uri.parse().unwrap();
-        let req = match memo {
-            Some(m) => m.upstream_request(&Method::GET, uri, h, r, body),
-            None => upstream_request(&Method::GET, uri, h, Some(r), body),
-        }
-        .unwrap();
-        let mut fields: Vec<String> =
-            req.headers().iter().map(|(n, v)| format!("{n}: {}", v.to_str().unwrap())).collect();
+        // What goes upstream: the head as the HTTP/1.1 side writes it, with
+        // the memo's header edits set over the map's fields.
+        let (req, extra) = match memo {
+            Some(m) => (m.upstream_request(&Method::GET, uri, h, r, body).unwrap(), m.edits.fields().to_vec()),
+            None => (upstream_request(&Method::GET, uri, h, Some(r), body).unwrap(), Vec::new()),
+        };
+        let (parts, _) = req.into_parts();
+        let mut head = Vec::new();
+        crate::h1::client::encode_request_head(&mut head, &parts, &extra, crate::h1::Framing::Empty);
+        let head = String::from_utf8(head).unwrap();
+        let mut fields: Vec<String> = head.split("\r\n").skip(1).filter(|l| !l.is_empty()).map(str::to_owned).collect();
         fields.sort();
-        (req.uri().to_string(), fields)
+        (parts.uri.to_string(), fields)
     }
 
     /// Kept header edits give what building them per request gives, follow

@@ -328,7 +328,7 @@ async fn ambiguous_identity_and_underscore_lookalike_fields() {
     let req = format!(
         "GET http://{u}/ HTTP/1.1\r\nHost: {u}\r\nX-Connection-Id: {k}\r\nX_Connection_Id: {b}\r\n\
          Proxy_Authorization: Basic eDp5\r\nContent_Length: 5\r\nTransfer_Encoding: chunked\r\nX_Api_Key: mine\r\n\
-         Keep_Alive: 1\r\nX-Kept_Field: 1\r\n\r\n",
+         Keep_Alive: 1\r\nX-API-KEY: mine-too\r\nX-Kept_Field: 1\r\n\r\n",
         u = up.addr
     );
     let (status, answer) = exchange(h.running.proxy_addr, req.as_bytes()).await;
@@ -342,6 +342,9 @@ async fn ambiguous_identity_and_underscore_lookalike_fields() {
     }
     assert!(lower.contains("x-kept_field: 1"), "other fields with underscores pass:\n{head}");
     assert_eq!(lower.matches("x-api-key: token header-key-6d").count(), 1, "{head}");
+    // The caller's own field of the injected name is replaced, not kept beside it.
+    assert_eq!(lower.matches("x-api-key:").count(), 1, "{head}");
+    assert!(!lower.contains("mine-too"), "{head}");
 
     // `X-Connection-Id` named by `Connection` is hop-by-hop: it names no
     // connection, and the request goes on as a pass-through (allowed by

@@ -9,6 +9,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -104,6 +105,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     pub async fn send<B>(
         &mut self,
         parts: &http::request::Parts,
+        extra: &[(HeaderName, HeaderValue)],
         body: B,
         deadline: Instant,
     ) -> Result<Response<RawFields>, SendError>
@@ -112,7 +114,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let framing = framing_of(&body);
-        encode_request_head(&mut self.wbuf, parts, framing);
+        encode_request_head(&mut self.wbuf, parts, extra, framing);
         let head_request = parts.method == Method::HEAD;
         let mut encoder = match framing {
             Framing::Empty | Framing::Length(0) => None,
@@ -315,7 +317,16 @@ fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
 /// The request line and header fields; the framing fields and `Host` are
 /// ours: `Host` is the target's authority ([`super::host_of`]), whatever a
 /// field in the map says (none should: the caller's never gets there).
-pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
+/// `extra`: fields set on top of the map's (a credential's header edits,
+/// kept per caller connection rather than inserted into each request's
+/// map): a map field of the same name is not written, so each is written
+/// once, as given.
+pub(crate) fn encode_request_head(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    extra: &[(HeaderName, HeaderValue)],
+    framing: Framing,
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -333,10 +344,16 @@ pub(super) fn encode_request_head(out: &mut Vec<u8>, parts: &http::request::Part
     if let Some(host) = super::host_of(&parts.uri) {
         super::put_field(out, b"host", host.as_bytes());
     }
+    let ours =
+        |name: &HeaderName| name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST;
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == header::HOST {
+        if ours(name) || extra.iter().any(|(set, _)| set == name) {
             continue;
         }
+        super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // Never one of ours (integrations cannot inject them; checked again).
+    for (name, value) in extra.iter().filter(|(name, _)| !ours(name)) {
         super::put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
@@ -456,20 +473,20 @@ mod tests {
         req.headers_mut().insert("transfer-encoding", "gzip".parse().unwrap());
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        encode_request_head(&mut out, &parts, Framing::Length(3));
+        encode_request_head(&mut out, &parts, &[], Framing::Length(3));
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: up.test:8080\r\ncontent-length: 3\r\n\r\n"
         );
-        encode_request_head(&mut out, &parts, Framing::Chunked);
+        encode_request_head(&mut out, &parts, &[], Framing::Chunked);
         assert!(String::from_utf8_lossy(&out).ends_with("transfer-encoding: chunked\r\n\r\n"));
-        encode_request_head(&mut out, &parts, Framing::Empty);
+        encode_request_head(&mut out, &parts, &[], Framing::Empty);
         assert!(String::from_utf8_lossy(&out).ends_with("content-length: 0\r\n\r\n"), "POST without body says so");
         // A target with a query but no path gets its "/".
         for (uri, line) in [("http://up.test?a=1", "GET /?a=1 HTTP/1.1\r\n"), ("http://up.test", "GET / HTTP/1.1\r\n")]
         {
             let (parts, ()) = http::Request::get(uri).body(()).unwrap().into_parts();
-            encode_request_head(&mut out, &parts, Framing::Empty);
+            encode_request_head(&mut out, &parts, &[], Framing::Empty);
             assert!(String::from_utf8_lossy(&out).starts_with(line), "{uri}: {:?}", String::from_utf8_lossy(&out));
             // No `Host` field: the target's authority is the one.
             assert_eq!(String::from_utf8_lossy(&out).matches("host: ").count(), 1, "{uri}");
@@ -493,10 +510,35 @@ mod tests {
             req.headers_mut().append("content-length", "2".parse().unwrap());
             req.headers_mut().append("x-after", "3".parse().unwrap());
             let (parts, ()) = req.into_parts();
-            encode_request_head(&mut out, &parts, Framing::Empty);
+            encode_request_head(&mut out, &parts, &[], Framing::Empty);
             let want = format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-after: 3\r\n\r\n");
             assert_eq!(String::from_utf8_lossy(&out), want, "{uri}");
         }
+    }
+
+    /// Fields set over the map's (a credential's header edits) are written
+    /// once each, after the map's, and a map field of the same name (any
+    /// case, any count) is not written; none of them can be a field the
+    /// encoder owns.
+    #[test]
+    fn extra_fields_replace_the_maps_of_their_name() {
+        let mut req = http::Request::get("http://up.test/").body(()).unwrap();
+        for (k, v) in [("authorization", "Bearer mine"), ("x-a", "1"), ("Authorization", "Basic b"), ("x-b", "2")] {
+            req.headers_mut().append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let (parts, ()) = req.into_parts();
+        let extra = [
+            (header::AUTHORIZATION, HeaderValue::from_static("Bearer injected")),
+            (HeaderName::from_static("x-key"), HeaderValue::from_static("k")),
+            (header::CONTENT_LENGTH, HeaderValue::from_static("99")),
+            (header::HOST, HeaderValue::from_static("evil.test")),
+        ];
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &parts, &extra, Framing::Empty);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nhost: up.test\r\nx-a: 1\r\nx-b: 2\r\nauthorization: Bearer injected\r\nx-key: k\r\n\r\n"
+        );
     }
 
     // ---- at the I/O boundary: a duplex pipe stands in for the upstream ----
@@ -546,7 +588,7 @@ mod tests {
             (head, peer)
         });
         let (parts, body) = post(vec![b'x'; 1 << 20]);
-        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 413);
         let (head, _peer) = server.await.unwrap();
         assert!(head.starts_with("POST /p HTTP/1.1\r\n") && head.contains("content-length: 1048576\r\n"), "{head}");
@@ -566,7 +608,7 @@ mod tests {
             peer
         });
         let (parts, body) = post(b"hi".to_vec());
-        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(format!("{:?}", resp.body()), r#"["x-final"]"#, "the 103's fields are not the response's");
         assert_eq!(body_of(&mut conn).await, b"ok");
@@ -585,7 +627,7 @@ mod tests {
             peer.write_all(b"the end").await.unwrap();
         });
         let (parts, body) = post(Vec::new());
-        let resp = conn.send(&parts, body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(conn.body_remaining(), None);
         assert_eq!(body_of(&mut conn).await, b"until the end");

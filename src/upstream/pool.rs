@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -266,13 +267,15 @@ impl Pool {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `req` (absolute URI, `Host` set) and returns the response head;
-    /// the body streams as the caller reads it. `now` is when the caller
+    /// Sends `req` (absolute URI) with `extra` set over its header fields
+    /// (a credential's header edits: [`h1::client::Conn::send`]) and
+    /// returns the response head; the body streams as the caller reads it. `now` is when the caller
     /// started (it dates pool entries without another clock read); nothing
     /// waits past `deadline` for the response head, connecting included.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
+        extra: &[(HeaderName, HeaderValue)],
         now: Instant,
         deadline: Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -281,7 +284,7 @@ impl Pool {
         if key.https {
             if let Some(h2) = self.h2_sender(&key) {
                 self.stats.reused.fetch_add(1, Relaxed);
-                return self.send_h2(h2, Request::from_parts(parts, body), deadline).await;
+                return self.send_h2(h2, h2_request(parts, extra, body), deadline).await;
             }
         }
         let hash = self.hash(&key);
@@ -289,12 +292,12 @@ impl Pool {
             Some(h1) => (h1, true),
             None => match self.connect_by(key.to_owned(hash), deadline).await? {
                 Fresh::H1(h1) => (h1, false),
-                Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
+                Fresh::H2(h2) => return self.send_h2(h2, h2_request(parts, extra, body), deadline).await,
             },
         };
         loop {
             let framing = h1::client::framing_of(&body);
-            match h1.conn.send(&parts, body, deadline).await {
+            match h1.conn.send(&parts, extra, body, deadline).await {
                 Ok(resp) => {
                     let (parts, fields) = resp.into_parts();
                     let mut pooled =
@@ -311,7 +314,7 @@ impl Pool {
                     body = UpstreamBody::Buffered(Full::new(Bytes::new()));
                     h1 = match self.connect_by(h1.key.clone(), deadline).await? {
                         Fresh::H1(h1) => h1,
-                        Fresh::H2(h2) => return self.send_h2(h2, Request::from_parts(parts, body), deadline).await,
+                        Fresh::H2(h2) => return self.send_h2(h2, h2_request(parts, extra, body), deadline).await,
                     };
                 }
                 Err(e) => return Err(UpstreamError::H1(e.error)),
@@ -478,6 +481,18 @@ impl Pool {
         let idle = h1::IdleTimer::new(self.settings.body_idle_timeout);
         Ok(resp.map(|body| PooledBody { inner: Inner::H2(Box::new(H2Body { body, idle, held: None })), fields: None }))
     }
+}
+
+/// An h2 request carries `extra` (fields set over the map's) in its map.
+fn h2_request(
+    mut parts: http::request::Parts,
+    extra: &[(HeaderName, HeaderValue)],
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    for (name, value) in extra {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Request::from_parts(parts, body)
 }
 
 /// A response body from the pool. For HTTP/1.1 it is read from the
