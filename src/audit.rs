@@ -239,10 +239,8 @@ impl Line<'_> {
         s.clear();
         let mut text = [0u8; telemetry::TIME_LEN];
         s.extend_from_slice(b"{\"time\":\"");
-        s.extend_from_slice(
-            telemetry::format_time(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text)
-                .as_bytes(),
-        );
+        telemetry::format_time_bytes(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text);
+        s.extend_from_slice(&text);
         s.extend_from_slice(b"\",\"kind\":\"");
         s.extend_from_slice(kind.as_bytes());
         s.push(b'"');
@@ -252,7 +250,9 @@ impl Line<'_> {
     }
 
     /// `key` is a field's prefix, [`key!`]: the value is written after its
-    /// opening quote.
+    /// opening quote. This and the other writers are inlined: a key is
+    /// then a constant of known length, copied without a call.
+    #[inline(always)]
     fn str(&mut self, key: &str, value: Option<&str>) {
         match value {
             None => self.bare(key, b"null"),
@@ -265,12 +265,14 @@ impl Line<'_> {
     }
 
     /// `key` without its quote, then `value` as it is.
+    #[inline(always)]
     fn bare(&mut self, key: &str, value: &[u8]) {
         let key = key.as_bytes();
         self.0.extend_from_slice(&key[..key.len() - 1]);
         self.0.extend_from_slice(value);
     }
 
+    #[inline(always)]
     fn num(&mut self, key: &str, value: u64) {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
@@ -286,6 +288,7 @@ impl Line<'_> {
         self.bare(key, &digits[at..]);
     }
 
+    #[inline(always)]
     fn bool(&mut self, key: &str, value: bool) {
         self.bare(key, if value { b"true" } else { b"false" });
     }
