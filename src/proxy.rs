@@ -300,6 +300,9 @@ struct Access {
     resolved: Option<Arc<Resolved>>,
     cache_hit: Option<bool>,
     host: Option<Authority>,
+    /// Where the host is in `host`'s text, as the target was read (reading
+    /// it again cost ~150 instructions a logged request).
+    host_span: Option<(usize, usize)>,
     code: Option<crate::problem::Code>,
     /// An OAuth2 token refreshed, a request retried after a 401.
     renewal: Renewal,
@@ -310,12 +313,18 @@ impl Access {
         self.resolved.as_ref().map(|r| r.integration.id.as_str())
     }
 
-    /// The target's host, read in one short scan ([`Authority::host`]'s
-    /// generic string searches were ~400 instructions a logged request);
-    /// `http`'s reading for an authority the scan refuses.
+    /// The target's host, as step 1 read it.
     fn host(&self) -> Option<&str> {
-        let a = self.host.as_ref()?;
-        Some(upstream::authority_host_port(a.as_str()).map_or_else(|| a.host(), |(h, _)| h))
+        let (start, end) = self.host_span?;
+        self.host.as_ref()?.as_str().get(start..end)
+    }
+
+    /// Keeps `authority` and where `host` (a slice of its text) is in it.
+    fn set_host(&mut self, authority: &Authority, host: &str) {
+        let text = authority.as_str();
+        let start = (host.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+        self.host_span = text.get(start..start.saturating_add(host.len())).map(|_| (start, start + host.len()));
+        self.host = Some(authority.clone());
     }
 }
 
@@ -523,7 +532,9 @@ async fn forward(
     let mut uri = std::mem::take(&mut parts.uri);
     root(&mut uri)?;
     let (scheme, host, port) = target_of(&uri)?;
-    access.host = uri.authority().cloned();
+    if let Some(a) = uri.authority() {
+        access.set_host(a, host);
+    }
 
     // 2. Identify the caller: a run token in Proxy-Authorization names the
     // organization (shared mode), else the sidecar's is the one.
@@ -647,8 +658,8 @@ async fn connect(
     caller: Option<Arc<Caller>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let authority = parts.uri.authority().cloned().ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
+    access.set_host(&authority, authority.host());
     let host = authority.host().to_owned();
-    access.host = Some(authority.clone());
     let port = authority.port_u16().ok_or(ProxyError::Malformed("CONNECT needs an explicit port"))?;
     let on_upgrade =
         parts.extensions.remove::<OnUpgrade>().ok_or(ProxyError::Malformed("this connection cannot be upgraded"))?;
@@ -986,6 +997,31 @@ mod tests {
         // `Host` too: the upstream side writes the target's authority.
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"], "every value is out");
         assert_eq!(take_own_fields(&mut h), h1::OwnFields::default());
+    }
+
+    /// The logged host is the one step 1 read, kept as a place in the
+    /// authority's text (no second reading).
+    #[test]
+    fn the_logged_host_is_the_target_host() {
+        for (uri, host) in [
+            ("http://a.test:8080/x", "a.test"),
+            ("https://a.test/", "a.test"),
+            ("http://127.0.0.1:9/", "127.0.0.1"),
+            ("http://[::1]:8080/", "[::1]"),
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            let (_, read, _) = target_of(&uri).unwrap();
+            let mut access = Access::default();
+            access.set_host(uri.authority().unwrap(), read);
+            assert_eq!(access.host(), Some(host), "{uri}");
+        }
+        let authority: Authority = "b.test:443".parse().unwrap();
+        let mut access = Access::default();
+        access.set_host(&authority, authority.host());
+        assert_eq!(access.host(), Some("b.test"));
+        // Not a slice of the authority's text: no host rather than a wrong one.
+        access.set_host(&authority, "elsewhere");
+        assert_eq!(access.host(), None);
     }
 
     #[test]
