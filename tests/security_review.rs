@@ -70,28 +70,8 @@ impl Recorder {
 async fn exchange(proxy: SocketAddr, raw: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    // One response: read until the head and a JSON body (the proxy's own
-    // answers have a Content-Length) are in.
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len = text[..end]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
-                .and_then(|v| v.parse::<usize>().ok());
-            if len.is_some_and(|n| out.len() >= end + 4 + n) {
-                break;
-            }
-        }
-        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&out).into_owned();
+    // One response (the proxy's own answers have a Content-Length).
+    let (text, _) = read_response(&mut s, tokio::time::Instant::now() + Duration::from_secs(10)).await;
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, text)
 }

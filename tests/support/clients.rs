@@ -131,3 +131,28 @@ pub async fn proxy_request(
     let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
     (status, headers, body)
 }
+
+/// Reads one response off a raw connection: until its head and a
+/// `Content-Length` body are in, the peer closes, or `deadline` passes.
+/// Returns what arrived (lossy UTF-8) and whether it was a whole response.
+pub async fn read_response(s: &mut tokio::net::TcpStream, deadline: tokio::time::Instant) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| out.len() >= end + 4 + n) {
+                return (text, true);
+            }
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (text, false),
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
