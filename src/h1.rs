@@ -515,27 +515,40 @@ pub struct RawFields {
 
 impl RawFields {
     /// Builds the lines from parsed fields and summarizes the framing
-    /// fields on the way (the counterpart of [`header_map`]).
-    fn from_parsed(fields: &[httparse::Header<'_>], keep_length: bool) -> Result<(Self, FieldSummary), Error> {
+    /// fields on the way (the counterpart of [`header_map`]). `head`: the
+    /// bytes `fields` were parsed from, when the lines may be a slice of
+    /// them ([`RawFields::build`]).
+    fn from_parsed(
+        head: Option<&Bytes>,
+        fields: &[httparse::Header<'_>],
+        keep_length: bool,
+    ) -> Result<(Self, FieldSummary), Error> {
         let mut summary = FieldSummary::default();
-        let raw = Self::build(fields, keep_length, |_| false, |kind, value| summary.observe(kind, value))?;
+        let raw = Self::build(head, fields, keep_length, |_| false, |kind, value| summary.observe(kind, value))?;
         if !summary.lists_names {
             return Ok((raw, summary));
         }
         // Rare: `Connection` names fields; build again without them.
         let listed = |name: &[u8]| connection_tokens(fields).any(|t| t.eq_ignore_ascii_case(name));
-        Ok((Self::build(fields, keep_length, listed, |_, _| Ok(()))?, summary))
+        Ok((Self::build(head, fields, keep_length, listed, |_, _| Ok(()))?, summary))
     }
 
+    /// The kept fields' lines. When they are one run of whole lines in
+    /// `head`, each exactly `name: value` CRLF (as most upstreams write
+    /// them, with the dropped fields first or last), the lines are that
+    /// slice of the head: no copy, no allocation. Otherwise each kept line
+    /// is written anew in that form.
     fn build(
+        head: Option<&Bytes>,
         fields: &[httparse::Header<'_>],
         keep_length: bool,
         listed: impl Fn(&[u8]) -> bool,
         mut observe: impl FnMut(Kind, &[u8]) -> Result<(), Error>,
     ) -> Result<Self, Error> {
-        let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum();
-        let mut lines = BytesMut::with_capacity(size);
         let mut raw = Self::default();
+        // The run of kept lines in `head` so far, while there is one.
+        let mut run: Option<(usize, usize)> = head.map(|_| (0, 0));
+        let mut kept = 0;
         for f in fields {
             let name = f.name.as_bytes();
             let kind = Kind::of(name);
@@ -546,6 +559,24 @@ impl RawFields {
             raw.date |= kind == Kind::Date;
             raw.length |= kind == Kind::ContentLength;
             raw.url_refs |= kind == Kind::UrlRef;
+            run = run.zip(head).and_then(|(at, head)| extend_run(head, at, name, f.value, kept == 0));
+            kept += 1;
+        }
+        if kept == 0 {
+            return Ok(raw);
+        }
+        if let Some((start, end)) = run {
+            raw.lines = head.map(|h| h.slice(start..end)).unwrap_or_default();
+            return Ok(raw);
+        }
+        let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum();
+        let mut lines = BytesMut::with_capacity(size);
+        for f in fields {
+            let name = f.name.as_bytes();
+            let kind = Kind::of(name);
+            if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed(name) {
+                continue;
+            }
             put_field(&mut lines, name, f.value);
         }
         raw.lines = lines.freeze();
@@ -633,6 +664,27 @@ impl RawFields {
             map.append(name, value);
         }
         Ok(())
+    }
+}
+
+/// The run `at` (start and end in `head`) with the line of `name` and
+/// `value` after it, if that line is in `head` exactly as `name: value`
+/// CRLF and starts where the run ends (`first`: the run starts with it).
+/// `None`: the kept lines are not one such run.
+fn extend_run(head: &[u8], at: (usize, usize), name: &[u8], value: &[u8], first: bool) -> Option<(usize, usize)> {
+    let base = head.as_ptr() as usize;
+    let start = (name.as_ptr() as usize).checked_sub(base)?;
+    let value_at = (value.as_ptr() as usize).checked_sub(base)?;
+    let colon = start + name.len();
+    let end = value_at + value.len() + 2;
+    let whole = value_at == colon + 2
+        && head.get(colon..value_at)? == b": "
+        && head.get(end - 2..end)? == b"\r\n"
+        && head.get(start..colon)? == name;
+    match whole && (first || start == at.1) {
+        true if first => Some((start, end)),
+        true => Some((at.0, end)),
+        false => None,
     }
 }
 
@@ -1177,7 +1229,9 @@ mod tests {
             "connection",
             "expect",
             "date",
+            "host",
             "x-connection-id",
+            "proxy-authorization",
             "te",
             "trailer",
             "upgrade",
@@ -1221,6 +1275,46 @@ mod tests {
                 Decoded::NeedMore => return Ok((out, false, buf.len())),
                 Decoded::End => return Ok((out, true, buf.len())),
             }
+        }
+    }
+
+    /// A response's kept field lines are a slice of its head when they are
+    /// one run of `name: value` CRLF lines there, and otherwise written
+    /// anew; either way they are what writing them anew gives.
+    #[test]
+    fn response_lines_are_a_slice_of_the_head_only_when_they_read_the_same() {
+        let parse = |head: &Bytes, from_head: bool| {
+            let mut fields = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut fields);
+            assert!(resp.parse(head).unwrap().is_complete());
+            RawFields::from_parsed(from_head.then_some(head), resp.headers, false).unwrap().0
+        };
+        // (fields, whether the lines are a slice of the head; `None`: either).
+        let cases: [(&str, Option<bool>); 13] = [
+            ("A: 1\r\nB: 2\r\n", Some(true)),
+            ("Content-Length: 5\r\nDate: x\r\nServer: s\r\n", Some(true)),
+            ("Server: s\r\nDate: x\r\nContent-Length: 5\r\nConnection: keep-alive\r\n", Some(true)),
+            ("A: 1\r\nContent-Length: 5\r\nB: 2\r\n", Some(false)),
+            ("A:1\r\nB: 2\r\n", Some(false)),
+            ("A:  1\r\n", Some(false)),
+            ("A: 1 \r\n", Some(false)),
+            ("A: 1\nB: 2\n", Some(false)),
+            ("A: 1\r\nB: 2\nC: 3\r\n", Some(false)),
+            ("A: \r\nB: 2\r\n", None),
+            ("Connection: x-a\r\nX-A: 1\r\nB: 2\r\n", Some(true)),
+            ("X-A: 1\r\nB: 2\r\nConnection: x-a\r\nC: 3\r\n", Some(false)),
+            ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", Some(false)),
+        ];
+        for (fields, sliced) in cases {
+            let head = Bytes::from(format!("HTTP/1.1 200 OK\r\n{fields}\r\n"));
+            let (raw, anew) = (parse(&head, true), parse(&head, false));
+            assert_eq!(raw.lines, anew.lines, "{fields:?}");
+            let within = head.as_ptr_range().contains(&raw.lines.as_ptr()) && !raw.lines.is_empty();
+            assert!(sliced.is_none_or(|s| s == within), "{fields:?}: {:?}", raw.lines);
+            let mut out = Vec::new();
+            raw.write_to(&mut out, false);
+            assert!(out.ends_with(b"\r\n") || out.is_empty(), "{fields:?}");
+            assert!(!out.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "a bare LF in {out:?}");
         }
     }
 

@@ -397,7 +397,7 @@ fn parse_response(head: Bytes, head_request: bool) -> Result<(Response<RawFields
     let minor = resp.version.unwrap_or(1);
     // This client never sends CONNECT: only HEAD and the status decide.
     let bodiless = !super::response_can_have_body(status, head_request, false);
-    let (fields, s) = RawFields::from_parsed(resp.headers, bodiless)?;
+    let (fields, s) = RawFields::from_parsed(Some(&head), resp.headers, bodiless)?;
     let framing = if bodiless { Framing::Empty } else { super::response_framing(minor, &s)? };
     let keep_alive = s.keep_alive(minor) && framing != Framing::Close;
     let mut out = Response::new(fields);

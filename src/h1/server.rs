@@ -629,8 +629,9 @@ mod tests {
             let (h, own) = parsed(&format!("{}: conn_a\r\n", name.replace('-', "_")));
             assert_eq!((pick(own), h.parts.headers.len()), (OwnField::Absent, 0), "{name}");
             // Not the proxy's in a response: passed on like any other.
-            let raw =
-                super::super::RawFields::from_parsed(&[httparse::Header { name, value: b"conn_a" }], false).unwrap().0;
+            let raw = super::super::RawFields::from_parsed(None, &[httparse::Header { name, value: b"conn_a" }], false)
+                .unwrap()
+                .0;
             assert_eq!(&raw.lines[..], format!("{name}: conn_a\r\n").as_bytes());
         }
         // Each is its own: one of each is no repetition.
