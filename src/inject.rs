@@ -157,15 +157,6 @@ impl Edits {
 }
 
 impl HeaderEdits {
-    /// Sets each field in `headers` (a caller's field of the same name
-    /// replaced, never duplicated), as [`apply_head`] does.
-    pub fn apply(&self, headers: &mut HeaderMap) {
-        self.clear_lookalikes(headers);
-        for (name, value) in &self.headers {
-            headers.insert(name.clone(), value.clone());
-        }
-    }
-
     /// Removes the caller's fields named like an injected one but for `_`
     /// for `-`, for a request whose injected fields are written by the
     /// upstream side from [`HeaderEdits::fields`] (which replace any field

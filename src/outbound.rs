@@ -422,14 +422,14 @@ pub fn upstream_request(
         let mut edits = inject::edits(&r.method, &r.credential)?;
         inject::apply_head(&mut uri, &mut headers, &mut edits)?;
     }
-    with_host(method, uri, headers, body)
+    upstream_head(method, uri, headers, body)
 }
 
 /// The upstream request, the version ours. Its target is absolute: `Host`
 /// is its authority, which the upstream side writes (a caller's `Host`
 /// never gets into the map: the codec leaves it out, an h2 request's is
 /// taken out with the proxy's own fields).
-fn with_host(
+fn upstream_head(
     method: &Method,
     uri: Uri,
     headers: HeaderMap,
@@ -481,14 +481,14 @@ impl InjectMemo {
                 None => {
                     self.edits = inject::HeaderEdits::default();
                     inject::apply_head(&mut uri, &mut headers, &mut edits)?;
-                    return with_host(method, uri, headers, body);
+                    return upstream_head(method, uri, headers, body);
                 }
             }
         }
         // The header edits themselves go with the request, not into its
         // map ([`Outbound::send_with`]): only lookalikes come out here.
         self.edits.clear_lookalikes(&mut headers);
-        with_host(method, uri, headers, body)
+        upstream_head(method, uri, headers, body)
     }
 }
 
