@@ -468,7 +468,12 @@ fn header_map(
             .map_err(|_| Error::Malformed("invalid header value"))?;
         match kind {
             Kind::ConnectionId => own.connection_id.add(value),
-            Kind::ProxyAuthorization => own.proxy_authorization.add(value),
+            Kind::ProxyAuthorization => {
+                // A run token: `Debug` of the set-aside fields shows none of it.
+                let mut value = value;
+                value.set_sensitive(true);
+                own.proxy_authorization.add(value);
+            }
             _ => {
                 let name = HeaderName::from_bytes(f.name.as_bytes())
                     .map_err(|_| Error::Malformed("invalid header field name"))?;

@@ -640,6 +640,7 @@ mod tests {
                 .unwrap();
         assert_eq!(own.connection_id, OwnField::One(http::HeaderValue::from_static("conn_a")));
         assert_eq!(own.proxy_authorization, OwnField::One(http::HeaderValue::from_static("Bearer t")));
+        assert!(!format!("{own:?}").contains("Bearer t"), "a run token in Debug: {own:?}");
     }
 
     #[test]
