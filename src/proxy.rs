@@ -263,6 +263,7 @@ pub(crate) struct ConnMemo {
     auth: AuthMemo,
     inject: InjectMemo,
     audit: AuditMemo,
+    quota: crate::quota::KeyMemo,
     tunnel: Option<Arc<Caller>>,
 }
 
@@ -515,7 +516,7 @@ async fn forward(
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, tunnel, .. } = memo;
+    let ConnMemo { resolve: memo, auth: auth_memo, inject: inject_memo, quota: quota_memo, tunnel, .. } = memo;
     let tunnel = tunnel.as_ref();
     // The fields the proxy reads itself never go upstream: set aside by
     // the codec (HTTP/1.1), or taken out of an h2 request's headers here.
@@ -600,7 +601,7 @@ async fn forward(
             // 6. Quotas: a cool-down the upstream asked for, rate limits
             // (perhaps waiting for a reserved turn), in-flight caps.
             let integration = resolved.integration.id.as_str();
-            let permit = match state.quotas.check(integration, id, org, uri.path()) {
+            let permit = match state.quotas.check_with(integration, id, org, uri.path(), quota_memo) {
                 Verdict::Go(p) => p,
                 Verdict::Wait(turn) => turn.await.map_err(|r| ProxyError::Quota(Box::new(r)))?,
                 Verdict::No(r) => return Err(ProxyError::Quota(Box::new(r))),

@@ -152,6 +152,20 @@ impl Quotas {
     /// Admits a request of `connection` (of `org`) to `path` of
     /// `integration`, makes it wait for its turn, or refuses it.
     pub fn check(&self, integration: &str, connection: &str, org: &str, path: &str) -> Verdict {
+        self.check_with(integration, connection, org, path, &mut KeyMemo::default())
+    }
+
+    /// [`Quotas::check`] with the limiter keys of a caller connection's
+    /// last request (`memo`): a keep-alive caller mostly repeats its
+    /// connection, and hashing a key cost ~120 instructions a limit.
+    pub fn check_with(
+        &self,
+        integration: &str,
+        connection: &str,
+        org: &str,
+        path: &str,
+        memo: &mut KeyMemo,
+    ) -> Verdict {
         if let Some(r) = self.cooldowns.refusal(integration, connection) {
             return Verdict::No(r);
         }
@@ -161,7 +175,7 @@ impl Quotas {
         }
         match table.limited.get(integration) {
             None => Verdict::Go(None),
-            Some(q) => q.check(self.epoch, connection, org, path),
+            Some(q) => q.check(self.epoch, memo.keys(q, connection, org), path),
         }
     }
 
@@ -406,15 +420,28 @@ impl IntegrationQuota {
         self.rates.iter().map(|r| &r.named).chain(self.caps.iter().map(|c| &c.named))
     }
 
-    fn check(self: &Arc<Self>, epoch: Instant, connection: &str, org: &str, path: &str) -> Verdict {
-        let (wait, now) = match self.reserve(epoch, connection, org, path) {
+    /// Every limit's key for `connection` of `org` (those whose `paths`
+    /// leave a request out too).
+    fn keys(&self, connection: &str, org: &str) -> Keys {
+        let mut keys = Keys::default();
+        for (k, r) in keys.rates.iter_mut().zip(&self.rates) {
+            *k = r.keys.key(r.named.key(connection, org));
+        }
+        for (k, c) in keys.caps.iter_mut().zip(&self.caps) {
+            *k = c.keys.key(c.named.key(connection, org));
+        }
+        keys
+    }
+
+    fn check(self: &Arc<Self>, epoch: Instant, keys: &Keys, path: &str) -> Verdict {
+        let (wait, now) = match self.reserve(epoch, keys, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
         if self.caps.is_empty() && wait.is_zero() {
             return Verdict::Go(None);
         }
-        let keys = Held::new(self, connection, org, path);
+        let keys = Held::new(self, keys, path);
         if wait.is_zero() {
             match self.try_hold(&keys) {
                 Ok(()) => return Verdict::Go(Some(Permit { quota: self.clone(), keys })),
@@ -440,7 +467,7 @@ impl IntegrationQuota {
     /// Reserves a cell of every rate limit that applies, all or none:
     /// how long until the reservation's time (and the time it counts
     /// from), or the refusal of a limit whose wait exceeds its `max_wait`.
-    fn reserve(&self, epoch: Instant, connection: &str, org: &str, path: &str) -> Result<(Duration, Instant), Refusal> {
+    fn reserve(&self, epoch: Instant, keys: &Keys, path: &str) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
             return Ok((Duration::ZERO, epoch));
         }
@@ -450,7 +477,7 @@ impl IntegrationQuota {
             if !r.named.paths.matches(path) {
                 continue;
             }
-            let key = r.keys.key(r.named.key(connection, org));
+            let key = keys.rates[i];
             let slot = r.keys.lock(key);
             let tat = slot.get(key);
             slots[i] = Some((slot, key, tat));
@@ -545,6 +572,41 @@ impl IntegrationQuota {
     }
 }
 
+/// The key of each of an integration's limits for one connection of one
+/// organization, in the order of its `rates` and `caps`.
+#[derive(Clone, Copy, Default)]
+struct Keys {
+    rates: [Key; MAX_LIMITS],
+    caps: [Key; MAX_LIMITS],
+}
+
+/// The limiter keys of a caller connection's last request, and what they
+/// were made of: the integration's limiters (a weak handle, compared by
+/// address: held, an address is not reused; a reload that changes the
+/// limits makes new ones), the connection id and the organization (by
+/// value; their buffers are reused).
+#[derive(Default)]
+pub struct KeyMemo {
+    quota: std::sync::Weak<IntegrationQuota>,
+    connection: String,
+    org: String,
+    keys: Keys,
+}
+
+impl KeyMemo {
+    fn keys(&mut self, q: &Arc<IntegrationQuota>, connection: &str, org: &str) -> &Keys {
+        let same =
+            std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
+        if !same {
+            self.keys = q.keys(connection, org);
+            self.quota = Arc::downgrade(q);
+            connection.clone_into(&mut self.connection);
+            org.clone_into(&mut self.org);
+        }
+        &self.keys
+    }
+}
+
 /// The in-flight keys a request holds: (cap index, key).
 struct Held {
     keys: [(usize, Key); MAX_LIMITS],
@@ -552,10 +614,10 @@ struct Held {
 }
 
 impl Held {
-    fn new(q: &IntegrationQuota, connection: &str, org: &str, path: &str) -> Self {
+    fn new(q: &IntegrationQuota, keys: &Keys, path: &str) -> Self {
         let mut held = Self { keys: [(0, Key::default()); MAX_LIMITS], len: 0 };
-        for (i, c) in q.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)) {
-            held.keys[held.len] = (i, c.keys.key(c.named.key(connection, org)));
+        for (i, _) in q.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)) {
+            held.keys[held.len] = (i, keys.caps[i]);
             held.len += 1;
         }
         held
@@ -695,6 +757,48 @@ mod tests {
         go(q.check("gh", "conn_b", "org", "/"));
         // Other integrations are not limited.
         go(q.check("other", "conn_a", "org", "/"));
+    }
+
+    #[test]
+    fn a_connections_kept_keys_are_its_own() {
+        // One caller connection's memo across connection ids, organizations
+        // and a reload that changes the limits: each check counts against
+        // the limiters of what it names, never against the last one's.
+        let rates = vec![rate(Per::Connection, 1, 60, 0), rate(Per::Org, 3, 60, 0)];
+        let cap = InFlightLimit {
+            name: None,
+            per: Per::Connection,
+            max_in_flight: 1,
+            max_wait: Duration::ZERO,
+            paths: vec![],
+        };
+        let q = quotas(rates.clone(), vec![cap]);
+        let mut memo = KeyMemo::default();
+        let a = go(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let b = go(q.check_with("gh", "conn_b", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        // conn_c in org1 takes org1's last cell; in org2 it starts afresh.
+        go(q.check_with("gh", "conn_c", "org1", "/", &mut memo));
+        assert_eq!(refused(q.check_with("gh", "conn_d", "org1", "/", &mut memo)).limit["per"], "org");
+        go(q.check_with("gh", "conn_d", "org2", "/", &mut memo));
+        // The permits release the keys they were taken under.
+        drop((a, b));
+        // New limits: new limiters, and the memo follows them.
+        let mut t = Table::default();
+        let caps = vec![InFlightLimit {
+            name: None,
+            per: Per::Connection,
+            max_in_flight: 1,
+            max_wait: Duration::ZERO,
+            paths: vec![],
+        }];
+        t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates[..1], &caps, 1)));
+        q.table.store(Arc::new(t));
+        let held = go(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        drop(held);
+        assert_eq!(refused(q.check("gh", "conn_a", "org1", "/")).limit["per"], "connection");
     }
 
     #[test]
