@@ -545,6 +545,23 @@ async fn an_upstream_that_stops_answering_is_a_504_at_the_response_header_timeou
         assert!(headers.iter().any(|(k, _)| k == "proxy-status"));
         assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{what}: after {took:?}");
     }
+    // One keep-alive caller: its second request goes out on the upstream
+    // connection its first used (the timer holds this caller's task by
+    // then, and is not polled again until it fires).
+    let mut s = TcpStream::connect(h.running.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(get(&url, &id).as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.status, 200);
+    let started = std::time::Instant::now();
+    s.write_all(get(&url, &id).as_bytes()).await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (504, Some("upstream_timeout")),
+        "same caller, reused connection"
+    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "same caller: after {took:?}");
 }
 
 /// One keep-alive caller connection remembers the connection it resolved

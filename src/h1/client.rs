@@ -66,6 +66,11 @@ pub struct Conn<T> {
     /// lazily: it fires at most once per timeout period, and is then
     /// checked against the deadline of the request in flight.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The waker the timer holds (it was polled with it and has not fired
+    /// since): a task that polls the connection again with the same waker
+    /// need not poll the timer (~120 instructions a request). A pooled
+    /// connection moves between callers' tasks; another task polls it.
+    timer_waker: Option<std::task::Waker>,
     rbuf: BytesMut,
     scanned: usize,
     wbuf: Vec<u8>,
@@ -83,6 +88,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         Self {
             io,
             timer: None,
+            timer_waker: None,
             rbuf: BytesMut::with_capacity(8192),
             scanned: 0,
             wbuf: Vec::with_capacity(1024),
@@ -184,11 +190,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 return Poll::Ready(r);
             }
             let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+            let holds_ours = this.timer_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if holds_ours && !timer.is_elapsed() {
+                // It wakes this task when it fires; checked then.
+                return Poll::Pending;
+            }
             while timer.as_mut().poll(cx).is_ready() {
                 if Instant::now() >= deadline {
+                    this.timer_waker = None;
                     return Poll::Ready(Err(send_error(Error::Timeout, received, !sent)));
                 }
                 timer.as_mut().reset(deadline.into());
+            }
+            if !holds_ours {
+                this.timer_waker = Some(cx.waker().clone());
             }
             Poll::Pending
         })
