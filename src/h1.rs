@@ -125,14 +125,47 @@ struct FieldSummary {
 pub enum OwnField {
     #[default]
     Absent,
-    One(HeaderValue),
+    One(OwnValue),
     /// More than one field line.
     Repeated,
 }
 
+/// A set-aside field's value as the caller sent it: bytes httparse let
+/// through as a field value (no control characters but tab), not checked
+/// again as a `HeaderValue` (~3 instructions a byte: ~200 a request for a
+/// run token) — the proxy reads it, and nothing forwards it. `Debug` shows
+/// its length only: it may be a run token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OwnValue(Bytes);
+
+impl OwnValue {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// A field of an h2 request's header map (copied).
+    pub fn of_header(value: &HeaderValue) -> Self {
+        Self(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    pub fn from_static(value: &'static str) -> Self {
+        Self(Bytes::from_static(value.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for OwnValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnValue({} bytes)", self.0.len())
+    }
+}
+
 impl OwnField {
     /// One more field line of this name.
-    fn add(&mut self, value: HeaderValue) {
+    fn add(&mut self, value: OwnValue) {
         *self = match self {
             Self::Absent => Self::One(value),
             _ => Self::Repeated,
@@ -444,17 +477,20 @@ fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
 /// itself are set aside ([`OwnFields`]). `Content-Length` is left out too
 /// (bodies are re-framed on the way out) unless `keep_length`: a response
 /// without a body (HEAD, 304), where it describes the representation.
+/// The fields go into `map` (empty; the request's own, so no second map
+/// is made and dropped) and `own` (reset here).
 fn header_map(
     head: &Bytes,
     fields: &[httparse::Header<'_>],
     keep_length: bool,
-) -> Result<(HeaderMap, FieldSummary, OwnFields), Error> {
-    // Allocated with the first field that goes in (often none does: the
-    // credential is written from the caller connection's memo), with room
-    // for the rest and one the proxy may add.
-    let mut map = HeaderMap::new();
+    map: &mut HeaderMap,
+    own: &mut OwnFields,
+) -> Result<FieldSummary, Error> {
+    // The map is allocated with the first field that goes in (often none
+    // does: the credential is written from the caller connection's memo),
+    // with room for the rest and one the proxy may add.
     let mut summary = FieldSummary::default();
-    let mut own = OwnFields::default();
+    *own = OwnFields::default();
     for f in fields {
         // httparse let only tokens through as names: `Kind::of` reads the
         // bytes as they are, and only a field that goes into the map needs
@@ -464,17 +500,12 @@ fn header_map(
         if kind.hop_by_hop() || kind == Kind::Host || (kind == Kind::ContentLength && !keep_length) {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
-            .map_err(|_| Error::Malformed("invalid header value"))?;
         match kind {
-            Kind::ConnectionId => own.connection_id.add(value),
-            Kind::ProxyAuthorization => {
-                // A run token: `Debug` of the set-aside fields shows none of it.
-                let mut value = value;
-                value.set_sensitive(true);
-                own.proxy_authorization.add(value);
-            }
+            Kind::ConnectionId => own.connection_id.add(OwnValue(head.slice_ref(f.value))),
+            Kind::ProxyAuthorization => own.proxy_authorization.add(OwnValue(head.slice_ref(f.value))),
             _ => {
+                let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
+                    .map_err(|_| Error::Malformed("invalid header value"))?;
                 let name = HeaderName::from_bytes(f.name.as_bytes())
                     .map_err(|_| Error::Malformed("invalid header field name"))?;
                 if map.capacity() == 0 {
@@ -496,7 +527,7 @@ fn header_map(
             }
         }
     }
-    Ok((map, summary, own))
+    Ok(summary)
 }
 
 /// Response header fields as an upstream sent them, minus what the codec

@@ -717,7 +717,7 @@ fn take_own_field(headers: &mut HeaderMap, name: &HeaderName) -> h1::OwnField {
     let values = headers.len();
     match headers.remove(name) {
         None => h1::OwnField::Absent,
-        Some(value) if headers.len() + 1 == values => h1::OwnField::One(value),
+        Some(value) if headers.len() + 1 == values => h1::OwnField::One(h1::OwnValue::of_header(&value)),
         Some(_) => h1::OwnField::Repeated,
     }
 }
@@ -728,7 +728,11 @@ fn checked_connection_id(field: h1::OwnField) -> Result<Option<http::HeaderValue
     match field {
         h1::OwnField::Absent => Ok(None),
         h1::OwnField::Repeated => Err(ProxyError::DuplicateConnectionId),
-        h1::OwnField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => Ok(Some(id)),
+        // The codec set the field aside unchecked as a `HeaderValue`: a
+        // connection id's shape is a valid one.
+        h1::OwnField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => {
+            http::HeaderValue::from_maybe_shared(id.into_bytes()).map(Some).map_err(|_| ProxyError::BadConnectionId)
+        }
         h1::OwnField::One(_) => Err(ProxyError::BadConnectionId),
     }
 }
@@ -993,7 +997,7 @@ mod tests {
         }
         h.append(http::header::PROXY_AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         let own = take_own_fields(&mut h);
-        assert_eq!(own.connection_id, h1::OwnField::One(HeaderValue::from_static("conn_a")));
+        assert_eq!(own.connection_id, h1::OwnField::One(h1::OwnValue::from_static("conn_a")));
         assert_eq!(own.proxy_authorization, h1::OwnField::Repeated);
         // `Host` too: the upstream side writes the target's authority.
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["accept"], "every value is out");

@@ -223,7 +223,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         received: &mut bool,
     ) -> Poll<Result<Response<RawFields>, SendError>> {
         loop {
-            if let Some(end) = find_head_end(&self.rbuf, &mut self.scanned) {
+            // (Nothing to scan before the first read: the usual case.)
+            let found = if self.rbuf.is_empty() { None } else { find_head_end(&self.rbuf, &mut self.scanned) };
+            if let Some(end) = found {
                 self.scanned = 0;
                 let head = self.rbuf.split_to(end).freeze();
                 let (resp, framing, keep_alive) =

@@ -39,7 +39,7 @@ impl Caller {
 /// proved.
 #[derive(Default)]
 pub(crate) struct AuthMemo {
-    last: Option<(HeaderValue, Arc<Caller>)>,
+    last: Option<(h1::OwnValue, Arc<Caller>)>,
 }
 
 /// The caller of one request. `presented`: its `Proxy-Authorization`
@@ -77,7 +77,7 @@ pub(crate) fn identify(
 }
 
 /// Parses and verifies a `Proxy-Authorization` value.
-fn check(state: &ProxyState, field: &HeaderValue, now: i64, required: bool) -> Result<Caller, ProxyError> {
+fn check(state: &ProxyState, field: &h1::OwnValue, now: i64, required: bool) -> Result<Caller, ProxyError> {
     let (user, token) = parse(field.as_bytes()).ok_or(ProxyError::RunTokenInvalid("not Basic or Bearer"))?;
     let connection = user
         .filter(|u| ids::is_connection_id(u))
