@@ -677,9 +677,12 @@ mod tests {
         assert!(!format!("{own:?}").contains("Bearer t"), "a run token in Debug: {own:?}");
     }
 
-    /// Every head `take_head` finds in `input` (target and framing, or the
-    /// error), and what is left in the buffer after the last.
-    fn take_all(input: &[u8], max: usize) -> (Vec<Result<(String, Framing), String>>, Vec<u8>) {
+    /// A head as `take_all` reports it: target and framing, or the error.
+    type Taken = Result<(String, Framing), String>;
+
+    /// Every head `take_head` finds in `input`, and what is left in the
+    /// buffer after the last.
+    fn take_all(input: &[u8], max: usize) -> (Vec<Taken>, Vec<u8>) {
         let mut buf = BytesMut::from(input);
         let (mut scanned, mut own, mut heads) = (0, OwnFields::default(), vec![]);
         while let Some(h) = take_head(&mut buf, &mut scanned, max, &mut own) {
@@ -692,11 +695,11 @@ mod tests {
         (heads, buf.to_vec())
     }
 
-    fn h_has_body(h: Option<&Result<(String, Framing), String>>) -> bool {
+    fn h_has_body(h: Option<&Taken>) -> bool {
         matches!(h, Some(Ok((_, f))) if *f != Framing::Empty)
     }
 
-    fn ok(target: &str, framing: Framing) -> Result<(String, Framing), String> {
+    fn ok(target: &str, framing: Framing) -> Taken {
         Ok((target.to_owned(), framing))
     }
 
