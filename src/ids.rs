@@ -35,6 +35,33 @@ pub fn new_id(prefix: &str) -> String {
     out
 }
 
+/// A connection id whose shape was checked ([`is_connection_id_bytes`]),
+/// kept by value: a request's id costs no allocation and no field-value
+/// check, and compares as 31 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId([u8; CONNECTION_ID_LEN]);
+
+impl ConnectionId {
+    /// `b`, if it has the shape of a connection id.
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        if !is_connection_id_bytes(b) {
+            return None;
+        }
+        b.try_into().ok().map(Self)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // ASCII by construction: this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// True if `s` has the shape of a connection id. Callers still look it up.
 pub fn is_connection_id(s: &str) -> bool {
     is_connection_id_bytes(s.as_bytes())
@@ -89,6 +116,22 @@ pub fn origin_of(url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_id_value_is_exactly_a_checked_id() {
+        let minted = new_connection_id();
+        let id = ConnectionId::parse(minted.as_bytes()).expect("a minted id");
+        assert_eq!((id.as_str(), format!("{id:?}")), (minted.as_str(), minted.clone()));
+        let mut other = minted.clone().into_bytes();
+        other[CONNECTION_ID_LEN - 1] = if other[CONNECTION_ID_LEN - 1] == b'a' { b'b' } else { b'a' };
+        assert_ne!(ConnectionId::parse(&other), Some(id));
+        for bad in [&minted.as_bytes()[1..], &minted.as_bytes()[..30], b"conn_AAAAAAAAAAAAAAAAAAAAAAAAAA", b"conn_1"] {
+            assert_eq!(ConnectionId::parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        let mut longer = minted.into_bytes();
+        longer.push(b'a');
+        assert_eq!(ConnectionId::parse(&longer), None);
+    }
 
     /// The word-at-a-time check against the byte one, for every byte value
     /// at every position of an id, and for every length around 26.

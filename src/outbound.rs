@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header;
+use http::request::Parts as RequestParts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 
@@ -136,20 +137,19 @@ impl Outbound {
     pub async fn with_connection(
         &self,
         resolved: &Arc<Resolved>,
-        method: &Method,
-        uri: Uri,
-        headers: HeaderMap,
+        head: RequestParts,
         body: UpstreamBody,
         memo: &mut InjectMemo,
     ) -> Result<(Response<PooledBody>, Renewal), ProxyError> {
         if resolved.method.edits_body() || resolved.method.oauth2().is_some() {
             // Boxed: buffering, refreshing and retrying make a large future
             // that static credentials in headers never need.
-            return Box::pin(self.with_connection_buffered(resolved, method, uri, headers, body)).await;
+            let RequestParts { method, uri, headers, .. } = head;
+            return Box::pin(self.with_connection_buffered(resolved, &method, uri, headers, body)).await;
         }
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
-        let req = memo.upstream_request(method, uri, headers, resolved, body)?;
+        let req = memo.upstream_request(head, resolved, body)?;
         let resp = self.send_with(req, memo.edits.fields()).await?;
         Ok((resp, Renewal::default()))
     }
@@ -413,37 +413,33 @@ fn scrub_echoes_in(resp: &mut Response<PooledBody>, resolved: &Resolved) {
 /// authority, written by the upstream side: [`crate::h1::host_of`]).
 pub fn upstream_request(
     method: &Method,
-    mut uri: Uri,
-    mut headers: HeaderMap,
+    uri: Uri,
+    headers: HeaderMap,
     resolved: Option<&Resolved>,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
+    let (mut head, ()) = Request::new(()).into_parts();
+    (head.method, head.uri, head.headers) = (method.clone(), uri, headers);
     if let Some(r) = resolved {
         let mut edits = inject::edits(&r.method, &r.credential)?;
-        inject::apply_head(&mut uri, &mut headers, &mut edits)?;
+        inject::apply_head(&mut head.uri, &mut head.headers, &mut edits)?;
     }
-    upstream_head(method, uri, headers, body)
+    upstream_head(head, body)
 }
 
 /// The upstream request, the version ours. Its target is absolute: `Host`
 /// is its authority, which the upstream side writes (a caller's `Host`
 /// never gets into the map: the codec leaves it out, an h2 request's is
-/// taken out with the proxy's own fields).
-fn upstream_head(
-    method: &Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: UpstreamBody,
-) -> Result<Request<UpstreamBody>, ProxyError> {
-    if uri.authority().is_none() {
+/// taken out with the proxy's own fields). `head` is the caller's, reused
+/// (a new one's default map and target would be made and dropped);
+/// nothing of its extensions goes on.
+fn upstream_head(mut head: RequestParts, body: UpstreamBody) -> Result<Request<UpstreamBody>, ProxyError> {
+    if head.uri.authority().is_none() {
         return Err(ProxyError::OriginForm);
     }
-    let mut req = Request::new(body);
-    *req.method_mut() = method.clone();
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
-    Ok(req)
+    head.version = Version::HTTP_11;
+    head.extensions.clear();
+    Ok(Request::from_parts(head, body))
 }
 
 /// The credential's header edits for the connection a keep-alive caller
@@ -464,9 +460,7 @@ impl InjectMemo {
     /// kept for the next request on the same connection.
     fn upstream_request(
         &mut self,
-        method: &Method,
-        mut uri: Uri,
-        mut headers: HeaderMap,
+        mut head: RequestParts,
         resolved: &Arc<Resolved>,
         body: UpstreamBody,
     ) -> Result<Request<UpstreamBody>, ProxyError> {
@@ -480,15 +474,15 @@ impl InjectMemo {
                 }
                 None => {
                     self.edits = inject::HeaderEdits::default();
-                    inject::apply_head(&mut uri, &mut headers, &mut edits)?;
-                    return upstream_head(method, uri, headers, body);
+                    inject::apply_head(&mut head.uri, &mut head.headers, &mut edits)?;
+                    return upstream_head(head, body);
                 }
             }
         }
         // The header edits themselves go with the request, not into its
         // map ([`Outbound::send_with`]): only lookalikes come out here.
-        self.edits.clear_lookalikes(&mut headers);
-        upstream_head(method, uri, headers, body)
+        self.edits.clear_lookalikes(&mut head.headers);
+        upstream_head(head, body)
     }
 }
 
@@ -831,10 +825,10 @@ impl Outbound {
         headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
-        let (resp, _) = self
-            .with_connection(resolved, &method, uri, headers, body, &mut InjectMemo::default())
-            .await
-            .map_err(|e| e.problem())?;
+        let (mut head, ()) = Request::new(()).into_parts();
+        (head.method, head.uri, head.headers) = (method, uri, headers);
+        let (resp, _) =
+            self.with_connection(resolved, head, body, &mut InjectMemo::default()).await.map_err(|e| e.problem())?;
         // Only the status is read: nothing to scrub.
         Ok((resp.status().as_u16(), test.expect_status))
     }
@@ -889,7 +883,11 @@ pub(crate) mod tests {
         // What goes upstream: the head as the HTTP/1.1 side writes it, with
         // the memo's header edits set over the map's fields.
         let (req, extra) = match memo {
-            Some(m) => (m.upstream_request(&Method::GET, uri, h, r, body).unwrap(), m.edits.fields().to_vec()),
+            Some(m) => {
+                let (mut head, ()) = Request::new(()).into_parts();
+                (head.uri, head.headers) = (uri, h);
+                (m.upstream_request(head, r, body).unwrap(), m.edits.fields().to_vec())
+            }
             None => (upstream_request(&Method::GET, uri, h, Some(r), body).unwrap(), Vec::new()),
         };
         let (parts, _) = req.into_parts();

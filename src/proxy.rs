@@ -22,7 +22,7 @@ use crate::config::ProxyMode;
 use crate::creds::{Connections, ResolveError, ResolveMemo, Resolved};
 use crate::h1;
 use crate::h1::server::{OnUpgrade, Transport};
-use crate::ids;
+use crate::ids::ConnectionId;
 use crate::integrations::Scheme;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, InjectMemo, Outbound, Renewal};
@@ -296,7 +296,7 @@ impl TunnelTarget {
 struct Access {
     /// The run token's claims, when one was presented.
     caller: Option<Arc<Caller>>,
-    connection: Option<http::HeaderValue>,
+    connection: Option<ConnectionId>,
     /// The connection, once found: its integration, auth method and owner.
     resolved: Option<Arc<Resolved>>,
     cache_hit: Option<bool>,
@@ -342,59 +342,92 @@ async fn handle(
     own: Option<h1::OwnFields>,
     memo: &mut ConnMemo,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let metrics = &state.outbound.metrics;
-    let in_flight = metrics.in_flight();
-    // What the access and audit lines need from the request, kept only if
-    // one is written.
-    let access_log = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO);
-    // The path as a shared handle on the request's bytes, not a copy.
-    let logged =
-        (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
-    let mut access = Access::default();
-    let resp = match forward(state, peer, req, own, &mut access, memo, started).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            let problem = err.problem();
-            metrics.error(problem.code);
-            access.code = Some(problem.code);
-            if problem.status().is_server_error() {
-                warn!(error = %err, code = %problem.code, "proxy error");
-            } else {
-                debug!(error = %err, code = %problem.code, "request refused");
+    let mut h = Handling::begin(state, &req);
+    let result = forward(state, peer, req, own, &mut h.access, memo, h.started).await;
+    h.finish(state, peer, result, memo)
+}
+
+/// A request's bookkeeping around the pipeline: [`Handling::begin`], then
+/// [`forward`], then [`Handling::finish`] (metrics, the audit and access
+/// lines, a refusal's problem response). Two plain calls rather than an
+/// `async fn` around `forward`: the HTTP/1.1 caller loop awaits `forward`
+/// itself — one async layer fewer, so one move fewer of the request and of
+/// the pipeline's future per request; [`handle`] strings them together
+/// for everything else.
+struct Handling<'a> {
+    started: Instant,
+    in_flight: crate::metrics::InFlight<'a>,
+    access_log: bool,
+    /// What the access and audit lines need from the request, kept only
+    /// if one is written (the path a shared handle on the request's bytes).
+    logged: Option<(Method, Option<http::uri::PathAndQuery>)>,
+    access: Access,
+}
+
+impl<'a> Handling<'a> {
+    #[inline(always)]
+    fn begin(state: &'a ProxyState, req: &Request<CallerBody>) -> Self {
+        let started = Instant::now();
+        let in_flight = state.outbound.metrics.in_flight();
+        let access_log = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO);
+        let logged =
+            (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
+        Self { started, in_flight, access_log, logged, access: Access::default() }
+    }
+
+    fn finish(
+        self,
+        state: &ProxyState,
+        peer: SocketAddr,
+        result: Result<Response<ProxyBody>, ProxyError>,
+        memo: &mut ConnMemo,
+    ) -> Response<ProxyBody> {
+        let Self { started, in_flight, access_log, logged, mut access } = self;
+        let metrics = &state.outbound.metrics;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(err) => {
+                let problem = err.problem();
+                metrics.error(problem.code);
+                access.code = Some(problem.code);
+                if problem.status().is_server_error() {
+                    warn!(error = %err, code = %problem.code, "proxy error");
+                } else {
+                    debug!(error = %err, code = %problem.code, "request refused");
+                }
+                problem.to_proxy_response().map(|b| ProxyBody::Made(Full::new(b)))
             }
-            problem.to_proxy_response().map(|b| ProxyBody::Made(Full::new(b)))
+        };
+        drop(in_flight);
+        metrics.request(access.integration(), resp.status().as_u16());
+        let Some((method, path_and_query)) = logged else { return resp };
+        // `Uri::path`: none for an authority-form (CONNECT) target.
+        let path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path);
+        if let Some(connection) = access.connection.as_ref().filter(|_| state.audit.is_on()) {
+            let parties = memo.audit.parties(&state.org_id, &access, connection);
+            audit_use(state, &access, parties, &method, path, resp.status().as_u16(), started);
         }
-    };
-    drop(in_flight);
-    metrics.request(access.integration(), resp.status().as_u16());
-    let Some((method, path_and_query)) = logged else { return resp };
-    // `Uri::path`: none for an authority-form (CONNECT) target.
-    let path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path);
-    if let Some(connection) = access.connection.as_ref().filter(|_| state.audit.is_on()) {
-        let parties = memo.audit.parties(&state.org_id, &access, connection);
-        audit_use(state, &access, parties, &method, path, resp.status().as_u16(), started);
+        // One message instead of a dozen structured fields: the formatter's
+        // per-field work was most of the line's cost (load bench), and
+        // `telemetry` writes access lines without re-escaping them.
+        if access_log {
+            info!(
+                target: telemetry::ACCESS,
+                "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
+                 latency_us={} cache_hit={} code={} retried={}",
+                state.org_id,
+                access.connection.as_ref().map_or("-", ConnectionId::as_str),
+                access.integration().unwrap_or("-"),
+                access.host().unwrap_or("-"),
+                resp.status().as_u16(),
+                started.elapsed().as_micros(),
+                access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
+                access.code.map_or("-", crate::problem::Code::as_str),
+                access.renewal.retried,
+            );
+        }
+        resp
     }
-    // One message instead of a dozen structured fields: the formatter's
-    // per-field work was most of the line's cost (load bench), and
-    // `telemetry` writes access lines without re-escaping them.
-    if access_log {
-        info!(
-            target: telemetry::ACCESS,
-            "peer={peer} org={} connection={} integration={} method={method} host={} path={path} status={} \
-             latency_us={} cache_hit={} code={} retried={}",
-            state.org_id,
-            access.connection.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("-"),
-            access.integration().unwrap_or("-"),
-            access.host().unwrap_or("-"),
-            resp.status().as_u16(),
-            started.elapsed().as_micros(),
-            access.cache_hit.map_or("-", |h| if h { "true" } else { "false" }),
-            access.code.map_or("-", crate::problem::Code::as_str),
-            access.renewal.retried,
-        );
-    }
-    resp
 }
 
 /// The audit line's [`Parties`] of the last audited request on a caller
@@ -409,13 +442,13 @@ struct AuditMemo {
 }
 
 /// What an [`AuditMemo`]'s parties were made of.
-type PartiesOf = (Option<std::sync::Weak<Caller>>, Option<std::sync::Weak<Resolved>>, http::HeaderValue);
+type PartiesOf = (Option<std::sync::Weak<Caller>>, Option<std::sync::Weak<Resolved>>, ConnectionId);
 
 impl AuditMemo {
     /// The parties of a request that named `connection` (`org`: the
     /// sidecar's, for a caller without a run token): the kept text when
     /// nothing they are made of changed, else formatted anew.
-    fn parties(&mut self, org: &str, access: &Access, connection: &http::HeaderValue) -> &PartiesText {
+    fn parties(&mut self, org: &str, access: &Access, connection: &ConnectionId) -> &PartiesText {
         fn same<T>(kept: &Option<std::sync::Weak<T>>, now: &Option<Arc<T>>) -> bool {
             match (kept, now) {
                 (None, None) => true,
@@ -434,7 +467,7 @@ impl AuditMemo {
                 user: resolved.map(|r| r.meta.user_id.as_str()),
                 run_token: claims.map(|c| c.jti.as_str()),
                 run_subject: claims.and_then(|c| c.sub.as_deref()),
-                connection: connection.to_str().unwrap_or_default(),
+                connection: connection.as_str(),
                 integration: access.integration(),
                 auth_method: resolved.map(|r| r.method.id.as_str()),
             }
@@ -442,7 +475,7 @@ impl AuditMemo {
             self.of = Some((
                 access.caller.as_ref().map(Arc::downgrade),
                 access.resolved.as_ref().map(Arc::downgrade),
-                connection.clone(),
+                *connection,
             ));
         }
         &self.text
@@ -549,7 +582,7 @@ async fn forward(
     // upstream see?). Without the field, the proxy URL's user name may
     // name it.
     let conn_id = match checked_connection_id(named)? {
-        None => caller.as_deref().and_then(|c| c.connection.clone()),
+        None => caller.as_deref().and_then(|c| c.connection),
         named => named,
     };
     if conn_id.is_some() && parts.method == Method::TRACE {
@@ -570,8 +603,8 @@ async fn forward(
             state.outbound.send(upstream_request(&parts.method, uri, parts.headers, None, body)?).await?
         }
         Some(id) => {
-            access.connection = Some(id.clone());
-            let id = id.to_str().unwrap_or_default();
+            access.connection = Some(id);
+            let id = id.as_str();
             // A connection the run token does not list is an unknown one.
             if claims.is_some_and(|c| !c.allows(id, None)) {
                 return Err(ProxyError::Resolve(ResolveError::NotFound));
@@ -614,8 +647,9 @@ async fn forward(
                 parts.headers.insert(http::header::ACCEPT_ENCODING, http::HeaderValue::from_static("identity"));
             }
             // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
-            let (mut resp, renewal) =
-                state.outbound.with_connection(&resolved, &parts.method, uri, parts.headers, body, inject_memo).await?;
+            // The caller's head goes on as the upstream request's.
+            parts.uri = uri;
+            let (mut resp, renewal) = state.outbound.with_connection(&resolved, parts, body, inject_memo).await?;
             access.renewal = renewal;
             if let Some(p) = permit {
                 // In flight until the caller has the whole body (or is gone).
@@ -724,16 +758,11 @@ fn take_own_field(headers: &mut HeaderMap, name: &HeaderName) -> h1::OwnField {
 
 /// The connection id a request names: at most one field, of the
 /// connection id's shape.
-fn checked_connection_id(field: h1::OwnField) -> Result<Option<http::HeaderValue>, ProxyError> {
+fn checked_connection_id(field: h1::OwnField) -> Result<Option<ConnectionId>, ProxyError> {
     match field {
         h1::OwnField::Absent => Ok(None),
         h1::OwnField::Repeated => Err(ProxyError::DuplicateConnectionId),
-        // The codec set the field aside unchecked as a `HeaderValue`: a
-        // connection id's shape is a valid one.
-        h1::OwnField::One(id) if ids::is_connection_id_bytes(id.as_bytes()) => {
-            http::HeaderValue::from_maybe_shared(id.into_bytes()).map(Some).map_err(|_| ProxyError::BadConnectionId)
-        }
-        h1::OwnField::One(_) => Err(ProxyError::BadConnectionId),
+        h1::OwnField::One(id) => ConnectionId::parse(id.as_bytes()).map(Some).ok_or(ProxyError::BadConnectionId),
     }
 }
 
@@ -915,11 +944,12 @@ mod tests {
         };
         let run = Arc::new(Caller { claims: Some(claims("rt_1", "org_r")), connection: None });
         let other_run = Arc::new(Caller { claims: Some(claims("rt_2", "org_s")), connection: None });
-        let fresh = |caller: &Option<Arc<Caller>>, resolved: &Option<Arc<Resolved>>, conn: &HeaderValue| {
+        let fresh = |caller: &Option<Arc<Caller>>, resolved: &Option<Arc<Resolved>>, conn: &ConnectionId| {
             let access = Access { caller: caller.clone(), resolved: resolved.clone(), ..Access::default() };
             AuditMemo::default().parties("org_side", &access, conn).clone()
         };
-        let (c1, c2) = (HeaderValue::from_static("conn_1"), HeaderValue::from_static("conn_2"));
+        let id = |c: &str| ConnectionId::parse(format!("conn_{}", c.repeat(26)).as_bytes()).unwrap();
+        let (c1, c2) = (id("b"), id("c"));
         let mut memo = AuditMemo::default();
         let mut seen = Vec::new();
         for (caller, resolved, conn) in [

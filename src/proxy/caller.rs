@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::drain::DrainGuard;
-use super::{handle, take_fields, ConnMemo, ProxyBody, ProxyError, ProxyState, TunnelTarget};
+use super::{forward, handle, take_fields, ConnMemo, Handling, ProxyBody, ProxyError, ProxyState, TunnelTarget};
 use crate::h1::server::{
     Continue, OnUpgrade, ReadSide, RequestBody, RequestHead, ResponseMeta, Transport, Upgraded, WriteHalf,
 };
@@ -47,7 +47,11 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
         // first reads the body; the caller gone meanwhile ends the connection.
         let (state, peer, memo) = (conn.state, conn.peer, &mut conn.memo);
         let resp = match &conn.ex.cont {
-            None => handle(state, peer, req, Some(own), memo).await,
+            None => {
+                let mut h = Handling::begin(state, &req);
+                let result = forward(state, peer, req, Some(own), &mut h.access, memo, h.started).await;
+                h.finish(state, peer, result, memo)
+            }
             Some(c) => match with_continue(pin!(handle(state, peer, req, Some(own), memo)), c, &mut conn.wr).await {
                 Ok(resp) => resp,
                 Err(_) => return,

@@ -9,14 +9,14 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use http::HeaderValue;
 
 use super::ProxyState;
 use crate::config::ProxyMode;
 use crate::creds::unix_now;
+use crate::h1;
+use crate::ids::ConnectionId;
 use crate::outbound::ProxyError;
 use crate::runtoken::{RunClaims, RunTokenError, RUN_TOKEN_PREFIX};
-use crate::{h1, ids};
 
 /// What a caller proved: a run token's claims, and the connection its
 /// proxy URL's user name names.
@@ -25,7 +25,7 @@ pub(crate) struct Caller {
     pub claims: Option<RunClaims>,
     /// `Basic` user name of a connection id's shape: the connection of
     /// requests without `X-Connection-Id`.
-    pub connection: Option<HeaderValue>,
+    pub connection: Option<ConnectionId>,
 }
 
 impl Caller {
@@ -79,9 +79,7 @@ pub(crate) fn identify(
 /// Parses and verifies a `Proxy-Authorization` value.
 fn check(state: &ProxyState, field: &h1::OwnValue, now: i64, required: bool) -> Result<Caller, ProxyError> {
     let (user, token) = parse(field.as_bytes()).ok_or(ProxyError::RunTokenInvalid("not Basic or Bearer"))?;
-    let connection = user
-        .filter(|u| ids::is_connection_id(u))
-        .map(|u| HeaderValue::from_str(&u).expect("a connection id is a valid field value"));
+    let connection = user.and_then(|u| ConnectionId::parse(u.as_bytes()));
     // A sidecar that requires no token passes other credentials over (the
     // field is dropped all the same): only what looks like a run token is
     // checked there.
