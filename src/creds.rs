@@ -213,7 +213,7 @@ pub struct ResolveMemo {
 }
 
 impl ResolveMemo {
-    fn get(&self, id: &str, generation: u64, now: Instant) -> Option<&Arc<Resolved>> {
+    fn get(&self, id: &ids::ConnectionId, generation: u64, now: Instant) -> Option<&Arc<Resolved>> {
         let fresh = self.generation == generation && self.until.is_some_and(|u| now < u);
         self.resolved.as_ref().filter(|_| fresh && self.id.as_slice() == id.as_bytes())
     }
@@ -364,7 +364,7 @@ impl Connections {
     pub async fn resolve_memo(
         &self,
         org: &str,
-        id: &str,
+        id: &ids::ConnectionId,
         memo: &mut ResolveMemo,
         now: Instant,
     ) -> Result<(Arc<Resolved>, bool), ResolveError> {
@@ -375,13 +375,11 @@ impl Connections {
             visible(r, org)?;
             return Ok((r.clone(), true));
         }
-        let (resolved, hit) = self.resolve(org, id).await?;
-        if id.len() == ids::CONNECTION_ID_LEN {
-            memo.id.copy_from_slice(id.as_bytes());
-            memo.resolved = Some(resolved.clone());
-            memo.generation = generation;
-            memo.until = Some(now + MEMO_FOR);
-        }
+        let (resolved, hit) = self.resolve(org, id.as_str()).await?;
+        memo.id.copy_from_slice(id.as_bytes());
+        memo.resolved = Some(resolved.clone());
+        memo.generation = generation;
+        memo.until = Some(now + MEMO_FOR);
         Ok((resolved, hit))
     }
 

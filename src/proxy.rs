@@ -604,17 +604,16 @@ async fn forward(
         }
         Some(id) => {
             access.connection = Some(id);
-            let id = id.as_str();
             // A connection the run token does not list is an unknown one.
-            if claims.is_some_and(|c| !c.allows(id, None)) {
+            if claims.is_some_and(|c| !c.allows(id.as_bytes(), None)) {
                 return Err(ProxyError::Resolve(ResolveError::NotFound));
             }
             // 4. Resolve (org, id): cache → store → decrypt; other orgs see the same 404.
             // A keep-alive caller's last connection is remembered while the cache is unchanged.
-            let (resolved, hit) = state.connections.resolve_memo(org, id, memo, started).await?;
+            let (resolved, hit) = state.connections.resolve_memo(org, &id, memo, started).await?;
             access.cache_hit = Some(hit);
             access.resolved = Some(resolved.clone());
-            if claims.is_some_and(|c| !c.allows(id, Some(&resolved.integration.id))) {
+            if claims.is_some_and(|c| !c.allows(id.as_bytes(), Some(&resolved.integration.id))) {
                 return Err(ProxyError::Resolve(ResolveError::NotFound));
             }
 
@@ -634,7 +633,12 @@ async fn forward(
             // 6. Quotas: a cool-down the upstream asked for, rate limits
             // (perhaps waiting for a reserved turn), in-flight caps.
             let integration = resolved.integration.id.as_str();
-            let permit = match state.quotas.check_with(integration, id, org, uri.path(), quota_memo) {
+            // Without limits or cool-downs anywhere, no check.
+            let verdict = match state.quotas.may_apply() {
+                true => state.quotas.check_with(integration, id.as_bytes(), org, uri.path(), quota_memo),
+                false => Verdict::Go(None),
+            };
+            let permit = match verdict {
                 Verdict::Go(p) => p,
                 Verdict::Wait(turn) => turn.await.map_err(|r| ProxyError::Quota(Box::new(r)))?,
                 Verdict::No(r) => return Err(ProxyError::Quota(Box::new(r))),
@@ -659,7 +663,9 @@ async fn forward(
                 // The upstream's answer goes back untouched; what it asked
                 // for holds the next requests back.
                 let status = resp.status().as_u16();
-                state.quotas.learn(integration, id, status, |name| crate::outbound::response_field(&resp, name));
+                state
+                    .quotas
+                    .learn(integration, id.as_str(), status, |name| crate::outbound::response_field(&resp, name));
             }
             // What was injected does not come back in a URL field (nor,
             // when the integration asks, in the body).

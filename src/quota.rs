@@ -46,6 +46,8 @@ pub struct Quotas {
     defaults: LimitsConfig,
     cooldowns: Cooldowns,
     epoch: Instant,
+    /// Some integration has a rate limit or an in-flight cap.
+    limited: std::sync::atomic::AtomicBool,
 }
 
 /// The limiters and back-off policies of one set of integrations.
@@ -125,9 +127,16 @@ impl Quotas {
     /// The limits of every integration (their own, else `defaults`'), for
     /// one of `defaults.instances` instances.
     pub fn new(defaults: &LimitsConfig, integrations: &Integrations, store: Option<Arc<dyn Store>>) -> Self {
-        let table = ArcSwap::from_pointee(Table::build(defaults, integrations, None));
+        let table = Table::build(defaults, integrations, None);
+        let limited = std::sync::atomic::AtomicBool::new(!table.limited.is_empty());
         let cooldowns = Cooldowns::new(integrations.iter().map(|i| i.id.clone()), store);
-        Self { table, defaults: defaults.clone(), cooldowns, epoch: Instant::now() }
+        Self {
+            table: ArcSwap::from_pointee(table),
+            defaults: defaults.clone(),
+            cooldowns,
+            epoch: Instant::now(),
+            limited,
+        }
     }
 
     /// No limits and no back-off anywhere (tests, benches).
@@ -137,6 +146,7 @@ impl Quotas {
             defaults: LimitsConfig::default(),
             cooldowns: Cooldowns::new(std::iter::empty(), None),
             epoch: Instant::now(),
+            limited: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -145,14 +155,24 @@ impl Quotas {
     /// in force stay.
     pub fn reload(&self, integrations: &Integrations) {
         let before = self.table.load();
-        self.table.store(Arc::new(Table::build(&self.defaults, integrations, Some(&before))));
+        let table = Table::build(&self.defaults, integrations, Some(&before));
+        self.limited.store(!table.limited.is_empty(), Relaxed);
+        self.table.store(Arc::new(table));
         self.cooldowns.know(integrations.iter().map(|i| i.id.clone()));
     }
 
     /// Admits a request of `connection` (of `org`) to `path` of
     /// `integration`, makes it wait for its turn, or refuses it.
+    /// Whether [`Quotas::check`] can do anything but let a request go: a
+    /// limit somewhere, or a cool-down in force (two atomic loads). A
+    /// request that skips the check when this is false is let go as the
+    /// check would let it go.
+    pub fn may_apply(&self) -> bool {
+        self.limited.load(Relaxed) || self.cooldowns.any()
+    }
+
     pub fn check(&self, integration: &str, connection: &str, org: &str, path: &str) -> Verdict {
-        self.check_with(integration, connection, org, path, &mut KeyMemo::default())
+        self.check_with(integration, connection.as_bytes(), org, path, &mut KeyMemo::default())
     }
 
     /// [`Quotas::check`] with the limiter keys of a caller connection's
@@ -161,13 +181,17 @@ impl Quotas {
     pub fn check_with(
         &self,
         integration: &str,
-        connection: &str,
+        connection: &[u8],
         org: &str,
         path: &str,
         memo: &mut KeyMemo,
     ) -> Verdict {
-        if let Some(r) = self.cooldowns.refusal(integration, connection) {
-            return Verdict::No(r);
+        // The id as text only when a cool-down is in force somewhere.
+        if self.cooldowns.any() {
+            let text = std::str::from_utf8(connection).unwrap_or_default();
+            if let Some(r) = self.cooldowns.refusal(integration, text) {
+                return Verdict::No(r);
+            }
         }
         let table = self.table.load();
         if table.limited.is_empty() {
@@ -305,11 +329,11 @@ impl Named {
         Self { name, kind, per, max_wait, paths: Paths::new(paths), view, description, stats: Stats::default() }
     }
 
-    fn key<'k>(&self, connection: &'k str, org: &'k str) -> &'k str {
+    fn key<'k>(&self, connection: &'k [u8], org: &'k str) -> &'k [u8] {
         match self.per {
             Per::Connection => connection,
-            Per::Org => org,
-            Per::Integration => "",
+            Per::Org => org.as_bytes(),
+            Per::Integration => b"",
         }
     }
 
@@ -422,7 +446,7 @@ impl IntegrationQuota {
 
     /// Every limit's key for `connection` of `org` (those whose `paths`
     /// leave a request out too).
-    fn keys(&self, connection: &str, org: &str) -> Keys {
+    fn keys(&self, connection: &[u8], org: &str) -> Keys {
         let mut keys = Keys::default();
         for (k, r) in keys.rates.iter_mut().zip(&self.rates) {
             *k = r.keys.key(r.named.key(connection, org));
@@ -588,19 +612,20 @@ struct Keys {
 #[derive(Default)]
 pub struct KeyMemo {
     quota: std::sync::Weak<IntegrationQuota>,
-    connection: String,
+    connection: Vec<u8>,
     org: String,
     keys: Keys,
 }
 
 impl KeyMemo {
-    fn keys(&mut self, q: &Arc<IntegrationQuota>, connection: &str, org: &str) -> &Keys {
+    fn keys(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str) -> &Keys {
         let same =
             std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
         if !same {
             self.keys = q.keys(connection, org);
             self.quota = Arc::downgrade(q);
-            connection.clone_into(&mut self.connection);
+            self.connection.clear();
+            self.connection.extend_from_slice(connection);
             org.clone_into(&mut self.org);
         }
         &self.keys
@@ -713,6 +738,7 @@ mod tests {
         let mut t = Table::default();
         t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates, &caps, 1)));
         t.backoff.insert("gh".into(), Backoff::default());
+        q.limited.store(!(rates.is_empty() && caps.is_empty()), Relaxed);
         q.table.store(Arc::new(t));
         q
     }
@@ -774,14 +800,14 @@ mod tests {
         };
         let q = quotas(rates.clone(), vec![cap]);
         let mut memo = KeyMemo::default();
-        let a = go(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
-        let b = go(q.check_with("gh", "conn_b", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let a = go(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let b = go(q.check_with("gh", b"conn_b", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
         // conn_c in org1 takes org1's last cell; in org2 it starts afresh.
-        go(q.check_with("gh", "conn_c", "org1", "/", &mut memo));
-        assert_eq!(refused(q.check_with("gh", "conn_d", "org1", "/", &mut memo)).limit["per"], "org");
-        go(q.check_with("gh", "conn_d", "org2", "/", &mut memo));
+        go(q.check_with("gh", b"conn_c", "org1", "/", &mut memo));
+        assert_eq!(refused(q.check_with("gh", b"conn_d", "org1", "/", &mut memo)).limit["per"], "org");
+        go(q.check_with("gh", b"conn_d", "org2", "/", &mut memo));
         // The permits release the keys they were taken under.
         drop((a, b));
         // New limits: new limiters, and the memo follows them.
@@ -795,8 +821,8 @@ mod tests {
         }];
         t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates[..1], &caps, 1)));
         q.table.store(Arc::new(t));
-        let held = go(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", "conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let held = go(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).expect("a permit");
+        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
         drop(held);
         assert_eq!(refused(q.check("gh", "conn_a", "org1", "/")).limit["per"], "connection");
     }
@@ -908,5 +934,19 @@ mod tests {
         assert_eq!(q.cooldown_of("gh", "conn_a").map(|c| c.scope), Some(CooldownScope::Connection));
         // At most max_cooldown.
         assert_eq!(q.learn("gh", "conn_b", 503, field("999999")), Some(Duration::from_secs(3600)));
+    }
+
+    /// The proxy skips the check (and the connection id's text) only when
+    /// `may_apply` is false: with no limit anywhere and no cool-down.
+    #[test]
+    fn may_apply_is_false_only_when_no_check_could_refuse() {
+        assert!(!Quotas::none().may_apply());
+        assert!(quotas(vec![rate(Per::Connection, 1, 60, 0)], vec![]).may_apply());
+        let q = quotas(vec![], vec![]);
+        assert!(!q.may_apply());
+        let field = |name: &str| (name == "retry-after").then(|| Bytes::from_static(b"30"));
+        assert!(q.learn("gh", "conn_a", 429, field).is_some());
+        assert!(q.may_apply(), "a cool-down in force");
+        assert!(matches!(q.check("gh", "conn_a", "org", "/"), Verdict::No(_)));
     }
 }

@@ -59,8 +59,8 @@ pub struct RunClaims {
 impl RunClaims {
     /// May this token use `connection` (of `integration`, once known)? Its
     /// organization is checked by resolving under it.
-    pub fn allows(&self, connection: &str, integration: Option<&str>) -> bool {
-        self.conns.as_ref().is_none_or(|c| c.iter().any(|x| x == connection))
+    pub fn allows(&self, connection: &[u8], integration: Option<&str>) -> bool {
+        self.conns.as_ref().is_none_or(|c| c.iter().any(|x| x.as_bytes() == connection))
             && integration.is_none_or(|int| self.ints.as_ref().is_none_or(|i| i.iter().any(|x| x == int)))
     }
 }
@@ -238,9 +238,9 @@ mod tests {
         assert!(t.expose().starts_with(&format!("cprt1.{}.", keys.signing_id())));
         assert_eq!(keys.verify(t.expose(), 199), Ok(claims(200)));
         assert_eq!(keys.verify(t.expose(), 200), Err(RunTokenError::Expired));
-        assert!(claims(200).allows("conn_a", Some("github")) && !claims(200).allows("conn_b", None));
+        assert!(claims(200).allows(b"conn_a", Some("github")) && !claims(200).allows(b"conn_b", None));
         let only_github = RunClaims { ints: Some(vec!["github".into()]), ..claims(200) };
-        assert!(only_github.allows("conn_a", None) && !only_github.allows("conn_a", Some("slack")));
+        assert!(only_github.allows(b"conn_a", None) && !only_github.allows(b"conn_a", Some("slack")));
     }
 
     #[test]

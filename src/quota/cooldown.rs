@@ -80,6 +80,11 @@ impl Cooldowns {
 
     /// The refusal for a request of `connection` while it or `integration`
     /// cools down.
+    /// A cool-down is in force somewhere.
+    pub(super) fn any(&self) -> bool {
+        self.count.load(Relaxed) != 0
+    }
+
     pub(super) fn refusal(&self, integration: &str, connection: &str) -> Option<Refusal> {
         if self.count.load(Relaxed) == 0 {
             return None;

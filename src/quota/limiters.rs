@@ -58,7 +58,7 @@ impl Keyed {
         Self { hasher: ahash::RandomState::new(), shards }
     }
 
-    pub(super) fn key(&self, key: &str) -> Key {
+    pub(super) fn key(&self, key: &[u8]) -> Key {
         Key(self.hasher.hash_one(key))
     }
 
