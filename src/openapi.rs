@@ -561,10 +561,25 @@ fn render(source: &str, r: &Report, methods: &[Method]) -> String {
     t
 }
 
-/// A TOML string literal of `s`, with `$` doubled (strings in integration
-/// files substitute `${VAR}`).
+/// A TOML basic string of `s`, with `$` doubled (strings in integration
+/// files substitute `${VAR}`). Escaped here rather than by toml's
+/// serializer: toml_write 0.1 counts a run of quotes in a `u8` and
+/// overflows on 256 in a row (a document's description can hold them).
 fn lit(s: &str) -> String {
-    toml::Value::String(s.replace('$', "$$")).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '$' => out.push_str("$$"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push('\t'),
+            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// `s` on one comment line.
@@ -792,5 +807,31 @@ mod operations {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `lit` reads back as the string it was given (`$` doubled), for the
+    /// characters TOML escapes and for a run of quotes toml's own writer
+    /// overflowed on.
+    #[test]
+    fn a_literal_reads_back_as_its_string() {
+        let quotes = "\"".repeat(300);
+        for s in [
+            "plain",
+            "a \"quoted\" \\ path\\",
+            "tab\there",
+            "nl\nand\rcr\u{0}\u{7f}\u{1b}",
+            "ünï 💡",
+            "${VAR}",
+            &quotes,
+        ] {
+            let doc = format!("v = {}\n", lit(s));
+            let parsed: toml::Table = toml::from_str(&doc).unwrap_or_else(|e| panic!("{doc:?}: {e}"));
+            assert_eq!(parsed["v"].as_str(), Some(s.replace('$', "$$").as_str()), "{doc:?}");
+        }
     }
 }
