@@ -920,6 +920,26 @@ fn target(place: PlaceIn, name: &str) -> Result<Target, String> {
     })
 }
 
+/// A TOML basic string holding exactly `s`, for writing integration files:
+/// `"`, `\\` and the control characters TOML requires escaped (all but tab,
+/// and DEL) escaped. Not toml's serializer: toml_write 0.1 counts a run of
+/// quotes in a `u8` and overflows on 256 in a row.
+pub fn toml_basic_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push('\t'),
+            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Why an `api_key` named `name` cannot go `place` (`header`, `query`,
 /// `cookie`), as an integration file would be refused for it; `None` if
 /// it can. For writers of integration files (the OpenAPI import).

@@ -561,25 +561,10 @@ fn render(source: &str, r: &Report, methods: &[Method]) -> String {
     t
 }
 
-/// A TOML basic string of `s`, with `$` doubled (strings in integration
-/// files substitute `${VAR}`). Escaped here rather than by toml's
-/// serializer: toml_write 0.1 counts a run of quotes in a `u8` and
-/// overflows on 256 in a row (a document's description can hold them).
+/// A TOML string of `s`, with `$` doubled (strings in integration files
+/// substitute `${VAR}`).
 fn lit(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '$' => out.push_str("$$"),
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push('\t'),
-            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    crate::integrations::toml_basic_string(&s.replace('$', "$$"))
 }
 
 /// `s` on one comment line.

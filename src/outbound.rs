@@ -418,13 +418,19 @@ pub fn upstream_request(
     resolved: Option<&Resolved>,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    let (mut head, ()) = Request::new(()).into_parts();
-    (head.method, head.uri, head.headers) = (method.clone(), uri, headers);
+    let mut head = request_head(method.clone(), uri, headers);
     if let Some(r) = resolved {
         let mut edits = inject::edits(&r.method, &r.credential)?;
         inject::apply_head(&mut head.uri, &mut head.headers, &mut edits)?;
     }
     upstream_head(head, body)
+}
+
+/// A request head of these parts (the rest default).
+fn request_head(method: Method, uri: Uri, headers: HeaderMap) -> RequestParts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    (head.method, head.uri, head.headers) = (method, uri, headers);
+    head
 }
 
 /// The upstream request, the version ours. Its target is absolute: `Host`
@@ -825,8 +831,7 @@ impl Outbound {
         headers.insert(header::USER_AGENT, HeaderValue::from_static("credproxy-connection-test"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
-        let (mut head, ()) = Request::new(()).into_parts();
-        (head.method, head.uri, head.headers) = (method, uri, headers);
+        let head = request_head(method, uri, headers);
         let (resp, _) =
             self.with_connection(resolved, head, body, &mut InjectMemo::default()).await.map_err(|e| e.problem())?;
         // Only the status is read: nothing to scrub.
@@ -884,8 +889,7 @@ pub(crate) mod tests {
         // the memo's header edits set over the map's fields.
         let (req, extra) = match memo {
             Some(m) => {
-                let (mut head, ()) = Request::new(()).into_parts();
-                (head.uri, head.headers) = (uri, h);
+                let head = request_head(Method::GET, uri, h);
                 (m.upstream_request(head, r, body).unwrap(), m.edits.fields().to_vec())
             }
             None => (upstream_request(&Method::GET, uri, h, Some(r), body).unwrap(), Vec::new()),

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use credproxy::creds::Credential;
 use credproxy::inject;
-use credproxy::integrations::Integration;
+use credproxy::integrations::{toml_basic_string, Integration};
 use credproxy::secret::SecretValue;
 use libfuzzer_sys::fuzz_target;
 
@@ -32,9 +32,9 @@ fuzz_target!(|input: &[u8]| {
     let file = format!(
         "id = \"fuzz\"\nallowed_hosts = [\"api.fuzz.test\"]\n[[auth_methods]]\nid = \"custom\"\ntype = \"custom\"\n\
          fields = [\"a\", \"b\"]\n[[auth_methods.placements]]\nin = {}\nname = {}\ntemplate = {}\n",
-        basic_string(place),
-        basic_string(name),
-        basic_string(template),
+        toml_basic_string(place),
+        toml_basic_string(name),
+        toml_basic_string(template),
     );
     let Ok(integration) = Integration::from_toml_str("fuzz.toml", &file, &BTreeMap::new()) else {
         return;
@@ -104,21 +104,3 @@ fuzz_target!(|input: &[u8]| {
         _ => unreachable!(),
     }
 });
-
-/// A TOML basic string holding exactly `s`: `"`, `\\` and the control
-/// characters TOML requires escaped (all but tab, and DEL) escaped.
-fn basic_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push('\t'),
-            c if c < ' ' || c == '\u{7f}' => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}

@@ -152,7 +152,7 @@ pub(super) fn take_head(
     // Most reads bring one whole head and nothing after it (a request
     // without a body, not pipelined): a buffer that ends with a blank line
     // holds a whole head, parsed at once without first scanning for its
-    // end (~230 instructions a request). httparse stops at the first blank
+    // end (~150 instructions a request). httparse stops at the first blank
     // line, as the scan does; bytes after it go back into the buffer.
     // (One call of `parse_request` for both: inlined, its head is written
     // once, not moved out of a call.)
