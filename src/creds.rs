@@ -210,6 +210,8 @@ pub struct ResolveMemo {
     resolved: Option<Arc<Resolved>>,
     generation: u64,
     until: Option<Instant>,
+    /// A use of `resolved` was noted since it was kept.
+    noted: bool,
 }
 
 impl ResolveMemo {
@@ -380,7 +382,19 @@ impl Connections {
         memo.resolved = Some(resolved.clone());
         memo.generation = generation;
         memo.until = Some(now + MEMO_FOR);
+        memo.noted = false;
         Ok((resolved, hit))
+    }
+
+    /// [`Connections::note_use`] for a connection `memo` keeps: once while
+    /// it is kept (at most [`MEMO_FOR`]), far finer than the
+    /// [`USE_RESOLUTION_SECS`] that `last_used_at` is written at.
+    pub fn note_use_memo(&self, r: &Arc<Resolved>, memo: &mut ResolveMemo) {
+        let kept = memo.resolved.as_ref().is_some_and(|k| Arc::ptr_eq(k, r));
+        if !(kept && memo.noted) {
+            self.note_use(r);
+            memo.noted = kept;
+        }
     }
 
     async fn resolve_miss(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
@@ -714,6 +728,36 @@ mod tests {
         assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
         assert!(svc.delete(&meta, "not_applicable").await.unwrap());
         assert!(matches!(svc.resolve("org_a", &meta.id).await, Err(ResolveError::NotFound)));
+    }
+
+    /// A caller connection notes a use of the connection it keeps once
+    /// while it keeps it, and again once it is looked up anew.
+    #[tokio::test]
+    async fn a_kept_connection_notes_its_use_once_while_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _) = service(dir.path()).await;
+        let meta = svc.create(new_conn("org_a", &[("token", "tok-123")])).await.unwrap();
+        let id = ids::ConnectionId::parse(meta.id.as_bytes()).unwrap();
+        let queued = || svc.uses.lock().unwrap().len();
+        let mut memo = ResolveMemo::default();
+        let t0 = Instant::now();
+        async fn uses(svc: &Connections, id: &ids::ConnectionId, at: Instant, memo: &mut ResolveMemo) {
+            let (r, _) = svc.resolve_memo("org_a", id, memo, at).await.unwrap();
+            // As if the last note were long ago: only the memo holds it back.
+            r.use_noted.store(0, Relaxed);
+            svc.note_use_memo(&r, memo);
+        }
+        uses(&svc, &id, t0, &mut memo).await;
+        assert_eq!(queued(), 1, "the first request notes a use");
+        uses(&svc, &id, t0, &mut memo).await;
+        uses(&svc, &id, t0 + Duration::from_millis(500), &mut memo).await;
+        assert_eq!(queued(), 1, "not again while kept");
+        uses(&svc, &id, t0 + MEMO_FOR * 2, &mut memo).await;
+        assert_eq!(queued(), 2, "again once looked up anew");
+        // A connection the memo does not keep is noted every time.
+        let other = svc.load(&meta.id).await.unwrap();
+        svc.note_use_memo(&other, &mut memo);
+        assert_eq!(queued(), 3);
     }
 
     #[tokio::test]

@@ -126,9 +126,22 @@ impl Metrics {
 
     /// A proxied request finished with `status` (its response head was sent).
     pub fn request(&self, integration: Option<&str>, status: u16) {
-        let row = integration.and_then(|i| self.integrations.get(i)).copied().unwrap_or(self.names.len() - 1);
+        self.request_in(self.row(integration), status);
+    }
+
+    /// The row of `integration`'s request counters (integrations loaded
+    /// after start, and requests of none, count under `other`). The rows
+    /// are fixed at start: a caller connection may keep one.
+    pub fn row(&self, integration: Option<&str>) -> usize {
+        integration.and_then(|i| self.integrations.get(i)).copied().unwrap_or(self.names.len() - 1)
+    }
+
+    /// [`Metrics::request`] with its row found.
+    pub fn request_in(&self, row: usize, status: u16) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        self.requests[row][class].fetch_add(1, Relaxed);
+        if let Some(row) = self.requests.get(row) {
+            row[class].fetch_add(1, Relaxed);
+        }
     }
 
     /// credproxy answered with a problem of this code.

@@ -107,19 +107,20 @@ impl Outbound {
     /// `upstream.response_header_timeout_ms` bounds everything up to the
     /// response head, connecting included.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, ProxyError> {
-        self.send_with(req, &[]).await
+        self.send_with(req, &[], std::time::Instant::now()).await
     }
 
     /// [`Outbound::send`] with `extra` set over the request's header fields
     /// (replacing any of the same name): a credential's header edits, kept
     /// per caller connection ([`InjectMemo`]) instead of inserted into each
-    /// request's map.
+    /// request's map. `sent`: now, or the time the pipeline read when it
+    /// began if it has not waited since (one clock read less).
     async fn send_with(
         &self,
         req: Request<UpstreamBody>,
         extra: &[(HeaderName, HeaderValue)],
+        sent: std::time::Instant,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        let sent = std::time::Instant::now();
         let deadline = sent + self.response_header_timeout;
         let resp = self.pool.send(req, extra, sent, deadline).await.map_err(ProxyError::from_upstream)?;
         self.metrics.upstream_latency(sent.elapsed());
@@ -134,12 +135,15 @@ impl Outbound {
     /// caller runs [`scrub_echoes`] with `resolved` for the rest (again,
     /// harmlessly, for those). `memo`: the caller connection's
     /// [`InjectMemo`] (a fresh one where there is no such connection).
+    /// `now`: the time, as of a moment ago (the pipeline's start, when
+    /// nothing it did since waited: what the upstream latency counts from).
     pub async fn with_connection(
         &self,
         resolved: &Arc<Resolved>,
         head: RequestParts,
         body: UpstreamBody,
         memo: &mut InjectMemo,
+        now: std::time::Instant,
     ) -> Result<(Response<PooledBody>, Renewal), ProxyError> {
         if resolved.method.edits_body() || resolved.method.oauth2().is_some() {
             // Boxed: buffering, refreshing and retrying make a large future
@@ -150,7 +154,7 @@ impl Outbound {
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
         let req = memo.upstream_request(head, resolved, body)?;
-        let resp = self.send_with(req, memo.edits.fields()).await?;
+        let resp = self.send_with(req, memo.edits.fields(), now).await?;
         Ok((resp, Renewal::default()))
     }
 
@@ -832,8 +836,10 @@ impl Outbound {
         headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         let body = UpstreamBody::Buffered(Full::new(Bytes::new()));
         let head = request_head(method, uri, headers);
-        let (resp, _) =
-            self.with_connection(resolved, head, body, &mut InjectMemo::default()).await.map_err(|e| e.problem())?;
+        let (resp, _) = self
+            .with_connection(resolved, head, body, &mut InjectMemo::default(), std::time::Instant::now())
+            .await
+            .map_err(|e| e.problem())?;
         // Only the status is read: nothing to scrub.
         Ok((resp.status().as_u16(), test.expect_status))
     }

@@ -23,7 +23,8 @@ use crate::creds::{Connections, ResolveError, ResolveMemo, Resolved};
 use crate::h1;
 use crate::h1::server::{OnUpgrade, Transport};
 use crate::ids::ConnectionId;
-use crate::integrations::Scheme;
+use crate::integrations::{Integration, Scheme};
+use crate::metrics::Metrics;
 pub use crate::outbound::ProxyError;
 use crate::outbound::{upstream_request, InjectMemo, Outbound, Renewal};
 use crate::policy::hosts::HostPattern;
@@ -264,7 +265,27 @@ pub(crate) struct ConnMemo {
     inject: InjectMemo,
     audit: AuditMemo,
     quota: crate::quota::KeyMemo,
+    metrics: MetricsMemo,
     tunnel: Option<Arc<Caller>>,
+}
+
+/// The request counters' row of the last request's integration (a weak
+/// handle, compared by address: held, an address is not reused).
+#[derive(Default)]
+struct MetricsMemo(Option<(std::sync::Weak<Integration>, usize)>);
+
+impl MetricsMemo {
+    fn row(&mut self, metrics: &Metrics, integration: Option<&Arc<Integration>>) -> usize {
+        let Some(i) = integration else { return metrics.row(None) };
+        match &self.0 {
+            Some((kept, row)) if std::ptr::eq(kept.as_ptr(), Arc::as_ptr(i)) => *row,
+            _ => {
+                let row = metrics.row(Some(&i.id));
+                self.0 = Some((Arc::downgrade(i), row));
+                row
+            }
+        }
+    }
 }
 
 impl ConnMemo {
@@ -399,7 +420,8 @@ impl<'a> Handling<'a> {
             }
         };
         drop(in_flight);
-        metrics.request(access.integration(), resp.status().as_u16());
+        let row = memo.metrics.row(metrics, access.resolved.as_ref().map(|r| &r.integration));
+        metrics.request_in(row, resp.status().as_u16());
         let Some((method, path_and_query)) = logged else { return resp };
         // `Uri::path`: none for an authority-form (CONNECT) target.
         let path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path);
@@ -638,13 +660,20 @@ async fn forward(
                 true => state.quotas.check_with(integration, id.as_bytes(), org, uri.path(), quota_memo),
                 false => Verdict::Go(None),
             };
+            // The pipeline's start stands for now until something waited.
+            let mut now = (!hit).then(Instant::now).unwrap_or(started);
             let permit = match verdict {
                 Verdict::Go(p) => p,
-                Verdict::Wait(turn) => turn.await.map_err(|r| ProxyError::Quota(Box::new(r)))?,
+                Verdict::Wait(turn) => {
+                    let permit = turn.await.map_err(|r| ProxyError::Quota(Box::new(r)))?;
+                    now = Instant::now();
+                    permit
+                }
                 Verdict::No(r) => return Err(ProxyError::Quota(Box::new(r))),
             };
-            // For `last_used_at` (an atomic load, but once a minute).
-            state.connections.note_use(&resolved);
+            // For `last_used_at` (a clock read and an atomic load, once a
+            // second per caller connection; written once a minute).
+            state.connections.note_use_memo(&resolved, memo);
 
             // A body to scrub must come unencoded.
             if resolved.integration.scrub_response_bodies {
@@ -653,7 +682,7 @@ async fn forward(
             // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
             // The caller's head goes on as the upstream request's.
             parts.uri = uri;
-            let (mut resp, renewal) = state.outbound.with_connection(&resolved, parts, body, inject_memo).await?;
+            let (mut resp, renewal) = state.outbound.with_connection(&resolved, parts, body, inject_memo, now).await?;
             access.renewal = renewal;
             if let Some(p) = permit {
                 // In flight until the caller has the whole body (or is gone).
@@ -788,8 +817,10 @@ fn target_of(uri: &Uri) -> Result<(Scheme, &str, Option<u16>), ProxyError> {
         Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
         Some(_) => return Err(ProxyError::UnsupportedScheme),
     };
-    let (host, port) = upstream::host_port(uri).filter(|(h, _)| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+    let authority = uri.authority().ok_or(ProxyError::OriginForm)?;
+    let (host, port, userinfo) =
+        upstream::authority_parts(authority.as_str()).filter(|(h, ..)| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
+    if userinfo {
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
     Ok((scheme, host, port))
@@ -930,6 +961,26 @@ mod tests {
     use super::*;
     use crate::runtoken::RunClaims;
     use http::HeaderValue;
+
+    /// The kept row is the row of the integration asked about: another
+    /// integration (one the counters do not know: `other`) is looked up.
+    #[test]
+    fn metrics_memo_keeps_the_row_of_the_last_integration() {
+        let bearer = "[[auth_methods]]\nid = \"b\"\ntype = \"bearer\"\n";
+        let t = crate::outbound::tests::resolved(bearer, &[("token", "tkn-a")]).integration.clone();
+        let text = format!("id = \"u\"\nname = \"U\"\nallowed_hosts = [\"x.test\"]\n{bearer}");
+        let u = Arc::new(Integration::from_toml_str("u.toml", &text, &Default::default()).unwrap());
+        let metrics = Metrics::new(["a", "t", "z"]);
+        let (row_t, other) = (metrics.row(Some("t")), metrics.row(None));
+        assert_ne!(row_t, other);
+        assert_eq!(metrics.row(Some("u")), other, "not known at start");
+        let mut memo = MetricsMemo::default();
+        for (i, row) in [(Some(&t), row_t), (Some(&t), row_t), (None, other), (Some(&u), other), (Some(&t), row_t)] {
+            assert_eq!(memo.row(&metrics, i), row);
+        }
+        // A row out of range counts nowhere rather than panicking.
+        metrics.request_in(usize::MAX, 200);
+    }
 
     /// The kept parties are what formatting them anew gives; they are
     /// formatted anew when the caller, the `Resolved` or the connection id

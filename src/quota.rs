@@ -48,6 +48,9 @@ pub struct Quotas {
     epoch: Instant,
     /// Some integration has a rate limit or an in-flight cap.
     limited: std::sync::atomic::AtomicBool,
+    /// Bumped after each reload's table is in place: a [`KeyMemo`]'s
+    /// integration entry of an earlier generation is looked up again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// The limiters and back-off policies of one set of integrations.
@@ -136,6 +139,7 @@ impl Quotas {
             cooldowns,
             epoch: Instant::now(),
             limited,
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -147,6 +151,7 @@ impl Quotas {
             cooldowns: Cooldowns::new(std::iter::empty(), None),
             epoch: Instant::now(),
             limited: std::sync::atomic::AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -155,10 +160,16 @@ impl Quotas {
     /// in force stay.
     pub fn reload(&self, integrations: &Integrations) {
         let before = self.table.load();
-        let table = Table::build(&self.defaults, integrations, Some(&before));
+        self.install(Table::build(&self.defaults, integrations, Some(&before)));
+        self.cooldowns.know(integrations.iter().map(|i| i.id.clone()));
+    }
+
+    /// Puts a new table in force: the memos of caller connections look
+    /// their integrations up again.
+    fn install(&self, table: Table) {
         self.limited.store(!table.limited.is_empty(), Relaxed);
         self.table.store(Arc::new(table));
-        self.cooldowns.know(integrations.iter().map(|i| i.id.clone()));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Admits a request of `connection` (of `org`) to `path` of
@@ -193,13 +204,16 @@ impl Quotas {
                 return Verdict::No(r);
             }
         }
-        let table = self.table.load();
-        if table.limited.is_empty() {
-            return Verdict::Go(None);
+        // The integration's limiters as this caller connection last found
+        // them, unless a reload came since.
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if !memo.found(generation, integration) {
+            let q = self.table.load().limited.get(integration).cloned();
+            memo.find(generation, integration, q);
         }
-        match table.limited.get(integration) {
-            None => Verdict::Go(None),
-            Some(q) => q.check(self.epoch, memo.keys(q, connection, org), path),
+        match &memo.found {
+            Some((_, _, Some(q))) => q.check(self.epoch, memo.keys.of(q, connection, org), path),
+            _ => Verdict::Go(None),
         }
     }
 
@@ -358,6 +372,8 @@ struct Rate {
     named: Named,
     gcra: Gcra,
     keys: Keyed,
+    /// `named.max_wait` in nanoseconds (what the GCRA arithmetic counts in).
+    max_wait_nanos: u64,
 }
 
 struct Cap {
@@ -401,7 +417,8 @@ impl IntegrationQuota {
                     "max_wait_secs": r.max_wait.as_secs_f64(),
                 });
                 let named = Named::new(name, "rate", r.per, r.max_wait, &r.paths, view, description);
-                Rate { named, gcra, keys: Keyed::new() }
+                let max_wait_nanos = u64::try_from(r.max_wait.as_nanos()).unwrap_or(u64::MAX);
+                Rate { named, gcra, keys: Keyed::new(), max_wait_nanos }
             })
             .collect();
         let mut caps: Vec<Cap> = caps
@@ -497,6 +514,9 @@ impl IntegrationQuota {
         }
         // Held together: the decision covers every limit at once.
         let mut slots: [Option<(limiters::Slot<'_>, Key, u64)>; MAX_LIMITS] = Default::default();
+        // Only the first `rates.len()` are looked at (most integrations
+        // have one or two).
+        let slots = &mut slots[..self.rates.len()];
         for (i, r) in self.rates.iter().enumerate() {
             if !r.named.paths.matches(path) {
                 continue;
@@ -516,13 +536,13 @@ impl IntegrationQuota {
             let Some((_, _, tat)) = s else { continue };
             let r = &self.rates[i];
             let w = r.gcra.wait(*tat, t);
-            if w > r.named.max_wait.as_nanos() as u64 && over.is_none_or(|(_, o)| w > o) {
+            if w > r.max_wait_nanos && over.is_none_or(|(_, o)| w > o) {
                 over = Some((i, w));
             }
             wait = wait.max(w);
         }
         if let Some((i, w)) = over {
-            drop(slots);
+            slots.fill_with(|| None);
             return Err(self.rates[i].named.refusal(Refused::Rate, &self.id, Duration::from_nanos(w)));
         }
         let at = t + wait;
@@ -544,15 +564,15 @@ impl IntegrationQuota {
         for (n, &(i, key)) in held.keys().iter().enumerate() {
             let c = &self.caps[i];
             let mut slot = c.keys.lock(key);
-            let v = slot.get(key);
-            if v >= c.max {
+            let v = slot.entry(key, |v| v == 0);
+            if *v >= c.max {
                 drop(slot);
                 for &(j, key) in &held.keys()[..n] {
                     self.release_one(j, key);
                 }
                 return Err(i);
             }
-            slot.set(key, v + 1, |v| v == 0);
+            *v += 1;
         }
         Ok(())
     }
@@ -560,9 +580,7 @@ impl IntegrationQuota {
     /// Gives a place back. The key stays (at 0 it is swept with the
     /// shard's other idle keys): no allocation per request.
     fn release_one(&self, i: usize, key: Key) {
-        let mut slot = self.caps[i].keys.lock(key);
-        let v = slot.get(key);
-        slot.set(key, v.saturating_sub(1), |v| v == 0);
+        self.caps[i].keys.lock(key).update(key, |v| v.saturating_sub(1));
     }
 
     /// Waits for a place under every cap, up to the `max_wait` of the
@@ -611,6 +629,15 @@ struct Keys {
 /// value; their buffers are reused).
 #[derive(Default)]
 pub struct KeyMemo {
+    /// The last request's integration, its limiters (none: it has no
+    /// limit), and the [`Quotas`] generation they were found in.
+    found: Option<(u64, String, Option<Arc<IntegrationQuota>>)>,
+    keys: KeptKeys,
+}
+
+/// The keys of [`KeyMemo`], and what they were made of.
+#[derive(Default)]
+struct KeptKeys {
     quota: std::sync::Weak<IntegrationQuota>,
     connection: Vec<u8>,
     org: String,
@@ -618,7 +645,25 @@ pub struct KeyMemo {
 }
 
 impl KeyMemo {
-    fn keys(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str) -> &Keys {
+    /// `integration`'s limiters were found in `generation`.
+    fn found(&self, generation: u64, integration: &str) -> bool {
+        matches!(&self.found, Some((g, i, _)) if *g == generation && i == integration)
+    }
+
+    fn find(&mut self, generation: u64, integration: &str, q: Option<Arc<IntegrationQuota>>) {
+        match &mut self.found {
+            Some((g, i, kept)) => {
+                *g = generation;
+                integration.clone_into(i);
+                *kept = q;
+            }
+            None => self.found = Some((generation, integration.to_owned(), q)),
+        }
+    }
+}
+
+impl KeptKeys {
+    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str) -> &Keys {
         let same =
             std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
         if !same {
@@ -738,8 +783,10 @@ mod tests {
         let mut t = Table::default();
         t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates, &caps, 1)));
         t.backoff.insert("gh".into(), Backoff::default());
-        q.limited.store(!(rates.is_empty() && caps.is_empty()), Relaxed);
-        q.table.store(Arc::new(t));
+        if rates.is_empty() && caps.is_empty() {
+            t.limited.clear();
+        }
+        q.install(t);
         q
     }
 
@@ -820,11 +867,35 @@ mod tests {
             paths: vec![],
         }];
         t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates[..1], &caps, 1)));
-        q.table.store(Arc::new(t));
+        q.install(t);
         let held = go(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).expect("a permit");
         assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
         drop(held);
         assert_eq!(refused(q.check("gh", "conn_a", "org1", "/")).limit["per"], "connection");
+    }
+
+    #[test]
+    fn a_connections_kept_integration_follows_reloads() {
+        // The memo keeps what it found for the last integration: none for
+        // an integration without limits, until a reload gives it some.
+        let q = quotas(vec![rate(Per::Connection, 1, 60, 0)], vec![]);
+        let mut memo = KeyMemo::default();
+        for _ in 0..3 {
+            go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
+        }
+        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
+        refused(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
+        go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
+        let mut t = Table::default();
+        t.limited.insert(
+            "other".into(),
+            Arc::new(IntegrationQuota::new("other", &[rate(Per::Connection, 1, 60, 0)], &[], 1)),
+        );
+        q.install(t);
+        go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
+        assert_eq!(refused(q.check_with("other", b"conn_a", "org", "/", &mut memo)).integration, "other");
+        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
+        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
     }
 
     #[test]

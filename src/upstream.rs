@@ -104,18 +104,25 @@ pub fn host_port(uri: &Uri) -> Option<(&str, Option<u16>)> {
 
 /// [`host_port`] of an authority (`host[:port]`, userinfo skipped).
 pub fn authority_host_port(a: &str) -> Option<(&str, Option<u16>)> {
+    authority_parts(a).map(|(host, port, _)| (host, port))
+}
+
+/// [`authority_host_port`], and whether the authority has userinfo (an
+/// `@`), found in the same scan.
+pub fn authority_parts(a: &str) -> Option<(&str, Option<u16>, bool)> {
     // Nearly every target has no userinfo and no IP literal: the host runs
     // to the first ':' and only digits follow. One tight scan up to the
     // first byte that could end the host; anything else takes the general
     // pass below.
     let bytes = a.as_bytes();
     match first_delimiter(bytes) {
-        None => return Some((a, None)),
+        None => return Some((a, None, false)),
         Some(c) if bytes[c] == b':' => match &a[c + 1..] {
-            "" => return Some((&a[..c], None)),
+            "" => return Some((&a[..c], None, false)),
             p => {
+                // Only digits after the ':': no '@' anywhere.
                 if let Some(port) = parse_port(p) {
-                    return Some((&a[..c], Some(port)));
+                    return Some((&a[..c], Some(port), false));
                 }
             }
         },
@@ -154,9 +161,11 @@ pub fn authority_host_port(a: &str) -> Option<(&str, Option<u16>)> {
     };
     // An empty port is the default (RFC 3986 §3.2.3); another that is not
     // 1*DIGIT fitting a u16 (`+443`, which `http` reads as 443) is refused.
+    // `start` is past the last '@', if there is one.
+    let userinfo = start > 0;
     match port {
-        None | Some("") => Some((host, None)),
-        Some(p) => Some((host, Some(parse_port(p)?))),
+        None | Some("") => Some((host, None, userinfo)),
+        Some(p) => Some((host, Some(parse_port(p)?), userinfo)),
     }
 }
 
@@ -438,6 +447,11 @@ mod tests {
             let ours = host_port(&uri);
             let theirs = uri.host().map(|h| (h, uri.port_u16()));
             assert_eq!(ours, theirs, "{u}");
+            // The userinfo flag comes from the same scan: any '@' at all.
+            if let Some(a) = uri.authority() {
+                let parts = authority_parts(a.as_str()).expect(u);
+                assert_eq!(parts.2, a.as_str().contains('@'), "{u}");
+            }
         }
         // A port that is not 1*DIGIT fitting a u16 is refused, not defaulted.
         for bad in ["http://host.test:8a/", "http://example.com:99999/", "https://at:+443/"] {

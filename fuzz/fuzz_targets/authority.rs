@@ -22,6 +22,10 @@ fuzz_target!(
     if let Some(ours) = credproxy::upstream::host_port(&uri) {
         assert_eq!(ours, (uri.host().unwrap_or(""), uri.port_u16()), "authority read differently");
     }
+    // The same scan says whether there is userinfo (the proxy refuses it).
+    if let Some((_, _, userinfo)) = uri.authority().and_then(|a| credproxy::upstream::authority_parts(a.as_str())) {
+        assert_eq!(userinfo, uri.authority().is_some_and(|a| a.as_str().contains('@')), "userinfo missed");
+    }
 
     let Ok(checked) = credproxy::proxy::fuzz::target(uri, flags & 1 == 1) else { return };
     let fwd = &checked.forwarded;

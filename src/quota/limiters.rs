@@ -85,14 +85,24 @@ impl Slot<'_> {
     /// Sets `key`'s state; `stale` says which entries may be dropped when
     /// the shard is swept (they equal the initial state by now).
     pub(super) fn set(&mut self, key: Key, value: u64, stale: impl Fn(u64) -> bool) {
-        if let Some(v) = self.map.get_mut(&key.0) {
-            *v = value;
-            return;
-        }
-        if self.map.len() >= SWEEP_AT {
+        *self.entry(key, stale) = value;
+    }
+
+    /// `key`'s state, to read and change with one lookup (a new key starts
+    /// in the initial state; `stale` as for [`Slot::set`]).
+    pub(super) fn entry(&mut self, key: Key, stale: impl Fn(u64) -> bool) -> &mut u64 {
+        if self.map.len() >= SWEEP_AT && !self.map.contains_key(&key.0) {
             self.map.retain(|_, v| !stale(*v));
         }
-        self.map.insert(key.0, value);
+        self.map.entry(key.0).or_insert(0)
+    }
+
+    /// Changes `key`'s state if it has one other than the initial state
+    /// (`f(0)` must be 0).
+    pub(super) fn update(&mut self, key: Key, f: impl FnOnce(u64) -> u64) {
+        if let Some(v) = self.map.get_mut(&key.0) {
+            *v = f(*v);
+        }
     }
 }
 
@@ -149,6 +159,28 @@ pub(super) fn nanos_since(epoch: Instant, now: Instant) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shard at `SWEEP_AT` keys drops its stale ones before it takes a
+    /// new key (not for a key it has); `update` never adds one.
+    #[test]
+    fn a_full_shard_drops_stale_keys_before_a_new_one() {
+        let keyed = Keyed::new();
+        // Keys below 2^32 all fall in shard 0.
+        let mut slot = keyed.lock(Key(0));
+        let stale = |v: u64| v <= 1;
+        for n in 0..SWEEP_AT as u64 {
+            slot.set(Key(n), if n == 7 { 5 } else { 1 }, stale);
+        }
+        assert_eq!(slot.map.len(), SWEEP_AT);
+        *slot.entry(Key(3), stale) += 1;
+        assert_eq!(slot.map.len(), SWEEP_AT, "a known key sweeps nothing");
+        *slot.entry(Key(SWEEP_AT as u64), stale) = 9;
+        assert_eq!(slot.map.len(), 3, "only the live keys and the new one are left");
+        assert_eq!([slot.get(Key(7)), slot.get(Key(3)), slot.get(Key(SWEEP_AT as u64))], [5, 2, 9]);
+        slot.update(Key(99), |v| v + 1);
+        slot.update(Key(7), |v| v - 1);
+        assert_eq!((slot.get(Key(99)), slot.get(Key(7)), slot.map.len()), (0, 4, 3));
+    }
 
     /// One key through `g`: whether each request at the given millisecond
     /// is admitted at once.
