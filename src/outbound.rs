@@ -115,7 +115,7 @@ impl Outbound {
     /// per caller connection ([`InjectMemo`]) instead of inserted into each
     /// request's map. `sent`: now, or the time the pipeline read when it
     /// began if it has not waited since (one clock read less).
-    async fn send_with(
+    pub(crate) async fn send_with(
         &self,
         req: Request<UpstreamBody>,
         extra: &[(HeaderName, HeaderValue)],
@@ -145,7 +145,7 @@ impl Outbound {
         memo: &mut InjectMemo,
         now: std::time::Instant,
     ) -> Result<(Response<PooledBody>, Renewal), ProxyError> {
-        if resolved.method.edits_body() || resolved.method.oauth2().is_some() {
+        if buffers(resolved) {
             // Boxed: buffering, refreshing and retrying make a large future
             // that static credentials in headers never need.
             let RequestParts { method, uri, headers, .. } = head;
@@ -154,7 +154,7 @@ impl Outbound {
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
         let req = memo.upstream_request(head, resolved, body)?;
-        let resp = self.send_with(req, memo.edits.fields(), now).await?;
+        let resp = self.send_with(req, memo.fields(), now).await?;
         Ok((resp, Renewal::default()))
     }
 
@@ -465,10 +465,24 @@ pub struct InjectMemo {
     edits: inject::HeaderEdits,
 }
 
+/// Whether [`Outbound::with_connection`] buffers the request body (a body
+/// placement rewrites it; an OAuth2 request may be replayed after a 401).
+/// Otherwise the request is [`InjectMemo::upstream_request`] sent with
+/// [`InjectMemo::fields`] ([`Outbound::send_with`]).
+pub fn buffers(resolved: &Resolved) -> bool {
+    resolved.method.edits_body() || resolved.method.oauth2().is_some()
+}
+
 impl InjectMemo {
+    /// The header fields set over the request's own (replacing any of the
+    /// same name) by the last [`InjectMemo::upstream_request`].
+    pub(crate) fn fields(&self) -> &[(HeaderName, HeaderValue)] {
+        self.edits.fields()
+    }
+
     /// [`upstream_request`] with `resolved`'s credential, its header edits
     /// kept for the next request on the same connection.
-    fn upstream_request(
+    pub(crate) fn upstream_request(
         &mut self,
         mut head: RequestParts,
         resolved: &Arc<Resolved>,
@@ -902,7 +916,7 @@ pub(crate) mod tests {
         };
         let (parts, _) = req.into_parts();
         let mut head = Vec::new();
-        crate::h1::client::encode_request_head(&mut head, &parts, &extra, crate::h1::Framing::Empty);
+        crate::h1::client::encode_request_head(&mut head, &parts, None, &extra, crate::h1::Framing::Empty);
         let head = String::from_utf8(head).unwrap();
         let mut fields: Vec<String> = head.split("\r\n").skip(1).filter(|l| !l.is_empty()).map(str::to_owned).collect();
         fields.sort();

@@ -682,7 +682,14 @@ async fn forward(
             // 7-10. Fresh token, inject, forward (and the OAuth2 401 retry).
             // The caller's head goes on as the upstream request's.
             parts.uri = uri;
-            let (mut resp, renewal) = state.outbound.with_connection(&resolved, parts, body, inject_memo, now).await?;
+            let (mut resp, renewal) = if crate::outbound::buffers(&resolved) {
+                state.outbound.with_connection(&resolved, parts, body, inject_memo, now).await?
+            } else {
+                // What `with_connection` does for a credential in the head,
+                // one async layer (a move of the request) fewer.
+                let req = inject_memo.upstream_request(parts, &resolved, body)?;
+                (state.outbound.send_with(req, inject_memo.fields(), now).await?, Renewal::default())
+            };
             access.renewal = renewal;
             if let Some(p) = permit {
                 // In flight until the caller has the whole body (or is gone).

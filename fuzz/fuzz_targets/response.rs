@@ -104,7 +104,7 @@ async fn credproxy_reads(
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
     parts.uri = http::Uri::from_static("http://upstream.test/");
-    let resp = conn.send(&parts, &[], Empty::<Bytes>::new(), Instant::now() + Duration::from_secs(5)).await?;
+    let resp = conn.send(&parts, None, &[], Empty::<Bytes>::new(), Instant::now() + Duration::from_secs(5)).await?;
     let raw = resp.body().clone();
     let mut fields: Vec<(Vec<u8>, Vec<u8>)> =
         raw_fields(&raw).into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();

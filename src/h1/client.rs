@@ -108,9 +108,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     /// may answer 413 before it has read the body), and each way out of it
     /// says whether the connection can be reused — split up, those
     /// decisions would sit far from the state they read.
+    /// `host`: the `Host` field's value when the caller has it at hand
+    /// (what [`super::host_of`] gives for `parts.uri`), else found here.
     pub async fn send<B>(
         &mut self,
         parts: &http::request::Parts,
+        host: Option<&str>,
         extra: &[(HeaderName, HeaderValue)],
         body: B,
         deadline: Instant,
@@ -120,7 +123,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let framing = framing_of(&body);
-        encode_request_head(&mut self.wbuf, parts, extra, framing);
+        encode_request_head(&mut self.wbuf, parts, host, extra, framing);
         let head_request = parts.method == Method::HEAD;
         let mut encoder = match framing {
             Framing::Empty | Framing::Length(0) => None,
@@ -362,6 +365,7 @@ fn send_error(error: Error, received: bool, write_failed: bool) -> SendError {
 pub(crate) fn encode_request_head(
     out: &mut Vec<u8>,
     parts: &http::request::Parts,
+    host: Option<&str>,
     extra: &[(HeaderName, HeaderValue)],
     framing: Framing,
 ) {
@@ -379,7 +383,7 @@ pub(crate) fn encode_request_head(
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some(host) = super::host_of(&parts.uri) {
+    if let Some(host) = host.or_else(|| super::host_of(&parts.uri)) {
         super::put_field(out, b"host", host.as_bytes());
     }
     let ours =
@@ -533,20 +537,20 @@ mod tests {
         req.headers_mut().insert("transfer-encoding", "gzip".parse().unwrap());
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        encode_request_head(&mut out, &parts, &[], Framing::Length(3));
+        encode_request_head(&mut out, &parts, None, &[], Framing::Length(3));
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "POST /p?q=1 HTTP/1.1\r\nhost: up.test:8080\r\ncontent-length: 3\r\n\r\n"
         );
-        encode_request_head(&mut out, &parts, &[], Framing::Chunked);
+        encode_request_head(&mut out, &parts, None, &[], Framing::Chunked);
         assert!(String::from_utf8_lossy(&out).ends_with("transfer-encoding: chunked\r\n\r\n"));
-        encode_request_head(&mut out, &parts, &[], Framing::Empty);
+        encode_request_head(&mut out, &parts, None, &[], Framing::Empty);
         assert!(String::from_utf8_lossy(&out).ends_with("content-length: 0\r\n\r\n"), "POST without body says so");
         // A target with a query but no path gets its "/".
         for (uri, line) in [("http://up.test?a=1", "GET /?a=1 HTTP/1.1\r\n"), ("http://up.test", "GET / HTTP/1.1\r\n")]
         {
             let (parts, ()) = http::Request::get(uri).body(()).unwrap().into_parts();
-            encode_request_head(&mut out, &parts, &[], Framing::Empty);
+            encode_request_head(&mut out, &parts, None, &[], Framing::Empty);
             assert!(String::from_utf8_lossy(&out).starts_with(line), "{uri}: {:?}", String::from_utf8_lossy(&out));
             // No `Host` field: the target's authority is the one.
             assert_eq!(String::from_utf8_lossy(&out).matches("host: ").count(), 1, "{uri}");
@@ -570,7 +574,7 @@ mod tests {
             req.headers_mut().append("content-length", "2".parse().unwrap());
             req.headers_mut().append("x-after", "3".parse().unwrap());
             let (parts, ()) = req.into_parts();
-            encode_request_head(&mut out, &parts, &[], Framing::Empty);
+            encode_request_head(&mut out, &parts, None, &[], Framing::Empty);
             let want = format!("GET / HTTP/1.1\r\nhost: {host}\r\nx-after: 3\r\n\r\n");
             assert_eq!(String::from_utf8_lossy(&out), want, "{uri}");
         }
@@ -594,7 +598,7 @@ mod tests {
             (header::HOST, HeaderValue::from_static("evil.test")),
         ];
         let mut out = Vec::new();
-        encode_request_head(&mut out, &parts, &extra, Framing::Empty);
+        encode_request_head(&mut out, &parts, None, &extra, Framing::Empty);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nhost: up.test\r\nx-a: 1\r\nx-b: 2\r\nauthorization: Bearer injected\r\nx-key: k\r\n\r\n"
@@ -648,7 +652,7 @@ mod tests {
             (head, peer)
         });
         let (parts, body) = post(vec![b'x'; 1 << 20]);
-        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, None, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 413);
         let (head, _peer) = server.await.unwrap();
         assert!(head.starts_with("POST /p HTTP/1.1\r\n") && head.contains("content-length: 1048576\r\n"), "{head}");
@@ -688,7 +692,7 @@ mod tests {
             });
             for round in 0..2 {
                 let (parts, body) = post(b"hi".to_vec());
-                let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+                let resp = conn.send(&parts, None, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
                 assert_eq!(resp.status(), 200, "{pieces:?}");
                 assert_eq!(format!("{:?}", resp.body()), r#"["x-a"]"#, "{pieces:?}");
                 assert_eq!(body_of(&mut conn).await, want, "{pieces:?}, request {round}");
@@ -710,7 +714,7 @@ mod tests {
             peer
         });
         let (parts, body) = post(b"hi".to_vec());
-        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, None, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(format!("{:?}", resp.body()), r#"["x-final"]"#, "the 103's fields are not the response's");
         assert_eq!(body_of(&mut conn).await, b"ok");
@@ -729,7 +733,7 @@ mod tests {
             peer.write_all(b"the end").await.unwrap();
         });
         let (parts, body) = post(Vec::new());
-        let resp = conn.send(&parts, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        let resp = conn.send(&parts, None, &[], body, Instant::now() + Duration::from_secs(5)).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(conn.body_remaining(), None);
         assert_eq!(body_of(&mut conn).await, b"until the end");

@@ -150,7 +150,7 @@ pub fn encode_request(head: &RequestHead, body: &[u8]) -> Vec<u8> {
         _ => Framing::Length(body.len() as u64),
     };
     let mut out = Vec::new();
-    super::client::encode_request_head(&mut out, &head.parts, &[], framing);
+    super::client::encode_request_head(&mut out, &head.parts, None, &[], framing);
     let mut enc = match framing {
         Framing::Length(n) => Encoder::Length(n),
         Framing::Chunked => Encoder::Chunked,

@@ -114,15 +114,24 @@ struct KeyRef<'a> {
 }
 
 impl<'a> KeyRef<'a> {
-    fn of(uri: &'a Uri) -> Result<Self, UpstreamError> {
+    /// The key of a request for `uri`, and its `Host` field from the same
+    /// scan (the authority without its scheme's default port, as
+    /// [`crate::h1::host_of`] writes it) when it has no userinfo.
+    fn of(uri: &'a Uri) -> Result<(Self, Option<&'a str>), UpstreamError> {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => return Err(UpstreamError::InvalidUri),
         };
-        let (host, port) = super::host_port(uri).ok_or(UpstreamError::InvalidUri)?;
-        let port = port.unwrap_or(if https { 443 } else { 80 });
-        Ok(Self { https, host, port })
+        let authority = uri.authority().ok_or(UpstreamError::InvalidUri)?.as_str();
+        let (host, port, userinfo) = super::authority_parts(authority).ok_or(UpstreamError::InvalidUri)?;
+        let (default, suffix) = if https { (443, ":443") } else { (80, ":80") };
+        // Only a port that reads as the default can end in its suffix.
+        let field = (!userinfo).then(|| match port {
+            Some(p) if p == default => authority.strip_suffix(suffix).unwrap_or(authority),
+            _ => authority,
+        });
+        Ok((Self { https, host, port: port.unwrap_or(default) }, field))
     }
 
     /// `hash`: the pool's hash of `self` ([`Pool::hash`]).
@@ -280,7 +289,7 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (parts, mut body) = req.into_parts();
-        let key = KeyRef::of(&parts.uri)?;
+        let (key, host_field) = KeyRef::of(&parts.uri)?;
         if key.https {
             if let Some(h2) = self.h2_sender(&key) {
                 self.stats.reused.fetch_add(1, Relaxed);
@@ -297,7 +306,7 @@ impl Pool {
         };
         loop {
             let framing = h1::client::framing_of(&body);
-            match h1.conn.send(&parts, extra, body, deadline).await {
+            match h1.conn.send(&parts, host_field, extra, body, deadline).await {
                 Ok(resp) => {
                     let (parts, fields) = resp.into_parts();
                     let mut pooled =
@@ -644,6 +653,32 @@ impl std::fmt::Debug for PooledBody {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// The `Host` field the key's scan gives is the one the codec would
+    /// write itself; with userinfo there is none (the codec finds it).
+    #[test]
+    fn the_keys_host_field_is_the_codecs() {
+        for u in [
+            "http://example.com/",
+            "http://example.com:80/x",
+            "http://example.com:8080/x",
+            "https://example.com:443/",
+            "https://example.com:80/",
+            "https://127.0.0.1:8443/",
+            "http://[::1]:80/",
+            "http://[::1]:9000/",
+            "http://example.com:/",
+            "http://example.com:00080/",
+        ] {
+            let uri: Uri = u.parse().unwrap();
+            let (_, field) = KeyRef::of(&uri).unwrap();
+            assert_eq!(field, crate::h1::host_of(&uri), "{u}");
+        }
+        for u in ["http://user:pw@host.test:81/", "http://a@b@host.test:82/"] {
+            let uri: Uri = u.parse().unwrap();
+            assert_eq!(KeyRef::of(&uri).unwrap().1, None, "{u}");
+        }
+    }
 
     /// Idle connections go back to their own key's list and come out of
     /// it most recently used first, up to `max_idle_per_host`; another
