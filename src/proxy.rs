@@ -804,7 +804,11 @@ fn checked_connection_id(field: h1::OwnField) -> Result<Option<ConnectionId>, Pr
     match field {
         h1::OwnField::Absent => Ok(None),
         h1::OwnField::Repeated => Err(ProxyError::DuplicateConnectionId),
-        h1::OwnField::One(id) => ConnectionId::parse(id.as_bytes()).map(Some).ok_or(ProxyError::BadConnectionId),
+        // Matched, not `ok_or`: an error made and dropped on every request.
+        h1::OwnField::One(id) => match ConnectionId::parse(id.as_bytes()) {
+            Some(id) => Ok(Some(id)),
+            None => Err(ProxyError::BadConnectionId),
+        },
     }
 }
 
@@ -824,9 +828,12 @@ fn target_of(uri: &Uri) -> Result<(Scheme, &str, Option<u16>), ProxyError> {
         Some(s) if *s == UriScheme::HTTPS => Scheme::Https,
         Some(_) => return Err(ProxyError::UnsupportedScheme),
     };
-    let authority = uri.authority().ok_or(ProxyError::OriginForm)?;
-    let (host, port, userinfo) =
-        upstream::authority_parts(authority.as_str()).filter(|(h, ..)| !h.is_empty()).ok_or(ProxyError::OriginForm)?;
+    // `let else`, not `ok_or`: an error made and dropped on every request.
+    let Some(authority) = uri.authority() else { return Err(ProxyError::OriginForm) };
+    let Some((host, port, userinfo)) = upstream::authority_parts(authority.as_str()).filter(|(h, ..)| !h.is_empty())
+    else {
+        return Err(ProxyError::OriginForm);
+    };
     if userinfo {
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }

@@ -123,8 +123,11 @@ impl<'a> KeyRef<'a> {
             Some("http") => false,
             _ => return Err(UpstreamError::InvalidUri),
         };
-        let authority = uri.authority().ok_or(UpstreamError::InvalidUri)?.as_str();
-        let (host, port, userinfo) = super::authority_parts(authority).ok_or(UpstreamError::InvalidUri)?;
+        // `let else`, not `ok_or`: an error made and dropped on every request.
+        let Some(authority) = uri.authority().map(|a| a.as_str()) else { return Err(UpstreamError::InvalidUri) };
+        let Some((host, port, userinfo)) = super::authority_parts(authority) else {
+            return Err(UpstreamError::InvalidUri);
+        };
         let (default, suffix) = if https { (443, ":443") } else { (80, ":80") };
         // Only a port that reads as the default can end in its suffix.
         let field = (!userinfo).then(|| match port {
