@@ -581,7 +581,7 @@ async fn forward(
     // 1. Accept: only absolute-form http(s) requests are proxy requests.
     if parts.method == Method::CONNECT {
         // The caller is identified (step 2) for the whole tunnel.
-        let caller = identify(state, presented, tunnel, auth_memo)?;
+        let caller = identify(state, presented, tunnel, auth_memo, started)?;
         // Boxed: rare, and its future would otherwise weigh on every request's.
         return Box::pin(connect(state, peer, parts, access, caller)).await;
     }
@@ -594,7 +594,7 @@ async fn forward(
 
     // 2. Identify the caller: a run token in Proxy-Authorization names the
     // organization (shared mode), else the sidecar's is the one.
-    let caller = identify(state, presented, tunnel, auth_memo)?;
+    let caller = identify(state, presented, tunnel, auth_memo, started)?;
     access.caller.clone_from(&caller);
     let org = caller.as_deref().map_or(state.org_id.as_str(), |c| c.org(state));
     let claims = caller.as_deref().and_then(|c| c.claims.as_ref());

@@ -512,44 +512,50 @@ impl IntegrationQuota {
         if self.rates.is_empty() {
             return Ok((Duration::ZERO, epoch));
         }
-        // Held together: the decision covers every limit at once.
-        let mut slots: [Option<(limiters::Slot<'_>, Key, u64)>; MAX_LIMITS] = Default::default();
-        // Only the first `rates.len()` are looked at (most integrations
-        // have one or two).
-        let slots = &mut slots[..self.rates.len()];
+        // Held together: the decision covers every limit at once. Only
+        // the first `rates.len()` are looked at (most integrations have
+        // one or two).
+        let mut locked: [Option<limiters::Slot<'_>>; MAX_LIMITS] = Default::default();
+        let locked = &mut locked[..self.rates.len()];
         for (i, r) in self.rates.iter().enumerate() {
-            if !r.named.paths.matches(path) {
-                continue;
+            if r.named.paths.matches(path) {
+                locked[i] = Some(r.keys.lock(keys.rates[i]));
             }
-            let key = keys.rates[i];
-            let slot = r.keys.lock(key);
-            let tat = slot.get(key);
-            slots[i] = Some((slot, key, tat));
         }
         // The time is read under the locks: a request that read it before
         // another took its turn would count a wait too long by the gap.
         let now = Instant::now();
         let t = nanos_since(epoch, now);
+        // Each key's state found once, read here and written below (a key
+        // seen for the first time starts at the initial state).
+        let mut cells: [Option<&mut u64>; MAX_LIMITS] = Default::default();
+        for (i, (slot, cell)) in locked.iter_mut().zip(cells.iter_mut()).enumerate() {
+            if let Some(slot) = slot {
+                *cell = Some(slot.entry(keys.rates[i], |v| Gcra::is_stale(v, t)));
+            }
+        }
         let mut wait = 0u64;
         let mut over: Option<(usize, u64)> = None;
-        for (i, s) in slots.iter().enumerate() {
-            let Some((_, _, tat)) = s else { continue };
+        for (i, cell) in cells.iter().enumerate() {
+            let Some(tat) = cell else { continue };
             let r = &self.rates[i];
-            let w = r.gcra.wait(*tat, t);
+            let w = r.gcra.wait(**tat, t);
             if w > r.max_wait_nanos && over.is_none_or(|(_, o)| w > o) {
                 over = Some((i, w));
             }
             wait = wait.max(w);
         }
         if let Some((i, w)) = over {
-            slots.fill_with(|| None);
+            // Nothing spent; the locks go before the refusal is written
+            // (`cells` is not used past here).
+            locked.fill_with(|| None);
             return Err(self.rates[i].named.refusal(Refused::Rate, &self.id, Duration::from_nanos(w)));
         }
         let at = t + wait;
-        for (i, s) in slots.iter_mut().enumerate() {
-            if let Some((slot, key, tat)) = s {
+        for (i, cell) in cells.iter_mut().enumerate() {
+            if let Some(tat) = cell {
                 let r = &self.rates[i];
-                slot.set(*key, r.gcra.admit(*tat, at), |v| Gcra::is_stale(v, t));
+                **tat = r.gcra.admit(**tat, at);
                 if wait > 0 {
                     r.named.waited(Duration::from_nanos(wait));
                 }

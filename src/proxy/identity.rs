@@ -7,6 +7,7 @@
 //! reuses the first check ([`AuthMemo`]): no MAC per request.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
@@ -35,12 +36,28 @@ impl Caller {
     }
 }
 
-/// The last `Proxy-Authorization` a caller connection sent, and what it
-/// proved.
+/// The last `Proxy-Authorization` a caller connection sent, what it
+/// proved, and until when that holds (its token's expiry as a monotonic
+/// deadline, so that a kept answer is checked without reading the wall
+/// clock; none: no token, nothing expires).
 #[derive(Default)]
 pub(crate) struct AuthMemo {
-    last: Option<(h1::OwnValue, Arc<Caller>)>,
+    last: Option<(h1::OwnValue, Arc<Caller>, Option<Instant>)>,
 }
+
+/// Until when a check made at `now` (`now_unix` on the wall clock) holds:
+/// a token's `exp` less a second, as a deadline on the monotonic clock —
+/// never later than the wall clock's check would say (`now_unix` is
+/// rounded down, so the token may really have up to a second less left;
+/// a check in the last second is made anew each time, by the wall clock).
+fn holds_until(claims: Option<&RunClaims>, now_unix: i64, now: Instant) -> Option<Instant> {
+    let exp = claims?.exp;
+    // At most a day: a far `exp` is checked again then (one MAC).
+    let left = exp.saturating_sub(now_unix).saturating_sub(1).clamp(0, HOLD_AT_MOST_SECS);
+    Some(now + Duration::from_secs(left as u64))
+}
+
+const HOLD_AT_MOST_SECS: i64 = 86_400;
 
 /// The caller of one request. `presented`: its `Proxy-Authorization`
 /// field, already out of its headers (it never goes upstream); more than
@@ -53,6 +70,7 @@ pub(crate) fn identify(
     presented: h1::OwnField,
     tunnel: Option<&Arc<Caller>>,
     memo: &mut AuthMemo,
+    now: Instant,
 ) -> Result<Option<Arc<Caller>>, ProxyError> {
     let presented = match presented {
         h1::OwnField::Absent => None,
@@ -66,13 +84,14 @@ pub(crate) fn identify(
     let Some(field) = presented else {
         return if required { Err(ProxyError::RunTokenMissing) } else { Ok(None) };
     };
-    let now = unix_now();
-    let fresh = |c: &Caller| c.claims.as_ref().is_none_or(|t| t.exp > now);
-    if let Some((_, caller)) = memo.last.as_ref().filter(|(f, c)| *f == field && fresh(c)) {
+    let fresh = |until: &Option<Instant>| until.is_none_or(|u| now < u);
+    if let Some((_, caller, _)) = memo.last.as_ref().filter(|(f, _, until)| *f == field && fresh(until)) {
         return Ok(Some(caller.clone()));
     }
-    let caller = Arc::new(check(state, &field, now, required)?);
-    memo.last = Some((field, caller.clone()));
+    let now_unix = unix_now();
+    let caller = Arc::new(check(state, &field, now_unix, required)?);
+    let until = holds_until(caller.claims.as_ref(), now_unix, now);
+    memo.last = Some((field, caller.clone(), until));
     Ok(Some(caller))
 }
 
@@ -119,6 +138,23 @@ fn parse(value: &[u8]) -> Option<(Option<String>, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kept check holds until a second before its token's `exp` (never
+    /// past what the wall clock says); without a token, for good.
+    #[test]
+    fn a_kept_check_holds_until_just_before_expiry() {
+        let claims =
+            |exp| RunClaims { jti: "rt_1".into(), org: "o".into(), sub: None, conns: None, ints: None, iat: 0, exp };
+        let now = Instant::now();
+        assert_eq!(holds_until(None, 1_000, now), None);
+        assert_eq!(holds_until(Some(&claims(1_060)), 1_000, now), Some(now + Duration::from_secs(59)));
+        // Expiring within the second, or already expired: made anew each time.
+        for exp in [1_001, 1_000, 10] {
+            assert_eq!(holds_until(Some(&claims(exp)), 1_000, now), Some(now), "exp {exp}");
+        }
+        let day = Duration::from_secs(HOLD_AT_MOST_SECS as u64);
+        assert_eq!(holds_until(Some(&claims(i64::MAX)), 1_000, now), Some(now + day));
+    }
 
     #[test]
     fn basic_and_bearer_forms() {

@@ -78,18 +78,15 @@ pub(super) struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    pub(super) fn get(&self, key: Key) -> u64 {
+    #[cfg(test)]
+    fn get(&self, key: Key) -> u64 {
         self.map.get(&key.0).copied().unwrap_or(0)
     }
 
-    /// Sets `key`'s state; `stale` says which entries may be dropped when
-    /// the shard is swept (they equal the initial state by now).
-    pub(super) fn set(&mut self, key: Key, value: u64, stale: impl Fn(u64) -> bool) {
-        *self.entry(key, stale) = value;
-    }
-
     /// `key`'s state, to read and change with one lookup (a new key starts
-    /// in the initial state; `stale` as for [`Slot::set`]).
+    /// in the initial state). `stale` says which entries may be dropped
+    /// when a full shard is swept to make room (they equal the initial
+    /// state by now).
     pub(super) fn entry(&mut self, key: Key, stale: impl Fn(u64) -> bool) -> &mut u64 {
         if self.map.len() >= SWEEP_AT && !self.map.contains_key(&key.0) {
             self.map.retain(|_, v| !stale(*v));
@@ -169,7 +166,7 @@ mod tests {
         let mut slot = keyed.lock(Key(0));
         let stale = |v: u64| v <= 1;
         for n in 0..SWEEP_AT as u64 {
-            slot.set(Key(n), if n == 7 { 5 } else { 1 }, stale);
+            *slot.entry(Key(n), stale) = if n == 7 { 5 } else { 1 };
         }
         assert_eq!(slot.map.len(), SWEEP_AT);
         *slot.entry(Key(3), stale) += 1;
