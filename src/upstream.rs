@@ -309,7 +309,7 @@ pub fn tls_config(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) ->
         // Validated when the file is loaded; a bad one is a config error there.
         let _ = roots.add(c.clone());
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)

@@ -52,6 +52,9 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
         }
     };
     let cp_ir = counted(one_thread.clone(), Setup::via, audit, "credproxy").await;
+    // CONNECT + TLS interception, keep-alive inside the tunnel: TLS both
+    // ways (to the caller, and to the upstream's TLS port).
+    let connect_ir = counted(one_thread.clone(), Setup::via_connect, audit, "credproxy-connect").await;
     // Generous quotas checked on every request.
     let limits_ir = counted(one_thread.clone(), Setup::via_limited, audit, "credproxy+limits").await;
     // runtime.thread_per_core: one single-threaded runtime for the proxy.
@@ -92,6 +95,10 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
     println!(
         "credproxy+limits {limits_ir:.0} instructions per request, credproxy+limits/credproxy {:.3}",
         limits_ir / cp_ir
+    );
+    println!(
+        "credproxy-connect {connect_ir:.0} instructions per request, credproxy-connect/credproxy {:.3}",
+        connect_ir / cp_ir
     );
     println!("credproxy-tpc {tpc_ir:.0} instructions per request, credproxy-tpc/credproxy {:.3}", tpc_ir / cp_ir);
 }

@@ -497,6 +497,12 @@ impl Setup {
 
     /// A shared-mode target on `proxy`: the bench connection, and the run
     /// token in `Proxy-Authorization` on every request.
+    /// `CONNECT` through `proxy` to the upstream's TLS port, TLS inside
+    /// (intercepted), the bench connection on every inner request.
+    pub fn via_connect(&self, proxy: SocketAddr) -> Target {
+        Target::Connect { proxy, upstream: self.upstream_tls, conn_id: self.conn_id.clone(), tls: self.tls.clone() }
+    }
+
     pub fn via_shared(&self, proxy: SocketAddr) -> Target {
         self.with_run_token(proxy, &self.conn_id)
     }
@@ -537,17 +543,7 @@ impl Setup {
             row("credproxy+accesslog", self.via(self.credproxy_log.proxy), self.credproxy_log.child.id(), true),
             row("credproxy-shared", self.via_shared(self.shared.proxy), self.shared.child.id(), true),
             row("credproxy-prod", self.via_prod(self.prod.proxy), self.prod.child.id(), true),
-            row(
-                "credproxy-connect",
-                Target::Connect {
-                    proxy: self.credproxy.proxy,
-                    upstream: self.upstream_tls,
-                    conn_id: self.conn_id.clone(),
-                    tls: self.tls.clone(),
-                },
-                self.credproxy.child.id(),
-                true,
-            ),
+            row("credproxy-connect", self.via_connect(self.credproxy.proxy), self.credproxy.child.id(), true),
         ];
         if let (Some(b), Some(conn)) = (&self.baseline, &self.baseline_conn) {
             systems.insert(2, row("baseline", self.via_conn(b.proxy, conn), b.child.id(), true));
