@@ -518,7 +518,7 @@ fn audit_use(
     state.audit.credential_use(&CredentialUse {
         time: std::time::SystemTime::now() - latency,
         parties,
-        method: method.as_str(),
+        method,
         host: access.host(),
         path,
         status,
