@@ -423,6 +423,36 @@ mod tests {
         }
     }
 
+    /// `parse_port` is `1*DIGIT` read as a `u16`: what `str::parse`
+    /// gives for a string of ASCII digits, nothing for anything else.
+    #[test]
+    fn parse_port_is_digits_that_fit_a_u16() {
+        let oracle =
+            |p: &str| (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())).then(|| p.parse::<u16>().ok()).flatten();
+        let mut inputs: Vec<String> = Vec::new();
+        for n in (0..70_000u64).chain([99_999, 100_000, 655_350, 4_294_967_295, 4_294_967_296]) {
+            inputs.extend([n.to_string(), format!("0{n}"), format!("000000000000{n}")]);
+        }
+        for bad in ["", "+1", "-1", " 80", "80 ", "8 0", "1/", ":", "٣", "0x50", "/", ":80"] {
+            inputs.push(bad.to_owned());
+        }
+        // A byte of every value in each place of a port.
+        for b in 0..=255u8 {
+            for at in 0..3 {
+                let mut p = b"443".to_vec();
+                p[at] = b;
+                if let Ok(p) = String::from_utf8(p) {
+                    inputs.push(p);
+                }
+            }
+        }
+        for p in &inputs {
+            assert_eq!(parse_port(p), oracle(p), "{p:?}");
+        }
+        assert_eq!(parse_port("65535"), Some(65_535));
+        assert_eq!(parse_port("65536"), None);
+    }
+
     /// `host_port` agrees with `http`'s own accessors on every shape of
     /// authority a request target can have.
     #[test]
