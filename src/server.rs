@@ -765,15 +765,9 @@ fn proxy_tls_acceptor(
     let chain = upstream::load_pem_certs(cert).map_err(|r| config.error("proxy.tls_cert", r))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| config.error("proxy.tls_key", format!("{}: {e}", key.display())))?;
-    let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| config.error("proxy.tls_cert", e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain.into_iter().map(CertificateDer::into_owned).collect(), key)
+    let mut server = crate::tls::server_config(chain.into_iter().map(CertificateDer::into_owned).collect(), key)
         .map_err(|e| config.error("proxy.tls_cert", format!("certificate and key do not match: {e}")))?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // Our cipher suite order (AES-128-GCM first), not the client's.
-    server.ignore_client_order = true;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 

@@ -62,6 +62,23 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
         .clone()
 }
 
+/// A TLS server configuration presenting `chain` with `key`, as every
+/// TLS server of credproxy is made: [`crypto_provider`]'s algorithms,
+/// chosen by our order rather than the client's, no client certificates.
+/// The caller sets the ALPN protocols. An error: the key does not match.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.ignore_client_order = true;
+    Ok(config)
+}
+
 /// Creates a CA key (0600) and certificate in `dir`. Refuses to overwrite.
 pub fn init_ca(dir: &Path, validity_days: u32) -> Result<(PathBuf, PathBuf), TlsError> {
     let cert_path = dir.join(CA_CERT_FILE);
@@ -155,14 +172,9 @@ impl Interceptor {
         params.not_after = now + time::Duration::seconds(self.leaf_validity.as_secs() as i64);
         let cert = params.signed_by(&key, &self.issuer).map_err(mint)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut config = ServerConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Mint(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key_der)
+        let mut config = server_config(vec![cert.der().clone(), self.ca_der.clone()], key_der)
             .map_err(|e| TlsError::Mint(e.to_string()))?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.ignore_client_order = true;
         Ok(config)
     }
 
