@@ -290,7 +290,7 @@ pub fn main() -> ExitCode {
     // by `serve` itself once the runtime runs).
     if let Command::Serve { config } = &cli.command {
         if let Ok(cfg) = Config::load(config, &config::process_env()) {
-            if cfg.runtime.thread_per_core {
+            if cfg.thread_per_core() {
                 // The proxy has threads of its own; this runtime serves the
                 // admin and public listeners and background work.
                 builder.worker_threads(1);

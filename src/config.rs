@@ -129,8 +129,12 @@ pub struct RuntimeConfig {
     /// stealing: the acceptor hands each new connection to the next thread
     /// in turn. The admin and public listeners and background work stay on
     /// a one-thread main runtime. Off: one work-stealing runtime serves
-    /// everything (the load bench compares the two).
-    pub thread_per_core: bool,
+    /// everything (the load bench compares the two). Unset: on in shared
+    /// mode (remote callers: lower p99 under an external load generator,
+    /// fewer instructions), off in sidecar mode (a runner on the same cores:
+    /// a descheduled thread's connections wait where work stealing would
+    /// serve them). [`Config::thread_per_core`] reads it.
+    pub thread_per_core: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -892,6 +896,12 @@ impl Config {
         blame_environment(ConfigError::new(&self.source, key, reason), &self.overrides)
     }
 
+    /// `runtime.thread_per_core` as set, else as the mode has it (on for
+    /// a shared tier, off for a sidecar).
+    pub fn thread_per_core(&self) -> bool {
+        self.runtime.thread_per_core.unwrap_or(self.proxy.mode == ProxyMode::Shared)
+    }
+
     /// Semantic checks the types cannot express. Always called by the loader.
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         match (&self.proxy.org_id, self.proxy.mode) {
@@ -1299,6 +1309,18 @@ mod tests {
         assert_eq!(err.source_name, "c.toml");
         assert_eq!(err.key, "cache.ttl");
         assert!(err.reason.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn thread_per_core_follows_the_mode_unless_set() {
+        let shared = "[proxy]\nmode = \"shared\"\n[[admin.tokens]]\ntoken = \"0123456789abcdef\"\n";
+        let load = |text: &str| Config::from_toml_str("c.toml", text, &env(&[])).unwrap().thread_per_core();
+        assert!(!load(MIN), "a sidecar shares its cores with its runner: work stealing");
+        assert!(load(shared), "a shared tier: one runtime per thread");
+        assert!(!load(&format!("{shared}[runtime]\nthread_per_core = false\n")));
+        assert!(load(&format!("{MIN}[runtime]\nthread_per_core = true\n")));
+        let over = env(&[("CREDPROXY_RUNTIME__THREAD_PER_CORE", "false")]);
+        assert!(!Config::from_toml_str("c.toml", shared, &over).unwrap().thread_per_core());
     }
 
     #[test]

@@ -396,7 +396,7 @@ pub async fn start(listeners: Listeners, config: &Config, integrations: Integrat
     let proxy_addr = bound("proxy.listen", config.proxy.listen, &listeners.proxy)?;
     let admin_addr = bound("admin.listen", config.admin.listen, &listeners.admin)?;
     let public_addr = bound("public.listen", config.public.listen, &listeners.public)?;
-    let cores = config.runtime.thread_per_core.then(|| Cores::new(config)).transpose()?;
+    let cores = config.thread_per_core().then(|| Cores::new(config)).transpose()?;
     let app = App::build(config, integrations, prepared, public_addr).await?;
     Ok(app.serve(listeners, cores, config, Addrs { proxy: proxy_addr, admin: admin_addr, public: public_addr }))
 }

@@ -61,14 +61,21 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
     let tpc = dir.join("credproxy-tpc-1.toml");
     std::fs::write(&tpc, format!("{}thread_per_core = true\n", std::fs::read_to_string(&one_thread).unwrap())).unwrap();
     let tpc_ir = counted(tpc, Setup::via, audit, "credproxy-tpc").await;
-    // Shared mode: the same, with a run token on every request.
-    let shared = dir.join("credproxy-shared-1.toml");
+    // Shared mode: the same, with a run token on every request, on the
+    // sidecar's runtime (what shared mode costs).
     let text = std::fs::read_to_string(&one_thread).unwrap();
-    std::fs::write(&shared, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
+    let shared_text = text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"");
+    let shared = dir.join("credproxy-shared-1.toml");
+    std::fs::write(&shared, format!("{shared_text}thread_per_core = false\n")).unwrap();
     let shared_ir = counted(shared.clone(), Setup::via_shared, audit, "credproxy-shared").await;
     // The shared tier as production runs it: run token, quotas, audit line
-    // (to stdout, which the bench discards) on every request.
-    let prod_ir = counted(shared, Setup::via_prod, &[], "credproxy-prod").await;
+    // (to stdout, which the bench discards) on every request, and shared
+    // mode's default runtime (thread-per-core)...
+    let prod = dir.join("credproxy-prod-1.toml");
+    std::fs::write(&prod, &shared_text).unwrap();
+    let prod_ir = counted(prod, Setup::via_prod, &[], "credproxy-prod").await;
+    // ...and on the work-stealing runtime, for comparison.
+    let prod_ws_ir = counted(shared, Setup::via_prod, &[], "credproxy-prod-ws").await;
     // The baseline binary too, so a change's count is read before and after in one run.
     let base_ir = match (&k.baseline_bin, setup.baseline_conn()) {
         (Some(base), Some(conn)) => {
@@ -101,6 +108,11 @@ pub async fn section(k: &Knobs, setup: &Setup, tck: u64, targets: &mut crate::re
         connect_ir / cp_ir
     );
     println!("credproxy-tpc {tpc_ir:.0} instructions per request, credproxy-tpc/credproxy {:.3}", tpc_ir / cp_ir);
+    println!(
+        "credproxy-prod-ws (runtime.thread_per_core = false) {prod_ws_ir:.0} instructions per request, \
+         credproxy-prod/credproxy-prod-ws {:.3}",
+        prod_ir / prod_ws_ir
+    );
 }
 
 /// `valgrind --tool=callgrind`, writing its dumps into `dir`.

@@ -408,13 +408,19 @@ impl Setup {
         let limited_conn = create_connection_of(credproxy.admin, "bench-limited").await;
         // The same store and signing key in shared mode: every request
         // carries a run token (minted by the sidecar instance, same key).
-        let shared_config = dir.path().join("credproxy-shared.toml");
+        // On the sidecar's runtime (work stealing): the row says what
+        // shared mode costs, not what the runtime saves.
+        let prod_config = dir.path().join("credproxy-prod.toml");
         let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&shared_config, text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"")).unwrap();
+        let shared_text = text.replace(&format!("org_id = \"{ORG}\""), "mode = \"shared\"");
+        std::fs::write(&prod_config, &shared_text).unwrap();
+        let shared_config = dir.path().join("credproxy-shared.toml");
+        std::fs::write(&shared_config, format!("{shared_text}thread_per_core = false\n")).unwrap();
         let (shared, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, AUDIT_OFF).await;
         let run_token = mint_run_token(credproxy.admin).await;
-        // Audit lines on: the environment leaves the sink at its default.
-        let (prod, _) = spawn_credproxy(&[], credproxy_bin(), &shared_config, dir.path(), off, &[]).await;
+        // The shared tier's defaults: thread-per-core (shared mode's
+        // default), audit lines on (the environment leaves the sink alone).
+        let (prod, _) = spawn_credproxy(&[], credproxy_bin(), &prod_config, dir.path(), off, &[]).await;
         let tpc_config = dir.path().join("credproxy-tpc.toml");
         std::fs::write(&tpc_config, format!("{text}thread_per_core = true\n")).unwrap();
         let (tpc, _) = spawn_credproxy(&[], credproxy_bin(), &tpc_config, dir.path(), off, AUDIT_OFF).await;
