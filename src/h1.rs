@@ -35,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub mod client;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+pub mod head;
 pub mod server;
 pub mod transport;
 

@@ -431,23 +431,17 @@ type Parsed = (Response<RawFields>, Framing, bool);
 /// back into `rest`, and an incomplete head is `None`, all of `head` back
 /// in `rest`. Without, `head` was cut at the blank line the scan found.
 fn parse_response(head: Bytes, head_request: bool, rest: Option<&mut BytesMut>) -> Result<Option<Parsed>, Error> {
-    let mut small = [httparse::EMPTY_HEADER; 48];
-    let mut large;
-    let mut resp = httparse::Response::new(&mut small);
-    let parsed = match resp.parse(&head) {
-        Err(httparse::Error::TooManyHeaders) => {
-            large = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            resp = httparse::Response::new(&mut large);
-            resp.parse(&head)
+    let mut fields = super::head::Fields::new();
+    let parsed = super::head::response(&head, &mut fields, MAX_RESPONSE_HEADERS);
+    let line = match (parsed, rest) {
+        (Ok(httparse::Status::Complete((end, line))), Some(rest)) => {
+            rest.extend_from_slice(&head[end..]);
+            line
         }
-        other => other,
-    };
-    match (parsed, rest) {
-        (Ok(httparse::Status::Complete(end)), Some(rest)) => rest.extend_from_slice(&head[end..]),
-        (Ok(httparse::Status::Complete(end)), None) if end < head.len() => {
+        (Ok(httparse::Status::Complete((end, _))), None) if end < head.len() => {
             return Err(Error::Malformed("response head ends before its blank line"))
         }
-        (Ok(httparse::Status::Complete(_)), None) => {}
+        (Ok(httparse::Status::Complete((_, line))), None) => line,
         (Ok(httparse::Status::Partial), Some(rest)) => {
             // Read on; the scan takes over.
             rest.extend_from_slice(&head);
@@ -456,12 +450,12 @@ fn parse_response(head: Bytes, head_request: bool, rest: Option<&mut BytesMut>) 
         (Ok(httparse::Status::Partial), None) => return Err(Error::Malformed("incomplete response head")),
         (Err(httparse::Error::TooManyHeaders), _) => return Err(Error::TooManyHeaders),
         (Err(_), _) => return Err(Error::Malformed("invalid status line or header field")),
-    }
-    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| Error::Malformed("invalid status code"))?;
-    let minor = resp.version.unwrap_or(1);
+    };
+    let status = StatusCode::from_u16(line.code).map_err(|_| Error::Malformed("invalid status code"))?;
+    let minor = line.minor;
     // This client never sends CONNECT: only HEAD and the status decide.
     let bodiless = !super::response_can_have_body(status, head_request, false);
-    let (fields, s) = RawFields::from_parsed(Some(&head), resp.headers, bodiless)?;
+    let (fields, s) = RawFields::from_parsed(Some(&head), &fields, bodiless)?;
     let framing = if bodiless { Framing::Empty } else { super::response_framing(minor, &s)? };
     let keep_alive = s.keep_alive(minor) && framing != Framing::Close;
     let mut out = Response::new(fields);

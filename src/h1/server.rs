@@ -8,7 +8,6 @@
 //! buffer. Nothing here spawns or wakes another task.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -177,13 +176,12 @@ pub(super) fn take_head(
 /// Parses one request head from the start of `head`; the fields the
 /// proxy reads itself go into `own`. What follows the head's blank line
 /// goes back into `rest` (empty: it was all taken); without `rest`,
-/// `head` was cut at the blank line the scan found, and httparse must end
-/// there too (it does: both stop at the first blank line).
+/// `head` was cut at the blank line the scan found, and the tokenizer must
+/// end there too (it does: both stop at the first blank line).
 fn parse_request(head: Bytes, own: &mut OwnFields, rest: Option<&mut BytesMut>) -> Result<RequestHead, Error> {
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let end = match req.parse_with_uninit_headers(&head, &mut fields) {
-        Ok(httparse::Status::Complete(end)) => end,
+    let mut fields = super::head::Fields::new();
+    let (end, line) = match super::head::request(&head, &mut fields, MAX_HEADERS) {
+        Ok(httparse::Status::Complete(parsed)) => parsed,
         refused => {
             // What followed the head (up to its blank line, as the scan
             // finds it) stays in the buffer, as when the scan cut it: the
@@ -206,14 +204,12 @@ fn parse_request(head: Bytes, own: &mut OwnFields, rest: Option<&mut BytesMut>) 
             None => return Err(Error::Malformed("request head ends before its blank line")),
         }
     }
-    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
-        .map_err(|_| Error::Malformed("invalid method"))?;
-    let target = req.path.unwrap_or_default();
-    let uri = Uri::from_maybe_shared(head.slice_ref(target.as_bytes()))
+    let method = Method::from_bytes(line.method.as_bytes()).map_err(|_| Error::Malformed("invalid method"))?;
+    let uri = Uri::from_maybe_shared(head.slice_ref(line.target.as_bytes()))
         .map_err(|_| Error::Malformed("invalid request target"))?;
-    let minor = req.version.unwrap_or(1);
+    let minor = line.minor;
     let (mut parts, ()) = Request::new(()).into_parts();
-    let s = header_map(&head, req.headers, false, &mut parts.headers, own)?;
+    let s = header_map(&head, &fields, false, &mut parts.headers, own)?;
     let framing = super::request_framing(&method, minor, &s)?;
     parts.method = method;
     parts.uri = uri;
