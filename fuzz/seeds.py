@@ -38,7 +38,7 @@ def reset(target):
                 os.remove(os.path.join(d, n))
 
 
-TARGETS = ["request_stream", "chunked", "response", "authority", "placements", "ssrf", "config_files", "run_token", "openapi_import"]
+TARGETS = ["request_stream", "head", "chunked", "response", "authority", "placements", "ssrf", "config_files", "run_token", "openapi_import"]
 for t in TARGETS:
     reset(t)
 
@@ -126,6 +126,25 @@ for i, r in enumerate(requests):
     # [max head size selector][read-size seed] then the stream.
     put("request_stream", bytes([255, i % 256]) + r)
     put("request_stream", bytes([1, i % 256]) + r)
+
+# ---- heads (the tokenizer against httparse) ---------------------------------------
+# The request vectors' heads and the responses below, each with room for 16
+# fields and for 1 (too many fields), and heads of the load bench's shape.
+
+def head_of(message):
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 4]
+
+
+heads = [head_of(r) for r in requests[:40]] + [
+    b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nhost: 127.0.0.1:8080\r\nx-connection-id: conn_01\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ndate: Fri, 04 Dec 2026 07:00:00 GMT\r\n\r\n",
+    b"\r\nPATCH * HTTP/1.0\nA:\tb \t\nEmpty:\r\nObs: \x80\xff\r\n\n",
+    b"HTTP/1.0 500 \xe9t\xe9\r\nX: \"q\\\" v\"\r\n\r\n",
+]
+for h in heads:
+    put("head", bytes([16]) + h)
+    put("head", bytes([1]) + h)
 
 # ---- chunked bodies -----------------------------------------------------------
 

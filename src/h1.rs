@@ -6,9 +6,9 @@
 //! between a connection and its bodies.
 //!
 //! This module holds what both sides share: message framing (RFC 9112 §6),
-//! the chunked coding, a head scanner that stays linear however a head is
-//! split across reads, and a writer that sends a head and body bytes in one
-//! vectored write. It is strict on purpose: a request whose framing could be
+//! the head tokenizer ([`head`]), the chunked coding, a head scanner that
+//! stays linear however a head is split across reads, and a writer that
+//! sends a head and body bytes in one vectored write. It is strict on purpose: a request whose framing could be
 //! read two ways (`Content-Length` with `Transfer-Encoding`, differing
 //! lengths, a coding other than `chunked`, a malformed chunk line) is
 //! refused, not guessed at — a proxy that frames a body differently from its
@@ -21,7 +21,7 @@
 //! serves h2 (intercepted tunnels, upstreams that choose h2 by ALPN) and the
 //! admin API.
 //!
-//! Leaf: imports no other credproxy module.
+//! Leaf but for [`crate::scan`] (the tokenizer's eight-byte scans).
 
 use std::io;
 use std::pin::Pin;
@@ -131,8 +131,8 @@ pub enum OwnField {
     Repeated,
 }
 
-/// A set-aside field's value as the caller sent it: bytes httparse let
-/// through as a field value (no control characters but tab), not checked
+/// A set-aside field's value as the caller sent it: bytes the tokenizer
+/// ([`head`]) let through as a field value (no control characters but tab), not checked
 /// again as a `HeaderValue` (~3 instructions a byte: ~200 a request for a
 /// run token) — the proxy reads it, and nothing forwards it. `Debug` shows
 /// its length only: it may be a run token.
@@ -252,7 +252,7 @@ impl Kind {
     }
 }
 
-/// `name` is `lit` in any case. `name` is a field name (httparse and
+/// `name` is `lit` in any case. `name` is a field name ([`head`] and
 /// `HeaderName` let only tokens through), `lit` lowercase letters and `-`.
 /// For a token byte, `b | 0x20` is the lowercase letter when `b` is a
 /// letter, and `b` itself when it is `-`, a digit or one of ``!#$%&'*+.`|~``;
@@ -482,7 +482,7 @@ fn put_field(out: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
 /// is made and dropped) and `own` (reset here).
 fn header_map(
     head: &Bytes,
-    fields: &[httparse::Header<'_>],
+    fields: &[head::Field<'_>],
     keep_length: bool,
     map: &mut HeaderMap,
     own: &mut OwnFields,
@@ -493,10 +493,10 @@ fn header_map(
     let mut summary = FieldSummary::default();
     *own = OwnFields::default();
     for f in fields {
-        // httparse let only tokens through as names: `Kind::of` reads the
+        // The tokenizer let only tokens through as names: `Kind::of` reads the
         // bytes as they are, and only a field that goes into the map needs
         // a `HeaderName` (hashed, perhaps allocated).
-        let kind = Kind::of(f.name.as_bytes());
+        let kind = Kind::of(f.name);
         summary.observe(kind, f.value)?;
         if kind.hop_by_hop() || kind == Kind::Host || (kind == Kind::ContentLength && !keep_length) {
             continue;
@@ -507,8 +507,7 @@ fn header_map(
             _ => {
                 let value = HeaderValue::from_maybe_shared(head.slice_ref(f.value))
                     .map_err(|_| Error::Malformed("invalid header value"))?;
-                let name = HeaderName::from_bytes(f.name.as_bytes())
-                    .map_err(|_| Error::Malformed("invalid header field name"))?;
+                let name = HeaderName::from_bytes(f.name).map_err(|_| Error::Malformed("invalid header field name"))?;
                 if map.capacity() == 0 {
                     map.reserve(fields.len() + 1);
                 }
@@ -537,8 +536,9 @@ fn header_map(
 /// lines copied as they are; a header map for them cost ~10% of a proxied
 /// request (names parsed, hashed, two allocations). An h2 caller, or
 /// anything else that needs a map, gets one from [`RawFields::append_to`].
-/// Every byte was checked by `httparse` (names are tokens, values hold no
-/// control characters), so the lines are safe to forward verbatim.
+/// Every byte was checked by the tokenizer, [`head`] (names are tokens,
+/// values hold no control characters), so the lines are safe to forward
+/// verbatim.
 #[derive(Clone, Default)]
 pub struct RawFields {
     lines: Bytes,
@@ -557,7 +557,7 @@ impl RawFields {
     /// them ([`RawFields::build`]).
     fn from_parsed(
         head: Option<&Bytes>,
-        fields: &[httparse::Header<'_>],
+        fields: &[head::Field<'_>],
         keep_length: bool,
     ) -> Result<(Self, FieldSummary), Error> {
         let mut summary = FieldSummary::default();
@@ -577,7 +577,7 @@ impl RawFields {
     /// is written anew in that form.
     fn build(
         head: Option<&Bytes>,
-        fields: &[httparse::Header<'_>],
+        fields: &[head::Field<'_>],
         keep_length: bool,
         listed: impl Fn(&[u8]) -> bool,
         mut observe: impl FnMut(Kind, &[u8]) -> Result<(), Error>,
@@ -587,7 +587,7 @@ impl RawFields {
         let mut run: Option<(usize, usize)> = head.map(|_| (0, 0));
         let mut kept = 0;
         for f in fields {
-            let name = f.name.as_bytes();
+            let name = f.name;
             let kind = Kind::of(name);
             observe(kind, f.value)?;
             if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed(name) {
@@ -609,7 +609,7 @@ impl RawFields {
         let size: usize = fields.iter().map(|f| f.name.len() + f.value.len() + 4).sum();
         let mut lines = BytesMut::with_capacity(size);
         for f in fields {
-            let name = f.name.as_bytes();
+            let name = f.name;
             let kind = Kind::of(name);
             if kind.hop_by_hop() || (kind == Kind::ContentLength && !keep_length) || listed(name) {
                 continue;
@@ -734,8 +734,8 @@ impl std::fmt::Debug for RawFields {
 
 /// The field names a message's `Connection` fields list (other than
 /// `keep-alive` and `close`): hop-by-hop for that message only.
-fn connection_tokens<'h, 'b>(fields: &'h [httparse::Header<'b>]) -> impl Iterator<Item = &'b [u8]> + 'h {
-    fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")).flat_map(|f| connection_names(f.value))
+fn connection_tokens<'h, 'b>(fields: &'h [head::Field<'b>]) -> impl Iterator<Item = &'b [u8]> + 'h {
+    fields.iter().filter(|f| f.name.eq_ignore_ascii_case(b"connection")).flat_map(|f| connection_names(f.value))
 }
 
 /// The field names one `Connection` value lists (other than `keep-alive`
@@ -1321,10 +1321,9 @@ mod tests {
     #[test]
     fn response_lines_are_a_slice_of_the_head_only_when_they_read_the_same() {
         let parse = |head: &Bytes, from_head: bool| {
-            let mut fields = [httparse::EMPTY_HEADER; 16];
-            let mut resp = httparse::Response::new(&mut fields);
-            assert!(resp.parse(head).unwrap().is_complete());
-            RawFields::from_parsed(from_head.then_some(head), resp.headers, false).unwrap().0
+            let mut fields = head::Fields::new();
+            assert!(head::response(head, &mut fields, 16).unwrap().is_complete());
+            RawFields::from_parsed(from_head.then_some(head), &fields, false).unwrap().0
         };
         // (fields, whether the lines are a slice of the head; `None`: either).
         let cases: [(&str, Option<bool>); 13] = [

@@ -546,7 +546,7 @@ fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let Some(fields) = take_fields(&mut resp) else { return resp };
     match fields.append_to(resp.headers_mut()) {
         Ok(()) => resp,
-        // Cannot happen for fields httparse accepted; refused all the same.
+        // Cannot happen for fields the tokenizer accepted; refused all the same.
         Err(e) => {
             let err = ProxyError::Upstream(e.to_string());
             warn!(error = %err, "upstream response fields do not fit a header map");

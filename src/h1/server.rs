@@ -151,7 +151,7 @@ pub(super) fn take_head(
     // Most reads bring one whole head and nothing after it (a request
     // without a body, not pipelined): a buffer that ends with a blank line
     // holds a whole head, parsed at once without first scanning for its
-    // end (~150 instructions a request). httparse stops at the first blank
+    // end (~150 instructions a request). The tokenizer stops at the first blank
     // line, as the scan does; bytes after it go back into the buffer.
     // (One call of `parse_request` for both: inlined, its head is written
     // once, not moved out of a call.)
@@ -204,9 +204,9 @@ fn parse_request(head: Bytes, own: &mut OwnFields, rest: Option<&mut BytesMut>) 
             None => return Err(Error::Malformed("request head ends before its blank line")),
         }
     }
-    let method = Method::from_bytes(line.method.as_bytes()).map_err(|_| Error::Malformed("invalid method"))?;
-    let uri = Uri::from_maybe_shared(head.slice_ref(line.target.as_bytes()))
-        .map_err(|_| Error::Malformed("invalid request target"))?;
+    let method = Method::from_bytes(line.method).map_err(|_| Error::Malformed("invalid method"))?;
+    let uri =
+        Uri::from_maybe_shared(head.slice_ref(line.target)).map_err(|_| Error::Malformed("invalid request target"))?;
     let minor = line.minor;
     let (mut parts, ()) = Request::new(()).into_parts();
     let s = header_map(&head, &fields, false, &mut parts.headers, own)?;
@@ -659,9 +659,13 @@ mod tests {
             let (h, own) = parsed(&format!("{}: conn_a\r\n", name.replace('-', "_")));
             assert_eq!((pick(own), h.parts.headers.len()), (OwnField::Absent, 0), "{name}");
             // Not the proxy's in a response: passed on like any other.
-            let raw = super::super::RawFields::from_parsed(None, &[httparse::Header { name, value: b"conn_a" }], false)
-                .unwrap()
-                .0;
+            let raw = super::super::RawFields::from_parsed(
+                None,
+                &[crate::h1::head::Field { name: name.as_bytes(), value: b"conn_a" }],
+                false,
+            )
+            .unwrap()
+            .0;
             assert_eq!(&raw.lines[..], format!("{name}: conn_a\r\n").as_bytes());
         }
         // Each is its own: one of each is no repetition.
