@@ -107,7 +107,7 @@ impl Outbound {
     /// `upstream.response_header_timeout_ms` bounds everything up to the
     /// response head, connecting included.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, ProxyError> {
-        self.send_with(req, &[], std::time::Instant::now()).await
+        self.send_with(req, &[], std::time::Instant::now(), 0).await
     }
 
     /// [`Outbound::send`] with `extra` set over the request's header fields
@@ -115,14 +115,16 @@ impl Outbound {
     /// per caller connection ([`InjectMemo`]) instead of inserted into each
     /// request's map. `sent`: now, or the time the pipeline read when it
     /// began if it has not waited since (one clock read less).
+    /// `affinity`: the caller connection ([`InjectMemo::affinity`]; 0: none).
     pub(crate) async fn send_with(
         &self,
         req: Request<UpstreamBody>,
         extra: &[(HeaderName, HeaderValue)],
         sent: std::time::Instant,
+        affinity: u64,
     ) -> Result<Response<PooledBody>, ProxyError> {
         let deadline = sent + self.response_header_timeout;
-        let resp = self.pool.send(req, extra, sent, deadline).await.map_err(ProxyError::from_upstream)?;
+        let resp = self.pool.send(req, extra, sent, deadline, affinity).await.map_err(ProxyError::from_upstream)?;
         self.metrics.upstream_latency(sent.elapsed());
         Ok(resp)
     }
@@ -154,7 +156,8 @@ impl Outbound {
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
         let req = memo.upstream_request(head, resolved, body)?;
-        let resp = self.send_with(req, memo.fields(), now).await?;
+        let affinity = memo.affinity();
+        let resp = self.send_with(req, memo.fields(), now, affinity).await?;
         Ok((resp, Renewal::default()))
     }
 
@@ -463,6 +466,9 @@ fn upstream_head(mut head: RequestParts, body: UpstreamBody) -> Result<Request<U
 pub struct InjectMemo {
     of: Option<Arc<Resolved>>,
     edits: inject::HeaderEdits,
+    /// This caller connection's number for the upstream pool (0: not yet
+    /// given one).
+    affinity: u64,
 }
 
 /// Whether [`Outbound::with_connection`] buffers the request body (a body
@@ -474,6 +480,16 @@ pub fn buffers(resolved: &Resolved) -> bool {
 }
 
 impl InjectMemo {
+    /// A number of this caller connection's own, for the upstream pool's
+    /// affinity ([`Pool::send`](crate::upstream::pool::Pool::send)).
+    pub(crate) fn affinity(&mut self) -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        if self.affinity == 0 {
+            self.affinity = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.affinity
+    }
+
     /// The header fields set over the request's own (replacing any of the
     /// same name) by the last [`InjectMemo::upstream_request`].
     pub(crate) fn fields(&self) -> &[(HeaderName, HeaderValue)] {

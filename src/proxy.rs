@@ -688,7 +688,8 @@ async fn forward(
                 // What `with_connection` does for a credential in the head,
                 // one async layer (a move of the request) fewer.
                 let req = inject_memo.upstream_request(parts, &resolved, body)?;
-                (state.outbound.send_with(req, inject_memo.fields(), now).await?, Renewal::default())
+                let affinity = inject_memo.affinity();
+                (state.outbound.send_with(req, inject_memo.fields(), now, affinity).await?, Renewal::default())
             };
             access.renewal = renewal;
             if let Some(p) = permit {
