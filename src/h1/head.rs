@@ -401,42 +401,38 @@ mod differential {
             })
     }
 
+    /// One reading of `buf` (`what`: as a request or a response), ours and
+    /// httparse's: the same outcome, or the difference described.
+    fn compare<'b, L: PartialEq + std::fmt::Debug>(
+        what: &str,
+        buf: &'b [u8],
+        fields: &[Field<'b>],
+        ours: Parsed<L>,
+        theirs: Result<Status<(usize, L, Vec<Field<'b>>)>, Error>,
+    ) -> Result<(), String> {
+        let same = match (&ours, &theirs) {
+            (Ok(Status::Partial), Ok(Status::Partial)) => true,
+            (Ok(Status::Complete((n, l))), Ok(Status::Complete((m, k, f)))) => {
+                n == m && l == k && same_fields(buf, fields, f)
+            }
+            (Err(a), Err(b)) => (*a == Error::TooManyHeaders) == (*b == Error::TooManyHeaders),
+            _ => false,
+        };
+        match same {
+            true => Ok(()),
+            false => {
+                Err(format!("{what} {:?}: ours {ours:?} {fields:?}, httparse {theirs:?}", String::from_utf8_lossy(buf)))
+            }
+        }
+    }
+
     /// `buf` read both ways as a request and as a response: the same outcome.
     pub fn agrees(buf: &[u8], max: usize) -> Result<(), String> {
         let mut fields = Fields::new();
         let ours = request(buf, &mut fields, max);
-        let theirs = httparse_request(buf, max);
-        let same = match (&ours, &theirs) {
-            (Ok(Status::Partial), Ok(Status::Partial)) => true,
-            (Ok(Status::Complete((n, l))), Ok(Status::Complete((m, k, f)))) => {
-                n == m && l == k && same_fields(buf, &fields, f)
-            }
-            (Err(a), Err(b)) => (*a == Error::TooManyHeaders) == (*b == Error::TooManyHeaders),
-            _ => false,
-        };
-        if !same {
-            return Err(format!(
-                "request {:?}: ours {ours:?} {fields:?}, httparse {theirs:?}",
-                String::from_utf8_lossy(buf)
-            ));
-        }
+        compare("request", buf, &fields, ours, httparse_request(buf, max))?;
         let ours = response(buf, &mut fields, max);
-        let theirs = httparse_response(buf, max);
-        let same = match (&ours, &theirs) {
-            (Ok(Status::Partial), Ok(Status::Partial)) => true,
-            (Ok(Status::Complete((n, l))), Ok(Status::Complete((m, k, f)))) => {
-                n == m && l == k && same_fields(buf, &fields, f)
-            }
-            (Err(a), Err(b)) => (*a == Error::TooManyHeaders) == (*b == Error::TooManyHeaders),
-            _ => false,
-        };
-        if !same {
-            return Err(format!(
-                "response {:?}: ours {ours:?} {fields:?}, httparse {theirs:?}",
-                String::from_utf8_lossy(buf)
-            ));
-        }
-        Ok(())
+        compare("response", buf, &fields, ours, httparse_response(buf, max))
     }
 }
 
