@@ -46,7 +46,8 @@
 //! - [`runtoken`]: run tokens (HMAC-signed claims: organization, user,
 //!   usable connections), minted and verified with a keyring. Pure.
 //! - [`h1`]: HTTP/1.1 on the data plane, both sides (caller and upstream),
-//!   driven by the task serving the request.
+//!   driven by the task serving the request. Imports nothing but `scan`
+//!   (its head tokenizer's eight-byte scans).
 //! - [`policy`]: `allowed_hosts` matching, the SSRF address classifier and
 //!   the egress policy. Pure.
 //! - [`problem`]: every problem code, and the one place that turns errors

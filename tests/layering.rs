@@ -1,7 +1,9 @@
 //! The module layering that `src/lib.rs` states (its `# Layout` list: a
 //! module imports only modules below it) against what the sources import,
 //! plus the rules the design names: nothing but `server` imports `proxy` or
-//! `admin`; `store` and `crypto` never import each other; `h1` is a leaf.
+//! `admin`; `store` and `crypto` never import each other; `h1` is a leaf
+//! but for `scan` (pure functions, itself a leaf: the head tokenizer's
+//! eight-byte scans), so the codec can be read and fuzzed on its own.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -97,6 +99,8 @@ fn the_named_rules_hold() {
     }
     assert!(!imports_of("store").contains("crypto"), "store imports crypto");
     assert!(!imports_of("crypto").contains("store"), "crypto imports store");
-    assert!(imports_of("h1").is_empty(), "h1 imports {:?}", imports_of("h1"));
+    let h1: BTreeSet<String> = imports_of("h1").into_iter().filter(|m| m != "scan").collect();
+    assert!(h1.is_empty(), "h1 imports {h1:?}");
+    assert!(imports_of("scan").is_empty(), "scan imports {:?}", imports_of("scan"));
     assert!(imports_of("policy").is_empty(), "policy imports {:?}", imports_of("policy"));
 }
