@@ -78,6 +78,27 @@ async fn postgres_crashing_mid_transaction_rolls_back_and_recovers_without_resta
     // is open and waiting inside PostgreSQL when the server goes down.
     let (locker, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
     let locker_task = tokio::spawn(conn);
+    // The store listener's first connect empties the cache (it may have
+    // missed changes); on a loaded machine it can come after the request
+    // above. Wait for its LISTEN to have run (outside a transaction: a
+    // transaction sees one snapshot of pg_stat_activity), and a moment for
+    // the reply to reach it, before caching what must be served through
+    // the outage.
+    let started = Instant::now();
+    loop {
+        let listening: i64 = locker
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND state = 'idle'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if listening > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the store listener never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    works(&h, &kept, "crash-kept").await;
     locker.batch_execute("BEGIN").await.unwrap();
     let locked = locker.execute("SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", &[&doomed]).await.unwrap();
     assert_eq!(locked, 1);
@@ -99,8 +120,7 @@ async fn postgres_crashing_mid_transaction_rolls_back_and_recovers_without_resta
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Cached now (the store listener's first connect, at start, empties the
-    // cache; it has long happened by here).
+    // Cached (see above: after the listener's resync).
     works(&h, &kept, "crash-kept").await;
     let pg = tokio::task::spawn_blocking(move || {
         pg.crash();
