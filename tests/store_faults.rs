@@ -27,6 +27,20 @@ async fn works(h: &Harness, id: &str, token: &str) {
     assert_eq!(v["headers"]["Authorization"], format!("Bearer {token}"), "{id}");
 }
 
+/// Polls `count_sql` (a `SELECT count(*)`) every 20 ms until it counts
+/// something; fails with `what` after `within`.
+async fn until_counted(client: &tokio_postgres::Client, count_sql: &str, within: Duration, what: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = client.query_one(count_sql, &[]).await.unwrap().get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(started.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The events of one type for one connection, from the pull feed.
 async fn events_of(h: &Harness, kind: &str, id: &str) -> usize {
     let (status, v) = h.admin.send(Method::GET, "/v1/events?limit=1000", None).await.unwrap();
@@ -80,23 +94,11 @@ async fn postgres_crashing_mid_transaction_rolls_back_and_recovers_without_resta
     let locker_task = tokio::spawn(conn);
     // The store listener's first connect empties the cache (it may have
     // missed changes); on a loaded machine it can come after the request
-    // above. Wait for its LISTEN to have run (outside a transaction: a
-    // transaction sees one snapshot of pg_stat_activity), and a moment for
-    // the reply to reach it, before caching what must be served through
-    // the outage.
-    let started = Instant::now();
-    loop {
-        let listening: i64 = locker
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND state = 'idle'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if listening > 0 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "the store listener never subscribed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // above. Wait for its LISTEN to have run (before the transaction
+    // below), and a moment for the reply to reach it, before caching what
+    // must be served through the outage.
+    let listen = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND state = 'idle'";
+    until_counted(&locker, listen, Duration::from_secs(20), "the store listener never subscribed").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     works(&h, &kept, "crash-kept").await;
     locker.batch_execute("BEGIN").await.unwrap();
@@ -106,19 +108,8 @@ async fn postgres_crashing_mid_transaction_rolls_back_and_recovers_without_resta
     let path = format!("/v1/connections/{doomed}");
     let delete = tokio::spawn(async move { admin.send(Method::DELETE, &path, None).await.unwrap() });
     // Wait until credproxy's delete is blocked on the lock.
-    let started = Instant::now();
-    loop {
-        let waiting: i64 = locker
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "the delete never reached the lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+    until_counted(&locker, waiting, Duration::from_secs(10), "the delete never reached the lock").await;
 
     // Cached (see above: after the listener's resync).
     works(&h, &kept, "crash-kept").await;
