@@ -73,6 +73,7 @@ pub fn read_requests(chunks: &[&[u8]], max_head: usize) -> (Vec<Step>, Vec<Vec<u
     let mut buf = BytesMut::new();
     let mut scanned = 0;
     let mut own = super::OwnFields::default();
+    let mut origin = server::LastOrigin::default();
     let mut fed = 0u64;
     let mut feed = |buf: &mut BytesMut| match chunks.next() {
         Some(c) => {
@@ -86,7 +87,7 @@ pub fn read_requests(chunks: &[&[u8]], max_head: usize) -> (Vec<Step>, Vec<Vec<u
     let at = |total: u64, buf: &BytesMut| total - buf.len() as u64;
     loop {
         let head = loop {
-            match server::take_head(&mut buf, &mut scanned, max_head, &mut own) {
+            match server::take_head(&mut buf, &mut scanned, max_head, &mut own, &mut origin) {
                 Some(Ok(h)) => break h,
                 Some(Err(e)) => {
                     steps.push(Step::Error { at: at(total, &buf), error: e.to_string() });
