@@ -206,7 +206,8 @@ const MEMO_FOR: Duration = Duration::from_secs(1);
 /// answer is used again without a cache lookup.
 #[derive(Default)]
 pub struct ResolveMemo {
-    id: [u8; ids::CONNECTION_ID_LEN],
+    /// Checked when it was kept (none until a connection is).
+    id: Option<ids::ConnectionId>,
     resolved: Option<Arc<Resolved>>,
     generation: u64,
     until: Option<Instant>,
@@ -217,7 +218,13 @@ pub struct ResolveMemo {
 impl ResolveMemo {
     fn get(&self, id: &ids::ConnectionId, generation: u64, now: Instant) -> Option<&Arc<Resolved>> {
         let fresh = self.generation == generation && self.until.is_some_and(|u| now < u);
-        self.resolved.as_ref().filter(|_| fresh && self.id.as_slice() == id.as_bytes())
+        self.resolved.as_ref().filter(|_| fresh && self.id.as_ref() == Some(id))
+    }
+
+    /// `field`, when it is the id of the connection kept: its shape was
+    /// checked then (a compare of 31 bytes costs less than the check).
+    pub fn known_id(&self, field: &[u8]) -> Option<ids::ConnectionId> {
+        self.id.filter(|id| id.as_bytes() == field)
     }
 }
 
@@ -378,7 +385,7 @@ impl Connections {
             return Ok((r.clone(), true));
         }
         let (resolved, hit) = self.resolve(org, id.as_str()).await?;
-        memo.id.copy_from_slice(id.as_bytes());
+        memo.id = Some(*id);
         memo.resolved = Some(resolved.clone());
         memo.generation = generation;
         memo.until = Some(now + MEMO_FOR);

@@ -21,7 +21,7 @@ use crate::inject::{self, InjectError};
 use crate::oauth2::TokenError;
 use crate::problem::{Code, Problem};
 use crate::store::ConnectionState;
-use crate::upstream::pool::{Pool, PooledBody, UpstreamError};
+use crate::upstream::pool::{Pool, PooledBody, Route, UpstreamError};
 use crate::upstream::{self, CallerBody, ConnectError, UpstreamBody};
 
 /// The upstream side of a proxied request.
@@ -107,7 +107,7 @@ impl Outbound {
     /// `upstream.response_header_timeout_ms` bounds everything up to the
     /// response head, connecting included.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<PooledBody>, ProxyError> {
-        self.send_with(req, &[], std::time::Instant::now(), 0).await
+        self.send_with(req, &[], std::time::Instant::now(), &mut Route::default()).await
     }
 
     /// [`Outbound::send`] with `extra` set over the request's header fields
@@ -115,16 +115,16 @@ impl Outbound {
     /// per caller connection ([`InjectMemo`]) instead of inserted into each
     /// request's map. `sent`: now, or the time the pipeline read when it
     /// began if it has not waited since (one clock read less).
-    /// `affinity`: the caller connection ([`InjectMemo::affinity`]; 0: none).
+    /// `route`: the caller connection's ([`InjectMemo::fields_and_route`]).
     pub(crate) async fn send_with(
         &self,
         req: Request<UpstreamBody>,
         extra: &[(HeaderName, HeaderValue)],
         sent: std::time::Instant,
-        affinity: u64,
+        route: &mut Route,
     ) -> Result<Response<PooledBody>, ProxyError> {
         let deadline = sent + self.response_header_timeout;
-        let resp = self.pool.send(req, extra, sent, deadline, affinity).await.map_err(ProxyError::from_upstream)?;
+        let resp = self.pool.send(req, extra, sent, deadline, route).await.map_err(ProxyError::from_upstream)?;
         self.metrics.upstream_latency(sent.elapsed());
         Ok(resp)
     }
@@ -156,8 +156,8 @@ impl Outbound {
         // The caller scrubs echoes of the credential ([`scrub_echoes`]):
         // this future stays small enough to be inlined into the pipeline's.
         let req = memo.upstream_request(head, resolved, body)?;
-        let affinity = memo.affinity();
-        let resp = self.send_with(req, memo.fields(), now, affinity).await?;
+        let (fields, route) = memo.fields_and_route();
+        let resp = self.send_with(req, fields, now, route).await?;
         Ok((resp, Renewal::default()))
     }
 
@@ -466,9 +466,8 @@ fn upstream_head(mut head: RequestParts, body: UpstreamBody) -> Result<Request<U
 pub struct InjectMemo {
     of: Option<Arc<Resolved>>,
     edits: inject::HeaderEdits,
-    /// This caller connection's number for the upstream pool (0: not yet
-    /// given one).
-    affinity: u64,
+    /// This caller connection's way through the upstream pool.
+    route: Route,
 }
 
 /// Whether [`Outbound::with_connection`] buffers the request body (a body
@@ -480,20 +479,11 @@ pub fn buffers(resolved: &Resolved) -> bool {
 }
 
 impl InjectMemo {
-    /// A number of this caller connection's own, for the upstream pool's
-    /// affinity ([`Pool::send`](crate::upstream::pool::Pool::send)).
-    pub(crate) fn affinity(&mut self) -> u64 {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        if self.affinity == 0 {
-            self.affinity = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.affinity
-    }
-
     /// The header fields set over the request's own (replacing any of the
-    /// same name) by the last [`InjectMemo::upstream_request`].
-    pub(crate) fn fields(&self) -> &[(HeaderName, HeaderValue)] {
-        self.edits.fields()
+    /// same name) by the last [`InjectMemo::upstream_request`], and this
+    /// caller connection's [`Route`] through the upstream pool.
+    pub(crate) fn fields_and_route(&mut self) -> (&[(HeaderName, HeaderValue)], &mut Route) {
+        (self.edits.fields(), &mut self.route)
     }
 
     /// [`upstream_request`] with `resolved`'s credential, its header edits

@@ -612,7 +612,7 @@ async fn forward(
     // checked; more than one field is ambiguous (which one would an
     // upstream see?). Without the field, the proxy URL's user name may
     // name it.
-    let conn_id = match checked_connection_id(named)? {
+    let conn_id = match checked_connection_id(named, memo)? {
         None => caller.as_deref().and_then(|c| c.connection),
         named => named,
     };
@@ -664,13 +664,14 @@ async fn forward(
             // 6. Quotas: a cool-down the upstream asked for, rate limits
             // (perhaps waiting for a reserved turn), in-flight caps.
             let integration = resolved.integration.id.as_str();
+            // The pipeline's start stands for now until something waited
+            // (a credential fetched, a turn under a rate limit).
+            let mut now = (!hit).then(Instant::now).unwrap_or(started);
             // Without limits or cool-downs anywhere, no check.
             let verdict = match state.quotas.may_apply() {
-                true => state.quotas.check_with(integration, id.as_bytes(), org, uri.path(), quota_memo),
+                true => state.quotas.check_with(integration, id.as_bytes(), org, uri.path(), now, quota_memo),
                 false => Verdict::Go(None),
             };
-            // The pipeline's start stands for now until something waited.
-            let mut now = (!hit).then(Instant::now).unwrap_or(started);
             let permit = match verdict {
                 Verdict::Go(p) => p,
                 Verdict::Wait(turn) => {
@@ -697,8 +698,8 @@ async fn forward(
                 // What `with_connection` does for a credential in the head,
                 // one async layer (a move of the request) fewer.
                 let req = inject_memo.upstream_request(parts, &resolved, body)?;
-                let affinity = inject_memo.affinity();
-                (state.outbound.send_with(req, inject_memo.fields(), now, affinity).await?, Renewal::default())
+                let (fields, route) = inject_memo.fields_and_route();
+                (state.outbound.send_with(req, fields, now, route).await?, Renewal::default())
             };
             access.renewal = renewal;
             if let Some(p) = permit {
@@ -809,13 +810,14 @@ fn take_own_field(headers: &mut HeaderMap, name: &HeaderName) -> h1::OwnField {
 }
 
 /// The connection id a request names: at most one field, of the
-/// connection id's shape.
-fn checked_connection_id(field: h1::OwnField) -> Result<Option<ConnectionId>, ProxyError> {
+/// connection id's shape (`memo`: the caller connection's last, already
+/// checked).
+fn checked_connection_id(field: h1::OwnField, memo: &ResolveMemo) -> Result<Option<ConnectionId>, ProxyError> {
     match field {
         h1::OwnField::Absent => Ok(None),
         h1::OwnField::Repeated => Err(ProxyError::DuplicateConnectionId),
         // Matched, not `ok_or`: an error made and dropped on every request.
-        h1::OwnField::One(id) => match ConnectionId::parse(id.as_bytes()) {
+        h1::OwnField::One(id) => match memo.known_id(id.as_bytes()).or_else(|| ConnectionId::parse(id.as_bytes())) {
             Some(id) => Ok(Some(id)),
             None => Err(ProxyError::BadConnectionId),
         },

@@ -183,18 +183,24 @@ impl Quotas {
     }
 
     pub fn check(&self, integration: &str, connection: &str, org: &str, path: &str) -> Verdict {
-        self.check_with(integration, connection.as_bytes(), org, path, &mut KeyMemo::default())
+        self.check_with(integration, connection.as_bytes(), org, path, Instant::now(), &mut KeyMemo::default())
     }
 
     /// [`Quotas::check`] with the limiter keys of a caller connection's
     /// last request (`memo`): a keep-alive caller mostly repeats its
     /// connection, and hashing a key cost ~120 instructions a limit.
+    /// `now`: when the request started, or later (the proxy's pipeline
+    /// passes its start unless it waited since, for a credential): a wait
+    /// counted from it is too long by the gap (microseconds), but ends at
+    /// the same moment — GCRA's turns are times, not durations — and the
+    /// request path reads no clock for it.
     pub fn check_with(
         &self,
         integration: &str,
         connection: &[u8],
         org: &str,
         path: &str,
+        now: Instant,
         memo: &mut KeyMemo,
     ) -> Verdict {
         // The id as text only when a cool-down is in force somewhere.
@@ -212,7 +218,7 @@ impl Quotas {
             memo.find(generation, integration, q);
         }
         match &memo.found {
-            Some((_, _, Some(q))) => q.check(self.epoch, memo.keys.of(q, connection, org), path),
+            Some((_, _, Some(q))) => q.check(self.epoch, now, memo.keys.of(q, connection, org), path),
             _ => Verdict::Go(None),
         }
     }
@@ -474,8 +480,8 @@ impl IntegrationQuota {
         keys
     }
 
-    fn check(self: &Arc<Self>, epoch: Instant, keys: &Keys, path: &str) -> Verdict {
-        let (wait, now) = match self.reserve(epoch, keys, path) {
+    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, keys: &Keys, path: &str) -> Verdict {
+        let (wait, now) = match self.reserve(epoch, now, keys, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
@@ -508,9 +514,9 @@ impl IntegrationQuota {
     /// Reserves a cell of every rate limit that applies, all or none:
     /// how long until the reservation's time (and the time it counts
     /// from), or the refusal of a limit whose wait exceeds its `max_wait`.
-    fn reserve(&self, epoch: Instant, keys: &Keys, path: &str) -> Result<(Duration, Instant), Refusal> {
+    fn reserve(&self, epoch: Instant, now: Instant, keys: &Keys, path: &str) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
-            return Ok((Duration::ZERO, epoch));
+            return Ok((Duration::ZERO, now));
         }
         // Held together: the decision covers every limit at once. Only
         // the first `rates.len()` are looked at (most integrations have
@@ -522,9 +528,9 @@ impl IntegrationQuota {
                 locked[i] = Some(r.keys.lock(keys.rates[i]));
             }
         }
-        // The time is read under the locks: a request that read it before
-        // another took its turn would count a wait too long by the gap.
-        let now = Instant::now();
+        // `now` may be a little behind a request that took its turn
+        // first: its cell is later, so this wait comes out longer by the
+        // gap and ends when that cell's time comes, as it should.
         let t = nanos_since(epoch, now);
         // Each key's state found once, read here and written below (a key
         // seen for the first time starts at the initial state).
@@ -853,14 +859,20 @@ mod tests {
         };
         let q = quotas(rates.clone(), vec![cap]);
         let mut memo = KeyMemo::default();
-        let a = go(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
-        let b = go(q.check_with("gh", b"conn_b", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let a = go(q.check_with("gh", b"conn_a", "org1", "/", Instant::now(), &mut memo)).expect("a permit");
+        assert_eq!(
+            refused(q.check_with("gh", b"conn_a", "org1", "/", Instant::now(), &mut memo)).limit["per"],
+            "connection"
+        );
+        let b = go(q.check_with("gh", b"conn_b", "org1", "/", Instant::now(), &mut memo)).expect("a permit");
+        assert_eq!(
+            refused(q.check_with("gh", b"conn_a", "org1", "/", Instant::now(), &mut memo)).limit["per"],
+            "connection"
+        );
         // conn_c in org1 takes org1's last cell; in org2 it starts afresh.
-        go(q.check_with("gh", b"conn_c", "org1", "/", &mut memo));
-        assert_eq!(refused(q.check_with("gh", b"conn_d", "org1", "/", &mut memo)).limit["per"], "org");
-        go(q.check_with("gh", b"conn_d", "org2", "/", &mut memo));
+        go(q.check_with("gh", b"conn_c", "org1", "/", Instant::now(), &mut memo));
+        assert_eq!(refused(q.check_with("gh", b"conn_d", "org1", "/", Instant::now(), &mut memo)).limit["per"], "org");
+        go(q.check_with("gh", b"conn_d", "org2", "/", Instant::now(), &mut memo));
         // The permits release the keys they were taken under.
         drop((a, b));
         // New limits: new limiters, and the memo follows them.
@@ -874,8 +886,11 @@ mod tests {
         }];
         t.limited.insert("gh".into(), Arc::new(IntegrationQuota::new("gh", &rates[..1], &caps, 1)));
         q.install(t);
-        let held = go(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).expect("a permit");
-        assert_eq!(refused(q.check_with("gh", b"conn_a", "org1", "/", &mut memo)).limit["per"], "connection");
+        let held = go(q.check_with("gh", b"conn_a", "org1", "/", Instant::now(), &mut memo)).expect("a permit");
+        assert_eq!(
+            refused(q.check_with("gh", b"conn_a", "org1", "/", Instant::now(), &mut memo)).limit["per"],
+            "connection"
+        );
         drop(held);
         assert_eq!(refused(q.check("gh", "conn_a", "org1", "/")).limit["per"], "connection");
     }
@@ -887,21 +902,24 @@ mod tests {
         let q = quotas(vec![rate(Per::Connection, 1, 60, 0)], vec![]);
         let mut memo = KeyMemo::default();
         for _ in 0..3 {
-            go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
+            go(q.check_with("other", b"conn_a", "org", "/", Instant::now(), &mut memo));
         }
-        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
-        refused(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
-        go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
+        go(q.check_with("gh", b"conn_a", "org", "/", Instant::now(), &mut memo));
+        refused(q.check_with("gh", b"conn_a", "org", "/", Instant::now(), &mut memo));
+        go(q.check_with("other", b"conn_a", "org", "/", Instant::now(), &mut memo));
         let mut t = Table::default();
         t.limited.insert(
             "other".into(),
             Arc::new(IntegrationQuota::new("other", &[rate(Per::Connection, 1, 60, 0)], &[], 1)),
         );
         q.install(t);
-        go(q.check_with("other", b"conn_a", "org", "/", &mut memo));
-        assert_eq!(refused(q.check_with("other", b"conn_a", "org", "/", &mut memo)).integration, "other");
-        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
-        go(q.check_with("gh", b"conn_a", "org", "/", &mut memo));
+        go(q.check_with("other", b"conn_a", "org", "/", Instant::now(), &mut memo));
+        assert_eq!(
+            refused(q.check_with("other", b"conn_a", "org", "/", Instant::now(), &mut memo)).integration,
+            "other"
+        );
+        go(q.check_with("gh", b"conn_a", "org", "/", Instant::now(), &mut memo));
+        go(q.check_with("gh", b"conn_a", "org", "/", Instant::now(), &mut memo));
     }
 
     #[test]
