@@ -172,24 +172,26 @@ impl Audit {
 
     pub fn credential_use(&self, u: &CredentialUse<'_>) {
         let Some(lines) = &self.lines else { return };
-        Line::with(u.time, KIND_USE, |l| {
+        lines.append_with(|buf| {
+            let l = &mut Line::begin(buf, u.time, KIND_USE);
             l.0.extend_from_slice(&u.parties.0);
             l.token(key!("method"), u.method);
-            l.str(key!("host"), u.host);
+            l.plain(key!("host"), u.host);
             l.str(key!("path"), Some(u.path));
-            l.num(key!("status"), u.status.into());
+            l.status(key!("status"), u.status);
             l.num(key!("latency_us"), u.latency.as_micros().min(u128::from(u64::MAX)) as u64);
             l.bool(key!("refreshed"), u.refreshed);
             l.bool(key!("retried"), u.retried);
             l.str(key!("code"), u.code);
-            lines.append(l.end());
+            l.end();
         });
         self.metrics.audit_line();
     }
 
     pub fn admin_action(&self, a: &AdminAction<'_>) {
         let Some(lines) = &self.lines else { return };
-        Line::with(a.time, KIND_ADMIN, |l| {
+        lines.append_with(|buf| {
+            let l = &mut Line::begin(buf, a.time, KIND_ADMIN);
             l.str(key!("action"), Some(a.action));
             l.str(key!("admin_token"), a.admin_token);
             l.str(key!("connect_session"), a.connect_session);
@@ -202,7 +204,7 @@ impl Audit {
             l.str(key!("run_subject"), a.run_subject);
             l.num(key!("status"), a.status.into());
             l.str(key!("code"), a.code);
-            lines.append(l.end());
+            l.end();
         });
         self.metrics.audit_line();
     }
@@ -223,32 +225,23 @@ impl Audit {
 }
 
 /// A JSON object on one line, fields in a fixed order. Written without
-/// `fmt`, as bytes (copied from `&str`s and ASCII, so UTF-8), into a buffer
-/// each thread keeps (no allocation per line): one line is written for
-/// every request that names a connection.
+/// `fmt`, as bytes (copied from `&str`s and ASCII, so UTF-8), straight
+/// into the batch being collected ([`LineBatcher::append_with`]: no
+/// buffer of its own to copy from): one line is written for every request
+/// that names a connection. Nothing here panics, so a line is whole.
 struct Line<'a>(&'a mut Vec<u8>);
 
-impl Line<'_> {
-    /// Runs `f` on a line started with its time and kind, in this thread's
-    /// buffer.
-    fn with<R>(time: SystemTime, kind: &str, f: impl FnOnce(&mut Line<'_>) -> R) -> R {
-        thread_local! {
-            static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-        }
-        // Taken out while in use: a nested line (there is none) would get
-        // a fresh buffer rather than a panic.
-        let mut s = BUF.take();
-        s.clear();
+impl<'a> Line<'a> {
+    /// A line started with its time and kind at the end of `buf`.
+    fn begin(buf: &'a mut Vec<u8>, time: SystemTime, kind: &str) -> Self {
         let mut text = [0u8; telemetry::TIME_LEN];
-        s.extend_from_slice(b"{\"time\":\"");
+        buf.extend_from_slice(b"{\"time\":\"");
         telemetry::format_time_bytes(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text);
-        s.extend_from_slice(&text);
-        s.extend_from_slice(b"\",\"kind\":\"");
-        s.extend_from_slice(kind.as_bytes());
-        s.push(b'"');
-        let r = f(&mut Line(&mut s));
-        BUF.set(s);
-        r
+        buf.extend_from_slice(&text);
+        buf.extend_from_slice(b"\",\"kind\":\"");
+        buf.extend_from_slice(kind.as_bytes());
+        buf.push(b'"');
+        Line(buf)
     }
 
     /// `key` is a field's prefix, [`key!`]: the value is written after its
@@ -263,6 +256,34 @@ impl Line<'_> {
                 escape_into(v, self.0);
                 self.0.push(b'"');
             }
+        }
+    }
+
+    /// A value with no byte JSON escapes (`"`, `\\`, control characters),
+    /// as a string: an `http::uri::Authority`'s host (its parse refuses
+    /// them all, and bytes above 0x7F; a test holds it to that).
+    #[inline(always)]
+    fn plain(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            None => self.bare(key, b"null"),
+            Some(v) => {
+                debug_assert!(first_special(v.as_bytes()).is_none(), "an escapable byte in {v:?}");
+                self.0.extend_from_slice(key.as_bytes());
+                self.0.extend_from_slice(v.as_bytes());
+                self.0.push(b'"');
+            }
+        }
+    }
+
+    /// A status code: three digits (any other number as [`Line::num`] writes it).
+    #[inline(always)]
+    fn status(&mut self, key: &str, code: u16) {
+        match code {
+            100..=999 => {
+                let digits = [b'0' + (code / 100) as u8, b'0' + (code / 10 % 10) as u8, b'0' + (code % 10) as u8];
+                self.bare(key, &digits);
+            }
+            _ => self.num(key, code.into()),
         }
     }
 
@@ -304,10 +325,9 @@ impl Line<'_> {
         self.bare(key, if value { b"true" } else { b"false" });
     }
 
-    /// The finished line, newline included.
-    fn end(&mut self) -> &[u8] {
+    /// Ends the line, newline included.
+    fn end(&mut self) {
         self.0.extend_from_slice(b"}\n");
-        self.0
     }
 }
 
@@ -563,6 +583,28 @@ mod tests {
         assert_eq!(v[1], "a\"b\\c\nd\u{1}é");
     }
 
+    /// What [`Line::plain`] relies on for a request's host: an
+    /// `http::uri::Authority` (as a target's or a CONNECT's authority is
+    /// parsed) holds no byte that JSON escapes, nor any above 0x7F.
+    #[test]
+    fn an_authority_holds_no_byte_json_escapes() {
+        for b in (0u8..0x20).chain([b'"', b'\\', 0x7f]).chain(0x80..=0xff) {
+            for at in [0, 3, 7] {
+                let mut text = b"api.example:8443".to_vec();
+                text.insert(at, b);
+                let parsed = http::uri::Authority::try_from(text.as_slice());
+                assert!(parsed.is_err(), "byte {b:#04x} at {at} was taken: {parsed:?}");
+                let target = [b"http://".as_slice(), &text, b"/p"].concat();
+                assert!(http::Uri::try_from(target.as_slice()).is_err(), "byte {b:#04x} at {at} in a target");
+            }
+        }
+        // What hosts do hold: taken, and nothing to escape.
+        for text in ["Api-1.example_x~y:8443", "user:pw@host.test:81", "[::1]:8080"] {
+            let host = http::uri::Authority::try_from(text).map(|a| a.host().to_owned());
+            assert!(host.as_deref().is_ok_and(|h| first_special(h.as_bytes()).is_none()), "{text}: {host:?}");
+        }
+    }
+
     #[test]
     fn the_word_scan_finds_what_the_byte_scan_finds() {
         let special = |b: u8| b == b'"' || b == b'\\' || b < b' ';
@@ -584,23 +626,28 @@ mod tests {
     #[test]
     fn a_use_is_one_json_line_with_every_field() {
         let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456);
-        let line = |user| {
-            Line::with(time, KIND_USE, |l| {
-                l.str(key!("org"), Some("org_a"));
-                l.str(key!("user"), user);
-                l.num(key!("status"), 200);
-                l.bool(key!("retried"), true);
-                String::from_utf8(l.end().to_vec()).unwrap()
-            })
+        let line = |user, status| {
+            let mut buf = Vec::new();
+            let l = &mut Line::begin(&mut buf, time, KIND_USE);
+            l.str(key!("org"), Some("org_a"));
+            l.str(key!("user"), user);
+            l.plain(key!("host"), Some("api.example:8443"));
+            l.status(key!("status"), status);
+            l.bool(key!("retried"), true);
+            l.end();
+            String::from_utf8(buf).unwrap()
         };
-        // The thread's buffer is reused: a longer line first, then a shorter one.
-        assert!(line(Some("a-long-user-name")).contains("a-long-user-name"));
-        let line = line(None);
+        assert!(line(Some("a-long-user-name"), 200).contains("a-long-user-name"));
+        for (status, text) in [(99, "99"), (100, "100"), (999, "999"), (1000, "1000"), (0, "0")] {
+            assert!(line(None, status).contains(&format!(",\"status\":{text},")), "{status}");
+        }
+        let line = line(None, 200);
         assert!(line.starts_with("{\"time\"") && line.ends_with("}\n") && line.matches('\n').count() == 1, "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2025-12-02T18:26:40.123456Z");
         assert_eq!(v["kind"], "credential_use");
         assert_eq!((v["org"].as_str(), v["user"].is_null(), v["status"].as_u64()), (Some("org_a"), true, Some(200)));
+        assert_eq!(v["host"], "api.example:8443");
         assert_eq!(v["retried"], true);
     }
 

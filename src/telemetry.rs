@@ -94,6 +94,21 @@ impl LineBatcher {
         }
     }
 
+    /// Appends what `write` writes — whole lines, and nothing that panics
+    /// halfway — straight into the batch being collected, under its lock
+    /// (no buffer of the caller's to copy from: the audit trail's lines).
+    pub fn append_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let Ok(mut buf) = self.buf.lock() else { return };
+        let first = buf.is_empty();
+        write(&mut buf);
+        if buf.len() >= MAX_BUFFERED {
+            self.write_out(buf);
+        } else if first {
+            drop(buf);
+            self.started.notify_one();
+        }
+    }
+
     /// Writes out what is buffered now.
     pub fn flush(&self) {
         if let Ok(guard) = self.buf.lock() {
