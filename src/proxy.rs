@@ -364,8 +364,9 @@ async fn handle(
     own: Option<h1::OwnFields>,
     memo: &mut ConnMemo,
 ) -> Response<ProxyBody> {
-    let mut h = Handling::begin(state, &req);
-    let result = forward(state, peer, req, own, &mut h.access, memo, h.started).await;
+    let (parts, body) = req.into_parts();
+    let mut h = Handling::begin(state, &parts);
+    let result = forward(state, peer, parts, body, own, &mut h.access, memo, h.started).await;
     h.finish(state, peer, result, memo)
 }
 
@@ -388,12 +389,12 @@ struct Handling<'a> {
 
 impl<'a> Handling<'a> {
     #[inline(always)]
-    fn begin(state: &'a ProxyState, req: &Request<CallerBody>) -> Self {
+    fn begin(state: &'a ProxyState, req: &http::request::Parts) -> Self {
         let started = Instant::now();
         let in_flight = state.outbound.metrics.in_flight();
         let access_log = tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO);
         let logged =
-            (access_log || state.audit.is_on()).then(|| (req.method().clone(), req.uri().path_and_query().cloned()));
+            (access_log || state.audit.is_on()).then(|| (req.method.clone(), req.uri.path_and_query().cloned()));
         Self { started, in_flight, access_log, logged, access: Access::default() }
     }
 
@@ -562,16 +563,20 @@ fn fields_in_map(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
 /// a request", read top to bottom, each a call or a few lines; and one
 /// `async fn` is one future (a nested one per step costs moves of the
 /// request on every request).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the request's head and body apart: no `Request` built to be taken apart again"
+)]
 async fn forward(
     state: &Arc<ProxyState>,
     peer: SocketAddr,
-    req: Request<CallerBody>,
+    mut parts: http::request::Parts,
+    body: CallerBody,
     own: Option<h1::OwnFields>,
     access: &mut Access,
     memo: &mut ConnMemo,
     started: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
     let ConnMemo {
         resolve: memo,
         auth: auth_memo,

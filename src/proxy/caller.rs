@@ -40,7 +40,7 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
             Ok(None) => return,
             Err(refused) => return conn.refuse(refused).await,
         };
-        let (req, own) = conn.request(head);
+        let (parts, body, own) = conn.request(head);
         // The pipeline runs here, not in a method of its own: each async
         // layer is one more move of the request (and of the pipeline's
         // future) per request. `100 Continue` goes out when the pipeline
@@ -48,14 +48,17 @@ pub(super) async fn serve_h1(state: &Arc<ProxyState>, io: Transport, peer: Socke
         let (state, peer, memo) = (conn.state, conn.peer, &mut conn.memo);
         let resp = match &conn.ex.cont {
             None => {
-                let mut h = Handling::begin(state, &req);
-                let result = forward(state, peer, req, Some(own), &mut h.access, memo, h.started).await;
+                let mut h = Handling::begin(state, &parts);
+                let result = forward(state, peer, parts, body, Some(own), &mut h.access, memo, h.started).await;
                 h.finish(state, peer, result, memo)
             }
-            Some(c) => match with_continue(pin!(handle(state, peer, req, Some(own), memo)), c, &mut conn.wr).await {
-                Ok(resp) => resp,
-                Err(_) => return,
-            },
+            Some(c) => {
+                let req = Request::from_parts(parts, body);
+                match with_continue(pin!(handle(state, peer, req, Some(own), memo)), c, &mut conn.wr).await {
+                    Ok(resp) => resp,
+                    Err(_) => return,
+                }
+            }
         };
         match conn.respond(resp).await {
             After::Next if conn.reclaim().await => {}
@@ -194,12 +197,13 @@ impl<'a> CallerConn<'a> {
         })
     }
 
-    /// The request for the pipeline, and the fields the codec set aside
+    /// The request for the pipeline (head and body apart: the pipeline
+    /// takes them so, no `Request` to build and take apart again), and the fields the codec set aside
     /// for the proxy (`X-Connection-Id`, `Proxy-Authorization`; the read
     /// side, home while a head is read, holds them). A body owns the read side while it is read, and
     /// sends it back when it ends (or is dropped half-read).
     #[inline(always)]
-    fn request(&mut self, head: RequestHead) -> (Request<CallerBody>, OwnFields) {
+    fn request(&mut self, head: RequestHead) -> (http::request::Parts, CallerBody, OwnFields) {
         let RequestHead { mut parts, framing, keep_alive, expect_continue } = head;
         let own = self.side.as_mut().map(ReadSide::take_own).unwrap_or_default();
         if let Some(t) = &self.tunnel {
@@ -228,13 +232,12 @@ impl<'a> CallerConn<'a> {
             // A head is only read when the read side is home.
             (_, None) => RequestBody::empty(),
         };
-        let mut req = Request::from_parts(parts, CallerBody::H1(body));
         if connect {
             let (tx, on_upgrade) = OnUpgrade::pair();
-            req.extensions_mut().insert(on_upgrade);
+            parts.extensions.insert(on_upgrade);
             exchange.upgrade = Some(tx);
         }
-        (req, own)
+        (parts, CallerBody::H1(body), own)
     }
 
     /// Writes the response, and says what comes next.
