@@ -795,11 +795,8 @@ mod tests {
         }
     }
 
-    /// A route reads each target's key as [`KeyRef::of`] and the pool's
-    /// hash do, from its last request's when the authority is the same
-    /// text, anew when it is not (whatever came before).
-    #[tokio::test]
-    async fn a_route_keeps_the_last_targets_key() {
+    /// A pool to loopback: idle for up to 60 s, two idle per key.
+    fn test_pool() -> Arc<Pool> {
         let policy = Arc::new(crate::policy::ssrf::EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
         let settings = PoolSettings {
             tls_handshake_timeout: Duration::from_secs(5),
@@ -807,9 +804,15 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             max_idle_per_host: 2,
         };
-        let connector = || GuardedConnector::new(policy.clone(), Duration::from_secs(5));
-        let pool = Pool::new(connector(), crate::upstream::tls_config(&[]), settings.clone());
-        let other = Pool::new(connector(), crate::upstream::tls_config(&[]), settings);
+        Pool::new(GuardedConnector::new(policy, Duration::from_secs(5)), crate::upstream::tls_config(&[]), settings)
+    }
+
+    /// A route reads each target's key as [`KeyRef::of`] and the pool's
+    /// hash do, from its last request's when the authority is the same
+    /// text, anew when it is not (whatever came before).
+    #[tokio::test]
+    async fn a_route_keeps_the_last_targets_key() {
+        let (pool, other) = (test_pool(), test_pool());
         let targets = [
             "http://example.com/",
             "http://example.com/x?y",
@@ -852,18 +855,7 @@ mod tests {
     async fn idle_connections_are_kept_by_key() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let policy = Arc::new(crate::policy::ssrf::EgressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]));
-        let settings = PoolSettings {
-            tls_handshake_timeout: Duration::from_secs(5),
-            body_idle_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(60),
-            max_idle_per_host: 2,
-        };
-        let pool = Pool::new(
-            GuardedConnector::new(policy, Duration::from_secs(5)),
-            crate::upstream::tls_config(&[]),
-            settings,
-        );
+        let pool = test_pool();
         let key = |port| KeyRef { https: false, host: "127.0.0.1", port };
         let mut peers = Vec::new();
         let mut fresh = Vec::new();
