@@ -344,9 +344,7 @@ impl Access {
 
     /// Keeps `authority` and where `host` (a slice of its text) is in it.
     fn set_host(&mut self, authority: &Authority, host: &str) {
-        let text = authority.as_str();
-        let start = (host.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
-        self.host_span = text.get(start..start.saturating_add(host.len())).map(|_| (start, start + host.len()));
+        self.host_span = upstream::place(authority.as_str(), host).map(|r| (r.start, r.end));
         self.host = Some(authority.clone());
     }
 }
@@ -863,10 +861,9 @@ fn target_of<'u>(uri: &'u Uri, memo: &mut TargetMemo) -> Result<(Scheme, &'u str
         return Err(ProxyError::Malformed("user information in the request URI is not allowed"));
     }
     // The host is a slice of the text: kept as its place in it.
-    let start = (host.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
-    if text.get(start..start.saturating_add(host.len())) == Some(host) {
+    if let Some(at) = upstream::place(text, host) {
         text.clone_into(&mut memo.authority);
-        (memo.host, memo.port) = ((start, start + host.len()), port);
+        (memo.host, memo.port) = ((at.start, at.end), port);
     }
     Ok((scheme, host, port))
 }

@@ -40,7 +40,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either as IoEither;
 
-use super::{ConnectError, GuardedConnector, UpstreamBody};
+use super::{place, ConnectError, GuardedConnector, UpstreamBody};
 use crate::h1::{self, RawFields};
 
 type Io = IoEither<TcpStream, TlsStream<TcpStream>>;
@@ -179,13 +179,6 @@ impl Route {
         }
         self.affinity
     }
-}
-
-/// Where `part` (a slice of `whole`) sits in it.
-fn place(whole: &str, part: &str) -> Option<std::ops::Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
-    let range = start..start + part.len();
-    (whole.get(range.clone()) == Some(part)).then_some(range)
 }
 
 /// Lets maps keyed by [`Key`] be searched with a [`KeyRef`] (the `Borrow`
