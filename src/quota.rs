@@ -22,8 +22,8 @@ mod limiters;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,7 +36,7 @@ use crate::store::Store;
 use arc_swap::ArcSwap;
 pub use cooldown::ActiveCooldown;
 use cooldown::Cooldowns;
-use limiters::{nanos_since, Gcra, Key, Keyed};
+use limiters::{nanos_since, Gcra, Keyed};
 
 /// Every integration's limiters and the cool-downs in force.
 pub struct Quotas {
@@ -218,7 +218,10 @@ impl Quotas {
             memo.find(generation, integration, q);
         }
         match &memo.found {
-            Some((_, _, Some(q))) => q.check(self.epoch, now, memo.keys.of(q, connection, org), path),
+            Some((_, _, Some(q))) => {
+                let cells = memo.keys.of(q, connection, org, || nanos_since(self.epoch, now));
+                q.check(self.epoch, now, cells, path)
+            }
             _ => Verdict::Go(None),
         }
     }
@@ -377,7 +380,8 @@ impl Named {
 struct Rate {
     named: Named,
     gcra: Gcra,
-    keys: Keyed,
+    /// Each key's theoretical arrival time (0: a fresh key).
+    keys: Keyed<Mutex<u64>>,
     /// `named.max_wait` in nanoseconds (what the GCRA arithmetic counts in).
     max_wait_nanos: u64,
 }
@@ -385,7 +389,8 @@ struct Rate {
 struct Cap {
     named: Named,
     max: u64,
-    keys: Keyed,
+    /// Each key's requests in flight.
+    keys: Keyed<AtomicU64>,
 }
 
 /// One integration's limiters, narrowest first.
@@ -467,31 +472,34 @@ impl IntegrationQuota {
         self.rates.iter().map(|r| &r.named).chain(self.caps.iter().map(|c| &c.named))
     }
 
-    /// Every limit's key for `connection` of `org` (those whose `paths`
-    /// leave a request out too).
-    fn keys(&self, connection: &[u8], org: &str) -> Keys {
-        let mut keys = Keys::default();
-        for (k, r) in keys.rates.iter_mut().zip(&self.rates) {
-            *k = r.keys.key(r.named.key(connection, org));
-        }
-        for (k, c) in keys.caps.iter_mut().zip(&self.caps) {
-            *k = c.keys.key(c.named.key(connection, org));
-        }
-        keys
+    /// Every limit's cell for `connection` of `org` (those whose `paths`
+    /// leave a request out too) into `cells`; `t`: now, in the limiters'
+    /// nanoseconds (a full shard's sweep drops what is idle by then).
+    fn cells(&self, connection: &[u8], org: &str, t: u64, cells: &mut Cells) {
+        cells.rates.clear();
+        cells.rates.extend(self.rates.iter().map(|r| {
+            let key = r.keys.key(r.named.key(connection, org));
+            r.keys.cell(key, |c| Gcra::is_stale(*c.get_mut().unwrap_or_else(|p| p.into_inner()), t))
+        }));
+        cells.caps.clear();
+        cells.caps.extend(self.caps.iter().map(|c| {
+            let key = c.keys.key(c.named.key(connection, org));
+            c.keys.cell(key, |n| *n.get_mut() == 0)
+        }));
     }
 
-    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, keys: &Keys, path: &str) -> Verdict {
-        let (wait, now) = match self.reserve(epoch, now, keys, path) {
+    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, cells: &Cells, path: &str) -> Verdict {
+        let (wait, now) = match self.reserve(epoch, now, cells, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
         if self.caps.is_empty() && wait.is_zero() {
             return Verdict::Go(None);
         }
-        let keys = Held::new(self, keys, path);
+        let held = Held::new(self, cells, path);
         if wait.is_zero() {
-            match self.try_hold(&keys) {
-                Ok(()) => return Verdict::Go(Some(Permit { quota: self.clone(), keys })),
+            match self.try_hold(&held) {
+                Ok(()) => return Verdict::Go(Some(Permit { quota: self.clone(), held })),
                 Err(full) if self.caps[full].named.max_wait.is_zero() => {
                     return Verdict::No(self.caps[full].named.refusal(
                         Refused::InFlight,
@@ -507,44 +515,52 @@ impl IntegrationQuota {
             if !wait.is_zero() {
                 tokio::time::sleep_until((now + wait).into()).await;
             }
-            this.hold_waiting(keys).await.map(Some)
+            this.hold_waiting(held).await.map(Some)
         }))
     }
 
     /// Reserves a cell of every rate limit that applies, all or none:
     /// how long until the reservation's time (and the time it counts
     /// from), or the refusal of a limit whose wait exceeds its `max_wait`.
-    fn reserve(&self, epoch: Instant, now: Instant, keys: &Keys, path: &str) -> Result<(Duration, Instant), Refusal> {
+    fn reserve(&self, epoch: Instant, now: Instant, cells: &Cells, path: &str) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
             return Ok((Duration::ZERO, now));
         }
-        // Held together: the decision covers every limit at once. Only
-        // the first `rates.len()` are looked at (most integrations have
-        // one or two).
-        let mut locked: [Option<limiters::Slot<'_>>; MAX_LIMITS] = Default::default();
-        let locked = &mut locked[..self.rates.len()];
-        for (i, r) in self.rates.iter().enumerate() {
+        // Most integrations have one or two rate limits: their locks are
+        // then kept in an array of that size.
+        match self.rates.len() {
+            1 => self.reserve_in::<1>(epoch, now, cells, path),
+            2 => self.reserve_in::<2>(epoch, now, cells, path),
+            _ => self.reserve_in::<MAX_LIMITS>(epoch, now, cells, path),
+        }
+    }
+
+    /// [`IntegrationQuota::reserve`] for at most `N` rate limits.
+    fn reserve_in<const N: usize>(
+        &self,
+        epoch: Instant,
+        now: Instant,
+        cells: &Cells,
+        path: &str,
+    ) -> Result<(Duration, Instant), Refusal> {
+        // Held together, locked in the limits' order: the decision covers
+        // every limit at once.
+        let mut locked: [Option<MutexGuard<'_, u64>>; N] = std::array::from_fn(|_| None);
+        for ((r, cell), slot) in self.rates.iter().zip(&cells.rates).zip(locked.iter_mut()) {
             if r.named.paths.matches(path) {
-                locked[i] = Some(r.keys.lock(keys.rates[i]));
+                // A panic while a cell is held cannot leave it half-written
+                // (one integer): a poisoned lock is used as it is.
+                *slot = Some(cell.lock().unwrap_or_else(|p| p.into_inner()));
             }
         }
         // `now` may be a little behind a request that took its turn
         // first: its cell is later, so this wait comes out longer by the
         // gap and ends when that cell's time comes, as it should.
         let t = nanos_since(epoch, now);
-        // Each key's state found once, read here and written below (a key
-        // seen for the first time starts at the initial state).
-        let mut cells: [Option<&mut u64>; MAX_LIMITS] = Default::default();
-        for (i, (slot, cell)) in locked.iter_mut().zip(cells.iter_mut()).enumerate() {
-            if let Some(slot) = slot {
-                *cell = Some(slot.entry(keys.rates[i], |v| Gcra::is_stale(v, t)));
-            }
-        }
         let mut wait = 0u64;
         let mut over: Option<(usize, u64)> = None;
-        for (i, cell) in cells.iter().enumerate() {
-            let Some(tat) = cell else { continue };
-            let r = &self.rates[i];
+        for (i, (r, tat)) in self.rates.iter().zip(locked.iter()).enumerate() {
+            let Some(tat) = tat else { continue };
             let w = r.gcra.wait(**tat, t);
             if w > r.max_wait_nanos && over.is_none_or(|(_, o)| w > o) {
                 over = Some((i, w));
@@ -552,15 +568,13 @@ impl IntegrationQuota {
             wait = wait.max(w);
         }
         if let Some((i, w)) = over {
-            // Nothing spent; the locks go before the refusal is written
-            // (`cells` is not used past here).
+            // Nothing spent; the locks go before the refusal is written.
             locked.fill_with(|| None);
             return Err(self.rates[i].named.refusal(Refused::Rate, &self.id, Duration::from_nanos(w)));
         }
         let at = t + wait;
-        for (i, cell) in cells.iter_mut().enumerate() {
-            if let Some(tat) = cell {
-                let r = &self.rates[i];
+        for (r, tat) in self.rates.iter().zip(locked.iter_mut()) {
+            if let Some(tat) = tat {
                 **tat = r.gcra.admit(**tat, at);
                 if wait > 0 {
                     r.named.waited(Duration::from_nanos(wait));
@@ -571,28 +585,20 @@ impl IntegrationQuota {
     }
 
     /// Takes a place under every cap that applies, or none: the index of
-    /// a full one.
+    /// a full one. (`SeqCst`, here, in [`Permit`]'s drop and on
+    /// `waiting`: a place given back while a request starts to wait for
+    /// one is either seen by its try or wakes it.)
     fn try_hold(&self, held: &Held) -> Result<(), usize> {
-        for (n, &(i, key)) in held.keys().iter().enumerate() {
-            let c = &self.caps[i];
-            let mut slot = c.keys.lock(key);
-            let v = slot.entry(key, |v| v == 0);
-            if *v >= c.max {
-                drop(slot);
-                for &(j, key) in &held.keys()[..n] {
-                    self.release_one(j, key);
+        for (n, (i, cell)) in held.cells().enumerate() {
+            let max = self.caps[i].max;
+            if cell.fetch_update(SeqCst, SeqCst, |v| (v < max).then_some(v + 1)).is_err() {
+                for (_, cell) in held.cells().take(n) {
+                    cell.fetch_sub(1, SeqCst);
                 }
                 return Err(i);
             }
-            *v += 1;
         }
         Ok(())
-    }
-
-    /// Gives a place back. The key stays (at 0 it is swept with the
-    /// shard's other idle keys): no allocation per request.
-    fn release_one(&self, i: usize, key: Key) {
-        self.caps[i].keys.lock(key).update(key, |v| v.saturating_sub(1));
     }
 
     /// Waits for a place under every cap, up to the `max_wait` of the
@@ -604,7 +610,7 @@ impl IntegrationQuota {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            self.waiting.fetch_add(1, Relaxed);
+            self.waiting.fetch_add(1, SeqCst);
             let r = self.try_hold(&held);
             let full = match r {
                 Ok(()) => {
@@ -612,7 +618,7 @@ impl IntegrationQuota {
                     if let Some((i, _)) = deadline {
                         self.caps[i].named.waited(started.elapsed());
                     }
-                    return Ok(Permit { quota: self.clone(), keys: held });
+                    return Ok(Permit { quota: self.clone(), held });
                 }
                 Err(i) => i,
             };
@@ -626,19 +632,20 @@ impl IntegrationQuota {
     }
 }
 
-/// The key of each of an integration's limits for one connection of one
+/// The cell of each of an integration's limits for one connection of one
 /// organization, in the order of its `rates` and `caps`.
-#[derive(Clone, Copy, Default)]
-struct Keys {
-    rates: [Key; MAX_LIMITS],
-    caps: [Key; MAX_LIMITS],
+#[derive(Default)]
+struct Cells {
+    rates: Vec<Arc<Mutex<u64>>>,
+    caps: Vec<Arc<AtomicU64>>,
 }
 
-/// The limiter keys of a caller connection's last request, and what they
-/// were made of: the integration's limiters (a weak handle, compared by
-/// address: held, an address is not reused; a reload that changes the
+/// The limiter cells of a caller connection's last request, and what
+/// they were made of: the integration's limiters (a weak handle, compared
+/// by address: held, an address is not reused; a reload that changes the
 /// limits makes new ones), the connection id and the organization (by
-/// value; their buffers are reused).
+/// value; their buffers are reused). A keep-alive caller mostly repeats
+/// its connection: its request then hashes no key and locks no shard.
 #[derive(Default)]
 pub struct KeyMemo {
     /// The last request's integration, its limiters (none: it has no
@@ -647,13 +654,13 @@ pub struct KeyMemo {
     keys: KeptKeys,
 }
 
-/// The keys of [`KeyMemo`], and what they were made of.
+/// The cells of [`KeyMemo`], and what they were made of.
 #[derive(Default)]
 struct KeptKeys {
     quota: std::sync::Weak<IntegrationQuota>,
     connection: Vec<u8>,
     org: String,
-    keys: Keys,
+    cells: Cells,
 }
 
 impl KeyMemo {
@@ -675,38 +682,44 @@ impl KeyMemo {
 }
 
 impl KeptKeys {
-    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str) -> &Keys {
+    /// `q`'s cells for `connection` of `org`; `t`: now, in the limiters'
+    /// nanoseconds (read only when the cells are found anew).
+    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &Cells {
         let same =
             std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
         if !same {
-            self.keys = q.keys(connection, org);
+            q.cells(connection, org, t(), &mut self.cells);
             self.quota = Arc::downgrade(q);
             self.connection.clear();
             self.connection.extend_from_slice(connection);
             org.clone_into(&mut self.org);
         }
-        &self.keys
+        &self.cells
     }
 }
 
-/// The in-flight keys a request holds: (cap index, key).
+/// The in-flight cells a request holds, by cap index (none: the cap's
+/// `paths` leave the request out).
 struct Held {
-    keys: [(usize, Key); MAX_LIMITS],
+    cells: [Option<Arc<AtomicU64>>; MAX_LIMITS],
+    /// The integration's caps: `cells` past them are none.
     len: usize,
 }
 
 impl Held {
-    fn new(q: &IntegrationQuota, keys: &Keys, path: &str) -> Self {
-        let mut held = Self { keys: [(0, Key::default()); MAX_LIMITS], len: 0 };
-        for (i, _) in q.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)) {
-            held.keys[held.len] = (i, keys.caps[i]);
-            held.len += 1;
+    fn new(q: &IntegrationQuota, cells: &Cells, path: &str) -> Self {
+        let mut held = Self { cells: Default::default(), len: q.caps.len() };
+        for ((c, cell), slot) in q.caps.iter().zip(&cells.caps).zip(held.cells.iter_mut()) {
+            if c.named.paths.matches(path) {
+                *slot = Some(cell.clone());
+            }
         }
         held
     }
 
-    fn keys(&self) -> &[(usize, Key)] {
-        &self.keys[..self.len]
+    /// (cap index, cell) of each cap held.
+    fn cells(&self) -> impl Iterator<Item = (usize, &AtomicU64)> {
+        self.cells[..self.len].iter().enumerate().filter_map(|(i, c)| Some((i, &**c.as_ref()?)))
     }
 }
 
@@ -714,15 +727,17 @@ impl Held {
 /// it with the response body until the body ends or is dropped).
 pub struct Permit {
     quota: Arc<IntegrationQuota>,
-    keys: Held,
+    held: Held,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for &(i, key) in self.keys.keys() {
-            self.quota.release_one(i, key);
+        let mut any = false;
+        for (_, cell) in self.held.cells() {
+            cell.fetch_sub(1, SeqCst);
+            any = true;
         }
-        if self.keys.len > 0 && self.quota.waiting.load(Relaxed) > 0 {
+        if any && self.quota.waiting.load(SeqCst) > 0 {
             self.quota.freed.notify_waiters();
         }
     }
@@ -742,8 +757,14 @@ impl Paths {
         Self(patterns.iter().map(|p| p.split('*').map(str::to_owned).collect()).collect())
     }
 
+    /// Inlined: most limits have no `paths` (they match every request).
+    #[inline]
     fn matches(&self, path: &str) -> bool {
-        self.0.is_empty() || self.0.iter().any(|parts| glob(parts, path))
+        self.0.is_empty() || self.any(path)
+    }
+
+    fn any(&self, path: &str) -> bool {
+        self.0.iter().any(|parts| glob(parts, path))
     }
 }
 
@@ -986,6 +1007,46 @@ mod tests {
         drop(a);
         let held = tokio::time::timeout(Duration::from_secs(2), waiter).await.expect("woken").unwrap();
         assert!(held.is_ok());
+    }
+
+    /// Many callers of one connection on two threads, each with its own
+    /// memo (so its own handles on the same cells), through a cap of 2
+    /// that they wait for: never more than 2 in flight, and no waiter
+    /// misses a place given back while it starts to wait (it would sit
+    /// out its 10 s `max_wait` and be refused).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cap_holds_under_contention_and_every_waiter_is_woken() {
+        let cap = InFlightLimit {
+            name: None,
+            per: Per::Connection,
+            max_in_flight: 2,
+            max_wait: Duration::from_secs(10),
+            paths: vec![],
+        };
+        let q = Arc::new(quotas(vec![], vec![cap]));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (q, in_flight) = (q.clone(), in_flight.clone());
+                tokio::spawn(async move {
+                    let mut memo = KeyMemo::default();
+                    for _ in 0..300 {
+                        let permit = match q.check_with("gh", b"conn_a", "org", "/", Instant::now(), &mut memo) {
+                            Verdict::Go(p) => p,
+                            Verdict::Wait(w) => w.await.expect("a place within max_wait"),
+                            Verdict::No(r) => panic!("refused: {}", r.description),
+                        };
+                        assert!(in_flight.fetch_add(1, SeqCst) < 2, "more than the cap in flight");
+                        tokio::task::yield_now().await;
+                        in_flight.fetch_sub(1, SeqCst);
+                        drop(permit);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(20), t).await.expect("no waiter stuck").unwrap();
+        }
     }
 
     #[test]

@@ -2,23 +2,28 @@
 //! cell in the future (so a request that fits its `max_wait` is sure of its
 //! turn when it wakes), and in-flight counters.
 //!
-//! Each keeps its keys in shards behind plain mutexes, held for a few
-//! arithmetic operations. A request that several limits apply to locks
-//! them in the integration's order of limits, the same for every request,
-//! so two requests never wait on each other's locks in a cycle.
+//! Each keeps a key's state in a cell of its own (a `Mutex<u64>` for a
+//! rate, an `AtomicU64` for a cap), found through shards behind plain
+//! mutexes. A caller connection keeps the cells of its last request's keys
+//! (the quota module's `KeyMemo`), so a keep-alive caller's request takes
+//! no shard lock and hashes nothing: it locks (or counts in) its cells.
+//! A request that several rate limits apply to locks their cells in the
+//! integration's order of limits, the same for every request, so two
+//! requests never wait on each other's locks in a cycle; no cell is locked
+//! while a shard is.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SHARDS: usize = 16;
-/// A shard this large is swept (keys back to their initial state dropped)
-/// before a new key goes in.
+/// A shard this large is swept (cells that nobody holds and that are back
+/// to their initial state dropped) before a new key goes in.
 const SWEEP_AT: usize = 4096;
 
 /// A key as a limiter keeps it: its 64-bit hash under the limiter's own
-/// random hash key, so the request path allocates nothing. Two keys that
+/// random hash key, so finding a cell allocates nothing. Two keys that
 /// hash alike would share one allowance: with 10^5 live keys in a limiter,
 /// about one chance in 10^9.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,15 +49,16 @@ impl Hasher for Prehashed {
     }
 }
 
-type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+type Shard<C> = HashMap<u64, Arc<C>, BuildHasherDefault<Prehashed>>;
 
-/// Keys of one limiter, each with a `u64` of state (0: the initial state).
-pub(super) struct Keyed {
+/// Keys of one limiter, each with a cell of state `C` (its `Default`: the
+/// initial state).
+pub(super) struct Keyed<C> {
     hasher: ahash::RandomState,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Mutex<Shard<C>>]>,
 }
 
-impl Keyed {
+impl<C: Default> Keyed<C> {
     pub(super) fn new() -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
         Self { hasher: ahash::RandomState::new(), shards }
@@ -62,44 +68,24 @@ impl Keyed {
         Key(self.hasher.hash_one(key))
     }
 
-    pub(super) fn lock(&self, key: Key) -> Slot<'_> {
+    /// `key`'s cell, shared with every holder of the same key (a new key
+    /// starts in the initial state). A full shard first drops the cells
+    /// that only it holds and that `stale` says equal the initial state by
+    /// now: a cell someone holds stays, so one key never has two cells.
+    pub(super) fn cell(&self, key: Key, stale: impl Fn(&mut C) -> bool) -> Arc<C> {
         // Middle bits: the map itself places entries by the low bits and
         // tells them apart by the top ones.
         let i = ((key.0 >> 32) as usize) % SHARDS;
-        // A panic while a shard is held cannot leave it half-written
-        // (single integer updates): a poisoned lock is used as it is.
-        Slot { map: self.shards[i].lock().unwrap_or_else(|p| p.into_inner()) }
-    }
-}
-
-/// One shard, locked.
-pub(super) struct Slot<'a> {
-    map: MutexGuard<'a, Shard>,
-}
-
-impl Slot<'_> {
-    #[cfg(test)]
-    fn get(&self, key: Key) -> u64 {
-        self.map.get(&key.0).copied().unwrap_or(0)
-    }
-
-    /// `key`'s state, to read and change with one lookup (a new key starts
-    /// in the initial state). `stale` says which entries may be dropped
-    /// when a full shard is swept to make room (they equal the initial
-    /// state by now).
-    pub(super) fn entry(&mut self, key: Key, stale: impl Fn(u64) -> bool) -> &mut u64 {
-        if self.map.len() >= SWEEP_AT && !self.map.contains_key(&key.0) {
-            self.map.retain(|_, v| !stale(*v));
+        // A panic while a shard is held cannot leave it half-written (an
+        // insert or a sweep of whole entries): a poisoned lock is used as
+        // it is.
+        let mut map = self.shards[i].lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= SWEEP_AT && !map.contains_key(&key.0) {
+            // `get_mut`: only the map holds the cell, and nobody can take
+            // it from the map without this lock.
+            map.retain(|_, c| Arc::get_mut(c).is_none_or(|c| !stale(c)));
         }
-        self.map.entry(key.0).or_insert(0)
-    }
-
-    /// Changes `key`'s state if it has one other than the initial state
-    /// (`f(0)` must be 0).
-    pub(super) fn update(&mut self, key: Key, f: impl FnOnce(u64) -> u64) {
-        if let Some(v) = self.map.get_mut(&key.0) {
-            *v = f(*v);
-        }
+        map.entry(key.0).or_default().clone()
     }
 }
 
@@ -157,26 +143,35 @@ pub(super) fn nanos_since(epoch: Instant, now: Instant) -> u64 {
 mod tests {
     use super::*;
 
-    /// A shard at `SWEEP_AT` keys drops its stale ones before it takes a
-    /// new key (not for a key it has); `update` never adds one.
+    /// A shard at `SWEEP_AT` keys drops the cells nobody else holds that
+    /// are back to the initial state before it takes a new key (not for a
+    /// key it has); a held cell stays whatever its state, and its key
+    /// finds that same cell again.
     #[test]
-    fn a_full_shard_drops_stale_keys_before_a_new_one() {
-        let keyed = Keyed::new();
+    fn a_full_shard_drops_idle_unheld_cells_before_a_new_one() {
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        let keyed = Keyed::<AtomicU64>::new();
+        let len = || keyed.shards[0].lock().unwrap().len();
+        let idle = |c: &mut AtomicU64| *c.get_mut() == 0;
         // Keys below 2^32 all fall in shard 0.
-        let mut slot = keyed.lock(Key(0));
-        let stale = |v: u64| v <= 1;
+        let mut held = Vec::new();
         for n in 0..SWEEP_AT as u64 {
-            *slot.entry(Key(n), stale) = if n == 7 { 5 } else { 1 };
+            let cell = keyed.cell(Key(n), idle);
+            match n {
+                7 => cell.store(5, SeqCst),
+                3 | 11 => held.push(cell),
+                _ => {}
+            }
         }
-        assert_eq!(slot.map.len(), SWEEP_AT);
-        *slot.entry(Key(3), stale) += 1;
-        assert_eq!(slot.map.len(), SWEEP_AT, "a known key sweeps nothing");
-        *slot.entry(Key(SWEEP_AT as u64), stale) = 9;
-        assert_eq!(slot.map.len(), 3, "only the live keys and the new one are left");
-        assert_eq!([slot.get(Key(7)), slot.get(Key(3)), slot.get(Key(SWEEP_AT as u64))], [5, 2, 9]);
-        slot.update(Key(99), |v| v + 1);
-        slot.update(Key(7), |v| v - 1);
-        assert_eq!((slot.get(Key(99)), slot.get(Key(7)), slot.map.len()), (0, 4, 3));
+        assert_eq!(len(), SWEEP_AT);
+        keyed.cell(Key(9), idle).store(1, SeqCst);
+        assert_eq!(len(), SWEEP_AT, "a known key sweeps nothing");
+        let new = keyed.cell(Key(SWEEP_AT as u64), idle);
+        // 7 and 9 are busy, 3 and 11 held, and the new one.
+        assert_eq!(len(), 5, "only the busy, the held and the new key are left");
+        assert!(Arc::ptr_eq(&keyed.cell(Key(3), idle), &held[0]), "a held key keeps its cell");
+        assert_eq!(keyed.cell(Key(7), idle).load(SeqCst), 5);
+        assert_eq!(new.load(SeqCst), 0);
     }
 
     /// One key through `g`: whether each request at the given millisecond
