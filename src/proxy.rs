@@ -705,9 +705,9 @@ async fn forward(
                 (state.outbound.send_with(req, fields, now, route).await?, Renewal::default())
             };
             access.renewal = renewal;
-            if let Some(p) = permit {
+            if let Some(held) = permit.and_then(crate::quota::Permit::into_held) {
                 // In flight until the caller has the whole body (or is gone).
-                resp.body_mut().hold_until_end(Box::new(p));
+                resp.body_mut().hold_until_end(held);
             }
             if matches!(resp.status().as_u16(), 429 | 503) {
                 // The upstream's answer goes back untouched; what it asked

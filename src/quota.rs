@@ -38,6 +38,8 @@ pub use cooldown::ActiveCooldown;
 use cooldown::Cooldowns;
 use limiters::{nanos_since, Gcra, Keyed};
 
+const _: () = assert!(MAX_LIMITS <= 8, "IntegrationQuota::caps_for's mask is a u8");
+
 /// Every integration's limiters and the cool-downs in force.
 pub struct Quotas {
     /// Swapped whole by a reload; a limiter whose integration declares
@@ -219,8 +221,8 @@ impl Quotas {
         }
         match &memo.found {
             Some((_, _, Some(q))) => {
-                let cells = memo.keys.of(q, connection, org, || nanos_since(self.epoch, now));
-                q.check(self.epoch, now, cells, path)
+                let kept = memo.keys.of(q, connection, org, || nanos_since(self.epoch, now));
+                q.check(self.epoch, now, kept, path)
             }
             _ => Verdict::Go(None),
         }
@@ -488,18 +490,40 @@ impl IntegrationQuota {
         }));
     }
 
-    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, cells: &Cells, path: &str) -> Verdict {
-        let (wait, now) = match self.reserve(epoch, now, cells, path) {
+    /// Which caps apply to a request for `path` (bit `i`: cap `i`; a `u8`
+    /// holds [`MAX_LIMITS`] of them).
+    fn caps_for(&self, path: &str) -> u8 {
+        self.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)).fold(0, |m, (i, _)| m | 1 << i)
+    }
+
+    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, kept: &mut KeptKeys, path: &str) -> Verdict {
+        let (wait, now) = match self.reserve(epoch, now, &kept.cells, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
-        if self.caps.is_empty() && wait.is_zero() {
-            return Verdict::Go(None);
+        if self.caps.is_empty() {
+            if wait.is_zero() {
+                return Verdict::Go(None);
+            }
+            return Verdict::Wait(Box::pin(async move {
+                tokio::time::sleep_until((now + wait).into()).await;
+                Ok(None)
+            }));
         }
-        let held = Held::new(self, cells, path);
+        // The caller connection's places, unless this request's path
+        // takes it under other caps than its last.
+        let caps = self.caps_for(path);
+        let places = match &kept.places {
+            Some(p) if p.caps == caps => p.clone(),
+            _ => {
+                let p = Arc::new(Places::new(self, &kept.cells, caps));
+                kept.places = Some(p.clone());
+                p
+            }
+        };
         if wait.is_zero() {
-            match self.try_hold(&held) {
-                Ok(()) => return Verdict::Go(Some(Permit { quota: self.clone(), held })),
+            match self.try_hold(&places) {
+                Ok(()) => return Verdict::Go(Some(Permit(Some(places)))),
                 Err(full) if self.caps[full].named.max_wait.is_zero() => {
                     return Verdict::No(self.caps[full].named.refusal(
                         Refused::InFlight,
@@ -515,7 +539,7 @@ impl IntegrationQuota {
             if !wait.is_zero() {
                 tokio::time::sleep_until((now + wait).into()).await;
             }
-            this.hold_waiting(held).await.map(Some)
+            this.hold_waiting(places).await.map(Some)
         }))
     }
 
@@ -588,7 +612,7 @@ impl IntegrationQuota {
     /// a full one. (`SeqCst`, here, in [`Permit`]'s drop and on
     /// `waiting`: a place given back while a request starts to wait for
     /// one is either seen by its try or wakes it.)
-    fn try_hold(&self, held: &Held) -> Result<(), usize> {
+    fn try_hold(&self, held: &Places) -> Result<(), usize> {
         for (n, (i, cell)) in held.cells().enumerate() {
             let max = self.caps[i].max;
             if cell.fetch_update(SeqCst, SeqCst, |v| (v < max).then_some(v + 1)).is_err() {
@@ -603,7 +627,7 @@ impl IntegrationQuota {
 
     /// Waits for a place under every cap, up to the `max_wait` of the
     /// first one found full.
-    async fn hold_waiting(self: Arc<Self>, held: Held) -> Result<Permit, Refusal> {
+    async fn hold_waiting(self: Arc<Self>, held: Arc<Places>) -> Result<Permit, Refusal> {
         let started = Instant::now();
         let mut deadline: Option<(usize, Instant)> = None;
         loop {
@@ -618,7 +642,7 @@ impl IntegrationQuota {
                     if let Some((i, _)) = deadline {
                         self.caps[i].named.waited(started.elapsed());
                     }
-                    return Ok(Permit { quota: self.clone(), held });
+                    return Ok(Permit(Some(held)));
                 }
                 Err(i) => i,
             };
@@ -661,6 +685,8 @@ struct KeptKeys {
     connection: Vec<u8>,
     org: String,
     cells: Cells,
+    /// The in-flight places its last request took (their permits share them).
+    places: Option<Arc<Places>>,
 }
 
 impl KeyMemo {
@@ -684,56 +710,58 @@ impl KeyMemo {
 impl KeptKeys {
     /// `q`'s cells for `connection` of `org`; `t`: now, in the limiters'
     /// nanoseconds (read only when the cells are found anew).
-    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &Cells {
+    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &mut Self {
         let same =
             std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
         if !same {
             q.cells(connection, org, t(), &mut self.cells);
+            self.places = None;
             self.quota = Arc::downgrade(q);
             self.connection.clear();
             self.connection.extend_from_slice(connection);
             org.clone_into(&mut self.org);
         }
-        &self.cells
+        self
     }
 }
 
-/// The in-flight cells a request holds, by cap index (none: the cap's
-/// `paths` leave the request out).
-struct Held {
+/// The in-flight places a request takes: a cell of each cap that applies
+/// (by cap index; none where the cap's `paths` leave the request out).
+/// Kept by the caller connection's [`KeyMemo`] and shared by its
+/// requests' permits, each of which takes and gives back one place in
+/// each: a request's permit allocates nothing.
+struct Places {
+    quota: Arc<IntegrationQuota>,
     cells: [Option<Arc<AtomicU64>>; MAX_LIMITS],
     /// The integration's caps: `cells` past them are none.
     len: usize,
+    /// [`IntegrationQuota::caps_for`] of the requests these are for.
+    caps: u8,
 }
 
-impl Held {
-    fn new(q: &IntegrationQuota, cells: &Cells, path: &str) -> Self {
-        let mut held = Self { cells: Default::default(), len: q.caps.len() };
-        for ((c, cell), slot) in q.caps.iter().zip(&cells.caps).zip(held.cells.iter_mut()) {
-            if c.named.paths.matches(path) {
+impl Places {
+    fn new(q: &Arc<IntegrationQuota>, cells: &Cells, caps: u8) -> Self {
+        let mut places = Self { quota: q.clone(), cells: Default::default(), len: q.caps.len(), caps };
+        for (i, (cell, slot)) in cells.caps.iter().zip(places.cells.iter_mut()).enumerate() {
+            if caps & 1 << i != 0 {
                 *slot = Some(cell.clone());
             }
         }
-        held
+        places
     }
 
-    /// (cap index, cell) of each cap held.
+    /// (cap index, cell) of each cap that applies.
     fn cells(&self) -> impl Iterator<Item = (usize, &AtomicU64)> {
         self.cells[..self.len].iter().enumerate().filter_map(|(i, c)| Some((i, &**c.as_ref()?)))
     }
 }
 
-/// Places under in-flight caps, given back when dropped (the proxy keeps
-/// it with the response body until the body ends or is dropped).
-pub struct Permit {
-    quota: Arc<IntegrationQuota>,
-    held: Held,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
+impl crate::upstream::pool::Release for Places {
+    /// Gives one place back in each cell. The cells stay in their shards
+    /// (idle at 0, they are swept with the shard's other idle keys).
+    fn release(&self) {
         let mut any = false;
-        for (_, cell) in self.held.cells() {
+        for (_, cell) in self.cells() {
             cell.fetch_sub(1, SeqCst);
             any = true;
         }
@@ -743,9 +771,30 @@ impl Drop for Permit {
     }
 }
 
+/// Places under in-flight caps, given back when dropped, or handed to the
+/// response body ([`Permit::into_held`]) to give back when the body ends
+/// or is dropped.
+pub struct Permit(Option<Arc<Places>>);
+
+impl Permit {
+    /// What a response body keeps until it ends (the places given back then).
+    pub fn into_held(mut self) -> Option<crate::upstream::pool::Held> {
+        Some(crate::upstream::pool::Held::new(self.0.take()?))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(places) = &self.0 {
+            crate::upstream::pool::Release::release(&**places);
+        }
+    }
+}
+
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("integration", &self.quota.id).finish_non_exhaustive()
+        let integration = self.0.as_ref().map(|p| p.quota.id.as_str());
+        f.debug_struct("Permit").field("integration", &integration).finish_non_exhaustive()
     }
 }
 
@@ -1047,6 +1096,37 @@ mod tests {
         for t in tasks {
             tokio::time::timeout(Duration::from_secs(20), t).await.expect("no waiter stuck").unwrap();
         }
+    }
+
+    /// One caller connection's memo through requests that fall under
+    /// different caps (one cap has `paths`): each permit holds and gives
+    /// back the places of its own request's caps, whatever the memo kept
+    /// for the last one.
+    #[test]
+    fn a_kept_set_of_places_follows_each_requests_caps() {
+        let cap = |name: &str, paths: Vec<String>| InFlightLimit {
+            name: Some(name.into()),
+            per: Per::Connection,
+            max_in_flight: 1,
+            max_wait: Duration::ZERO,
+            paths,
+        };
+        let q = quotas(vec![], vec![cap("search", vec!["/search/*".into()]), cap("all", vec![])]);
+        let mut memo = KeyMemo::default();
+        let mut check = |path: &str| q.check_with("gh", b"conn_a", "org", path, Instant::now(), &mut memo);
+        drop(go(check("/search/a")));
+        let user = go(check("/user")).expect("a permit");
+        assert_eq!(refused(check("/search/b")).limit["name"], "all");
+        drop(user);
+        let search = go(check("/search/b")).expect("a permit");
+        assert_eq!(refused(check("/user")).limit["name"], "all");
+        assert_eq!(refused(check("/search/c")).limit["name"], "search");
+        // Handed to a body, the places go when the body's hold does.
+        let held = search.into_held().expect("places to hold");
+        assert_eq!(refused(check("/user")).limit["name"], "all");
+        drop(held);
+        drop(go(check("/search/d")));
+        drop(go(check("/user")));
     }
 
     #[test]
