@@ -224,7 +224,7 @@ impl ResolveMemo {
     /// `field`, when it is the id of the connection kept: its shape was
     /// checked then (a compare of 31 bytes costs less than the check).
     pub fn known_id(&self, field: &[u8]) -> Option<ids::ConnectionId> {
-        self.id.filter(|id| id.as_bytes() == field)
+        self.id.filter(|id| crate::scan::same(id.as_bytes(), field))
     }
 }
 

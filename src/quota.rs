@@ -692,7 +692,7 @@ struct KeptKeys {
 impl KeyMemo {
     /// `integration`'s limiters were found in `generation`.
     fn found(&self, generation: u64, integration: &str) -> bool {
-        matches!(&self.found, Some((g, i, _)) if *g == generation && i == integration)
+        matches!(&self.found, Some((g, i, _)) if *g == generation && crate::scan::same(i.as_bytes(), integration.as_bytes()))
     }
 
     fn find(&mut self, generation: u64, integration: &str, q: Option<Arc<IntegrationQuota>>) {
@@ -711,8 +711,9 @@ impl KeptKeys {
     /// `q`'s cells for `connection` of `org`; `t`: now, in the limiters'
     /// nanoseconds (read only when the cells are found anew).
     fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &mut Self {
-        let same =
-            std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q)) && self.connection == connection && self.org == org;
+        let same = std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q))
+            && crate::scan::same(&self.connection, connection)
+            && crate::scan::same(self.org.as_bytes(), org.as_bytes());
         if !same {
             q.cells(connection, org, t(), &mut self.cells);
             self.places = None;

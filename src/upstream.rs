@@ -109,11 +109,13 @@ pub fn authority_host_port(a: &str) -> Option<(&str, Option<u16>)> {
 
 /// Where `part` — a slice of `whole`, as [`authority_parts`] gives its
 /// host — sits in it (kept as a place by the per-connection memos, which
-/// keep their own copy of the text). `None` if it is not a slice of it.
+/// keep their own copy of the text). `None` if it is not a slice of it:
+/// a range of `whole` that starts where `part` does and is as long is
+/// `part`'s own bytes (nothing to compare).
 pub fn place(whole: &str, part: &str) -> Option<std::ops::Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
     let range = start..start.checked_add(part.len())?;
-    (whole.get(range.clone()) == Some(part)).then_some(range)
+    whole.get(range.clone()).is_some().then_some(range)
 }
 
 /// [`authority_host_port`], and whether the authority has userinfo (an

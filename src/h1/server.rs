@@ -257,7 +257,8 @@ impl LastOrigin {
         let n = self.text.len();
         if let Some((scheme, authority)) = &self.parsed {
             // `Uri` refuses targets of 64 KiB and more whole, not by parts.
-            if target.get(n) == Some(&b'/') && target.starts_with(&self.text) && target.len() <= MAX_TARGET {
+            if target.get(n) == Some(&b'/') && crate::scan::same(&target[..n], &self.text) && target.len() <= MAX_TARGET
+            {
                 let mut parts = http::uri::Parts::default();
                 parts.scheme = Some(scheme.clone());
                 parts.authority = Some(authority.clone());

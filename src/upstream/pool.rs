@@ -101,7 +101,7 @@ struct Key {
 
 impl Key {
     fn is(&self, r: &KeyRef<'_>) -> bool {
-        self.https == r.https && self.port == r.port && *self.host == *r.host
+        self.https == r.https && self.port == r.port && crate::scan::same(self.host.as_bytes(), r.host.as_bytes())
     }
 }
 
@@ -270,7 +270,9 @@ struct H1 {
 
 struct Idle {
     h1: Box<H1>,
-    since: Instant,
+    /// When it stops being reused (none: `idle_timeout` is too long to
+    /// add): a comparison at checkout, the addition done at checkin.
+    expires: Option<Instant>,
     /// `h1.affinity`, here where a checkout scans it without following the box.
     affinity: u64,
 }
@@ -445,8 +447,12 @@ impl Pool {
         let pool = Arc::as_ptr(self) as usize;
         if let (Some(last), Some(scheme), Some(authority)) = (&route.last, uri.scheme_str(), uri.authority()) {
             let authority = authority.as_str();
-            let https = if last.https { "https" } else { "http" };
-            if last.pool == pool && scheme == https && last.authority == authority {
+            let https: &[u8] = if last.https { b"https" } else { b"http" };
+            let same = crate::scan::same;
+            if last.pool == pool
+                && same(scheme.as_bytes(), https)
+                && same(last.authority.as_bytes(), authority.as_bytes())
+            {
                 let key = KeyRef { https: last.https, host: &authority[last.host.clone()], port: last.port };
                 return Ok((key, last.field.clone().map(|f| &authority[f]), last.hash));
             }
@@ -490,9 +496,9 @@ impl Pool {
                 let at = list.iter().rposition(|i| i.affinity == affinity).or(list.len().checked_sub(1))?;
                 list.remove(at)
             };
-            let Idle { mut h1, since, .. } = idle;
+            let Idle { mut h1, expires, .. } = idle;
             // Dropped (closed) outside the lock if unusable.
-            if now.saturating_duration_since(since) < self.settings.idle_timeout && still_open(&mut h1) {
+            if expires.is_none_or(|e| now < e) && still_open(&mut h1) {
                 self.stats.reused.fetch_add(1, Relaxed);
                 return Some(h1);
             }
@@ -506,16 +512,17 @@ impl Pool {
         if self.settings.max_idle_per_host == 0 || !h1.conn.reusable() {
             return;
         }
+        let expires = since.checked_add(self.settings.idle_timeout);
         let mut slots = self.slots();
         let hash = h1.key.hash;
         match slots.idle.find_mut(hash, |e| e.key.is(&h1.key.key_ref())) {
             Some(e) if e.list.len() < self.settings.max_idle_per_host => {
-                e.list.push(Idle { affinity: h1.affinity, h1, since })
+                e.list.push(Idle { affinity: h1.affinity, h1, expires })
             }
             Some(_) => {}
             None => {
                 let key = h1.key.clone();
-                let idle = Idle { affinity: h1.affinity, h1, since };
+                let idle = Idle { affinity: h1.affinity, h1, expires };
                 slots.idle.insert_unique(hash, IdleList { key, list: vec![idle] }, |e| e.key.hash);
             }
         }
@@ -551,12 +558,12 @@ impl Pool {
 
     fn sweep(&self) {
         let mut expired = Vec::new();
+        let now = Instant::now();
         {
             let mut slots = self.slots();
             slots.idle.retain(|e| {
-                let (keep, gone): (Vec<Idle>, Vec<Idle>) = std::mem::take(&mut e.list)
-                    .into_iter()
-                    .partition(|i| i.since.elapsed() < self.settings.idle_timeout);
+                let (keep, gone): (Vec<Idle>, Vec<Idle>) =
+                    std::mem::take(&mut e.list).into_iter().partition(|i| i.expires.is_none_or(|e| now < e));
                 e.list = keep;
                 expired.extend(gone);
                 !e.list.is_empty()
