@@ -81,9 +81,8 @@ impl std::fmt::Debug for PartiesText {
 /// One proxied request that named a connection.
 #[derive(Debug, Clone, Copy)]
 pub struct CredentialUse<'a> {
-    /// When the request arrived, since the Unix epoch
-    /// ([`telemetry::unix_time_at`] of its start).
-    pub time: Duration,
+    /// When the request arrived.
+    pub time: SystemTime,
     pub parties: &'a PartiesText,
     /// A token (RFC 9110 §9.1; `http::Method` admits nothing else): written
     /// as it is, no escaping to look for.
@@ -192,8 +191,7 @@ impl Audit {
     pub fn admin_action(&self, a: &AdminAction<'_>) {
         let Some(lines) = &self.lines else { return };
         lines.append_with(|buf| {
-            let since_epoch = a.time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-            let l = &mut Line::begin(buf, since_epoch, KIND_ADMIN);
+            let l = &mut Line::begin(buf, a.time, KIND_ADMIN);
             l.str(key!("action"), Some(a.action));
             l.str(key!("admin_token"), a.admin_token);
             l.str(key!("connect_session"), a.connect_session);
@@ -235,10 +233,10 @@ struct Line<'a>(&'a mut Vec<u8>);
 
 impl<'a> Line<'a> {
     /// A line started with its time and kind at the end of `buf`.
-    fn begin(buf: &'a mut Vec<u8>, since_epoch: Duration, kind: &str) -> Self {
+    fn begin(buf: &'a mut Vec<u8>, time: SystemTime, kind: &str) -> Self {
         let mut text = [0u8; telemetry::TIME_LEN];
         buf.extend_from_slice(b"{\"time\":\"");
-        telemetry::format_time_bytes(since_epoch, &mut text);
+        telemetry::format_time_bytes(time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default(), &mut text);
         buf.extend_from_slice(&text);
         buf.extend_from_slice(b"\",\"kind\":\"");
         buf.extend_from_slice(kind.as_bytes());
@@ -512,7 +510,7 @@ mod tests {
             auth_method: None,
         }
         .format();
-        let time = Duration::from_micros(1_764_700_000_123_456);
+        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456);
         for status in [200, 502] {
             audit.credential_use(&CredentialUse {
                 time,
@@ -627,7 +625,7 @@ mod tests {
 
     #[test]
     fn a_use_is_one_json_line_with_every_field() {
-        let time = Duration::from_micros(1_764_700_000_123_456);
+        let time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_700_000_123_456);
         let line = |user, status| {
             let mut buf = Vec::new();
             let l = &mut Line::begin(&mut buf, time, KIND_USE);

@@ -311,44 +311,6 @@ pub fn flush() {
     }
 }
 
-/// The wall-clock time of `at`, as a duration since the Unix epoch (zero
-/// before 1970), for lines written per request (the audit trail): counted
-/// from a per-thread anchor — a monotonic and a wall-clock reading taken
-/// together, renewed when `at` is a second or more away from it — so a
-/// request pays for no wall-clock reading of its own (two clock reads and
-/// a subtraction, ~100 instructions). A step of the wall clock shows within
-/// a second.
-pub fn unix_time_at(at: std::time::Instant) -> Duration {
-    use std::cell::Cell;
-    use std::time::Instant;
-    thread_local! {
-        static ANCHOR: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
-    }
-    if let Some(anchor) = ANCHOR.get() {
-        let (t, near) = from_anchor(anchor, at);
-        if near {
-            return t;
-        }
-    }
-    let anchor =
-        (Instant::now(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
-    ANCHOR.set(Some(anchor));
-    from_anchor(anchor, at).0
-}
-
-/// `at` counted from an anchor of [`unix_time_at`], and whether it is
-/// within a second of it.
-fn from_anchor((mono, wall): (std::time::Instant, Duration), at: std::time::Instant) -> (Duration, bool) {
-    const RENEW: Duration = Duration::from_secs(1);
-    match at.checked_duration_since(mono) {
-        Some(after) => (wall + after, after < RENEW),
-        None => {
-            let before = mono.duration_since(at);
-            (wall.saturating_sub(before), before < RENEW)
-        }
-    }
-}
-
 /// Now, in unix seconds (0 if the clock is before 1970).
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
@@ -357,26 +319,6 @@ pub fn unix_now() -> i64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// Times from the per-thread anchor agree with the wall clock (to a
-    /// millisecond: the two readings of an anchor are apart by less), on
-    /// either side of the anchor, and far ones renew it.
-    #[test]
-    fn anchored_times_agree_with_the_wall_clock() {
-        use std::time::{Instant, SystemTime, UNIX_EPOCH};
-        let wall = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-        let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_millis(1);
-        let (now, expected) = (Instant::now(), wall());
-        let before = now - Duration::from_millis(20);
-        assert!(close(unix_time_at(now), expected), "{:?} vs {expected:?}", unix_time_at(now));
-        // An earlier instant, from the same anchor.
-        let earlier = unix_time_at(before);
-        assert!(close(expected - earlier, now - before), "{earlier:?} is not {:?} before {expected:?}", now - before);
-        // Two seconds on: a new anchor.
-        let later = now + Duration::from_secs(2);
-        assert!(close(unix_time_at(later), expected + Duration::from_secs(2)));
-        assert!(close(unix_time_at(Instant::now()), wall()));
-    }
 
     #[test]
     fn times_are_rfc3339_with_micros() {
