@@ -757,7 +757,7 @@ impl Places {
     }
 }
 
-impl crate::upstream::pool::Release for Places {
+impl Places {
     /// Gives one place back in each cell. The cells stay in their shards
     /// (idle at 0, they are swept with the shard's other idle keys).
     fn release(&self) {
@@ -779,16 +779,28 @@ pub struct Permit(Option<Arc<Places>>);
 
 impl Permit {
     /// What a response body keeps until it ends (the places given back then).
-    pub fn into_held(mut self) -> Option<crate::upstream::pool::Held> {
-        Some(crate::upstream::pool::Held::new(self.0.take()?))
+    pub fn into_held(mut self) -> Option<Held> {
+        Some(Held(self.0.take()?))
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(places) = &self.0 {
-            crate::upstream::pool::Release::release(&**places);
+            places.release();
         }
+    }
+}
+
+/// A [`Permit`]'s places as the upstream pool keeps them with a response
+/// body, given back when it is dropped (the body ended, failed or was
+/// dropped): a handle on the places the caller connection's memo keeps,
+/// so that holding them allocates nothing.
+pub struct Held(Arc<Places>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 

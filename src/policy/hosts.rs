@@ -69,7 +69,7 @@ impl HostPattern {
         let name = self.name.as_bytes();
         // Hosts nearly always come in lowercase, as patterns are kept: an
         // exact compare first (one memcmp), case folded only when it fails.
-        let same = |h: &[u8]| crate::scan::same(h, name) || h.eq_ignore_ascii_case(name);
+        let same = |h: &[u8]| h == name || h.eq_ignore_ascii_case(name);
         if self.wildcard {
             h.len() > name.len() && same(&h[h.len() - name.len()..])
         } else {

@@ -233,29 +233,6 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
-/// What a response body keeps while it is read and lets go of when it
-/// ends or is dropped, whichever comes first (a quota's in-flight
-/// places): a shared handle, so that keeping one allocates nothing.
-pub trait Release: Send + Sync {
-    /// Lets go; called once for each [`Held`].
-    fn release(&self);
-}
-
-/// A [`Release`] let go of exactly once: when this is dropped.
-pub struct Held(Arc<dyn Release>);
-
-impl Held {
-    pub fn new(what: Arc<dyn Release>) -> Self {
-        Self(what)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.0.release();
-    }
-}
-
 /// An HTTP/1.1 connection and where it goes back to.
 struct H1 {
     key: Key,
@@ -263,7 +240,7 @@ struct H1 {
     /// What the response being read holds until its body ends (an
     /// in-flight permit): kept here, not in [`PooledBody`], whose size
     /// every layer of the pipeline moves.
-    held: Option<Held>,
+    held: Option<crate::quota::Held>,
     /// The caller connection that used it last ([`Pool::send`]'s `affinity`).
     affinity: u64,
 }
@@ -663,7 +640,7 @@ struct H2Body {
     body: Incoming,
     idle: h1::IdleTimer,
     /// As [`H1::held`].
-    held: Option<Held>,
+    held: Option<crate::quota::Held>,
 }
 
 impl PooledBody {
@@ -695,7 +672,7 @@ impl PooledBody {
 
     /// Keeps `held` until the body ends, fails or is dropped, whichever
     /// comes first.
-    pub fn hold_until_end(&mut self, held: Held) {
+    pub fn hold_until_end(&mut self, held: crate::quota::Held) {
         match &mut self.inner {
             Inner::H1(Some((h1, ..))) => h1.held = Some(held),
             Inner::H2(h2) if !h2.body.is_end_stream() => h2.held = Some(held),
