@@ -393,6 +393,9 @@ struct Cap {
     max: u64,
     /// Each key's requests in flight.
     keys: Keyed<AtomicU64>,
+    /// Places given back (any key's) while a request waited: a waiter
+    /// that found this cap full tries again only once it has moved.
+    given_back: AtomicU64,
 }
 
 /// One integration's limiters, narrowest first.
@@ -402,8 +405,10 @@ struct IntegrationQuota {
     declared: (Vec<RateLimit>, Vec<InFlightLimit>, u32),
     rates: Vec<Rate>,
     caps: Vec<Cap>,
-    /// Woken when an in-flight place frees and someone waits for one.
+    /// Woken when an in-flight place frees (a permit's release, or a
+    /// try's rollback) and someone waits for one.
     freed: tokio::sync::Notify,
+    /// Requests in [`IntegrationQuota::hold_waiting`].
     waiting: AtomicUsize,
 }
 
@@ -448,7 +453,7 @@ impl IntegrationQuota {
                     "max_wait_secs": c.max_wait.as_secs_f64(),
                 });
                 let named = Named::new(name, "in_flight", c.per, c.max_wait, &c.paths, view, description);
-                Cap { named, max, keys: Keyed::new() }
+                Cap { named, max, keys: Keyed::new(), given_back: AtomicU64::new(0) }
             })
             .collect();
         // The lock order, and the narrowest-first order of the module doc.
@@ -609,9 +614,12 @@ impl IntegrationQuota {
     }
 
     /// Takes a place under every cap that applies, or none: the index of
-    /// a full one. (`SeqCst`, here, in [`Permit`]'s drop and on
-    /// `waiting`: a place given back while a request starts to wait for
-    /// one is either seen by its try or wakes it.)
+    /// a full one. The places a failed try took under the caps before the
+    /// full one go back as a permit's do ([`IntegrationQuota::gave_back`]):
+    /// a waiter whose own try found one of them full in the meantime
+    /// tries again. (`SeqCst`, here, in [`Places::release`] and on
+    /// `waiting` and `given_back`: a place given back while a request
+    /// waits for one is either seen by its try or wakes it.)
     fn try_hold(&self, held: &Places) -> Result<(), usize> {
         for (n, (i, cell)) in held.cells().enumerate() {
             let max = self.caps[i].max;
@@ -619,40 +627,86 @@ impl IntegrationQuota {
                 for (_, cell) in held.cells().take(n) {
                     cell.fetch_sub(1, SeqCst);
                 }
+                if n > 0 {
+                    self.gave_back(held.cells().take(n).map(|(i, _)| i));
+                }
                 return Err(i);
             }
         }
         Ok(())
     }
 
+    /// Places were just given back under `caps`: counted, and the
+    /// waiters woken, if there are any.
+    fn gave_back(&self, caps: impl Iterator<Item = usize>) {
+        if self.waiting.load(SeqCst) == 0 {
+            return;
+        }
+        for i in caps {
+            self.caps[i].given_back.fetch_add(1, SeqCst);
+        }
+        self.freed.notify_waiters();
+    }
+
     /// Waits for a place under every cap, up to the `max_wait` of the
-    /// first one found full.
+    /// first one found full. It tries again when a place under the cap
+    /// its last try found full was given back — not on every wake-up: a
+    /// waiter's own failed try gives places back under the caps before
+    /// the full one, and waking for those would have two waiters for one
+    /// full cap wake each other in a loop.
     async fn hold_waiting(self: Arc<Self>, held: Arc<Places>) -> Result<Permit, Refusal> {
         let started = Instant::now();
         let mut deadline: Option<(usize, Instant)> = None;
+        // Counted for the whole wait (between two tries too: a place given
+        // back then must move `given_back`), and uncounted if the request
+        // goes away while it waits.
+        let _waiting = Waiting::enter(&self.waiting);
+        // The cap the last try found full, and its `given_back` before it.
+        let mut last: Option<(usize, u64)> = None;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            self.waiting.fetch_add(1, SeqCst);
-            let r = self.try_hold(&held);
-            let full = match r {
-                Ok(()) => {
-                    self.waiting.fetch_sub(1, Relaxed);
-                    if let Some((i, _)) = deadline {
-                        self.caps[i].named.waited(started.elapsed());
-                    }
-                    return Ok(Permit(Some(held)));
+            let moved = last.is_none_or(|(i, seen)| self.caps[i].given_back.load(SeqCst) != seen);
+            if moved {
+                let mut seen = [0; MAX_LIMITS];
+                for (i, _) in held.cells() {
+                    seen[i] = self.caps[i].given_back.load(SeqCst);
                 }
-                Err(i) => i,
-            };
-            let (i, until) = *deadline.get_or_insert_with(|| (full, started + self.caps[full].named.max_wait));
-            let timed_out = tokio::time::timeout_at(until.into(), freed).await.is_err();
-            self.waiting.fetch_sub(1, Relaxed);
-            if timed_out {
+                match self.try_hold(&held) {
+                    Ok(()) => {
+                        if let Some((i, _)) = deadline {
+                            self.caps[i].named.waited(started.elapsed());
+                        }
+                        return Ok(Permit(Some(held)));
+                    }
+                    Err(full) => last = Some((full, seen[full])),
+                }
+            }
+            let (i, until) = *deadline.get_or_insert_with(|| {
+                let full = last.map_or(0, |(full, _)| full);
+                (full, started + self.caps[full].named.max_wait)
+            });
+            if tokio::time::timeout_at(until.into(), freed).await.is_err() {
                 return Err(self.caps[i].named.refusal(Refused::InFlight, &self.id, Duration::from_secs(1)));
             }
         }
+    }
+}
+
+/// A request counted in [`IntegrationQuota::waiting`] while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, SeqCst);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
     }
 }
 
@@ -761,13 +815,11 @@ impl Places {
     /// Gives one place back in each cell. The cells stay in their shards
     /// (idle at 0, they are swept with the shard's other idle keys).
     fn release(&self) {
-        let mut any = false;
         for (_, cell) in self.cells() {
             cell.fetch_sub(1, SeqCst);
-            any = true;
         }
-        if any && self.quota.waiting.load(SeqCst) > 0 {
-            self.quota.freed.notify_waiters();
+        if self.caps != 0 {
+            self.quota.gave_back(self.cells().map(|(i, _)| i));
         }
     }
 }
@@ -1140,6 +1192,129 @@ mod tests {
         drop(held);
         drop(go(check("/search/d")));
         drop(go(check("/user")));
+    }
+
+    /// Two caps for the tests of waiting: each connection's one place,
+    /// and one place in the whole integration for `/search/*`; and the
+    /// integration's limiters, for what the tests look at inside.
+    fn two_caps(conn_wait: Duration, search_wait: Duration) -> (Quotas, Arc<IntegrationQuota>) {
+        let cap = |name: &str, per: Per, max_wait: Duration, paths: Vec<String>| InFlightLimit {
+            name: Some(name.into()),
+            per,
+            max_in_flight: 1,
+            max_wait,
+            paths,
+        };
+        let caps = [
+            cap("conn", Per::Connection, conn_wait, vec![]),
+            cap("search", Per::Integration, search_wait, vec!["/search/*".into()]),
+        ];
+        let q = quotas(vec![], caps.to_vec());
+        let limiters = q.table.load().limited["gh"].clone();
+        (q, limiters)
+    }
+
+    async fn admitted(v: Verdict) -> Result<Option<Permit>, Refusal> {
+        match v {
+            Verdict::Go(p) => Ok(p),
+            Verdict::Wait(w) => w.await,
+            Verdict::No(r) => Err(r),
+        }
+    }
+
+    /// A try that takes a connection's place and finds the next cap full
+    /// gives the place back: a request of that connection that found it
+    /// taken meanwhile, and waits, is woken for it — not left to wait for
+    /// another permit's release or its `max_wait`. Another thread makes
+    /// such tries without a pause; a waiter that missed them times out.
+    #[tokio::test]
+    async fn a_place_a_failed_try_gave_back_wakes_its_waiter() {
+        let (q, limiters) = two_caps(Duration::from_millis(300), Duration::ZERO);
+        // The search place is taken (by another connection) for the test.
+        let search = go(q.check("gh", "conn_b", "org", "/search/x")).expect("a permit");
+        let mut cells = Cells::default();
+        limiters.cells(b"conn_a", "org", 0, &mut cells);
+        let tries = Arc::new(Places::new(&limiters, &cells, limiters.caps_for("/search/y")));
+        assert_eq!(tries.caps, 0b11);
+        let (stop, tried) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let trying = std::thread::spawn({
+            let (limiters, stop, tried) = (limiters.clone(), stop.clone(), tried.clone());
+            move || {
+                while !stop.load(Relaxed) {
+                    // Full at the connection's place while the waiter
+                    // holds it, else at search's: never admitted.
+                    assert!(limiters.try_hold(&tries).is_err(), "the search place is taken");
+                    tried.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        let started = Instant::now();
+        while tried.load(Relaxed) < 1000 {
+            assert!(started.elapsed() < Duration::from_secs(10), "the other thread makes no tries");
+            tokio::task::yield_now().await;
+        }
+        // Asked until both have done a good number: the test runs beside
+        // others, and a thread may be off the CPU for a while.
+        let (before, mut asked) = (tried.load(Relaxed), 0);
+        let mut memo = KeyMemo::default();
+        while asked < 3000 || tried.load(Relaxed) - before < 200_000 {
+            assert!(started.elapsed() < Duration::from_secs(30), "the other thread makes too few tries");
+            asked += 1;
+            let v = q.check_with("gh", b"conn_a", "org", "/user", Instant::now(), &mut memo);
+            let permit = admitted(v).await;
+            if let Err(r) = permit {
+                stop.store(true, Relaxed);
+                panic!("a place given back by a failed try did not wake its waiter: {}", r.description);
+            }
+        }
+        stop.store(true, Relaxed);
+        trying.join().unwrap();
+        drop(search);
+    }
+
+    /// Two requests waiting for the one search place each take their
+    /// connection's place and give it back when they find search full:
+    /// that wakes the other, which does not try again (the cap it found
+    /// full has not moved) — no loop of tries while they wait. When the
+    /// search place is given back, both get it in turn. (The waiters run
+    /// on a runtime of their own: a loop of theirs is then counted, not
+    /// a hang of this one.)
+    #[tokio::test]
+    async fn waiters_for_one_full_cap_do_not_wake_each_other_in_a_loop() {
+        let (q, limiters) = two_caps(Duration::ZERO, Duration::from_secs(10));
+        let q = Arc::new(q);
+        let search = go(q.check("gh", "conn_z", "org", "/search/x")).expect("a permit");
+        let theirs = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let waiters: Vec<_> = ["conn_a", "conn_b"]
+            .into_iter()
+            .map(|conn| {
+                let q = q.clone();
+                theirs.spawn(async move { admitted(q.check("gh", conn, "org", "/search/y")).await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(limiters.waiting.load(SeqCst), 2, "both wait (one that loops keeps the other from its runtime)");
+        let tried = limiters.caps[0].given_back.load(SeqCst);
+        assert!(tried <= 4, "the waiters tried {tried} times while the cap they wait for stayed full");
+        assert_eq!(limiters.caps[1].given_back.load(SeqCst), 0);
+        drop(search);
+        for w in waiters {
+            tokio::time::timeout(Duration::from_secs(5), w).await.expect("woken").unwrap().expect("admitted");
+        }
+        assert_eq!(limiters.waiting.load(SeqCst), 0);
+        theirs.shutdown_background();
+    }
+
+    /// A request that goes away while it waits is no longer counted as
+    /// waiting (every release would wake no one, at the cost of a lock).
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_is_not_counted() {
+        let (q, limiters) = two_caps(Duration::from_secs(10), Duration::ZERO);
+        let first = go(q.check("gh", "conn_a", "org", "/user")).expect("a permit");
+        let Verdict::Wait(second) = q.check("gh", "conn_a", "org", "/user") else { panic!("waits") };
+        assert!(tokio::time::timeout(Duration::from_millis(50), second).await.is_err(), "still waiting");
+        assert_eq!(limiters.waiting.load(SeqCst), 0);
+        drop(first);
     }
 
     #[test]
