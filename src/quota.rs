@@ -480,19 +480,31 @@ impl IntegrationQuota {
     }
 
     /// Every limit's cell for `connection` of `org` (those whose `paths`
-    /// leave a request out too) into `cells`; `t`: now, in the limiters'
-    /// nanoseconds (a full shard's sweep drops what is idle by then).
-    fn cells(&self, connection: &[u8], org: &str, t: u64, cells: &mut Cells) {
-        cells.rates.clear();
-        cells.rates.extend(self.rates.iter().map(|r| {
+    /// leave a request out too): the rate limits' into `rates`, the caps'
+    /// as the connection's [`Places`] (none without caps); `t`: now, in
+    /// the limiters' nanoseconds (a full shard's sweep drops what is idle
+    /// by then).
+    fn cells(
+        self: &Arc<Self>,
+        connection: &[u8],
+        org: &str,
+        t: u64,
+        rates: &mut Vec<Arc<Mutex<u64>>>,
+    ) -> Option<Arc<Places>> {
+        rates.clear();
+        rates.extend(self.rates.iter().map(|r| {
             let key = r.keys.key(r.named.key(connection, org));
             r.keys.cell(key, |c| Gcra::is_stale(*c.get_mut().unwrap_or_else(|p| p.into_inner()), t))
         }));
-        cells.caps.clear();
-        cells.caps.extend(self.caps.iter().map(|c| {
+        if self.caps.is_empty() {
+            return None;
+        }
+        let mut places = Places { quota: self.clone(), cells: Default::default() };
+        for (c, slot) in self.caps.iter().zip(places.cells.iter_mut()) {
             let key = c.keys.key(c.named.key(connection, org));
-            c.keys.cell(key, |n| *n.get_mut() == 0)
-        }));
+            *slot = Some(c.keys.cell(key, |n| *n.get_mut() == 0));
+        }
+        Some(Arc::new(places))
     }
 
     /// Which caps apply to a request for `path` (bit `i`: cap `i`; a `u8`
@@ -501,34 +513,27 @@ impl IntegrationQuota {
         self.caps.iter().enumerate().filter(|(_, c)| c.named.paths.matches(path)).fold(0, |m, (i, _)| m | 1 << i)
     }
 
-    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, kept: &mut KeptKeys, path: &str) -> Verdict {
-        let (wait, now) = match self.reserve(epoch, now, &kept.cells, path) {
+    fn check(self: &Arc<Self>, epoch: Instant, now: Instant, kept: &KeptKeys, path: &str) -> Verdict {
+        let (wait, now) = match self.reserve(epoch, now, &kept.rates, path) {
             Ok(w) => w,
             Err(r) => return Verdict::No(r),
         };
-        if self.caps.is_empty() {
-            if wait.is_zero() {
-                return Verdict::Go(None);
-            }
-            return Verdict::Wait(Box::pin(async move {
-                tokio::time::sleep_until((now + wait).into()).await;
-                Ok(None)
-            }));
-        }
-        // The caller connection's places, unless this request's path
-        // takes it under other caps than its last.
+        // The caller connection's places, if a cap applies to this path
+        // (none are kept when the integration has no caps).
         let caps = self.caps_for(path);
         let places = match &kept.places {
-            Some(p) if p.caps == caps => p.clone(),
+            Some(p) if caps != 0 => p.clone(),
+            _ if wait.is_zero() => return Verdict::Go(None),
             _ => {
-                let p = Arc::new(Places::new(self, &kept.cells, caps));
-                kept.places = Some(p.clone());
-                p
+                return Verdict::Wait(Box::pin(async move {
+                    tokio::time::sleep_until((now + wait).into()).await;
+                    Ok(None)
+                }))
             }
         };
         if wait.is_zero() {
-            match self.try_hold(&places) {
-                Ok(()) => return Verdict::Go(Some(Permit(Some(places)))),
+            match self.try_hold(&places, caps) {
+                Ok(()) => return Verdict::Go(Some(Permit(Some((places, caps))))),
                 Err(full) if self.caps[full].named.max_wait.is_zero() => {
                     return Verdict::No(self.caps[full].named.refusal(
                         Refused::InFlight,
@@ -544,14 +549,20 @@ impl IntegrationQuota {
             if !wait.is_zero() {
                 tokio::time::sleep_until((now + wait).into()).await;
             }
-            this.hold_waiting(places).await.map(Some)
+            this.hold_waiting(places, caps).await.map(Some)
         }))
     }
 
     /// Reserves a cell of every rate limit that applies, all or none:
     /// how long until the reservation's time (and the time it counts
     /// from), or the refusal of a limit whose wait exceeds its `max_wait`.
-    fn reserve(&self, epoch: Instant, now: Instant, cells: &Cells, path: &str) -> Result<(Duration, Instant), Refusal> {
+    fn reserve(
+        &self,
+        epoch: Instant,
+        now: Instant,
+        cells: &[Arc<Mutex<u64>>],
+        path: &str,
+    ) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
             return Ok((Duration::ZERO, now));
         }
@@ -569,13 +580,13 @@ impl IntegrationQuota {
         &self,
         epoch: Instant,
         now: Instant,
-        cells: &Cells,
+        cells: &[Arc<Mutex<u64>>],
         path: &str,
     ) -> Result<(Duration, Instant), Refusal> {
         // Held together, locked in the limits' order: the decision covers
         // every limit at once.
         let mut locked: [Option<MutexGuard<'_, u64>>; N] = std::array::from_fn(|_| None);
-        for ((r, cell), slot) in self.rates.iter().zip(&cells.rates).zip(locked.iter_mut()) {
+        for ((r, cell), slot) in self.rates.iter().zip(cells).zip(locked.iter_mut()) {
             if r.named.paths.matches(path) {
                 // A panic while a cell is held cannot leave it half-written
                 // (one integer): a poisoned lock is used as it is.
@@ -620,15 +631,15 @@ impl IntegrationQuota {
     /// tries again. (`SeqCst`, here, in [`Places::release`] and on
     /// `waiting` and `given_back`: a place given back while a request
     /// waits for one is either seen by its try or wakes it.)
-    fn try_hold(&self, held: &Places) -> Result<(), usize> {
-        for (n, (i, cell)) in held.cells().enumerate() {
+    fn try_hold(&self, held: &Places, caps: u8) -> Result<(), usize> {
+        for (n, (i, cell)) in held.cells(caps).enumerate() {
             let max = self.caps[i].max;
             if cell.fetch_update(SeqCst, SeqCst, |v| (v < max).then_some(v + 1)).is_err() {
-                for (_, cell) in held.cells().take(n) {
+                for (_, cell) in held.cells(caps).take(n) {
                     cell.fetch_sub(1, SeqCst);
                 }
                 if n > 0 {
-                    self.gave_back(held.cells().take(n).map(|(i, _)| i));
+                    self.gave_back(held.cells(caps).take(n).map(|(i, _)| i));
                 }
                 return Err(i);
             }
@@ -654,7 +665,7 @@ impl IntegrationQuota {
     /// waiter's own failed try gives places back under the caps before
     /// the full one, and waking for those would have two waiters for one
     /// full cap wake each other in a loop.
-    async fn hold_waiting(self: Arc<Self>, held: Arc<Places>) -> Result<Permit, Refusal> {
+    async fn hold_waiting(self: Arc<Self>, held: Arc<Places>, caps: u8) -> Result<Permit, Refusal> {
         let started = Instant::now();
         let mut deadline: Option<(usize, Instant)> = None;
         // Counted for the whole wait (between two tries too: a place given
@@ -670,15 +681,15 @@ impl IntegrationQuota {
             let moved = last.is_none_or(|(i, seen)| self.caps[i].given_back.load(SeqCst) != seen);
             if moved {
                 let mut seen = [0; MAX_LIMITS];
-                for (i, _) in held.cells() {
+                for (i, _) in held.cells(caps) {
                     seen[i] = self.caps[i].given_back.load(SeqCst);
                 }
-                match self.try_hold(&held) {
+                match self.try_hold(&held, caps) {
                     Ok(()) => {
                         if let Some((i, _)) = deadline {
                             self.caps[i].named.waited(started.elapsed());
                         }
-                        return Ok(Permit(Some(held)));
+                        return Ok(Permit(Some((held, caps))));
                     }
                     Err(full) => last = Some((full, seen[full])),
                 }
@@ -710,14 +721,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// The cell of each of an integration's limits for one connection of one
-/// organization, in the order of its `rates` and `caps`.
-#[derive(Default)]
-struct Cells {
-    rates: Vec<Arc<Mutex<u64>>>,
-    caps: Vec<Arc<AtomicU64>>,
-}
-
 /// The limiter cells of a caller connection's last request, and what
 /// they were made of: the integration's limiters (a weak handle, compared
 /// by address: held, an address is not reused; a reload that changes the
@@ -738,8 +741,10 @@ struct KeptKeys {
     quota: std::sync::Weak<IntegrationQuota>,
     connection: Vec<u8>,
     org: String,
-    cells: Cells,
-    /// The in-flight places its last request took (their permits share them).
+    /// The connection's cell of each rate limit, in the order of `rates`.
+    rates: Vec<Arc<Mutex<u64>>>,
+    /// Its cell of each in-flight cap (the permits of its requests share
+    /// them); none when the integration has no caps.
     places: Option<Arc<Places>>,
 }
 
@@ -764,13 +769,12 @@ impl KeyMemo {
 impl KeptKeys {
     /// `q`'s cells for `connection` of `org`; `t`: now, in the limiters'
     /// nanoseconds (read only when the cells are found anew).
-    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &mut Self {
+    fn of(&mut self, q: &Arc<IntegrationQuota>, connection: &[u8], org: &str, t: impl FnOnce() -> u64) -> &Self {
         let same = std::ptr::eq(self.quota.as_ptr(), Arc::as_ptr(q))
             && crate::scan::same(&self.connection, connection)
             && crate::scan::same(self.org.as_bytes(), org.as_bytes());
         if !same {
-            q.cells(connection, org, t(), &mut self.cells);
-            self.places = None;
+            self.places = q.cells(connection, org, t(), &mut self.rates);
             self.quota = Arc::downgrade(q);
             self.connection.clear();
             self.connection.extend_from_slice(connection);
@@ -780,66 +784,55 @@ impl KeptKeys {
     }
 }
 
-/// The in-flight places a request takes: a cell of each cap that applies
-/// (by cap index; none where the cap's `paths` leave the request out).
-/// Kept by the caller connection's [`KeyMemo`] and shared by its
-/// requests' permits, each of which takes and gives back one place in
-/// each: a request's permit allocates nothing.
+/// A connection's in-flight places: its cell of each of the integration's
+/// caps (by cap index). Kept by the caller connection's [`KeyMemo`] and
+/// shared by its requests' permits, each of which takes and gives back one
+/// place in the cells of the caps that apply to it (a mask of
+/// [`IntegrationQuota::caps_for`]): a request's permit allocates nothing.
 struct Places {
     quota: Arc<IntegrationQuota>,
+    /// Some for each of the integration's caps, none past them.
     cells: [Option<Arc<AtomicU64>>; MAX_LIMITS],
-    /// The integration's caps: `cells` past them are none.
-    len: usize,
-    /// [`IntegrationQuota::caps_for`] of the requests these are for.
-    caps: u8,
 }
 
 impl Places {
-    fn new(q: &Arc<IntegrationQuota>, cells: &Cells, caps: u8) -> Self {
-        let mut places = Self { quota: q.clone(), cells: Default::default(), len: q.caps.len(), caps };
-        for (i, (cell, slot)) in cells.caps.iter().zip(places.cells.iter_mut()).enumerate() {
-            if caps & 1 << i != 0 {
-                *slot = Some(cell.clone());
-            }
-        }
-        places
+    /// (cap index, cell) of each cap in `caps`, in the caps' order.
+    fn cells(&self, caps: u8) -> impl Iterator<Item = (usize, &AtomicU64)> {
+        let mut left = caps;
+        std::iter::from_fn(move || {
+            let i = left.trailing_zeros() as usize;
+            left &= left.wrapping_sub(1);
+            Some((i, &**self.cells.get(i)?.as_ref()?))
+        })
     }
 
-    /// (cap index, cell) of each cap that applies.
-    fn cells(&self) -> impl Iterator<Item = (usize, &AtomicU64)> {
-        self.cells[..self.len].iter().enumerate().filter_map(|(i, c)| Some((i, &**c.as_ref()?)))
-    }
-}
-
-impl Places {
-    /// Gives one place back in each cell. The cells stay in their shards
-    /// (idle at 0, they are swept with the shard's other idle keys).
-    fn release(&self) {
-        for (_, cell) in self.cells() {
+    /// Gives one place back in each cell of `caps`. The cells stay in their
+    /// shards (idle at 0, they are swept with the shard's other idle keys).
+    fn release(&self, caps: u8) {
+        for (_, cell) in self.cells(caps) {
             cell.fetch_sub(1, SeqCst);
         }
-        if self.caps != 0 {
-            self.quota.gave_back(self.cells().map(|(i, _)| i));
-        }
+        self.quota.gave_back(self.cells(caps).map(|(i, _)| i));
     }
 }
 
-/// Places under in-flight caps, given back when dropped, or handed to the
-/// response body ([`Permit::into_held`]) to give back when the body ends
-/// or is dropped.
-pub struct Permit(Option<Arc<Places>>);
+/// Places under in-flight caps (the connection's, and the mask of those
+/// that apply), given back when dropped, or handed to the response body
+/// ([`Permit::into_held`]) to give back when the body ends or is dropped.
+pub struct Permit(Option<(Arc<Places>, u8)>);
 
 impl Permit {
     /// What a response body keeps until it ends (the places given back then).
     pub fn into_held(mut self) -> Option<Held> {
-        Some(Held(self.0.take()?))
+        let (places, caps) = self.0.take()?;
+        Some(Held(places, caps))
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(places) = &self.0 {
-            places.release();
+        if let Some((places, caps)) = &self.0 {
+            places.release(*caps);
         }
     }
 }
@@ -848,17 +841,17 @@ impl Drop for Permit {
 /// body, given back when it is dropped (the body ended, failed or was
 /// dropped): a handle on the places the caller connection's memo keeps,
 /// so that holding them allocates nothing.
-pub struct Held(Arc<Places>);
+pub struct Held(Arc<Places>, u8);
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.release();
+        self.0.release(self.1);
     }
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let integration = self.0.as_ref().map(|p| p.quota.id.as_str());
+        let integration = self.0.as_ref().map(|(p, _)| p.quota.id.as_str());
         f.debug_struct("Permit").field("integration", &integration).finish_non_exhaustive()
     }
 }
@@ -1232,10 +1225,9 @@ mod tests {
         let (q, limiters) = two_caps(Duration::from_millis(300), Duration::ZERO);
         // The search place is taken (by another connection) for the test.
         let search = go(q.check("gh", "conn_b", "org", "/search/x")).expect("a permit");
-        let mut cells = Cells::default();
-        limiters.cells(b"conn_a", "org", 0, &mut cells);
-        let tries = Arc::new(Places::new(&limiters, &cells, limiters.caps_for("/search/y")));
-        assert_eq!(tries.caps, 0b11);
+        let tries = limiters.cells(b"conn_a", "org", 0, &mut Vec::new()).expect("places");
+        let caps = limiters.caps_for("/search/y");
+        assert_eq!(caps, 0b11);
         let (stop, tried) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let trying = std::thread::spawn({
             let (limiters, stop, tried) = (limiters.clone(), stop.clone(), tried.clone());
@@ -1243,7 +1235,7 @@ mod tests {
                 while !stop.load(Relaxed) {
                     // Full at the connection's place while the waiter
                     // holds it, else at search's: never admitted.
-                    assert!(limiters.try_hold(&tries).is_err(), "the search place is taken");
+                    assert!(limiters.try_hold(&tries, caps).is_err(), "the search place is taken");
                     tried.fetch_add(1, Relaxed);
                 }
             }
