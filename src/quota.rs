@@ -521,19 +521,11 @@ impl IntegrationQuota {
         // The caller connection's places, if a cap applies to this path
         // (none are kept when the integration has no caps).
         let caps = self.caps_for(path);
-        let places = match &kept.places {
-            Some(p) if caps != 0 => p.clone(),
-            _ if wait.is_zero() => return Verdict::Go(None),
-            _ => {
-                return Verdict::Wait(Box::pin(async move {
-                    tokio::time::sleep_until((now + wait).into()).await;
-                    Ok(None)
-                }))
-            }
-        };
+        let places = kept.places.as_ref().filter(|_| caps != 0);
         if wait.is_zero() {
-            match self.try_hold(&places, caps) {
-                Ok(()) => return Verdict::Go(Some(Permit(Some((places, caps))))),
+            let Some(places) = places else { return Verdict::Go(None) };
+            match self.try_hold(places, caps) {
+                Ok(()) => return Verdict::Go(Some(Permit(Some((places.clone(), caps))))),
                 Err(full) if self.caps[full].named.max_wait.is_zero() => {
                     return Verdict::No(self.caps[full].named.refusal(
                         Refused::InFlight,
@@ -544,12 +536,15 @@ impl IntegrationQuota {
                 Err(_) => {}
             }
         }
-        let this = self.clone();
+        let (this, places) = (self.clone(), places.cloned());
         Verdict::Wait(Box::pin(async move {
             if !wait.is_zero() {
                 tokio::time::sleep_until((now + wait).into()).await;
             }
-            this.hold_waiting(places, caps).await.map(Some)
+            match places {
+                Some(places) => this.hold_waiting(places, caps).await.map(Some),
+                None => Ok(None),
+            }
         }))
     }
 
