@@ -21,7 +21,7 @@ use crate::audit::{Audit, CredentialUse, Parties, PartiesText};
 use crate::config::ProxyMode;
 use crate::creds::{Connections, ResolveError, ResolveMemo, Resolved};
 use crate::h1;
-use crate::h1::server::{OnUpgrade, Transport};
+use crate::h1::server::{FillOnce, OnUpgrade, Transport};
 use crate::ids::ConnectionId;
 use crate::integrations::{Integration, Scheme};
 use crate::metrics::Metrics;
@@ -208,7 +208,7 @@ pub fn serve_connection(
             Some(acceptor) => {
                 // The handshake gets the same deadline as a request head.
                 match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => serve_h1(&state, Transport::Boxed(Box::new(s)), peer, None).await,
+                    Ok(Ok(s)) => serve_h1(&state, Transport::Boxed(Box::new(FillOnce(s))), peer, None).await,
                     Ok(Err(e)) => debug!(%peer, error = %e, "proxy TLS handshake failed"),
                     Err(_) => debug!(%peer, "proxy TLS handshake timed out"),
                 }

@@ -81,6 +81,36 @@ async fn curl_https_proxy_http1_and_http2_inside_the_tunnel() {
     assert!(i.cache_hits() >= 1, "the second tunnel reused the leaf");
 }
 
+/// Tunnels one after another share the pool's TLS connection to the
+/// upstream; gunicorn closes it after 2 s idle, and the pool notices (its
+/// socket turned readable: the poll through TLS reads the close) and opens
+/// another — the caller never sees the closed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_tls_connection_is_reused_and_replaced_once_the_upstream_closed_it() {
+    let t = intercepting(true, "").await;
+    let id = t.h.create("bearer", &[("token", "tls-pool-token")]).await;
+    let proxy = t.h.proxy_url();
+    let hdr = format!("X-Connection-Id: {id}");
+    let url = format!("{}/headers", httpbin_tls());
+    let args = ["--http1.1", "--cacert", t.ca.as_str(), "-H", hdr.as_str(), url.as_str()];
+    let env = [("HTTPS_PROXY", proxy.as_str())];
+    let twice = || async {
+        for _ in 0..2 {
+            let seen = curl(&args, &env).await;
+            assert_eq!(seen.status, 200, "{}", seen.text());
+            assert_eq!(seen.echoed_header("Authorization").as_deref(), Some("Bearer tls-pool-token"));
+        }
+    };
+    twice().await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    twice().await;
+    let metrics = curl(&[&format!("{}/metrics", t.h.admin_url())], &[]).await.text();
+    assert!(metrics.contains("credproxy_upstream_connections_opened_total 2\n"), "{metrics}");
+    assert!(metrics.contains("credproxy_upstream_connections_reused_total 2\n"), "{metrics}");
+    let failed = metrics.lines().filter(|l| l.starts_with("credproxy_proxy_errors_total") && !l.ends_with(" 0"));
+    assert_eq!(failed.collect::<Vec<_>>(), Vec::<&str>::new(), "no request failed");
+}
+
 /// An upstream that offers h2 (Hypercorn) gets h2 from credproxy, one
 /// multiplexed connection for many tunnels and concurrent requests, with
 /// the credential on every request.

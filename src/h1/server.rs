@@ -18,7 +18,7 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Versio
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
-pub use super::transport::{Io, ReadHalf, Rewind, Transport, Upgraded, WriteHalf};
+pub use super::transport::{FillOnce, Io, ReadHalf, Rewind, Transport, Upgraded, WriteHalf};
 use super::{
     find_head_end, header_map, read_into, Decoder, Encoder, Error, Framing, IdleTimer, OwnFields, Pending, RawFields,
     MAX_HEADERS,

@@ -1,15 +1,15 @@
 //! The I/O plumbing under the caller's side of HTTP/1.1: what a caller's
 //! connection runs over (plain TCP, split without a lock, or anything else
-//! boxed: the listener's TLS, an intercepted tunnel), its halves, and a
+//! boxed: the listener's TLS, an intercepted tunnel), its halves, a
 //! stream with bytes already read put back in front (what followed a
-//! `CONNECT` head, a peeked first byte).
+//! `CONNECT` head, a peeked first byte), and TLS read a record at a time.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -177,5 +177,52 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream that keeps its own read buffer ([`AsyncBufRead`]: a TLS
+/// session) read one fill at a time: a read hands over what the buffer
+/// holds, or fills it once and hands that over. tokio-rustls' `poll_read`
+/// goes on after a read that brought data, to fill the reader's buffer to
+/// the brim — a read that would block, through rustls and tokio's
+/// readiness (~400 instructions), after each request head and each
+/// response that arrived (callgrind, `credproxy-connect`). The next read
+/// takes whatever came since.
+pub struct FillOnce<T>(pub T);
+
+impl<T: AsyncBufRead + Unpin> AsyncRead for FillOnce<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let inner = &mut self.get_mut().0;
+        let data = std::task::ready!(Pin::new(&mut *inner).poll_fill_buf(cx))?;
+        let n = data.len().min(buf.remaining());
+        buf.put_slice(&data[..n]);
+        Pin::new(inner).consume(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FillOnce<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{handle, serve_h1, Caller, ConnMemo, ProxyState, TunnelTarget};
-use crate::h1::server::{Rewind, Transport, Upgraded};
+use crate::h1::server::{FillOnce, Rewind, Transport, Upgraded};
 use crate::upstream::CallerBody;
 
 /// First byte of a TLS record carrying a handshake (ClientHello).
@@ -84,7 +84,7 @@ async fn intercepted(
     };
     let target = TunnelTarget { scheme: UriScheme::HTTPS, authority, caller };
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-        return serve_h1(&state, Transport::Boxed(Box::new(stream)), peer, Some(target)).await;
+        return serve_h1(&state, Transport::Boxed(Box::new(FillOnce(stream))), peer, Some(target)).await;
     }
     let mut shutdown = state.shutdown.clone();
     let target = Arc::new(target);
