@@ -379,6 +379,9 @@ impl Named {
     }
 }
 
+/// A rate limit's state for one key: its theoretical arrival time.
+type RateCell = Arc<Mutex<u64>>;
+
 struct Rate {
     named: Named,
     gcra: Gcra,
@@ -484,13 +487,7 @@ impl IntegrationQuota {
     /// as the connection's [`Places`] (none without caps); `t`: now, in
     /// the limiters' nanoseconds (a full shard's sweep drops what is idle
     /// by then).
-    fn cells(
-        self: &Arc<Self>,
-        connection: &[u8],
-        org: &str,
-        t: u64,
-        rates: &mut Vec<Arc<Mutex<u64>>>,
-    ) -> Option<Arc<Places>> {
+    fn cells(self: &Arc<Self>, connection: &[u8], org: &str, t: u64, rates: &mut Vec<RateCell>) -> Option<Arc<Places>> {
         rates.clear();
         rates.extend(self.rates.iter().map(|r| {
             let key = r.keys.key(r.named.key(connection, org));
@@ -555,7 +552,7 @@ impl IntegrationQuota {
         &self,
         epoch: Instant,
         now: Instant,
-        cells: &[Arc<Mutex<u64>>],
+        cells: &[RateCell],
         path: &str,
     ) -> Result<(Duration, Instant), Refusal> {
         if self.rates.is_empty() {
@@ -575,7 +572,7 @@ impl IntegrationQuota {
         &self,
         epoch: Instant,
         now: Instant,
-        cells: &[Arc<Mutex<u64>>],
+        cells: &[RateCell],
         path: &str,
     ) -> Result<(Duration, Instant), Refusal> {
         // Held together, locked in the limits' order: the decision covers
@@ -737,7 +734,7 @@ struct KeptKeys {
     connection: Vec<u8>,
     org: String,
     /// The connection's cell of each rate limit, in the order of `rates`.
-    rates: Vec<Arc<Mutex<u64>>>,
+    rates: Vec<RateCell>,
     /// Its cell of each in-flight cap (the permits of its requests share
     /// them); none when the integration has no caps.
     places: Option<Arc<Places>>,
