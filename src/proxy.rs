@@ -849,7 +849,7 @@ fn target_of<'u>(uri: &'u Uri, memo: &mut TargetMemo) -> Result<(Scheme, &'u str
     // `let else`, not `ok_or`: an error made and dropped on every request.
     let Some(authority) = uri.authority() else { return Err(ProxyError::OriginForm) };
     let text = authority.as_str();
-    if memo.authority == text {
+    if crate::scan::same(memo.authority.as_bytes(), text.as_bytes()) {
         if let Some(host) = text.get(memo.host.0..memo.host.1) {
             return Ok((scheme, host, memo.port));
         }
