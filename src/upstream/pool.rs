@@ -576,21 +576,20 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
 /// instructions per request); else it is polled through TLS (a session
 /// ticket that arrives later is no reason to close).
 fn still_open(h1: &mut H1) -> bool {
+    if !h1.conn.reusable() {
+        return false;
+    }
     match h1.conn.get_ref() {
-        IoEither::Left(tcp) if h1.conn.reusable() => {
+        IoEither::Left(tcp) => {
             let mut probe = [0u8; 1];
             matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
-        IoEither::Left(_) => false,
         IoEither::Right(FillOnce(tls)) => {
             let (tcp, session) = tls.get_ref();
             // `try_io` calls its closure only when tokio holds the socket
             // readable, and then clears nothing: the poll below reads.
             let quiet = session.wants_read() && tcp.try_io(Interest::READABLE, || Ok(())).is_err();
-            if quiet && h1.conn.reusable() {
-                return true;
-            }
-            h1.conn.usable()
+            quiet || h1.conn.usable()
         }
     }
 }
