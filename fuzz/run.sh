@@ -29,6 +29,8 @@ if [ ! -x "$tools/bin/cargo-fuzz" ]; then
   install_start=$(date +%s)
   CARGO_TARGET_DIR="$tools/build" timeout 600 cargo install cargo-fuzz --version 0.13.2 --locked --root "$tools" --quiet
   log "installed in $(( $(date +%s) - install_start )) s"
+  # The build tree of the install is hundreds of MB the fuzz build never reads.
+  rm -rf "$tools/build"
 fi
 export PATH="$tools/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
