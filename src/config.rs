@@ -948,6 +948,19 @@ impl Config {
         if self.store.sqlite_path().is_none() && !self.store.is_postgres() {
             return Err(ConfigError::new(name, "store.url", "must be sqlite://PATH or postgres://…"));
         }
+        if self.store.is_postgres() && !cfg!(feature = "postgres") {
+            return Err(ConfigError::new(
+                name,
+                "store.url",
+                "this build has no PostgreSQL store (cargo feature `postgres`)",
+            ));
+        }
+        let kms_named = self.crypto.provider == KeyProviderKind::AwsKms || self.crypto.kms_key_id.is_some();
+        if kms_named && !cfg!(feature = "kms") {
+            let key =
+                if self.crypto.provider == KeyProviderKind::AwsKms { "crypto.provider" } else { "crypto.kms_key_id" };
+            return Err(ConfigError::new(name, key, "this build has no AWS KMS key provider (cargo feature `kms`)"));
+        }
         if self.crypto.provider == KeyProviderKind::AwsKms && self.crypto.kms_key_id.as_deref().unwrap_or("").is_empty()
         {
             return Err(ConfigError::new(name, "crypto.kms_key_id", "required when crypto.provider = \"aws-kms\""));
@@ -1278,7 +1291,24 @@ mod tests {
         assert_eq!(cfg.cache.ttl, Duration::from_secs(300));
     }
 
+    /// A build without KMS and PostgreSQL (what the fuzz targets link:
+    /// `cargo test --lib --no-default-features config`) refuses a
+    /// configuration that needs either, naming the key.
     #[test]
+    #[cfg(not(any(feature = "kms", feature = "postgres")))]
+    fn a_build_without_kms_or_postgres_refuses_configs_that_need_them() {
+        let refused = |extra: &str| Config::from_toml_str("c.toml", &format!("{MIN}{extra}"), &env(&[])).unwrap_err();
+        let e = refused("[store]\nurl = \"postgres://db.internal/credproxy\"\n");
+        assert_eq!((e.key.as_str(), e.reason.contains("cargo feature `postgres`")), ("store.url", true), "{e:?}");
+        let e = refused("[crypto]\nprovider = \"aws-kms\"\nkms_key_id = \"alias/credproxy\"\n");
+        assert_eq!((e.key.as_str(), e.reason.contains("cargo feature `kms`")), ("crypto.provider", true), "{e:?}");
+        let e = refused("[crypto]\nkms_key_id = \"alias/credproxy-old\"\n");
+        assert_eq!(e.key, "crypto.kms_key_id", "{e:?}");
+        Config::from_toml_str("c.toml", MIN, &env(&[])).expect("the SQLite default still loads");
+    }
+
+    #[test]
+    #[cfg(all(feature = "kms", feature = "postgres"))]
     fn shared_example_parses_with_its_variables() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/shared.toml");
         let vars = [
@@ -1466,6 +1496,8 @@ mod tests {
     /// configuration table names each of them. A commented setting shows its
     /// default, unless it ends in `# example` (keys without a default).
     #[test]
+    // Uncommented, the file names a KMS key: a build without `kms` refuses it.
+    #[cfg(feature = "kms")]
     fn the_shipped_file_and_the_readme_document_every_key() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(root.join(DEFAULT_CONFIG_PATH)).unwrap();

@@ -589,12 +589,12 @@ impl Connections {
     }
 
     /// Applies a change published by another instance (or by this one).
-    pub async fn apply_change(&self, change: crate::store::postgres::Change) {
+    pub async fn apply_change(&self, change: crate::store::Change) {
         match change {
-            crate::store::postgres::Change::Connection(id) => self.cache.invalidate(&id).await,
-            crate::store::postgres::Change::Resync => self.cache.invalidate_all(),
+            crate::store::Change::Connection(id) => self.cache.invalidate(&id).await,
+            crate::store::Change::Resync => self.cache.invalidate_all(),
             // Not the cache's: `server` hands these to `quota`.
-            crate::store::postgres::Change::Cooldown(_) => return,
+            crate::store::Change::Cooldown(_) => return,
         }
         self.changed();
     }

@@ -7,6 +7,7 @@
 //!
 //! Must not import `store` (and `store` never imports this module).
 
+#[cfg(feature = "kms")]
 pub mod kms;
 pub mod local;
 

@@ -21,7 +21,6 @@ use crate::audit::Audit;
 use crate::config::{AuditSink, Config, ConfigError, KeyProviderKind};
 use crate::connect::{self, ConnectSettings, PublicState};
 use crate::creds::Connections;
-use crate::crypto::kms::KmsKeyProvider;
 use crate::crypto::{CryptoError, Envelope, KeyProvider, Keyring, LocalKeyProvider};
 use crate::integrations::Integrations;
 use crate::metrics::Metrics;
@@ -31,7 +30,6 @@ use crate::policy::ssrf::EgressPolicy;
 use crate::proxy::{self, ClientLimits, ProxyState};
 use crate::quota::Quotas;
 use crate::runtoken::{self, RunTokenKeys};
-use crate::store::postgres::{spawn_listener, Change, PgStore};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::store::StoreError;
@@ -306,11 +304,19 @@ impl Running {
 /// `kms_key_id` is set).
 pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, StartError> {
     let c = &config.crypto;
+    #[cfg(feature = "kms")]
     let kms = || async {
         let key = c.kms_key_id.as_deref().unwrap_or_default();
         let (ttl, timeout) = (c.data_key_cache_ttl, c.kms_timeout);
-        Arc::new(KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl, timeout).await)
-            as Arc<dyn KeyProvider>
+        let kms = crate::crypto::kms::KmsKeyProvider::new(key, &c.kms_region, c.kms_endpoint.as_deref(), ttl, timeout);
+        Ok::<_, StartError>(Arc::new(kms.await) as Arc<dyn KeyProvider>)
+    };
+    // Config validation refuses KMS in a build without it; this is that error again.
+    #[cfg(not(feature = "kms"))]
+    let kms = || async {
+        Err::<Arc<dyn KeyProvider>, StartError>(
+            config.error("crypto.provider", "this build has no AWS KMS key provider").into(),
+        )
     };
     let mut previous: Vec<Arc<dyn KeyProvider>> = Vec::new();
     for (i, path) in c.previous_key_files.iter().enumerate() {
@@ -321,11 +327,11 @@ pub async fn key_provider(config: &Config) -> Result<Arc<dyn KeyProvider>, Start
     let current: Arc<dyn KeyProvider> = match c.provider {
         KeyProviderKind::Local => {
             if c.kms_key_id.is_some() {
-                previous.push(kms().await);
+                previous.push(kms().await?);
             }
             Arc::new(LocalKeyProvider::open_or_create(&c.key_file)?)
         }
-        KeyProviderKind::AwsKms => kms().await,
+        KeyProviderKind::AwsKms => kms().await?,
     };
     if previous.is_empty() {
         return Ok(current);
@@ -528,7 +534,9 @@ impl App {
     /// follows other instances' changes; logs the start-up line.
     fn serve(self, listeners: Listeners, cores: Option<Cores>, config: &Config, addrs: Addrs) -> Running {
         // Every instance evicts what another one changed (PostgreSQL LISTEN/NOTIFY).
+        #[cfg(feature = "postgres")]
         let listener = config.store.is_postgres().then(|| {
+            use crate::store::Change;
             let (c, quotas) = (self.connections.clone(), self.proxy.quotas.clone());
             let on_change: Arc<dyn Fn(Change) + Send + Sync> = Arc::new(move |change| match change {
                 Change::Cooldown(payload) => quotas.learn_remote(&payload),
@@ -537,8 +545,10 @@ impl App {
                     tokio::spawn(async move { c.apply_change(change).await });
                 }
             });
-            spawn_listener(config.store.url.clone(), on_change)
+            crate::store::postgres::spawn_listener(config.store.url.clone(), on_change)
         });
+        #[cfg(not(feature = "postgres"))]
+        let listener: Option<tokio::task::JoinHandle<()>> = None;
         let mut tasks = JoinSet::new();
         // `last_used_at`: queued uses are written every few seconds (and at shutdown).
         let (c, mut stop) = (self.connections.clone(), self.proxy.shutdown.clone());
@@ -773,9 +783,10 @@ fn proxy_tls_acceptor(
 
 /// Opens the configured store and applies its migrations.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    #[cfg(feature = "postgres")]
     if config.store.is_postgres() {
         let s = &config.store;
-        return Ok(Arc::new(PgStore::open(&s.url, s.pool_size, s.timeout).await?));
+        return Ok(Arc::new(crate::store::postgres::PgStore::open(&s.url, s.pool_size, s.timeout).await?));
     }
     let path =
         config.store.sqlite_path().ok_or_else(|| config.error("store.url", "must be sqlite://PATH or postgres://…"))?;

@@ -4,10 +4,23 @@
 //! Implementations: [`sqlite::SqliteStore`] (embedded default). Must not
 //! import `crypto`: the store only ever sees ciphertext.
 
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
+
+/// What another instance changed, as a shared store's change listener
+/// reports it (`postgres::spawn_listener`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This connection changed (refresh, re-authorization, delete, update).
+    Connection(String),
+    /// The listener (re)connected and may have missed changes: drop everything cached.
+    Resync,
+    /// A cool-down another instance learnt from an upstream (`quota`).
+    Cooldown(String),
+}
 
 /// Lifecycle state of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

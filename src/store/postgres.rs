@@ -10,6 +10,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
+pub use super::Change;
 use super::{
     split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
     DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate,
@@ -981,17 +982,6 @@ impl Drop for PgRowLock {
             discard(client);
         }
     }
-}
-
-/// What the change listener reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// This connection changed (refresh, re-authorization, delete, update).
-    Connection(String),
-    /// The listener (re)connected and may have missed changes: drop everything cached.
-    Resync,
-    /// A cool-down another instance learnt from an upstream (`quota`).
-    Cooldown(String),
 }
 
 /// Listens for connection changes on [`CHANGES_CHANNEL`] (and cool-downs on
