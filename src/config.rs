@@ -955,10 +955,12 @@ impl Config {
                 "this build has no PostgreSQL store (cargo feature `postgres`)",
             ));
         }
-        let kms_named = self.crypto.provider == KeyProviderKind::AwsKms || self.crypto.kms_key_id.is_some();
-        if kms_named && !cfg!(feature = "kms") {
-            let key =
-                if self.crypto.provider == KeyProviderKind::AwsKms { "crypto.provider" } else { "crypto.kms_key_id" };
+        // The key that asks for KMS: the provider, or a decrypt-only KMS key.
+        let kms_named = match self.crypto.provider {
+            KeyProviderKind::AwsKms => Some("crypto.provider"),
+            KeyProviderKind::Local => self.crypto.kms_key_id.as_ref().map(|_| "crypto.kms_key_id"),
+        };
+        if let (Some(key), false) = (kms_named, cfg!(feature = "kms")) {
             return Err(ConfigError::new(name, key, "this build has no AWS KMS key provider (cargo feature `kms`)"));
         }
         if self.crypto.provider == KeyProviderKind::AwsKms && self.crypto.kms_key_id.as_deref().unwrap_or("").is_empty()

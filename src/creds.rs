@@ -590,11 +590,12 @@ impl Connections {
 
     /// Applies a change published by another instance (or by this one).
     pub async fn apply_change(&self, change: crate::store::Change) {
+        use crate::store::Change;
         match change {
-            crate::store::Change::Connection(id) => self.cache.invalidate(&id).await,
-            crate::store::Change::Resync => self.cache.invalidate_all(),
+            Change::Connection(id) => self.cache.invalidate(&id).await,
+            Change::Resync => self.cache.invalidate_all(),
             // Not the cache's: `server` hands these to `quota`.
-            crate::store::Change::Cooldown(_) => return,
+            Change::Cooldown(_) => return,
         }
         self.changed();
     }

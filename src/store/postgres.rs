@@ -10,11 +10,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
-pub use super::Change;
 use super::{
-    split_list, Activity, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState, Delivery,
-    DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowLock, RowUpdate,
-    SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN, SESSION_KEPT_SECS,
+    split_list, Activity, Change, ConnectSession, ConnectionMeta, ConnectionQuery, ConnectionRow, ConnectionState,
+    Delivery, DeliveryOutcome, KeyUsage, LastTest, NewEvent, OAuthApp, OAuthAppRow, PendingAuthorization, RowLock,
+    RowUpdate, SealedBytes, SealedRecord, SealedTable, Store, StoreError, StoredEvent, META_COLUMNS, META_LEN,
+    SESSION_KEPT_SECS,
 };
 
 /// `NOTIFY` channel carrying the id of every changed connection.
