@@ -129,7 +129,7 @@ impl Credential {
 /// A connection ready for the request path.
 #[derive(Debug)]
 pub struct Resolved {
-    pub meta: ConnectionMeta,
+    pub meta: ResolvedMeta,
     pub integration: Arc<Integration>,
     pub method: Arc<AuthMethod>,
     /// What templates inject (for OAuth2: the access token).
@@ -139,6 +139,58 @@ pub struct Resolved {
     pub tokens: Option<Box<TokenSet>>,
     /// When a use of it was last queued for the store (unix seconds).
     pub(crate) use_noted: AtomicI64,
+}
+
+/// What a connection ready for the request path keeps of its
+/// [`ConnectionMeta`]: what the request path and a refresh read. Its
+/// integration and auth method are [`Resolved::integration`]'s and
+/// [`Resolved::method`]'s ids, and its activity stays in the store: a
+/// cached connection carries no second copy of either (~250 bytes less per
+/// cached connection than the whole `ConnectionMeta`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedMeta {
+    /// The cache's key shares it.
+    pub id: Arc<str>,
+    pub org_id: Box<str>,
+    pub user_id: Box<str>,
+    pub state: ConnectionState,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl ResolvedMeta {
+    /// `meta`'s, under the id `id` (the one its row was looked up by).
+    fn new(id: Arc<str>, meta: ConnectionMeta) -> Self {
+        debug_assert_eq!(*id, *meta.id);
+        Self {
+            id,
+            org_id: meta.org_id.into(),
+            user_id: meta.user_id.into(),
+            state: meta.state,
+            created_at: meta.created_at,
+            updated_at: meta.updated_at,
+        }
+    }
+}
+
+impl Resolved {
+    /// Its metadata as stored, without activity (what a connection that
+    /// was not stored yet has).
+    pub fn connection_meta(&self) -> ConnectionMeta {
+        let m = &self.meta;
+        ConnectionMeta {
+            id: m.id.as_ref().to_owned(),
+            org_id: m.org_id.as_ref().to_owned(),
+            user_id: m.user_id.as_ref().to_owned(),
+            integration: self.integration.id.clone(),
+            auth_method: self.method.id.clone(),
+            state: m.state,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            activity: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -231,7 +283,7 @@ impl ResolveMemo {
 /// Unknown and other-org ids are one `NotFound`; a connection that is not
 /// active says which state it is in.
 fn visible(r: &Resolved, org: &str) -> Result<(), ResolveError> {
-    if r.meta.org_id != org {
+    if *r.meta.org_id != *org {
         return Err(ResolveError::NotFound);
     }
     if r.meta.state != ConnectionState::Active {
@@ -247,7 +299,8 @@ pub struct Connections {
     /// Swapped whole by a reload ([`Connections::replace_integrations`]);
     /// read on cache misses and by the admin API, never on a cache hit.
     integrations: std::sync::RwLock<Arc<Integrations>>,
-    cache: Cache<String, Arc<Resolved>>,
+    /// Keyed by connection id: each key is its connection's `meta.id`.
+    cache: Cache<Arc<str>, Arc<Resolved>>,
     /// Bumped by every change to the cache (insert, invalidation, eviction):
     /// what a [`ResolveMemo`] checks.
     generation: Arc<AtomicU64>,
@@ -297,7 +350,7 @@ impl Connections {
             return;
         }
         if let Ok(mut uses) = self.uses.lock() {
-            uses.push((r.meta.id.clone(), now));
+            uses.push((r.meta.id.as_ref().to_owned(), now));
         }
     }
 
@@ -405,22 +458,34 @@ impl Connections {
     }
 
     async fn resolve_miss(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
-        // try_get_with coalesces concurrent misses for one id into one load.
+        // try_get_with coalesces concurrent misses for one id into one
+        // load; the connection it loads shares the key.
+        let key: Arc<str> = id.into();
         self.cache
-            .try_get_with_by_ref(id, self.load(id))
+            .try_get_with(key.clone(), self.load_as(key))
             .await
             .map_err(|e| Arc::try_unwrap(e).unwrap_or_else(|shared| (*shared).clone()))
     }
 
     pub(crate) async fn load(&self, id: &str) -> Result<Arc<Resolved>, ResolveError> {
-        let row = self.store.get_connection(id).await?.ok_or(ResolveError::NotFound)?;
-        self.decrypt_row(row).await
+        self.load_as(id.into()).await
+    }
+
+    async fn load_as(&self, id: Arc<str>) -> Result<Arc<Resolved>, ResolveError> {
+        let row = self.store.get_connection(&id).await?.ok_or(ResolveError::NotFound)?;
+        self.decrypt_row_as(id, row).await
     }
 
     /// Decrypts a stored row into a connection ready for the request path.
     async fn decrypt_row(&self, row: ConnectionRow) -> Result<Arc<Resolved>, ResolveError> {
-        let id = row.meta.id.clone();
-        let id = id.as_str();
+        let id = row.meta.id.as_str().into();
+        self.decrypt_row_as(id, row).await
+    }
+
+    /// [`Connections::decrypt_row`], the connection holding `id` (its
+    /// row's id) as its own.
+    async fn decrypt_row_as(&self, key: Arc<str>, row: ConnectionRow) -> Result<Arc<Resolved>, ResolveError> {
+        let id = &*key;
         let misconfigured = |reason: String| ResolveError::Misconfigured { id: id.to_owned(), reason };
         let removed = |what: String| ResolveError::Removed { id: id.to_owned(), what };
         let integration = self
@@ -445,7 +510,8 @@ impl Connections {
             (Credential::from_plaintext(&method, &plaintext).map_err(misconfigured)?, None)
         };
         let use_noted = AtomicI64::new(row.meta.activity.last_used_at.unwrap_or(0));
-        Ok(Arc::new(Resolved { meta: row.meta, integration, method, credential, tokens, use_noted }))
+        let meta = ResolvedMeta::new(key, row.meta);
+        Ok(Arc::new(Resolved { meta, integration, method, credential, tokens, use_noted }))
     }
 
     pub async fn create(&self, new: NewConnection) -> Result<ConnectionMeta, CreateError> {
@@ -497,16 +563,13 @@ impl Connections {
         }
         let credential = Credential::from_fields(&method, new.credentials)?;
         let now = unix_now();
-        let meta = ConnectionMeta {
-            id: replaces.map_or_else(ids::new_connection_id, str::to_owned),
-            org_id: new.org_id,
-            user_id: new.user_id,
-            integration: new.integration,
-            auth_method: new.auth_method,
+        let meta = ResolvedMeta {
+            id: replaces.map_or_else(ids::new_connection_id, str::to_owned).into(),
+            org_id: new.org_id.into(),
+            user_id: new.user_id.into(),
             state: ConnectionState::Active,
             created_at: now,
             updated_at: now,
-            activity: Default::default(),
         };
         Ok(Arc::new(Resolved { meta, integration, method, credential, tokens: None, use_noted: AtomicI64::new(0) }))
     }
@@ -515,14 +578,15 @@ impl Connections {
     /// the credential of an existing one, whose state becomes `active`.
     pub async fn store_candidate(&self, c: &Resolved, replace: bool) -> Result<ConnectionMeta, CreateError> {
         let plaintext = c.credential.to_plaintext(&c.method);
-        let sealed = self.seal(&c.meta.org_id, &c.meta.id, &plaintext).await?;
+        let meta = c.connection_meta();
+        let sealed = self.seal(&meta.org_id, &meta.id, &plaintext).await?;
         if !replace {
-            let event = events::connection_event(Kind::Created, &c.meta, c.meta.state, None, None);
-            self.store.insert_connection(&ConnectionRow { meta: c.meta.clone(), sealed }, Some(&event)).await?;
-            return Ok(c.meta.clone());
+            let event = events::connection_event(Kind::Created, &meta, meta.state, None, None);
+            self.store.insert_connection(&ConnectionRow { meta: meta.clone(), sealed }, Some(&event)).await?;
+            return Ok(meta);
         }
-        let id = &c.meta.id;
-        let event = events::connection_event(Kind::Reauthorized, &c.meta, ConnectionState::Active, None, None);
+        let id = &meta.id;
+        let event = events::connection_event(Kind::Reauthorized, &meta, ConnectionState::Active, None, None);
         if !self.store.update_credential(id, &sealed, ConnectionState::Active, unix_now(), Some(&event)).await? {
             return Err(StoreError::Corrupt {
                 id: id.clone(),
@@ -530,10 +594,10 @@ impl Connections {
             }
             .into());
         }
-        self.cache.invalidate(id).await;
+        self.cache.invalidate(id.as_str()).await;
         self.changed();
         let row = self.store.get_connection(id).await?;
-        Ok(row.map_or_else(|| c.meta.clone(), |r| r.meta))
+        Ok(row.map_or_else(|| meta.clone(), |r| r.meta))
     }
 
     /// Seals `plaintext` for a new connection id and stores the row.
@@ -592,7 +656,7 @@ impl Connections {
     pub async fn apply_change(&self, change: crate::store::Change) {
         use crate::store::Change;
         match change {
-            Change::Connection(id) => self.cache.invalidate(&id).await,
+            Change::Connection(id) => self.cache.invalidate(id.as_str()).await,
             Change::Resync => self.cache.invalidate_all(),
             // Not the cache's: `server` hands these to `quota`.
             Change::Cooldown(_) => return,
@@ -730,8 +794,14 @@ mod tests {
         let (r, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(!hit);
         assert_eq!(r.credential.value(0).expose(), "tok-123");
-        let (_, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
+        let (cached, hit) = svc.resolve("org_a", &meta.id).await.unwrap();
         assert!(hit);
+        assert!(Arc::ptr_eq(&r, &cached));
+        // What it keeps of its metadata is the stored row's (without activity).
+        assert_eq!(r.connection_meta(), meta);
+        // The cache's key is the connection's own id, not a second copy.
+        let key = svc.cache.iter().map(|(k, _)| k).next().unwrap();
+        assert!(Arc::ptr_eq(&*key, &r.meta.id), "{key} / {}", r.meta.id);
         assert!(matches!(svc.resolve("org_b", &meta.id).await, Err(ResolveError::NotFound)));
         assert!(matches!(svc.resolve("org_a", "conn_aaaaaaaaaaaaaaaaaaaaaaaaaa").await, Err(ResolveError::NotFound)));
         assert!(svc.delete(&meta, "not_applicable").await.unwrap());

@@ -871,10 +871,10 @@ pub(crate) mod tests {
     use std::sync::atomic::AtomicI64;
 
     use super::*;
-    use crate::creds::Credential;
+    use crate::creds::{Credential, ResolvedMeta};
     use crate::integrations::Integration;
     use crate::secret::SecretValue;
-    use crate::store::{ConnectionMeta, ConnectionState};
+    use crate::store::ConnectionState;
 
     /// A `Resolved` of integration `t` (hosts `x.test`) with one auth
     /// method and its credential fields.
@@ -884,16 +884,13 @@ pub(crate) mod tests {
         let method = integration.auth_methods[0].clone();
         let input = fields.iter().map(|(k, v)| (k.to_string(), SecretValue::from(*v))).collect();
         let credential = Credential::from_fields(&method, input).unwrap();
-        let meta = ConnectionMeta {
+        let meta = ResolvedMeta {
             id: "conn_1".into(),
             org_id: "org_1".into(),
             user_id: "user_1".into(),
-            integration: "t".into(),
-            auth_method: method.id.clone(),
             state: ConnectionState::Active,
             created_at: 1,
             updated_at: 1,
-            activity: Default::default(),
         };
         Arc::new(Resolved { meta, integration, method, credential, tokens: None, use_noted: AtomicI64::new(0) })
     }

@@ -486,7 +486,7 @@ impl AuditMemo {
             let resolved = access.resolved.as_deref();
             self.text = Parties {
                 org: claims.map_or(org, |c| c.org.as_str()),
-                user: resolved.map(|r| r.meta.user_id.as_str()),
+                user: resolved.map(|r| &*r.meta.user_id),
                 run_token: claims.map(|c| c.jti.as_str()),
                 run_subject: claims.and_then(|c| c.sub.as_deref()),
                 connection: connection.as_str(),

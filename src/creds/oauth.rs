@@ -200,7 +200,7 @@ impl Connections {
         seen: Option<&str>,
         forced: bool,
     ) -> Result<Arc<Resolved>, RefreshError> {
-        let id = r.meta.id.as_str();
+        let id = &*r.meta.id;
         let o = r.method.oauth2().expect("only OAuth2 connections refresh");
         let lock = self.oauth.locks.get_with_by_ref(id, async { Arc::new(tokio::sync::Mutex::new(())) }).await;
         let _guard = lock.lock().await;
@@ -227,7 +227,7 @@ impl Connections {
             return Err(RefreshError::NeedsReauth);
         }
         if superseded(&current) {
-            self.cache.insert(id.to_owned(), current.clone()).await;
+            self.cache.insert(current.meta.id.clone(), current.clone()).await;
             self.changed();
             return Ok(current);
         }
@@ -262,7 +262,7 @@ impl Connections {
         grant: Grant,
         e: TokenError,
     ) -> RefreshError {
-        let (id, integration) = (current.meta.id.as_str(), &current.integration.id);
+        let (id, integration) = (&*current.meta.id, &current.integration.id);
         self.stats.refresh_failures.fetch_add(1, Relaxed);
         if let TokenError::InvalidGrant = e {
             let state = ConnectionState::NeedsReauth;
@@ -380,7 +380,7 @@ impl Connections {
         current: &Resolved,
         fresh: TokenSet,
     ) -> Result<Arc<Resolved>, RefreshError> {
-        let id = current.meta.id.as_str();
+        let id = &*current.meta.id;
         let plaintext = Zeroizing::new(serde_json::to_vec(&fresh).expect("token sets serialize"));
         let sealed = self.seal(&current.meta.org_id, id, &plaintext).await?;
         let now = unix_now();
@@ -392,8 +392,6 @@ impl Connections {
         lock.commit(Some(RowUpdate::Credential(sealed)), now, event.as_ref()).await?;
         let mut meta = current.meta.clone();
         meta.updated_at = now;
-        meta.activity.last_refreshed_at = Some(now);
-        meta.activity.refresh_failed_at = None;
         let next = Arc::new(Resolved {
             meta,
             integration: current.integration.clone(),
@@ -402,7 +400,7 @@ impl Connections {
             tokens: Some(Box::new(fresh)),
             use_noted: AtomicI64::new(current.use_noted.load(Relaxed)),
         });
-        self.cache.insert(id.to_owned(), next.clone()).await;
+        self.cache.insert(next.meta.id.clone(), next.clone()).await;
         self.changed();
         tracing::info!(connection = %id, integration = %current.integration.id, "oauth2 token refreshed");
         Ok(next)
@@ -557,7 +555,7 @@ impl Connections {
             if !self.store.update_credential(id, &sealed, active, unix_now(), Some(&event)).await? {
                 return Err(AuthorizeError::ConnectionNotFound);
             }
-            self.cache.invalidate(id).await;
+            self.cache.invalidate(id.as_str()).await;
             self.changed();
             self.oauth.cooldown.invalidate(id).await;
             let meta = self.store.get_connection(id).await?.ok_or(AuthorizeError::ConnectionNotFound)?.meta;
