@@ -127,9 +127,12 @@ pub fn results(systems: &[System], samples: &[Vec<Sample>], has_nginx: bool, tar
             "credproxy-shared/credproxy: CPU per request {cpu:.2} (target ≤ 1.05), p99 {p99:.2}, throughput {rps:.2}"
         );
     }
-    if let (Some(cpx), Some(b)) = (get("credproxy"), get("baseline")) {
+    // The baseline build beside credproxy at each load it has a row for.
+    for s in systems {
+        let Some(suffix) = s.name.strip_prefix("baseline") else { continue };
+        let (Some(b), Some(cpx)) = (get(&s.name), get(&format!("credproxy{suffix}"))) else { continue };
         let (cpu, p99, rps) = ratios(cpx, b);
-        println!("credproxy/baseline: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}");
+        println!("credproxy{suffix}/{}: CPU per request {cpu:.2}, p99 {p99:.2}, throughput {rps:.2}", s.name);
     }
     if let (Some(connect), Some(cpx)) = (get("credproxy-connect"), get("credproxy")) {
         let (cpu, p99, rps) = ratios(connect, cpx);

@@ -571,6 +571,15 @@ impl Setup {
                     injects: true,
                 },
             ];
+            if let (Some(b), Some(conn)) = (&self.baseline, &self.baseline_conn) {
+                v.push(System {
+                    name: format!("baseline{suffix}"),
+                    target: self.via_conn(b.proxy, conn),
+                    load,
+                    pid: b.child.id(),
+                    injects: true,
+                });
+            }
             if let Some(((plain, addr), _)) = &self.nginx {
                 v.push(System {
                     name: format!("nginx{suffix}"),
