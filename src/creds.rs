@@ -280,6 +280,66 @@ impl ResolveMemo {
     }
 }
 
+/// Numbers [`Connections`] instances for [`Recent`].
+static INSTANCES: AtomicU64 = AtomicU64::new(1);
+
+/// How many connections each thread's [`Recent`] keeps.
+const RECENT_SLOTS: usize = 128;
+
+/// The connections this thread resolved lately, for callers that change
+/// connection id from request to request (a [`ResolveMemo`] keeps one per
+/// caller connection): direct-mapped by the id's last eight bytes (random
+/// characters; an id made to collide only takes the cache's own path),
+/// each entry good under the memo's rule — no change to the cache since
+/// it was kept, and for at most [`MEMO_FOR`]. A hit costs a compare of the
+/// id and two of numbers, where the cache's lookup hashes, reads a clock
+/// and records the access for its eviction policy.
+struct Recent {
+    slots: Vec<Option<RecentEntry>>,
+}
+
+struct RecentEntry {
+    instance: u64,
+    id: ids::ConnectionId,
+    resolved: Arc<Resolved>,
+    generation: u64,
+    until: Instant,
+}
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Recent> = const { std::cell::RefCell::new(Recent { slots: Vec::new() }) };
+}
+
+impl Recent {
+    fn slot(id: &ids::ConnectionId) -> usize {
+        let b = id.as_bytes();
+        let tail: [u8; 8] = b[b.len() - 8..].try_into().unwrap_or_default();
+        // Fibonacci hashing: the product's top bits.
+        let h = u64::from_le_bytes(tail).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - RECENT_SLOTS.trailing_zeros())) as usize
+    }
+
+    fn get(instance: u64, id: &ids::ConnectionId, generation: u64, now: Instant) -> Option<Arc<Resolved>> {
+        RECENT.with_borrow(|r| {
+            let e = r.slots.get(Self::slot(id))?.as_ref()?;
+            let fresh = e.instance == instance && e.generation == generation && now < e.until && e.id == *id;
+            fresh.then(|| e.resolved.clone())
+        })
+    }
+
+    /// Keeps `resolved` for `id` (`generation`: read before it was looked
+    /// up, so a change during the look-up leaves the entry stale).
+    fn put(instance: u64, id: &ids::ConnectionId, resolved: &Arc<Resolved>, generation: u64, now: Instant) {
+        RECENT.with_borrow_mut(|r| {
+            if r.slots.is_empty() {
+                r.slots.resize_with(RECENT_SLOTS, || None);
+            }
+            r.slots[Self::slot(id)] =
+                Some(RecentEntry { instance, id: *id, resolved: resolved.clone(), generation, until: now + MEMO_FOR });
+        });
+    }
+}
+
 /// Unknown and other-org ids are one `NotFound`; a connection that is not
 /// active says which state it is in.
 fn visible(r: &Resolved, org: &str) -> Result<(), ResolveError> {
@@ -302,8 +362,11 @@ pub struct Connections {
     /// Keyed by connection id: each key is its connection's `meta.id`.
     cache: Cache<Arc<str>, Arc<Resolved>>,
     /// Bumped by every change to the cache (insert, invalidation, eviction):
-    /// what a [`ResolveMemo`] checks.
+    /// what a [`ResolveMemo`] and the [`Recent`] entries check.
     generation: Arc<AtomicU64>,
+    /// Tells this service's [`Recent`] entries from another's (tests and
+    /// benches run several in one process; generations start alike).
+    instance: u64,
     oauth: oauth::OAuthState,
     stats: Arc<CredsStats>,
     /// Uses not yet written: `(connection id, unix seconds)`.
@@ -338,7 +401,8 @@ impl Connections {
             .build();
         let oauth = oauth::OAuthState::new(token_client);
         let integrations = std::sync::RwLock::new(integrations);
-        Self { store, envelope, integrations, cache, generation, oauth, stats, uses: Default::default() }
+        let instance = INSTANCES.fetch_add(1, Relaxed);
+        Self { store, envelope, integrations, cache, generation, instance, oauth, stats, uses: Default::default() }
     }
 
     /// A proxied request is about to use `r`: queued for `last_used_at` if
@@ -437,7 +501,21 @@ impl Connections {
             visible(r, org)?;
             return Ok((r.clone(), true));
         }
-        let (resolved, hit) = self.resolve(org, id.as_str()).await?;
+        // A caller that changes connection id request after request: what
+        // this thread resolved lately, under the memo's rule, before the
+        // cache's own (costlier) lookup.
+        let (resolved, hit) = match Recent::get(self.instance, id, generation, now) {
+            Some(r) => {
+                self.stats.cache_hits.fetch_add(1, Relaxed);
+                visible(&r, org)?;
+                (r, true)
+            }
+            None => {
+                let (r, hit) = self.resolve(org, id.as_str()).await?;
+                Recent::put(self.instance, id, &r, generation, now);
+                (r, hit)
+            }
+        };
         memo.id = Some(*id);
         memo.resolved = Some(resolved.clone());
         memo.generation = generation;
@@ -836,6 +914,38 @@ mod tests {
         let other = svc.load(&meta.id).await.unwrap();
         svc.note_use_memo(&other, &mut memo);
         assert_eq!(queued(), 3);
+    }
+
+    /// A caller that changes connection id every request (a new memo each
+    /// time): the thread's `Recent` answers, under the memo's rule, and
+    /// never across organizations, services or a change to the cache.
+    #[tokio::test]
+    async fn a_thread_keeps_what_it_resolved_lately_under_the_memos_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, _) = service(dir.path()).await;
+        let meta = svc.create(new_conn("org_a", &[("token", "tok-123")])).await.unwrap();
+        let id = ids::ConnectionId::parse(meta.id.as_bytes()).unwrap();
+        let generation = || svc.generation.load(Acquire);
+        let t0 = Instant::now();
+        let (r, hit) = svc.resolve_memo("org_a", &id, &mut ResolveMemo::default(), t0).await.unwrap();
+        assert!(!hit);
+        let kept = Recent::get(svc.instance, &id, generation(), t0).expect("kept after the look-up");
+        assert!(Arc::ptr_eq(&kept, &r));
+        let (again, hit) = svc.resolve_memo("org_a", &id, &mut ResolveMemo::default(), t0).await.unwrap();
+        assert!(hit && Arc::ptr_eq(&again, &r));
+        // Another organization asking for it gets what an unknown id gets.
+        let other = svc.resolve_memo("org_b", &id, &mut ResolveMemo::default(), t0).await;
+        assert!(matches!(other, Err(ResolveError::NotFound)), "{other:?}");
+        // Not past MEMO_FOR, not for another service (its generations start alike).
+        assert!(Recent::get(svc.instance, &id, generation(), t0 + MEMO_FOR).is_none());
+        let dir2 = tempfile::tempdir().unwrap();
+        let (svc2, _) = service(dir2.path()).await;
+        assert!(Recent::get(svc2.instance, &id, generation(), t0).is_none());
+        // A change to the cache (here the connection's deletion) leaves it stale.
+        assert!(svc.delete(&meta, "not_applicable").await.unwrap());
+        assert!(Recent::get(svc.instance, &id, generation(), t0).is_none());
+        let gone = svc.resolve_memo("org_a", &id, &mut ResolveMemo::default(), t0).await;
+        assert!(matches!(gone, Err(ResolveError::NotFound)), "{gone:?}");
     }
 
     #[tokio::test]
