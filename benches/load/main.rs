@@ -50,7 +50,8 @@
 //! default 2), LOAD_SYSTEMS (comma-separated subset of the rows),
 //! LOAD_BASELINE_BIN (another credproxy binary, e.g. the previous commit's,
 //! measured as a `baseline` row beside `credproxy` at every connection
-//! count and through wrk, and under callgrind too), LOAD_CALLGRIND=0 (skip the instruction counts), LOAD_CALLGRIND_DIR
+//! count and through wrk, and under callgrind too), LOAD_CALLGRIND=0 (skip
+//! the instruction counts), LOAD_CALLGRIND_DIR
 //! (keep callgrind's dumps there, for `callgrind_annotate`), LOAD_ACCESS_LOG=1
 //! (the `baseline` row and the callgrind runs with the access log on).
 //!
