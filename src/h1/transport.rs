@@ -201,6 +201,22 @@ impl<T: AsyncBufRead + Unpin> AsyncRead for FillOnce<T> {
     }
 }
 
+/// Largest vectored write [`FillOnce`] joins into one slice before the
+/// session sees it: a response head and a small body. Larger writes go to
+/// the session as they are (the copy would cost more than what it saves).
+const JOIN_AT_MOST: usize = 2048;
+
+thread_local! {
+    /// Where [`FillOnce`] joins a small vectored write: one per thread, not
+    /// per connection (it is used only for the length of one `poll_write`).
+    static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A small vectored write is handed to the session as one slice: rustls
+/// collects the slices of a vectored write of more than one into a vector,
+/// an allocation on every response written (head and body), while the
+/// record it seals is the same either way. (The codec writes a head, a
+/// body and a chunk end as three slices, some of them empty.)
 impl<T: AsyncWrite + Unpin> AsyncWrite for FillOnce<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
@@ -211,7 +227,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FillOnce<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        let inner = Pin::new(&mut self.get_mut().0);
+        let mut parts = bufs.iter().filter(|b| !b.is_empty());
+        let first = parts.next();
+        if parts.next().is_none() {
+            // One slice with bytes (or none): nothing to join.
+            return inner.poll_write(cx, first.map_or(&[][..], |b| &b[..]));
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total > JOIN_AT_MOST {
+            return inner.poll_write_vectored(cx, bufs);
+        }
+        JOINED.with(|joined| {
+            // Never re-entered (the session's write does not come back here);
+            // if it were, the slices go as they are.
+            let Ok(mut joined) = joined.try_borrow_mut() else { return inner.poll_write_vectored(cx, bufs) };
+            joined.clear();
+            for b in bufs {
+                joined.extend_from_slice(b);
+            }
+            inner.poll_write(cx, &joined)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -224,5 +260,116 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FillOnce<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the slices of every write call and takes at most `take`
+    /// bytes a call (what a socket with little room does).
+    struct Recorder {
+        calls: Vec<Vec<Vec<u8>>>,
+        got: Vec<u8>,
+        take: usize,
+    }
+
+    impl Recorder {
+        fn taking(take: usize) -> Self {
+            Self { calls: Vec::new(), got: Vec::new(), take }
+        }
+
+        fn accept(&mut self, parts: &[&[u8]]) -> usize {
+            self.calls.push(parts.iter().map(|p| p.to_vec()).collect());
+            let mut n = 0;
+            for p in parts {
+                let k = (self.take - n).min(p.len());
+                self.got.extend_from_slice(&p[..k]);
+                n += k;
+            }
+            n
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(self.get_mut().accept(&[buf])))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let parts: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+            Poll::Ready(Ok(self.get_mut().accept(&parts)))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write_vectored(w: &mut FillOnce<Recorder>, parts: &[&[u8]]) -> usize {
+        let slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(w).poll_write_vectored(&mut cx, &slices) {
+            Poll::Ready(r) => r.unwrap(),
+            Poll::Pending => panic!("the recorder never waits"),
+        }
+    }
+
+    #[test]
+    fn a_small_vectored_write_reaches_the_session_as_one_slice() {
+        let mut w = FillOnce(Recorder::taking(usize::MAX));
+        let head: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(write_vectored(&mut w, &[head, b"", b"hello"]), head.len() + 5);
+        assert_eq!(w.0.calls, vec![vec![[head, b"hello"].concat()]]);
+        // One part with bytes among empty ones: that part alone.
+        assert_eq!(write_vectored(&mut w, &[b"", b"0\r\n\r\n", b""]), 5);
+        assert_eq!(w.0.calls[1], vec![b"0\r\n\r\n".to_vec()]);
+        // Nothing at all: nothing written.
+        assert_eq!(write_vectored(&mut w, &[b"", b""]), 0);
+        assert_eq!(w.0.got, [head, b"hello", b"0\r\n\r\n"].concat());
+    }
+
+    #[test]
+    fn a_large_vectored_write_goes_to_the_session_as_it_is() {
+        let mut w = FillOnce(Recorder::taking(usize::MAX));
+        let body = vec![b'x'; JOIN_AT_MOST];
+        assert_eq!(write_vectored(&mut w, &[b"head\r\n\r\n", &body, b""]), 8 + JOIN_AT_MOST);
+        assert_eq!(w.0.calls, vec![vec![b"head\r\n\r\n".to_vec(), body.clone(), Vec::new()]]);
+    }
+
+    #[test]
+    fn a_joined_write_taken_in_part_counts_what_the_session_took() {
+        let mut w = FillOnce(Recorder::taking(7));
+        let parts: [&[u8]; 3] = [b"HTTP/1.1 204", b" No Content\r\n\r\n", b""];
+        let whole = parts.concat();
+        let mut done = 0;
+        while done < whole.len() {
+            // The caller's way: what is left of the parts, in order.
+            let mut left: Vec<&[u8]> = Vec::new();
+            let mut skip = done;
+            for p in parts {
+                let k = skip.min(p.len());
+                left.push(&p[k..]);
+                skip -= k;
+            }
+            let n = write_vectored(&mut w, &left);
+            assert!(n > 0 && n <= 7);
+            done += n;
+        }
+        assert_eq!(w.0.got, whole);
+        assert!(w.0.calls.iter().all(|c| c.len() == 1), "{:?}", w.0.calls);
     }
 }
